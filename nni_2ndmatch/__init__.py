@@ -1,0 +1,17 @@
+"""nni-2ndmatch: second-order Jacobian matching (2ndMatch) for finetuning pruned diffusion models.
+
+The core (losses, estimators, strategies, finetuning loop) is pure PyTorch and imports no NNI.
+"""
+
+from .finetuners import (Finetuner, available_finetuners, finetuner_options, get_finetuner,
+                         register_finetuner)
+from .losses import jacobian_safe, jacobian_sensitivity, sample_directions, second_match_loss
+from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Finetuner", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig", "available_finetuners",
+    "finetune", "finetuner_options", "get_finetuner", "jacobian_safe", "jacobian_sensitivity",
+    "register_finetuner", "sample_directions", "second_match_loss",
+]

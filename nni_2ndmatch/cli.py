@@ -1,0 +1,53 @@
+"""Command line: ``nni-2ndmatch run|finetune CONFIG.yaml``, ``nni-2ndmatch finetuners``.
+
+Exit codes: 0 success, 2 bad input (config, model or data folder, output folder), 1 a failed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, load_config
+from .finetuners import available_finetuners
+from .pipeline import UserError, run_finetune, summary_text
+from .training import NonFiniteLossError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nni-2ndmatch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "the whole job the config describes (for now: finetune and save)"),
+                            ("finetune", "finetune the config's student against its teacher")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="YAML compression config")
+        p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("finetuners", help="list the available finetuning strategies")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "finetuners":
+        print("\n".join(available_finetuners()))
+        return 0
+    try:
+        config = load_config(args.config)
+        summary = run_finetune(config, resume=args.resume, overwrite=args.overwrite,
+                               progress=not args.no_progress)
+    except (ConfigError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary_text(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The compression config file (YAML): typed, versioned, validated before any work starts.
+
+    version: 1
+    model:    {teacher: {builtin: tiny-unet} | {path: DIR}, student: {...}}
+    data:     {builtin: digits, resolution: 16} | {path: DIR, resolution: 32, channels: 3}
+    finetune: {finetuner: 2ndmatch, steps: 200, lr: 2.0e-4, lambda_jac: 0.1, mode: vjp, ...}
+    output_dir: runs/NAME
+
+The ``finetune`` section holds the loop's options (TrainConfig) and the chosen strategy's options.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .data import BUILTIN_DATA
+from .finetuners import available_finetuners, finetuner_options, get_finetuner
+from .models import BUILTIN_MODELS
+from .training import TrainConfig
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config with problems; ``problems`` holds one line per problem (field path, value, allowed)."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Section):
+    """Exactly one of ``builtin`` (an architecture made here, seeded) or ``path`` (a diffusers folder)."""
+
+    builtin: str | None = None
+    path: str | None = None
+    width: float = Field(1.0, gt=0, le=4, description="channel multiplier of a builtin architecture")
+    seed: int = Field(0, ge=0, description="initialisation seed of a builtin architecture")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("give exactly one of 'builtin' or 'path'")
+        if self.builtin is not None and self.builtin not in BUILTIN_MODELS:
+            raise ValueError(f"builtin={self.builtin!r} is unknown; available: {', '.join(BUILTIN_MODELS)}")
+        return self
+
+
+class ModelSection(_Section):
+    teacher: ModelSpec
+    student: ModelSpec
+
+
+class DataSection(_Section):
+    builtin: Literal[BUILTIN_DATA] | None = None  # type: ignore[valid-type]
+    path: str | None = None
+    resolution: int = Field(16, ge=4, le=4096)
+    channels: Literal[1, 3] = 1
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSection":
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("give exactly one of 'builtin' or 'path'")
+        return self
+
+
+class FinetuneSection(TrainConfig):
+    model_config = ConfigDict(extra="allow", frozen=True)  # extras: the strategy's own options
+
+    finetuner: str = "2ndmatch"
+    device: str = "cpu"
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**{k: getattr(self, k) for k in TrainConfig.model_fields})
+
+    def finetuner_kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Config(_Section):
+    version: Literal[1] = CONFIG_VERSION
+    model: ModelSection
+    data: DataSection = DataSection(builtin="digits")
+    finetune: FinetuneSection = FinetuneSection()
+    output_dir: str
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid keys of the section at ``loc`` (for 'did you mean')."""
+    cls: Any = Config
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = next((a for a in (field.annotation, *get_args(field.annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if isinstance(p, (str, int)))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{path}: unknown key{hint} (allowed: {', '.join(_fields_at(loc[:-1]))})"
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{path}: required field is missing"
+    return f"{path}: value {error.get('input')!r} is not allowed: {msg}"
+
+
+def validate_config(raw: Any, source: str = "config") -> Config:
+    """Check every field of a parsed config; raise ConfigError listing all problems at once."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    problems: list[str] = []
+    config = None
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as e:
+        problems += [_describe(err) for err in e.errors()]
+    section = raw.get("finetune") if isinstance(raw.get("finetune"), dict) else {}
+    name = section.get("finetuner", "2ndmatch")
+    if name not in available_finetuners():
+        problems.append(f"finetune.finetuner: value {name!r} is not allowed; available: "
+                        f"{', '.join(available_finetuners())}")
+    else:
+        allowed = set(finetuner_options(name)) - {"scheduler"}
+        extras = {k: v for k, v in section.items() if k not in FinetuneSection.model_fields}
+        for key in extras:
+            if key not in allowed:
+                valid = sorted(allowed | set(FinetuneSection.model_fields))
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                problems.append(f"finetune.{key}: unknown key for finetuner {name!r}{hint} "
+                                f"(allowed: {', '.join(valid)})")
+        if all(k in allowed for k in extras):
+            try:
+                get_finetuner(name, **extras)
+            except ValueError as e:
+                problems.append(f"finetune: {e}")
+    if problems:
+        raise ConfigError(problems, source)
+    assert config is not None
+    return config
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([f"malformed YAML: {e}"], str(path)) from None
+    return validate_config(raw, str(path))

@@ -1,0 +1,78 @@
+"""Training images: the built-in digits (scikit-learn, offline) or an image folder, read lazily."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+BUILTIN_DATA = ("digits",)
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 1797 handwritten digits (8x8, 17 grey levels) as 1xRxR images in [-1, 1].
+
+    ``split``: "train" (the first 80% of a fixed seed-0 permutation), "test" (the rest) or "all".
+    Images are upsampled bilinearly from 8x8 to ``resolution``.
+    """
+
+    def __init__(self, resolution: int = 16, split: str = "train") -> None:
+        from sklearn.datasets import load_digits
+
+        if split not in ("train", "test", "all"):
+            raise ValueError(f"split={split!r} is not allowed; allowed: train, test, all")
+        images = torch.from_numpy(load_digits().images).float().unsqueeze(1) / 16.0 * 2.0 - 1.0
+        labels = torch.from_numpy(load_digits().target).long()
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        cut = int(0.8 * len(images))
+        order = {"train": order[:cut], "test": order[cut:], "all": order}[split]
+        images = images[order]
+        if resolution != 8:
+            images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        self.images = images.clamp(-1.0, 1.0).contiguous()
+        self.labels = labels[order]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.images[index]
+
+
+class ImageFolderDataset(Dataset):
+    """Every image under ``root`` (recursively, sorted), resized to ``resolution`` and scaled to [-1, 1].
+
+    Files are opened one at a time when the loop asks for them, so folders of any size work.
+    ``channels``: 1 (greyscale) or 3 (RGB).
+    """
+
+    def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"data path {str(self.root)!r} is not a folder")
+        if channels not in (1, 3):
+            raise ValueError(f"channels={channels!r} is not allowed; allowed: 1, 3")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise ValueError(f"data path {str(self.root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        self.resolution, self.channels = resolution, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[index]) as img:
+            img = img.convert("L" if self.channels == 1 else "RGB")
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((self.resolution,) * 2, Image.BICUBIC)
+            data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        x = data.view(self.resolution, self.resolution, self.channels).permute(2, 0, 1).float()
+        return x / 127.5 - 1.0

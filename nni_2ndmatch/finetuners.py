@@ -1,0 +1,248 @@
+"""Finetuning strategies for pruned diffusion students, chosen by name from one registry.
+
+    ft = get_finetuner("2ndmatch", lambda_jac=0.1, mode="vjp")
+    loss, terms = ft.loss(student, teacher, x0, noise, timesteps, **model_kwargs)
+
+Built in: ``dsm`` (noise prediction only), ``kd`` (dsm + output distillation) and ``2ndmatch``
+(dsm + kd + second-order Jacobian matching). Other packages add strategies through the entry-point
+group ``nni_2ndmatch.finetuners`` (each entry point loads a Finetuner subclass).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from importlib.metadata import entry_points
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from .losses import DEFAULT_FD_STEP, MODES, jacobian_safe, model_output, output_and_sensitivity, sample_directions, squared_norm
+
+ENTRY_POINT_GROUP = "nni_2ndmatch.finetuners"
+
+_REGISTRY: dict[str, type["Finetuner"]] = {}
+_entry_points_loaded = False
+
+
+def register_finetuner(name: str) -> Callable[[type["Finetuner"]], type["Finetuner"]]:
+    """Class decorator: register a Finetuner subclass under ``name`` (a duplicate is an error)."""
+
+    def decorate(cls: type[Finetuner]) -> type[Finetuner]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"finetuner {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Finetuner)):
+            raise TypeError(f"entry point {ep.name!r} in group {ENTRY_POINT_GROUP!r} is not a Finetuner subclass")
+        register_finetuner(ep.name)(cls)
+
+
+def available_finetuners() -> list[str]:
+    """Names of every registered strategy, built-in and from entry points, sorted."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def finetuner_class(name: str) -> type["Finetuner"]:
+    names = available_finetuners()
+    if name not in _REGISTRY:
+        raise ValueError(f"finetuner={name!r} is unknown; available: {', '.join(names)}")
+    return _REGISTRY[name]
+
+
+def finetuner_options(name: str) -> list[str]:
+    """The keyword options a strategy accepts."""
+    params = inspect.signature(finetuner_class(name).__init__).parameters
+    return [p for p in params if p != "self" and params[p].kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def get_finetuner(name: str, **options: Any) -> "Finetuner":
+    """Build the strategy ``name`` with its options; unknown names or options list what is allowed."""
+    allowed = finetuner_options(name)
+    for key in options:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"finetuner {name!r} has no option {key!r}{hint}; allowed: {', '.join(allowed)}")
+    return finetuner_class(name)(**options)
+
+
+def _check_weight(field: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"{field}={value!r} is not allowed; it must be a finite number >= 0")
+    return float(value)
+
+
+def default_scheduler() -> Any:
+    """The DDPM noise schedule of the reference setting: 1000 steps, linear betas 1e-4..0.02."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+
+
+def _split_kwargs(kwargs: dict[str, Any], batch: int, index: slice, repeats: int = 1) -> dict[str, Any]:
+    """Slice the per-sample conditioning tensors (first dim == batch) and repeat them."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            value = value[index]
+            if repeats > 1:
+                value = value.repeat(repeats, *([1] * (value.dim() - 1)))
+        out[key] = value
+    return out
+
+
+class Finetuner:
+    """A finetuning strategy: one step's loss for a student given a frozen teacher.
+
+    Subclasses implement ``terms`` and declare their options as keyword-only ``__init__`` arguments
+    (validated there). ``loss`` noises x0 with the scheduler and weighs the terms.
+    """
+
+    name: ClassVar[str] = ""
+    uses_teacher: ClassVar[bool] = True
+
+    def __init__(self, *, lambda_dsm: float = 1.0, scheduler: Any = None) -> None:
+        self.lambda_dsm = _check_weight("lambda_dsm", lambda_dsm)
+        self.scheduler = scheduler if scheduler is not None else default_scheduler()
+        prediction = getattr(getattr(self.scheduler, "config", None), "prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise ValueError(f"scheduler prediction_type={prediction!r} is not supported; allowed: 'epsilon'")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def options(self) -> dict[str, Any]:
+        """The strategy's options as plain values (for configs and reports)."""
+        return {k: getattr(self, k) for k in finetuner_options(self.name) if k != "scheduler"}
+
+    def weights(self) -> dict[str, float]:
+        return {"dsm": self.lambda_dsm}
+
+    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        return self.scheduler.add_noise(x0, noise, timesteps.to(x0.device))
+
+    def loss(self, student: Callable[..., Any], teacher: Callable[..., Any] | None, x0: Tensor, noise: Tensor,
+             timesteps: Tensor, **model_kwargs: Any) -> tuple[Tensor, dict[str, float]]:
+        """Total loss of one step and its terms as detached floats (``loss`` included)."""
+        if timesteps.dim() == 0:
+            timesteps = timesteps.expand(x0.shape[0])
+        x_t = self.add_noise(x0, noise, timesteps)
+        terms = self.terms(student, teacher, x_t, noise, timesteps, **model_kwargs)
+        weights = self.weights()
+        total = sum((w * terms[k] for k, w in weights.items()), torch.zeros((), device=x0.device))
+        logged = {k: float(v.detach()) for k, v in terms.items()}
+        logged["loss"] = float(total.detach())
+        return total, logged
+
+    def terms(self, student, teacher, x_t: Tensor, noise: Tensor, timesteps: Tensor,
+              **model_kwargs: Any) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+@register_finetuner("dsm")
+class DSM(Finetuner):
+    """Denoising score matching: lambda_dsm * ||eps_S - eps||^2 (sum over pixels, mean over batch)."""
+
+    uses_teacher = False
+
+    def __init__(self, *, lambda_dsm: float = 1.0, scheduler: Any = None) -> None:
+        super().__init__(lambda_dsm=lambda_dsm, scheduler=scheduler)
+
+    def terms(self, student, teacher, x_t, noise, timesteps, **model_kwargs):
+        eps_s = model_output(student, x_t, timesteps, **model_kwargs)
+        return {"dsm": squared_norm(eps_s - noise).mean()}
+
+
+@register_finetuner("kd")
+class KD(Finetuner):
+    """DSM plus output distillation: lambda_kd * ||eps_S - sg(eps_T)||^2."""
+
+    def __init__(self, *, lambda_dsm: float = 1.0, lambda_kd: float = 1.0, scheduler: Any = None) -> None:
+        super().__init__(lambda_dsm=lambda_dsm, scheduler=scheduler)
+        self.lambda_kd = _check_weight("lambda_kd", lambda_kd)
+
+    def weights(self):
+        return {"dsm": self.lambda_dsm, "kd": self.lambda_kd}
+
+    def terms(self, student, teacher, x_t, noise, timesteps, **model_kwargs):
+        with torch.no_grad():
+            eps_t = model_output(teacher, x_t, timesteps, **model_kwargs)
+        eps_s = model_output(student, x_t, timesteps, **model_kwargs)
+        return {"dsm": squared_norm(eps_s - noise).mean(), "kd": squared_norm(eps_s - eps_t).mean()}
+
+
+@register_finetuner("2ndmatch")
+class SecondMatch(KD):
+    """DSM + KD + lambda_jac * (||J_S v||^2 - sg(||J_T v||^2))^2 (arXiv 2506.05398).
+
+    Options:
+      mode: Jacobian estimator, ``vjp`` (default: exact, the cheapest here), ``jvp`` (exact, the
+        paper's forward-mode form) or ``fd`` (central finite difference, step ``fd_step``).
+      num_projections: directions v per sample (the term is averaged over them).
+      jac_fraction: share of the batch that gets the Jacobian term (the first ceil(f*B) samples;
+        the batch is random, so this is a random subset). The rest use the fast ordinary path.
+    The outputs of the Jacobian evaluations serve the DSM and KD terms: no extra forward passes.
+    """
+
+    def __init__(self, *, lambda_dsm: float = 1.0, lambda_kd: float = 1.0, lambda_jac: float = 0.1,
+                 mode: str = "vjp", num_projections: int = 1, jac_fraction: float = 1.0,
+                 fd_step: float = DEFAULT_FD_STEP, scheduler: Any = None) -> None:
+        super().__init__(lambda_dsm=lambda_dsm, lambda_kd=lambda_kd, scheduler=scheduler)
+        self.lambda_jac = _check_weight("lambda_jac", lambda_jac)
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not allowed; allowed: {', '.join(MODES)}")
+        self.mode = mode
+        if isinstance(num_projections, bool) or not isinstance(num_projections, int) or num_projections < 1:
+            raise ValueError(f"num_projections={num_projections!r} is not allowed; it must be an integer >= 1")
+        self.num_projections = num_projections
+        if isinstance(jac_fraction, bool) or not isinstance(jac_fraction, (int, float)) or not 0 < jac_fraction <= 1:
+            raise ValueError(f"jac_fraction={jac_fraction!r} is not allowed; it must be in (0, 1]")
+        self.jac_fraction = float(jac_fraction)
+        if isinstance(fd_step, bool) or not isinstance(fd_step, (int, float)) or not 0 < fd_step < 1:
+            raise ValueError(f"fd_step={fd_step!r} is not allowed; it must be in (0, 1)")
+        self.fd_step = float(fd_step)
+
+    def weights(self):
+        return {"dsm": self.lambda_dsm, "kd": self.lambda_kd, "jac": self.lambda_jac}
+
+    def terms(self, student, teacher, x_t, noise, timesteps, **model_kwargs):
+        batch = x_t.shape[0]
+        k = max(1, min(batch, int(-(-self.jac_fraction * batch // 1))))  # ceil, at least one sample
+        p = self.num_projections
+        jac, rest = slice(0, k), slice(k, batch)
+
+        x_j = x_t[jac].repeat(p, *([1] * (x_t.dim() - 1)))
+        t_j = timesteps[jac].repeat(p)
+        kw_j = _split_kwargs(model_kwargs, batch, jac, p)
+        v = sample_directions(x_j)
+        with jacobian_safe(student, teacher):
+            eps_t_j, s_t = output_and_sensitivity(teacher, x_j, t_j, v, self.mode, create_graph=False,
+                                                  fd_step=self.fd_step, **kw_j)
+            eps_s_j, s_s = output_and_sensitivity(student, x_j, t_j, v, self.mode, create_graph=True,
+                                                  fd_step=self.fd_step, **kw_j)
+        eps_s, eps_t = eps_s_j[:k], eps_t_j[:k]
+        if k < batch:
+            kw_r = _split_kwargs(model_kwargs, batch, rest)
+            with torch.no_grad():
+                eps_t_r = model_output(teacher, x_t[rest], timesteps[rest], **kw_r)
+            eps_s_r = model_output(student, x_t[rest], timesteps[rest], **kw_r)
+            eps_s, eps_t = torch.cat([eps_s, eps_s_r]), torch.cat([eps_t, eps_t_r])
+        return {"dsm": squared_norm(eps_s - noise).mean(),
+                "kd": squared_norm(eps_s - eps_t).mean(),
+                "jac": (s_s - s_t).pow(2).mean()}

@@ -1,0 +1,182 @@
+"""The 2ndMatch method: loss terms and Jacobian-sensitivity estimators, in pure PyTorch.
+
+Notation (see METHOD.md in the docs): eps(x_t, t) is a noise-prediction network, J = d eps / d x_t
+per sample, v a unit direction per sample. The sensitivity of a sample is s = ||J v||^2 and the
+2ndMatch term is mean_b (s_student - s_teacher)^2 with the same v for student and teacher.
+
+Reductions follow the reference balance: every squared norm is SUMMED over the C*H*W entries of a
+sample and averaged over the batch; with that reduction the reference weights are
+lambda_dsm = 1, lambda_kd = 1, lambda_jac = 0.1.
+
+Nothing in this module imports NNI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+
+Mode = Literal["jvp", "vjp", "fd"]
+MODES: tuple[str, ...] = ("jvp", "vjp", "fd")
+
+#: Default step of the central finite difference, along a UNIT direction v in the input space.
+#: Its truncation error is O(h^2) (third derivatives of the network); in fp32 the round-off error
+#: grows like eps_machine / h. See tests/test_losses.py for the measured error.
+DEFAULT_FD_STEP = 1e-2
+
+
+def model_output(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, **model_kwargs: Any) -> Tensor:
+    """Call a noise-prediction model and return its epsilon prediction as a tensor shaped like x_t.
+
+    Accepts modules or callables returning a Tensor, a tuple (first element) or an object with
+    ``.sample`` (diffusers). A model predicting 2*C channels (learned variance, as DiT) returns the
+    first C channels, which are epsilon.
+    """
+    out = model(x_t, timesteps, **model_kwargs)
+    if hasattr(out, "sample"):
+        out = out.sample
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, Tensor):
+        raise TypeError(f"model returned {type(out).__name__}; expected a Tensor or an object with .sample")
+    channels = x_t.shape[1]
+    if out.dim() == x_t.dim() and out.shape[1] == 2 * channels and out.shape[2:] == x_t.shape[2:]:
+        out = out[:, :channels]
+    if out.shape != x_t.shape:
+        raise ValueError(f"model output has shape {tuple(out.shape)}, input x_t has {tuple(x_t.shape)}; "
+                         "a noise-prediction model must return the shape of its input")
+    return out
+
+
+def squared_norm(x: Tensor) -> Tensor:
+    """Per-sample squared L2 norm, summed over all non-batch entries: [B, ...] -> [B]."""
+    return x.flatten(1).pow(2).sum(dim=1)
+
+
+def sample_directions(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One random unit direction per sample: v = g / ||g||, g ~ N(0, I) over all C*H*W entries."""
+    g = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    return g / g.flatten(1).norm(dim=1).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    # GroupNorm's forward-mode AD rule fails on non-contiguous inputs/tangents (diffusers' attention
+    # feeds it a transposed tensor); a contiguous copy is the same function.
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+@contextlib.contextmanager
+def jacobian_safe(*models: Any) -> Iterator[None]:
+    """Make Jacobian products (forward mode and double backward) work on diffusers models.
+
+    Inside the block: scaled-dot-product attention uses the math backend (the fused kernels have
+    neither forward-mode AD nor double backward), every GroupNorm gets a contiguous input, and
+    autocast is off (the Jacobian term is 4th order in J: it stays in the model's own precision).
+    Everything is undone on exit, also when the block raises; the models are not otherwise changed.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        for model in models:
+            if isinstance(model, nn.Module):
+                for module in model.modules():
+                    if isinstance(module, nn.GroupNorm):
+                        stack.callback(module.register_forward_pre_hook(_contiguous_input).remove)
+        yield
+
+
+def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
+                           mode: str = "jvp", *, create_graph: bool = True,
+                           fd_step: float = DEFAULT_FD_STEP, **model_kwargs: Any) -> tuple[Tensor, Tensor]:
+    """The model's output at x_t and the per-sample sensitivity s = ||J v||^2 (or ||J^T v||^2).
+
+    Must run inside ``jacobian_safe``. The output comes from the same evaluation as the Jacobian
+    product where the mode allows it (jvp, vjp), so callers reuse it for their other loss terms.
+    With ``create_graph=False`` both are detached: the teacher's case, where no graph is built to
+    the parameters and no parameter ever receives ``.grad``.
+
+    - ``jvp``: J v by forward-mode AD (torch.func.jvp): one pass carrying primal and tangent.
+    - ``vjp``: J^T v by reverse mode (grad of <eps, v> w.r.t. x_t); trained by double backward.
+    - ``fd``: (eps(x + h v) - eps(x - h v)) / (2h), a central difference with O(h^2) error; the
+      output is a third evaluation. All three evaluations use the same dropout mask.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a Jacobian estimator; allowed: {', '.join(MODES)}")
+    if v.shape != x_t.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)}, x_t has {tuple(x_t.shape)}; they must match")
+
+    def f(x: Tensor) -> Tensor:
+        return model_output(model, x, timesteps, **model_kwargs)
+
+    grad_ctx = torch.enable_grad() if create_graph else torch.no_grad()
+    if mode == "jvp":
+        with grad_ctx:
+            out, jv = torch.func.jvp(f, (x_t.detach(),), (v,))
+        return out, squared_norm(jv)
+    if mode == "vjp":
+        x = x_t.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = f(x)
+            (jtv,) = torch.autograd.grad(out, x, v, create_graph=create_graph)
+        if not create_graph:
+            out, jtv = out.detach(), jtv.detach()
+        return out, squared_norm(jtv)
+    # fd: replay the same random state for every evaluation so that dropout masks agree; the
+    # generator ends where one ordinary evaluation would have left it.
+    cuda = x_t.device if x_t.device.type == "cuda" else None
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(cuda) if cuda is not None else None
+
+    def replay(x: Tensor) -> Tensor:
+        torch.set_rng_state(cpu_state)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda_state, cuda)
+        return f(x)
+
+    x = x_t.detach()
+    with grad_ctx:
+        diff = (replay(x + fd_step * v) - replay(x - fd_step * v)) / (2.0 * fd_step)
+        out = replay(x)
+    return out, squared_norm(diff)
+
+
+def jacobian_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
+                         mode: Mode = "jvp", *, fd_step: float = DEFAULT_FD_STEP,
+                         **model_kwargs: Any) -> Tensor:
+    """Per-sample sensitivity, Tensor[B]: ||J v||^2 (jvp, fd) or ||J^T v||^2 (vjp).
+
+    J = d model(x_t, t) / d x_t for each sample. Differentiable w.r.t. the model's parameters when
+    grad mode is on (it is built for training the student); pass unit directions v as METHOD.md
+    describes, e.g. from ``sample_directions(x_t)``. Handles diffusers' fused attention and
+    GroupNorm internally and leaves the model as it found it.
+    """
+    with jacobian_safe(model):
+        _, s = output_and_sensitivity(model, x_t, timesteps, v, mode, create_graph=torch.is_grad_enabled(),
+                                      fd_step=fd_step, **model_kwargs)
+    return s
+
+
+def second_match_loss(student: Callable[..., Any], teacher: Callable[..., Any], x_t: Tensor, timesteps: Tensor,
+                      v: Tensor | None = None, mode: Mode = "jvp", *, fd_step: float = DEFAULT_FD_STEP,
+                      generator: torch.Generator | None = None, **model_kwargs: Any) -> Tensor:
+    """The 2ndMatch term: mean over the batch of (||J_S v||^2 - sg(||J_T v||^2))^2, a scalar.
+
+    The same v serves student and teacher; when not given it is drawn as one random unit direction
+    per sample. The teacher is evaluated without a graph: it contributes a target only and its
+    parameters never receive ``.grad``. The student gets the exact gradient of the estimate.
+    """
+    if v is None:
+        v = sample_directions(x_t, generator)
+    with jacobian_safe(student, teacher):
+        _, s_teacher = output_and_sensitivity(teacher, x_t, timesteps, v, mode, create_graph=False,
+                                              fd_step=fd_step, **model_kwargs)
+        _, s_student = output_and_sensitivity(student, x_t, timesteps, v, mode, create_graph=True,
+                                              fd_step=fd_step, **model_kwargs)
+    return (s_student - s_teacher).pow(2).mean()

@@ -1,0 +1,112 @@
+"""The command line and the config file, run as a user would: in a subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nni_2ndmatch.config import ConfigError, load_config, validate_config
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "nni_2ndmatch.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def write_config(tmp_path, edit=None, name="cfg.yaml"):
+    raw = yaml.safe_load((ROOT / "examples" / "tiny_finetune.yaml").read_text())
+    raw["finetune"].update(steps=3, checkpoint_every=2, batch_size=4)
+    raw["output_dir"] = str(tmp_path / "run")
+    if edit:
+        edit(raw)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_examples_are_valid_configs():
+    assert EXAMPLES
+    for path in EXAMPLES:
+        load_config(path)
+
+
+def test_run_end_to_end_then_refuse_then_resume(tmp_path):
+    cfg = write_config(tmp_path)
+    r = cli("run", cfg, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["finetuner"] == "2ndmatch"
+    assert summary["student_params"] < summary["teacher_params"]
+    assert {"dsm", "kd", "jac", "loss"} <= set(summary["final"])
+    from nni_2ndmatch.models import load_diffusers_model
+
+    assert load_diffusers_model(out / "student").config.block_out_channels == [16, 32, 32]
+    again = cli("run", cfg, "--no-progress")
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    longer = write_config(tmp_path, lambda raw: raw["finetune"].update(steps=5), name="longer.yaml")
+    resumed = cli("finetune", longer, "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+    assert cli("run", cfg, "--overwrite", "--no-progress").returncode == 0
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r["finetune"].update(lamda_jac=0.1), "finetune.lamda_jac: unknown key.*did you mean 'lambda_jac'"),
+    (lambda r: r["finetune"].update(finetuner="2ndmach"), "finetune.finetuner: value '2ndmach'.*2ndmatch, dsm, kd"),
+    (lambda r: r["finetune"].update(lr=-1), "finetune.lr: value -1 is not allowed"),
+    (lambda r: r["finetune"].update(steps="many"), "finetune.steps: value 'many'"),
+    (lambda r: r["finetune"].update(mode="hvp"), "mode='hvp' is not allowed"),
+    (lambda r: r["model"].update(studnet=r["model"]["student"]), "model.studnet: unknown key; did you mean 'student'"),
+    (lambda r: r["model"]["teacher"].update(builtin="huge"), "builtin='huge' is unknown"),
+    (lambda r: r["model"].update(teacher={"path": "/nonexistent/model"}), "model.teacher: model path"),
+    (lambda r: r["data"].update(builtin=None, path="/nonexistent/images"), "data: data path"),
+    (lambda r: r["data"].update(channels=3), "data: channels=3: the digits are greyscale"),
+    (lambda r: r["model"].update(student={"builtin": "ddpm-cifar10", "width": 0.25}),
+     r"model.student does not accept the data's images of shape \(1, 1, 16, 16\)"),
+])
+def test_bad_input_is_one_clear_message_exit_2_nothing_written(tmp_path, edit, expected):
+    r = cli("run", write_config(tmp_path, edit), "--no-progress")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    import re
+
+    assert re.search(expected, r.stderr), r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_problem_is_reported_at_once():
+    raw = yaml.safe_load((ROOT / "examples" / "tiny_finetune.yaml").read_text())
+    raw["finetune"].update(lr=5, batch_size=0)
+    raw["outputdir"] = raw.pop("output_dir")
+    with pytest.raises(ConfigError) as e:
+        validate_config(raw)
+    text = "\n".join(e.value.problems)
+    assert "finetune.lr" in text and "finetune.batch_size" in text and "outputdir" in text
+    assert "output_dir: required field is missing" in text
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    r = cli("run", bad)
+    assert r.returncode == 2 and "malformed YAML" in r.stderr and "Traceback" not in r.stderr
+    r = cli("finetune", tmp_path / "missing.yaml")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_list_finetuners():
+    r = cli("finetuners")
+    assert r.returncode == 0 and r.stdout.split() == ["2ndmatch", "dsm", "kd"]
+
+
+def test_no_code_path_loads_a_pickle():
+    sources = "\n".join(p.read_text() for p in (ROOT / "nni_2ndmatch").rglob("*.py"))
+    assert "import pickle" not in sources and "pickle.load" not in sources
+    assert "torch.load(" not in sources

@@ -1,0 +1,141 @@
+"""The strategy registry and each strategy's loss, checked against direct computations."""
+
+import pytest
+import torch
+from conftest import TinyNet
+from tiny_models import BUILDERS, example_inputs
+
+import nni_2ndmatch.finetuners as F
+from nni_2ndmatch import (Finetuner, available_finetuners, get_finetuner, register_finetuner,
+                          sample_directions, second_match_loss)
+
+
+def test_builtin_names_and_unknown_name_lists_them():
+    assert {"dsm", "kd", "2ndmatch"} <= set(available_finetuners())
+    with pytest.raises(ValueError, match=r"finetuner='2ndmach' is unknown; available: 2ndmatch, dsm, kd"):
+        get_finetuner("2ndmach")
+
+
+def test_unknown_option_suggests_the_nearest_and_bad_values_name_the_field():
+    with pytest.raises(ValueError, match="no option 'lamda_jac'.*did you mean 'lambda_jac'"):
+        get_finetuner("2ndmatch", lamda_jac=0.1)
+    with pytest.raises(ValueError, match=r"lambda_kd=-1 is not allowed"):
+        get_finetuner("kd", lambda_kd=-1)
+    with pytest.raises(ValueError, match=r"mode='hessian' is not allowed; allowed: jvp, vjp, fd"):
+        get_finetuner("2ndmatch", mode="hessian")
+    with pytest.raises(ValueError, match=r"jac_fraction=0 is not allowed"):
+        get_finetuner("2ndmatch", jac_fraction=0)
+    with pytest.raises(ValueError, match=r"num_projections=0 is not allowed"):
+        get_finetuner("2ndmatch", num_projections=0)
+
+
+def test_reference_defaults_and_options_round_trip():
+    ft = get_finetuner("2ndmatch")
+    assert (ft.lambda_dsm, ft.lambda_kd, ft.lambda_jac, ft.mode) == (1.0, 1.0, 0.1, "vjp")
+    again = get_finetuner("2ndmatch", **ft.options())
+    assert again.options() == ft.options()
+    assert ft.num_train_timesteps == 1000
+
+
+def test_duplicate_registration_is_an_error_and_entry_points_are_loaded(monkeypatch):
+    with pytest.raises(ValueError, match="already registered"):
+        @register_finetuner("dsm")
+        class Other(Finetuner):
+            pass
+
+    class Plugin(Finetuner):
+        uses_teacher = False
+
+        def __init__(self, *, lambda_dsm=1.0, scheduler=None):
+            super().__init__(lambda_dsm=lambda_dsm, scheduler=scheduler)
+
+        def terms(self, student, teacher, x_t, noise, timesteps, **kw):
+            return {"dsm": (student(x_t, timesteps) - noise).abs().sum(dim=(1, 2, 3)).mean()}
+
+    class EntryPoint:
+        name = "l1"
+
+        def load(self):
+            return Plugin
+
+    monkeypatch.setattr(F, "_entry_points_loaded", False)
+    monkeypatch.setattr(F, "entry_points", lambda group: [EntryPoint()] if group == F.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(F, "_REGISTRY", dict(F._REGISTRY))
+    assert "l1" in available_finetuners()
+    loss, terms = get_finetuner("l1").loss(TinyNet(), None, torch.randn(2, 1, 2, 3), torch.randn(2, 1, 2, 3),
+                                           torch.tensor([1, 2]))
+    assert loss.item() == pytest.approx(terms["dsm"])
+
+
+def _inputs(batch=4):
+    x0, noise = torch.randn(batch, 1, 2, 3), torch.randn(batch, 1, 2, 3)
+    return x0, noise, torch.randint(0, 1000, (batch,))
+
+
+def test_dsm_and_kd_match_direct_computation():
+    student, teacher = TinyNet(seed=1), TinyNet(seed=2)
+    x0, noise, t = _inputs()
+    ft = get_finetuner("kd", lambda_kd=0.5)
+    loss, terms = ft.loss(student, teacher, x0, noise, t)
+    x_t = ft.scheduler.add_noise(x0, noise, t)
+    abar = ft.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * noise, atol=1e-6)
+    dsm = (student(x_t, t) - noise).pow(2).sum(dim=(1, 2, 3)).mean()
+    kd = (student(x_t, t) - teacher(x_t, t)).pow(2).sum(dim=(1, 2, 3)).mean()
+    assert terms["dsm"] == pytest.approx(dsm.item(), rel=1e-6)
+    assert terms["kd"] == pytest.approx(kd.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(dsm.item() + 0.5 * kd.item(), rel=1e-6)
+    dsm_only, dsm_terms = get_finetuner("dsm").loss(student, None, x0, noise, t)
+    assert set(dsm_terms) == {"dsm", "loss"} and dsm_only.item() == pytest.approx(dsm.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "vjp", "fd"])
+def test_2ndmatch_total_is_the_weighted_sum_with_the_same_directions(mode):
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, noise, t = (a.double() if a.is_floating_point() else a for a in _inputs())
+    ft = get_finetuner("2ndmatch", lambda_jac=0.3, mode=mode)
+    torch.manual_seed(7)
+    loss, terms = ft.loss(student, teacher, x0, noise, t)
+    torch.manual_seed(7)
+    x_t = ft.add_noise(x0, noise, t)
+    v = sample_directions(x_t)
+    jac = second_match_loss(student, teacher, x_t, t, v=v, mode=mode)
+    assert terms["jac"] == pytest.approx(jac.item(), rel=1e-9)
+    assert loss.item() == pytest.approx(terms["dsm"] + terms["kd"] + 0.3 * terms["jac"], rel=1e-9)
+    # the Jacobian evaluations' outputs serve DSM and KD: same values as the plain strategy
+    _, kd_terms = get_finetuner("kd").loss(student, teacher, x0, noise, t)
+    assert terms["dsm"] == pytest.approx(kd_terms["dsm"], rel=1e-9)
+    assert terms["kd"] == pytest.approx(kd_terms["kd"], rel=1e-9)
+
+
+def test_jacobian_on_a_fraction_of_the_batch_and_several_projections():
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, noise, t = (a.double() if a.is_floating_point() else a for a in _inputs(batch=8))
+    ft = get_finetuner("2ndmatch", mode="jvp", jac_fraction=0.25, num_projections=3)
+    torch.manual_seed(3)
+    _, terms = ft.loss(student, teacher, x0, noise, t)
+    torch.manual_seed(3)
+    x_t = ft.add_noise(x0, noise, t)
+    x_j, t_j = x_t[:2].repeat(3, 1, 1, 1), t[:2].repeat(3)
+    jac = second_match_loss(student, teacher, x_j, t_j, v=sample_directions(x_j), mode="jvp")
+    assert terms["jac"] == pytest.approx(jac.item(), rel=1e-9)
+    _, kd_terms = get_finetuner("kd").loss(student, teacher, x0, noise, t)
+    assert terms["dsm"] == pytest.approx(kd_terms["dsm"], rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_2ndmatch_on_each_diffusers_family_with_conditioning(kind):
+    student, teacher = BUILDERS[kind](seed=1), BUILDERS[kind](seed=2)
+    x0, t, kw = example_inputs(kind, batch=3, dtype=torch.float32)
+    ft = get_finetuner("2ndmatch", jac_fraction=0.5)  # conditioning is split with the batch
+    loss, terms = ft.loss(student, teacher, x0, torch.randn_like(x0), t.long(), **kw)
+    loss.backward()
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values()) and terms["jac"] > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_a_scheduler_that_does_not_predict_epsilon_is_refused():
+    from diffusers import DDPMScheduler
+
+    with pytest.raises(ValueError, match="prediction_type='v_prediction' is not supported"):
+        get_finetuner("dsm", scheduler=DDPMScheduler(prediction_type="v_prediction"))

@@ -1,0 +1,165 @@
+"""The Jacobian estimators and the 2ndMatch loss against independent references (float64)."""
+
+import pytest
+import torch
+from conftest import SymmetricNet, TinyNet, explicit_jacobians
+from tiny_models import BUILDERS, example_inputs
+
+from nni_2ndmatch import jacobian_sensitivity, sample_directions, second_match_loss
+from nni_2ndmatch.losses import DEFAULT_FD_STEP
+
+
+def _rel(a, b):
+    return ((a - b).abs() / b.abs().clamp_min(1e-300)).max().item()
+
+
+def _reference(model, x, t, v, **kw):
+    J = explicit_jacobians(model, x, t, **kw)  # [B, d, d], J[b] = d out_b / d x_b
+    vf = v.flatten(1)
+    jv = torch.einsum("bij,bj->bi", J, vf)
+    jtv = torch.einsum("bji,bj->bi", J, vf)
+    return jv.pow(2).sum(1), jtv.pow(2).sum(1), J
+
+
+@pytest.mark.parametrize("kind", ["tiny", *BUILDERS])
+def test_per_sample_values_match_explicit_jacobian(kind):
+    if kind == "tiny":
+        model, (x, t, kw) = TinyNet().double(), (torch.randn(3, 1, 2, 3, dtype=torch.float64),
+                                                torch.tensor([1.0, 50.0, 900.0], dtype=torch.float64), {})
+    else:
+        model, (x, t, kw) = BUILDERS[kind]().double().eval(), example_inputs(kind)  # eval: DiT drops labels at random in train mode
+    v = sample_directions(x)
+    ref_jv, ref_jtv, _ = _reference(model, x, t, v, **kw)
+    assert _rel(jacobian_sensitivity(model, x, t, v, mode="jvp", **kw), ref_jv) < 1e-6
+    assert _rel(jacobian_sensitivity(model, x, t, v, mode="vjp", **kw), ref_jtv) < 1e-6
+
+
+def test_directions_are_unit_and_per_sample():
+    v = sample_directions(torch.zeros(64, 3, 4, 4))
+    assert torch.allclose(v.flatten(1).norm(dim=1), torch.ones(64))
+    assert not torch.allclose(v[0], v[1])
+
+
+def test_loss_mean_over_directions_matches_closed_form():
+    """E_v[(v^T M v)^2] = (2||M||_F^2 + (tr M)^2) / (d (d + 2)), M = J_S^T J_S - J_T^T J_T."""
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, t0 = torch.randn(1, 1, 2, 3, dtype=torch.float64), torch.tensor([10.0], dtype=torch.float64)
+    n = 40000
+    x, t = x0.expand(n, -1, -1, -1).contiguous(), t0.expand(n).contiguous()
+    Js, Jt = explicit_jacobians(student, x0, t0)[0], explicit_jacobians(teacher, x0, t0)[0]
+    M = Js.T @ Js - Jt.T @ Jt
+    d = M.shape[0]
+    expected = (2 * M.pow(2).sum() + M.trace() ** 2) / (d * (d + 2))
+    with torch.no_grad():
+        got = second_match_loss(student, teacher, x, t, mode="jvp")
+    # Monte Carlo: the relative standard error of the mean over 40000 directions is about 1%.
+    assert abs(got.item() - expected.item()) / expected.item() < 0.05
+
+
+def test_jvp_and_vjp_agree_when_jacobian_is_symmetric_and_differ_when_not():
+    x, t = torch.randn(4, 1, 2, 3, dtype=torch.float64), torch.full((4,), 3.0, dtype=torch.float64)
+    v = sample_directions(x)
+    sym = SymmetricNet().double()
+    _, _, J = _reference(sym, x, t, v)
+    assert torch.allclose(J, J.transpose(1, 2), atol=1e-12)
+    a, b = (jacobian_sensitivity(sym, x, t, v, mode=m) for m in ("jvp", "vjp"))
+    assert _rel(a, b) < 1e-10
+    asym = TinyNet().double()
+    a, b = (jacobian_sensitivity(asym, x, t, v, mode=m) for m in ("jvp", "vjp"))
+    assert _rel(a, b) > 1e-3
+
+
+def test_finite_difference_error_is_second_order_and_small_in_fp32():
+    model = BUILDERS["unet2d"]().double()
+    x, t, _ = example_inputs("unet2d", batch=3)
+    v = sample_directions(x)
+    exact = jacobian_sensitivity(model, x, t, v, mode="jvp")
+    errors = [_rel(jacobian_sensitivity(model, x, t, v, mode="fd", fd_step=h), exact) for h in (0.2, 0.1)]
+    # central difference: halving h divides the truncation error by about 4
+    assert 3.0 < errors[0] / errors[1] < 5.0
+    # the documented bound: below 1e-3 relative in fp32 at the default step
+    model32, x32, v32 = model.float(), x.float(), v.float()
+    fd32 = jacobian_sensitivity(model32, x32, t.float(), v32, mode="fd")
+    assert DEFAULT_FD_STEP == 1e-2
+    assert _rel(fd32.double(), exact) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["jvp", "vjp", "fd"])
+def test_student_gradient_is_exact(mode):
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x, t = torch.randn(3, 1, 2, 3, dtype=torch.float64), torch.tensor([5.0, 60.0, 700.0], dtype=torch.float64)
+    v = sample_directions(x)
+    names = [n for n, _ in student.named_parameters()]
+
+    def loss_of(*params):
+        def f(xx, tt):
+            return torch.func.functional_call(student, dict(zip(names, params)), (xx, tt))
+        return second_match_loss(f, teacher, x, t, v=v, mode=mode, fd_step=1e-3)
+
+    params = tuple(p.detach().clone().requires_grad_(True) for p in student.parameters())
+    assert torch.autograd.gradcheck(loss_of, params, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "vjp", "fd"])
+def test_teacher_gets_no_gradient_and_is_untouched(mode):
+    student, teacher = BUILDERS["unet2d"](seed=1), BUILDERS["unet2d"](seed=2)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x, t, _ = example_inputs("unet2d", dtype=torch.float32)
+    loss = second_match_loss(student, teacher, x, t, mode=mode)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def _hook_count(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_no_lasting_change_to_the_model_also_when_the_call_raises():
+    model = BUILDERS["unet2d_condition"]()
+    processors = dict(model.attn_processors)
+    x, t, kw = example_inputs("unet2d_condition", dtype=torch.float32)
+    jacobian_sensitivity(model, x, t, sample_directions(x), mode="jvp", **kw)
+    assert _hook_count(model) == 0
+    with pytest.raises(Exception):
+        # wrong conditioning width: the model raises inside the estimator
+        jacobian_sensitivity(model, x, t, sample_directions(x), mode="vjp",
+                             encoder_hidden_states=torch.randn(2, 3, 5))
+    assert _hook_count(model) == 0
+    assert all(model.attn_processors[k] is p for k, p in processors.items())
+    # the fused attention kernels are usable again after the call (their own backward works)
+    out = model(x.requires_grad_(), t, **kw).sample
+    out.sum().backward()
+    assert torch.is_grad_enabled()
+
+
+def test_accepts_plain_callables_and_tuple_outputs():
+    net = TinyNet().double()
+    x, t = torch.randn(2, 1, 2, 3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    v = sample_directions(x)
+    a = jacobian_sensitivity(net, x, t, v)
+    b = jacobian_sensitivity(lambda xx, tt: (net(xx, tt),), x, t, v)
+    assert torch.equal(a, b)
+
+
+def test_bad_mode_and_shapes_are_clear_errors():
+    net = TinyNet()
+    x, t = torch.randn(2, 1, 2, 3), torch.ones(2)
+    with pytest.raises(ValueError, match="mode='hvp'.*allowed: jvp, vjp, fd"):
+        jacobian_sensitivity(net, x, t, sample_directions(x), mode="hvp")
+    with pytest.raises(ValueError, match="v has shape"):
+        jacobian_sensitivity(net, x, t, torch.randn(2, 6))
+
+
+def test_every_evaluation_of_one_estimate_uses_the_same_dropout_mask():
+    net = TinyNet().double().train()
+    net.drop.p = 0.5
+    x, t = torch.randn(4, 1, 2, 3, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    v = sample_directions(x)
+    torch.manual_seed(1)
+    exact = jacobian_sensitivity(net, x, t, v, mode="jvp")
+    torch.manual_seed(1)
+    fd = jacobian_sensitivity(net, x, t, v, mode="fd", fd_step=1e-4)
+    assert _rel(fd, exact) < 1e-6

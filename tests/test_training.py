@@ -1,0 +1,120 @@
+"""The finetuning loop: reproducible, resumable bit-exactly, atomic checkpoints, non-finite steps."""
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+from tiny_models import tiny_unet2d
+
+from nni_2ndmatch import NonFiniteLossError, TrainConfig, finetune, get_finetuner
+from nni_2ndmatch.training import batch_indices, sample_timesteps
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, n=24):
+        self.x = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(5)).clamp(-1, 1)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def _run(tmp_path, steps, resume=False, finetuner="2ndmatch", **cfg):
+    student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
+    config = TrainConfig(steps=steps, batch_size=4, checkpoint_every=3, log_every=1, seed=11, hflip=True, **cfg)
+    res = finetune(student, teacher, get_finetuner(finetuner), Images(), config, tmp_path, resume=resume,
+                   progress=False)
+    return res, teacher
+
+
+def test_same_seed_same_weights_and_teacher_untouched(tmp_path):
+    a, teacher = _run(tmp_path / "a", 4)
+    b, _ = _run(tmp_path / "b", 4)
+    assert all(torch.equal(p, q) for p, q in zip(a.student.state_dict().values(), b.student.state_dict().values()))
+    fresh = tiny_unet2d(seed=2)
+    assert all(torch.equal(p, q) for p, q in zip(teacher.state_dict().values(), fresh.state_dict().values()))
+    assert all(p.requires_grad for p in teacher.parameters()) and teacher.training
+    assert [h["step"] for h in a.history] == [1, 2, 3, 4]
+    assert {"dsm", "kd", "jac", "loss", "lr"} <= set(a.history[0])
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    full, _ = _run(tmp_path / "full", 7)
+    _run(tmp_path / "crash", 4)  # as if the run had died after step 4 (checkpoint at 3 and 4)
+    resumed, _ = _run(tmp_path / "crash", 7, resume=True)
+    for (k, p), q in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.equal(p, q), k
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+    lines = (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 8))
+
+
+def test_checkpoints_are_complete_and_pruned(tmp_path):
+    _run(tmp_path, 7)
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-0000007"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000006", "step-0000007"]
+    assert not list(root.glob(".*tmp"))
+    state = json.loads((root / "step-0000007" / "state.json").read_text())
+    assert state["step"] == 7 and state["finetuner"] == "2ndmatch"
+
+
+def test_resume_ignores_an_incomplete_checkpoint(tmp_path):
+    _run(tmp_path, 3)
+    (tmp_path / "checkpoints" / ".step-0000006.abc.tmp").mkdir()  # a crash in the middle of a write
+    (tmp_path / "checkpoints" / ".step-0000006.abc.tmp" / "state.safetensors").write_bytes(b"trunc")
+    res, _ = _run(tmp_path, 4, resume=True)
+    assert res.history[-1]["step"] == 4
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        _run(tmp_path, 3, resume=True)
+
+
+def test_non_finite_loss_skips_steps_then_stops(tmp_path):
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_unet2d(seed=1)
+
+        def forward(self, x, t):
+            return self.inner(x, t).sample * float("nan")
+
+    student = Exploding()
+    before = [p.clone() for p in student.parameters()]
+    config = TrainConfig(steps=10, batch_size=4, max_nonfinite_steps=3)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps.*term\\(s\\) dsm.*timesteps"):
+        finetune(student, None, get_finetuner("dsm"), Images(), config, tmp_path, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(before, student.parameters()))
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+def test_training_reduces_the_loss(tmp_path):
+    student = tiny_unet2d(seed=1)
+    config = TrainConfig(steps=60, batch_size=8, lr=2e-3, ema_decay=None, log_every=10, antithetic=False)
+    res = finetune(student, None, get_finetuner("dsm"), Images(), config, progress=False)
+    assert res.history[-1]["loss"] < 0.7 * res.history[0]["loss"]
+
+
+def test_data_order_and_timesteps():
+    a = batch_indices(5, 24, 4, seed=1)
+    assert torch.equal(a, batch_indices(5, 24, 4, seed=1)) and len(a) == 4
+    epoch = torch.cat([batch_indices(s, 24, 4, seed=1) for s in range(6)])
+    assert sorted(epoch.tolist()) == list(range(24))
+    t = sample_timesteps(6, 1000, antithetic=True)
+    assert torch.equal(t[:3] + t[3:], torch.full((3,), 999))
+
+
+def test_bad_train_config_names_the_field():
+    with pytest.raises(ValidationError, match="lr"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValidationError, match="lr_schedule"):
+        TrainConfig(lr_schedule="exp")
+    with pytest.raises(ValidationError, match="stepz"):
+        TrainConfig(stepz=3)
+    cfg = TrainConfig(steps=10, warmup_steps=2, lr=1.0e-3, lr_schedule="linear")
+    assert [round(cfg.lr_at(s), 6) for s in (0, 1, 2, 6)] == [5e-4, 1e-3, 1e-3, 5e-4]
