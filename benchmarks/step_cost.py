@@ -4,7 +4,8 @@ Teacher: the DDPM-CIFAR10 U-Net layout (35.7M parameters, 6.06 GMACs, random ini
 same layout at 0.75 width (20.1M parameters, 3.41 GMACs = 0.56x, the paper's pruned 6.1G -> 3.4G).
 Batch 8, 32x32, fp32, 1 thread. Timings are interleaved across variants in one process, warm-up
 excluded, median of repeats. Peak memory: each variant once in a fresh subprocess, the growth of
-the peak RSS during one step (activations and gradients, not the models).
+the resident set during one step, sampled every 2 ms (activations and graphs, not the models;
+Linux only).
 
     python benchmarks/step_cost.py [--repeats 5] [--out benchmarks/results/step_cost.json]
 """
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,22 +77,41 @@ def fd_error(student, x0, timesteps) -> float:
 
 
 def peak_memory(name: str) -> float:
-    """Growth of the peak RSS (MiB) during one step of ``name`` in a fresh process."""
-    code = (f"import sys; sys.argv=['x']; import benchmarks.step_cost as b; print(b._measure_memory({name!r}))")
+    """Growth of the resident memory (MiB) during one step of ``name``, in a fresh process."""
+    code = f"import benchmarks.step_cost as b; print(b._measure_memory({name!r}))"
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    # Large blocks straight from mmap, so that freed memory leaves the resident set at once and the
+    # resident set follows the live tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env=env)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:  # Linux: resident pages
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def _measure_memory(name: str) -> float:
     torch.set_num_threads(1)
     teacher, student, x0, noise, timesteps = setup()
     ft = get_finetuner(VARIANTS[name][0], **VARIANTS[name][1])
-    with torch.no_grad():  # touch every weight once so that lazy allocations are not counted
-        teacher(x0[:1], timesteps[:1]), student(x0[:1], timesteps[:1])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(ft, student, teacher, x0[:1], noise[:1], timesteps[:1])  # allocate every weight and grad once
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    before = _rss()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     step(ft, student, teacher, x0, noise, timesteps)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0
+    done.set()
+    sampler.join()
+    return (peak[0] - before) / 2**20
 
 
 def main(args: argparse.Namespace) -> dict:
