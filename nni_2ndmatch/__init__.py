@@ -5,6 +5,7 @@ The core (losses, estimators, strategies, finetuning loop) is pure PyTorch and i
 
 from .finetuners import (Finetuner, available_finetuners, finetuner_options, get_finetuner,
                          register_finetuner)
+from .pruning import load_pruned, prune_diffusers, save_pruned
 from .losses import jacobian_safe, jacobian_sensitivity, sample_directions, second_match_loss
 from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
 
@@ -12,6 +13,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Finetuner", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig", "available_finetuners",
-    "finetune", "finetuner_options", "get_finetuner", "jacobian_safe", "jacobian_sensitivity",
-    "register_finetuner", "sample_directions", "second_match_loss",
+    "finetune", "finetuner_options", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pruned",
+    "prune_diffusers", "register_finetuner", "sample_directions", "save_pruned", "second_match_loss",
 ]

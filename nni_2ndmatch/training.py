@@ -108,6 +108,17 @@ def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tens
     return perm[j * batch_size:(j + 1) * batch_size]
 
 
+def collate(items: list[Any], device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+    """Stack data items: image tensors, or dicts with the image under "sample" and the model's
+    conditioning (class_labels, encoder_hidden_states, ...) under its keyword names."""
+    if isinstance(items[0], dict):
+        x0 = torch.stack([item["sample"] for item in items]).to(device)
+        kwargs = {k: torch.stack([torch.as_tensor(item[k]) for item in items]).to(device)
+                  for k in items[0] if k != "sample"}
+        return x0, kwargs
+    return torch.stack(items).to(device), {}
+
+
 def sample_timesteps(batch: int, num_train_timesteps: int, antithetic: bool) -> Tensor:
     if not antithetic:
         return torch.randint(0, num_train_timesteps, (batch,))
@@ -174,7 +185,11 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
              config: TrainConfig, output_dir: str | os.PathLike | None = None, *, resume: bool = False,
              runtime: Runtime | None = None, progress: bool = True,
              on_log: Callable[[dict[str, float]], None] | None = None) -> FinetuneResult:
-    """Finetune ``student`` against a frozen ``teacher`` with ``finetuner`` on ``dataset`` (image tensors).
+    """Finetune ``student`` against a frozen ``teacher`` with ``finetuner`` on ``dataset``.
+
+    Dataset items are image tensors [C, H, W] in [-1, 1], or dicts holding the image under
+    "sample" and conditioning tensors under the model's keyword names (e.g. "class_labels").
+    The student is trained in place; the global torch RNG is seeded from ``config.seed``.
 
     With ``output_dir``, the main process writes checkpoints every ``checkpoint_every`` steps and at
     the end, and ``metrics.jsonl`` (one line per logged step, each loss term). ``resume=True``
@@ -247,7 +262,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     try:
         for step in range(start, config.steps):
             idx = runtime.local_indices(batch_indices(step, len(dataset), config.batch_size, config.seed))
-            x0 = torch.stack([dataset[int(i)] for i in idx]).to(runtime.device)
+            x0, model_kwargs = collate([dataset[int(i)] for i in idx], runtime.device)
             if config.hflip:
                 flip = torch.rand(x0.shape[0]) < 0.5
                 x0 = torch.where(flip.view(-1, 1, 1, 1).to(x0.device), x0.flip(-1), x0)
@@ -258,7 +273,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            loss, terms = finetuner.loss(student, teacher, x0, noise, timesteps)
+            loss, terms = finetuner.loss(student, teacher, x0, noise, timesteps, **model_kwargs)
             optimizer.zero_grad(set_to_none=True)
             if not math.isfinite(terms["loss"]):
                 nonfinite += 1

@@ -118,3 +118,24 @@ def test_bad_train_config_names_the_field():
         TrainConfig(stepz=3)
     cfg = TrainConfig(steps=10, warmup_steps=2, lr=1.0e-3, lr_schedule="linear")
     assert [round(cfg.lr_at(s), 6) for s in (0, 1, 2, 6)] == [5e-4, 1e-3, 1e-3, 5e-4]
+
+
+def test_conditional_data_items_pass_their_conditioning_to_the_models(tmp_path):
+    from tiny_models import tiny_dit
+
+    class Labelled(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"sample": torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(i)),
+                    "class_labels": torch.tensor(i % 10)}
+
+    seen = []
+    student, teacher = tiny_dit(seed=1), tiny_dit(seed=2)
+    teacher.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["class_labels"].tolist()), with_kwargs=True)
+    config = TrainConfig(steps=2, batch_size=4, seed=3)
+    res = finetune(student, teacher, get_finetuner("2ndmatch"), Labelled(), config, progress=False)
+    expected = [sorted(batch_indices(s, 8, 4, seed=3).tolist()) for s in range(2)]
+    assert [sorted(x) for x in seen] == expected
+    assert res.history[-1]["jac"] >= 0
