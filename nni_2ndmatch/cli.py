@@ -1,4 +1,4 @@
-"""Command line: ``nni-2ndmatch run|finetune CONFIG.yaml``, ``nni-2ndmatch finetuners``.
+"""Command line: ``nni-2ndmatch run|prune|finetune CONFIG.yaml``, ``nni-2ndmatch finetuners``.
 
 Exit codes: 0 success, 2 bad input (config, model or data folder, output folder), 1 a failed run.
 """
@@ -11,15 +11,16 @@ import sys
 
 from .config import ConfigError, load_config
 from .finetuners import available_finetuners
-from .pipeline import UserError, run_finetune, summary_text
+from .pipeline import UserError, run_job, summary_text
 from .training import NonFiniteLossError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nni-2ndmatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "the whole job the config describes (for now: finetune and save)"),
-                            ("finetune", "finetune the config's student against its teacher")):
+    for name, help_text in (("run", "the whole job the config describes: prune, finetune, save"),
+                            ("prune", "make the student from the teacher (the config's pruning section)"),
+                            ("finetune", "finetune the student against its teacher")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML compression config")
         p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = load_config(args.config)
-        summary = run_finetune(config, resume=args.resume, overwrite=args.overwrite,
-                               progress=not args.no_progress)
+        summary = run_job(config, args.command, resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.no_progress)
     except (ConfigError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

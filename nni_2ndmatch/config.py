@@ -1,8 +1,9 @@
 """The compression config file (YAML): typed, versioned, validated before any work starts.
 
     version: 1
-    model:    {teacher: {builtin: tiny-unet} | {path: DIR}, student: {...}}
+    model:    {teacher: {builtin: tiny-unet} | {path: DIR}, student: {...} (or a pruning section)}
     data:     {builtin: digits, resolution: 16} | {path: DIR, resolution: 32, channels: 3}
+    pruning:  {pruner: L1NormPruner, sparse_ratio: 0.3, round_to: 8, config_list: [...]}
     finetune: {finetuner: 2ndmatch, steps: 200, lr: 2.0e-4, lambda_jac: 0.1, mode: vjp, ...}
     output_dir: runs/NAME
 
@@ -22,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .data import BUILTIN_DATA
 from .finetuners import available_finetuners, finetuner_options, get_finetuner
 from .models import BUILTIN_MODELS
+from .pruning import NNI_PRUNERS_WITHOUT_TRAINING, TP_IMPORTANCES
+
+PRUNERS = TP_IMPORTANCES + NNI_PRUNERS_WITHOUT_TRAINING
 from .training import TrainConfig
 
 CONFIG_VERSION = 1
@@ -58,7 +62,23 @@ class ModelSpec(_Section):
 
 class ModelSection(_Section):
     teacher: ModelSpec
-    student: ModelSpec
+    student: ModelSpec | None = None  # None: the pruning section makes it from the teacher
+
+
+class PruningSection(_Section):
+    """How the student is made from the teacher: a torch-pruning importance or an NNI pruner class."""
+
+    pruner: str = "L1NormPruner"
+    sparse_ratio: float = Field(0.3, gt=0, lt=1, description="share of channels removed per layer group")
+    round_to: int | None = Field(8, ge=1, description="channel counts a multiple of this (null: any)")
+    config_list: list[dict[str, Any]] | None = None  # NNI's config_list; default: every Conv2d/Linear
+
+    @model_validator(mode="after")
+    def _known_pruner(self) -> "PruningSection":
+        allowed = PRUNERS
+        if self.pruner not in allowed:
+            raise ValueError(f"pruner={self.pruner!r} is unknown; allowed: {', '.join(allowed)}")
+        return self
 
 
 class DataSection(_Section):
@@ -91,8 +111,16 @@ class Config(_Section):
     version: Literal[1] = CONFIG_VERSION
     model: ModelSection
     data: DataSection = DataSection(builtin="digits")
+    pruning: PruningSection | None = None
     finetune: FinetuneSection = FinetuneSection()
     output_dir: str
+
+    @model_validator(mode="after")
+    def _student_source(self) -> "Config":
+        if (self.model.student is None) == (self.pruning is None):
+            raise ValueError("give exactly one of 'model.student' (a ready student) or 'pruning' "
+                             "(make the student from the teacher)")
+        return self
 
 
 def _fields_at(loc: tuple) -> list[str]:

@@ -1,4 +1,4 @@
-"""The jobs behind the command line, callable from Python: load what a config names, finetune, save."""
+"""The jobs behind the command line, callable from Python: load what a config names, prune, finetune, save."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .finetuners import get_finetuner
 from .io import atomic_write_json
 from .losses import model_output
 from .models import build_builtin, count_params, load_diffusers_model, save_diffusers_model
+from .pruning import default_example_inputs, is_pruned_folder, load_pruned, prune_diffusers, save_pruned
 from .training import CHECKPOINT_DIR, Runtime, finetune
 
 logger = logging.getLogger(__name__)
@@ -26,13 +27,26 @@ class UserError(Exception):
     """A problem with the user's input or environment: reported without a traceback, exit code 2."""
 
 
+PRUNED_DIR, STUDENT_DIR = "pruned", "student"
+
+
 def load_model(spec: ModelSpec, role: str) -> nn.Module:
+    """A built-in architecture, a pruned-student folder or a diffusers model folder."""
     try:
         if spec.builtin is not None:
             return build_builtin(spec.builtin, width=spec.width, seed=spec.seed)
+        if is_pruned_folder(spec.path):
+            return load_pruned(spec.path)
         return load_diffusers_model(spec.path)
     except (ValueError, OSError) as e:
         raise UserError(f"model.{role}: {e}") from None
+
+
+def save_model(model: nn.Module, folder: Path) -> None:
+    if getattr(model, "pruning_plan", None) is not None:
+        save_pruned(model, folder)
+    else:
+        save_diffusers_model(model, folder)
 
 
 def load_dataset(config: Config) -> torch.utils.data.Dataset:
@@ -47,10 +61,10 @@ def load_dataset(config: Config) -> torch.utils.data.Dataset:
         raise UserError(f"data: {e}") from None
 
 
-def _preflight(teacher: nn.Module, student: nn.Module, sample: torch.Tensor) -> None:
-    """One forward of each model on a data-shaped input: catches shape mismatches before training."""
+def _preflight(models: dict[str, nn.Module], sample: torch.Tensor) -> None:
+    """One forward of each model on a data-shaped input: catches shape mismatches before any work."""
     x, t = sample.unsqueeze(0), torch.zeros(1)
-    for role, model in (("teacher", teacher), ("student", student)):
+    for role, model in models.items():
         try:
             with torch.no_grad():
                 model_output(model, x, t)
@@ -68,9 +82,9 @@ def prepare_output_dir(config: Config, resume: bool, overwrite: bool) -> Path:
     if resume and not (out / CHECKPOINT_DIR / "latest").is_file():
         raise UserError(f"--resume: output_dir {str(out)!r} holds no checkpoint to resume from")
     if overwrite and not resume:
-        for name in (CHECKPOINT_DIR, "student"):
+        for name in (CHECKPOINT_DIR, STUDENT_DIR, PRUNED_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("summary.json", "metrics.jsonl"):
+        for name in ("summary.json", "metrics.jsonl", "pruning_report.json"):
             (out / name).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -82,30 +96,75 @@ def prepare_output_dir(config: Config, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def run_finetune(config: Config, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> dict[str, Any]:
-    """Finetune the config's student against its teacher and save it with a summary."""
-    out = prepare_output_dir(config, resume, overwrite)
+def _example_inputs(teacher: nn.Module, sample: torch.Tensor) -> dict[str, Any]:
+    inputs = default_example_inputs(teacher)
+    first = next(iter(inputs))
+    inputs[first] = sample.unsqueeze(0)
+    return inputs
+
+
+def run_prune(config: Config, out: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Make the student from the teacher as the pruning section says; save it under out/pruned."""
     teacher = load_model(config.model.teacher, "teacher")
-    student = load_model(config.model.student, "student")
+    sample = load_dataset(config)[0]
+    _preflight({"teacher": teacher}, sample)
+    p = config.pruning
+    try:
+        student, report = prune_diffusers(teacher, p.pruner, p.sparse_ratio, round_to=p.round_to,
+                                          example_inputs=_example_inputs(teacher, sample),
+                                          config_list=p.config_list)
+    except ValueError as e:  # e.g. a config_list NNI refuses
+        raise UserError(f"pruning: {e}") from None
+    save_pruned(student, out / PRUNED_DIR)
+    atomic_write_json(out / "pruning_report.json", report)
+    logger.info("pruned: MACs %.3g -> %.3g (%.2fx), params %d -> %d; saved to %s", report["macs_before"],
+                report["macs_after"], report["macs_ratio"], report["params_before"], report["params_after"],
+                out / PRUNED_DIR)
+    return student, report
+
+
+def run_finetune(config: Config, out: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Finetune the student (given, or made by ``run_prune``) against the teacher; save it with a summary."""
+    teacher = load_model(config.model.teacher, "teacher")
+    if config.model.student is not None:
+        student = load_model(config.model.student, "student")
+    elif is_pruned_folder(out / PRUNED_DIR):
+        student = load_pruned(out / PRUNED_DIR)
+    else:
+        raise UserError(f"no pruned student in {str(out / PRUNED_DIR)!r}: run 'nni-2ndmatch prune' (or 'run') first")
     dataset = load_dataset(config)
-    _preflight(teacher, student, dataset[0])
+    _preflight({"teacher": teacher, "student": student}, dataset[0])
     section = config.finetune
     finetuner = get_finetuner(section.finetuner, **section.finetuner_kwargs())
     result = finetune(student, teacher, finetuner, dataset, section.train_config(), out, resume=resume,
                       runtime=Runtime(section.device), progress=progress)
-    save_diffusers_model(result.student, out / "student")
+    save_model(result.student, out / STUDENT_DIR)
     summary = {
         "finetuner": finetuner.name, "finetuner_options": finetuner.options(),
         "train_config": section.train_config().model_dump(), "steps": result.step,
         "seconds": result.seconds, "final": result.history[-1] if result.history else {},
         "teacher_params": count_params(teacher), "student_params": count_params(result.student),
-        "student_dir": "student",
+        "student_dir": STUDENT_DIR,
     }
     atomic_write_json(out / "summary.json", summary)
-    logger.info("saved the student to %s", out / "student")
+    logger.info("saved the student to %s", out / STUDENT_DIR)
     return summary
 
 
+def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+    """``prune``, ``finetune`` or ``run`` (prune when the config says so, then finetune)."""
+    out = prepare_output_dir(config, resume, overwrite)
+    if command in ("prune", "run") and config.pruning is not None:
+        if not (resume and is_pruned_folder(out / PRUNED_DIR)):
+            _, report = run_prune(config, out)
+            if command == "prune":
+                return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
+    elif command == "prune":
+        raise UserError("the config has no pruning section (model.student is given): nothing to prune")
+    return run_finetune(config, out, resume=resume, progress=progress)
+
+
 def summary_text(summary: dict[str, Any]) -> str:
-    return json.dumps({k: summary[k] for k in ("finetuner", "steps", "seconds", "final")}, indent=2)
+    keys = ("pruning", "finetuner", "steps", "seconds", "final")
+    return json.dumps({k: summary[k] for k in keys if k in summary}, indent=2)

@@ -45,9 +45,12 @@ def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     assert summary["steps"] == 3 and summary["finetuner"] == "2ndmatch"
     assert summary["student_params"] < summary["teacher_params"]
     assert {"dsm", "kd", "jac", "loss"} <= set(summary["final"])
-    from nni_2ndmatch.models import load_diffusers_model
+    from nni_2ndmatch import load_pruned
 
-    assert load_diffusers_model(out / "student").config.block_out_channels == [16, 32, 32]
+    student = load_pruned(out / "student")
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert sum(p.numel() for p in student.parameters()) == report["params_after"] == summary["student_params"]
+    assert report["macs_after"] < 0.7 * report["macs_before"]
     again = cli("run", cfg, "--no-progress")
     assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
     longer = write_config(tmp_path, lambda raw: raw["finetune"].update(steps=5), name="longer.yaml")
@@ -63,12 +66,15 @@ def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     (lambda r: r["finetune"].update(lr=-1), "finetune.lr: value -1 is not allowed"),
     (lambda r: r["finetune"].update(steps="many"), "finetune.steps: value 'many'"),
     (lambda r: r["finetune"].update(mode="hvp"), "mode='hvp' is not allowed"),
-    (lambda r: r["model"].update(studnet=r["model"]["student"]), "model.studnet: unknown key; did you mean 'student'"),
+    (lambda r: r["model"].update(studnet={"builtin": "tiny-unet"}), "model.studnet: unknown key; did you mean 'student'"),
+    (lambda r: r["model"].update(student={"builtin": "tiny-unet"}), "give exactly one of 'model.student'"),
+    (lambda r: r["pruning"].update(pruner="L3NormPruner"), "pruner='L3NormPruner' is unknown; allowed: magnitude, L1NormPruner"),
+    (lambda r: r["pruning"].update(sparse_ratio=1.0), "pruning.sparse_ratio: value 1.0 is not allowed"),
     (lambda r: r["model"]["teacher"].update(builtin="huge"), "builtin='huge' is unknown"),
     (lambda r: r["model"].update(teacher={"path": "/nonexistent/model"}), "model.teacher: model path"),
     (lambda r: r["data"].update(builtin=None, path="/nonexistent/images"), "data: data path"),
     (lambda r: r["data"].update(channels=3), "data: channels=3: the digits are greyscale"),
-    (lambda r: r["model"].update(student={"builtin": "ddpm-cifar10", "width": 0.25}),
+    (lambda r: (r.pop("pruning"), r["model"].update(student={"builtin": "ddpm-cifar10", "width": 0.25})),
      r"model.student does not accept the data's images of shape \(1, 1, 16, 16\)"),
 ])
 def test_bad_input_is_one_clear_message_exit_2_nothing_written(tmp_path, edit, expected):
@@ -99,6 +105,17 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     assert r.returncode == 2 and "malformed YAML" in r.stderr and "Traceback" not in r.stderr
     r = cli("finetune", tmp_path / "missing.yaml")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_prune_then_finetune_as_separate_commands(tmp_path):
+    cfg = write_config(tmp_path)
+    early = cli("finetune", cfg, "--no-progress")
+    assert early.returncode == 2 and "run 'nni-2ndmatch prune'" in early.stderr
+    pruned = cli("prune", cfg, "--no-progress")
+    assert pruned.returncode == 0, pruned.stderr
+    assert (tmp_path / "run" / "pruned" / "pruning_plan.json").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert cli("finetune", cfg, "--no-progress").returncode == 0
 
 
 def test_list_finetuners():
