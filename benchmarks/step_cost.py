@@ -13,7 +13,6 @@ Linux only).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -118,7 +117,7 @@ def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     teacher, student, x0, noise, timesteps = setup()
     fts = {name: get_finetuner(kind, **opts) for name, (kind, opts) in VARIANTS.items()}
-    for name, ft in fts.items():  # warm-up
+    for ft in fts.values():  # warm-up
         step(ft, student, teacher, x0, noise, timesteps)
     times = {name: [] for name in fts}
     for r in range(args.repeats):

@@ -45,8 +45,8 @@ def explicit_jacobians(model, x, t, **kw):
     for i in range(x.shape[0]):
         kw_i = {k: v[i:i + 1] for k, v in kw.items()}
 
-        def f(xi):
-            y = model(xi, t[i:i + 1], **kw_i)
+        def f(xi, t_i=t[i:i + 1], kw_i=kw_i):
+            y = model(xi, t_i, **kw_i)
             y = y.sample if hasattr(y, "sample") else y
             return y[:, : xi.shape[1]]
 
