@@ -143,6 +143,8 @@ def _describe(error: dict[str, Any]) -> str:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"{path}: unknown key{hint} (allowed: {', '.join(_fields_at(loc[:-1]))})"
     msg = error["msg"].removeprefix("Value error, ")
+    if not loc:  # a rule across sections
+        return msg
     if error["type"] == "missing":
         return f"{path}: required field is missing"
     return f"{path}: value {error.get('input')!r} is not allowed: {msg}"
