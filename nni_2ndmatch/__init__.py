@@ -3,10 +3,9 @@
 The core (losses, estimators, strategies, finetuning loop) is pure PyTorch and imports no NNI.
 """
 
-from .finetuners import (Finetuner, available_finetuners, finetuner_options, get_finetuner,
-                         register_finetuner)
-from .pruning import load_pruned, prune_diffusers, save_pruned
+from .finetuners import Finetuner, available_finetuners, finetuner_options, get_finetuner, register_finetuner
 from .losses import jacobian_safe, jacobian_sensitivity, sample_directions, second_match_loss
+from .pruning import load_pruned, prune_diffusers, save_pruned
 from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
 
 __version__ = "0.1.0"

@@ -24,11 +24,10 @@ from .data import BUILTIN_DATA
 from .finetuners import available_finetuners, finetuner_options, get_finetuner
 from .models import BUILTIN_MODELS
 from .pruning import NNI_PRUNERS_WITHOUT_TRAINING, TP_IMPORTANCES
-
-PRUNERS = TP_IMPORTANCES + NNI_PRUNERS_WITHOUT_TRAINING
 from .training import TrainConfig
 
 CONFIG_VERSION = 1
+PRUNERS = TP_IMPORTANCES + NNI_PRUNERS_WITHOUT_TRAINING
 
 
 class ConfigError(ValueError):
@@ -75,9 +74,8 @@ class PruningSection(_Section):
 
     @model_validator(mode="after")
     def _known_pruner(self) -> "PruningSection":
-        allowed = PRUNERS
-        if self.pruner not in allowed:
-            raise ValueError(f"pruner={self.pruner!r} is unknown; allowed: {', '.join(allowed)}")
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNERS)}")
         return self
 
 

@@ -18,7 +18,15 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from .losses import DEFAULT_FD_STEP, MODES, jacobian_safe, model_output, output_and_sensitivity, sample_directions, squared_norm
+from .losses import (
+    DEFAULT_FD_STEP,
+    MODES,
+    jacobian_safe,
+    model_output,
+    output_and_sensitivity,
+    sample_directions,
+    squared_norm,
+)
 
 ENTRY_POINT_GROUP = "nni_2ndmatch.finetuners"
 

@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch import Tensor, nn
 
+from .utils import requires_grad
+
 Mode = Literal["jvp", "vjp", "fd"]
 MODES: tuple[str, ...] = ("jvp", "vjp", "fd")
 
@@ -92,19 +94,6 @@ def jacobian_safe(*models: Any) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _frozen(model: Any) -> Iterator[None]:
-    """Parameters stop requiring grad inside the block (no graph is built to them); restored on exit."""
-    params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
                            mode: str = "jvp", *, create_graph: bool = True,
                            fd_step: float = DEFAULT_FD_STEP, **model_kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -135,7 +124,7 @@ def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Te
         return out, squared_norm(jv)
     if mode == "vjp":
         x = x_t.detach().requires_grad_(True)
-        with torch.enable_grad(), (contextlib.nullcontext() if create_graph else _frozen(model)):
+        with torch.enable_grad(), (contextlib.nullcontext() if create_graph else requires_grad(model, False)):
             out = f(x)
             (jtv,) = torch.autograd.grad(out, x, v, create_graph=create_graph)
         if not create_graph:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .io import atomic_dir, atomic_write_json, load_tensors, save_tensors
+from .utils import requires_grad
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +61,9 @@ def _dependency_graph(model: nn.Module, example_inputs: dict[str, Any]):
     import torch_pruning as tp
 
     # torch-pruning silently prunes nothing where parameters do not require grad.
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.requires_grad_(True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    with requires_grad(model, True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
 
 
 def _groups(model: nn.Module, graph) -> list:

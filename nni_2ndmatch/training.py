@@ -7,6 +7,7 @@ the loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,12 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from torch import Tensor, nn
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .finetuners import Finetuner
 from .io import atomic_dir, atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from .utils import requires_grad
 
 logger = logging.getLogger(__name__)
 
@@ -247,11 +249,11 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         lines = "".join(json.dumps(h) + "\n" for h in history)
         atomic_write_text(out / "metrics.jsonl", lines)
 
-    teacher_flags = []
+    teacher_state = contextlib.ExitStack()  # the teacher is frozen and in eval mode for the run only
+    teacher_state.enter_context(requires_grad(teacher, False))
     if isinstance(teacher, nn.Module):
-        teacher_flags = [(p, p.requires_grad) for p in teacher.parameters()]
-        teacher_was_training = teacher.training
-        teacher.eval().requires_grad_(False)
+        teacher_state.callback(teacher.train, teacher.training)
+        teacher.eval()
     student.train()
     began = time.perf_counter()
     bar = None
@@ -310,10 +312,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     finally:
         if bar is not None:
             bar.close()
-        for p, flag in teacher_flags:
-            p.requires_grad_(flag)
-        if teacher_flags:
-            teacher.train(teacher_was_training)
+        teacher_state.close()
 
     if ema:
         with torch.no_grad():
