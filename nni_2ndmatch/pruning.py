@@ -33,8 +33,9 @@ TP_IMPORTANCES = ("magnitude",)
 #: Layers that produce the model's output keep their size.
 OUTPUT_LAYERS = ("conv_out", "proj_out", "proj_out_2")
 
-ScoreFn = Callable[[nn.Module, Any], Tensor]  # (model, torch-pruning group) -> score per root channel
-RatioFn = Callable[[nn.Module, Any], float]  # (model, group) -> share of the group's channels to prune
+#: (torch-pruning group, {module: name} of the model being pruned) -> (a score per root channel,
+#: higher = keep; the share of the group's channels to prune, <= 0 = leave the group whole)
+GroupScorer = Callable[[Any, dict[nn.Module, str]], tuple[Tensor, float]]
 
 
 def _fixed_layers(model: nn.Module) -> list[nn.Module]:
@@ -115,6 +116,10 @@ def _module_names(model: nn.Module) -> dict[nn.Module, str]:
     return {m: n for n, m in model.named_modules()}
 
 
+def _out_width(module: nn.Module) -> int:
+    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+
+
 def _fix_attributes(model: nn.Module) -> None:
     """Attributes diffusers reads at run time that pruning leaves stale."""
     from diffusers.models.resnet import Downsample2D, Upsample2D
@@ -126,7 +131,7 @@ def _fix_attributes(model: nn.Module) -> None:
                 m.channels, m.out_channels = conv.in_channels, conv.out_channels
 
 
-def magnitude_scores(model: nn.Module, group) -> Tensor:
+def magnitude_scores(group) -> Tensor:
     """L2 norm of every weight that a channel of the group touches (torch-pruning's group magnitude)."""
     import torch_pruning as tp
 
@@ -152,7 +157,7 @@ def apply_plan(model: nn.Module, graph, plan: list[dict[str, Any]]) -> None:
     _fix_attributes(model)
 
 
-def _plan(model: nn.Module, graph, score_fn: ScoreFn, ratio_fn: RatioFn,
+def _plan(model: nn.Module, graph, scorer: GroupScorer,
           round_to: int | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     heads, gated = _attention_heads(model), _gated_projections(model)
     names = _module_names(model)
@@ -167,11 +172,11 @@ def _plan(model: nn.Module, graph, score_fn: ScoreFn, ratio_fn: RatioFn,
             logger.warning("%s: %d channels do not split into %d groups; left as is", names[root], channels, num_chunks)
             continue
         chunk = channels // num_chunks
-        ratio = ratio_fn(model, group)
+        scores, ratio = scorer(group, names)
         if ratio <= 0:
             continue
         per_chunk = _keep_per_chunk(chunk, num_chunks, ratio, round_to)
-        scores = score_fn(model, group).detach().float().view(num_chunks, chunk)
+        scores = scores.detach().float().view(num_chunks, chunk)
         if root in gated:  # the same positions in every chunk
             best = torch.topk(scores.sum(0), per_chunk).indices.sort().values
             keep = torch.cat([c * chunk + best for c in range(num_chunks)]).tolist()
@@ -203,20 +208,16 @@ def _check_ratio(sparse_ratio: float) -> None:
         raise ValueError(f"sparse_ratio={sparse_ratio!r} is not allowed; it must be in (0, 1)")
 
 
-def prune_with_scores(teacher: nn.Module, score_fn: ScoreFn, sparse_ratio: float | RatioFn,
-                      example_inputs: dict[str, Any], round_to: int | None = 8) -> tuple[nn.Module, dict[str, Any]]:
-    """A pruned copy of ``teacher`` (never modified) and a report. ``score_fn(model, group)``
-    scores the root channels of a torch-pruning group of the copy (higher = keep);
-    ``sparse_ratio`` is a number or ``ratio_fn(model, group)``."""
-    if not callable(sparse_ratio):
-        _check_ratio(sparse_ratio)
+def prune_with_scores(teacher: nn.Module, scorer: GroupScorer, example_inputs: dict[str, Any],
+                      round_to: int | None = 8) -> tuple[nn.Module, dict[str, Any]]:
+    """A pruned copy of ``teacher`` (never modified) and a report; ``scorer`` decides, for each
+    coupled group of the copy, which channels to prefer and what share to prune."""
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to={round_to!r} is not allowed; it must be an integer >= 1 or None")
     student = copy.deepcopy(teacher).eval()
     before = _macs_params(student, example_inputs)
     graph = _dependency_graph(student, example_inputs)
-    ratio_fn = sparse_ratio if callable(sparse_ratio) else (lambda model, group: sparse_ratio)
-    plan, groups = _plan(student, graph, score_fn, ratio_fn, round_to)
+    plan, groups = _plan(student, graph, scorer, round_to)
     apply_plan(student, graph, plan)
     after = _macs_params(student, example_inputs)
     student.pruning_plan = {"version": PLAN_VERSION, "groups": plan}
@@ -237,16 +238,16 @@ def _out_pruning_fns():
     return (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 
 
-def _mask_keep(masks: dict[str, dict[str, Tensor]], model: nn.Module, group) -> tuple[Tensor, Tensor]:
+def _mask_keep(masks: dict[str, dict[str, Tensor]], group, names: dict[nn.Module, str]) -> tuple[Tensor, Tensor]:
     """Per root channel: how many masked layers of the group keep it, and how many masked layers
     cover it (NNI masks: {module name: {"weight": mask}}, a zero output row = a pruned channel)."""
-    names = _module_names(model)
     root, _ = _root(group)
     width = _out_width(root)
     kept, covered = torch.zeros(width), torch.zeros(width)
+    out_fns = _out_pruning_fns()
     for i, (dep, idxs) in enumerate(group):
         name = names.get(dep.target.module)
-        if dep.handler not in _out_pruning_fns() or name not in masks or "weight" not in masks[name]:
+        if dep.handler not in out_fns or name not in masks or "weight" not in masks[name]:
             continue
         keep = (masks[name]["weight"].detach().flatten(1).abs().sum(1) > 0).float().cpu()
         root_idxs = torch.tensor([int(r) for r in group[i].root_idxs])
@@ -268,20 +269,15 @@ def masks_to_student(teacher: nn.Module, masks: dict[str, dict[str, Tensor]],
     """
     inputs = example_inputs if example_inputs is not None else default_example_inputs(teacher)
 
-    def score(model: nn.Module, group) -> Tensor:
-        kept, covered = _mask_keep(masks, model, group)
-        magnitude = magnitude_scores(model, group).float().cpu()
-        return kept / covered.clamp_min(1) + 1e-3 * magnitude / magnitude.max().clamp_min(1e-12)
+    def scorer(group, names: dict[nn.Module, str]) -> tuple[Tensor, float]:
+        kept, covered = _mask_keep(masks, group, names)
+        if covered.sum() == 0:  # no masked layer in the group: NNI prunes none of it
+            return kept, 0.0
+        magnitude = magnitude_scores(group).float().cpu()
+        scores = kept / covered.clamp_min(1) + 1e-3 * magnitude / magnitude.max().clamp_min(1e-12)
+        return scores, float(1.0 - kept.sum() / covered.sum())
 
-    def ratio(model: nn.Module, group) -> float:
-        kept, covered = _mask_keep(masks, model, group)
-        return float(1.0 - kept.sum() / covered.sum()) if covered.sum() > 0 else 0.0
-
-    return prune_with_scores(teacher, score, ratio, inputs, round_to)
-
-
-def _out_width(module: nn.Module) -> int:
-    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+    return prune_with_scores(teacher, scorer, inputs, round_to)
 
 
 NNI_PRUNERS_WITHOUT_TRAINING = ("L1NormPruner", "L2NormPruner", "FPGMPruner")
@@ -323,7 +319,8 @@ def prune_diffusers(teacher: nn.Module, pruner: str = "magnitude", sparse_ratio:
     """
     _check_ratio(sparse_ratio)
     if pruner in TP_IMPORTANCES:
-        return prune_with_scores(teacher, magnitude_scores, sparse_ratio, example_inputs, round_to)
+        return prune_with_scores(teacher, lambda group, names: (magnitude_scores(group), sparse_ratio),
+                                 example_inputs, round_to)
     masks = nni_masks(teacher, pruner, config_list or default_config_list(teacher, sparse_ratio))
     return masks_to_student(teacher, masks, example_inputs, round_to)
 
