@@ -103,10 +103,8 @@ def _example_inputs(teacher: nn.Module, sample: torch.Tensor) -> dict[str, Any]:
     return inputs
 
 
-def run_prune(config: Config, out: Path) -> tuple[nn.Module, dict[str, Any]]:
+def run_prune(config: Config, out: Path, teacher: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
     """Make the student from the teacher as the pruning section says; save it under out/pruned."""
-    teacher = load_model(config.model.teacher, "teacher")
-    sample = load_dataset(config)[0]
     _preflight({"teacher": teacher}, sample)
     p = config.pruning
     try:
@@ -123,16 +121,16 @@ def run_prune(config: Config, out: Path) -> tuple[nn.Module, dict[str, Any]]:
     return student, report
 
 
-def run_finetune(config: Config, out: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Finetune the student (given, or made by ``run_prune``) against the teacher; save it with a summary."""
-    teacher = load_model(config.model.teacher, "teacher")
-    if config.model.student is not None:
+def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,
+                 student: nn.Module | None = None, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Finetune the student (given; else the config's, or the one ``run_prune`` saved) against the
+    teacher; save it with a summary."""
+    if student is None and config.model.student is not None:
         student = load_model(config.model.student, "student")
-    elif is_pruned_folder(out / PRUNED_DIR):
+    elif student is None and is_pruned_folder(out / PRUNED_DIR):
         student = load_pruned(out / PRUNED_DIR)
-    else:
+    elif student is None:
         raise UserError(f"no pruned student in {str(out / PRUNED_DIR)!r}: run 'nni-2ndmatch prune' (or 'run') first")
-    dataset = load_dataset(config)
     _preflight({"teacher": teacher, "student": student}, dataset[0])
     section = config.finetune
     finetuner = get_finetuner(section.finetuner, **section.finetuner_kwargs())
@@ -154,15 +152,16 @@ def run_finetune(config: Config, out: Path, *, resume: bool = False, progress: b
 def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bool = False,
             progress: bool = True) -> dict[str, Any]:
     """``prune``, ``finetune`` or ``run`` (prune when the config says so, then finetune)."""
+    if command == "prune" and config.pruning is None:
+        raise UserError("the config has no pruning section (model.student is given): nothing to prune")
     out = prepare_output_dir(config, resume, overwrite)
+    teacher, dataset, student = load_model(config.model.teacher, "teacher"), load_dataset(config), None
     if command in ("prune", "run") and config.pruning is not None:
         if not (resume and is_pruned_folder(out / PRUNED_DIR)):
-            _, report = run_prune(config, out)
+            student, report = run_prune(config, out, teacher, dataset[0])
             if command == "prune":
                 return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
-    elif command == "prune":
-        raise UserError("the config has no pruning section (model.student is given): nothing to prune")
-    return run_finetune(config, out, resume=resume, progress=progress)
+    return run_finetune(config, out, teacher, dataset, student, resume=resume, progress=progress)
 
 
 def summary_text(summary: dict[str, Any]) -> str:
