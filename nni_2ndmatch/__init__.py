@@ -3,15 +3,27 @@
 The core (losses, estimators, strategies, finetuning loop) is pure PyTorch and imports no NNI.
 """
 
+from .distill import NoisyBatches, diffusion_evaluator, dsm_training_step
 from .finetuners import Finetuner, available_finetuners, finetuner_options, get_finetuner, register_finetuner
 from .losses import jacobian_safe, jacobian_sensitivity, sample_directions, second_match_loss
-from .pruning import load_pruned, prune_diffusers, save_pruned
+from .pruning import load_pruned, masks_to_student, prune_diffusers, save_pruned
 from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
 
 __version__ = "0.1.0"
 
+
+
+def __getattr__(name: str):
+    if name == "SecondMatchDistiller":  # built on first use: it subclasses an NNI class
+        from .distill import distiller_class
+
+        return distiller_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "Finetuner", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig", "available_finetuners",
+    "Finetuner", "NoisyBatches", "SecondMatchDistiller", "diffusion_evaluator", "dsm_training_step",
+    "masks_to_student", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig", "available_finetuners",
     "finetune", "finetuner_options", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pruned",
     "prune_diffusers", "register_finetuner", "sample_directions", "save_pruned", "second_match_loss",
 ]

@@ -1,0 +1,219 @@
+"""2ndMatch and KD as NNI distillers, for users who drive compression with NNI's own API.
+
+    evaluator = diffusion_evaluator(student, DataLoader(dataset, batch_size=16, collate_fn=NoisyBatches()))
+    pruner = TaylorPruner(student, config_list, evaluator, training_steps=20)
+    distiller = SecondMatchDistiller.from_compressor(pruner, [], teacher_model=teacher, lambda_jac=0.1)
+    distiller.compress(max_steps=1000, max_epochs=None)
+    masks = pruner.get_masks()        # then masks_to_student(model, masks) for a physical student
+
+The training step of the evaluator returns the denoising (DSM) loss; the distiller adds the
+strategy's teacher terms (``kd``, and ``jac`` for 2ndmatch) and the layer-wise targets of its
+``config_list`` (NNI's DynamicLayerwiseDistiller semantics). NNI's loss patch sees only
+``(loss, batch)``, so each batch carries what the terms need: the noised input ``x_t``, the
+``timesteps``, the ``noise`` and the model's conditioning (``NoisyBatches`` builds such batches).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .finetuners import default_scheduler, finetuner_class, get_finetuner
+from .losses import model_output, squared_norm
+from .training import collate, sample_timesteps
+
+BATCH_KEYS = ("x_t", "timesteps", "noise")
+
+
+class NoisyBatches:
+    """A DataLoader ``collate_fn``: stack clean items (tensors, or dicts with the image under
+    "sample" and conditioning under its keyword names) and noise them with the DDPM scheduler.
+
+    Returns ``{"x_t", "timesteps", "noise", **conditioning}``. Timesteps and noise come from a
+    generator seeded with ``seed``, so the batches are reproducible (use ``num_workers=0``).
+    """
+
+    def __init__(self, scheduler: Any = None, seed: int = 0, antithetic: bool = False) -> None:
+        self.scheduler = scheduler if scheduler is not None else default_scheduler()
+        self.antithetic = antithetic
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, items: list[Any]) -> dict[str, Tensor]:
+        x0, conditioning = collate(items, torch.device("cpu"))
+        state = torch.get_rng_state()
+        try:
+            torch.set_rng_state(self.generator.get_state())
+            t = sample_timesteps(x0.shape[0], int(self.scheduler.config.num_train_timesteps), self.antithetic)
+            noise = torch.randn_like(x0)
+            self.generator.set_state(torch.get_rng_state())
+        finally:
+            torch.set_rng_state(state)
+        return {"x_t": self.scheduler.add_noise(x0, noise, t), "timesteps": t, "noise": noise, **conditioning}
+
+
+def _split(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"the batch has no {', '.join(missing)}; a diffusion batch needs {', '.join(BATCH_KEYS)} "
+                       "(build it with NoisyBatches as the DataLoader's collate_fn)")
+    return batch["x_t"], batch["timesteps"], batch["noise"], {k: v for k, v in batch.items() if k not in BATCH_KEYS}
+
+
+def dsm_training_step(batch: dict[str, Tensor], model: nn.Module) -> Tensor:
+    """The evaluator's training step: ||eps_S(x_t, t) - noise||^2 (sum over pixels, mean over batch)."""
+    x_t, t, noise, conditioning = _split(batch)
+    return squared_norm(model_output(model, x_t, t, **conditioning) - noise).mean()
+
+
+def teacher_forward(batch: dict[str, Tensor], teacher: nn.Module) -> Tensor:
+    """The default ``teacher_predict``: the teacher's noise prediction on the batch."""
+    x_t, t, _, conditioning = _split(batch)
+    return model_output(teacher, x_t, t, **conditioning)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return batch.to(device) if isinstance(batch, Tensor) else batch
+
+
+def diffusion_evaluator(model: nn.Module, dataloader: Iterable[dict[str, Tensor]], *, lr: float = 1e-4,
+                        weight_decay: float = 0.0, optimizer: Any = None,
+                        training_step: Callable[..., Tensor] = dsm_training_step) -> Any:
+    """An NNI ``TorchEvaluator`` that trains ``model`` on ``dataloader`` (batches from
+    ``NoisyBatches``) with ``training_step`` (DSM by default) and AdamW traced by ``nni.trace`` (NNI
+    rebuilds the optimizer for the wrapped model, so it must be traced; pass your own the same way).
+
+    The loop runs ``max_steps`` optimizer steps, or ``max_epochs`` passes, or one pass when neither
+    is given; batches follow the model's device.
+    """
+    import nni
+    from nni.compression import TorchEvaluator
+
+    def training_func(model, optimizers, step_fn, lr_schedulers=None, max_steps=None, max_epochs=None):
+        optimizers = optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
+        schedulers = lr_schedulers if isinstance(lr_schedulers, (list, tuple)) else [lr_schedulers]
+        device = next(model.parameters()).device
+        model.train()
+        steps = epochs = 0
+        while True:
+            for batch in dataloader:
+                loss = step_fn(_to(batch, device), model)
+                for opt in optimizers:
+                    opt.zero_grad()
+                loss.backward()
+                for opt in optimizers:
+                    opt.step()
+                for scheduler in schedulers:
+                    if scheduler is not None:
+                        scheduler.step()
+                steps += 1
+                if max_steps is not None and steps >= max_steps:
+                    return
+            epochs += 1
+            if max_steps is None and (max_epochs is None or epochs >= max_epochs):
+                return
+
+    if optimizer is None:
+        optimizer = nni.trace(torch.optim.AdamW)(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return TorchEvaluator(training_func, optimizer, training_step)
+
+
+def _make_distiller_class() -> type:
+    from nni.compression.distillation import DynamicLayerwiseDistiller
+
+    class SecondMatchDistiller(DynamicLayerwiseDistiller):  # type: ignore[misc, valid-type]
+        __doc__ = _DOC
+
+        def __init__(self, model: nn.Module, config_list: list[dict], evaluator: Any, teacher_model: nn.Module,
+                     teacher_predict: Callable[[Any, nn.Module], Any] = teacher_forward,
+                     origin_loss_lambda: float = 1.0, existed_wrappers: dict | None = None, *,
+                     finetuner: str = "2ndmatch", **options: Any) -> None:
+            self.strategy = _strategy(finetuner, options)
+            self.last_terms: dict[str, float] = {}
+            self._layerwise = bool(config_list)
+            super().__init__(model, config_list, evaluator, teacher_model, teacher_predict,
+                             origin_loss_lambda=origin_loss_lambda, existed_wrappers=existed_wrappers)
+
+        @classmethod
+        def from_compressor(cls, compressor: Any, new_config_list: list[dict], teacher_model: nn.Module,
+                            teacher_predict: Callable[[Any, nn.Module], Any] = teacher_forward,
+                            origin_loss_lambda: float = 1.0, evaluator: Any = None, *,
+                            finetuner: str = "2ndmatch", **options: Any) -> Any:
+            """Fuse with ``compressor`` (e.g. a pruner): its model, wrappers and evaluator are shared."""
+            from nni.compression.base.compressor import Compressor
+
+            return Compressor.from_compressor.__func__(
+                cls, compressor, new_config_list, evaluator=evaluator, teacher_model=teacher_model,
+                teacher_predict=teacher_predict, origin_loss_lambda=origin_loss_lambda, finetuner=finetuner,
+                **options)
+
+        def _register_loss_patch(self, evaluator: Any) -> None:
+            def loss_patch(original_loss: Tensor, batch: dict[str, Tensor]) -> Tensor:
+                total = self.origin_loss_lambda * original_loss
+                if self._layerwise:
+                    with torch.no_grad():
+                        self.teacher_predict(batch, self.teacher_model)
+                    total = total + self.compute_distill_loss()
+                x_t, t, noise, conditioning = _split(batch)
+                terms = self.strategy.terms(self.bound_model, self.teacher_model, x_t, noise, t, **conditioning)
+                self._clean_targets()  # the Jacobian passes recorded hidden states: not for the next step
+                for name, weight in self.strategy.weights().items():
+                    if name != "dsm":  # the evaluator's own loss plays the DSM role
+                        total = total + weight * terms[name]
+                self.last_terms = {name: float(value.detach()) for name, value in terms.items()}
+                self.last_terms["loss"] = float(total.detach())
+                return total
+
+            evaluator.patch_loss(loss_patch)
+
+        def _clean_targets(self) -> None:
+            for spaces in (self._target_spaces, self._teacher_target_spaces):
+                for targets in spaces.values():
+                    for target in targets.values():
+                        target.clean()
+
+    SecondMatchDistiller.__module__ = __name__
+    SecondMatchDistiller.__qualname__ = "SecondMatchDistiller"
+    return SecondMatchDistiller
+
+
+def _strategy(name: str, options: dict[str, Any]) -> Any:
+    cls = finetuner_class(name)
+    if not cls.uses_teacher:
+        raise ValueError(f"finetuner={name!r} uses no teacher, so it is no distiller; allowed: a strategy with a "
+                         "teacher such as 'kd' or '2ndmatch' (train with the evaluator alone for plain DSM)")
+    if "lambda_dsm" in options:
+        raise ValueError("lambda_dsm is not an option of the distiller: the evaluator's loss is the DSM term, "
+                         "weighted by origin_loss_lambda")
+    return get_finetuner(name, **options)
+
+
+_DOC = """2ndMatch (or any teacher-based strategy, e.g. ``finetuner="kd"``) as an NNI distiller.
+
+    A subclass of NNI's ``DynamicLayerwiseDistiller``: works with ``TorchEvaluator`` and fuses with
+    NNI pruners through ``from_compressor``; layer-wise targets in ``config_list`` (``lambda``,
+    ``link``, ``apply_method``) keep working beside the strategy's terms. The loss of one step is
+    ``origin_loss_lambda * evaluator_loss + layer-wise + lambda_kd * kd + lambda_jac * jac``; the
+    terms of the last step are in ``last_terms``. ``options`` are the strategy's own (``lambda_kd``,
+    ``lambda_jac``, ``mode``, ``num_projections``, ``jac_fraction``, ``fd_step``); ``config_list``
+    may be empty. Batches must carry ``x_t``, ``timesteps``, ``noise`` (see ``NoisyBatches``).
+    """
+
+_CLASS: type | None = None
+
+
+def distiller_class() -> type:
+    """The SecondMatchDistiller class (built on first use: it imports NNI)."""
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _make_distiller_class()
+    return _CLASS
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SecondMatchDistiller":
+        return distiller_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
