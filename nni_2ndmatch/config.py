@@ -1,7 +1,7 @@
 """The compression config file (YAML): typed, versioned, validated before any work starts.
 
     version: 1
-    model:    {teacher: {builtin: tiny-unet} | {path: DIR}, student: {...} (or a pruning section)}
+    model:    {teacher: {builtin: tiny-unet} | {path: DIR} | {hub: ID, subfolder: unet}, student: {...} (or pruning)}
     data:     {builtin: digits, resolution: 16} | {path: DIR, resolution: 32, channels: 3}
     pruning:  {pruner: L1NormPruner, sparse_ratio: 0.3, round_to: 8, config_list: [...]}
     finetune: {finetuner: 2ndmatch, steps: 200, lr: 2.0e-4, lambda_jac: 0.1, mode: vjp, ...}
@@ -23,11 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .data import BUILTIN_DATA
 from .finetuners import available_finetuners, finetuner_options, get_finetuner
 from .models import BUILTIN_MODELS
-from .pruning import NNI_PRUNERS_WITHOUT_TRAINING, TP_IMPORTANCES
+from .pruning import NNI_PRUNERS, TP_IMPORTANCES
 from .training import TrainConfig
 
 CONFIG_VERSION = 1
-PRUNERS = TP_IMPORTANCES + NNI_PRUNERS_WITHOUT_TRAINING
+PRUNERS = TP_IMPORTANCES + NNI_PRUNERS
 
 
 class ConfigError(ValueError):
@@ -43,17 +43,22 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    """Exactly one of ``builtin`` (an architecture made here, seeded) or ``path`` (a diffusers folder)."""
+    """Exactly one of ``builtin`` (an architecture made here, seeded), ``path`` (a diffusers model
+    folder or a pruned-student folder) or ``hub`` (a Hugging Face Hub model id, with ``subfolder``)."""
 
     builtin: str | None = None
     path: str | None = None
+    hub: str | None = None
+    subfolder: str | None = None
     width: float = Field(1.0, gt=0, le=4, description="channel multiplier of a builtin architecture")
     seed: int = Field(0, ge=0, description="initialisation seed of a builtin architecture")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
-        if (self.builtin is None) == (self.path is None):
-            raise ValueError("give exactly one of 'builtin' or 'path'")
+        if sum(x is not None for x in (self.builtin, self.path, self.hub)) != 1:
+            raise ValueError("give exactly one of 'builtin', 'path' or 'hub'")
+        if self.subfolder is not None and self.hub is None:
+            raise ValueError("'subfolder' goes with 'hub' only")
         if self.builtin is not None and self.builtin not in BUILTIN_MODELS:
             raise ValueError(f"builtin={self.builtin!r} is unknown; available: {', '.join(BUILTIN_MODELS)}")
         return self

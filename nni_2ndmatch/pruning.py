@@ -29,7 +29,11 @@ from .utils import requires_grad
 logger = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
-TP_IMPORTANCES = ("magnitude",)
+TP_IMPORTANCES = ("magnitude", "taylor", "diff-pruning")
+#: Importances and NNI pruners that need gradients of the denoising loss, hence ``data``.
+GRADIENT_PRUNERS = ("taylor", "diff-pruning", "TaylorPruner")
+#: Clean samples (and their conditioning) the gradient importances see.
+CALIBRATION_SIZE = 32
 #: Layers that produce the model's output keep their size.
 OUTPUT_LAYERS = ("conv_out", "proj_out", "proj_out_2")
 
@@ -219,6 +223,7 @@ def prune_with_scores(teacher: nn.Module, scorer: GroupScorer, example_inputs: d
     graph = _dependency_graph(student, example_inputs)
     plan, groups = _plan(student, graph, scorer, round_to)
     apply_plan(student, graph, plan)
+    student.zero_grad(set_to_none=True)  # gradient scorers attach gradients to the copy
     after = _macs_params(student, example_inputs)
     student.pruning_plan = {"version": PLAN_VERSION, "groups": plan}
     report = {"macs_before": before[0], "macs_after": after[0], "params_before": before[1],
@@ -281,25 +286,125 @@ def masks_to_student(teacher: nn.Module, masks: dict[str, dict[str, Tensor]],
 
 
 NNI_PRUNERS_WITHOUT_TRAINING = ("L1NormPruner", "L2NormPruner", "FPGMPruner")
+NNI_PRUNERS = NNI_PRUNERS_WITHOUT_TRAINING + ("TaylorPruner",)
 
 
-def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]]) -> dict[str, dict[str, Tensor]]:
-    """Masks from an NNI pruner named by its class (run on a copy; the model is not modified)."""
+def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
+              data: Any = None, seed: int = 0) -> dict[str, dict[str, Tensor]]:
+    """Masks from an NNI pruner named by its class (run on a copy; the model is not modified).
+
+    TaylorPruner scores channels by |weight * gradient| of the denoising loss on ``data``; its
+    evaluator's optimizer has lr=0, so the weights it scores are the model's own.
+    """
     import nni.compression.pruning as nni_pruning
 
+    allowed = ", ".join(NNI_PRUNERS + TP_IMPORTANCES)
     cls = getattr(nni_pruning, pruner, None)
     if not isinstance(cls, type):
-        raise ValueError(f"pruner={pruner!r} is not an NNI pruner class; allowed here: "
-                         f"{', '.join(NNI_PRUNERS_WITHOUT_TRAINING + TP_IMPORTANCES)}")
-    if pruner not in NNI_PRUNERS_WITHOUT_TRAINING:
-        raise ValueError(f"pruner={pruner!r} needs an NNI evaluator and training steps; run it yourself and "
-                         "pass its masks to masks_to_student (allowed here: "
-                         f"{', '.join(NNI_PRUNERS_WITHOUT_TRAINING + TP_IMPORTANCES)})")
+        raise ValueError(f"pruner={pruner!r} is not an NNI pruner class; allowed here: {allowed}")
+    if pruner not in NNI_PRUNERS:
+        raise ValueError(f"pruner={pruner!r} is not supported by name; run it yourself and pass its channel masks "
+                         f"to masks_to_student (allowed here: {allowed})")
     work = copy.deepcopy(model)
-    nni_pruner = cls(work, config_list)
-    _, masks = nni_pruner.compress()
+    if pruner == "TaylorPruner":
+        import nni
+        from torch.utils.data import DataLoader
+
+        from .distill import NoisyBatches, diffusion_evaluator
+
+        items = calibration_items(data, pruner, default_example_inputs(model))
+        loader = DataLoader(items, batch_size=len(items), collate_fn=NoisyBatches(seed=seed))
+        optimizer = nni.trace(torch.optim.SGD)(work.parameters(), lr=0.0)
+        with requires_grad(work, True):
+            nni_pruner = cls(work, config_list, diffusion_evaluator(work, loader, optimizer=optimizer),
+                             training_steps=1)
+            _, masks = nni_pruner.compress(None, None)  # it runs training_steps steps itself
+    else:
+        nni_pruner = cls(work, config_list)
+        _, masks = nni_pruner.compress()
     nni_pruner.unwrap_model()
     return masks
+
+
+def calibration_items(data: Any, pruner: str, example_inputs: dict[str, Any]) -> list[dict[str, Tensor]]:
+    """Up to CALIBRATION_SIZE clean samples as dicts ``{"sample", **conditioning}``, from a tensor
+    [N, C, H, W] or a dataset (items: tensors, or such dicts). Conditioning the data lacks comes
+    from ``example_inputs`` (its first sample)."""
+    if data is None:
+        raise ValueError(f"pruner={pruner!r} needs data: its importance uses gradients of the denoising loss "
+                         "(pass data=a tensor of clean samples or a dataset)")
+    n = min(len(data), CALIBRATION_SIZE)
+    if n == 0:
+        raise ValueError(f"pruner={pruner!r}: data is empty")
+    items = [data[i] for i in range(n)]
+    items = [dict(item) if isinstance(item, dict) else {"sample": item} for item in items]
+    first = next(iter(example_inputs))
+    for key, value in example_inputs.items():
+        if key not in (first, "timestep") and key not in items[0] and isinstance(value, Tensor):
+            for item in items:
+                item[key] = value[0]
+    return items
+
+
+def _denoising_gradients(teacher: nn.Module, pruner: str, data: Any, example_inputs: dict[str, Any], seed: int,
+                         threshold: float, num_timesteps: int) -> tuple[dict[str, Tensor], list[int]]:
+    """Gradients of the denoising loss w.r.t. every parameter, by name (on a copy of the teacher),
+    and the timesteps they were summed over (for ``taylor``: random, one per sample).
+
+    ``taylor``: one batch of data at random timesteps. ``diff-pruning``: summed over timesteps
+    0..T-1 (``num_timesteps`` evenly spaced, in that order) until the loss falls below
+    ``threshold`` times the largest loss seen, as in Diff-Pruning (Fang et al., 2023).
+    """
+    from .finetuners import default_scheduler
+    from .losses import model_output, squared_norm
+    from .training import collate
+
+    x0, conditioning = collate(calibration_items(data, pruner, example_inputs), torch.device("cpu"))
+    scheduler = default_scheduler()
+    steps = int(scheduler.config.num_train_timesteps)
+    g = torch.Generator().manual_seed(seed)
+    work = copy.deepcopy(teacher).eval()
+
+    def loss_at(t: Tensor) -> Tensor:
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = scheduler.add_noise(x0, noise, t)
+        return squared_norm(model_output(work, x_t, t.float(), **conditioning) - noise).mean()
+
+    used: list[int] = []
+    with requires_grad(work, True):
+        if pruner == "taylor":
+            t = torch.randint(0, steps, (x0.shape[0],), generator=g)
+            loss_at(t).backward()
+            used = t.tolist()
+        else:
+            largest = 0.0
+            for t in torch.linspace(0, steps - 1, num_timesteps).round().long().tolist():
+                loss = loss_at(torch.full((x0.shape[0],), t))
+                value = float(loss.detach())
+                largest = max(largest, value)
+                if value < threshold * largest:
+                    break
+                loss.backward()
+                used.append(t)
+    return {name: p.grad for name, p in work.named_parameters() if p.grad is not None}, used
+
+
+def taylor_scorer(gradients: dict[str, Tensor], sparse_ratio: float) -> GroupScorer:
+    """First-order Taylor scores |w * dL/dw| (torch-pruning's group Taylor importance), from
+    gradients computed on a copy of the model, looked up by parameter name."""
+    import torch_pruning as tp
+
+    importance = tp.importance.GroupTaylorImportance()
+
+    def scorer(group, names: dict[nn.Module, str]) -> tuple[Tensor, float]:
+        for dep, _ in group:
+            module = dep.target.module
+            for pname, p in module.named_parameters(recurse=False):
+                if p.grad is None:
+                    p.grad = gradients.get(f"{names[module]}.{pname}", torch.zeros_like(p)).clone()
+        return importance(group), sparse_ratio
+
+    return scorer
 
 
 def default_config_list(model: nn.Module, sparse_ratio: float) -> list[dict[str, Any]]:
@@ -310,18 +415,32 @@ def default_config_list(model: nn.Module, sparse_ratio: float) -> list[dict[str,
 
 def prune_diffusers(teacher: nn.Module, pruner: str = "magnitude", sparse_ratio: float = 0.3, *,
                     example_inputs: dict[str, Any], data: Any = None, round_to: int | None = 8,
-                    config_list: list[dict[str, Any]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                    config_list: list[dict[str, Any]] | None = None, seed: int = 0,
+                    diff_threshold: float = 0.05, diff_timesteps: int = 20) -> tuple[nn.Module, dict[str, Any]]:
     """Prune a diffusers model into a physically smaller student; the teacher is not modified.
 
-    ``pruner``: a torch-pruning importance (``magnitude``) or an NNI pruner class name
-    (L1NormPruner, L2NormPruner, FPGMPruner), which gets ``config_list`` (default: every Conv2d
-    and Linear at ``sparse_ratio``, output layers excluded).
+    ``pruner``: a torch-pruning importance (``magnitude``, ``taylor``, ``diff-pruning``) or an NNI
+    pruner class name (L1NormPruner, L2NormPruner, FPGMPruner, TaylorPruner), which gets
+    ``config_list`` (default: every Conv2d and Linear at ``sparse_ratio``, output layers excluded).
+    ``data`` (clean samples: a tensor or a dataset) is needed by the gradient importances only;
+    ``diff_threshold`` and ``diff_timesteps`` tune ``diff-pruning`` (see ``_denoising_gradients``).
+    Deterministic for a ``seed``.
     """
     _check_ratio(sparse_ratio)
-    if pruner in TP_IMPORTANCES:
+    if not 0 <= diff_threshold < 1:
+        raise ValueError(f"diff_threshold={diff_threshold!r} is not allowed; it must be in [0, 1)")
+    if isinstance(diff_timesteps, bool) or not isinstance(diff_timesteps, int) or diff_timesteps < 1:
+        raise ValueError(f"diff_timesteps={diff_timesteps!r} is not allowed; it must be an integer >= 1")
+    if pruner == "magnitude":
         return prune_with_scores(teacher, lambda group, names: (magnitude_scores(group), sparse_ratio),
                                  example_inputs, round_to)
-    masks = nni_masks(teacher, pruner, config_list or default_config_list(teacher, sparse_ratio))
+    if pruner in ("taylor", "diff-pruning"):
+        gradients, timesteps = _denoising_gradients(teacher, pruner, data, example_inputs, seed, diff_threshold,
+                                                    diff_timesteps)
+        student, report = prune_with_scores(teacher, taylor_scorer(gradients, sparse_ratio), example_inputs, round_to)
+        report["calibration_timesteps"] = timesteps
+        return student, report
+    masks = nni_masks(teacher, pruner, config_list or default_config_list(teacher, sparse_ratio), data, seed)
     return masks_to_student(teacher, masks, example_inputs, round_to)
 
 

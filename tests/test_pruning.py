@@ -1,5 +1,6 @@
 """Pruning surgery: physically smaller students for each diffusers family, and the safe save format."""
 
+import copy
 import json
 import warnings
 
@@ -9,7 +10,13 @@ from tiny_models import BUILDERS
 
 from nni_2ndmatch import load_pruned, prune_diffusers, save_pruned
 from nni_2ndmatch.models import ddpm_cifar10, tiny_unet
-from nni_2ndmatch.pruning import default_example_inputs, masks_to_student, nni_masks, default_config_list
+from nni_2ndmatch.pruning import (
+    _denoising_gradients,
+    default_config_list,
+    default_example_inputs,
+    masks_to_student,
+    nni_masks,
+)
 
 
 def _prune(model, ratio=0.3, **kw):
@@ -125,9 +132,81 @@ def test_masks_without_pruned_channels_leave_the_model_whole():
     assert report["params_after"] == report["params_before"] and student.pruning_plan["groups"] == []
 
 
-def test_an_unknown_or_training_nni_pruner_is_a_clear_error():
+def test_an_unknown_nni_pruner_or_missing_data_is_a_clear_error():
     teacher = BUILDERS["unet2d"]().eval()
+    inputs = default_example_inputs(teacher)
     with pytest.raises(ValueError, match="pruner='NoSuchPruner' is not an NNI pruner class"):
-        prune_diffusers(teacher, "NoSuchPruner", 0.3, example_inputs=default_example_inputs(teacher))
-    with pytest.raises(ValueError, match="TaylorPruner.*needs an NNI evaluator"):
-        prune_diffusers(teacher, "TaylorPruner", 0.3, example_inputs=default_example_inputs(teacher))
+        prune_diffusers(teacher, "NoSuchPruner", 0.3, example_inputs=inputs)
+    with pytest.raises(ValueError, match="pruner='LevelPruner' is not supported by name.*masks_to_student"):
+        prune_diffusers(teacher, "LevelPruner", 0.3, example_inputs=inputs)
+    for pruner in ("taylor", "diff-pruning", "TaylorPruner"):
+        with pytest.raises(ValueError, match=f"pruner={pruner!r} needs data: its importance uses gradients"):
+            prune_diffusers(teacher, pruner, 0.3, example_inputs=inputs)
+
+
+def _calibration(n=6, seed=0):
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _loss(model, x0, t, noise):
+    from diffusers import DDPMScheduler
+
+    from nni_2ndmatch.losses import model_output
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    return (model_output(model, sched.add_noise(x0, noise, t), t.float()) - noise).pow(2).flatten(1).sum(1).mean()
+
+
+def _explicit_gradients(model, x0, t, noise):
+    model = copy.deepcopy(model)
+    loss = _loss(model, x0, t, noise)
+    return dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+
+
+def test_taylor_gradients_are_those_of_the_denoising_loss():
+    teacher, x0 = BUILDERS["unet2d"]().eval(), _calibration()
+    grads, used = _denoising_gradients(teacher, "taylor", x0, default_example_inputs(teacher), 3, 0.05, 20)
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (6,), generator=g)
+    ref = _explicit_gradients(teacher, x0, t, torch.randn(x0.shape, generator=g))
+    assert used == t.tolist() and set(grads) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6)
+
+
+def test_diff_pruning_sums_gradients_over_timesteps_until_the_loss_falls_below_the_threshold():
+    teacher, x0 = BUILDERS["unet2d"]().eval(), _calibration()
+    inputs = default_example_inputs(teacher)
+    grads, used = _denoising_gradients(teacher, "diff-pruning", x0, inputs, 0, 0.0, 2)
+    g = torch.Generator().manual_seed(0)
+    ref = [_explicit_gradients(teacher, x0, torch.full((6,), t), torch.randn(x0.shape, generator=g)) for t in (0, 999)]
+    assert used == [0, 999]
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref[0][name] + ref[1][name], rtol=1e-4, atol=1e-6)
+    # the stopping rule, against the per-timestep losses computed here
+    g, losses, expected = torch.Generator().manual_seed(0), [], []
+    for t in torch.linspace(0, 999, 5).round().long().tolist():
+        noise = torch.randn(x0.shape, generator=g)
+        losses.append(_loss(teacher, x0, torch.full((6,), t), noise).item())
+        if losses[-1] < 0.99 * max(losses):
+            break
+        expected.append(t)
+    _, used = _denoising_gradients(teacher, "diff-pruning", x0, inputs, 0, 0.99, 5)
+    assert used == expected and len(used) < 5
+
+
+@pytest.mark.parametrize("pruner", ["taylor", "diff-pruning", "TaylorPruner"])
+def test_gradient_pruners_are_deterministic_leave_the_teacher_alone_and_ignore_frozen_flags(pruner):
+    teacher, x0 = BUILDERS["unet2d"]().eval(), _calibration()
+    inputs = default_example_inputs(teacher)
+    before = copy.deepcopy(teacher.state_dict())
+    a, report = prune_diffusers(teacher, pruner, 0.5, example_inputs=inputs, data=x0, round_to=None)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    b, _ = prune_diffusers(teacher, pruner, 0.5, example_inputs=inputs, data=x0, round_to=None)
+    assert a.pruning_plan == b.pruning_plan and report["macs_ratio"] < 0.6
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in teacher.parameters()) and all(p.grad is None for p in a.parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    magnitude, _ = prune_diffusers(teacher, "magnitude", 0.5, example_inputs=inputs, round_to=None)
+    assert a.pruning_plan != magnitude.pruning_plan  # the gradients changed the choice
