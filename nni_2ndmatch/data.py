@@ -19,9 +19,17 @@ class DigitsDataset(Dataset):
 
     ``split``: "train" (the first 80% of a fixed seed-0 permutation), "test" (the rest) or "all".
     Images are upsampled bilinearly from 8x8 to ``resolution``.
+
+    ``conditioning`` makes items dicts ``{"sample", <key>}`` that carry each digit's label for a
+    conditional model: ``("class_labels", n)`` gives the label itself (n >= 10 classes);
+    ``("encoder_hidden_states", dim)`` gives a fixed "prompt" per digit, LABEL_TOKENS seeded random
+    token embeddings of width ``dim`` (the same for every run, a stand-in for a text encoder).
     """
 
-    def __init__(self, resolution: int = 16, split: str = "train") -> None:
+    LABEL_TOKENS = 4
+
+    def __init__(self, resolution: int = 16, split: str = "train",
+                 conditioning: tuple[str, int] | None = None) -> None:
         from sklearn.datasets import load_digits
 
         if split not in ("train", "test", "all"):
@@ -36,12 +44,27 @@ class DigitsDataset(Dataset):
             images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
         self.images = images.clamp(-1.0, 1.0).contiguous()
         self.labels = labels[order]
+        self.conditioning = conditioning
+        self.prompts = None
+        if conditioning is not None:
+            key, size = conditioning
+            if key == "class_labels" and size < 10:
+                raise ValueError(f"the model has {size} classes; the digits need at least 10")
+            if key == "encoder_hidden_states":
+                g = torch.Generator().manual_seed(0)
+                self.prompts = torch.randn(10, self.LABEL_TOKENS, size, generator=g)
+            elif key != "class_labels":
+                raise ValueError(f"conditioning={key!r} is not allowed; allowed: class_labels, encoder_hidden_states")
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> Tensor:
-        return self.images[index]
+    def __getitem__(self, index: int) -> Tensor | dict[str, Tensor]:
+        if self.conditioning is None:
+            return self.images[index]
+        label = self.labels[index]
+        value = label if self.prompts is None else self.prompts[label]
+        return {"sample": self.images[index], self.conditioning[0]: value}
 
 
 class ImageFolderDataset(Dataset):

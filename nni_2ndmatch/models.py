@@ -41,7 +41,41 @@ def ddpm_cifar10(width: float = 1.0) -> nn.Module:
                        attention_head_dim=None)
 
 
-BUILTIN_MODELS: dict[str, Callable[[float], nn.Module]] = {"tiny-unet": tiny_unet, "ddpm-cifar10": ddpm_cifar10}
+def tiny_unet_cond(width: float = 1.0) -> nn.Module:
+    """A small text-conditional U-Net (cross-attention on 32-d token embeddings) for 1x16x16 images."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+                                block_out_channels=_width((32, 64), width, 8), norm_num_groups=8,
+                                cross_attention_dim=32, attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def tiny_dit(width: float = 1.0) -> nn.Module:
+    """A small class-conditional DiT (10 classes, 2x2 patches) for 1x16x16 images."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=max(2, int(round(16 * width))),
+                                 in_channels=1, out_channels=1, num_layers=2, sample_size=16, patch_size=2,
+                                 num_embeds_ada_norm=10)
+
+
+BUILTIN_MODELS: dict[str, Callable[[float], nn.Module]] = {
+    "tiny-unet": tiny_unet, "tiny-unet-cond": tiny_unet_cond, "tiny-dit": tiny_dit, "ddpm-cifar10": ddpm_cifar10}
+
+
+def conditioning_of(model: nn.Module) -> tuple[str, int] | None:
+    """What a model is conditioned on besides the timestep: ("class_labels", number of classes)
+    for a class-conditional DiT, ("encoder_hidden_states", embedding width) for a cross-attention
+    U-Net, None for an unconditional model."""
+    config = getattr(model, "config", None)
+    if type(model).__name__ == "DiTTransformer2DModel":
+        return "class_labels", int(config.num_embeds_ada_norm)
+    dim = getattr(config, "cross_attention_dim", None)
+    if dim:
+        return "encoder_hidden_states", int(dim if isinstance(dim, int) else dim[0])
+    return None
 
 
 def build_builtin(name: str, width: float = 1.0, seed: int = 0) -> nn.Module:
@@ -53,8 +87,8 @@ def build_builtin(name: str, width: float = 1.0, seed: int = 0) -> nn.Module:
         return BUILTIN_MODELS[name](width)
 
 
-def load_diffusers_model(path: str | os.PathLike) -> nn.Module:
-    """Load a diffusers model folder (``save_pretrained``) from safetensors weights only."""
+def model_class(path: str | os.PathLike) -> str:
+    """The supported diffusers class a model folder's config.json names (else a clear error)."""
     path = Path(path)
     config_file = path / "config.json"
     if not path.is_dir():
@@ -68,9 +102,32 @@ def load_diffusers_model(path: str | os.PathLike) -> nn.Module:
     if class_name not in SUPPORTED_CLASSES:
         raise ValueError(f"{config_file}: _class_name={class_name!r} is not supported; "
                          f"allowed: {', '.join(SUPPORTED_CLASSES)}")
+    return class_name
+
+
+def load_diffusers_model(path: str | os.PathLike) -> nn.Module:
+    """Load a diffusers model folder (``save_pretrained``) from safetensors weights only."""
     import diffusers
 
-    return getattr(diffusers, class_name).from_pretrained(path, use_safetensors=True)
+    return getattr(diffusers, model_class(path)).from_pretrained(Path(path), use_safetensors=True)
+
+
+def load_hub_model(repo_id: str, subfolder: str | None = None) -> nn.Module:
+    """Download a diffusers model from the Hugging Face Hub: its config first (the class is checked
+    before any weights come), then safetensors weights only. No remote code is ever run.
+    Offline, or where the network does not reach the Hub, a clear error says what to do instead."""
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        root = Path(snapshot_download(repo_id, allow_patterns=[prefix + "config.json"]))
+        model_class(root / prefix)
+        root = Path(snapshot_download(repo_id, allow_patterns=[prefix + "config.json", prefix + "*.safetensors"]))
+    except OSError as e:  # offline, unreachable, unknown repo (huggingface_hub's errors are OSErrors)
+        raise ValueError(f"hub={repo_id!r}: could not download it from the Hugging Face Hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); where the network allows, run `huggingface-cli download "
+                         f"{repo_id}` and give the downloaded model folder as path") from None
+    return load_diffusers_model(root / prefix)
 
 
 def save_diffusers_model(model: Any, path: str | os.PathLike) -> None:

@@ -16,9 +16,16 @@ from .data import DigitsDataset, ImageFolderDataset
 from .finetuners import get_finetuner
 from .io import atomic_write_json
 from .losses import model_output
-from .models import build_builtin, count_params, load_diffusers_model, save_diffusers_model
+from .models import (
+    build_builtin,
+    conditioning_of,
+    count_params,
+    load_diffusers_model,
+    load_hub_model,
+    save_diffusers_model,
+)
 from .pruning import default_example_inputs, is_pruned_folder, load_pruned, prune_diffusers, save_pruned
-from .training import CHECKPOINT_DIR, Runtime, finetune
+from .training import CHECKPOINT_DIR, Runtime, collate, finetune
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +38,12 @@ PRUNED_DIR, STUDENT_DIR = "pruned", "student"
 
 
 def load_model(spec: ModelSpec, role: str) -> nn.Module:
-    """A built-in architecture, a pruned-student folder or a diffusers model folder."""
+    """A built-in architecture, a Hub model, a pruned-student folder or a diffusers model folder."""
     try:
         if spec.builtin is not None:
             return build_builtin(spec.builtin, width=spec.width, seed=spec.seed)
+        if spec.hub is not None:
+            return load_hub_model(spec.hub, spec.subfolder)
         if is_pruned_folder(spec.path):
             return load_pruned(spec.path)
         return load_diffusers_model(spec.path)
@@ -49,26 +58,33 @@ def save_model(model: nn.Module, folder: Path) -> None:
         save_diffusers_model(model, folder)
 
 
-def load_dataset(config: Config) -> torch.utils.data.Dataset:
+def load_dataset(config: Config, teacher: nn.Module | None = None) -> torch.utils.data.Dataset:
+    """The config's data; for a conditional teacher, the built-in digits carry each digit's label
+    as the conditioning the teacher takes (class labels or a fixed per-digit prompt embedding)."""
     data = config.data
+    conditioning = conditioning_of(teacher) if teacher is not None else None
     try:
         if data.builtin == "digits":
             if data.channels != 1:
                 raise ValueError(f"channels={data.channels}: the digits are greyscale; allowed: 1")
-            return DigitsDataset(resolution=data.resolution, split="train")
+            return DigitsDataset(resolution=data.resolution, split="train", conditioning=conditioning)
+        if conditioning is not None:
+            raise ValueError(f"path={data.path!r}: an image folder carries no {conditioning[0]}, which the teacher "
+                             f"({type(teacher).__name__}) needs; allowed: builtin: digits, or an unconditional model")
         return ImageFolderDataset(data.path, resolution=data.resolution, channels=data.channels)
     except (ValueError, OSError) as e:
         raise UserError(f"data: {e}") from None
 
 
-def _preflight(models: dict[str, nn.Module], sample: torch.Tensor) -> None:
-    """One forward of each model on a data-shaped input: catches shape mismatches before any work."""
-    x, t = sample.unsqueeze(0), torch.zeros(1)
+def _preflight(models: dict[str, nn.Module], item: Any) -> None:
+    """One forward of each model on one data item: catches shape mismatches before any work."""
+    x, kwargs = collate([item], torch.device("cpu"))
+    t = torch.zeros(1)
     for role, model in models.items():
         try:
             with torch.no_grad():
-                model_output(model, x, t)
-        except (RuntimeError, ValueError) as e:
+                model_output(model, x, t, **kwargs)
+        except (RuntimeError, ValueError, TypeError) as e:
             raise UserError(f"model.{role} does not accept the data's images of shape {tuple(x.shape)}: "
                             f"{str(e).splitlines()[0]}") from None
 
@@ -96,21 +112,24 @@ def prepare_output_dir(config: Config, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def _example_inputs(teacher: nn.Module, sample: torch.Tensor) -> dict[str, Any]:
+def _example_inputs(teacher: nn.Module, item: Any) -> dict[str, Any]:
+    """The teacher's forward arguments, shaped like one data item (with its conditioning)."""
     inputs = default_example_inputs(teacher)
-    first = next(iter(inputs))
-    inputs[first] = sample.unsqueeze(0)
+    x, kwargs = collate([item], torch.device("cpu"))
+    inputs[next(iter(inputs))] = x
+    inputs.update(kwargs)
     return inputs
 
 
-def run_prune(config: Config, out: Path, teacher: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
+def run_prune(config: Config, out: Path, teacher: nn.Module,
+              dataset: torch.utils.data.Dataset) -> tuple[nn.Module, dict[str, Any]]:
     """Make the student from the teacher as the pruning section says; save it under out/pruned."""
-    _preflight({"teacher": teacher}, sample)
+    _preflight({"teacher": teacher}, dataset[0])
     p = config.pruning
     try:
         student, report = prune_diffusers(teacher, p.pruner, p.sparse_ratio, round_to=p.round_to,
-                                          example_inputs=_example_inputs(teacher, sample),
-                                          config_list=p.config_list)
+                                          example_inputs=_example_inputs(teacher, dataset[0]),
+                                          config_list=p.config_list, data=dataset, seed=config.finetune.seed)
     except ValueError as e:  # e.g. a config_list NNI refuses
         raise UserError(f"pruning: {e}") from None
     save_pruned(student, out / PRUNED_DIR)
@@ -155,10 +174,11 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     if command == "prune" and config.pruning is None:
         raise UserError("the config has no pruning section (model.student is given): nothing to prune")
     out = prepare_output_dir(config, resume, overwrite)
-    teacher, dataset, student = load_model(config.model.teacher, "teacher"), load_dataset(config), None
+    teacher = load_model(config.model.teacher, "teacher")
+    dataset, student = load_dataset(config, teacher), None
     if command in ("prune", "run") and config.pruning is not None:
         if not (resume and is_pruned_folder(out / PRUNED_DIR)):
-            student, report = run_prune(config, out, teacher, dataset[0])
+            student, report = run_prune(config, out, teacher, dataset)
             if command == "prune":
                 return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
     return run_finetune(config, out, teacher, dataset, student, resume=resume, progress=progress)

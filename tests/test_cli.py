@@ -1,6 +1,8 @@
 """The command line and the config file, run as a user would: in a subprocess."""
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "nni_2ndmatch.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+                          text=True, cwd=cwd, timeout=600, env=None if env is None else {**os.environ, **env})
 
 
 def write_config(tmp_path, edit=None, name="cfg.yaml"):
@@ -34,6 +36,22 @@ def test_examples_are_valid_configs():
     assert EXAMPLES
     for path in EXAMPLES:
         load_config(path)
+
+
+@pytest.mark.parametrize("example", [p.name for p in EXAMPLES])
+def test_each_example_runs_prune_then_finetune_for_two_steps(example, tmp_path):
+    """Every example config, as shipped, with only its length and output folder changed."""
+    from nni_2ndmatch import load_pruned
+    from nni_2ndmatch.config import validate_config
+    from nni_2ndmatch.pipeline import run_job
+
+    raw = yaml.safe_load((ROOT / "examples" / example).read_text())
+    raw["finetune"].update(steps=2, batch_size=4, checkpoint_every=2, log_every=1)
+    raw["output_dir"] = str(tmp_path / "run")
+    summary = run_job(validate_config(raw), "run", progress=False)
+    assert summary["steps"] == 2 and all(map(math.isfinite, summary["final"].values()))
+    student = load_pruned(tmp_path / "run" / "student")
+    assert summary["student_params"] == sum(p.numel() for p in student.parameters()) < summary["teacher_params"]
 
 
 def test_run_end_to_end_then_refuse_then_resume(tmp_path):
@@ -68,7 +86,7 @@ def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     (lambda r: r["finetune"].update(mode="hvp"), "mode='hvp' is not allowed"),
     (lambda r: r["model"].update(studnet={"builtin": "tiny-unet"}), "model.studnet: unknown key; did you mean 'student'"),
     (lambda r: r["model"].update(student={"builtin": "tiny-unet"}), "give exactly one of 'model.student'"),
-    (lambda r: r["pruning"].update(pruner="L3NormPruner"), "pruner='L3NormPruner' is unknown; allowed: magnitude, L1NormPruner"),
+    (lambda r: r["pruning"].update(pruner="L3NormPruner"), "pruner='L3NormPruner' is unknown; allowed: magnitude, taylor, diff-pruning, L1NormPruner"),
     (lambda r: r["pruning"].update(sparse_ratio=1.0), "pruning.sparse_ratio: value 1.0 is not allowed"),
     (lambda r: r["model"]["teacher"].update(builtin="huge"), "builtin='huge' is unknown"),
     (lambda r: r["model"].update(teacher={"path": "/nonexistent/model"}), "model.teacher: model path"),
@@ -105,6 +123,15 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     assert r.returncode == 2 and "malformed YAML" in r.stderr and "Traceback" not in r.stderr
     r = cli("finetune", tmp_path / "missing.yaml")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_a_hub_model_that_cannot_be_downloaded_is_a_clear_error(tmp_path):
+    cfg = write_config(tmp_path, lambda raw: raw["model"].update(teacher={"hub": "google/ddpm-cifar10-32"}))
+    r = cli("run", cfg, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "hub='google/ddpm-cifar10-32': could not download it from the Hugging Face Hub" in r.stderr
+    assert "huggingface-cli download google/ddpm-cifar10-32" in r.stderr
+    assert not (tmp_path / "run" / "pruned").exists()
 
 
 def test_prune_then_finetune_as_separate_commands(tmp_path):
