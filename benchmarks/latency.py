@@ -1,0 +1,57 @@
+"""CPU latency of the DDPM-CIFAR10 U-Net layout and its magnitude-pruned student (0.3).
+
+Teacher: build_builtin("ddpm-cifar10") (35.7M parameters, random init, seed 0). Student:
+prune_diffusers(teacher, "magnitude", 0.3). Both on torch CPU and onnxruntime CPU, batch 1 and 16,
+1 thread, interleaved in one process (see nni_2ndmatch.deploy.bench). Target: at batch >= 16 on
+onnxruntime CPU, the student's speedup is at least 0.9x the speedup its MACs predict
+(speedup_vs_macs >= 0.9).
+
+    python benchmarks/latency.py [--repeats 20] [--out benchmarks/results/latency_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+
+from nni_2ndmatch.deploy.bench import render_markdown, run_benchmark, write_reports
+from nni_2ndmatch.models import build_builtin
+from nni_2ndmatch.pruning import default_example_inputs, prune_diffusers
+
+TARGET = 0.9
+
+
+def main(args: argparse.Namespace) -> dict:
+    teacher = build_builtin("ddpm-cifar10").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the coarse-ratio warning: the achieved ratios are in the results
+        student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
+    results = run_benchmark(
+        teacher, student, backends=args.backends.split(","), batches=[1, 16], device="cpu", threads=args.threads,
+        repeats=args.repeats, warmup=args.warmup,
+        teacher_info={"source": "build_builtin('ddpm-cifar10'), seed 0", "kind": "builtin", "class": "UNet2DModel"},
+        student_info={"source": "prune_diffusers(teacher, 'magnitude', 0.3), round_to=8", "kind": "pruned",
+                      "class": "UNet2DModel"})
+    rows = [r for r in results["results"] if r["variant"] == "onnxruntime-cpu" and r["batch"] >= 16]
+    results["target"] = {"rule": f"speedup_vs_macs >= {TARGET} at batch >= 16 on onnxruntime-cpu",
+                         "met": bool(rows) and all(r["speedup_vs_macs"] >= TARGET for r in rows)}
+    print(render_markdown(results))
+    print(f"target ({results['target']['rule']}): {'met' if results['target']['met'] else 'MISSED'}")
+    print("wrote " + ", ".join(map(str, write_reports(results, args.out))))
+    return results
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backends", default="torch,onnxruntime")
+    p.add_argument("--out", default="benchmarks/results/latency_cpu.json")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(parse_args())

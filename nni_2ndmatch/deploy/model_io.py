@@ -1,0 +1,150 @@
+"""What a deployed model takes and returns: loading a model folder, the input contract, and the
+wrapper whose positional forward gives every backend the same stable input names.
+
+Contract: ``sample`` [B, C, H, W] float32, ``timestep`` [B] float32 (one value per sample, sharing
+the batch axis: a Python-number timestep would be baked into an exported graph as a constant),
+then the conditioning inputs of conditional models: ``encoder_hidden_states`` [B, S, D] float32,
+``class_labels`` [B] int64. One output, ``out``: the model's full prediction (for DiT with learned
+variance, 2*C channels; epsilon is the first C), always float32.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DeployError
+
+OUTPUT_NAME = "out"
+#: Timesteps are drawn from [0, NUM_TIMESTEPS) for random inputs.
+NUM_TIMESTEPS = 1000
+#: Text length of ``encoder_hidden_states`` unless told otherwise (CLIP's 77 tokens).
+DEFAULT_SEQ_LEN = 77
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input; ``shape`` excludes the batch axis; ``high``: int inputs lie in [0, high)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    high: int | None = None
+
+    def to_json(self, batch: int | str = "batch") -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": [batch, *self.shape]}
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """A pruned-student folder or a diffusers folder (detected), in eval mode, and a description."""
+    from ..models import load_diffusers_model
+    from ..pruning import is_pruned_folder, load_pruned
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DeployError(f"model folder {str(path)!r} does not exist or is not a folder")
+    kind = "pruned" if is_pruned_folder(path) else "diffusers"
+    try:
+        model = load_pruned(path) if kind == "pruned" else load_diffusers_model(path)
+    except (ValueError, OSError, KeyError) as e:
+        raise DeployError(f"cannot load model folder {str(path)!r}: {e}") from None
+    return model.eval(), {"source": str(path), "kind": kind, "class": type(model).__name__}
+
+
+def _is_dit(model: nn.Module) -> bool:
+    return type(model).__name__ == "DiTTransformer2DModel"
+
+
+def input_specs(model: nn.Module, seq_len: int = DEFAULT_SEQ_LEN) -> list[InputSpec]:
+    """The inputs ``model`` is deployed with, in order (see the module docstring)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise DeployError(f"seq_len={seq_len!r} is not allowed; it must be an integer >= 1")
+    cfg = model.config
+    name = type(model).__name__
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    hw = (size, size) if isinstance(size, int) else size
+    specs = [InputSpec("sample", "float32", (cfg.in_channels, *hw)), InputSpec("timestep", "float32", ())]
+    for key in ("addition_embed_type", "encoder_hid_dim_type", "class_embed_type"):
+        if getattr(cfg, key, None) is not None:
+            raise DeployError(f"{name} with {key}={getattr(cfg, key)!r} is not supported for export; "
+                              f"allowed: {key}=None")
+    if name == "UNet2DConditionModel":
+        dim = cfg.cross_attention_dim
+        specs.append(InputSpec("encoder_hidden_states", "float32", (seq_len, dim if isinstance(dim, int) else dim[0])))
+    if _is_dit(model) and cfg.num_embeds_ada_norm:
+        specs.append(InputSpec("class_labels", "int64", (), high=int(cfg.num_embeds_ada_norm)))
+    elif getattr(cfg, "num_class_embeds", None):
+        specs.append(InputSpec("class_labels", "int64", (), high=int(cfg.num_class_embeds)))
+    return specs
+
+
+class ExportWrapper(nn.Module):
+    """Calls a diffusers model with keyword arguments from positional tensors; returns a float32
+    tensor. With ``half``, floating inputs are cast to float16 inside (timestep stays float32:
+    diffusers computes the timestep embedding in float32)."""
+
+    def __init__(self, model: nn.Module, cond_names: list[str], half: bool = False):
+        super().__init__()
+        self.model, self.cond_names, self.half = model, list(cond_names), half
+        self.first = "hidden_states" if _is_dit(model) else "sample"
+
+    def call(self, sample: Tensor, timestep: Tensor, *cond: Tensor) -> Tensor:
+        if self.half:
+            sample = sample.half()
+            cond = tuple(c.half() if c.is_floating_point() else c for c in cond)
+        kwargs = dict(zip(self.cond_names, cond))
+        out = self.model(**{self.first: sample}, timestep=timestep, **kwargs, return_dict=False)[0]
+        return out.float()
+
+
+class _Unconditional(ExportWrapper):
+    def forward(self, sample: Tensor, timestep: Tensor) -> Tensor:
+        return self.call(sample, timestep)
+
+
+class _OneCondition(ExportWrapper):
+    def forward(self, sample: Tensor, timestep: Tensor, cond: Tensor) -> Tensor:
+        return self.call(sample, timestep, cond)
+
+
+class _TwoConditions(ExportWrapper):
+    def forward(self, sample: Tensor, timestep: Tensor, cond_a: Tensor, cond_b: Tensor) -> Tensor:
+        return self.call(sample, timestep, cond_a, cond_b)
+
+
+def wrap(model: nn.Module, specs: list[InputSpec], half: bool = False) -> ExportWrapper:
+    """The positional wrapper for ``model`` taking ``specs`` (an explicit signature per arity, so
+    that exporters see plain positional tensors)."""
+    cond = [s.name for s in specs[2:]]
+    cls = (_Unconditional, _OneCondition, _TwoConditions)[len(cond)]
+    return cls(model, cond, half).eval()
+
+
+def random_inputs(specs: list[InputSpec], batch: int, seed: int = 0,
+                  device: str | torch.device = "cpu") -> list[Tensor]:
+    """Random inputs of the contract (seeded), created on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in specs:
+        if s.name == "timestep":
+            t = torch.rand(batch, generator=g) * (NUM_TIMESTEPS - 1)
+        elif s.dtype == "int64":
+            t = torch.randint(0, s.high or 1, (batch, *s.shape), generator=g)
+        else:
+            t = torch.randn(batch, *s.shape, generator=g)
+        out.append(t.to(device))
+    return out
+
+
+def macs_params(model: nn.Module, specs: list[InputSpec]) -> tuple[float, int]:
+    """MACs of one sample with the deployed input shapes, and parameters."""
+    from ..pruning import _macs_params
+
+    inputs = random_inputs(specs, 1)
+    kwargs = {("hidden_states" if _is_dit(model) and s.name == "sample" else s.name): t for s, t in zip(specs, inputs)}
+    return _macs_params(model, kwargs)

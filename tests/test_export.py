@@ -1,0 +1,362 @@
+"""Deployment: ONNX export and parity, the input contract, the benchmark, TensorRT (GPU only), and
+the export/ scripts run as a user would, in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny_models import BUILDERS
+
+from nni_2ndmatch import prune_diffusers, save_pruned
+from nni_2ndmatch.deploy import (
+    DeployError,
+    MissingBackendError,
+    export_onnx,
+    input_specs,
+    load_model,
+)
+from nni_2ndmatch.deploy.bench import run_benchmark, write_reports
+from nni_2ndmatch.deploy.onnx_export import ort_session, sidecar_path
+from nni_2ndmatch.deploy.tensorrt import check_compatible, parse_batches, require_tensorrt
+from nni_2ndmatch.models import save_diffusers_model
+from nni_2ndmatch.pruning import default_example_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def script(name, *args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "export" / name), *map(str, args)], capture_output=True,
+                          check=False, text=True, timeout=300, cwd=ROOT,
+                          env=None if env is None else {**os.environ, **env})
+
+
+def _prune(teacher):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def families():
+    """kind -> (teacher, pruned student) for each tiny family."""
+    out = {}
+    for kind, build in BUILDERS.items():
+        torch.manual_seed(0)
+        teacher = build().eval()
+        out[kind] = (teacher, _prune(teacher))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(families, tmp_path_factory):
+    """kind -> (student, ONNX path, report): each pruned student exported once (default exporter)."""
+    folder = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for kind, (_, student) in families.items():
+        path = folder / f"{kind}.onnx"
+        out[kind] = (student, path, export_onnx(student, path, seq_len=5))
+    return out
+
+
+def _fresh_inputs(model, batch, seed):
+    """Inputs made here, independently of the package: (x, t, kwargs, feeds)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    t = torch.rand(batch, generator=g) * 999
+    kw = {}
+    if type(model).__name__ == "UNet2DConditionModel":
+        kw["encoder_hidden_states"] = torch.randn(batch, 5, cfg.cross_attention_dim, generator=g)
+    if type(model).__name__ == "DiTTransformer2DModel":
+        kw["class_labels"] = torch.randint(0, cfg.num_embeds_ada_norm, (batch,), generator=g)
+    feeds = {"sample": x.numpy(), "timestep": t.numpy(), **{k: v.numpy() for k, v in kw.items()}}
+    return x, t, kw, feeds
+
+
+def _torch_out(model, x, t, kw):
+    first = "hidden_states" if type(model).__name__ == "DiTTransformer2DModel" else "sample"
+    with torch.no_grad():
+        return model(**{first: x}, timestep=t, **kw).sample.numpy()
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_pruned_student_round_trips_through_onnx_and_matches_pytorch(kind, exported):
+    student, path, report = exported[kind]
+    onnx.checker.check_model(str(path))
+    session = ort_session(path)
+    for batch in (1, 3):
+        x, t, kw, feeds = _fresh_inputs(student, batch, seed=100 + batch)
+        got = session.run(["out"], feeds)[0]
+        want = _torch_out(student, x, t, kw)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    saved = json.loads(sidecar_path(path).read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(saved["parity"]["batches"]) == {"1", "3"} and saved["parity"]["passed"]
+    assert 0 < saved["parity"]["max_rel_error"] <= 1e-4 and saved["precision"] == "fp32" and saved["opset"] == 20
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_timestep_is_a_float32_batch_input_that_changes_the_output(kind, exported):
+    student, path, _ = exported[kind]
+    graph = onnx.load(str(path)).graph
+    inputs = {i.name: i for i in graph.input}
+    assert list(inputs) == [s.name for s in input_specs(student, 5)]
+    timestep = inputs["timestep"].type.tensor_type
+    assert timestep.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_param or d.dim_value for d in timestep.shape.dim] == ["batch"]
+    assert inputs["sample"].type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = ort_session(path)
+    _, _, _, feeds = _fresh_inputs(student, 3, seed=7)
+    early = session.run(["out"], {**feeds, "timestep": np.full(3, 10, np.float32)})[0]
+    late = session.run(["out"], {**feeds, "timestep": np.full(3, 900, np.float32)})[0]
+    assert np.abs(early - late).max() > 1e-4  # a timestep baked in as a constant would not matter
+
+
+def test_fp16_export_keeps_float32_io_and_runs_in_onnxruntime(families, tmp_path):
+    _, student = families["dit"]
+    path = tmp_path / "fp16.onnx"
+    report = export_onnx(student, path, fp16=True)
+    model = onnx.load(str(path))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    io_types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert io_types == {"sample": onnx.TensorProto.FLOAT, "timestep": onnx.TensorProto.FLOAT,
+                        "class_labels": onnx.TensorProto.INT64, "out": onnx.TensorProto.FLOAT}
+    x, t, kw, feeds = _fresh_inputs(student, 3, seed=5)
+    got, want = ort_session(path).run(["out"], feeds)[0], _torch_out(student, x, t, kw)
+    assert got.dtype == np.float32
+    error = np.abs(got - want).max() / np.abs(want).max()
+    assert 0 < error < 1e-2  # fp16 rounding: not exact, but close
+    assert report["precision"] == "fp16" and 0 < report["parity"]["max_rel_error"] <= 1e-2
+
+
+def _scaled_output(model):
+    """The graph with its output multiplied by 1.001: a "simplification" that changes the outputs."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in model.graph.node:
+        node.output[:] = ["out_before" if o == "out" else o for o in node.output]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.001, np.float32), "scale"))
+    model.graph.node.append(onnx.helper.make_node("Mul", ["out_before", "scale"], ["out"]))
+    return model
+
+
+@pytest.mark.parametrize("slim", ["changes outputs", "not installed"])
+def test_graph_is_kept_as_exported_unless_simplifying_leaves_outputs_identical(slim, families, tmp_path,
+                                                                              monkeypatch):
+    fake = None
+    if slim == "changes outputs":
+        fake = type(sys)("onnxslim")
+        fake.slim = _scaled_output
+    monkeypatch.setitem(sys.modules, "onnxslim", fake)  # None: the import fails
+    _, student = families["dit"]
+    report = export_onnx(student, tmp_path / "s.onnx", exporter="torchscript")
+    assert not report["simplified"] and report["parity"]["passed"]
+    assert ("changed the outputs" if fake else "onnxslim is not installed") in report["simplify_note"]
+    assert "out_before" not in {o for n in onnx.load(str(tmp_path / "s.onnx")).graph.node for o in n.output}
+
+
+def test_external_data_export_loads_and_matches(families, tmp_path):
+    _, student = families["dit"]
+    path = tmp_path / "big.onnx"
+    # as if the weights were over 2 GB (the legacy exporter, faster: saving is the same for both)
+    report = export_onnx(student, path, external_data_bytes=0, exporter="torchscript")
+    assert report["external_data"] == "big.onnx.data" and (tmp_path / "big.onnx.data").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "big.onnx.json"]
+    x, t, kw, feeds = _fresh_inputs(student, 2, seed=3)
+    got = ort_session(path).run(["out"], feeds)[0]
+    np.testing.assert_allclose(got, _torch_out(student, x, t, kw), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_export_options_name_the_field(families, tmp_path):
+    _, student = families["dit"]
+    with pytest.raises(DeployError, match="opset=9"):
+        export_onnx(student, tmp_path / "a.onnx", opset=9)
+    with pytest.raises(DeployError, match="exporter='jit'.*dynamo, torchscript"):
+        export_onnx(student, tmp_path / "a.onnx", exporter="jit")
+
+
+# the keys nni_2ndmatch.deploy.bench documents
+TOP_KEYS = {"format_version", "setup", "models", "macs_ratio", "params_ratio", "environment", "results", "skipped"}
+SETUP_KEYS = {"backends", "batches", "device", "threads", "repeats", "warmup", "seq_len", "trt_precision", "seed",
+              "exporter"}
+MODEL_KEYS = {"class", "macs", "params"}
+ENV_KEYS = {"python", "platform", "cpu", "cpu_count", "device", "gpu", "threads", "torch", "onnx", "onnxruntime",
+            "tensorrt", "onnxruntime_providers", "load_average_before", "load_average_after"}
+ROW_KEYS = {"variant", "backend", "device", "precision", "timer", "batch", "providers", "teacher", "student",
+            "latency_ratio", "speedup", "macs_ratio", "params_ratio", "speedup_vs_macs"}
+STAT_KEYS = {"median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "samples_per_s", "runs"}
+
+
+def test_benchmark_writes_every_documented_key(families, tmp_path):
+    teacher, student = families["dit"]
+    results = run_benchmark(teacher, student, backends=["torch", "onnxruntime", "tensorrt"], batches=[1, 2],
+                            device="cpu", repeats=3, warmup=1, exporter="torchscript")  # the faster exporter
+    assert TOP_KEYS <= set(results) and SETUP_KEYS <= set(results["setup"])
+    assert ENV_KEYS <= set(results["environment"]) and results["environment"]["threads"] == 1
+    for role in ("teacher", "student"):
+        assert MODEL_KEYS <= set(results["models"][role])
+    assert results["models"]["student"]["macs"] < results["models"]["teacher"]["macs"]
+    assert results["macs_ratio"] == pytest.approx(results["models"]["student"]["macs"] /
+                                                  results["models"]["teacher"]["macs"])
+    assert {(r["variant"], r["batch"]) for r in results["results"]} == \
+        {(v, b) for v in ("torch-cpu-fp32", "onnxruntime-cpu") for b in (1, 2)}
+    for row in results["results"]:
+        assert ROW_KEYS <= set(row)
+        for role in ("teacher", "student"):
+            stats = row[role]
+            assert STAT_KEYS <= set(stats) and stats["runs"] == 3
+            assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+            assert stats["samples_per_s"] == pytest.approx(row["batch"] / stats["median_ms"] * 1e3)
+        assert row["latency_ratio"] == pytest.approx(row["student"]["median_ms"] / row["teacher"]["median_ms"])
+        assert row["speedup_vs_macs"] == pytest.approx(row["speedup"] * row["macs_ratio"])
+    ort_row = next(r for r in results["results"] if r["variant"] == "onnxruntime-cpu")
+    assert ort_row["providers"] == ["CPUExecutionProvider"]
+    try:
+        require_tensorrt()
+    except MissingBackendError:
+        assert [s["variant"] for s in results["skipped"]] == ["tensorrt-fp16"]
+
+    paths = write_reports(results, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(results))
+    table = (tmp_path / "r.md").read_text()
+    assert "| onnxruntime-cpu | 2 |" in table and "| torch-cpu-fp32 | 1 |" in table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert len(paths) == 2
+    else:
+        assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_refuses_bad_options(families):
+    teacher, student = families["unet2d"]
+    with pytest.raises(DeployError, match="backends='tvm'"):
+        run_benchmark(teacher, student, backends=["tvm"])
+    with pytest.raises(DeployError, match="threads=0"):
+        run_benchmark(teacher, student, threads=0)
+    with pytest.raises(DeployError, match="different inputs"):
+        run_benchmark(teacher, families["dit"][1], repeats=1)
+
+
+# --- TensorRT ------------------------------------------------------------------------------------
+
+def test_to_trt_exits_3_with_its_message_when_tensorrt_cannot_be_imported(tmp_path):
+    blocked = tmp_path / "blocked" / "tensorrt"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('blocked by the test')\n")
+    (tmp_path / "m").mkdir()
+    start = time.monotonic()
+    r = script("to_trt.py", "--model", tmp_path / "m", "--out", tmp_path / "s.plan",
+               env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "blocked"), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 3, r.stderr
+    assert "TensorRT is not available" in r.stderr and "install TensorRT 10" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "s.plan").exists()
+    assert time.monotonic() - start < 60  # no model is loaded before the check
+
+
+@pytest.mark.parametrize(("version", "message"), [("8.6.1", "too old"), ("10.9.0", "no CUDA GPU")])
+def test_old_tensorrt_or_no_gpu_is_a_missing_backend(version, message, monkeypatch):
+    if message == "no CUDA GPU" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    fake = type(sys)("tensorrt")
+    fake.__version__ = version
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    with pytest.raises(MissingBackendError, match=message):
+        require_tensorrt()
+
+
+def test_batch_profile_and_engine_compatibility_rules():
+    assert parse_batches("1,16,64") == (1, 16, 64)
+    assert parse_batches("16,1") == (1, 16, 16) and parse_batches("8") == (8, 8, 8)
+    for bad in ("0,4", "a,b", "1,2,3,4", ""):
+        with pytest.raises(DeployError, match="batch="):
+            parse_batches(bad)
+    built = {"tensorrt_version": "10.9.0", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    check_compatible(built, "10.9.0", "NVIDIA H100", "9.0")
+    with pytest.raises(DeployError, match="TensorRT 10.9.0 on NVIDIA H100.*TensorRT 10.13.0.*rebuild"):
+        check_compatible(built, "10.13.0", "NVIDIA H100", "9.0")
+    with pytest.raises(DeployError, match="NVIDIA L4"):
+        check_compatible(built, "10.9.0", "NVIDIA L4", "8.9")
+
+
+@pytest.fixture
+def trt_gpu():
+    trt = pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT tests need a CUDA GPU")
+    return trt
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_engine_matches_pytorch_and_refuses_another_gpu(precision, trt_gpu, families, tmp_path):
+    from nni_2ndmatch.deploy.tensorrt import build_engine, load_engine, metadata_path, needs_fp16_onnx
+
+    _, student = families["unet2d"]
+    onnx_path = tmp_path / "s.onnx"
+    export_onnx(student, onnx_path, fp16=needs_fp16_onnx(precision))
+    plan, cache = tmp_path / "s.plan", tmp_path / "timing.cache"
+    meta = build_engine(onnx_path, plan, precision=precision, batches=(1, 2, 4), timing_cache=cache)
+    assert cache.stat().st_size > 0 and meta["precision"] == precision
+    assert meta["inputs"]["sample"]["max"] == [4, 1, 8, 8] and meta["gpu"] == torch.cuda.get_device_name()
+    runner = load_engine(plan)
+    x, t, kw, _ = _fresh_inputs(student, 3, seed=11)
+    got = runner([x.cuda(), t.cuda()]).float().cpu().numpy()
+    want = _torch_out(student, x, t, kw)
+    assert np.abs(got - want).max() / np.abs(want).max() < (1e-3 if precision == "fp32" else 2e-2)
+    assert build_engine(onnx_path, plan, precision=precision, batches=(1, 2, 4),
+                        timing_cache=cache)["timing_cache_reused"]
+    meta_file = metadata_path(plan)
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "gpu": "Some Other GPU"}))
+    with pytest.raises(DeployError, match="Some Other GPU.*rebuild"):
+        load_engine(plan)
+
+
+# --- the scripts, as a user runs them ------------------------------------------------------------
+
+def test_to_onnx_missing_model_folder_is_a_clear_error(tmp_path):
+    r = script("to_onnx.py", "--model", tmp_path / "nope", "--out", tmp_path / "s.onnx")
+    assert r.returncode == 2
+    assert "error: model folder" in r.stderr and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_to_onnx_script_fails_above_tolerance_and_writes_nothing(families, tmp_path):
+    save_pruned(families["dit"][1], tmp_path / "student")
+    r = script("to_onnx.py", "--model", tmp_path / "student", "--out", tmp_path / "s.onnx", "--tolerance", "1e-12",
+               "--exporter", "torchscript")  # the faster exporter: the failure path is the same
+    assert r.returncode == 1 and "does not match PyTorch" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+def test_folders_are_detected_and_the_legacy_exporter_works_too(families, tmp_path):
+    teacher, student = families["dit"]
+    save_pruned(student, tmp_path / "student")
+    save_diffusers_model(teacher, tmp_path / "teacher")
+    loaded, info = load_model(tmp_path / "student")
+    assert info["kind"] == "pruned" and sum(p.numel() for p in loaded.parameters()) == \
+        sum(p.numel() for p in student.parameters())
+    loaded, info = load_model(tmp_path / "teacher")
+    assert info == {"source": str(tmp_path / "teacher"), "kind": "diffusers", "class": "DiTTransformer2DModel"}
+    report = export_onnx(loaded, tmp_path / "t.onnx", exporter="torchscript", source=info)
+    assert report["exporter"] == "torchscript" and report["parity"]["passed"] and report["model"]["kind"] == "diffusers"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"_class_name": "Pickle"}')
+    with pytest.raises(DeployError, match="_class_name='Pickle' is not supported"):
+        load_model(tmp_path / "bad")
+
+
+def test_bench_script_refuses_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    empty = tmp_path / "empty"
+    r = script("bench.py", "--teacher", empty, "--student", empty, "--out", tmp_path / "r.json")
+    assert r.returncode == 2 and "has no config.json" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r.json").exists()
