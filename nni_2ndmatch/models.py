@@ -61,8 +61,18 @@ def tiny_dit(width: float = 1.0) -> nn.Module:
                                  num_embeds_ada_norm=10)
 
 
+def digits_teacher(width: float = 1.0) -> nn.Module:
+    """The shipped DDPM trained on the digits (1x8x8, the tiny-unet layout): pretrained weights."""
+    if width != 1.0:
+        raise ValueError(f"width={width!r} is not allowed for the pretrained builtin 'digits-teacher'; allowed: 1.0")
+    from .digits import load_digits_teacher
+
+    return load_digits_teacher()
+
+
 BUILTIN_MODELS: dict[str, Callable[[float], nn.Module]] = {
-    "tiny-unet": tiny_unet, "tiny-unet-cond": tiny_unet_cond, "tiny-dit": tiny_dit, "ddpm-cifar10": ddpm_cifar10}
+    "digits-teacher": digits_teacher, "tiny-unet": tiny_unet, "tiny-unet-cond": tiny_unet_cond, "tiny-dit": tiny_dit,
+    "ddpm-cifar10": ddpm_cifar10}
 
 
 def conditioning_of(model: nn.Module) -> tuple[str, int] | None:
@@ -79,7 +89,7 @@ def conditioning_of(model: nn.Module) -> tuple[str, int] | None:
 
 
 def build_builtin(name: str, width: float = 1.0, seed: int = 0) -> nn.Module:
-    """A built-in architecture with weights initialised from ``seed`` (no pretrained weights)."""
+    """A built-in architecture with weights initialised from ``seed`` (``digits-teacher``: pretrained)."""
     if name not in BUILTIN_MODELS:
         raise ValueError(f"builtin={name!r} is unknown; available: {', '.join(BUILTIN_MODELS)}")
     with torch.random.fork_rng(devices=[]):
@@ -109,7 +119,7 @@ def load_diffusers_model(path: str | os.PathLike) -> nn.Module:
     """Load a diffusers model folder (``save_pretrained``) from safetensors weights only."""
     import diffusers
 
-    return getattr(diffusers, model_class(path)).from_pretrained(Path(path), use_safetensors=True)
+    return getattr(diffusers, model_class(path)).from_pretrained(str(path), use_safetensors=True)
 
 
 def load_hub_model(repo_id: str, subfolder: str | None = None) -> nn.Module:

@@ -1,0 +1,103 @@
+"""The built-in digits assets: a dense DDPM teacher and a feature network for digits-FID.
+
+Both are trained on the train split of scikit-learn's digits (8x8, their native resolution) by
+``benchmarks/train_digits_assets.py`` and ship in ``nni_2ndmatch/assets`` as safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .io import load_tensors
+
+ASSETS = Path(__file__).parent / "assets"
+TEACHER_DIR = ASSETS / "digits_teacher"
+CLASSIFIER_FILE = ASSETS / "digits_classifier.safetensors"
+RESOLUTION = 8
+
+
+def digits_unet() -> nn.Module:
+    """The teacher's architecture: the tiny-unet layout (32, 64, 64 channels, attention at 4x4)
+    for 1x8x8 images; 1.1M parameters."""
+    from .models import tiny_unet
+
+    model = tiny_unet()
+    model.register_to_config(sample_size=RESOLUTION)
+    return model
+
+
+def load_digits_teacher() -> nn.Module:
+    """The shipped dense teacher (a diffusers UNet2DModel), in eval mode."""
+    from .models import load_diffusers_model
+
+    if not (TEACHER_DIR / "config.json").is_file():
+        raise ValueError(f"the built-in digits teacher is missing from {TEACHER_DIR}; reinstall the package "
+                         "or run benchmarks/train_digits_assets.py")
+    return load_diffusers_model(TEACHER_DIR).eval()
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for 1x8x8 digits; ``features`` (64-d, before the last layer) feed digits-FID."""
+
+    FEATURES = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, stride=2)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.fc = nn.Linear(64 * 4 * 4, self.FEATURES)
+        self.head = nn.Linear(self.FEATURES, 10)
+
+    def features(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return F.relu(self.fc(x.flatten(1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def load_digits_classifier() -> DigitsClassifier:
+    if not CLASSIFIER_FILE.is_file():
+        raise ValueError(f"the built-in digits classifier is missing ({CLASSIFIER_FILE}); reinstall the package "
+                         "or run benchmarks/train_digits_assets.py")
+    model = DigitsClassifier()
+    model.load_state_dict(load_tensors(CLASSIFIER_FILE), strict=True)
+    return model.eval()
+
+
+def _shift(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random shifts by up to one pixel (the background is -1)."""
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    dx, dy = torch.randint(0, 3, (2,), generator=generator).tolist()
+    return padded[..., dy:dy + RESOLUTION, dx:dx + RESOLUTION]
+
+
+def train_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64) -> tuple[DigitsClassifier, float]:
+    """Train on the train split (with one-pixel shifts); returns the model and its test accuracy."""
+    from .data import DigitsDataset
+
+    train, test = DigitsDataset(RESOLUTION, "train"), DigitsDataset(RESOLUTION, "test")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = DigitsClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=epochs * -(-len(train) // batch_size))
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(train), generator=g).split(batch_size):
+            loss = F.cross_entropy(model(_shift(train.images[idx], g)), train.labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(test.images).argmax(1) == test.labels).float().mean().item()
+    return model, accuracy
