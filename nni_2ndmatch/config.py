@@ -110,12 +110,38 @@ class FinetuneSection(TrainConfig):
         return dict(self.model_extra or {})
 
 
+class EvaluateSection(_Section):
+    """Teacher vs student after finetuning: same noise, deterministic DDIM; digits-FID on the digits."""
+
+    samples: int = Field(200, ge=2, le=100000, description="samples per model")
+    ddim_steps: int = Field(25, ge=1, le=1000)
+    seed: int = Field(0, ge=0)
+
+
+class ExportSection(_Section):
+    """ONNX export of teacher and student (parity-checked), and their latency on these backends."""
+
+    opset: int = Field(20, ge=17, le=23)
+    backends: list[Literal["torch", "onnxruntime"]] = ["onnxruntime"]
+    batch: list[int] = Field([1, 16], min_length=1)
+    repeats: int = Field(10, ge=3, le=1000)
+    threads: int = Field(1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _positive_batches(self) -> "ExportSection":
+        if any(b < 1 for b in self.batch):
+            raise ValueError(f"batch={self.batch!r}: every batch size must be >= 1")
+        return self
+
+
 class Config(_Section):
     version: Literal[1] = CONFIG_VERSION
     model: ModelSection
     data: DataSection = DataSection(builtin="digits")
     pruning: PruningSection | None = None
     finetune: FinetuneSection = FinetuneSection()
+    evaluate: EvaluateSection | None = None  # after `run`: quality of teacher vs student
+    export: ExportSection | None = None  # after `run`: ONNX export and latency
     output_dir: str
 
     @model_validator(mode="after")

@@ -141,9 +141,10 @@ def run_prune(config: Config, out: Path, teacher: nn.Module,
 
 
 def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,
-                 student: nn.Module | None = None, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+                 student: nn.Module | None = None, *, resume: bool = False,
+                 progress: bool = True) -> tuple[dict[str, Any], nn.Module]:
     """Finetune the student (given; else the config's, or the one ``run_prune`` saved) against the
-    teacher; save it with a summary."""
+    teacher; save it with a summary. Returns the summary and the finetuned student."""
     if student is None and config.model.student is not None:
         student = load_model(config.model.student, "student")
     elif student is None and is_pruned_folder(out / PRUNED_DIR):
@@ -165,12 +166,13 @@ def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.u
     }
     atomic_write_json(out / "summary.json", summary)
     logger.info("saved the student to %s", out / STUDENT_DIR)
-    return summary
+    return summary, result.student
 
 
 def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bool = False,
             progress: bool = True) -> dict[str, Any]:
-    """``prune``, ``finetune`` or ``run`` (prune when the config says so, then finetune)."""
+    """``prune``, ``finetune`` or ``run`` (prune when the config says so, then finetune, then the
+    report when the config has an ``evaluate`` or ``export`` section)."""
     if command == "prune" and config.pruning is None:
         raise UserError("the config has no pruning section (model.student is given): nothing to prune")
     out = prepare_output_dir(config, resume, overwrite)
@@ -181,9 +183,14 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
             student, report = run_prune(config, out, teacher, dataset)
             if command == "prune":
                 return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
-    return run_finetune(config, out, teacher, dataset, student, resume=resume, progress=progress)
+    summary, student = run_finetune(config, out, teacher, dataset, student, resume=resume, progress=progress)
+    if command == "run" and (config.evaluate is not None or config.export is not None):
+        from .report import run_report
+
+        summary["report"] = str(run_report(config, out, teacher, student, dataset, summary))
+    return summary
 
 
 def summary_text(summary: dict[str, Any]) -> str:
-    keys = ("pruning", "finetuner", "steps", "seconds", "final")
+    keys = ("pruning", "finetuner", "steps", "seconds", "final", "report")
     return json.dumps({k: summary[k] for k in keys if k in summary}, indent=2)

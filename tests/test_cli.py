@@ -48,8 +48,21 @@ def test_each_example_runs_prune_then_finetune_for_two_steps(example, tmp_path):
     raw = yaml.safe_load((ROOT / "examples" / example).read_text())
     raw["finetune"].update(steps=2, batch_size=4, checkpoint_every=2, log_every=1)
     raw["output_dir"] = str(tmp_path / "run")
+    if "evaluate" in raw:
+        raw["evaluate"].update(samples=20, ddim_steps=3)
+    if "export" in raw:
+        raw["export"].update(batch=[2], repeats=3)
     summary = run_job(validate_config(raw), "run", progress=False)
     assert summary["steps"] == 2 and all(map(math.isfinite, summary["final"].values()))
+    if "evaluate" in raw or "export" in raw:
+        report = tmp_path / "run" / "report"
+        results = json.loads((report / "results.json").read_text())
+        assert (report / "report.md").is_file() and (report / "loss_curves.png").is_file()
+        if "evaluate" in raw:
+            assert results["quality"]["fidelity"] > 0 and (report / "samples_student.png").is_file()
+        if "export" in raw:
+            assert (tmp_path / "run" / "onnx" / "student.onnx").is_file() and (report / "latency.png").is_file()
+            assert results["latency"]["macs_ratio"] < 1
     student = load_pruned(tmp_path / "run" / "student")
     assert summary["student_params"] == sum(p.numel() for p in student.parameters()) < summary["teacher_params"]
 
