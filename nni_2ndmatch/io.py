@@ -68,7 +68,13 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return _st_load(Path(path).read_bytes())
+    """Tensors of a safetensors file; a truncated or corrupted file is a ValueError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return _st_load(Path(path).read_bytes())
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a complete safetensors file (truncated or corrupted?): {e}") from None
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,6 @@ def test_bad_input_is_one_clear_message_exit_2_nothing_written(tmp_path, edit, e
     r = cli("run", write_config(tmp_path, edit), "--no-progress")
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    import re
 
     assert re.search(expected, r.stderr), r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -167,3 +167,49 @@ def test_no_code_path_loads_a_pickle():
     sources = "\n".join(p.read_text() for p in (ROOT / "nni_2ndmatch").rglob("*.py"))
     assert "import pickle" not in sources and "pickle.load" not in sources
     assert "torch.load(" not in sources
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("case", ["truncated pruned weights", "truncated diffusers weights", "not a model folder",
+                                  "empty image folder"])
+def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):
+    from nni_2ndmatch import prune_diffusers, save_pruned
+    from nni_2ndmatch.models import build_builtin, save_diffusers_model
+    from nni_2ndmatch.pruning import default_example_inputs
+
+    teacher = build_builtin("tiny-unet")
+    folder = tmp_path / "model"
+    edit_data = None
+    if case == "truncated pruned weights":
+        student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
+        save_pruned(student, folder)
+        _truncate(folder / "model.safetensors")
+        expected = "model.student: .*is not a complete safetensors file"
+    elif case == "truncated diffusers weights":
+        save_diffusers_model(teacher, folder)
+        _truncate(next(folder.glob("*.safetensors")))
+        expected = "model.student: Unable to load weights"
+    elif case == "not a model folder":
+        folder.mkdir()
+        (folder / "notes.txt").write_text("hello")
+        expected = "model.student: model path .* has no config.json; expected a diffusers model folder"
+    else:
+        save_diffusers_model(teacher, folder)
+        (tmp_path / "images").mkdir()
+        edit_data = {"path": str(tmp_path / "images"), "resolution": 16, "channels": 1}
+        expected = "data: data path .* holds no images"
+
+    def edit(raw):
+        raw.pop("pruning")
+        raw["model"]["student"] = {"path": str(folder)}
+        if edit_data:
+            raw["data"] = edit_data
+
+    r = cli("run", write_config(tmp_path, edit), "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(expected, r.stderr), r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
