@@ -1,0 +1,172 @@
+"""Quality benchmark on the built-in digits: does 2ndMatch close the gap that pruning opens?
+
+    python benchmarks/digits_quality.py                      # the committed figures (see --help)
+
+The shipped dense teacher is pruned once (torch-pruning magnitude, ``--ratio``); the same pruned
+student is finetuned with ``dsm``, ``kd`` and ``2ndmatch`` for the same number of steps and,
+separately, the same wall-clock budget (the 2ndmatch run's seconds, converted to steps with each
+strategy's measured seconds per step), for each seed. Every model samples from the same noise with
+the same deterministic DDIM sampler; we report digits-FID (mean, std over seeds), fidelity to the
+teacher's samples and gap_closed = (FID_dsm - FID_2ndmatch) / (FID_dsm - FID_dense).
+
+Results go to benchmarks/results/digits_quality.json (+ .md), rewritten after every run; a run
+already in the JSON with the same settings is not repeated (so the script resumes after a crash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
+from nni_2ndmatch.data import DigitsDataset  # noqa: E402
+from nni_2ndmatch.digits import RESOLUTION, load_digits_classifier, load_digits_teacher  # noqa: E402
+from nni_2ndmatch.evaluation import ddim_sample, digits_fid, fidelity, sensitivity_profile  # noqa: E402
+from nni_2ndmatch.io import atomic_write_json, atomic_write_text  # noqa: E402
+from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STRATEGIES = ("dsm", "kd", "2ndmatch")
+PROFILE_TIMESTEPS = [0, 50, 100, 200, 400, 600, 800, 999]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratio", type=float, default=0.5, help="channel share pruned per layer group")
+    p.add_argument("--steps", type=int, default=300, help="finetuning steps (equal-steps comparison)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--samples", type=int, default=1000, help="samples per model for digits-FID")
+    p.add_argument("--ddim-steps", type=int, default=25)
+    p.add_argument("--lambda-jac", type=float, default=0.1)
+    p.add_argument("--no-wallclock", action="store_true", help="skip the equal wall-clock comparison")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(RESULTS / "digits_quality.json"))
+    return p.parse_args()
+
+
+def evaluate(model, noise, teacher_samples, classifier, ddim_steps) -> dict[str, float]:
+    samples = ddim_sample(model.eval(), noise, ddim_steps)
+    return {"fid": digits_fid(samples, classifier), "fidelity": fidelity(samples, teacher_samples)}
+
+
+def summarize(runs: list[dict], key: str) -> dict[str, float]:
+    values = [r[key] for r in runs]
+    return {f"{key}_mean": statistics.fmean(values), f"{key}_std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def write(results: dict, out: Path) -> None:
+    atomic_write_json(out, results)
+    lines = ["# digits quality benchmark", "", f"Command: `{results['command']}`", "",
+             f"Dense teacher digits-FID: {results['dense']['fid_mean']:.3f}; pruned before finetuning: "
+             f"{results['pruned']['fid']:.3f} (MACs ratio {results['pruned']['macs_ratio']:.3f})", ""]
+    for budget in ("equal_steps", "equal_wallclock"):
+        table = results.get(budget, {}).get("strategies", {})
+        if not table:
+            continue
+        lines += [f"## {budget.replace('_', ' ')}", "", "| strategy | steps | seconds | digits-FID | fidelity (RMS) |",
+                  "|---|---|---|---|---|"]
+        for name in (n for n in STRATEGIES if n in table):
+            row = table[name]
+            lines.append(f"| {name} | {row['steps']} | {row['seconds']:.0f} | "
+                         f"{row['fid_mean']:.3f} ± {row['fid_std']:.3f} | "
+                         f"{row['fidelity_mean']:.4f} ± {row['fidelity_std']:.4f} |")
+        if "gap_closed" in results[budget]:
+            lines += ["", f"gap closed: {results[budget]['gap_closed']:.3f}"]
+        lines.append("")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if results.get("settings") != settings:
+        results = {"settings": settings}
+    results["command"] = "python benchmarks/digits_quality.py " + " ".join(sys.argv[1:])
+
+    teacher, classifier = load_digits_teacher(), load_digits_classifier()
+    dataset = DigitsDataset(RESOLUTION, "train")
+    noise = torch.randn(args.samples, 1, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(1234))
+    teacher_samples = ddim_sample(teacher, noise, args.ddim_steps)
+    results["dense"] = {"fid_mean": digits_fid(teacher_samples, classifier)}
+    inputs = default_example_inputs(teacher)
+    student0, report = prune_diffusers(teacher, "magnitude", args.ratio, example_inputs=inputs, round_to=None)
+    results["pruned"] = {**evaluate(copy.deepcopy(student0), noise, teacher_samples, classifier, args.ddim_steps),
+                         "macs_ratio": report["macs_ratio"], "params_ratio": report["params_ratio"]}
+    x0 = dataset.images[:64]
+    results["sensitivity_profile"] = {**results.get("sensitivity_profile", {}), "timesteps": PROFILE_TIMESTEPS,
+                                      "teacher": sensitivity_profile(teacher, x0, PROFILE_TIMESTEPS),
+                                      "pruned": sensitivity_profile(student0, x0, PROFILE_TIMESTEPS)}
+    write(results, out)
+
+    def run(budget: str, name: str, seed: int, steps: int) -> dict:
+        done = results.setdefault(budget, {}).setdefault("runs", [])
+        for r in done:
+            if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
+                return r
+        options = {"lambda_jac": args.lambda_jac} if name == "2ndmatch" else {}
+        config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=seed, ema_decay=None,
+                             checkpoint_every=10**9, log_every=max(1, steps // 10))
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            trained = finetune(copy.deepcopy(student0), teacher, get_finetuner(name, **options), dataset, config, tmp,
+                               progress=True).student
+        seconds = time.perf_counter() - start
+        row = {"strategy": name, "seed": seed, "steps": steps, "seconds": seconds,
+               **evaluate(trained, noise, teacher_samples, classifier, args.ddim_steps)}
+        if name == "2ndmatch" and seed == seeds[0] and budget == "equal_steps":
+            results["sensitivity_profile"]["2ndmatch"] = sensitivity_profile(trained, x0, PROFILE_TIMESTEPS)
+        done.append(row)
+        summarize_budget(budget)
+        write(results, out)
+        return row
+
+    def summarize_budget(budget: str) -> None:
+        section = results[budget]
+        table = {}
+        for name in STRATEGIES:
+            rows = sorted((r for r in section["runs"] if r["strategy"] == name), key=lambda r: r["seed"])
+            if rows:
+                table[name] = {"steps": rows[0]["steps"], "seconds": statistics.fmean(r["seconds"] for r in rows),
+                               **summarize(rows, "fid"), **summarize(rows, "fidelity"), "seeds": len(rows)}
+        section["strategies"] = table
+        if "dsm" in table and "2ndmatch" in table:
+            gap = table["dsm"]["fid_mean"] - results["dense"]["fid_mean"]
+            section["gap_closed"] = (table["dsm"]["fid_mean"] - table["2ndmatch"]["fid_mean"]) / gap
+            spread = max(table["dsm"]["fid_std"], table["2ndmatch"]["fid_std"])
+            section["difference_over_2std"] = (table["dsm"]["fid_mean"] - table["2ndmatch"]["fid_mean"]) > 2 * spread
+
+    for seed in seeds:
+        for name in STRATEGIES:
+            run("equal_steps", name, seed, args.steps)
+    if not args.no_wallclock:
+        per_step = {n: results["equal_steps"]["strategies"][n]["seconds"] / args.steps for n in STRATEGIES}
+        budget_s = per_step["2ndmatch"] * args.steps
+        results.setdefault("equal_wallclock", {})["budget_seconds"] = budget_s
+        for seed in seeds:
+            for name in STRATEGIES:
+                run("equal_wallclock", name, seed, max(1, round(budget_s / per_step[name])))
+    # top level: the equal-steps comparison (per strategy fid_mean, fid_std, fidelity_mean, steps, seconds)
+    results.update(results["equal_steps"]["strategies"])
+    results["gap_closed"] = results["equal_steps"].get("gap_closed")
+    write(results, out)
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
