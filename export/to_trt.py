@@ -31,7 +31,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy.errors import DeployError
-    from nni_2ndmatch.deploy.tensorrt import PRECISIONS, build_engine, needs_fp16_onnx, parse_batches, require_tensorrt
+    from nni_2ndmatch.deploy.tensorrt import (
+        PRECISIONS,
+        build_engine,
+        check_onnx_file,
+        needs_fp16_onnx,
+        parse_batches,
+        require_tensorrt,
+    )
 
     batches = parse_batches(args.batch)
     if args.precision not in PRECISIONS:
@@ -39,6 +46,8 @@ def main(args: argparse.Namespace) -> int:
     source = Path(args.model or args.onnx)
     if not source.exists():
         raise DeployError(f"{'--model' if args.model else '--onnx'} {str(source)!r} does not exist")
+    if args.onnx:
+        check_onnx_file(source)  # a corrupted file is bad input (exit 2), whatever is installed
     require_tensorrt()  # before loading anything heavy: exit 3 where TensorRT or the GPU is missing
     onnx_path = source
     if args.model:

@@ -263,6 +263,14 @@ def test_to_trt_exits_3_with_its_message_when_tensorrt_cannot_be_imported(tmp_pa
     assert time.monotonic() - start < 60  # no model is loaded before the check
 
 
+def test_to_trt_refuses_a_corrupted_onnx_file_before_looking_for_tensorrt(tmp_path):
+    bad = tmp_path / "student.onnx"
+    bad.write_bytes(b"\x08\x07" + bytes(range(256)) * 4)
+    r = script("to_trt.py", "--onnx", bad, "--out", tmp_path / "s.plan")
+    assert r.returncode == 2 and "is not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "s.plan").exists()
+
+
 @pytest.mark.parametrize(("version", "message"), [("8.6.1", "too old"), ("10.9.0", "no CUDA GPU")])
 def test_old_tensorrt_or_no_gpu_is_a_missing_backend(version, message, monkeypatch):
     if message == "no CUDA GPU" and torch.cuda.is_available():

@@ -90,6 +90,18 @@ def _strongly_typed(trt, precision: str) -> bool:
     return precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16")
 
 
+def check_onnx_file(onnx_path: str | os.PathLike) -> None:
+    """:class:`DeployError` unless ``onnx_path`` is a well-formed ONNX model (onnx.checker, by
+    path, so external data is found beside it)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(onnx_path))
+    except (onnx.checker.ValidationError, OSError, ValueError) as e:
+        raise DeployError(f"{str(onnx_path)!r} is not a valid ONNX model (truncated or corrupted?): "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
 def onnx_is_fp16(onnx_path: str | os.PathLike) -> bool:
     """Whether the graph computes in float16 (some initializer is float16)."""
     import onnx
