@@ -20,11 +20,17 @@ from .models import (
     build_builtin,
     conditioning_of,
     count_params,
-    load_diffusers_model,
     load_hub_model,
     save_diffusers_model,
 )
-from .pruning import default_example_inputs, is_pruned_folder, load_pruned, prune_diffusers, save_pruned
+from .pruning import (
+    default_example_inputs,
+    is_pruned_folder,
+    load_model_folder,
+    load_pruned,
+    prune_diffusers,
+    save_pruned,
+)
 from .training import CHECKPOINT_DIR, Runtime, collate, finetune
 
 logger = logging.getLogger(__name__)
@@ -44,9 +50,7 @@ def load_model(spec: ModelSpec, role: str) -> nn.Module:
             return build_builtin(spec.builtin, width=spec.width, seed=spec.seed)
         if spec.hub is not None:
             return load_hub_model(spec.hub, spec.subfolder)
-        if is_pruned_folder(spec.path):
-            return load_pruned(spec.path)
-        return load_diffusers_model(spec.path)
+        return load_model_folder(spec.path)
     except (ValueError, OSError) as e:
         raise UserError(f"model.{role}: {e}") from None
 

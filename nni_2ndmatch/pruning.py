@@ -467,6 +467,15 @@ def is_pruned_folder(folder: str | os.PathLike) -> bool:
     return (Path(folder) / PLAN_FILE).is_file()
 
 
+def load_model_folder(folder: str | os.PathLike) -> nn.Module:
+    """A pruned-student folder or a diffusers model folder, told apart by the pruning plan file."""
+    if is_pruned_folder(folder):
+        return load_pruned(folder)
+    from .models import load_diffusers_model
+
+    return load_diffusers_model(folder)
+
+
 def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None = None) -> nn.Module:
     """Rebuild the dense architecture from its config, apply the plan, load the weights (strict)."""
     from .models import SUPPORTED_CLASSES

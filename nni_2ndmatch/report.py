@@ -3,7 +3,9 @@ curves, and (when the config exports) latency and MACs bars; written to ``OUT/re
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,12 @@ from torch import Tensor, nn
 
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
+logger = logging.getLogger(__name__)
+
 REPORT_DIR = "report"
 
 
 def _png_bytes(figure: Any) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
@@ -37,8 +39,6 @@ def save_grid(images: Tensor, path: Path, columns: int = 10, scale: int = 4) -> 
     pixels = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
@@ -164,9 +164,6 @@ def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, d
                summary: dict[str, Any]) -> Path:
     """Evaluate, export and benchmark as the config's ``evaluate`` and ``export`` sections say;
     write out/report (report.md, results.json, PNGs). Returns the path of report.md."""
-    import logging
-
-    logger = logging.getLogger(__name__)
     folder = out / REPORT_DIR
     results: dict[str, Any] = {"finetune": {k: summary[k] for k in ("finetuner", "steps", "seconds", "final")}}
     if (out / "pruning_report.json").is_file():
@@ -192,12 +189,9 @@ def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, d
 def export_and_benchmark(section: Any, out: Path, teacher: nn.Module, student: nn.Module) -> dict[str, Any]:
     """ONNX files of teacher and student (parity-checked) under out/onnx, and their latency on the
     section's backends (out/report/latency.{json,md,png}, macs.png)."""
-    import logging
-
     from .deploy import export_onnx
     from .deploy.bench import run_benchmark, write_reports
 
-    logger = logging.getLogger(__name__)
     onnx = {}
     for role, model in (("teacher", teacher), ("student", student)):
         logger.info("exporting the %s to ONNX (opset %d)", role, section.opset)

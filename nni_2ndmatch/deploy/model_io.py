@@ -42,15 +42,14 @@ class InputSpec:
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """A pruned-student folder or a diffusers folder (detected), in eval mode, and a description."""
-    from ..models import load_diffusers_model
-    from ..pruning import is_pruned_folder, load_pruned
+    from ..pruning import is_pruned_folder, load_model_folder
 
     path = Path(path)
     if not path.is_dir():
         raise DeployError(f"model folder {str(path)!r} does not exist or is not a folder")
     kind = "pruned" if is_pruned_folder(path) else "diffusers"
     try:
-        model = load_pruned(path) if kind == "pruned" else load_diffusers_model(path)
+        model = load_model_folder(path)
     except (ValueError, OSError, KeyError) as e:
         raise DeployError(f"cannot load model folder {str(path)!r}: {e}") from None
     return model.eval(), {"source": str(path), "kind": kind, "class": type(model).__name__}
