@@ -175,7 +175,7 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize("case", ["truncated pruned weights", "truncated diffusers weights", "not a model folder",
-                                  "empty image folder"])
+                                  "empty image folder", "conditional teacher with an image folder"])
 def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):
     from nni_2ndmatch import prune_diffusers, save_pruned
     from nni_2ndmatch.models import build_builtin, save_diffusers_model
@@ -197,17 +197,29 @@ def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):
         folder.mkdir()
         (folder / "notes.txt").write_text("hello")
         expected = "model.student: model path .* has no config.json; expected a diffusers model folder"
-    else:
+    elif case == "empty image folder":
         save_diffusers_model(teacher, folder)
         (tmp_path / "images").mkdir()
         edit_data = {"path": str(tmp_path / "images"), "resolution": 16, "channels": 1}
         expected = "data: data path .* holds no images"
+    else:
+        from PIL import Image
+
+        save_diffusers_model(build_builtin("tiny-dit"), folder)
+        (tmp_path / "images").mkdir()
+        Image.new("L", (16, 16)).save(tmp_path / "images" / "a.png")
+        edit_data = {"path": str(tmp_path / "images"), "resolution": 16, "channels": 1}
+        teacher_dir = tmp_path / "dit-teacher"
+        save_diffusers_model(build_builtin("tiny-dit"), teacher_dir)
+        expected = "data: path=.*an image folder carries no class_labels, which the teacher .DiTTransformer2DModel. needs"
 
     def edit(raw):
         raw.pop("pruning")
         raw["model"]["student"] = {"path": str(folder)}
         if edit_data:
             raw["data"] = edit_data
+        if case == "conditional teacher with an image folder":
+            raw["model"]["teacher"] = {"path": str(tmp_path / "dit-teacher")}
 
     r = cli("run", write_config(tmp_path, edit), "--no-progress")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
