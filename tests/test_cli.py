@@ -211,7 +211,8 @@ def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):
         edit_data = {"path": str(tmp_path / "images"), "resolution": 16, "channels": 1}
         teacher_dir = tmp_path / "dit-teacher"
         save_diffusers_model(build_builtin("tiny-dit"), teacher_dir)
-        expected = "data: path=.*an image folder carries no class_labels, which the teacher .DiTTransformer2DModel. needs"
+        expected = ("data: path=.*an image folder carries no class_labels, "
+                    "which the teacher .DiTTransformer2DModel. needs")
 
     def edit(raw):
         raw.pop("pruning")
