@@ -29,6 +29,7 @@ from .losses import (
 )
 
 ENTRY_POINT_GROUP = "nni_2ndmatch.finetuners"
+JAC_WEIGHTINGS = ("none", "noise")
 
 _REGISTRY: dict[str, type["Finetuner"]] = {}
 _entry_points_loaded = False
@@ -205,14 +206,22 @@ class SecondMatch(KD):
       num_projections: directions v per sample (the term is averaged over them).
       jac_fraction: share of the batch that gets the Jacobian term (the first ceil(f*B) samples;
         the batch is random, so this is a random subset). The rest use the fast ordinary path.
+      jac_weighting: ``none`` (the paper) or ``noise``: both sensitivities are scaled by
+        (1 - abar_t) before they are compared, i.e. the term matches ||sqrt(1-abar_t) J v||^2,
+        the Jacobian of the noise component of x_t. Near t = 0, ||J v||^2 grows like
+        1/(1 - abar_t) and dominates the unweighted term (see the digits benchmark); this makes
+        it comparable across timesteps. It changes the term's scale: retune lambda_jac.
     The outputs of the Jacobian evaluations serve the DSM and KD terms: no extra forward passes.
     """
 
     def __init__(self, *, lambda_dsm: float = 1.0, lambda_kd: float = 1.0, lambda_jac: float = 0.1,
                  mode: str = "vjp", num_projections: int = 1, jac_fraction: float = 1.0,
-                 fd_step: float = DEFAULT_FD_STEP, scheduler: Any = None) -> None:
+                 fd_step: float = DEFAULT_FD_STEP, jac_weighting: str = "none", scheduler: Any = None) -> None:
         super().__init__(lambda_dsm=lambda_dsm, lambda_kd=lambda_kd, scheduler=scheduler)
         self.lambda_jac = _check_weight("lambda_jac", lambda_jac)
+        if jac_weighting not in JAC_WEIGHTINGS:
+            raise ValueError(f"jac_weighting={jac_weighting!r} is not allowed; allowed: {', '.join(JAC_WEIGHTINGS)}")
+        self.jac_weighting = jac_weighting
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not allowed; allowed: {', '.join(MODES)}")
         self.mode = mode
@@ -251,6 +260,9 @@ class SecondMatch(KD):
                 eps_t_r = model_output(teacher, x_t[rest], timesteps[rest], **kw_r)
             eps_s_r = model_output(student, x_t[rest], timesteps[rest], **kw_r)
             eps_s, eps_t = torch.cat([eps_s, eps_s_r]), torch.cat([eps_t, eps_t_r])
+        if self.jac_weighting == "noise":
+            weight = 1.0 - self.scheduler.alphas_cumprod.to(s_s.device)[t_j.long()].to(s_s.dtype)
+            s_s, s_t = weight * s_s, weight * s_t
         return {"dsm": squared_norm(eps_s - noise).mean(),
                 "kd": squared_norm(eps_s - eps_t).mean(),
                 "jac": (s_s - s_t).pow(2).mean()}

@@ -108,6 +108,28 @@ def test_2ndmatch_total_is_the_weighted_sum_with_the_same_directions(mode):
     assert terms["kd"] == pytest.approx(kd_terms["kd"], rel=1e-9)
 
 
+def test_noise_weighting_scales_both_sensitivities_by_one_minus_alpha_bar():
+    from nni_2ndmatch.losses import jacobian_sensitivity
+
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, noise, _ = (a.double() if a.is_floating_point() else a for a in _inputs())
+    t = torch.tensor([0, 10, 500, 999])
+    ft = get_finetuner("2ndmatch", mode="jvp", jac_weighting="noise")
+    torch.manual_seed(3)
+    _, terms = ft.loss(student, teacher, x0, noise, t)
+    torch.manual_seed(3)
+    x_t = ft.add_noise(x0, noise, t)
+    v = sample_directions(x_t)
+    w = 1 - ft.scheduler.alphas_cumprod[t].double()
+    s_s, s_t = (jacobian_sensitivity(m, x_t, t, v, mode="jvp") for m in (student, teacher))
+    diff = w * (s_s - s_t)
+    assert terms["jac"] == pytest.approx(diff.pow(2).mean().item(), rel=1e-9)
+    _, plain = get_finetuner("2ndmatch", mode="jvp").loss(student, teacher, x0, noise, t)
+    assert terms["jac"] < plain["jac"]  # 1 - abar < 1 everywhere
+    with pytest.raises(ValueError, match="jac_weighting='snr' is not allowed; allowed: none, noise"):
+        get_finetuner("2ndmatch", jac_weighting="snr")
+
+
 def test_jacobian_on_a_fraction_of_the_batch_and_several_projections():
     student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
     x0, noise, t = (a.double() if a.is_floating_point() else a for a in _inputs(batch=8))
