@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1000, help="samples per model for digits-FID")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--lambda-jac", type=float, default=0.1)
+    p.add_argument("--jac-weighting", default="none", choices=["none", "noise"])
     p.add_argument("--no-wallclock", action="store_true", help="skip the equal wall-clock comparison")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "digits_quality.json"))
@@ -119,7 +120,7 @@ def main() -> None:
         for r in done:
             if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
                 return r
-        options = {"lambda_jac": args.lambda_jac} if name == "2ndmatch" else {}
+        options = {"lambda_jac": args.lambda_jac, "jac_weighting": args.jac_weighting} if name == "2ndmatch" else {}
         config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=seed, ema_decay=None,
                              checkpoint_every=10**9, log_every=max(1, steps // 10))
         start = time.perf_counter()
