@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 TP_IMPORTANCES = ("magnitude", "taylor", "diff-pruning")
-#: Importances and NNI pruners that need gradients of the denoising loss, hence ``data``.
-GRADIENT_PRUNERS = ("taylor", "diff-pruning", "TaylorPruner")
 #: Clean samples (and their conditioning) the gradient importances see.
 CALIBRATION_SIZE = 32
 #: Layers that produce the model's output keep their size.
@@ -285,8 +283,8 @@ def masks_to_student(teacher: nn.Module, masks: dict[str, dict[str, Tensor]],
     return prune_with_scores(teacher, scorer, inputs, round_to)
 
 
-NNI_PRUNERS_WITHOUT_TRAINING = ("L1NormPruner", "L2NormPruner", "FPGMPruner")
-NNI_PRUNERS = NNI_PRUNERS_WITHOUT_TRAINING + ("TaylorPruner",)
+#: NNI pruner classes accepted by name (TaylorPruner gets an evaluator built from ``data``).
+NNI_PRUNERS = ("L1NormPruner", "L2NormPruner", "FPGMPruner", "TaylorPruner")
 
 
 def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
