@@ -120,6 +120,12 @@ def main() -> None:
         for r in done:
             if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
                 return r
+        for r in results.get("equal_steps", {}).get("runs", []):  # the same run (training is deterministic)
+            if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
+                done.append(r)
+                summarize_budget(budget)
+                write(results, out)
+                return r
         options = {"lambda_jac": args.lambda_jac, "jac_weighting": args.jac_weighting} if name == "2ndmatch" else {}
         config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=seed, ema_decay=None,
                              checkpoint_every=10**9, log_every=max(1, steps // 10))

@@ -105,6 +105,7 @@ def evaluate_models(teacher: nn.Module, student: nn.Module, dataset: Any, *, sam
     classifier's 8x8 when trained at another resolution)."""
     import torch.nn.functional as F
 
+    from .digits import load_digits_classifier
     from .evaluation import ddim_sample, digits_fid, fidelity
     from .training import collate
 
@@ -119,8 +120,9 @@ def evaluate_models(teacher: nn.Module, student: nn.Module, dataset: Any, *, sam
         def at8(x: Tensor) -> Tensor:
             return x if x.shape[-1] == 8 else F.interpolate(x, size=(8, 8), mode="area")
 
-        results["digits_fid_teacher"] = digits_fid(at8(teacher_samples))
-        results["digits_fid_student"] = digits_fid(at8(student_samples))
+        classifier = load_digits_classifier()
+        results["digits_fid_teacher"] = digits_fid(at8(teacher_samples), classifier)
+        results["digits_fid_student"] = digits_fid(at8(student_samples), classifier)
     return results, teacher_samples, student_samples
 
 
