@@ -93,6 +93,24 @@ def _preflight(models: dict[str, nn.Module], item: Any) -> None:
                             f"{str(e).splitlines()[0]}") from None
 
 
+def _check_free_space(out: Path, student: nn.Module, config: Config) -> None:
+    """Refuse to start a finetune whose checkpoints cannot fit on the output folder's disk.
+
+    A checkpoint holds the student, its EMA copy and Adam's two moments; ``keep_checkpoints`` of
+    them stay on disk, one more is written before the oldest goes, and the student is saved at the end.
+    """
+    weights = sum(t.numel() * t.element_size() for t in student.state_dict().values())
+    train = config.finetune
+    per_checkpoint = weights * (3 + (train.ema_decay is not None))
+    needed = per_checkpoint * (train.keep_checkpoints + 1) + weights
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise UserError(f"output_dir {str(out)!r}: {free / 2**20:.1f} MiB free on its disk, but this finetune "
+                        f"needs about {needed / 2**20:.1f} MiB ({train.keep_checkpoints + 1} checkpoints of "
+                        f"{per_checkpoint / 2**20:.1f} MiB and the student); free space, lower "
+                        "finetune.keep_checkpoints or choose another output_dir")
+
+
 def prepare_output_dir(config: Config, resume: bool, overwrite: bool) -> Path:
     out = Path(config.output_dir)
     has_run = (out / CHECKPOINT_DIR).exists() or (out / "summary.json").exists()
@@ -156,6 +174,7 @@ def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.u
     elif student is None:
         raise UserError(f"no pruned student in {str(out / PRUNED_DIR)!r}: run 'nni-2ndmatch prune' (or 'run') first")
     _preflight({"teacher": teacher, "student": student}, dataset[0])
+    _check_free_space(out, student, config)
     section = config.finetune
     finetuner = get_finetuner(section.finetuner, **section.finetuner_kwargs())
     result = finetune(student, teacher, finetuner, dataset, section.train_config(), out, resume=resume,

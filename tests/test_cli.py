@@ -108,6 +108,7 @@ def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     (lambda r: r["data"].update(channels=3), "data: channels=3: the digits are greyscale"),
     (lambda r: (r.pop("pruning"), r["model"].update(student={"builtin": "ddpm-cifar10", "width": 0.25})),
      r"model.student does not accept the data's images of shape \(1, 1, 16, 16\)"),
+    (lambda r: r.update(output_dir=str(ROOT / "README.md" / "run")), r"output_dir '.*README.md/run' is not writable"),
 ])
 def test_bad_input_is_one_clear_message_exit_2_nothing_written(tmp_path, edit, expected):
     r = cli("run", write_config(tmp_path, edit), "--no-progress")

@@ -63,3 +63,53 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_weights_of_an_uninterru
     want = load_pruned(tmp_path / "reference" / "student").state_dict()
     got = load_pruned(out / "student").state_dict()
     assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)  # bit-exact on CPU
+
+
+def _tree(root):
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_too_little_disk_space_is_refused_before_training_with_an_estimate_that_fits_a_real_run(tmp_path, monkeypatch):
+    import collections
+
+    import pytest
+
+    from nni_2ndmatch.config import load_config
+    from nni_2ndmatch.pipeline import UserError, run_job
+
+    teacher = build_builtin("tiny-unet")
+    student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
+    save_pruned(student, tmp_path / "student")
+    config = load_config(_config(tmp_path, "run", tmp_path / "student"))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("nni_2ndmatch.pipeline.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(UserError, match=r"output_dir .*: 0.0 MiB free on its disk, but this finetune needs about"
+                                        r" [\d.]+ MiB") as refused:
+        run_job(config, "finetune", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    estimate = float(str(refused.value).split("needs about ")[1].split(" MiB")[0]) * 2**20
+
+    monkeypatch.undo()
+    run_job(config, "finetune", progress=False)
+    written = sum(len(b) for b in _tree(tmp_path / "run").values())
+    assert written <= estimate <= 2 * written  # an upper bound, not a wild one
+
+
+def test_a_run_writes_only_under_its_output_folder_and_never_into_its_inputs(tmp_path):
+    """Relative output_dir, run from another working folder: every new file is under output_dir."""
+    teacher = build_builtin("tiny-unet")
+    student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
+    save_pruned(student, tmp_path / "student")
+    config = _config(tmp_path, "ignored", tmp_path / "student")
+    raw = yaml.safe_load(config.read_text())
+    raw["output_dir"] = "../runs/../runs/mine"
+    config.write_text(yaml.safe_dump(raw))
+    work = tmp_path / "work"
+    work.mkdir()
+    before = _tree(tmp_path)
+    r = subprocess.run(_command("finetune", config), cwd=work, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    after = _tree(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before  # inputs untouched
+    new = set(after) - set(before)
+    assert new and all(p.parts[:2] == ("runs", "mine") for p in new), sorted(map(str, new))
