@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(summary_text(summary))
+    if os.environ.get("RANK", "0") == "0":  # one summary from a multi-process run
+        print(summary_text(summary))
     return 0
 
 

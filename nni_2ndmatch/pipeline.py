@@ -43,6 +43,19 @@ class UserError(Exception):
 PRUNED_DIR, STUDENT_DIR = "pruned", "student"
 
 
+def make_runtime(device: str) -> Runtime:
+    """The multi-process runtime (Accelerate, DDP) when a launcher started several processes;
+    else the single-process one on ``device``."""
+    from .distributed import AccelerateRuntime, launched_distributed
+
+    if not launched_distributed():
+        return Runtime(device)
+    try:
+        return AccelerateRuntime(device)
+    except ValueError as e:
+        raise UserError(f"finetune: {e}") from None
+
+
 def load_model(spec: ModelSpec, role: str) -> nn.Module:
     """A built-in architecture, a Hub model, a pruned-student folder or a diffusers model folder."""
     try:
@@ -143,9 +156,14 @@ def _example_inputs(teacher: nn.Module, item: Any) -> dict[str, Any]:
     return inputs
 
 
-def run_prune(config: Config, out: Path, teacher: nn.Module,
-              dataset: torch.utils.data.Dataset) -> tuple[nn.Module, dict[str, Any]]:
-    """Make the student from the teacher as the pruning section says; save it under out/pruned."""
+def run_prune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,
+              runtime: Runtime | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Make the student from the teacher as the pruning section says; save it under out/pruned.
+    With several processes the main one prunes and the others load what it saved."""
+    runtime = runtime or Runtime()
+    if not runtime.is_main:
+        runtime.barrier()
+        return load_pruned(out / PRUNED_DIR), json.loads((out / "pruning_report.json").read_text())
     _preflight({"teacher": teacher}, dataset[0])
     p = config.pruning
     try:
@@ -159,14 +177,16 @@ def run_prune(config: Config, out: Path, teacher: nn.Module,
     logger.info("pruned: MACs %.3g -> %.3g (%.2fx), params %d -> %d; saved to %s", report["macs_before"],
                 report["macs_after"], report["macs_ratio"], report["params_before"], report["params_after"],
                 out / PRUNED_DIR)
+    runtime.barrier()
     return student, report
 
 
 def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,
-                 student: nn.Module | None = None, *, resume: bool = False,
-                 progress: bool = True) -> tuple[dict[str, Any], nn.Module]:
+                 student: nn.Module | None = None, *, resume: bool = False, progress: bool = True,
+                 runtime: Runtime | None = None) -> tuple[dict[str, Any], nn.Module]:
     """Finetune the student (given; else the config's, or the one ``run_prune`` saved) against the
-    teacher; save it with a summary. Returns the summary and the finetuned student."""
+    teacher; the main process saves it with a summary. Returns the summary and the finetuned student."""
+    runtime = runtime or Runtime(config.finetune.device)
     if student is None and config.model.student is not None:
         student = load_model(config.model.student, "student")
     elif student is None and is_pruned_folder(out / PRUNED_DIR):
@@ -174,21 +194,27 @@ def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.u
     elif student is None:
         raise UserError(f"no pruned student in {str(out / PRUNED_DIR)!r}: run 'nni-2ndmatch prune' (or 'run') first")
     _preflight({"teacher": teacher, "student": student}, dataset[0])
-    _check_free_space(out, student, config)
+    if runtime.is_main:
+        _check_free_space(out, student, config)
     section = config.finetune
     finetuner = get_finetuner(section.finetuner, **section.finetuner_kwargs())
-    result = finetune(student, teacher, finetuner, dataset, section.train_config(), out, resume=resume,
-                      runtime=Runtime(section.device), progress=progress)
-    save_model(result.student, out / STUDENT_DIR)
+    try:
+        result = finetune(student, teacher, finetuner, dataset, section.train_config(), out, resume=resume,
+                          runtime=runtime, progress=progress)
+    except ValueError as e:  # e.g. a batch size the processes cannot share
+        raise UserError(f"finetune: {e}") from None
     summary = {
         "finetuner": finetuner.name, "finetuner_options": finetuner.options(),
         "train_config": section.train_config().model_dump(), "steps": result.step,
         "seconds": result.seconds, "final": result.history[-1] if result.history else {},
         "teacher_params": count_params(teacher), "student_params": count_params(result.student),
-        "student_dir": STUDENT_DIR,
+        "student_dir": STUDENT_DIR, "processes": runtime.world_size,
     }
-    atomic_write_json(out / "summary.json", summary)
-    logger.info("saved the student to %s", out / STUDENT_DIR)
+    if runtime.is_main:
+        save_model(result.student, out / STUDENT_DIR)
+        atomic_write_json(out / "summary.json", summary)
+        logger.info("saved the student to %s", out / STUDENT_DIR)
+    runtime.barrier()
     return summary, result.student
 
 
@@ -198,15 +224,22 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     report when the config has an ``evaluate`` or ``export`` section)."""
     if command == "prune" and config.pruning is None:
         raise UserError("the config has no pruning section (model.student is given): nothing to prune")
-    out = prepare_output_dir(config, resume, overwrite)
+    runtime = make_runtime(config.finetune.device)
+    if runtime.is_main:
+        prepare_output_dir(config, resume, overwrite)
+    runtime.barrier()
+    out = Path(config.output_dir)
     teacher = load_model(config.model.teacher, "teacher")
     dataset, student = load_dataset(config, teacher), None
     if command in ("prune", "run") and config.pruning is not None:
         if not (resume and is_pruned_folder(out / PRUNED_DIR)):
-            student, report = run_prune(config, out, teacher, dataset)
+            student, report = run_prune(config, out, teacher, dataset, runtime)
             if command == "prune":
                 return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
-    summary, student = run_finetune(config, out, teacher, dataset, student, resume=resume, progress=progress)
+    summary, student = run_finetune(config, out, teacher, dataset, student, resume=resume, progress=progress,
+                                    runtime=runtime)
+    if not runtime.is_main:
+        return summary
     if command == "run" and (config.evaluate is not None or config.export is not None):
         from .report import run_report
 

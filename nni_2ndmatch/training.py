@@ -46,7 +46,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: int = Field(200, ge=1, description="optimisation steps")
-    batch_size: int = Field(16, ge=1, description="global batch size")
+    batch_size: int = Field(16, ge=1, description="global batch size (all processes, all accumulation steps)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimisation step")
+    mixed_precision: Literal["no", "bf16"] = "no"  # autocast for the network passes; the Jacobian term stays fp32
     lr: float = Field(2e-4, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, lt=1)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # decays to 0 after warm-up
@@ -73,32 +75,51 @@ class TrainConfig(BaseModel):
 
 
 class Runtime:
-    """Single-process runtime: where tensors live, how gradients are made, who may write files."""
+    """Single-process runtime: where tensors live, how gradients are made, who may write files.
+
+    ``AccelerateRuntime`` (nni_2ndmatch.distributed) is the multi-process one. The loop draws every
+    random number for the whole global batch on every process (the same draws, from the same seed)
+    and each process takes its share with ``local_positions``; so the data, noise and timesteps of
+    a step do not depend on the number of processes.
+    """
+
+    rank, world_size = 0, 1
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-
-    rank, world_size = 0, 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def prepare(self, student: nn.Module, teacher: Any, optimizer: torch.optim.Optimizer) -> tuple:
+    def prepare(self, student: nn.Module, teacher: Any) -> nn.Module:
+        """Move the models; return the student the loop calls (a wrapper, in a multi-process runtime)."""
         student.to(self.device)
         if isinstance(teacher, nn.Module):
             teacher.to(self.device)
-        return student, teacher, optimizer
+        return student
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
 
+    def sync_gradients(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        """Around a micro-batch's forward and backward: ``sync=False`` accumulates gradients
+        without synchronising processes (all micro-batches of a step but the last)."""
+        return contextlib.nullcontext()
+
+    def mean(self, values: Tensor) -> Tensor:
+        """The mean over processes of a tensor every process holds."""
+        return values
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
-    def local_indices(self, indices: Tensor) -> Tensor:
-        """This process's share of a global batch of dataset indices."""
-        return indices[self.rank::self.world_size]
+    def local_positions(self, batch: int) -> Tensor:
+        """Positions in a global batch that belong to this process."""
+        return torch.arange(batch)[self.rank::self.world_size]
 
 
 def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tensor:
@@ -206,15 +227,25 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     out = Path(output_dir) if output_dir is not None else None
     ckpts = _Checkpoints(out / CHECKPOINT_DIR, config.keep_checkpoints) if out is not None else None
 
+    if runtime.world_size > 1 and getattr(finetuner, "mode", None) == "jvp":
+        raise ValueError("mode='jvp' is not allowed with several processes (torch.func.jvp cannot run through "
+                         "DistributedDataParallel); allowed: vjp (the default), fd")
+    per_process = config.batch_size // runtime.world_size
+    if config.batch_size % (runtime.world_size * config.gradient_accumulation_steps):
+        raise ValueError(f"batch_size={config.batch_size} is not allowed: it must be a multiple of the number of "
+                         f"processes ({runtime.world_size}) x gradient_accumulation_steps "
+                         f"({config.gradient_accumulation_steps})")
     torch.manual_seed(config.seed)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters (requires_grad=False everywhere)")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    student, teacher, optimizer = runtime.prepare(student, teacher, optimizer)
-    model = runtime.unwrap(student)
+    net = runtime.prepare(student, teacher)  # what the loop calls: the student, or its DDP wrapper
+    model = runtime.unwrap(net)
     ema = [p.detach().clone() for p in params] if config.ema_decay else []
     start, history, nonfinite = 0, [], 0
+    micro_batches = runtime.local_positions(config.batch_size).split(per_process // config.gradient_accumulation_steps)
+    autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
 
     if resume:
         latest = ckpts.latest() if ckpts is not None else None
@@ -263,20 +294,31 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         bar = tqdm(total=config.steps, initial=start, desc=f"finetune[{finetuner.name}]", dynamic_ncols=True)
     try:
         for step in range(start, config.steps):
-            idx = runtime.local_indices(batch_indices(step, len(dataset), config.batch_size, config.seed))
-            x0, model_kwargs = collate([dataset[int(i)] for i in idx], runtime.device)
-            if config.hflip:
-                flip = torch.rand(x0.shape[0]) < 0.5
-                x0 = torch.where(flip.view(-1, 1, 1, 1).to(x0.device), x0.flip(-1), x0)
-            noise = torch.randn(x0.shape).to(runtime.device)
-            timesteps = sample_timesteps(x0.shape[0], finetuner.num_train_timesteps, config.antithetic)
-            timesteps = timesteps.to(runtime.device)
+            # every random draw is for the global batch, the same on every process
+            indices = batch_indices(step, len(dataset), config.batch_size, config.seed)
+            flip = torch.rand(config.batch_size) < 0.5 if config.hflip else None
+            noise = timesteps = None
             lr = config.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
-            loss, terms = finetuner.loss(student, teacher, x0, noise, timesteps, **model_kwargs)
             optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, Tensor] = {}
+            for i, pos in enumerate(micro_batches):
+                x0, model_kwargs = collate([dataset[int(j)] for j in indices[pos]], runtime.device)
+                if noise is None:
+                    noise = torch.randn(config.batch_size, *x0.shape[1:])
+                    timesteps = sample_timesteps(config.batch_size, finetuner.num_train_timesteps, config.antithetic)
+                if flip is not None:
+                    x0 = torch.where(flip[pos].view(-1, 1, 1, 1).to(x0.device), x0.flip(-1), x0)
+                with runtime.sync_gradients(net, sync=i == len(micro_batches) - 1):
+                    with autocast:
+                        loss, terms = finetuner.loss(net, teacher, x0, noise[pos].to(runtime.device),
+                                                     timesteps[pos].to(runtime.device), **model_kwargs)
+                    runtime.backward(loss / len(micro_batches))
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
+            # the step's terms, averaged over processes: every process takes the same decision below
+            terms = dict(zip(sums, runtime.mean(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
             if not math.isfinite(terms["loss"]):
                 nonfinite += 1
                 bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(v)]
@@ -289,7 +331,6 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
                         "the last good checkpoint is kept")
                 continue
             nonfinite = 0
-            runtime.backward(loss)
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()

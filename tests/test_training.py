@@ -139,3 +139,18 @@ def test_conditional_data_items_pass_their_conditioning_to_the_models(tmp_path):
     expected = [sorted(batch_indices(s, 8, 4, seed=3).tolist()) for s in range(2)]
     assert [sorted(x) for x in seen] == expected
     assert res.history[-1]["jac"] >= 0
+
+
+def test_bf16_autocasts_the_network_passes_but_the_jacobian_evaluations_stay_fp32(tmp_path):
+    """First step, same weights: 2ndmatch's terms all come from the Jacobian evaluations (fp32 by
+    design), so bf16 leaves them unchanged; kd's passes run in bf16 and change."""
+    def first_terms(finetuner, precision):
+        res, _ = _run(tmp_path / f"{finetuner}-{precision}", 1, finetuner=finetuner, mixed_precision=precision)
+        return res.history[0]
+
+    fp32, bf16 = first_terms("2ndmatch", "no"), first_terms("2ndmatch", "bf16")
+    assert {k: fp32[k] for k in ("dsm", "kd", "jac")} == {k: bf16[k] for k in ("dsm", "kd", "jac")}
+    kd32, kd16 = first_terms("kd", "no"), first_terms("kd", "bf16")
+    assert kd32["dsm"] != kd16["dsm"] and kd16["dsm"] == pytest.approx(kd32["dsm"], rel=0.05)
+    with pytest.raises(ValidationError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp16")

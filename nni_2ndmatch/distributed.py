@@ -1,0 +1,75 @@
+"""Multi-process finetuning on Hugging Face Accelerate (DDP), chosen when a launcher starts us.
+
+    accelerate launch --num_processes 4 -m nni_2ndmatch.cli finetune CONFIG.yaml
+    torchrun --nproc_per_node 4 -m nni_2ndmatch.cli finetune CONFIG.yaml
+
+Accelerate sets up the process group (NCCL on GPUs, gloo on CPUs, one or many machines) and wraps
+the student in DistributedDataParallel; the teacher is only moved to each process's device: it
+runs frozen, with no gradient synchronisation. The loop (``nni_2ndmatch.training.finetune``) draws
+the random numbers of the whole global batch on every process and each process takes its share,
+so the data order, noise and timesteps depend on the seed only, not on the number of processes;
+the main process writes every file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+from torch import Tensor, nn
+
+from .training import Runtime
+
+SUPPORTED = ("NO", "MULTI_CPU", "MULTI_GPU")
+
+
+def launched_distributed() -> bool:
+    """True when a launcher (accelerate launch, torchrun) started more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class AccelerateRuntime(Runtime):
+    """One process of a multi-process finetune: DDP through ``accelerate.Accelerator``.
+
+    ``device``: "cpu" or "cuda" (each process gets its local GPU). ``timeout_s``: how long a
+    collective waits for the other processes before the run fails (a dead process is usually
+    noticed at once: the launcher stops the others).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", timeout_s: float = 600.0) -> None:
+        try:
+            from accelerate import Accelerator, InitProcessGroupKwargs
+        except ImportError as e:  # pragma: no cover - accelerate is a dependency
+            raise ImportError("multi-process finetuning needs accelerate: pip install accelerate") from e
+        launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launcher_precision != "no":
+            raise ValueError(f"accelerate's mixed_precision={launcher_precision!r} is not used: set "
+                             "finetune.mixed_precision in the config instead (the Jacobian term must stay fp32)")
+        self.accelerator = Accelerator(
+            cpu=torch.device(device).type == "cpu", mixed_precision="no",
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))])
+        kind = self.accelerator.distributed_type.name
+        if kind not in SUPPORTED:
+            raise ValueError(f"accelerate distributed_type={kind!r} is not supported; allowed: "
+                             f"{', '.join(SUPPORTED)} (DDP: checkpoints hold the full optimizer state)")
+        self.device = self.accelerator.device
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+
+    def prepare(self, student: nn.Module, teacher) -> nn.Module:
+        if isinstance(teacher, nn.Module):
+            teacher.to(self.device)
+        return self.accelerator.prepare_model(student)
+
+    def sync_gradients(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
+
+    def mean(self, values: Tensor) -> Tensor:
+        return self.accelerator.reduce(values.to(self.device), reduction="mean").cpu()
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)

@@ -1,0 +1,156 @@
+"""Multi-process finetuning with real processes on the CPU (gloo), started by real launchers."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_models import tiny_unet2d
+
+from nni_2ndmatch.io import load_tensors
+
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun(n, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", free_port(),
+            *args]
+
+
+def accelerate_launch(n, *args):
+    # --multi_gpu picks accelerate's torchrun-based launcher; without GPUs each process runs on the CPU (gloo)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+            "--main_process_port", free_port(), *args]
+
+
+def run_worker(tmp_path, name, processes, **spec):
+    spec = {"steps": 3, "batch_size": 8, "result": str(tmp_path / f"{name}.safetensors"), **spec}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    worker = [str(HERE / "ddp_worker.py"), str(path)]
+    command = torchrun(processes, *worker) if processes > 1 else [sys.executable, *worker]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_tensors(spec["result"])
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+@pytest.mark.parametrize("finetuner, options", [
+    ("kd", {}),
+    ("2ndmatch", {"mode": "vjp", "lambda_jac": 1.0}),
+    ("2ndmatch", {"mode": "fd", "lambda_jac": 1.0}),
+])
+def test_two_processes_of_batch_b_give_the_weights_of_one_process_of_batch_2b(tmp_path, finetuner, options):
+    """Also one process with 2 accumulation steps of b. The Jacobian directions are a fixed function
+    of each sample here (they are drawn per process otherwise), so all three see the same numbers."""
+    spec = {"finetuner": finetuner, "options": options, "fixed_directions": True}
+    single = run_worker(tmp_path, "single", 1, **spec)
+    ddp = run_worker(tmp_path, "ddp", 2, output_dir=str(tmp_path / "ddp-run"), **spec)
+    accumulated = run_worker(tmp_path, "accum", 1, gradient_accumulation_steps=2, **spec)
+    start = tiny_unet2d(seed=1).state_dict()  # the worker's student before finetuning
+    assert max((single[k] - start[k]).abs().max().item() for k in single) > 1e-4  # the weights moved
+    assert_same_weights(single, ddp, atol=2e-5)
+    assert_same_weights(single, accumulated, atol=2e-5)
+    # only the main process wrote: checkpoints and metrics
+    assert json.loads((tmp_path / "ddp.safetensors.writes-1.json").read_text()) == []
+    assert any("checkpoints" in w for w in json.loads((tmp_path / "ddp.safetensors.writes-0.json").read_text()))
+
+
+def _config(tmp_path, name, steps, **finetune):
+    raw = {"version": 1, "model": {"teacher": {"builtin": "tiny-unet"}},
+           "data": {"builtin": "digits", "resolution": 16},
+           "pruning": {"pruner": "magnitude", "sparse_ratio": 0.3},
+           "finetune": {"finetuner": "kd", "steps": steps, "batch_size": 8, "checkpoint_every": 2, "log_every": 1,
+                        "ema_decay": None, "seed": 1, **finetune},
+           "output_dir": str(tmp_path / name)}
+    path = tmp_path / f"{name}-{steps}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_cli_under_accelerate_launch_resumes_with_another_number_of_processes(tmp_path):
+    """2 processes for 2 steps, then 1 process resumes to 4: the weights of 1 process for 4 steps."""
+    cli = [sys.executable, "-m", "nni_2ndmatch.cli"]
+    ref = subprocess.run([*cli, "run", _config(tmp_path, "ref", 4), "--no-progress"], capture_output=True,
+                         text=True, timeout=600, env=ENV)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    first = subprocess.run(accelerate_launch(2, "-m", "nni_2ndmatch.cli", "run", _config(tmp_path, "split", 2),
+                                             "--no-progress"), capture_output=True, text=True, timeout=600, env=ENV)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count('"finetuner": "kd"') == 1  # one summary, from the main process
+    assert json.loads((tmp_path / "split" / "summary.json").read_text())["processes"] == 2
+    second = subprocess.run([*cli, "finetune", _config(tmp_path, "split", 4), "--resume", "--no-progress"],
+                            capture_output=True, text=True, timeout=600, env=ENV)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = load_tensors(next((tmp_path / "ref" / "student").glob("*.safetensors")))
+    b = load_tensors(next((tmp_path / "split" / "student").glob("*.safetensors")))
+    assert_same_weights(a, b, atol=2e-5)
+
+
+def test_a_killed_process_makes_the_run_fail_loudly_not_hang(tmp_path):
+    # 2ndmatch on half the batch: two student passes per step through DistributedDataParallel
+    config = _config(tmp_path, "killed", 10_000, finetuner="2ndmatch", jac_fraction=0.5)
+    proc = subprocess.Popen(torchrun(2, "-m", "nni_2ndmatch.cli", "run", config, "--no-progress"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                            text=True)
+    deadline = time.time() + 300
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    while not checkpoints.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    began = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - began < 120
+    assert "SIGKILL" in stderr or "Signal 9" in stderr, stderr[-3000:]
+
+
+def test_jvp_mode_is_refused_with_several_processes(tmp_path):
+    spec = {"steps": 1, "batch_size": 8, "finetuner": "2ndmatch", "options": {"mode": "jvp"},
+            "result": str(tmp_path / "r.safetensors")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    r = subprocess.run(torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path / "spec.json")), capture_output=True,
+                       text=True, timeout=600, env=ENV)
+    assert r.returncode != 0 and "mode='jvp' is not allowed with several processes" in r.stderr
+
+
+def test_batch_size_must_split_evenly():
+    from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner
+    from nni_2ndmatch.data import DigitsDataset
+
+    class Two(Runtime):
+        world_size = 2
+
+    with pytest.raises(ValueError, match=r"batch_size=6 is not allowed: it must be a multiple of the number of "
+                                         r"processes \(2\) x gradient_accumulation_steps \(2\)"):
+        finetune(tiny_unet2d(), tiny_unet2d(), get_finetuner("dsm"), DigitsDataset(8),
+                 TrainConfig(steps=1, batch_size=6, gradient_accumulation_steps=2), runtime=Two(), progress=False)
+
+
+def test_accelerate_mixed_precision_is_refused_for_the_config_field(monkeypatch):
+    from nni_2ndmatch.pipeline import UserError, make_runtime
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(UserError, match="mixed_precision='bf16' is not used: set finetune.mixed_precision"):
+        make_runtime("cpu")
