@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lambda-jac", type=float, default=0.1)
     p.add_argument("--jac-weighting", default="none", choices=["none", "noise"])
     p.add_argument("--no-wallclock", action="store_true", help="skip the equal wall-clock comparison")
+    p.add_argument("--baseline", help="a results JSON whose dsm and kd runs are reused (its settings must match "
+                                      "except --seeds and the 2ndmatch-only --lambda-jac, --jac-weighting)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "digits_quality.json"))
     return p.parse_args()
@@ -94,7 +96,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "baseline")}
+    reusable = []  # dsm and kd runs of --baseline
+    if args.baseline:
+        base = json.loads(Path(args.baseline).read_text())
+        free = ("lambda_jac", "jac_weighting", "seeds")  # runs are matched by seed and steps
+        if {k: v for k, v in base["settings"].items() if k not in free} != \
+                {k: v for k, v in settings.items() if k not in free}:
+            sys.exit(f"--baseline {args.baseline}: its settings differ beyond {', '.join(free)}")
+        reusable = [r for budget in ("equal_steps", "equal_wallclock") for r in base.get(budget, {}).get("runs", [])
+                    if r["strategy"] != "2ndmatch"]
     results = json.loads(out.read_text()) if out.exists() else {}
     if results.get("settings") != settings:
         results = {"settings": settings}
@@ -120,7 +131,7 @@ def main() -> None:
         for r in done:
             if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
                 return r
-        for r in results.get("equal_steps", {}).get("runs", []):  # the same run (training is deterministic)
+        for r in results.get("equal_steps", {}).get("runs", []) + reusable:  # the same run (deterministic)
             if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
                 done.append(r)
                 summarize_budget(budget)

@@ -302,10 +302,10 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, Tensor] = {}
+            sums: dict[str, float] = {}
             for i, pos in enumerate(micro_batches):
                 x0, model_kwargs = collate([dataset[int(j)] for j in indices[pos]], runtime.device)
-                if noise is None:
+                if noise is None:  # drawn once the image shape is known
                     noise = torch.randn(config.batch_size, *x0.shape[1:])
                     timesteps = sample_timesteps(config.batch_size, finetuner.num_train_timesteps, config.antithetic)
                 if flip is not None:
