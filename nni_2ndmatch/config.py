@@ -102,6 +102,8 @@ class FinetuneSection(TrainConfig):
 
     finetuner: str = "2ndmatch"
     device: str = "cpu"
+    process_timeout_s: float = Field(1800, gt=0, description="multi-process runs: how long a process waits for "
+                                     "the others (the main one prunes and saves while they wait)")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{k: getattr(self, k) for k in TrainConfig.model_fields})

@@ -38,15 +38,23 @@ class AccelerateRuntime(Runtime):
     noticed at once: the launcher stops the others).
     """
 
-    def __init__(self, device: str | torch.device = "cpu", timeout_s: float = 600.0) -> None:
+    def __init__(self, device: str | torch.device = "cpu", timeout_s: float = 1800.0) -> None:
         try:
             from accelerate import Accelerator, InitProcessGroupKwargs
         except ImportError as e:  # pragma: no cover - accelerate is a dependency
             raise ImportError("multi-process finetuning needs accelerate: pip install accelerate") from e
-        launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        if launcher_precision != "no":
-            raise ValueError(f"accelerate's mixed_precision={launcher_precision!r} is not used: set "
-                             "finetune.mixed_precision in the config instead (the Jacobian term must stay fp32)")
+        # accelerate's own settings that would change the loop behind its back are refused
+        for var, allowed, advice in (
+                ("ACCELERATE_MIXED_PRECISION", "no", "set finetune.mixed_precision in the config instead (accelerate's "
+                 "autocast would wrap every pass, and the Jacobian term must stay fp32)"),
+                ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1",
+                 "set finetune.gradient_accumulation_steps in the config instead"),
+                ("ACCELERATE_DYNAMO_BACKEND", "no",
+                 "launch without it: torch.compile does not support the Jacobian term's double backward")):
+            value = os.environ.get(var, allowed)
+            if value.lower() != allowed:
+                raise ValueError(f"accelerate's {var.removeprefix('ACCELERATE_').lower()}={value!r} is not used; "
+                                 f"{advice}")
         self.accelerator = Accelerator(
             cpu=torch.device(device).type == "cpu", mixed_precision="no",
             kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))])

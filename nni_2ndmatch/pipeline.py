@@ -43,15 +43,15 @@ class UserError(Exception):
 PRUNED_DIR, STUDENT_DIR = "pruned", "student"
 
 
-def make_runtime(device: str) -> Runtime:
+def make_runtime(device: str, timeout_s: float) -> Runtime:
     """The multi-process runtime (Accelerate, DDP) when a launcher started several processes;
-    else the single-process one on ``device``."""
+    else the single-process one on ``device``. ``timeout_s``: how long a process waits for the others."""
     from .distributed import AccelerateRuntime, launched_distributed
 
     if not launched_distributed():
         return Runtime(device)
     try:
-        return AccelerateRuntime(device)
+        return AccelerateRuntime(device, timeout_s)
     except ValueError as e:
         raise UserError(f"finetune: {e}") from None
 
@@ -224,7 +224,7 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     report when the config has an ``evaluate`` or ``export`` section)."""
     if command == "prune" and config.pruning is None:
         raise UserError("the config has no pruning section (model.student is given): nothing to prune")
-    runtime = make_runtime(config.finetune.device)
+    runtime = make_runtime(config.finetune.device, config.finetune.process_timeout_s)
     if runtime.is_main:
         prepare_output_dir(config, resume, overwrite)
     runtime.barrier()

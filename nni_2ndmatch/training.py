@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -140,6 +141,20 @@ def collate(items: list[Any], device: torch.device) -> tuple[Tensor, dict[str, T
                   for k in items[0] if k != "sample"}
         return x0, kwargs
     return torch.stack(items).to(device), {}
+
+
+@contextlib.contextmanager
+def _finetuner_rng(seed: int, step: int, rank: int, micro_batch: int, device: torch.device):
+    """The finetuner's own draws (Jacobian directions, dropout masks) come from a generator seeded
+    by (seed, step, process, micro-batch) and leave the loop's stream untouched: the data order,
+    noise and timesteps of every step then do not depend on how the batch is split, and processes
+    draw independently of each other."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{micro_batch}".encode(), digest_size=8).digest()
+        torch.manual_seed(int.from_bytes(digest, "little") >> 1)
+        yield
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int, antithetic: bool) -> Tensor:
@@ -311,7 +326,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
                 if flip is not None:
                     x0 = torch.where(flip[pos].view(-1, 1, 1, 1).to(x0.device), x0.flip(-1), x0)
                 with runtime.sync_gradients(net, sync=i == len(micro_batches) - 1):
-                    with autocast:
+                    with autocast, _finetuner_rng(config.seed, step, runtime.rank, i, runtime.device):
                         loss, terms = finetuner.loss(net, teacher, x0, noise[pos].to(runtime.device),
                                                      timesteps[pos].to(runtime.device), **model_kwargs)
                     runtime.backward(loss / len(micro_batches))
@@ -320,6 +335,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             # the step's terms, averaged over processes: every process takes the same decision below
             terms = dict(zip(sums, runtime.mean(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
             if not math.isfinite(terms["loss"]):
+                optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
                 bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(v)]
                 logger.warning("step %d: non-finite loss terms %s at timesteps %s; step skipped",

@@ -43,7 +43,7 @@ def main(spec_path: str) -> None:
                 setattr(module, name, lambda *a, _real=real, **k: (writes.append(str(a[0])), _real(*a, **k))[1])
     if spec.get("fixed_directions"):
         finetuners_module.sample_directions = fixed_directions
-    runtime = make_runtime("cpu")
+    runtime = make_runtime("cpu", 600)
     teacher, student = tiny_unet2d(seed=0), tiny_unet2d(seed=1)
     config = TrainConfig(steps=spec["steps"], batch_size=spec["batch_size"], ema_decay=None, checkpoint_every=2,
                          gradient_accumulation_steps=spec.get("gradient_accumulation_steps", 1), seed=5)

@@ -147,10 +147,16 @@ def test_batch_size_must_split_evenly():
                  TrainConfig(steps=1, batch_size=6, gradient_accumulation_steps=2), runtime=Two(), progress=False)
 
 
-def test_accelerate_mixed_precision_is_refused_for_the_config_field(monkeypatch):
+@pytest.mark.parametrize("var, value, expected", [
+    ("ACCELERATE_MIXED_PRECISION", "bf16", "mixed_precision='bf16' is not used; set finetune.mixed_precision"),
+    ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4",
+     "gradient_accumulation_steps='4' is not used; set finetune.gradient_accumulation_steps"),
+    ("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR", "dynamo_backend='INDUCTOR' is not used; launch without it"),
+])
+def test_accelerate_settings_that_bypass_the_config_are_refused(monkeypatch, var, value, expected):
     from nni_2ndmatch.pipeline import UserError, make_runtime
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    with pytest.raises(UserError, match="mixed_precision='bf16' is not used: set finetune.mixed_precision"):
-        make_runtime("cpu")
+    monkeypatch.setenv(var, value)
+    with pytest.raises(UserError, match=expected):
+        make_runtime("cpu", 60)

@@ -154,3 +154,37 @@ def test_bf16_autocasts_the_network_passes_but_the_jacobian_evaluations_stay_fp3
     assert kd32["dsm"] != kd16["dsm"] and kd16["dsm"] == pytest.approx(kd32["dsm"], rel=0.05)
     with pytest.raises(ValidationError, match="mixed_precision"):
         TrainConfig(mixed_precision="fp16")
+
+
+def test_the_loops_random_stream_does_not_depend_on_how_the_batch_is_split(tmp_path):
+    """2ndmatch draws directions inside its loss, for the samples it is given; the noise and
+    timesteps of every step must still be those of the global batch, whether it is split into
+    accumulation micro-batches or between processes (here: process 0 of 2, without the sync)."""
+    from nni_2ndmatch import Runtime
+    from nni_2ndmatch.finetuners import SecondMatch
+
+    class FirstOfTwo(Runtime):
+        world_size = 2
+
+    seen = {}
+
+    class Recording(SecondMatch):
+        def loss(self, student, teacher, x0, noise, timesteps, **kw):
+            seen.setdefault(self.tag, []).append((noise.clone(), timesteps.clone()))
+            return super().loss(student, teacher, x0, noise, timesteps, **kw)
+
+    for tag, accumulation, runtime in (("whole", 1, Runtime()), ("accumulated", 2, Runtime()),
+                                       ("process 0", 1, FirstOfTwo())):
+        finetuner = Recording(lambda_jac=1.0)
+        finetuner.tag = tag
+        config = TrainConfig(steps=3, batch_size=6, seed=11, hflip=True, gradient_accumulation_steps=accumulation)
+        finetune(tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2), finetuner, Images(), config, runtime=runtime,
+                 progress=False)
+    whole, halves = seen["whole"], seen["accumulated"]
+    assert len(whole) == 3 and len(halves) == 6 and len(seen["process 0"]) == 3
+    for step, (noise, timesteps) in enumerate(whole):
+        first, second = halves[2 * step], halves[2 * step + 1]
+        assert torch.equal(noise, torch.cat([first[0], second[0]]))
+        assert torch.equal(timesteps, torch.cat([first[1], second[1]]))
+        assert torch.equal(noise[0::2], seen["process 0"][step][0])
+        assert torch.equal(timesteps[0::2], seen["process 0"][step][1])
