@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_process = os.environ.get("RANK", "0") == "0"  # under a launcher, the others log warnings only
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if args.command == "finetuners":
         print("\n".join(available_finetuners()))
         return 0
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if os.environ.get("RANK", "0") == "0":  # one summary from a multi-process run
+    if main_process:  # one summary from a multi-process run
         print(summary_text(summary))
     return 0
 
