@@ -188,3 +188,18 @@ def test_the_loops_random_stream_does_not_depend_on_how_the_batch_is_split(tmp_p
         assert torch.equal(timesteps, torch.cat([first[1], second[1]]))
         assert torch.equal(noise[0::2], seen["process 0"][step][0])
         assert torch.equal(timesteps[0::2], seen["process 0"][step][1])
+
+
+@pytest.mark.parametrize("mode", ["vjp", "fd"])
+def test_2ndmatch_with_no_jacobian_weight_trains_exactly_like_kd(tmp_path, mode):
+    """The Jacobian machinery (its evaluations serve DSM and KD, its directions come from their own
+    generator) must not change the other terms' training: lambda_jac = 0 gives kd's weights.
+    Full width: with one channel per GroupNorm group, biases before the norm have a zero gradient
+    whose rounding noise Adam turns into whole steps."""
+    def weights(finetuner):
+        config = TrainConfig(steps=4, batch_size=4, seed=3, hflip=True)
+        res = finetune(tiny_unet2d(seed=1), tiny_unet2d(seed=2), finetuner, Images(), config, progress=False)
+        return res.student.state_dict()
+
+    kd, second = weights(get_finetuner("kd")), weights(get_finetuner("2ndmatch", lambda_jac=0.0, mode=mode))
+    assert max((kd[k] - second[k]).abs().max().item() for k in kd) < 2e-5
