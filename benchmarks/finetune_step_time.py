@@ -1,0 +1,128 @@
+"""Step time of a short finetune of the DDPM-CIFAR10 layout with the real loop, per strategy.
+
+Teacher: build_builtin("ddpm-cifar10") (35.7M parameters, random init: step time does not depend
+on the weights); student: prune_diffusers(teacher, "magnitude", 0.3). Data: random 32x32 RGB images
+(no download; the content does not change the cost). Each variant runs ``--steps`` steps of
+``nni_2ndmatch.finetune`` (AdamW, clipping, EMA) at ``--batch``; the step time is the median over
+the steps after ``--warmup`` (the loop reads the loss every step, which synchronises the GPU).
+The variants run one after the other: meant for a dedicated GPU, not a shared CPU (for CPU
+figures, interleaved, see step_cost.py).
+Peak memory: torch.cuda.max_memory_allocated on a GPU.
+
+    python benchmarks/finetune_step_time.py --device cuda [--batch 64] [--steps 30]
+    # writes benchmarks/results/finetune_step_time_<device>.json (+ .md) with the device named
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner
+from nni_2ndmatch.io import atomic_write_json, atomic_write_text
+from nni_2ndmatch.models import build_builtin
+from nni_2ndmatch.pruning import default_example_inputs, prune_diffusers
+
+VARIANTS = {
+    "dsm": ("dsm", {}, "no"),
+    "kd": ("kd", {}, "no"),
+    "2ndmatch-vjp": ("2ndmatch", {"mode": "vjp"}, "no"),
+    "2ndmatch-vjp-frac0.25": ("2ndmatch", {"mode": "vjp", "jac_fraction": 0.25}, "no"),
+    "kd-bf16": ("kd", {}, "bf16"),
+    "2ndmatch-vjp-bf16": ("2ndmatch", {"mode": "vjp"}, "bf16"),
+}
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def run_variant(name: str, teacher, student, data, args) -> dict:
+    kind, options, precision = VARIANTS[name]
+    config = TrainConfig(steps=args.steps, batch_size=args.batch, checkpoint_every=10**9, log_every=1,
+                         mixed_precision=precision, seed=0)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds: list[float] = []
+    finetune(student, teacher, get_finetuner(kind, **options), data, config, progress=False,
+             runtime=Runtime(device),
+             on_log=lambda record: seconds.append(record["seconds"]))
+    per_step = [b - a for a, b in zip(seconds, seconds[1:])][args.warmup:]
+    row = {"variant": name, "finetuner": kind, "options": options, "mixed_precision": precision,
+           "seconds_per_step": statistics.median(per_step), "steps_timed": len(per_step)}
+    if device.type == "cuda":
+        row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
+
+
+def render(results: dict) -> str:
+    kd = next(r for r in results["rows"] if r["variant"] == "kd")["seconds_per_step"]
+    lines = ["# Finetuning step time, DDPM-CIFAR10 layout", "",
+             f"Device: {results['device']}; torch {results['torch']}; batch {results['batch']}; "
+             f"student MACs ratio {results['macs_ratio']:.3f}. Command: `{results['command']}`", "",
+             "| variant | s/step | vs kd | peak MiB |", "|---|---|---|---|"]
+    for r in results["rows"]:
+        peak = f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else "-"
+        lines.append(f"| {r['variant']} | {r['seconds_per_step']:.4f} | {r['seconds_per_step'] / kd:.2f} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--width", type=float, default=1.0, help="teacher width (smaller: a quick check of the script)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup + 1:
+        p.error(f"--steps={args.steps} must exceed --warmup + 1 ({args.warmup + 1})")
+    torch.manual_seed(0)
+    teacher = build_builtin("ddpm-cifar10", width=args.width).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned, report = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
+    data = RandomImages(max(4 * args.batch, 256))
+    rows = []
+    for name in args.variants.split(","):
+        student = copy.deepcopy(pruned)
+        rows.append(run_variant(name, teacher, student, data, args))
+        print(f"{name}: {rows[-1]['seconds_per_step']:.4f} s/step", flush=True)
+    device = torch.device(args.device)
+    results = {"device": device_name(device), "torch": torch.__version__, "batch": args.batch,
+               "steps": args.steps, "warmup": args.warmup, "width": args.width, "macs_ratio": report["macs_ratio"],
+               "command": "python benchmarks/finetune_step_time.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "rows": rows}
+    out = Path(args.out or f"benchmarks/results/finetune_step_time_{device.type}.json")
+    atomic_write_json(out, results)
+    atomic_write_text(out.with_suffix(".md"), render(results))
+    print(render(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
