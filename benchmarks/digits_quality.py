@@ -32,7 +32,7 @@ from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
 from nni_2ndmatch.digits import RESOLUTION, load_digits_classifier, load_digits_teacher  # noqa: E402
 from nni_2ndmatch.evaluation import ddim_sample, digits_fid, fidelity, sensitivity_profile  # noqa: E402
-from nni_2ndmatch.io import atomic_write_json, atomic_write_text  # noqa: E402
+from nni_2ndmatch.io import write_results  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,7 +70,6 @@ def summarize(runs: list[dict], key: str) -> dict[str, float]:
 
 
 def write(results: dict, out: Path) -> None:
-    atomic_write_json(out, results)
     lines = ["# digits quality benchmark", "", f"Command: `{results['command']}`", "",
              f"Dense teacher digits-FID: {results['dense']['fid_mean']:.3f}; pruned before finetuning: "
              f"{results['pruned']['fid']:.3f} (MACs ratio {results['pruned']['macs_ratio']:.3f})", ""]
@@ -88,7 +87,7 @@ def write(results: dict, out: Path) -> None:
         if "gap_closed" in results[budget]:
             lines += ["", f"gap closed: {results[budget]['gap_closed']:.3f}"]
         lines.append("")
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
+    write_results(out, results, "\n".join(lines))
 
 
 def main() -> None:

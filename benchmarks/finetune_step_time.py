@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner
-from nni_2ndmatch.io import atomic_write_json, atomic_write_text
+from nni_2ndmatch.io import write_results
 from nni_2ndmatch.models import build_builtin
 from nni_2ndmatch.pruning import default_example_inputs, prune_diffusers
 
@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
                "command": "python benchmarks/finetune_step_time.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "rows": rows}
     out = Path(args.out or f"benchmarks/results/finetune_step_time_{device.type}.json")
-    atomic_write_json(out, results)
-    atomic_write_text(out.with_suffix(".md"), render(results))
-    print(render(results))
+    markdown = render(results)
+    write_results(out, results, markdown)
+    print(markdown)
     return results
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
 from nni_2ndmatch.digits import load_digits_teacher  # noqa: E402
 from nni_2ndmatch.finetuners import default_scheduler  # noqa: E402
-from nni_2ndmatch.io import atomic_write_json, atomic_write_text  # noqa: E402
+from nni_2ndmatch.io import write_results  # noqa: E402
 from nni_2ndmatch.losses import jacobian_sensitivity, model_output, sample_directions, squared_norm  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs, prune_diffusers  # noqa: E402
 
@@ -77,9 +77,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     results = profile()
-    atomic_write_json(args.out, results)
-    atomic_write_text(Path(args.out).with_suffix(".md"), render(results))
-    print(render(results))
+    markdown = render(results)
+    write_results(args.out, results, markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

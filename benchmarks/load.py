@@ -31,7 +31,7 @@ import yaml
 
 from nni_2ndmatch import finetune, get_finetuner, prune_diffusers, save_pruned
 from nni_2ndmatch.data import DigitsDataset
-from nni_2ndmatch.io import atomic_write_json, atomic_write_text
+from nni_2ndmatch.io import write_results
 from nni_2ndmatch.models import build_builtin
 from nni_2ndmatch.pruning import default_example_inputs
 from nni_2ndmatch.training import TrainConfig
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "big_folder": big_folder([100, args.images], Path(tmp))}
     results["peak_rss_self_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(args.out)
-    atomic_write_json(out, results)
-    atomic_write_text(out.with_suffix(".md"), render(results))
-    print(render(results))
+    markdown = render(results)
+    write_results(out, results, markdown)
+    print(markdown)
     return results
 
 

@@ -60,6 +60,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_results(path: str | os.PathLike, results: Any, markdown: str) -> None:
+    """Results as JSON at ``path`` and their Markdown summary beside it (.md), both atomically."""
+    atomic_write_json(path, results)
+    atomic_write_text(Path(path).with_suffix(".md"), markdown)
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
     """Write tensors as safetensors, atomically (copies to CPU; shared storage is allowed)."""

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_write_bytes, write_results
 from .errors import DeployError, MissingBackendError
 from .model_io import DEFAULT_SEQ_LEN, OUTPUT_NAME, InputSpec, input_specs, macs_params, random_inputs, wrap
 
@@ -448,8 +448,7 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> bool:
 def write_reports(results: dict[str, Any], out: str | os.PathLike) -> list[Path]:
     """``out`` (JSON), and beside it the same name with .md and .png; returns the paths written."""
     out = Path(out)
-    atomic_write_json(out, results)
-    atomic_write_text(out.with_suffix(".md"), render_markdown(results))
+    write_results(out, results, render_markdown(results))
     written = [out, out.with_suffix(".md")]
     if plot(results, out.with_suffix(".png")):
         written.append(out.with_suffix(".png"))
