@@ -94,6 +94,30 @@ def jacobian_safe(*models: Any) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """Inside the block, fp32 convolutions (cuDNN) and matmuls (cuBLAS) run in IEEE fp32, not TF32.
+
+    A finite difference perturbs each input entry by about h / sqrt(C*H*W) (1.8e-4 for a 32x32 RGB
+    image at h = 1e-2), below TF32's resolution (10 mantissa bits: about 1e-3 relative): with TF32
+    the two evaluations would see nearly the same rounded inputs. PyTorch allows TF32 in cuDNN
+    convolutions by default. The user's settings are restored on exit. No effect on the CPU.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9: reading the legacy flags
+        flags = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]  # may raise there
+    else:
+        flags = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    try:
+        for owner, name, value in flags:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
+
+
 def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
                            mode: str = "jvp", *, create_graph: bool = True,
                            fd_step: float = DEFAULT_FD_STEP, **model_kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -107,7 +131,8 @@ def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Te
     - ``jvp``: J v by forward-mode AD (torch.func.jvp): one pass carrying primal and tangent.
     - ``vjp``: J^T v by reverse mode (grad of <eps, v> w.r.t. x_t); trained by double backward.
     - ``fd``: (eps(x + h v) - eps(x - h v)) / (2h), a central difference with O(h^2) error; the
-      output is a third evaluation. All three evaluations use the same dropout mask.
+      output is a third evaluation. All three evaluations use the same dropout mask and run
+      without TF32 (``full_fp32``).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not a Jacobian estimator; allowed: {', '.join(MODES)}")
@@ -143,7 +168,7 @@ def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Te
         return f(x)
 
     x = x_t.detach()
-    with grad_ctx:
+    with grad_ctx, full_fp32():
         diff = (replay(x + fd_step * v) - replay(x - fd_step * v)) / (2.0 * fd_step)
         out = replay(x)
     return out, squared_norm(diff)

@@ -1,5 +1,7 @@
 """The Jacobian estimators and the 2ndMatch loss against independent references (float64)."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import SymmetricNet, TinyNet, explicit_jacobians
@@ -163,3 +165,33 @@ def test_every_evaluation_of_one_estimate_uses_the_same_dropout_mask():
     torch.manual_seed(1)
     fd = jacobian_sensitivity(net, x, t, v, mode="fd", fd_step=1e-4)
     assert _rel(fd, exact) < 1e-6
+
+
+def _tf32_flags():
+    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(getattr(conv, "conv", None), "fp32_precision"):
+        return conv.conv.fp32_precision, matmul.fp32_precision
+    return conv.allow_tf32, matmul.allow_tf32
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_finite_differences_run_without_tf32_and_restore_the_users_setting(raises):
+    """TF32 (on by default for cuDNN convolutions) would round away the finite-difference step;
+    the flags are global, so they are checked here on the CPU (tests/test_gpu.py measures the error)."""
+    seen = []
+
+    def net(x, t):
+        seen.append(_tf32_flags())
+        if raises:
+            raise RuntimeError("boom")
+        return torch.tanh(x)
+
+    before = _tf32_flags()
+    x = torch.randn(2, 1, 2, 3)
+    for mode in ("fd", "vjp"):
+        seen.clear()
+        with pytest.raises(RuntimeError, match="boom") if raises else contextlib.nullcontext():
+            jacobian_sensitivity(net, x, torch.ones(2), sample_directions(x), mode=mode)
+        full = ("ieee", "ieee") if isinstance(before[0], str) else (False, False)
+        assert seen and all(flags == (full if mode == "fd" else before) for flags in seen)
+        assert _tf32_flags() == before

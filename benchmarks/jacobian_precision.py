@@ -1,0 +1,90 @@
+"""Accuracy of the fp32 Jacobian estimators on a GPU, with and without TF32, against float64.
+
+Model: build_builtin("ddpm-cifar10") (35.7M parameters, seed 0; accuracy depends on the layout and
+the precision, not on training), 8 random inputs of 3x32x32 at timesteps spread over [0, 999], one
+random unit direction each. Reference: float64 jvp (for jvp and fd) and vjp (for vjp) on the same
+device. For each precision setting (TF32 allowed in cuDNN convolutions and cuBLAS matmuls, or not)
+and estimator, the per-sample relative error |s - s_ref| / s_ref (median and max over the batch).
+"fd-unguarded" is the central difference computed here directly, without the library's
+``full_fp32`` guard: what TF32 does to a finite difference.
+
+    python benchmarks/jacobian_precision.py --device cuda
+    # writes benchmarks/results/jacobian_precision_<device>.json (+ .md) with the device named
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.finetune_step_time import device_name  # noqa: E402
+from nni_2ndmatch.io import write_results  # noqa: E402
+from nni_2ndmatch.losses import DEFAULT_FD_STEP, jacobian_sensitivity, model_output, sample_directions  # noqa: E402
+from nni_2ndmatch.losses import jacobian_safe, squared_norm  # noqa: E402
+from nni_2ndmatch.models import build_builtin  # noqa: E402
+
+
+def set_tf32(allowed: bool) -> None:
+    value = "tf32" if allowed else "ieee"
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = value
+
+
+def unguarded_fd(model, x, t, v, h=DEFAULT_FD_STEP):
+    with jacobian_safe(model):
+        return squared_norm((model_output(model, x + h * v, t) - model_output(model, x - h * v, t)) / (2 * h))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    model = build_builtin("ddpm-cifar10").to(device).eval()
+    model64 = build_builtin("ddpm-cifar10").double().to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
+    t = torch.linspace(0, 999, args.batch).round().long().to(device)
+    v = sample_directions(x, torch.Generator(device=device).manual_seed(1) if device.type == "cuda" else None)
+    with torch.no_grad():
+        ref = {"jvp": jacobian_sensitivity(model64, x.double(), t, v.double(), mode="jvp")}
+    ref["vjp"] = jacobian_sensitivity(model64, x.double(), t, v.double(), mode="vjp").detach()
+    rows = []
+    for tf32 in (True, False):
+        set_tf32(tf32)
+        for mode in ("jvp", "vjp", "fd", "fd-unguarded"):
+            if mode == "fd-unguarded":
+                with torch.no_grad():
+                    s = unguarded_fd(model, x, t, v)
+            else:
+                s = jacobian_sensitivity(model, x, t, v, mode=mode).detach()
+            target = ref["vjp" if mode == "vjp" else "jvp"]
+            err = ((s.double() - target).abs() / target).tolist()
+            rows.append({"tf32": tf32, "estimator": mode, "median_rel_error": statistics.median(err),
+                         "max_rel_error": max(err)})
+            print(rows[-1], flush=True)
+    results = {"device": device_name(device), "torch": torch.__version__, "batch": args.batch,
+               "fd_step": DEFAULT_FD_STEP, "timesteps": t.tolist(),
+               "command": "python benchmarks/jacobian_precision.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "rows": rows}
+    lines = ["# fp32 Jacobian estimators against float64, DDPM-CIFAR10 layout", "",
+             f"Device: {results['device']}; torch {results['torch']}; batch {args.batch}; fd step {DEFAULT_FD_STEP}. "
+             f"Command: `{results['command']}`", "",
+             "| TF32 allowed | estimator | median rel. error | max rel. error |", "|---|---|---|---|"]
+    lines += [f"| {r['tf32']} | {r['estimator']} | {r['median_rel_error']:.2e} | {r['max_rel_error']:.2e} |"
+              for r in rows]
+    out = Path(args.out or f"benchmarks/results/jacobian_precision_{device.type}.json")
+    write_results(out, results, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return results
+
+
+if __name__ == "__main__":
+    main()
