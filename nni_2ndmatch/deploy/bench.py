@@ -111,8 +111,14 @@ def _torch_cuda_graph(subject: Subject, batch: int):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        wrapper(*inputs)
-    return graph.replay, None
+        out = wrapper(*inputs)
+
+    # The graph reads the weights and inputs at fixed addresses but holds no reference to them:
+    # the closure keeps them alive (freed, their memory is reused and a replay reads garbage or faults).
+    def replay(held=(model, inputs)) -> Tensor:
+        graph.replay()
+        return out
+    return replay, None
 
 
 def _onnx_file(subject: Subject, workdir: Path, seq_len: int, fp16: bool = False) -> Path:
