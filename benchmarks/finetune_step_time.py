@@ -3,13 +3,13 @@
 Teacher: build_builtin("ddpm-cifar10") (35.7M parameters, random init: step time does not depend
 on the weights); student: prune_diffusers(teacher, "magnitude", 0.3). Data: random 32x32 RGB images
 (no download; the content does not change the cost). Each variant runs ``--steps`` steps of
-``nni_2ndmatch.finetune`` (AdamW, clipping, EMA) at ``--batch``; the step time is the median over
-the steps after ``--warmup`` (the loop reads the loss every step, which synchronises the GPU).
-The variants run one after the other: meant for a dedicated GPU, not a shared CPU (for CPU
-figures, interleaved, see step_cost.py).
-Peak memory: torch.cuda.max_memory_allocated on a GPU.
+``nni_2ndmatch.finetune`` (AdamW, clipping, EMA) at ``--batch``, in ``--rounds`` rounds (the
+order of the variants reversed every other round, a fresh student each time); the step time is the
+median over the steps after ``--warmup`` of every round (the loop reads the loss every step, which
+synchronises the GPU). Meant for a dedicated GPU; for CPU figures see step_cost.py.
+Peak memory: torch.cuda.max_memory_allocated on a GPU (the largest over the rounds).
 
-    python benchmarks/finetune_step_time.py --device cuda [--batch 64] [--steps 30]
+    python benchmarks/finetune_step_time.py --device cuda [--batch 256] [--steps 15] [--rounds 3]
     # writes benchmarks/results/finetune_step_time_<device>.json (+ .md) with the device named
 """
 
@@ -34,6 +34,8 @@ VARIANTS = {
     "dsm": ("dsm", {}, "no"),
     "kd": ("kd", {}, "no"),
     "2ndmatch-vjp": ("2ndmatch", {"mode": "vjp"}, "no"),
+    "2ndmatch-jvp": ("2ndmatch", {"mode": "jvp"}, "no"),
+    "2ndmatch-fd": ("2ndmatch", {"mode": "fd"}, "no"),
     "2ndmatch-vjp-frac0.25": ("2ndmatch", {"mode": "vjp", "jac_fraction": 0.25}, "no"),
     "kd-bf16": ("kd", {}, "bf16"),
     "2ndmatch-vjp-bf16": ("2ndmatch", {"mode": "vjp"}, "bf16"),
@@ -57,7 +59,8 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def run_variant(name: str, teacher, student, data, args) -> dict:
+def time_variant(name: str, teacher, student, data, args) -> tuple[list[float], float | None]:
+    """Seconds of each step after the warm-up, and the peak GPU memory in MiB (None on the CPU)."""
     kind, options, precision = VARIANTS[name]
     config = TrainConfig(steps=args.steps, batch_size=args.batch, checkpoint_every=10**9, log_every=1,
                          mixed_precision=precision, seed=0)
@@ -70,11 +73,7 @@ def run_variant(name: str, teacher, student, data, args) -> dict:
              runtime=Runtime(device),
              on_log=lambda record: seconds.append(record["seconds"]))
     per_step = [b - a for a, b in zip(seconds, seconds[1:])][args.warmup:]
-    row = {"variant": name, "finetuner": kind, "options": options, "mixed_precision": precision,
-           "seconds_per_step": statistics.median(per_step), "steps_timed": len(per_step)}
-    if device.type == "cuda":
-        row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return row
+    return per_step, torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def render(results: dict) -> str:
@@ -92,9 +91,10 @@ def render(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--width", type=float, default=1.0, help="teacher width (smaller: a quick check of the script)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out")
@@ -107,14 +107,26 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.simplefilter("ignore")
         pruned, report = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
     data = RandomImages(max(4 * args.batch, 256))
+    names = args.variants.split(",")
+    steps: dict[str, list[float]] = {n: [] for n in names}
+    rounds: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            per_step, peak = time_variant(name, teacher, copy.deepcopy(pruned), data, args)
+            steps[name] += per_step
+            rounds[name].append(statistics.median(per_step))
+            peaks[name] += [] if peak is None else [peak]
+            print(f"round {r} {name}: {rounds[name][-1]:.4f} s/step", flush=True)
     rows = []
-    for name in args.variants.split(","):
-        student = copy.deepcopy(pruned)
-        rows.append(run_variant(name, teacher, student, data, args))
-        print(f"{name}: {rows[-1]['seconds_per_step']:.4f} s/step", flush=True)
+    for name in names:
+        kind, options, precision = VARIANTS[name]
+        rows.append({"variant": name, "finetuner": kind, "options": options, "mixed_precision": precision,
+                     "seconds_per_step": statistics.median(steps[name]), "round_medians": rounds[name],
+                     "steps_timed": len(steps[name]), **({"peak_memory_mib": max(peaks[name])} if peaks[name] else {})})
     device = torch.device(args.device)
     results = {"device": device_name(device), "torch": torch.__version__, "batch": args.batch,
-               "steps": args.steps, "warmup": args.warmup, "width": args.width, "macs_ratio": report["macs_ratio"],
+               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "width": args.width, "macs_ratio": report["macs_ratio"],
                "command": "python benchmarks/finetune_step_time.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "rows": rows}
     out = Path(args.out or f"benchmarks/results/finetune_step_time_{device.type}.json")
