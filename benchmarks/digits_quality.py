@@ -52,8 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lambda-jac", type=float, default=0.1)
     p.add_argument("--jac-weighting", default="none", choices=["none", "noise"])
     p.add_argument("--no-wallclock", action="store_true", help="skip the equal wall-clock comparison")
-    p.add_argument("--baseline", help="a results JSON whose dsm and kd runs are reused (its settings must match "
-                                      "except --seeds and the 2ndmatch-only --lambda-jac, --jac-weighting)")
+    p.add_argument("--baseline", help="a results JSON whose runs of the same seed and steps are reused: dsm and "
+                                      "kd, and 2ndmatch too where --lambda-jac and --jac-weighting match (the other "
+                                      "settings must match, except --seeds)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "digits_quality.json"))
     return p.parse_args()
@@ -103,8 +104,9 @@ def main() -> None:
         if {k: v for k, v in base["settings"].items() if k not in free} != \
                 {k: v for k, v in settings.items() if k not in free}:
             sys.exit(f"--baseline {args.baseline}: its settings differ beyond {', '.join(free)}")
+        same_jac = all(base["settings"][k] == settings[k] for k in ("lambda_jac", "jac_weighting"))
         reusable = [r for budget in ("equal_steps", "equal_wallclock") for r in base.get(budget, {}).get("runs", [])
-                    if r["strategy"] != "2ndmatch"]
+                    if r["strategy"] != "2ndmatch" or same_jac]
     results = json.loads(out.read_text()) if out.exists() else {}
     if results.get("settings") != settings:
         results = {"settings": settings}
