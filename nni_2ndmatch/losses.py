@@ -94,28 +94,76 @@ def jacobian_safe(*models: Any) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def full_fp32() -> Iterator[None]:
-    """Inside the block, fp32 convolutions (cuDNN) and matmuls (cuBLAS) run in IEEE fp32, not TF32.
+# fp32 precision settings. torch >= 2.9 has an ``fp32_precision`` per backend and operation beside
+# the legacy flags (cudnn.allow_tf32, the float32 matmul precision); reading a legacy flag raises
+# once the two disagree, so both are set together, and both are restored.
+_PRECISION_OWNERS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul", "mkldnn.conv",
+                     "mkldnn.rnn")
 
-    A finite difference perturbs each input entry by about h / sqrt(C*H*W) (1.8e-4 for a 32x32 RGB
-    image at h = 1e-2), below TF32's resolution (10 mantissa bits: about 1e-3 relative): with TF32
-    the two evaluations would see nearly the same rounded inputs. PyTorch allows TF32 in cuDNN
-    convolutions by default. The user's settings are restored on exit. No effect on the CPU.
-    """
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9: reading the legacy flags
-        flags = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]  # may raise there
-    else:
-        flags = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
-    saved = [getattr(owner, name) for owner, name, _ in flags]
+
+def _precision_owners() -> list[Any]:
+    owners = []
+    for path in _PRECISION_OWNERS:
+        owner = torch.backends
+        for part in filter(None, path.split(".")):
+            owner = getattr(owner, part, None)
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            owners.append(owner)
+    return owners
+
+
+def precision_state() -> tuple[tuple[Any, ...], tuple[str, ...]]:
+    """Every fp32 precision setting: the legacy ones (None where torch refuses to report a mixed
+    state) and, on torch >= 2.9, each backend's ``fp32_precision``."""
+    legacy = []
+    for read in (lambda: torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision):
+        try:
+            legacy.append(read())
+        except RuntimeError:
+            legacy.append(None)
+    return tuple(legacy), tuple(owner.fp32_precision for owner in _precision_owners())
+
+
+def _restore_precision(state: tuple[tuple[Any, ...], tuple[str, ...]]) -> None:
+    (cudnn_tf32, matmul_precision), values = state
+    if cudnn_tf32 is not None:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    if matmul_precision is not None:
+        torch.set_float32_matmul_precision(matmul_precision)
+    for owner, value in zip(_precision_owners(), values):
+        owner.fp32_precision = value
+
+
+@contextlib.contextmanager
+def fp32_precision(precision: Literal["ieee", "tf32"]) -> Iterator[None]:
+    """Inside the block fp32 convolutions and matmuls run in ``precision``: ``ieee`` (full fp32, on
+    CUDA and in oneDNN on the CPU, which ``set_float32_matmul_precision("medium")`` lets use bf16)
+    or ``tf32`` (TF32 allowed). Every setting is restored on exit, also when the block raises."""
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision={precision!r} is not allowed; allowed: ieee, tf32")
+    state = precision_state()
     try:
-        for owner, name, value in flags:
-            setattr(owner, name, value)
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+        for owner in _precision_owners()[1:]:  # [0] is torch.backends itself, the default of the others
+            owner.fp32_precision = precision
         yield
     finally:
-        for (owner, name, _), value in zip(flags, saved):
-            setattr(owner, name, value)
+        _restore_precision(state)
+
+
+def _ieee_backward(grad: Tensor) -> Tensor:
+    """Hook on a finite difference with a graph: the rest of this backward pass, which goes through
+    the perturbed evaluations, runs in full fp32 too (TF32 would cancel the difference there as in
+    the forward); the settings are restored when the pass ends."""
+    before = precision_state()
+    guard = contextlib.ExitStack()
+    guard.enter_context(fp32_precision("ieee"))
+    if precision_state() == before:  # already full fp32: the user's setting, or another difference's hook
+        guard.close()
+    else:
+        torch.autograd.Variable._execution_engine.queue_callback(guard.close)
+    return grad
 
 
 def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
@@ -131,8 +179,11 @@ def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Te
     - ``jvp``: J v by forward-mode AD (torch.func.jvp): one pass carrying primal and tangent.
     - ``vjp``: J^T v by reverse mode (grad of <eps, v> w.r.t. x_t); trained by double backward.
     - ``fd``: (eps(x + h v) - eps(x - h v)) / (2h), a central difference with O(h^2) error; the
-      output is a third evaluation. All three evaluations use the same dropout mask and run
-      without TF32 (``full_fp32``).
+      output is a third evaluation. All three evaluations use the same dropout mask and run in
+      full fp32, without TF32 (``fp32_precision("ieee")``), and so does the backward pass through
+      them. A finite difference perturbs each input entry by about h / sqrt(C*H*W) (1.8e-4 for a
+      32x32 RGB image at h = 1e-2), below TF32's resolution (about 1e-3 relative), and PyTorch
+      allows TF32 in cuDNN convolutions by default.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not a Jacobian estimator; allowed: {', '.join(MODES)}")
@@ -168,9 +219,11 @@ def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Te
         return f(x)
 
     x = x_t.detach()
-    with grad_ctx, full_fp32():
+    with grad_ctx, fp32_precision("ieee"):
         diff = (replay(x + fd_step * v) - replay(x - fd_step * v)) / (2.0 * fd_step)
         out = replay(x)
+    if diff.requires_grad:
+        diff.register_hook(_ieee_backward)
     return out, squared_norm(diff)
 
 

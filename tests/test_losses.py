@@ -8,7 +8,7 @@ from conftest import SymmetricNet, TinyNet, explicit_jacobians
 from tiny_models import BUILDERS, example_inputs
 
 from nni_2ndmatch import jacobian_sensitivity, sample_directions, second_match_loss
-from nni_2ndmatch.losses import DEFAULT_FD_STEP
+from nni_2ndmatch.losses import DEFAULT_FD_STEP, _restore_precision, fp32_precision, precision_state
 
 
 def _rel(a, b):
@@ -167,31 +167,63 @@ def test_every_evaluation_of_one_estimate_uses_the_same_dropout_mask():
     assert _rel(fd, exact) < 1e-6
 
 
-def _tf32_flags():
-    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    if hasattr(getattr(conv, "conv", None), "fp32_precision"):
-        return conv.conv.fp32_precision, matmul.fp32_precision
-    return conv.allow_tf32, matmul.allow_tf32
+STARTING_PRECISIONS = {
+    "default": lambda: None,
+    "matmul high": lambda: torch.set_float32_matmul_precision("high"),
+    "matmul medium": lambda: torch.set_float32_matmul_precision("medium"),  # oneDNN CPU matmuls in bf16
+    "legacy flags": lambda: (setattr(torch.backends.cudnn, "allow_tf32", True),
+                             setattr(torch.backends.cuda.matmul, "allow_tf32", True)),
+    "new api": lambda: setattr(torch.backends, "fp32_precision", "tf32"),  # torch >= 2.9
+}
+
+
+@pytest.fixture(params=list(STARTING_PRECISIONS))
+def user_precision(request):
+    """The user's precision settings, undone after the test; yields their snapshot."""
+    outer = precision_state()
+    STARTING_PRECISIONS[request.param]()
+    yield precision_state()
+    _restore_precision(outer)
+
+
+def _full_fp32_state():
+    with fp32_precision("ieee"):
+        return precision_state()
 
 
 @pytest.mark.parametrize("raises", [False, True])
-def test_finite_differences_run_without_tf32_and_restore_the_users_setting(raises):
-    """TF32 (on by default for cuDNN convolutions) would round away the finite-difference step;
-    the flags are global, so they are checked here on the CPU (tests/test_gpu.py measures the error)."""
-    seen = []
+def test_finite_differences_and_their_backward_run_in_full_fp32(user_precision, raises):
+    """TF32 (on by default for cuDNN convolutions) would round away the finite-difference step, in
+    the forward and in the backward; the settings are global, so they are checked here on the CPU
+    (tests/test_gpu.py measures the error on a GPU)."""
+    full = _full_fp32_state()
+    assert full[0] == (False, "highest")  # the legacy flags stay readable and agree
+    assert all(value == "ieee" for value in full[1][1:])
+    seen = {"forward": [], "backward": []}
+    w = torch.nn.Parameter(torch.randn(1, 1, 2, 3))
 
     def net(x, t):
-        seen.append(_tf32_flags())
+        seen["forward"].append(precision_state())
         if raises:
             raise RuntimeError("boom")
-        return torch.tanh(x)
+        y = torch.tanh(x * w)
+        y.register_hook(lambda g: seen["backward"].append(precision_state()))
+        return y
 
-    before = _tf32_flags()
-    x = torch.randn(2, 1, 2, 3)
+    x, t = torch.randn(2, 1, 2, 3), torch.ones(2)
     for mode in ("fd", "vjp"):
-        seen.clear()
+        expected = full if mode == "fd" else user_precision
+        seen["forward"].clear(), seen["backward"].clear()
         with pytest.raises(RuntimeError, match="boom") if raises else contextlib.nullcontext():
-            jacobian_sensitivity(net, x, torch.ones(2), sample_directions(x), mode=mode)
-        full = ("ieee", "ieee") if isinstance(before[0], str) else (False, False)
-        assert seen and all(flags == (full if mode == "fd" else before) for flags in seen)
-        assert _tf32_flags() == before
+            # two differences in one backward pass
+            loss = sum(jacobian_sensitivity(net, x, t, sample_directions(x), mode=mode).sum() for _ in range(2))
+        assert seen["forward"] and all(state == expected for state in seen["forward"])
+        assert precision_state() == user_precision
+        if raises:
+            continue
+        loss.backward()
+        assert len(seen["backward"]) >= 2 and all(state == expected for state in seen["backward"])
+        assert precision_state() == user_precision
+    with pytest.raises(ValueError, match="precision='bf16' is not allowed; allowed: ieee, tf32"):
+        with fp32_precision("bf16"):
+            pass
