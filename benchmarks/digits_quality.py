@@ -97,16 +97,18 @@ def main() -> None:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "baseline")}
-    reusable = []  # dsm and kd runs of --baseline
+    reusable, base_profile = [], None  # runs of --baseline, and its 2ndmatch sensitivity profile
     if args.baseline:
         base = json.loads(Path(args.baseline).read_text())
         free = ("lambda_jac", "jac_weighting", "seeds")  # runs are matched by seed and steps
         if {k: v for k, v in base["settings"].items() if k not in free} != \
                 {k: v for k, v in settings.items() if k not in free}:
             sys.exit(f"--baseline {args.baseline}: its settings differ beyond {', '.join(free)}")
-        same_jac = all(base["settings"][k] == settings[k] for k in ("lambda_jac", "jac_weighting"))
+        same_jac = all(base["settings"].get(k) == settings[k] for k in ("lambda_jac", "jac_weighting"))
         reusable = [r for budget in ("equal_steps", "equal_wallclock") for r in base.get(budget, {}).get("runs", [])
                     if r["strategy"] != "2ndmatch" or same_jac]
+        if same_jac and int(base["settings"]["seeds"].split(",")[0]) == seeds[0]:
+            base_profile = base.get("sensitivity_profile", {}).get("2ndmatch")
     results = json.loads(out.read_text()) if out.exists() else {}
     if results.get("settings") != settings:
         results = {"settings": settings}
@@ -125,6 +127,8 @@ def main() -> None:
     results["sensitivity_profile"] = {**results.get("sensitivity_profile", {}), "timesteps": PROFILE_TIMESTEPS,
                                       "teacher": sensitivity_profile(teacher, x0, PROFILE_TIMESTEPS),
                                       "pruned": sensitivity_profile(student0, x0, PROFILE_TIMESTEPS)}
+    if base_profile:  # the baseline's first 2ndmatch run is this one's (same settings and seed)
+        results["sensitivity_profile"].setdefault("2ndmatch", base_profile)
     write(results, out)
 
     def run(budget: str, name: str, seed: int, steps: int) -> dict:

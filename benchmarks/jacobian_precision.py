@@ -6,7 +6,7 @@ random unit direction each. Reference: float64 jvp (for jvp and fd) and vjp (for
 device. For each precision setting (TF32 allowed in cuDNN convolutions and cuBLAS matmuls, or not)
 and estimator, the per-sample relative error |s - s_ref| / s_ref (median and max over the batch).
 "fd-unguarded" is the central difference computed here directly, without the library's
-``full_fp32`` guard: what TF32 does to a finite difference.
+guard (``fp32_precision("ieee")``): what TF32 does to a finite difference.
 
     python benchmarks/jacobian_precision.py --device cuda
     # writes benchmarks/results/jacobian_precision_<device>.json (+ .md) with the device named
@@ -26,13 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.finetune_step_time import device_name  # noqa: E402
 from nni_2ndmatch.io import write_results  # noqa: E402
 from nni_2ndmatch.losses import DEFAULT_FD_STEP, jacobian_sensitivity, model_output, sample_directions  # noqa: E402
-from nni_2ndmatch.losses import jacobian_safe, squared_norm  # noqa: E402
+from nni_2ndmatch.losses import fp32_precision, jacobian_safe, squared_norm  # noqa: E402
 from nni_2ndmatch.models import build_builtin  # noqa: E402
-
-
-def set_tf32(allowed: bool) -> None:
-    value = "tf32" if allowed else "ieee"
-    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = value
 
 
 def unguarded_fd(model, x, t, v, h=DEFAULT_FD_STEP):
@@ -58,13 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
     ref["vjp"] = jacobian_sensitivity(model64, x.double(), t, v.double(), mode="vjp").detach()
     rows = []
     for tf32 in (True, False):
-        set_tf32(tf32)
         for mode in ("jvp", "vjp", "fd", "fd-unguarded"):
-            if mode == "fd-unguarded":
-                with torch.no_grad():
-                    s = unguarded_fd(model, x, t, v)
-            else:
-                s = jacobian_sensitivity(model, x, t, v, mode=mode).detach()
+            with fp32_precision("tf32" if tf32 else "ieee"):
+                if mode == "fd-unguarded":
+                    with torch.no_grad():
+                        s = unguarded_fd(model, x, t, v)
+                else:
+                    s = jacobian_sensitivity(model, x, t, v, mode=mode).detach()
             target = ref["vjp" if mode == "vjp" else "jvp"]
             err = ((s.double() - target).abs() / target).tolist()
             rows.append({"tf32": tf32, "estimator": mode, "median_rel_error": statistics.median(err),

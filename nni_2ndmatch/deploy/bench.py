@@ -113,11 +113,12 @@ def _torch_cuda_graph(subject: Subject, batch: int):
     with torch.no_grad(), torch.cuda.graph(graph):
         out = wrapper(*inputs)
 
-    # The graph reads the weights and inputs at fixed addresses but holds no reference to them:
-    # the closure keeps them alive (freed, their memory is reused and a replay reads garbage or faults).
-    def replay(held=(model, inputs)) -> Tensor:
+    # The graph reads the weights and inputs at fixed addresses but holds no reference to them; freed,
+    # their memory is reused and a replay reads garbage or faults (seen on an H200). Keep them alive.
+    def replay() -> Tensor:
         graph.replay()
         return out
+    replay.keep_alive = (model, inputs)
     return replay, None
 
 
