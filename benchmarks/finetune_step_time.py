@@ -123,10 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
         kind, options, precision = VARIANTS[name]
         rows.append({"variant": name, "finetuner": kind, "options": options, "mixed_precision": precision,
                      "seconds_per_step": statistics.median(steps[name]), "round_medians": rounds[name],
-                     "steps_timed": len(steps[name]), **({"peak_memory_mib": max(peaks[name])} if peaks[name] else {})})
+                     "steps_timed": len(steps[name]),
+                     **({"peak_memory_mib": max(peaks[name])} if peaks[name] else {})})
     device = torch.device(args.device)
     results = {"device": device_name(device), "torch": torch.__version__, "batch": args.batch,
-               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "width": args.width, "macs_ratio": report["macs_ratio"],
+               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "width": args.width,
+               "macs_ratio": report["macs_ratio"],
                "command": "python benchmarks/finetune_step_time.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "rows": rows}
     out = Path(args.out or f"benchmarks/results/finetune_step_time_{device.type}.json")

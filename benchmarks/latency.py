@@ -2,10 +2,9 @@
 
 Teacher: build_builtin("ddpm-cifar10") (35.7M parameters, random init, seed 0). Student:
 prune_diffusers(teacher, "magnitude", 0.3). Both on torch CPU and onnxruntime CPU, batch 1 and 16
-(``--batches``),
-1 thread, interleaved in one process (see nni_2ndmatch.deploy.bench). Target: at batch >= 16 on
-onnxruntime CPU, the student's speedup is at least 0.9x the speedup its MACs predict
-(speedup_vs_macs >= 0.9). With ``--device cuda`` the variants are the GPU ones of the chosen
+(``--batches``), 1 thread, interleaved in one process (see nni_2ndmatch.deploy.bench). Target: at
+batch >= 16 on onnxruntime CPU, the student's speedup is at least 0.9x the speedup its MACs
+predict (speedup_vs_macs >= 0.9). With ``--device cuda`` the variants are the GPU ones of the chosen
 backends (torch: fp32 eager and fp16 in a CUDA graph), timed by CUDA events; no target there.
 
     python benchmarks/latency.py [--repeats 20] [--out benchmarks/results/latency_cpu.json]
@@ -32,8 +31,8 @@ def main(args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore")  # the coarse-ratio warning: the achieved ratios are in the results
         student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
     results = run_benchmark(
-        teacher, student, backends=args.backends.split(","), batches=[int(b) for b in args.batches.split(",")], device=args.device, threads=args.threads,
-        repeats=args.repeats, warmup=args.warmup,
+        teacher, student, backends=args.backends.split(","), batches=[int(b) for b in args.batches.split(",")],
+        device=args.device, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
         teacher_info={"source": "build_builtin('ddpm-cifar10'), seed 0", "kind": "builtin", "class": "UNet2DModel"},
         student_info={"source": "prune_diffusers(teacher, 'magnitude', 0.3), round_to=8", "kind": "pruned",
                       "class": "UNet2DModel"})

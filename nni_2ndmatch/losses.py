@@ -145,8 +145,9 @@ def fp32_precision(precision: Literal["ieee", "tf32"]) -> Iterator[None]:
     try:
         torch.backends.cudnn.allow_tf32 = precision == "tf32"
         torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-        for owner in _precision_owners()[1:]:  # [0] is torch.backends itself, the default of the others
-            owner.fp32_precision = precision
+        for owner in _precision_owners():
+            if owner is not torch.backends:  # the default of the others: left as it is
+                owner.fp32_precision = precision
         yield
     finally:
         _restore_precision(state)
