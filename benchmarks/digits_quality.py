@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-wallclock", action="store_true", help="skip the equal wall-clock comparison")
     p.add_argument("--baseline", help="a results JSON whose runs of the same seed and steps are reused: dsm and "
                                       "kd, and 2ndmatch too where --lambda-jac and --jac-weighting match (the other "
-                                      "settings must match, except --seeds)")
+                                      "settings must match, except --seeds and --no-wallclock)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "digits_quality.json"))
     return p.parse_args()
@@ -100,7 +100,7 @@ def main() -> None:
     reusable, base_profile = [], None  # runs of --baseline, and its 2ndmatch sensitivity profile
     if args.baseline:
         base = json.loads(Path(args.baseline).read_text())
-        free = ("lambda_jac", "jac_weighting", "seeds")  # runs are matched by seed and steps
+        free = ("lambda_jac", "jac_weighting", "seeds", "no_wallclock")  # runs are matched by seed and steps
         if {k: v for k, v in base["settings"].items() if k not in free} != \
                 {k: v for k, v in settings.items() if k not in free}:
             sys.exit(f"--baseline {args.baseline}: its settings differ beyond {', '.join(free)}")
