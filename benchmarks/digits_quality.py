@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import platform
 import statistics
 import sys
 import tempfile
@@ -51,11 +53,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--lambda-jac", type=float, default=0.1)
     p.add_argument("--jac-weighting", default="none", choices=["none", "noise"])
+    p.add_argument("--jac-reference-dims", type=int, help="scale the Jacobian term by d / this (3072: lambda_jac "
+                                                         "balanced as in the paper's 32x32x3)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (the reference: 1.0)")
+    p.add_argument("--ema-decay", type=float, help="EMA of the student's weights (the reference: 0.9999 over 100k "
+                                                   "steps); default: no EMA")
+    p.add_argument("--dropout", type=float, help="the student's residual-block dropout (the reference: 0.1)")
     p.add_argument("--no-wallclock", action="store_true", help="skip the equal wall-clock comparison")
     p.add_argument("--baseline", help="a results JSON whose runs of the same seed and steps are reused: dsm and "
                                       "kd, and 2ndmatch too where --lambda-jac and --jac-weighting match (the other "
                                       "settings must match, except --seeds and --no-wallclock)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (part of the settings: results differ "
+                                                          "in the last bits between thread counts)")
     p.add_argument("--out", default=str(RESULTS / "digits_quality.json"))
     return p.parse_args()
 
@@ -68,6 +77,22 @@ def evaluate(model, noise, teacher_samples, classifier, ddim_steps) -> dict[str,
 def summarize(runs: list[dict], key: str) -> dict[str, float]:
     values = [r[key] for r in runs]
     return {f"{key}_mean": statistics.fmean(values), f"{key}_std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def paired(runs: list[dict], base: str) -> dict[str, float]:
+    """digits-FID of ``base`` minus 2ndmatch's, seed by seed (positive: 2ndmatch better); paired t test,
+    one-sided p for "2ndmatch is better"."""
+    from scipy import stats
+
+    by_seed = {(r["strategy"], r["seed"]): r["fid"] for r in runs}
+    diffs = [by_seed[(base, s)] - by_seed[("2ndmatch", s)] for (name, s) in by_seed if name == base
+             and ("2ndmatch", s) in by_seed]
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else math.nan
+    std = statistics.stdev(diffs) if n > 1 else math.nan
+    t = mean / (std / math.sqrt(n)) if n > 1 and std > 0 else math.nan
+    p = float(stats.t.sf(t, n - 1)) if math.isfinite(t) else math.nan
+    return {"mean": mean, "std": std, "n": n, "t": t, "p_one_sided": p, "wins": sum(d > 0 for d in diffs)}
 
 
 def write(results: dict, out: Path) -> None:
@@ -87,6 +112,10 @@ def write(results: dict, out: Path) -> None:
                          f"{row['fidelity_mean']:.4f} ± {row['fidelity_std']:.4f} |")
         if "gap_closed" in results[budget]:
             lines += ["", f"gap closed: {results[budget]['gap_closed']:.3f}"]
+        for key, d in results[budget].get("paired", {}).items():
+            lines.append(f"{key} (digits-FID, positive: 2ndmatch better): {d['mean']:.3f} ± {d['std']:.3f} over "
+                         f"{d['n']} seeds, 2ndmatch better on {d['wins']}, t {d['t']:.2f}, one-sided p "
+                         f"{d['p_one_sided']:.3g}")
         lines.append("")
     write_results(out, results, "\n".join(lines))
 
@@ -96,15 +125,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "baseline")}
+    # everything that changes the floats: the options, the thread count, the torch build and the CPU
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "baseline")},
+                "torch": torch.__version__, "machine": platform.machine()}
     reusable, base_profile = [], None  # runs of --baseline, and its 2ndmatch sensitivity profile
     if args.baseline:
         base = json.loads(Path(args.baseline).read_text())
-        free = ("lambda_jac", "jac_weighting", "seeds", "no_wallclock")  # runs are matched by seed and steps
+        jac_options = ("lambda_jac", "jac_weighting", "jac_reference_dims")
+        free = (*jac_options, "seeds", "no_wallclock")  # runs are matched by seed and steps
         if {k: v for k, v in base["settings"].items() if k not in free} != \
                 {k: v for k, v in settings.items() if k not in free}:
             sys.exit(f"--baseline {args.baseline}: its settings differ beyond {', '.join(free)}")
-        same_jac = all(base["settings"].get(k) == settings[k] for k in ("lambda_jac", "jac_weighting"))
+        same_jac = all(base["settings"].get(k) == settings[k] for k in jac_options)
         reusable = [r for budget in ("equal_steps", "equal_wallclock") for r in base.get(budget, {}).get("runs", [])
                     if r["strategy"] != "2ndmatch" or same_jac]
         if same_jac and int(base["settings"]["seeds"].split(",")[0]) == seeds[0]:
@@ -142,9 +174,11 @@ def main() -> None:
                 summarize_budget(budget)
                 write(results, out)
                 return r
-        options = {"lambda_jac": args.lambda_jac, "jac_weighting": args.jac_weighting} if name == "2ndmatch" else {}
-        config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=seed, ema_decay=None,
-                             checkpoint_every=10**9, log_every=max(1, steps // 10))
+        options = {"lambda_jac": args.lambda_jac, "jac_weighting": args.jac_weighting,
+                   "jac_reference_dims": args.jac_reference_dims} if name == "2ndmatch" else {}
+        config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=seed, ema_decay=args.ema_decay,
+                             grad_clip=args.grad_clip, dropout=args.dropout, checkpoint_every=10**9,
+                             log_every=max(1, steps // 10))
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             trained = finetune(copy.deepcopy(student0), teacher, get_finetuner(name, **options), dataset, config, tmp,
@@ -173,6 +207,8 @@ def main() -> None:
             section["gap_closed"] = (table["dsm"]["fid_mean"] - table["2ndmatch"]["fid_mean"]) / gap
             spread = max(table["dsm"]["fid_std"], table["2ndmatch"]["fid_std"])
             section["difference_over_2std"] = (table["dsm"]["fid_mean"] - table["2ndmatch"]["fid_mean"]) > 2 * spread
+        section["paired"] = {f"{base}_minus_2ndmatch": paired(section["runs"], base) for base in ("kd", "dsm")
+                             if base in table and "2ndmatch" in table}
 
     for seed in seeds:
         for name in STRATEGIES:
@@ -187,6 +223,7 @@ def main() -> None:
     # top level: the equal-steps comparison (per strategy fid_mean, fid_std, fidelity_mean, steps, seconds)
     results.update(results["equal_steps"]["strategies"])
     results["gap_closed"] = results["equal_steps"].get("gap_closed")
+    results["paired"] = results["equal_steps"].get("paired", {})
     write(results, out)
     print(out.with_suffix(".md").read_text())
 

@@ -211,12 +211,19 @@ class SecondMatch(KD):
         the Jacobian of the noise component of x_t. Near t = 0, ||J v||^2 grows like
         1/(1 - abar_t) and dominates the unweighted term (see the digits benchmark); this makes
         it comparable across timesteps. It changes the term's scale: retune lambda_jac.
+      jac_reference_dims: None (the paper's raw term) or an image size d_ref = C*H*W at which
+        lambda_jac was balanced; the term is then multiplied by d / d_ref, d = C*H*W of x_t. The
+        DSM and KD terms are summed over pixels and grow like d while ||J v||^2 (unit v) does
+        not, so the paper's lambda_jac = 0.1 was balanced at its 32x32x3 = 3072; with
+        ``jac_reference_dims=3072`` the same 0.1 keeps that balance at any resolution
+        (8x8x1 digits: an effective weight of 0.1 * 64 / 3072 = 2.1e-3).
     The outputs of the Jacobian evaluations serve the DSM and KD terms: no extra forward passes.
     """
 
     def __init__(self, *, lambda_dsm: float = 1.0, lambda_kd: float = 1.0, lambda_jac: float = 0.1,
                  mode: str = "vjp", num_projections: int = 1, jac_fraction: float = 1.0,
-                 fd_step: float = DEFAULT_FD_STEP, jac_weighting: str = "none", scheduler: Any = None) -> None:
+                 fd_step: float = DEFAULT_FD_STEP, jac_weighting: str = "none",
+                 jac_reference_dims: int | None = None, scheduler: Any = None) -> None:
         super().__init__(lambda_dsm=lambda_dsm, lambda_kd=lambda_kd, scheduler=scheduler)
         self.lambda_jac = _check_weight("lambda_jac", lambda_jac)
         if jac_weighting not in JAC_WEIGHTINGS:
@@ -234,6 +241,11 @@ class SecondMatch(KD):
         if isinstance(fd_step, bool) or not isinstance(fd_step, (int, float)) or not 0 < fd_step < 1:
             raise ValueError(f"fd_step={fd_step!r} is not allowed; it must be in (0, 1)")
         self.fd_step = float(fd_step)
+        if jac_reference_dims is not None and (isinstance(jac_reference_dims, bool) or
+                                               not isinstance(jac_reference_dims, int) or jac_reference_dims < 1):
+            raise ValueError(f"jac_reference_dims={jac_reference_dims!r} is not allowed; it must be null or an "
+                             "integer >= 1 (3072: the paper's 32x32x3 images)")
+        self.jac_reference_dims = jac_reference_dims
 
     def weights(self):
         return {"dsm": self.lambda_dsm, "kd": self.lambda_kd, "jac": self.lambda_jac}
@@ -263,6 +275,9 @@ class SecondMatch(KD):
         if self.jac_weighting == "noise":
             weight = 1.0 - self.scheduler.alphas_cumprod.to(s_s.device)[t_j.long()].to(s_s.dtype)
             s_s, s_t = weight * s_s, weight * s_t
+        jac = (s_s - s_t).pow(2).mean()
+        if self.jac_reference_dims is not None:
+            jac = jac * (x_t[0].numel() / self.jac_reference_dims)
         return {"dsm": squared_norm(eps_s - noise).mean(),
                 "kd": squared_norm(eps_s - eps_t).mean(),
-                "jac": (s_s - s_t).pow(2).mean()}
+                "jac": jac}

@@ -58,6 +58,9 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(0.9999, gt=0, lt=1, description="min(ema_decay, (1+s)/(10+s)); null: no EMA")
     antithetic: bool = True  # timesteps t and T-1-t in pairs
     hflip: bool = False  # random horizontal flips
+    dropout: float | None = Field(None, ge=0, lt=1, description="p of the student's residual-block dropout (nn.Dropout "
+                                  "modules named 'dropout', as in diffusers' ResnetBlock2D) during the run; the "
+                                  "reference: 0.1; null: as the model has it")
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -295,11 +298,21 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         lines = "".join(json.dumps(h) + "\n" for h in history)
         atomic_write_text(out / "metrics.jsonl", lines)
 
-    teacher_state = contextlib.ExitStack()  # the teacher is frozen and in eval mode for the run only
-    teacher_state.enter_context(requires_grad(teacher, False))
+    dropouts = []
+    if config.dropout is not None:
+        dropouts = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "dropout"
+                    and isinstance(m, nn.Dropout)]
+        if not dropouts:
+            raise ValueError(f"dropout={config.dropout} is not allowed for this student: it has no residual-block "
+                             "dropout (nn.Dropout modules named 'dropout'); use null")
+    restore = contextlib.ExitStack()  # the teacher is frozen and in eval mode for the run only
+    restore.enter_context(requires_grad(teacher, False))
     if isinstance(teacher, nn.Module):
-        teacher_state.callback(teacher.train, teacher.training)
+        restore.callback(teacher.train, teacher.training)
         teacher.eval()
+    for m in dropouts:  # the run's dropout, restored when it ends
+        restore.callback(setattr, m, "p", m.p)
+        m.p = config.dropout
     student.train()
     began = time.perf_counter()
     bar = None
@@ -369,7 +382,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     finally:
         if bar is not None:
             bar.close()
-        teacher_state.close()
+        restore.close()
 
     if ema:
         with torch.no_grad():

@@ -161,3 +161,19 @@ def test_a_scheduler_that_does_not_predict_epsilon_is_refused():
 
     with pytest.raises(ValueError, match="prediction_type='v_prediction' is not supported"):
         get_finetuner("dsm", scheduler=DDPMScheduler(prediction_type="v_prediction"))
+
+
+def test_jac_reference_dims_scales_the_term_by_image_size_over_the_reference():
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, noise, t = (a.double() if a.is_floating_point() else a for a in _inputs())
+    d = x0[0].numel()
+    torch.manual_seed(5)
+    _, plain = get_finetuner("2ndmatch", mode="vjp").loss(student, teacher, x0, noise, t)
+    torch.manual_seed(5)
+    loss, scaled = get_finetuner("2ndmatch", mode="vjp", lambda_jac=0.1, jac_reference_dims=3072).loss(
+        student, teacher, x0, noise, t)
+    assert scaled["jac"] == pytest.approx(plain["jac"] * d / 3072, rel=1e-9)
+    assert loss.item() == pytest.approx(scaled["dsm"] + scaled["kd"] + 0.1 * scaled["jac"], rel=1e-9)
+    for bad in (0, -3, 2.5, True, "3072"):
+        with pytest.raises(ValueError, match=f"jac_reference_dims={bad!r} is not allowed"):
+            get_finetuner("2ndmatch", jac_reference_dims=bad)

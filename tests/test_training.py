@@ -203,3 +203,24 @@ def test_2ndmatch_with_no_jacobian_weight_trains_exactly_like_kd(tmp_path, mode)
 
     kd, second = weights(get_finetuner("kd")), weights(get_finetuner("2ndmatch", lambda_jac=0.0, mode=mode))
     assert max((kd[k] - second[k]).abs().max().item() for k in kd) < 2e-5
+
+
+def test_dropout_applies_to_the_residual_blocks_during_the_run_only(tmp_path):
+    student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
+    seen = []
+    for name, m in student.named_modules():
+        if name.endswith("resnets.0.dropout"):
+            m.register_forward_hook(lambda mod, args, out: seen.append(mod.p))
+    config = TrainConfig(steps=2, batch_size=4, seed=3, dropout=0.1, ema_decay=None)
+    finetune(student, teacher, get_finetuner("kd"), Images(), config, progress=False)
+    assert seen and set(seen) == {0.1}
+    assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}  # restored
+    a, _ = _run(tmp_path / "a", 2, finetuner="kd", dropout=0.1)
+    b, _ = _run(tmp_path / "b", 2, finetuner="kd", dropout=0.1)
+    c, _ = _run(tmp_path / "c", 2, finetuner="kd")
+    same = [torch.equal(p, q) for p, q in zip(a.student.parameters(), b.student.parameters())]
+    differ = [torch.equal(p, q) for p, q in zip(a.student.parameters(), c.student.parameters())]
+    assert all(same) and not all(differ)
+    with pytest.raises(ValueError, match="dropout=0.1 is not allowed for this student"):
+        finetune(torch.nn.Conv2d(1, 1, 3, padding=1), teacher, get_finetuner("dsm"), Images(), config,
+                 progress=False)
