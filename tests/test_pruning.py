@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -9,9 +10,13 @@ import torch
 from tiny_models import BUILDERS
 
 from nni_2ndmatch import load_pruned, prune_diffusers, save_pruned
+from nni_2ndmatch.config import ConfigError, validate_config
 from nni_2ndmatch.models import ddpm_cifar10, tiny_unet
 from nni_2ndmatch.pruning import (
+    CONFIG_LIST_KEYS,
+    SETTING_KEYS,
     _denoising_gradients,
+    config_list_problems,
     default_config_list,
     default_example_inputs,
     masks_to_student,
@@ -210,3 +215,225 @@ def test_gradient_pruners_are_deterministic_leave_the_teacher_alone_and_ignore_f
     assert all(not p.requires_grad for p in teacher.parameters())
     magnitude, _ = prune_diffusers(teacher, "magnitude", 0.5, example_inputs=inputs, round_to=None)
     assert a.pruning_plan != magnitude.pruning_plan  # the gradients changed the choice
+
+
+# --- a damaged pruned-student folder -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_student(tmp_path_factory):
+    """A tiny pruned UNet2DModel saved once; tests copy it and damage the copy."""
+    folder = tmp_path_factory.mktemp("saved") / "student"
+    student, _ = _prune(BUILDERS["unet2d"]().eval(), round_to=None)
+    save_pruned(student, folder)
+    return folder
+
+
+def _damaged(saved, tmp_path, edit):
+    import shutil
+
+    folder = tmp_path / "student"
+    shutil.copytree(saved, folder)
+    plan = json.loads((folder / "pruning_plan.json").read_text())
+    (folder / "pruning_plan.json").write_text(json.dumps(edit(plan)))
+    return folder
+
+
+def _group(plan, root):
+    return next(g for g in plan["groups"] if g["root"] == root)
+
+
+def _set(plan, root, key, value):
+    _group(plan, root)[key] = value
+    return plan
+
+
+def _set_index(plan, root, position, value):
+    _group(plan, root)["keep"][position] = value
+    return plan
+
+
+def _plan_entry(plan, root):
+    return rf"groups\[{plan['groups'].index(_group(plan, root))}\]"
+
+
+LINEAR = "time_embedding.linear_2"  # a Linear of width 32 in the tiny UNet2DModel
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda p: [p], "the top level must be an object, got a list"),
+    (lambda p: {**p, "layers": []}, "unknown key 'layers'; allowed: groups, version"),
+    (lambda p: {"version": 1}, "required key 'groups' is missing"),
+    (lambda p: {**p, "groups": {"root": LINEAR}}, "groups: expected a list of objects, got an object"),
+    (lambda p: {**p, "groups": [[LINEAR, [0, 1]]]},
+     r"groups\[0\]: expected an object with 'root' and 'keep', got a list"),
+    (lambda p: _set(p, LINEAR, "kept", [0]), "{entry}: unknown key 'kept'; allowed: keep, root"),
+    (lambda p: _set(p, LINEAR, "keep", 5), "{entry}.keep: expected a list of channel indices, got an integer"),
+    (lambda p: _set(p, LINEAR, "keep", []), "{entry}.keep: keeps no channel"),
+    (lambda p: _set_index(p, LINEAR, 1, "2"),
+     r"{entry}.keep\[1\]: value '2' is not allowed: a channel index is an integer, got a string"),
+    (lambda p: _set_index(p, LINEAR, 1, 2.0), r"{entry}.keep\[1\]: .*got a number"),
+    (lambda p: _set_index(p, LINEAR, 1, _group(p, LINEAR)["keep"][0]), "{entry}.keep: index 0 is listed twice"),
+    (lambda p: _set(p, LINEAR, "keep", list(range(33))), r"{entry}.keep: 33 indices are too many for width 32"),
+    (lambda p: _set_index(p, LINEAR, -1, 70),
+     r"{entry}.keep: index 70 is out of range for width 32 \(time_embedding.linear_2\); allowed: 0 to 31"),
+    (lambda p: _set_index(p, LINEAR, 0, -1), "{entry}.keep: index -1 is out of range for width 32"),
+    (lambda p: _set(p, LINEAR, "root", 7), r"{entry}.root: value 7 is not allowed: it must be a layer name"),
+    (lambda p: _set(p, LINEAR, "root", "time_embedding.linear_9"),
+     "{entry}.root: 'time_embedding.linear_9' does not match the UNet2DModel architecture.*close: time_embedding"),
+    (lambda p: {**p, "groups": p["groups"] + [p["groups"][0]]}, r"groups\[\d+\].root: layer .* has two groups"),
+    (lambda p: {**p, "version": 2}, "version=2 is not supported; allowed: 1"),
+])
+def test_a_damaged_plan_is_a_value_error_naming_the_file_and_the_entry(saved_student, tmp_path, edit, expected):
+    plan = json.loads((saved_student / "pruning_plan.json").read_text())
+    folder = _damaged(saved_student, tmp_path, edit)
+    with pytest.raises(ValueError) as e:
+        load_pruned(folder)
+    assert str(e.value).startswith(f"{folder / 'pruning_plan.json'}: "), e.value
+    assert re.search(expected.format(entry=_plan_entry(plan, LINEAR)), str(e.value)), e.value
+
+
+def test_malformed_json_and_weights_that_do_not_match_the_plan_are_clear_errors(saved_student, tmp_path):
+    folder = _damaged(saved_student, tmp_path, lambda p: p)
+    (folder / "pruning_plan.json").write_text('{"version": 1, "groups": [')
+    with pytest.raises(ValueError, match=r"pruning_plan.json is not valid JSON"):
+        load_pruned(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json: the top level must be an object, got a list"):
+        load_pruned(folder)
+    # a well-formed plan keeping one channel fewer than the saved weights have
+    other = _damaged(saved_student, tmp_path / "other",
+                     lambda p: _set(p, LINEAR, "keep", _group(p, LINEAR)["keep"][1:]))
+    with pytest.raises(ValueError, match=r"model.safetensors does not match .*pruning_plan.json: \d+ of another "
+                                         r"shape, e.g. 'time_embedding.linear_2.weight': saved \[22, \d+\], "
+                                         r"the plan gives \[21, \d+\]"):
+        load_pruned(other)
+
+
+# --- NNI config_list ---------------------------------------------------------------------------
+
+
+def _config(pruning):
+    raw = {"model": {"teacher": {"builtin": "tiny-unet"}}, "output_dir": "unused", "pruning": pruning}
+    return validate_config(raw)
+
+
+def _problems(pruning):
+    with pytest.raises(ConfigError) as e:
+        _config(pruning)
+    return "\n".join(e.value.problems)
+
+
+CONV = {"op_types": ["Conv2d"], "sparse_ratio": 0.5}
+
+
+@pytest.mark.parametrize("pruning, expected", [
+    ({"config_list": [{"op_types": ["Conv2d"], "sparse_ratio": 1.5}]},
+     r"config_list\[0\].sparse_ratio: value 1.5 is not allowed: it must be in \(0, 1\)"),
+    ({"config_list": [{"op_types": ["Conv2d"], "sparse_ratio": 0}]}, r"config_list\[0\].sparse_ratio: value 0 is not"),
+    ({"config_list": [{**CONV, "max_sparse_ratio": 1.2}]}, r"max_sparse_ratio: value 1.2 .* must be in \(0, 1\]"),
+    ({"config_list": [{**CONV, "min_sparse_ratio": 0.6, "max_sparse_ratio": 0.4}]},
+     r"config_list\[0\]: min_sparse_ratio=0.6 is above max_sparse_ratio=0.4"),
+    ({"config_list": [["Conv2d", 0.5]]},
+     r"config_list\[0\]: expected a mapping \(op_types, sparse_ratio, ...\), got a list"),
+    ({"config_list": {"op_types": ["Conv2d"]}}, "config_list: expected a list of mappings, got a mapping"),
+    ({"config_list": []}, "config_list: the list is empty"),
+    ({"config_list": [CONV, {**CONV, "op_name": ["conv_in"]}]},
+     r"config_list\[1\].op_name: unknown key; did you mean 'op_names'\? \(allowed: op_types, op_names,"),
+    ({"config_list": [{"op_types": ["Conv2d"], "sparsity": 0.5}]},
+     r"config_list\[0\].sparsity: 'sparsity' is a pre-3.0 NNI key; use sparse_ratio"),
+    ({"config_list": [{"op_types": "Conv2d", "sparse_ratio": 0.5}]},
+     r"config_list\[0\].op_types: value 'Conv2d' is not allowed: it must be a list of strings"),
+    ({"config_list": [{"op_names": ["conv_in", 3], "sparse_ratio": 0.5}]}, r"config_list\[0\].op_names: value"),
+    ({"config_list": [{"op_names_re": ["down_blocks.("], "sparse_ratio": 0.5}]},
+     r"config_list\[0\].op_names_re\[0\]: value 'down_blocks.\(' is not a regular expression"),
+    ({"config_list": [{"sparse_ratio": 0.5}]}, r"config_list\[0\]: give op_types, op_names or op_names_re"),
+    ({"config_list": [{"op_types": ["Conv2d"]}]}, r"config_list\[0\]: give sparse_ratio or sparse_threshold"),
+    ({"config_list": [{**CONV, "sparse_threshold": 0.1}]},
+     r"config_list\[0\]: give sparse_ratio or sparse_threshold, not both"),
+    ({"config_list": [{**CONV, "granularity": "in_channel"}]},
+     r"config_list\[0\].granularity: value 'in_channel' is not allowed: .*allowed: default, out_channel"),
+    ({"config_list": [{**CONV, "global_group_id": True}]}, r"global_group_id: value True .* an integer or a string"),
+    ({"config_list": [{**CONV, "target_names": ["bias"]}]}, r"target_names: value \['bias'\] .* must include 'weight'"),
+    ({"config_list": [{"op_types": ["Conv2d"], "target_settings": {"weight": {"sparse_ratio": 2, "ratio": 1}}}]},
+     r"config_list\[0\].target_settings.weight.ratio: unknown key.*"
+     r"config_list\[0\].target_settings.weight.sparse_ratio: value 2 is not allowed"),
+    ({"config_list": [{"op_types": ["Conv2d"], "target_settings": {"weight": 0.5}}]},
+     r"config_list\[0\].target_settings.weight: expected a mapping of settings"),
+    ({"sparse_ratio": 0.3, "config_list": [CONV]}, "give sparse_ratio or config_list, not both"),
+    ({"pruner": "magnitude", "config_list": [CONV]},
+     r"config_list is for the NNI pruners .*pruner='magnitude' \(a torch-pruning importance\) would ignore it"),
+])
+def test_a_bad_config_list_is_a_config_error_naming_the_entry(pruning, expected):
+    text = _problems(pruning)
+    assert text.startswith("pruning"), text
+    assert re.search(expected, text, re.S), text
+
+
+def test_a_good_config_list_is_accepted_and_every_problem_is_reported_at_once():
+    entries = [{"op_types": ["Conv2d", "Linear"], "exclude_op_names": ["conv_out"], "sparse_ratio": 0.4},
+               {"op_names_re": ["down_blocks\\..*"], "target_names": ["weight"],
+                "target_settings": {"weight": {"sparse_ratio": 0.2, "max_sparse_ratio": 1.0,
+                                               "granularity": "out_channel"}},
+                "dependency_group_id": "a"},
+               {"op_names": ["conv_in"], "sparse_threshold": 1, "min_sparse_ratio": 0.0}]
+    assert _config({"pruner": "L2NormPruner", "config_list": entries}).pruning.config_list == entries
+    problems = config_list_problems([{"op_types": ["Conv2d"], "sparse_ratio": 1.5, "foo": 1}, 3])
+    assert [p.split(":")[0] for p in problems] == \
+        ["config_list[0].foo", "config_list[0].sparse_ratio", "config_list[1]"]
+
+
+def _schema_keys(schema) -> set:
+    """Every key a `schema` dict (nested in Optional/Or) names."""
+    keys = set()
+    for key in schema:
+        inner = getattr(key, "schema", key)
+        keys.update(getattr(inner, "args", (inner,)))
+    return keys
+
+
+def test_the_accepted_keys_are_nni_3_pruning_keys():
+    from nni.compression.base.config import default_config_schema
+
+    schema = default_config_schema("pruning").schema
+    assert set(CONFIG_LIST_KEYS) <= _schema_keys(schema)
+    setting = next(v for k, v in schema.items() if getattr(k, "schema", k) == "target_settings")
+    assert set(SETTING_KEYS) <= _schema_keys(next(iter(setting.values())))
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"op_types": ["Conv3d"], "sparse_ratio": 0.3},
+     r"config_list\[0\].op_types: 'Conv3d' is not a layer type of this UNet2DModel; did you mean 'Conv2d'\? "
+     r"\(types present: .*GroupNorm.*Linear"),
+    ({"op_types": ["Conv2d"], "exclude_op_names": ["conv_output"], "sparse_ratio": 0.3},
+     r"config_list\[0\].exclude_op_names: 'conv_output' is not a module of this UNet2DModel; did you mean 'conv_out'"),
+    ({"op_names": ["down_blocks.0.resnets.0.conv3"], "sparse_ratio": 0.3},
+     r"config_list\[0\].op_names: 'down_blocks.0.resnets.0.conv3' is not a module .*did you mean "
+     r"'down_blocks.0.resnets.0.conv\d'"),
+    ({"op_names_re": ["encoder\\..*"], "sparse_ratio": 0.3},
+     r"config_list\[0\].op_names_re: 'encoder\\\\..\*' matches no module name of this UNet2DModel"),
+    ({"op_types": ["Conv2d"], "sparse_ratio": 1.5}, r"config_list\[0\].sparse_ratio: value 1.5 is not allowed"),
+])
+def test_prune_diffusers_checks_the_config_list_against_the_model(entry, expected):
+    teacher = BUILDERS["unet2d"]().eval()
+    with pytest.raises(ValueError, match=expected):
+        prune_diffusers(teacher, "L1NormPruner", example_inputs=default_example_inputs(teacher), config_list=[entry])
+
+
+def test_prune_diffusers_refuses_a_config_list_a_torch_pruning_importance_would_ignore():
+    teacher = BUILDERS["unet2d"]().eval()
+    with pytest.raises(ValueError, match="config_list is for the NNI pruners.*pruner='magnitude'"):
+        prune_diffusers(teacher, "magnitude", example_inputs=default_example_inputs(teacher), config_list=[CONV])
+
+
+def test_the_report_records_what_was_asked_for():
+    teacher = tiny_unet().eval()
+    _, report = _prune(teacher, 0.4)
+    assert (report["pruner"], report["sparse_ratio"], report["config_list"]) == ("magnitude", 0.4, None)
+    entries = [{"op_types": ["Conv2d"], "exclude_op_names": ["conv_out"], "sparse_ratio": 0.5}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, report = prune_diffusers(teacher, "L1NormPruner", example_inputs=default_example_inputs(teacher),
+                                    config_list=entries, round_to=None)
+    assert (report["pruner"], report["sparse_ratio"], report["config_list"]) == ("L1NormPruner", None, entries)
+    assert json.loads(json.dumps(report))["config_list"] == entries  # pruning_report.json holds it as given
