@@ -1,12 +1,16 @@
-"""The report of a run: teacher vs student quality (digits-FID, fidelity, sample grids), loss
-curves, and (when the config exports) latency and MACs bars; written to ``OUT/report/``."""
+"""The report of a run: teacher vs student quality (digits-FID, fidelity, sample grids), beside
+the pruned student before finetuning and baseline finetuners (``evaluate.compare``), loss curves,
+and (when the config exports) latency, MACs and parameters; written to ``OUT/report/``."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
 import math
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +22,24 @@ from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 logger = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
+BASELINES_DIR = "baselines"  # under REPORT_DIR: one folder per baseline finetuner, holding its student
+MULTI_SEED_BENCHMARK = "benchmarks/digits_quality.py"
+LOSS_TERMS = ("dsm", "kd", "jac")
 
 
 def _png_bytes(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_grid(images: Tensor, path: Path, columns: int = 10, scale: int = 4) -> None:
@@ -44,48 +60,67 @@ def save_grid(images: Tensor, path: Path, columns: int = 10, scale: int = 4) -> 
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_bars(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> None:
-    """A grouped bar chart: {group: {series: value}} (e.g. {batch 1: {teacher: ms, student: ms}})."""
-    import matplotlib
+# --- plots ---------------------------------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = list(next(iter(groups.values())))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(groups), 3.2))
-    width = 0.8 / len(series)
-    for i, name in enumerate(series):
-        xs = [g + i * width for g in range(len(groups))]
-        ax.bar(xs, [groups[k][name] for k in groups], width, label=name)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], list(groups))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
-    atomic_write_bytes(path, _png_bytes(fig))
-    plt.close(fig)
+def loss_weights(finetuner_options: dict[str, Any]) -> dict[str, float]:
+    """{term: weight} from a finetuner's options: ``lambda_jac=0.001`` -> {"jac": 0.001}."""
+    return {key.removeprefix("lambda_"): float(value) for key, value in finetuner_options.items()
+            if key.startswith("lambda_") and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
-def save_loss_curves(metrics_file: Path, path: Path) -> None:
-    """Every logged loss term of ``metrics.jsonl`` against the step (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    keys = [k for k in ("loss", "dsm", "kd", "jac") if any(k in r for r in records)]
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for key in keys:
-        points = [(r["step"], r[key]) for r in records if key in r and r[key] > 0]
+def weighted_loss_series(records: list[dict[str, Any]],
+                         weights: dict[str, float]) -> dict[str, list[tuple[int, float]]]:
+    """{label: [(step, value)]} of the total and of each term as it enters it (weight x term,
+    labelled e.g. "0.001·jac"); terms of weight 0 are left out, as are values <= 0 (log scale)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for key in ("loss", *dict.fromkeys((*LOSS_TERMS, *weights))):
+        weight = 1.0 if key == "loss" else weights.get(key, 1.0)
+        if weight == 0:
+            continue
+        points = [(r["step"], weight * r[key]) for r in records
+                  if key in r and math.isfinite(r[key]) and weight * r[key] > 0]
         if points:
-            ax.plot(*zip(*points), label=key)
+            label = "loss (total)" if key == "loss" else key if weight == 1 else f"{weight:g}·{key}"
+            series[label] = points
+    return series
+
+
+def save_loss_curves(metrics_file: Path, path: Path, weights: dict[str, float] | None = None) -> None:
+    """The total loss of ``metrics.jsonl`` and each term weighted as it enters it, against the
+    step (log scale). ``weights``: {term: lambda} (see ``loss_weights``); none: the raw terms."""
+    plt = _pyplot()
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for label, points in weighted_loss_series(records, weights or {}).items():
+        ax.plot(*zip(*points), label=label)
     ax.set_yscale("log")
     ax.set_xlabel("step")
+    ax.set_ylabel("loss term as weighted in the total" if weights else "loss term (unweighted)")
     ax.set_title("finetuning loss terms")
     ax.legend()
     atomic_write_bytes(path, _png_bytes(fig))
     plt.close(fig)
 
+
+def save_model_sizes(path: Path, models: dict[str, dict[str, float]]) -> None:
+    """Two panels, MACs per sample and parameters, each teacher vs student on its own axis
+    (millions), titled with the student/teacher ratio. ``models``: {teacher|student: {macs, params}}."""
+    plt = _pyplot()
+    roles = ("teacher", "student")
+    fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.2))
+    for ax, (key, title) in zip(axes, (("macs", "MACs per sample"), ("params", "parameters"))):
+        values = [models[role][key] / 1e6 for role in roles]
+        bars = ax.bar(roles, values, color=["#7f7f7f", "#1f77b4"])
+        ax.bar_label(bars, [f"{v:.3g}M" for v in values])
+        ax.set_ylim(0, max(values) * 1.18)
+        ax.set_ylabel("millions")
+        ax.set_title(f"{title}\nstudent / teacher = {values[1] / values[0]:.3f}")
+    fig.tight_layout()
+    atomic_write_bytes(path, _png_bytes(fig))
+    plt.close(fig)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
 
 def conditioning_rows(dataset: Any, n: int) -> dict[str, Tensor]:
     """The conditioning of the first n data items (cycled), for sampling conditional models."""
@@ -98,32 +133,243 @@ def conditioning_rows(dataset: Any, n: int) -> dict[str, Tensor]:
     return kwargs
 
 
+class Evaluator:
+    """Every model samples from one fixed noise with deterministic DDIM and is scored against the
+    teacher's samples: fidelity, and digits-FID when the data are the built-in digits (samples are
+    resized to the classifier's 8x8 when trained at another resolution)."""
+
+    def __init__(self, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
+                 digits: bool) -> None:
+        from .digits import load_digits_classifier
+        from .training import collate
+
+        x0, _ = collate([dataset[0]], torch.device("cpu"))
+        self.noise = torch.randn(samples, *x0.shape[1:], generator=torch.Generator().manual_seed(seed))
+        self.conditioning = conditioning_rows(dataset, samples)
+        self.ddim_steps = ddim_steps
+        self.classifier = load_digits_classifier() if digits else None
+        self.teacher_samples = self.sample(teacher)
+
+    def sample(self, model: nn.Module) -> Tensor:
+        """The model's samples (on the CPU), computed on the model's device."""
+        from .evaluation import ddim_sample
+
+        device = next(model.parameters(), torch.empty(0)).device
+        cond = {k: v.to(device) for k, v in self.conditioning.items()}
+        return ddim_sample(model.eval(), self.noise.to(device), self.ddim_steps, **cond).cpu()
+
+    def digits_fid(self, samples: Tensor) -> float | None:
+        if self.classifier is None:
+            return None
+        import torch.nn.functional as F
+
+        from .evaluation import digits_fid
+
+        at8 = samples if samples.shape[-1] == 8 else F.interpolate(samples, size=(8, 8), mode="area")
+        return digits_fid(at8, self.classifier)
+
+    def score(self, samples: Tensor) -> dict[str, float | None]:
+        from .evaluation import fidelity
+
+        return {"digits_fid": self.digits_fid(samples), "fidelity": fidelity(samples, self.teacher_samples)}
+
+
 def evaluate_models(teacher: nn.Module, student: nn.Module, dataset: Any, *, samples: int, ddim_steps: int,
                     seed: int, digits: bool) -> tuple[dict[str, Any], Tensor, Tensor]:
     """Teacher and student sample from the same noise with deterministic DDIM: fidelity, and
-    digits-FID of both when the data are the built-in digits (samples are resized to the
-    classifier's 8x8 when trained at another resolution)."""
-    import torch.nn.functional as F
-
-    from .digits import load_digits_classifier
-    from .evaluation import ddim_sample, digits_fid, fidelity
-    from .training import collate
-
-    x0, _ = collate([dataset[0]], torch.device("cpu"))
-    noise = torch.randn(samples, *x0.shape[1:], generator=torch.Generator().manual_seed(seed))
-    cond = conditioning_rows(dataset, samples)
-    teacher_samples = ddim_sample(teacher.eval(), noise, ddim_steps, **cond)
-    student_samples = ddim_sample(student.eval(), noise, ddim_steps, **cond)
+    digits-FID of both when the data are the built-in digits."""
+    evaluator = Evaluator(teacher, dataset, samples=samples, ddim_steps=ddim_steps, seed=seed, digits=digits)
+    student_samples = evaluator.sample(student)
     results: dict[str, Any] = {"samples": samples, "ddim_steps": ddim_steps, "seed": seed,
-                               "fidelity": fidelity(student_samples, teacher_samples)}
+                               "fidelity": evaluator.score(student_samples)["fidelity"]}
     if digits:
-        def at8(x: Tensor) -> Tensor:
-            return x if x.shape[-1] == 8 else F.interpolate(x, size=(8, 8), mode="area")
+        results["digits_fid_teacher"] = evaluator.digits_fid(evaluator.teacher_samples)
+        results["digits_fid_student"] = evaluator.digits_fid(student_samples)
+    return results, evaluator.teacher_samples, student_samples
 
-        classifier = load_digits_classifier()
-        results["digits_fid_teacher"] = digits_fid(at8(teacher_samples), classifier)
-        results["digits_fid_student"] = digits_fid(at8(student_samples), classifier)
-    return results, teacher_samples, student_samples
+
+# --- baselines -----------------------------------------------------------------------------------
+
+def starting_student(config: Any, out: Path) -> tuple[nn.Module | None, str]:
+    """The student the run's finetune started from, loaded again: the config's ``model.student``
+    (with the pipeline's loader), else the pruned student saved in out/pruned. Returns
+    (model, where it came from), or (None, why it is unavailable)."""
+    from .pipeline import PRUNED_DIR, UserError, load_model
+    from .pruning import is_pruned_folder, load_pruned
+
+    if config.model.student is not None:
+        try:
+            return load_model(config.model.student, "student"), "model.student"
+        except UserError as e:
+            return None, f"the starting student (model.student) could not be loaded again: {e}"
+    folder = out / PRUNED_DIR
+    if not is_pruned_folder(folder):
+        return None, f"no pruned student in {str(folder)!r}"
+    try:
+        return load_pruned(folder), f"{PRUNED_DIR}/"
+    except (ValueError, OSError) as e:
+        return None, f"the pruned student in {str(folder)!r} could not be loaded: {e}"
+
+
+def baseline_options(name: str, run_options: dict[str, Any]) -> dict[str, Any]:
+    """The baseline's options: its defaults, with the run's lambda_dsm / lambda_kd where it takes them."""
+    from .finetuners import finetuner_options
+
+    accepted = finetuner_options(name)
+    return {k: run_options[k] for k in ("lambda_dsm", "lambda_kd") if k in run_options and k in accepted}
+
+
+def finetune_baseline(name: str, start: nn.Module, teacher: nn.Module, dataset: Any, config: Any,
+                      run_options: dict[str, Any], *, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of ``start`` finetuned with the finetuner ``name`` and the run's loop options (the same
+    seed: the same data order, noise and timesteps). Writes no checkpoints."""
+    from .finetuners import get_finetuner
+    from .training import Runtime, finetune
+
+    finetuner = get_finetuner(name, **baseline_options(name, run_options))
+    logger.info("finetuning the baseline %r from the same starting student (%d steps)", name, config.finetune.steps)
+    result = finetune(copy.deepcopy(start), teacher, finetuner, dataset, config.finetune.train_config(), None,
+                      runtime=Runtime(config.finetune.device), progress=progress)
+    info = {"finetuner": name, "finetuner_options": finetuner.options(), "steps": result.step,
+            "seconds": result.seconds, "final": result.history[-1] if result.history else {}}
+    return result.student, info
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def difference_sentence(run: dict[str, Any], baseline: dict[str, Any], seed: int) -> str:
+    """One sentence: the run's finetuner vs one baseline, on this run's single seed."""
+    parts = []
+    if run["digits_fid"] is not None and baseline["digits_fid"] is not None:
+        parts.append(f"digits-FID {run['digits_fid']:.3f} vs {baseline['digits_fid']:.3f} "
+                     f"({run['digits_fid'] - baseline['digits_fid']:+.3f}; lower is better)")
+    parts.append(f"fidelity to the teacher {run['fidelity']:.4f} vs {baseline['fidelity']:.4f} "
+                 f"({run['fidelity'] - baseline['fidelity']:+.4f}; lower is closer)")
+    return (f"With this one finetune seed ({seed}), `{run['finetuner']}` vs the `{baseline['finetuner']}` "
+            f"baseline: {', '.join(parts)}.")
+
+
+def single_seed_caveat() -> str:
+    return (f"A single seed is not evidence that either finetuner is better: {MULTI_SEED_BENCHMARK} runs the "
+            "paired comparison (same pruned student and noise per seed) over several seeds on the built-in digits.")
+
+
+def _row(model: str, role: str, finetuner: str | None, scores: dict[str, Any], seconds: float | None,
+         samples_png: str) -> dict[str, Any]:
+    return {"model": model, "role": role, "finetuner": finetuner, **scores, "finetune_seconds": seconds,
+            "samples_png": samples_png}
+
+
+def compare_models(config: Any, out: Path, student: nn.Module, teacher: nn.Module, dataset: Any,
+                   summary: dict[str, Any], evaluator: Evaluator, *, progress: bool) -> dict[str, Any]:
+    """Rows of the quality table (teacher, the starting student before finetuning, each baseline of
+    ``evaluate.compare``, the run's student), their sample grids, and the run-vs-baseline sentences."""
+    folder = out / REPORT_DIR
+    names: list[str] = list(config.evaluate.compare)
+    run_name = summary["finetuner"]
+    rows = [_row("teacher", "teacher", None, evaluator.score(evaluator.teacher_samples), None, "samples_teacher.png")]
+    save_grid(evaluator.teacher_samples[:50], folder / "samples_teacher.png")
+    start, source = starting_student(config, out)
+    notes: list[str] = []
+    baselines: dict[str, Any] = {}
+    shutil.rmtree(folder / BASELINES_DIR, ignore_errors=True)  # the report describes this run only
+    if start is None:
+        if names:
+            notes.append(f"Baselines {', '.join(names)} were not trained: {source}.")
+            logger.warning("evaluate.compare: skipping the baselines %s: %s", ", ".join(names), source)
+    else:
+        samples = evaluator.sample(start)
+        save_grid(samples[:50], folder / "samples_pruned.png")
+        label = "pruned, before finetuning" if config.model.student is None else "starting student, before finetuning"
+        rows.append(_row(label, "start", None, evaluator.score(samples), None, "samples_pruned.png"))
+        for name in names:
+            baseline, info = finetune_baseline(name, start, teacher, dataset, config,
+                                               summary.get("finetuner_options", {}), progress=progress)
+            samples = evaluator.sample(baseline)
+            png = f"samples_baseline_{_safe_name(name)}.png"
+            save_grid(samples[:50], folder / png)
+            rows.append(_row(f"{name} (baseline)", "baseline", name, evaluator.score(samples), info["seconds"], png))
+            baselines[name] = {**info, "student_dir": _save_baseline(baseline, out, name)}
+    student_samples = evaluator.sample(student)
+    save_grid(student_samples[:50], folder / "samples_student.png")
+    run_row = _row(f"{run_name} (this run)", "run", run_name, evaluator.score(student_samples),
+                   summary.get("seconds"), "samples_student.png")
+    rows.append(run_row)
+    if baselines and summary.get("processes", 1) > 1:
+        notes.append(f"The run finetuned on {summary['processes']} processes, the baselines on one: their "
+                     "finetune seconds are not comparable.")
+    seed = config.finetune.seed
+    sentences = [difference_sentence(run_row, row, seed) for row in rows if row["role"] == "baseline"]
+    if sentences:
+        sentences.append(single_seed_caveat())
+    return {"rows": rows, "start": source if start is not None else None, "finetune_seed": seed,
+            "baselines": baselines, "sentences": sentences, "notes": notes}
+
+
+def _save_baseline(model: nn.Module, out: Path, name: str) -> str:
+    """The baseline's finetuned student under out/report/baselines/NAME/student (for inspection)."""
+    from .pipeline import STUDENT_DIR, save_model
+
+    relative = Path(REPORT_DIR) / BASELINES_DIR / _safe_name(name) / STUDENT_DIR
+    save_model(model, out / relative)
+    return relative.as_posix()
+
+
+# --- markdown ------------------------------------------------------------------------------------
+
+_HEADING = re.compile(r"^(#{1,6})(?=\s)")
+
+
+def _heading_lines(lines: list[str]) -> list[int]:
+    """Indices of the ATX heading lines outside fenced code blocks."""
+    found, fenced = [], False
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and _HEADING.match(line):
+            found.append(i)
+    return found
+
+
+def shift_headings(markdown: str, top: int) -> str:
+    """``markdown`` with every heading moved by the same number of levels so that its highest
+    heading is at level ``top`` (to embed one document as a section of another)."""
+    lines = markdown.splitlines()
+    indices = _heading_lines(lines)
+    if not indices:
+        return markdown
+    shift = top - min(len(_HEADING.match(lines[i]).group(1)) for i in indices)
+    for i in indices:
+        level = len(_HEADING.match(lines[i]).group(1))
+        lines[i] = "#" * max(1, min(6, level + shift)) + lines[i][level:]
+    return "\n".join(lines)
+
+
+def quality_lines(quality: dict[str, Any], comparison: dict[str, Any]) -> list[str]:
+    lines = ["## Quality (same noise, deterministic DDIM)", "",
+             f"{quality['samples']} samples per model, {quality['ddim_steps']} DDIM steps, noise seed "
+             f"{quality['seed']}; every finetune from the same starting student with seed "
+             f"{comparison['finetune_seed']}.", "",
+             "| model | digits-FID | fidelity to the teacher (RMS per pixel) | finetune s |", "|---|---:|---:|---:|"]
+    for row in comparison["rows"]:
+        lines.append(f"| {row['model']} | {_fmt(row['digits_fid'], '.3f')} | {row['fidelity']:.4f} "
+                     f"| {_fmt(row['finetune_seconds'], '.1f')} |")
+    lines.append("")
+    if comparison["sentences"]:
+        lines += [" ".join(comparison["sentences"]), ""]
+    lines += [*(f"Note: {note}" for note in comparison["notes"]), *([""] if comparison["notes"] else [])]
+    lines += ["digits-FID: Frechet distance of the built-in digits classifier's features (a domain-specific FID, "
+              "not comparable to Inception FID); n/a when the data are not the built-in digits.", "",
+              "### Samples (same noise)", ""]
+    for row in comparison["rows"]:
+        lines += [f"{row['model']}:", "", f"![{row['model']}]({row['samples_png']})", ""]
+    return lines
 
 
 def write_report(out: Path, results: dict[str, Any]) -> Path:
@@ -140,48 +386,48 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     if finetune:
         final = ", ".join(f"{k} {v:.4g}" for k, v in finetune.get("final", {}).items() if isinstance(v, float))
         lines += ["## Finetuning", "", f"`{finetune['finetuner']}`, {finetune['steps']} steps in "
-                  f"{finetune['seconds']:.0f} s; last logged step: {final}", "", "![loss curves](loss_curves.png)", ""]
-    quality = results.get("quality")
-    if quality:
-        lines += ["## Quality (same noise, deterministic DDIM)", "",
-                  f"{quality['samples']} samples, {quality['ddim_steps']} DDIM steps.", "",
-                  "| | digits-FID | fidelity to the teacher (RMS per pixel) |", "|---|---|---|"]
-        fid_t, fid_s = quality.get("digits_fid_teacher"), quality.get("digits_fid_student")
-        lines.append(f"| teacher | {'n/a' if fid_t is None else f'{fid_t:.3f}'} | 0 |")
-        lines.append(f"| student | {'n/a' if fid_s is None else f'{fid_s:.3f}'} | {quality['fidelity']:.4f} |")
-        lines += ["", "digits-FID: Frechet distance of the built-in digits classifier's features (a "
-                  "domain-specific FID, not comparable to Inception FID).", "",
-                  "Teacher samples:", "", "![teacher](samples_teacher.png)", "",
-                  "Student samples (same noise):", "", "![student](samples_student.png)", ""]
+                  f"{finetune['seconds']:.0f} s; last logged step: {final}", "",
+                  "Each loss term is plotted as it enters the total (weight x term).", "",
+                  "![loss curves](loss_curves.png)", ""]
+    if results.get("quality") and results.get("comparison"):
+        lines += quality_lines(results["quality"], results["comparison"])
     latency = results.get("latency")
     if latency:
-        lines += ["## Latency", "", latency.get("markdown", ""), "", "![latency](latency.png)", "",
-                  "![MACs](macs.png)", ""]
+        embedded = shift_headings(latency.get("markdown", "").strip(), top=2)
+        if not _HEADING.match(embedded):
+            lines += ["## Latency", ""]
+        lines += [embedded, "", "![latency](latency.png)", "", "![MACs and parameters](macs.png)", ""]
     path = folder / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
 
 
 def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, dataset: Any,
-               summary: dict[str, Any]) -> Path:
-    """Evaluate, export and benchmark as the config's ``evaluate`` and ``export`` sections say;
-    write out/report (report.md, results.json, PNGs). Returns the path of report.md."""
+               summary: dict[str, Any], *, progress: bool = False) -> Path:
+    """Evaluate, compare, export and benchmark as the config's ``evaluate`` and ``export`` sections
+    say; write out/report (report.md, results.json, PNGs). ``progress``: progress bars for the
+    baseline finetunes. Returns the path of report.md."""
     folder = out / REPORT_DIR
     results: dict[str, Any] = {"finetune": {k: summary[k] for k in ("finetuner", "steps", "seconds", "final")}}
     if (out / "pruning_report.json").is_file():
         pruning = json.loads((out / "pruning_report.json").read_text())
         results["pruning"] = {k: v for k, v in pruning.items() if k != "groups"}
     if (out / "metrics.jsonl").is_file():
-        save_loss_curves(out / "metrics.jsonl", folder / "loss_curves.png")
+        save_loss_curves(out / "metrics.jsonl", folder / "loss_curves.png",
+                         loss_weights(summary.get("finetuner_options", {})))
     if config.evaluate is not None:
         e = config.evaluate
         logger.info("evaluating teacher and student: %d samples each, %d DDIM steps", e.samples, e.ddim_steps)
         digits = config.data.builtin == "digits"
-        quality, teacher_samples, student_samples = evaluate_models(
-            teacher, student, dataset, samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed, digits=digits)
-        results["quality"] = quality
-        save_grid(teacher_samples[:50], folder / "samples_teacher.png")
-        save_grid(student_samples[:50], folder / "samples_student.png")
+        evaluator = Evaluator(teacher, dataset, samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed, digits=digits)
+        comparison = compare_models(config, out, student, teacher, dataset, summary, evaluator, progress=progress)
+        rows = {row["role"]: row for row in comparison["rows"]}
+        results["quality"] = {"samples": e.samples, "ddim_steps": e.ddim_steps, "seed": e.seed,
+                              "fidelity": rows["run"]["fidelity"]}
+        if digits:
+            results["quality"].update(digits_fid_teacher=rows["teacher"]["digits_fid"],
+                                      digits_fid_student=rows["run"]["digits_fid"])
+        results["comparison"] = comparison
     if config.export is not None:
         results["latency"] = export_and_benchmark(config.export, out, teacher, student)
         results["latency"]["markdown"] = (folder / "latency.md").read_text()
@@ -203,9 +449,6 @@ def export_and_benchmark(section: Any, out: Path, teacher: nn.Module, student: n
     bench = run_benchmark(teacher, student, backends=section.backends, batches=section.batch, device="cpu",
                           threads=section.threads, repeats=section.repeats)
     write_reports(bench, out / REPORT_DIR / "latency.json")
-    models = bench["models"]
-    save_bars(out / REPORT_DIR / "macs.png", "MACs per sample and parameters (millions)",
-              {"MACs": {r: models[r]["macs"] / 1e6 for r in ("teacher", "student")},
-               "parameters": {r: models[r]["params"] / 1e6 for r in ("teacher", "student")}}, "millions")
+    save_model_sizes(out / REPORT_DIR / "macs.png", bench["models"])
     rows = [{k: row[k] for k in ("variant", "batch", "speedup", "macs_ratio")} for row in bench["results"]]
     return {"onnx": onnx, "macs_ratio": bench["macs_ratio"], "params_ratio": bench["params_ratio"], "rows": rows}

@@ -1,0 +1,134 @@
+"""The run report: evaluate.compare (config rules, baselines finetuned from the same pruned
+student), the weighted loss curves and the report's structure."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from nni_2ndmatch.config import ConfigError, validate_config
+from nni_2ndmatch.report import loss_weights, shift_headings, weighted_loss_series
+
+
+def small_config(compare, finetuner="2ndmatch"):
+    return {"model": {"teacher": {"builtin": "tiny-unet"}}, "pruning": {"pruner": "magnitude"},
+            "finetune": {"finetuner": finetuner}, "evaluate": {"compare": compare}, "output_dir": "unused"}
+
+
+def test_compare_defaults_to_empty_and_accepts_other_finetuners():
+    raw = small_config([])
+    del raw["evaluate"]["compare"]
+    assert validate_config(raw).evaluate.compare == []
+    assert validate_config(small_config(["kd", "dsm"])).evaluate.compare == ["kd", "dsm"]
+    assert validate_config(small_config(["2ndmatch"], finetuner="kd")).evaluate.compare == ["2ndmatch"]
+
+
+@pytest.mark.parametrize("compare, finetuner, expected", [
+    (["kdd"], "2ndmatch", r"evaluate\.compare: value \['kdd'\].*'kdd' is not a registered finetuner; did you mean "
+                          r"'kd'\?.*allowed: 2ndmatch, dsm, kd"),
+    (["2ndmatch"], "2ndmatch", r"evaluate\.compare: value '2ndmatch' is not allowed: it is the run's own finetuner"
+                               r".*allowed: dsm, kd"),
+    (["dsm", "kd"], "kd", r"evaluate\.compare: value 'kd' is not allowed: it is the run's own finetuner.*"
+                          r"allowed: 2ndmatch, dsm"),
+    (["kd", "dsm", "kd"], "2ndmatch", r"evaluate\.compare: value \['kd', 'dsm', 'kd'\].*'kd' is listed more than once"),
+])
+def test_bad_compare_is_a_config_error_naming_the_value(compare, finetuner, expected):
+    with pytest.raises(ConfigError) as caught:
+        validate_config(small_config(compare, finetuner))
+    assert isinstance(caught.value, ValueError)
+    assert len(caught.value.problems) == 1 and re.search(expected, caught.value.problems[0]), caught.value.problems
+
+
+def test_loss_series_weighs_each_term_as_in_the_total():
+    weights = loss_weights({"lambda_dsm": 1.0, "lambda_kd": 0.5, "lambda_jac": 0.001, "mode": "vjp"})
+    assert weights == {"dsm": 1.0, "kd": 0.5, "jac": 0.001}
+    records = [{"step": s, "lr": 1e-3, "dsm": 2.0 * s, "kd": 4.0, "jac": 1.8e4} for s in (1, 2)]
+    for r in records:
+        r["loss"] = r["dsm"] + 0.5 * r["kd"] + 0.001 * r["jac"]
+    series = weighted_loss_series(records, weights)
+    assert list(series) == ["loss (total)", "dsm", "0.5·kd", "0.001·jac"]
+    assert series["0.001·jac"] == [(1, pytest.approx(18.0)), (2, pytest.approx(18.0))]
+    for step, total in series["loss (total)"]:  # no weighted term is above the total
+        assert all(dict(points)[step] <= total for label, points in series.items())
+    assert "kd" not in weighted_loss_series(records, {"kd": 0.0})  # a term of weight 0 is not in the loss
+
+
+def test_shift_headings_embeds_a_document_as_a_section():
+    text = "# Latency\n\ntext\n\n## Detail\n```\n# not a heading\n```"
+    assert shift_headings(text, top=2).splitlines() == ["## Latency", "", "text", "", "### Detail", "```",
+                                                         "# not a heading", "```"]
+    assert shift_headings("no headings", top=2) == "no headings"
+
+
+def _params(model):
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def _differs(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp_path):
+    from nni_2ndmatch import finetune, get_finetuner, load_pruned
+    from nni_2ndmatch.pipeline import load_dataset, load_model, run_job
+
+    raw = {"model": {"teacher": {"builtin": "digits-teacher"}}, "data": {"builtin": "digits", "resolution": 8},
+           "pruning": {"pruner": "magnitude", "sparse_ratio": 0.5},
+           "finetune": {"finetuner": "2ndmatch", "steps": 2, "batch_size": 8, "lr": 5e-4, "lambda_kd": 0.5,
+                        "lambda_jac": 0.001, "log_every": 1, "checkpoint_every": 2},
+           "evaluate": {"samples": 8, "ddim_steps": 2, "compare": ["kd"]},
+           "output_dir": str(tmp_path / "run")}
+    config = validate_config(raw)
+    run_job(config, "run", progress=False)
+    out = tmp_path / "run"
+    report = out / "report"
+    results = json.loads((report / "results.json").read_text())
+    comparison = results["comparison"]
+    assert [row["model"] for row in comparison["rows"]] == [
+        "teacher", "pruned, before finetuning", "kd (baseline)", "2ndmatch (this run)"]
+    rows = {row["role"]: row for row in comparison["rows"]}
+    assert rows["baseline"]["finetuner"] == "kd" and rows["baseline"]["finetune_seconds"] > 0
+    assert math.isfinite(rows["baseline"]["digits_fid"]) and rows["baseline"]["fidelity"] > 0
+    assert rows["teacher"]["fidelity"] == 0 and rows["run"]["fidelity"] == results["quality"]["fidelity"]
+    assert comparison["baselines"]["kd"]["finetuner_options"]["lambda_kd"] == 0.5  # the run's lambda_kd
+
+    start, student = _params(load_pruned(out / "pruned")), _params(load_pruned(out / "student"))
+    kd = _params(load_pruned(out / comparison["baselines"]["kd"]["student_dir"]))
+    assert start.keys() == kd.keys() == student.keys()  # one architecture
+    assert _differs(start, kd) and _differs(start, student) and _differs(kd, student)
+    # the same start and loop options: kd finetuned here from out/pruned reproduces the baseline exactly
+    teacher = load_model(config.model.teacher, "teacher")
+    again = finetune(load_pruned(out / "pruned"), teacher, get_finetuner("kd", lambda_dsm=1.0, lambda_kd=0.5),
+                     load_dataset(config, teacher), config.finetune.train_config(), None, progress=False).student
+    assert not _differs(_params(again), kd)
+    assert not (report / "baselines" / "kd" / "checkpoints").exists()
+
+    text = (report / "report.md").read_text()
+    assert [line for line in text.splitlines() if line.startswith("# ")] == ["# nni-2ndmatch run report"]
+    assert "| kd (baseline) |" in text and "`2ndmatch` vs the `kd` baseline" in text
+    assert "benchmarks/digits_quality.py" in text
+    for png in ("loss_curves.png", "samples_pruned.png", "samples_baseline_kd.png", "samples_student.png"):
+        assert (report / png).stat().st_size > 1000, png
+
+
+def test_model_sizes_are_two_readable_panels(tmp_path):
+    from PIL import Image
+
+    from nni_2ndmatch.report import save_model_sizes
+
+    path = tmp_path / "macs.png"
+    save_model_sizes(path, {"teacher": {"macs": 16.2e6, "params": 1.1e6}, "student": {"macs": 4.3e6, "params": 0.3e6}})
+    with Image.open(path) as image:
+        assert image.width > 1.5 * image.height  # side by side
+
+
+def test_report_embeds_the_latency_document_as_an_h2_section(tmp_path):
+    from nni_2ndmatch.report import write_report
+
+    latency = {"markdown": "# Latency: dense teacher vs pruned student\n\n| a | b |\n", "rows": []}
+    text = write_report(tmp_path, {"latency": latency}).read_text()
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings == ["# nni-2ndmatch run report", "## Latency: dense teacher vs pruned student"]
+    assert "![MACs and parameters](macs.png)" in text
