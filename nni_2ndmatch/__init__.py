@@ -4,13 +4,21 @@ The core (losses, estimators, strategies, finetuning loop) is pure PyTorch and i
 """
 
 from .distill import NoisyBatches, diffusion_evaluator, dsm_training_step
-from .finetuners import Finetuner, available_finetuners, finetuner_options, get_finetuner, register_finetuner
+from .finetuners import (
+    Finetuner,
+    add_noise,
+    available_finetuners,
+    default_scheduler,
+    finetuner_options,
+    get_finetuner,
+    register_finetuner,
+)
 from .losses import jacobian_safe, jacobian_sensitivity, sample_directions, second_match_loss
+from .models import build_builtin, example_conditioning
 from .pruning import load_pruned, masks_to_student, prune_diffusers, save_pruned
 from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
 
 __version__ = "0.1.0"
-
 
 
 def __getattr__(name: str):
@@ -22,8 +30,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Finetuner", "NoisyBatches", "SecondMatchDistiller", "diffusion_evaluator", "dsm_training_step",
-    "masks_to_student", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig", "available_finetuners",
-    "finetune", "finetuner_options", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pruned",
-    "prune_diffusers", "register_finetuner", "sample_directions", "save_pruned", "second_match_loss",
+    "add_noise", "available_finetuners", "build_builtin", "default_scheduler", "diffusion_evaluator",
+    "dsm_training_step", "example_conditioning", "finetune", "Finetuner", "finetuner_options",
+    "FinetuneResult", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pruned",
+    "masks_to_student", "NoisyBatches", "NonFiniteLossError", "prune_diffusers", "register_finetuner",
+    "Runtime", "sample_directions", "save_pruned", "second_match_loss", "SecondMatchDistiller", "TrainConfig",
 ]

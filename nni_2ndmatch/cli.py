@@ -9,15 +9,18 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
+from . import __version__
 from .config import ConfigError, load_config
 from .finetuners import available_finetuners
 from .pipeline import UserError, run_job, summary_text
-from .training import NonFiniteLossError
+from .training import CHECKPOINT_DIR, NonFiniteLossError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nni-2ndmatch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "the whole job the config describes: prune, finetune, save"),
                             ("prune", "make the student from the teacher (the config's pruning section)"),
@@ -27,8 +30,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
         p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--threads", type=int, help="CPU threads for torch (overrides the config's threads; its "
+                       "default, auto, leaves half the cores free)")
     sub.add_parser("finetuners", help="list the available finetuning strategies")
     return parser.parse_args(argv)
+
+
+def resume_hint(command: str, config_path: str, output_dir: str) -> str:
+    """What to do after an interrupted run: resume from its last complete checkpoint, if it has one."""
+    latest = Path(output_dir) / CHECKPOINT_DIR / "latest"
+    if latest.is_file():
+        return (f"The last complete checkpoint ({latest.read_text().strip()}) is intact; continue with: "
+                f"nni-2ndmatch {command} {config_path} --resume")
+    return f"No checkpoint was written yet; start again with: nni-2ndmatch {command} {config_path} --overwrite"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "finetuners":
         print("\n".join(available_finetuners()))
         return 0
+    config = None
     try:
         config = load_config(args.config)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError([f"--threads: value {args.threads} is not allowed: it must be >= 1"], "command line")
+            config = config.model_copy(update={"threads": args.threads})
         summary = run_job(config, args.command, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.no_progress)
     except (ConfigError, UserError) as e:
@@ -49,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        hint = resume_hint(args.command, args.config, config.output_dir) if config is not None else ""
+        print(f"\ninterrupted. {hint}".rstrip(), file=sys.stderr)
+        return 130
     if main_process:  # one summary from a multi-process run
         print(summary_text(summary))
     return 0

@@ -6,6 +6,7 @@
     pruning:  {pruner: L1NormPruner, sparse_ratio: 0.3, round_to: 8, config_list: [...]}
     finetune: {finetuner: 2ndmatch, steps: 200, lr: 2.0e-4, lambda_jac: 0.1, mode: vjp, ...}
     output_dir: runs/NAME
+    threads: auto                  # CPU threads for torch (auto: half the cores, see Config.threads)
 
 The ``finetune`` section holds the loop's options (TrainConfig) and the chosen strategy's options.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import BUILTIN_DATA
 from .finetuners import available_finetuners, finetuner_options, get_finetuner
@@ -77,10 +78,26 @@ class PruningSection(_Section):
     round_to: int | None = Field(8, ge=1, description="channel counts a multiple of this (null: any)")
     config_list: list[dict[str, Any]] | None = None  # NNI's config_list; default: every Conv2d/Linear
 
+    @field_validator("config_list", mode="before")
+    @classmethod
+    def _valid_config_list(cls, value: Any) -> Any:
+        """Each entry: a mapping of NNI 3.0 pruning keys only, ratios in range, layer selectors lists of strings."""
+        from .pruning import check_config_list
+
+        if value is not None:
+            check_config_list(value)
+        return value
+
     @model_validator(mode="after")
     def _known_pruner(self) -> "PruningSection":
+        from .pruning import check_config_list_pruner
+
         if self.pruner not in PRUNERS:
             raise ValueError(f"pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNERS)}")
+        check_config_list_pruner(self.pruner, self.config_list)
+        if self.config_list is not None and "sparse_ratio" in self.model_fields_set:
+            raise ValueError("give sparse_ratio or config_list, not both: the config_list entries carry their own "
+                             "sparse_ratio and the section's one would be ignored")
         return self
 
 
@@ -89,11 +106,14 @@ class DataSection(_Section):
     path: str | None = None
     resolution: int = Field(16, ge=4, le=4096)
     channels: Literal[1, 3] = 1
+    skip_bad_images: bool = False  # image folders: leave out files that do not decode (default: an error)
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSection":
         if (self.builtin is None) == (self.path is None):
             raise ValueError("give exactly one of 'builtin' or 'path'")
+        if self.skip_bad_images and self.builtin is not None:
+            raise ValueError("'skip_bad_images' goes with 'path' (an image folder) only")
         return self
 
 
@@ -113,11 +133,35 @@ class FinetuneSection(TrainConfig):
 
 
 class EvaluateSection(_Section):
-    """Teacher vs student after finetuning: same noise, deterministic DDIM; digits-FID on the digits."""
+    """Teacher vs student after finetuning: same noise, deterministic DDIM; digits-FID on the digits.
+    ``compare``: baseline finetuners (e.g. [kd]) trained from the same starting student with the
+    same loop options and seed, and evaluated the same way, beside the run's finetuner."""
 
     samples: int = Field(200, ge=2, le=100000, description="samples per model")
     ddim_steps: int = Field(25, ge=1, le=1000)
     seed: int = Field(0, ge=0)
+    compare: list[str] = Field([], description="baseline finetuners to train and evaluate beside the run's")
+
+    @field_validator("compare")
+    @classmethod
+    def _known_and_distinct(cls, names: list[str]) -> list[str]:
+        allowed = available_finetuners()
+        for name in names:
+            if name not in allowed:
+                close = difflib.get_close_matches(name, allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{name!r} is not a registered finetuner{hint} (allowed: {', '.join(allowed)})")
+        repeated = [name for i, name in enumerate(names) if name in names[:i]]
+        if repeated:
+            raise ValueError(f"{repeated[0]!r} is listed more than once; list each finetuner once")
+        return names
+
+    def check_baselines(self, run_finetuner: str) -> None:
+        """The run's own finetuner is always in the report: listing it as a baseline is an error."""
+        if run_finetuner in self.compare:
+            others = [name for name in available_finetuners() if name != run_finetuner]
+            raise ValueError(f"evaluate.compare: value {run_finetuner!r} is not allowed: it is the run's own "
+                             f"finetuner (finetune.finetuner), shown in every report; allowed: {', '.join(others)}")
 
 
 class ExportSection(_Section):
@@ -145,12 +189,38 @@ class Config(_Section):
     evaluate: EvaluateSection | None = None  # after `run`: quality of teacher vs student
     export: ExportSection | None = None  # after `run`: ONNX export and latency
     output_dir: str
+    threads: int | Literal["auto"] = Field("auto", description="CPU threads for torch; auto: OMP_NUM_THREADS when "
+                                           "set, else half the CPUs this process may use (at least 1)")
+
+    @field_validator("threads")
+    @classmethod
+    def _positive_threads(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError("must be an integer >= 1 or 'auto'")
+        return value
+
+    def resolved_threads(self) -> int:
+        """The thread count ``threads`` stands for. Two torch processes that each take every core
+        slow each other down by 10-20x on a shared machine, so ``auto`` leaves half the cores free."""
+        if self.threads != "auto":
+            return self.threads
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        if env.isdigit() and int(env) > 0:
+            return int(env)
+        return max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") \
+            else max(1, (os.cpu_count() or 2) // 2)
 
     @model_validator(mode="after")
     def _student_source(self) -> "Config":
         if (self.model.student is None) == (self.pruning is None):
             raise ValueError("give exactly one of 'model.student' (a ready student) or 'pruning' "
                              "(make the student from the teacher)")
+        return self
+
+    @model_validator(mode="after")
+    def _baselines_differ_from_the_run(self) -> "Config":
+        if self.evaluate is not None:
+            self.evaluate.check_baselines(self.finetune.finetuner)
         return self
 
 
@@ -176,6 +246,9 @@ def _describe(error: dict[str, Any]) -> str:
     msg = error["msg"].removeprefix("Value error, ")
     if not loc:  # a rule across sections
         return msg
+    if msg.startswith(str(loc[-1])):  # the check names the entry itself: config_list[0].sparse_ratio: ...
+        parent = ".".join(str(p) for p in loc[:-1])
+        return "\n".join(f"{parent}.{line}" for line in msg.splitlines())
     if error["type"] == "missing":
         return f"{path}: required field is missing"
     return f"{path}: value {error.get('input')!r} is not allowed: {msg}"
@@ -190,7 +263,7 @@ def validate_config(raw: Any, source: str = "config") -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as e:
-        problems += [_describe(err) for err in e.errors()]
+        problems += [line for err in e.errors() for line in _describe(err).splitlines()]
     section = raw.get("finetune") if isinstance(raw.get("finetune"), dict) else {}
     name = section.get("finetuner", "2ndmatch")
     if name not in available_finetuners():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 BUILTIN_DATA = ("digits",)
@@ -67,22 +70,55 @@ class DigitsDataset(Dataset):
         return {"sample": self.images[index], self.conditioning[0]: value}
 
 
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a training image (it does not decode, or its mode has no greyscale/RGB
+    conversion), or None. The whole file is decoded: a truncated image fails here, not mid-run."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img.convert("RGB")
+            if min(img.size) < 1:
+                return f"it is {img.width}x{img.height} pixels"
+    except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, ...)
+        return f"it does not decode as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
 class ImageFolderDataset(Dataset):
     """Every image under ``root`` (recursively, sorted), resized to ``resolution`` and scaled to [-1, 1].
 
-    Files are opened one at a time when the loop asks for them, so folders of any size work.
+    Files whose suffix is not an image's (IMAGE_SUFFIXES) are left out, and a log line says how
+    many. Every image is decoded once here, before any work: a file that does not decode is an
+    error naming it, or, with ``skip_bad_images``, left out with a warning naming it. Afterwards
+    files are opened one at a time when the loop asks for them, so folders of any size work.
     ``channels``: 1 (greyscale) or 3 (RGB).
     """
 
-    def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3) -> None:
+    def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3,
+                 skip_bad_images: bool = False) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"data path {str(self.root)!r} is not a folder")
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is not allowed; allowed: 1, 3")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p for p in self.root.rglob("*") if p.is_file())
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        if len(images) < len(files):
+            logger.info("data path %s: %d file(s) without an image suffix (%s) left out", self.root,
+                        len(files) - len(images), ", ".join(IMAGE_SUFFIXES))
+        bad = {p: why for p in images if (why := image_problem(p)) is not None}
+        if bad and not skip_bad_images:
+            listed = "; ".join(f"{p}: {why}" for p, why in list(bad.items())[:10])
+            more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+            raise ValueError(f"data path {str(self.root)!r}: {len(bad)} bad image(s): {listed}{more}; remove them "
+                             "or set data.skip_bad_images: true")
+        for p, why in bad.items():
+            logger.warning("left out %s: %s", p, why)
+        self.files = [p for p in images if p not in bad]
         if not self.files:
-            raise ValueError(f"data path {str(self.root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(f"data path {str(self.root)!r} holds no usable images ({', '.join(IMAGE_SUFFIXES)})")
         self.resolution, self.channels = resolution, channels
 
     def __len__(self) -> int:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .finetuners import default_scheduler, finetuner_class, get_finetuner
-from .losses import model_output, squared_norm
+from .losses import dsm_term, model_output
 from .training import collate, sample_timesteps
 
 BATCH_KEYS = ("x_t", "timesteps", "noise")
@@ -64,7 +64,7 @@ def _split(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, dict[str, 
 def dsm_training_step(batch: dict[str, Tensor], model: nn.Module) -> Tensor:
     """The evaluator's training step: ||eps_S(x_t, t) - noise||^2 (sum over pixels, mean over batch)."""
     x_t, t, noise, conditioning = _split(batch)
-    return squared_norm(model_output(model, x_t, t, **conditioning) - noise).mean()
+    return dsm_term(model_output(model, x_t, t, **conditioning), noise)
 
 
 def teacher_forward(batch: dict[str, Tensor], teacher: nn.Module) -> Tensor:
@@ -81,13 +81,13 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 def diffusion_evaluator(model: nn.Module, dataloader: Iterable[dict[str, Tensor]], *, lr: float = 1e-4,
                         weight_decay: float = 0.0, optimizer: Any = None,
-                        training_step: Callable[..., Tensor] = dsm_training_step) -> Any:
+                        training_step: Callable[..., Tensor] = dsm_training_step, progress: bool = True) -> Any:
     """An NNI ``TorchEvaluator`` that trains ``model`` on ``dataloader`` (batches from
     ``NoisyBatches``) with ``training_step`` (DSM by default) and AdamW traced by ``nni.trace`` (NNI
     rebuilds the optimizer for the wrapped model, so it must be traced; pass your own the same way).
 
     The loop runs ``max_steps`` optimizer steps, or ``max_epochs`` passes, or one pass when neither
-    is given; batches follow the model's device.
+    is given; batches follow the model's device. ``progress``: a progress bar with the loss.
     """
     import nni
     from nni.compression import TorchEvaluator
@@ -95,9 +95,15 @@ def diffusion_evaluator(model: nn.Module, dataloader: Iterable[dict[str, Tensor]
     def training_func(model, optimizers, step_fn, lr_schedulers=None, max_steps=None, max_epochs=None):
         optimizers = optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
         schedulers = lr_schedulers if isinstance(lr_schedulers, (list, tuple)) else [lr_schedulers]
+        from tqdm.auto import tqdm
+
         device = next(model.parameters()).device
         model.train()
         steps = epochs = 0
+        total = max_steps
+        if total is None and hasattr(dataloader, "__len__"):
+            total = (max_epochs or 1) * len(dataloader)
+        bar = tqdm(total=total, desc="nni training", dynamic_ncols=True, disable=not progress)
         while True:
             for batch in dataloader:
                 loss = step_fn(_to(batch, device), model)
@@ -110,10 +116,14 @@ def diffusion_evaluator(model: nn.Module, dataloader: Iterable[dict[str, Tensor]
                     if scheduler is not None:
                         scheduler.step()
                 steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
                 if max_steps is not None and steps >= max_steps:
+                    bar.close()
                     return
             epochs += 1
             if max_steps is None and (max_epochs is None or epochs >= max_epochs):
+                bar.close()
                 return
 
     if optimizer is None:

@@ -21,11 +21,12 @@ from torch import Tensor
 from .losses import (
     DEFAULT_FD_STEP,
     MODES,
-    jacobian_safe,
+    dsm_term,
+    jacobian_match_term,
+    kd_term,
     model_output,
-    output_and_sensitivity,
     sample_directions,
-    squared_norm,
+    student_and_teacher_sensitivity,
 )
 
 ENTRY_POINT_GROUP = "nni_2ndmatch.finetuners"
@@ -103,6 +104,12 @@ def default_scheduler() -> Any:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 
+def add_noise(x0: Tensor, noise: Tensor, timesteps: Tensor, scheduler: Any = None) -> Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise under ``scheduler`` (default: ``default_scheduler()``)."""
+    scheduler = scheduler if scheduler is not None else default_scheduler()
+    return scheduler.add_noise(x0, noise, timesteps.to(x0.device))
+
+
 def _split_kwargs(kwargs: dict[str, Any], batch: int, index: slice, repeats: int = 1) -> dict[str, Any]:
     """Slice the per-sample conditioning tensors (first dim == batch) and repeat them."""
     out = {}
@@ -144,7 +151,7 @@ class Finetuner:
         return {"dsm": self.lambda_dsm}
 
     def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        return self.scheduler.add_noise(x0, noise, timesteps.to(x0.device))
+        return add_noise(x0, noise, timesteps, self.scheduler)
 
     def loss(self, student: Callable[..., Any], teacher: Callable[..., Any] | None, x0: Tensor, noise: Tensor,
              timesteps: Tensor, **model_kwargs: Any) -> tuple[Tensor, dict[str, float]]:
@@ -174,8 +181,7 @@ class DSM(Finetuner):
         super().__init__(lambda_dsm=lambda_dsm, scheduler=scheduler)
 
     def terms(self, student, teacher, x_t, noise, timesteps, **model_kwargs):
-        eps_s = model_output(student, x_t, timesteps, **model_kwargs)
-        return {"dsm": squared_norm(eps_s - noise).mean()}
+        return {"dsm": dsm_term(model_output(student, x_t, timesteps, **model_kwargs), noise)}
 
 
 @register_finetuner("kd")
@@ -193,7 +199,7 @@ class KD(Finetuner):
         with torch.no_grad():
             eps_t = model_output(teacher, x_t, timesteps, **model_kwargs)
         eps_s = model_output(student, x_t, timesteps, **model_kwargs)
-        return {"dsm": squared_norm(eps_s - noise).mean(), "kd": squared_norm(eps_s - eps_t).mean()}
+        return {"dsm": dsm_term(eps_s, noise), "kd": kd_term(eps_s, eps_t)}
 
 
 @register_finetuner("2ndmatch")
@@ -259,12 +265,8 @@ class SecondMatch(KD):
         x_j = x_t[jac].repeat(p, *([1] * (x_t.dim() - 1)))
         t_j = timesteps[jac].repeat(p)
         kw_j = _split_kwargs(model_kwargs, batch, jac, p)
-        v = sample_directions(x_j)
-        with jacobian_safe(student, teacher):
-            eps_t_j, s_t = output_and_sensitivity(teacher, x_j, t_j, v, self.mode, create_graph=False,
-                                                  fd_step=self.fd_step, **kw_j)
-            eps_s_j, s_s = output_and_sensitivity(student, x_j, t_j, v, self.mode, create_graph=True,
-                                                  fd_step=self.fd_step, **kw_j)
+        eps_s_j, s_s, eps_t_j, s_t = student_and_teacher_sensitivity(
+            student, teacher, x_j, t_j, sample_directions(x_j), self.mode, fd_step=self.fd_step, **kw_j)
         eps_s, eps_t = eps_s_j[:k], eps_t_j[:k]
         if k < batch:
             kw_r = _split_kwargs(model_kwargs, batch, rest)
@@ -275,9 +277,7 @@ class SecondMatch(KD):
         if self.jac_weighting == "noise":
             weight = 1.0 - self.scheduler.alphas_cumprod.to(s_s.device)[t_j.long()].to(s_s.dtype)
             s_s, s_t = weight * s_s, weight * s_t
-        jac = (s_s - s_t).pow(2).mean()
+        jac = jacobian_match_term(s_s, s_t)
         if self.jac_reference_dims is not None:
             jac = jac * (x_t[0].numel() / self.jac_reference_dims)
-        return {"dsm": squared_norm(eps_s - noise).mean(),
-                "kd": squared_norm(eps_s - eps_t).mean(),
-                "jac": jac}
+        return {"dsm": dsm_term(eps_s, noise), "kd": kd_term(eps_s, eps_t), "jac": jac}

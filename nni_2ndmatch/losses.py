@@ -1,6 +1,6 @@
 """The 2ndMatch method: loss terms and Jacobian-sensitivity estimators, in pure PyTorch.
 
-Notation (see METHOD.md in the docs): eps(x_t, t) is a noise-prediction network, J = d eps / d x_t
+Notation (docs/method.md): eps(x_t, t) is a noise-prediction network, J = d eps / d x_t
 per sample, v a unit direction per sample. The sensitivity of a sample is s = ||J v||^2 and the
 2ndMatch term is mean_b (s_student - s_teacher)^2 with the same v for student and teacher.
 
@@ -56,6 +56,21 @@ def model_output(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, **mo
 def squared_norm(x: Tensor) -> Tensor:
     """Per-sample squared L2 norm, summed over all non-batch entries: [B, ...] -> [B]."""
     return x.flatten(1).pow(2).sum(dim=1)
+
+
+def dsm_term(eps_student: Tensor, noise: Tensor) -> Tensor:
+    """Denoising score matching: ||eps_S - eps||^2, summed over pixels, mean over the batch."""
+    return squared_norm(eps_student - noise).mean()
+
+
+def kd_term(eps_student: Tensor, eps_teacher: Tensor) -> Tensor:
+    """Output distillation: ||eps_S - sg(eps_T)||^2, summed over pixels, mean over the batch."""
+    return squared_norm(eps_student - eps_teacher.detach()).mean()
+
+
+def jacobian_match_term(s_student: Tensor, s_teacher: Tensor) -> Tensor:
+    """The 2ndMatch term from per-sample sensitivities [B]: mean of (s_S - sg(s_T))^2."""
+    return (s_student - s_teacher.detach()).pow(2).mean()
 
 
 def sample_directions(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -234,7 +249,7 @@ def jacobian_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tens
     """Per-sample sensitivity, Tensor[B]: ||J v||^2 (jvp, fd) or ||J^T v||^2 (vjp).
 
     J = d model(x_t, t) / d x_t for each sample. Differentiable w.r.t. the model's parameters when
-    grad mode is on (it is built for training the student); pass unit directions v as METHOD.md
+    grad mode is on (it is built for training the student); pass unit directions v as docs/method.md
     describes, e.g. from ``sample_directions(x_t)``. Handles diffusers' fused attention and
     GroupNorm internally and leaves the model as it found it.
     """
@@ -255,9 +270,19 @@ def second_match_loss(student: Callable[..., Any], teacher: Callable[..., Any], 
     """
     if v is None:
         v = sample_directions(x_t, generator)
+    _, s_student, _, s_teacher = student_and_teacher_sensitivity(student, teacher, x_t, timesteps, v, mode,
+                                                                 fd_step=fd_step, **model_kwargs)
+    return jacobian_match_term(s_student, s_teacher)
+
+
+def student_and_teacher_sensitivity(student: Callable[..., Any], teacher: Callable[..., Any], x_t: Tensor,
+                                    timesteps: Tensor, v: Tensor, mode: Mode, *, fd_step: float = DEFAULT_FD_STEP,
+                                    **model_kwargs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(eps_S, s_S, eps_T, s_T): both models' outputs and sensitivities along the same v. The
+    student's carry a graph; the teacher's are detached and its parameters never get ``.grad``."""
     with jacobian_safe(student, teacher):
-        _, s_teacher = output_and_sensitivity(teacher, x_t, timesteps, v, mode, create_graph=False,
-                                              fd_step=fd_step, **model_kwargs)
-        _, s_student = output_and_sensitivity(student, x_t, timesteps, v, mode, create_graph=True,
-                                              fd_step=fd_step, **model_kwargs)
-    return (s_student - s_teacher).pow(2).mean()
+        eps_t, s_t = output_and_sensitivity(teacher, x_t, timesteps, v, mode, create_graph=False,
+                                            fd_step=fd_step, **model_kwargs)
+        eps_s, s_s = output_and_sensitivity(student, x_t, timesteps, v, mode, create_graph=True,
+                                            fd_step=fd_step, **model_kwargs)
+    return eps_s, s_s, eps_t, s_t

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .io import atomic_dir
 
@@ -88,6 +88,20 @@ def conditioning_of(model: nn.Module) -> tuple[str, int] | None:
     return None
 
 
+def example_conditioning(model: nn.Module, batch: int, seed: int = 0) -> dict[str, Tensor]:
+    """Seeded stand-in conditioning of the kind ``model`` takes, as keyword arguments for a batch
+    of ``batch``: {} for an unconditional model, random ``class_labels`` for a class-conditional
+    DiT, 4 random token embeddings as ``encoder_hidden_states`` for a cross-attention U-Net."""
+    kind = conditioning_of(model)
+    if kind is None:
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    key, size = kind
+    if key == "class_labels":
+        return {key: torch.randint(0, size, (batch,), generator=g)}
+    return {key: torch.randn(batch, 4, size, generator=g)}
+
+
 def build_builtin(name: str, width: float = 1.0, seed: int = 0) -> nn.Module:
     """A built-in architecture with weights initialised from ``seed`` (``digits-teacher``: pretrained)."""
     if name not in BUILTIN_MODELS:
@@ -135,8 +149,8 @@ def load_hub_model(repo_id: str, subfolder: str | None = None) -> nn.Module:
         root = Path(snapshot_download(repo_id, allow_patterns=[prefix + "config.json", prefix + "*.safetensors"]))
     except OSError as e:  # offline, unreachable, unknown repo (huggingface_hub's errors are OSErrors)
         raise ValueError(f"hub={repo_id!r}: could not download it from the Hugging Face Hub ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0]}); where the network allows, run `huggingface-cli download "
-                         f"{repo_id}` and give the downloaded model folder as path") from None
+                         f"{str(e).splitlines()[0]}); where the network allows, run `hf download {repo_id} "
+                         f"--local-dir DIR` and give the downloaded model folder as path") from None
     return load_diffusers_model(root / prefix)
 
 

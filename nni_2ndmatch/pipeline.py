@@ -14,7 +14,7 @@ from torch import nn
 from .config import Config, ModelSpec
 from .data import DigitsDataset, ImageFolderDataset
 from .finetuners import get_finetuner
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 from .losses import model_output
 from .models import (
     build_builtin,
@@ -88,7 +88,8 @@ def load_dataset(config: Config, teacher: nn.Module | None = None) -> torch.util
         if conditioning is not None:
             raise ValueError(f"path={data.path!r}: an image folder carries no {conditioning[0]}, which the teacher "
                              f"({type(teacher).__name__}) needs; allowed: builtin: digits, or an unconditional model")
-        return ImageFolderDataset(data.path, resolution=data.resolution, channels=data.channels)
+        return ImageFolderDataset(data.path, resolution=data.resolution, channels=data.channels,
+                                  skip_bad_images=data.skip_bad_images)
     except (ValueError, OSError) as e:
         raise UserError(f"data: {e}") from None
 
@@ -124,8 +125,42 @@ def _check_free_space(out: Path, student: nn.Module, config: Config) -> None:
                         "finetune.keep_checkpoints or choose another output_dir")
 
 
+CONFIG_FILE = "config.yaml"
+# fields that may change between a run and its --resume: they do not change the trained weights
+RESUME_FREE = {"output_dir", "threads", "evaluate", "export", "finetune.steps", "finetune.log_every",
+               "finetune.checkpoint_every", "finetune.keep_checkpoints", "finetune.process_timeout_s",
+               "finetune.device"}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def write_config(config: Config, resume: bool) -> None:
+    """The resolved config (defaults filled in) goes to output_dir/config.yaml. ``resume``: the
+    config of the run being resumed must agree with it on every field that changes the weights."""
+    import yaml
+
+    path = Path(config.output_dir) / CONFIG_FILE
+    resolved = config.model_dump(mode="json")
+    if resume and path.is_file():
+        before = _flatten(yaml.safe_load(path.read_text()))
+        now = _flatten(resolved)
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)
+                         and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE))
+        if changed:
+            raise UserError(f"--resume: the config differs from the run's ({path}) in "
+                            + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed)
+                            + "; resume with the run's settings, or start a new run (--overwrite)")
+    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+
+
 def prepare_output_dir(config: Config, resume: bool, overwrite: bool) -> Path:
     out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {str(out)!r} is a file, not a folder; choose another output_dir")
     has_run = (out / CHECKPOINT_DIR).exists() or (out / "summary.json").exists()
     if has_run and not resume and not overwrite:
         raise UserError(f"output_dir {str(out)!r} already holds a run; pass --resume to continue it "
@@ -135,7 +170,7 @@ def prepare_output_dir(config: Config, resume: bool, overwrite: bool) -> Path:
     if overwrite and not resume:
         for name in (CHECKPOINT_DIR, STUDENT_DIR, PRUNED_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("summary.json", "metrics.jsonl", "pruning_report.json"):
+        for name in ("summary.json", "metrics.jsonl", "pruning_report.json", CONFIG_FILE):
             (out / name).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -224,13 +259,16 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     report when the config has an ``evaluate`` or ``export`` section)."""
     if command == "prune" and config.pruning is None:
         raise UserError("the config has no pruning section (model.student is given): nothing to prune")
+    torch.set_num_threads(config.resolved_threads())
     runtime = make_runtime(config.finetune.device, config.finetune.process_timeout_s)
-    if runtime.is_main:
-        prepare_output_dir(config, resume, overwrite)
-    runtime.barrier()
-    out = Path(config.output_dir)
+    # the inputs are checked before anything is written to output_dir
     teacher = load_model(config.model.teacher, "teacher")
     dataset, student = load_dataset(config, teacher), None
+    if runtime.is_main:
+        prepare_output_dir(config, resume, overwrite)
+        write_config(config, resume)
+    runtime.barrier()
+    out = Path(config.output_dir)
     if command in ("prune", "run") and config.pruning is not None:
         if not (resume and is_pruned_folder(out / PRUNED_DIR)):
             student, report = run_prune(config, out, teacher, dataset, runtime)
@@ -243,7 +281,7 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     if command == "run" and (config.evaluate is not None or config.export is not None):
         from .report import run_report
 
-        summary["report"] = str(run_report(config, out, teacher, student, dataset, summary))
+        summary["report"] = str(run_report(config, out, teacher, student, dataset, summary, progress=progress))
     return summary
 
 

@@ -31,6 +31,7 @@ from .utils import requires_grad
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -224,7 +225,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, T
 
 def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: Finetuner, dataset: Dataset,
              config: TrainConfig, output_dir: str | os.PathLike | None = None, *, resume: bool = False,
-             runtime: Runtime | None = None, progress: bool = True,
+             overwrite: bool = False, runtime: Runtime | None = None, progress: bool = True,
              on_log: Callable[[dict[str, float]], None] | None = None) -> FinetuneResult:
     """Finetune ``student`` against a frozen ``teacher`` with ``finetuner`` on ``dataset``.
 
@@ -235,7 +236,9 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     With ``output_dir``, the main process writes checkpoints every ``checkpoint_every`` steps and at
     the end, and ``metrics.jsonl`` (one line per logged step, each loss term). ``resume=True``
     continues from the last complete checkpoint there; with the same seed the result equals an
-    uninterrupted run. The teacher is put in eval mode and never receives gradients.
+    uninterrupted run, and ``seconds`` counts the time of every part. An ``output_dir`` that already
+    holds a run is an error unless ``resume`` or ``overwrite`` (which deletes its checkpoints and
+    metrics first). The teacher is put in eval mode and never receives gradients.
     """
     runtime = runtime or Runtime()
     if finetuner.uses_teacher and teacher is None:
@@ -244,6 +247,13 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         raise ValueError(f"batch_size={config.batch_size} is larger than the data set ({len(dataset)} images)")
     out = Path(output_dir) if output_dir is not None else None
     ckpts = _Checkpoints(out / CHECKPOINT_DIR, config.keep_checkpoints) if out is not None else None
+    if out is not None and not resume and runtime.is_main:
+        old = [p for p in (out / CHECKPOINT_DIR, out / METRICS_FILE) if p.exists()]
+        if old and not overwrite:
+            raise FileExistsError(f"output_dir {str(out)!r} already holds a run ({', '.join(p.name for p in old)}); "
+                                  "pass resume=True to continue it or overwrite=True to replace it")
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     if runtime.world_size > 1 and getattr(finetuner, "mode", None) == "jvp":
         raise ValueError("mode='jvp' is not allowed with several processes (torch.func.jvp cannot run through "
@@ -261,7 +271,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     net = runtime.prepare(student, teacher)  # what the loop calls: the student, or its DDP wrapper
     model = runtime.unwrap(net)
     ema = [p.detach().clone() for p in params] if config.ema_decay else []
-    start, history, nonfinite = 0, [], 0
+    start, history, nonfinite, seconds_before = 0, [], 0, 0.0
     micro_batches = runtime.local_positions(config.batch_size).split(per_process // config.gradient_accumulation_steps)
     autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
 
@@ -279,6 +289,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         if torch.cuda.is_available() and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], runtime.device)
         start, history = meta["step"], [h for h in meta["history"] if h["step"] <= meta["step"]]
+        seconds_before = meta.get("seconds", history[-1]["seconds"] if history else 0.0)
         logger.info("resumed from %s at step %d", latest, start)
 
     def checkpoint(step: int) -> None:
@@ -291,12 +302,13 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         tensors["rng.cpu"] = torch.get_rng_state()
         if runtime.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(runtime.device)
-        meta = {"step": step, "optimizer": opt_meta, "history": history, "finetuner": finetuner.name,
+        meta = {"step": step, "seconds": time.perf_counter() - began, "optimizer": opt_meta, "history": history,
+                "finetuner": finetuner.name,
                 "finetuner_options": finetuner.options(),
                 "train_config": config.model_dump()}
         ckpts.save(step, tensors, meta)
         lines = "".join(json.dumps(h) + "\n" for h in history)
-        atomic_write_text(out / "metrics.jsonl", lines)
+        atomic_write_text(out / METRICS_FILE, lines)
 
     dropouts = []
     if config.dropout is not None:
@@ -314,7 +326,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         restore.callback(setattr, m, "p", m.p)
         m.p = config.dropout
     student.train()
-    began = time.perf_counter()
+    began = time.perf_counter() - seconds_before  # the wall time of the parts before a resume counts
     bar = None
     if progress and runtime.is_main:
         from tqdm.auto import tqdm

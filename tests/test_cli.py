@@ -144,7 +144,7 @@ def test_a_hub_model_that_cannot_be_downloaded_is_a_clear_error(tmp_path):
     r = cli("run", cfg, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "hub='google/ddpm-cifar10-32': could not download it from the Hugging Face Hub" in r.stderr
-    assert "huggingface-cli download google/ddpm-cifar10-32" in r.stderr
+    assert "hf download google/ddpm-cifar10-32 --local-dir" in r.stderr
     assert not (tmp_path / "run" / "pruned").exists()
 
 
@@ -202,7 +202,7 @@ def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):
         save_diffusers_model(teacher, folder)
         (tmp_path / "images").mkdir()
         edit_data = {"path": str(tmp_path / "images"), "resolution": 16, "channels": 1}
-        expected = "data: data path .* holds no images"
+        expected = "data: data path .* holds no usable images"
     else:
         from PIL import Image
 

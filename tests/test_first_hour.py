@@ -1,0 +1,143 @@
+"""What a new user meets first: clear errors before anything is written, Ctrl-C, resume, threads."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from test_cli import ROOT, cli, write_config
+from test_training import Images, _run
+from tiny_models import tiny_unet2d
+
+from nni_2ndmatch import TrainConfig, __version__, finetune, get_finetuner
+from nni_2ndmatch.config import validate_config
+
+
+def test_version():
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"nni-2ndmatch {__version__}"
+
+
+def _image_folder(tmp_path, bad: bool):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        Image.new("L", (16, 16), color=i * 20).save(images / f"{i}.png")
+    (images / "notes.txt").write_text("not an image")  # left out: no image suffix
+    if bad:
+        (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return images
+
+
+def _folder_config(tmp_path, images, **data):
+    def edit(raw):
+        raw["data"] = {"path": str(images), "resolution": 16, "channels": 1, **data}
+        raw["finetune"].update(steps=2, batch_size=4)
+    return write_config(tmp_path, edit)
+
+
+def test_a_corrupt_image_is_one_clear_error_before_anything_is_written(tmp_path):
+    images = _image_folder(tmp_path, bad=True)
+    r = cli("run", _folder_config(tmp_path, images), "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "1 bad image(s)" in r.stderr and "broken.png: it does not decode as an image" in r.stderr
+    assert "skip_bad_images" in r.stderr
+    assert not (tmp_path / "run").exists()  # checked before the output folder is made
+    r = cli("run", _folder_config(tmp_path, images, skip_bad_images=True), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "left out" in r.stderr and "broken.png" in r.stderr
+
+
+def test_a_missing_data_folder_or_a_file_as_output_dir(tmp_path):
+    r = cli("run", _folder_config(tmp_path, tmp_path / "nowhere"), "--no-progress")
+    assert r.returncode == 2 and "is not a folder" in r.stderr and not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("x")
+    cfg = write_config(tmp_path, lambda raw: raw.update(output_dir=str(tmp_path / "file")), name="f.yaml")
+    r = cli("run", cfg, "--no-progress")
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
+    cfg = write_config(tmp_path, lambda raw: raw["finetune"].update(steps=100000, checkpoint_every=2))
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    proc = subprocess.Popen([sys.executable, "-m", "nni_2ndmatch.cli", "run", str(cfg), "--no-progress"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not latest.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert latest.is_file()
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert f"nni-2ndmatch run {cfg} --resume" in stderr
+    done = int(latest.read_text().strip().split("-")[1])
+    longer = write_config(tmp_path, lambda raw: raw["finetune"].update(steps=done + 2, checkpoint_every=2))
+    r = cli("run", longer, "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_resolved_config_is_written_and_a_changed_resume_is_an_error(tmp_path):
+    cfg = write_config(tmp_path)
+    assert cli("run", cfg, "--no-progress").returncode == 0
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert validate_config(written) == validate_config(yaml.safe_load(cfg.read_text()))  # round-trips
+    assert written["finetune"]["lambda_jac"] == 0.1 and written["finetune"]["grad_clip"] == 1.0  # defaults too
+    changed = write_config(tmp_path, lambda raw: raw["finetune"].update(lr=1e-3, lambda_jac=0.5, steps=5),
+                           name="changed.yaml")
+    r = cli("run", changed, "--resume", "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "finetune.lambda_jac (0.1 -> 0.5)" in r.stderr and "finetune.lr" in r.stderr
+    assert "finetune.steps" not in r.stderr  # more steps is how a run is extended
+
+
+def test_threads_from_the_config_and_the_command_line(tmp_path, monkeypatch):
+    raw = yaml.safe_load(write_config(tmp_path).read_text())
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    expected = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert validate_config(raw).resolved_threads() == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert validate_config(raw).resolved_threads() == 3
+    assert validate_config({**raw, "threads": 2}).resolved_threads() == 2
+    for bad in (0, "many"):
+        with pytest.raises(ValueError, match="threads"):
+            validate_config({**raw, "threads": bad})
+    before = torch.get_num_threads()
+    try:
+        from nni_2ndmatch.pipeline import run_job
+
+        run_job(validate_config({**raw, "threads": 1}), "prune", progress=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    r = cli("prune", write_config(tmp_path, name="t.yaml"), "--threads", "0", "--overwrite")
+    assert r.returncode == 2 and "--threads: value 0 is not allowed" in r.stderr
+
+
+def test_the_python_finetune_refuses_a_folder_that_holds_a_run(tmp_path):
+    _run(tmp_path, 2)
+    with pytest.raises(FileExistsError, match="already holds a run .*resume=True.*overwrite=True"):
+        _run(tmp_path, 2)
+    metrics = tmp_path / "metrics.jsonl"
+    assert len(metrics.read_text().splitlines()) == 2  # untouched
+    student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
+    finetune(student, teacher, get_finetuner("dsm"), Images(), TrainConfig(steps=1, batch_size=4, log_every=1),
+             tmp_path, overwrite=True, progress=False)
+    assert len(metrics.read_text().splitlines()) == 1
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-0000001"]
+
+
+def test_wall_time_is_carried_across_a_resume(tmp_path):
+    part, _ = _run(tmp_path, 4)
+    state = json.loads((tmp_path / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert state["seconds"] > 0
+    resumed, _ = _run(tmp_path, 6, resume=True)
+    assert resumed.seconds > state["seconds"]
+    assert [h["seconds"] for h in resumed.history] == sorted(h["seconds"] for h in resumed.history)
+    assert resumed.history[4]["seconds"] > state["seconds"]
