@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner
-from nni_2ndmatch.io import write_results
+from nni_2ndmatch.files import write_results
 from nni_2ndmatch.models import build_builtin
-from nni_2ndmatch.pruning import default_example_inputs, prune_diffusers
+from nni_2ndmatch import prune_diffusers
+from nni_2ndmatch.models import default_example_inputs
 
 VARIANTS = {
     "dsm": ("dsm", {}, "no"),

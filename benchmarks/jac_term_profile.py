@@ -20,11 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
-from nni_2ndmatch.digits import load_digits_teacher  # noqa: E402
-from nni_2ndmatch.finetuners import default_scheduler  # noqa: E402
-from nni_2ndmatch.io import write_results  # noqa: E402
-from nni_2ndmatch.losses import jacobian_sensitivity, model_output, sample_directions, squared_norm  # noqa: E402
-from nni_2ndmatch.pruning import default_example_inputs, prune_diffusers  # noqa: E402
+from nni_2ndmatch.models.digits import load_digits_teacher  # noqa: E402
+from nni_2ndmatch.method import default_scheduler  # noqa: E402
+from nni_2ndmatch.files import write_results  # noqa: E402
+from nni_2ndmatch.method import jacobian_sensitivity, model_output, sample_directions, squared_norm  # noqa: E402
+from nni_2ndmatch import prune_diffusers
+from nni_2ndmatch.models import default_example_inputs  # noqa: E402
 
 TIMESTEPS = [0, 5, 20, 50, 100, 250, 500, 999]
 

@@ -31,7 +31,7 @@ import yaml
 
 from nni_2ndmatch import finetune, get_finetuner, prune_diffusers, save_pruned
 from nni_2ndmatch.data import DigitsDataset
-from nni_2ndmatch.io import write_results
+from nni_2ndmatch.files import write_results
 from nni_2ndmatch.models import build_builtin
 from nni_2ndmatch.pruning import default_example_inputs
 from nni_2ndmatch.training import TrainConfig

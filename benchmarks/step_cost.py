@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from nni_2ndmatch import get_finetuner, jacobian_safe
-from nni_2ndmatch.io import atomic_write_json
-from nni_2ndmatch.losses import output_and_sensitivity, sample_directions
-from nni_2ndmatch.models import ddpm_cifar10
+from nni_2ndmatch.files import atomic_write_json
+from nni_2ndmatch.method import output_and_sensitivity, sample_directions
+from nni_2ndmatch.models.builtin import ddpm_cifar10
 
 VARIANTS = {
     "dsm": ("dsm", {}),

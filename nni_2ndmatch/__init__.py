@@ -1,21 +1,41 @@
 """nni-2ndmatch: second-order Jacobian matching (2ndMatch) for finetuning pruned diffusion models.
 
-The core (losses, estimators, strategies, finetuning loop) is pure PyTorch and imports no NNI.
+Layers, lowest first (each imports only from those below it):
+    files, utils, errors     atomic writes and safetensors; small helpers; the error hierarchy
+    method/                  loss terms, Jacobian estimators, precision, noise schedule (no NNI)
+    data, models/            datasets; built-in architectures, digits assets, loading
+    finetuners               the strategies (dsm, kd, 2ndmatch) and their registry
+    pruning/                 surgery, torch-pruning importances, the save format
+    training/                the finetuning loop, runtimes, checkpoints
+    nni/                     pruners by name and the NNI distiller (the only place NNI is used)
+    evaluation, deploy/      sampling and metrics; ONNX, TensorRT, latency
+    config, pipeline, report, cli
 """
 
-from .distill import NoisyBatches, diffusion_evaluator, dsm_training_step
 from .finetuners import (
     Finetuner,
-    add_noise,
     available_finetuners,
-    default_scheduler,
     finetuner_options,
     get_finetuner,
     register_finetuner,
 )
-from .losses import jacobian_safe, jacobian_sensitivity, sample_directions, second_match_loss
+from .method import (
+    add_noise,
+    default_scheduler,
+    jacobian_safe,
+    jacobian_sensitivity,
+    sample_directions,
+    second_match_loss,
+)
 from .models import build_builtin, example_conditioning
-from .pruning import load_pruned, masks_to_student, prune_diffusers, save_pruned
+from .nni import (
+    NoisyBatches,
+    diffusion_evaluator,
+    distiller_class,
+    dsm_training_step,
+    prune_diffusers,
+)
+from .pruning import load_pruned, masks_to_student, save_pruned
 from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
 
 __version__ = "0.1.0"
@@ -23,8 +43,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "SecondMatchDistiller":  # built on first use: it subclasses an NNI class
-        from .distill import distiller_class
-
         return distiller_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -1,6 +1,7 @@
 """Command line: ``nni-2ndmatch run|prune|finetune CONFIG.yaml``, ``nni-2ndmatch finetuners``.
 
-Exit codes: 0 success, 2 bad input (config, model or data folder, output folder), 1 a failed run.
+Exit codes (``nni_2ndmatch.errors``): 0 success, 2 bad input (config, model or data folder, output
+folder), 1 a failed run, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import ERRORS, ConfigError, report
 from .finetuners import available_finetuners
-from .pipeline import UserError, run_job, summary_text
-from .training import CHECKPOINT_DIR, NonFiniteLossError
+from .pipeline import run_job, summary_text
+from .training import CHECKPOINT_DIR
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,12 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             config = config.model_copy(update={"threads": args.threads})
         summary = run_job(config, args.command, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.no_progress)
-    except (ConfigError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except ERRORS as e:
+        return report(e)
     except KeyboardInterrupt:
         hint = resume_hint(args.command, args.config, config.output_dir) if config is not None else ""
         print(f"\ninterrupted. {hint}".rstrip(), file=sys.stderr)

@@ -13,30 +13,30 @@ The ``finetune`` section holds the loop's options (TrainConfig) and the chosen s
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .data import BUILTIN_DATA
+from .errors import ConfigError
 from .finetuners import available_finetuners, finetuner_options, get_finetuner
 from .models import BUILTIN_MODELS
-from .pruning import NNI_PRUNERS, TP_IMPORTANCES
+from .nni import PRUNERS, check_config_list, check_config_list_pruner
 from .training import TrainConfig
+from .utils import did_you_mean
 
 CONFIG_VERSION = 1
-PRUNERS = TP_IMPORTANCES + NNI_PRUNERS
 
-
-class ConfigError(ValueError):
-    """A config with problems; ``problems`` holds one line per problem (field path, value, allowed)."""
-
-    def __init__(self, problems: list[str], source: str = "config") -> None:
-        self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class _Section(BaseModel):
@@ -82,7 +82,6 @@ class PruningSection(_Section):
     @classmethod
     def _valid_config_list(cls, value: Any) -> Any:
         """Each entry: a mapping of NNI 3.0 pruning keys only, ratios in range, layer selectors lists of strings."""
-        from .pruning import check_config_list
 
         if value is not None:
             check_config_list(value)
@@ -90,7 +89,6 @@ class PruningSection(_Section):
 
     @model_validator(mode="after")
     def _known_pruner(self) -> "PruningSection":
-        from .pruning import check_config_list_pruner
 
         if self.pruner not in PRUNERS:
             raise ValueError(f"pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNERS)}")
@@ -148,9 +146,8 @@ class EvaluateSection(_Section):
         allowed = available_finetuners()
         for name in names:
             if name not in allowed:
-                close = difflib.get_close_matches(name, allowed, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"{name!r} is not a registered finetuner{hint} (allowed: {', '.join(allowed)})")
+                raise ValueError(f"{name!r} is not a registered finetuner{did_you_mean(name, allowed)} "
+                                 f"(allowed: {', '.join(allowed)})")
         repeated = [name for i, name in enumerate(names) if name in names[:i]]
         if repeated:
             raise ValueError(f"{repeated[0]!r} is listed more than once; list each finetuner once")
@@ -240,8 +237,7 @@ def _describe(error: dict[str, Any]) -> str:
     loc = tuple(p for p in error["loc"] if isinstance(p, (str, int)))
     path = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))
         return f"{path}: unknown key{hint} (allowed: {', '.join(_fields_at(loc[:-1]))})"
     msg = error["msg"].removeprefix("Value error, ")
     if not loc:  # a rule across sections
@@ -275,9 +271,7 @@ def validate_config(raw: Any, source: str = "config") -> Config:
         for key in extras:
             if key not in allowed:
                 valid = sorted(allowed | set(FinetuneSection.model_fields))
-                close = difflib.get_close_matches(key, valid, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                problems.append(f"finetune.{key}: unknown key for finetuner {name!r}{hint} "
+                problems.append(f"finetune.{key}: unknown key for finetuner {name!r}{did_you_mean(key, valid)} "
                                 f"(allowed: {', '.join(valid)})")
         if all(k in allowed for k in extras):
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,3 +136,23 @@ class ImageFolderDataset(Dataset):
             data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         x = data.view(self.resolution, self.resolution, self.channels).permute(2, 0, 1).float()
         return x / 127.5 - 1.0
+
+
+def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tensor:
+    """Dataset indices of global batch ``step``: a fresh seeded permutation per epoch, last
+    incomplete batch dropped. A pure function of its arguments, so a resumed run sees the same data."""
+    per_epoch = num_items // batch_size
+    epoch, j = divmod(step, per_epoch)
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[j * batch_size:(j + 1) * batch_size]
+
+
+def collate(items: list[Any], device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+    """Stack data items: image tensors, or dicts with the image under "sample" and the model's
+    conditioning (class_labels, encoder_hidden_states, ...) under its keyword names."""
+    if isinstance(items[0], dict):
+        x0 = torch.stack([item["sample"] for item in items]).to(device)
+        kwargs = {k: torch.stack([torch.as_tensor(item[k]) for item in items]).to(device)
+                  for k in items[0] if k != "sample"}
+        return x0, kwargs
+    return torch.stack(items).to(device), {}

@@ -13,7 +13,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .losses import jacobian_sensitivity, model_output, sample_directions
+from .data import DigitsDataset
+from .method import (
+    default_scheduler,
+    jacobian_sensitivity,
+    model_output,
+    sample_directions,
+)
+from .models.digits import RESOLUTION, load_digits_classifier
 
 
 def ddim_scheduler(num_steps: int) -> Any:
@@ -58,7 +65,6 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
 
 @torch.no_grad()
 def digits_features(images: Tensor, classifier: torch.nn.Module | None = None) -> Tensor:
-    from .digits import load_digits_classifier
 
     classifier = classifier if classifier is not None else load_digits_classifier()
     return classifier.features(images.float().clamp(-1, 1))
@@ -66,8 +72,6 @@ def digits_features(images: Tensor, classifier: torch.nn.Module | None = None) -
 
 def digits_fid(samples: Tensor, classifier: torch.nn.Module | None = None) -> float:
     """digits-FID of 1x8x8 samples in [-1, 1] against the held-out real digits (test split)."""
-    from .data import DigitsDataset
-    from .digits import RESOLUTION
 
     reference = DigitsDataset(RESOLUTION, "test").images
     return frechet_distance(digits_features(samples, classifier), digits_features(reference, classifier))
@@ -84,7 +88,6 @@ def sensitivity_profile(model: Callable[..., Any], x0: Tensor, timesteps: list[i
                         **conditioning: Tensor) -> list[float]:
     """Mean ||J v||^2 over x0's samples at each timestep (unit random v, exact jvp): how strongly
     the model amplifies a perturbation of its noisy input, the paper's FTLE-like diagnostic."""
-    from .finetuners import default_scheduler
 
     scheduler = default_scheduler()
     g = torch.Generator().manual_seed(seed)

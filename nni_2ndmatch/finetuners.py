@@ -10,7 +10,6 @@ group ``nni_2ndmatch.finetuners`` (each entry point loads a Finetuner subclass).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar
@@ -18,9 +17,11 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from .losses import (
+from .method import (
     DEFAULT_FD_STEP,
     MODES,
+    add_noise,
+    default_scheduler,
     dsm_term,
     jacobian_match_term,
     kd_term,
@@ -28,6 +29,7 @@ from .losses import (
     sample_directions,
     student_and_teacher_sensitivity,
 )
+from .utils import did_you_mean
 
 ENTRY_POINT_GROUP = "nni_2ndmatch.finetuners"
 JAC_WEIGHTINGS = ("none", "noise")
@@ -85,9 +87,8 @@ def get_finetuner(name: str, **options: Any) -> "Finetuner":
     allowed = finetuner_options(name)
     for key in options:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"finetuner {name!r} has no option {key!r}{hint}; allowed: {', '.join(allowed)}")
+            raise ValueError(f"finetuner {name!r} has no option {key!r}{did_you_mean(key, allowed)} "
+                             f"(allowed: {', '.join(allowed)})")
     return finetuner_class(name)(**options)
 
 
@@ -97,17 +98,6 @@ def _check_weight(field: str, value: float) -> float:
     return float(value)
 
 
-def default_scheduler() -> Any:
-    """The DDPM noise schedule of the reference setting: 1000 steps, linear betas 1e-4..0.02."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-
-
-def add_noise(x0: Tensor, noise: Tensor, timesteps: Tensor, scheduler: Any = None) -> Tensor:
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise under ``scheduler`` (default: ``default_scheduler()``)."""
-    scheduler = scheduler if scheduler is not None else default_scheduler()
-    return scheduler.add_noise(x0, noise, timesteps.to(x0.device))
 
 
 def _split_kwargs(kwargs: dict[str, Any], batch: int, index: slice, repeats: int = 1) -> dict[str, Any]:

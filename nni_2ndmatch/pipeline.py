@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -12,33 +13,31 @@ import torch
 from torch import nn
 
 from .config import Config, ModelSpec
-from .data import DigitsDataset, ImageFolderDataset
+from .data import DigitsDataset, ImageFolderDataset, collate
+from .errors import UserError
+from .files import atomic_write_json, atomic_write_text
 from .finetuners import get_finetuner
-from .io import atomic_write_json, atomic_write_text
-from .losses import model_output
+from .method import model_output
 from .models import (
     build_builtin,
     conditioning_of,
     count_params,
-    load_hub_model,
-    save_diffusers_model,
-)
-from .pruning import (
     default_example_inputs,
+    load_hub_model,
+)
+from .nni import prune_diffusers
+from .pruning import (
     is_pruned_folder,
     load_model_folder,
     load_pruned,
-    prune_diffusers,
+    save_model,
     save_pruned,
 )
-from .training import CHECKPOINT_DIR, Runtime, collate, finetune
+from .report import run_report
+from .training import CHECKPOINT_DIR, Runtime, finetune
+from .training.accelerate import AccelerateRuntime, launched_distributed
 
 logger = logging.getLogger(__name__)
-
-
-class UserError(Exception):
-    """A problem with the user's input or environment: reported without a traceback, exit code 2."""
-
 
 PRUNED_DIR, STUDENT_DIR = "pruned", "student"
 
@@ -46,8 +45,6 @@ PRUNED_DIR, STUDENT_DIR = "pruned", "student"
 def make_runtime(device: str, timeout_s: float) -> Runtime:
     """The multi-process runtime (Accelerate, DDP) when a launcher started several processes;
     else the single-process one on ``device``. ``timeout_s``: how long a process waits for the others."""
-    from .distributed import AccelerateRuntime, launched_distributed
-
     if not launched_distributed():
         return Runtime(device)
     try:
@@ -66,13 +63,6 @@ def load_model(spec: ModelSpec, role: str) -> nn.Module:
         return load_model_folder(spec.path)
     except (ValueError, OSError) as e:
         raise UserError(f"model.{role}: {e}") from None
-
-
-def save_model(model: nn.Module, folder: Path) -> None:
-    if getattr(model, "pruning_plan", None) is not None:
-        save_pruned(model, folder)
-    else:
-        save_diffusers_model(model, folder)
 
 
 def load_dataset(config: Config, teacher: nn.Module | None = None) -> torch.utils.data.Dataset:
@@ -216,18 +206,23 @@ def run_prune(config: Config, out: Path, teacher: nn.Module, dataset: torch.util
     return student, report
 
 
+def starting_student(config: Config, out: Path) -> nn.Module:
+    """The student a finetune starts from: the config's ``model.student``, else the one
+    ``run_prune`` saved in out/pruned."""
+    if config.model.student is not None:
+        return load_model(config.model.student, "student")
+    if is_pruned_folder(out / PRUNED_DIR):
+        return load_pruned(out / PRUNED_DIR)
+    raise UserError(f"no pruned student in {str(out / PRUNED_DIR)!r}: run 'nni-2ndmatch prune' (or 'run') first")
+
+
 def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,
                  student: nn.Module | None = None, *, resume: bool = False, progress: bool = True,
                  runtime: Runtime | None = None) -> tuple[dict[str, Any], nn.Module]:
     """Finetune the student (given; else the config's, or the one ``run_prune`` saved) against the
     teacher; the main process saves it with a summary. Returns the summary and the finetuned student."""
     runtime = runtime or Runtime(config.finetune.device)
-    if student is None and config.model.student is not None:
-        student = load_model(config.model.student, "student")
-    elif student is None and is_pruned_folder(out / PRUNED_DIR):
-        student = load_pruned(out / PRUNED_DIR)
-    elif student is None:
-        raise UserError(f"no pruned student in {str(out / PRUNED_DIR)!r}: run 'nni-2ndmatch prune' (or 'run') first")
+    student = student if student is not None else starting_student(config, out)
     _preflight({"teacher": teacher, "student": student}, dataset[0])
     if runtime.is_main:
         _check_free_space(out, student, config)
@@ -274,14 +269,16 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
             student, report = run_prune(config, out, teacher, dataset, runtime)
             if command == "prune":
                 return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
+    student = student if student is not None else starting_student(config, out)
+    compare = command == "run" and config.evaluate is not None and config.evaluate.compare
+    start = copy.deepcopy(student) if compare and runtime.is_main else None  # the baselines start here too
     summary, student = run_finetune(config, out, teacher, dataset, student, resume=resume, progress=progress,
                                     runtime=runtime)
     if not runtime.is_main:
         return summary
     if command == "run" and (config.evaluate is not None or config.export is not None):
-        from .report import run_report
-
-        summary["report"] = str(run_report(config, out, teacher, student, dataset, summary, progress=progress))
+        summary["report"] = str(run_report(config, out, teacher, student, dataset, summary, start=start,
+                                           progress=progress))
     return summary
 
 

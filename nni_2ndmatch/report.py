@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .data import collate
+from .deploy import export_onnx
+from .deploy.bench import run_benchmark, write_reports
+from .evaluation import ddim_sample, digits_fid, fidelity
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .finetuners import finetuner_options, get_finetuner
+from .models.digits import load_digits_classifier
+from .pruning import save_model
+from .training import Runtime, finetune
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +135,6 @@ def conditioning_rows(dataset: Any, n: int) -> dict[str, Tensor]:
     item = dataset[0]
     if not isinstance(item, dict):
         return {}
-    from .training import collate
 
     _, kwargs = collate([dataset[i % len(dataset)] for i in range(n)], torch.device("cpu"))
     return kwargs
@@ -140,8 +147,6 @@ class Evaluator:
 
     def __init__(self, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
                  digits: bool) -> None:
-        from .digits import load_digits_classifier
-        from .training import collate
 
         x0, _ = collate([dataset[0]], torch.device("cpu"))
         self.noise = torch.randn(samples, *x0.shape[1:], generator=torch.Generator().manual_seed(seed))
@@ -152,7 +157,6 @@ class Evaluator:
 
     def sample(self, model: nn.Module) -> Tensor:
         """The model's samples (on the CPU), computed on the model's device."""
-        from .evaluation import ddim_sample
 
         device = next(model.parameters(), torch.empty(0)).device
         cond = {k: v.to(device) for k, v in self.conditioning.items()}
@@ -163,13 +167,11 @@ class Evaluator:
             return None
         import torch.nn.functional as F
 
-        from .evaluation import digits_fid
 
         at8 = samples if samples.shape[-1] == 8 else F.interpolate(samples, size=(8, 8), mode="area")
         return digits_fid(at8, self.classifier)
 
     def score(self, samples: Tensor) -> dict[str, float | None]:
-        from .evaluation import fidelity
 
         return {"digits_fid": self.digits_fid(samples), "fidelity": fidelity(samples, self.teacher_samples)}
 
@@ -190,30 +192,8 @@ def evaluate_models(teacher: nn.Module, student: nn.Module, dataset: Any, *, sam
 
 # --- baselines -----------------------------------------------------------------------------------
 
-def starting_student(config: Any, out: Path) -> tuple[nn.Module | None, str]:
-    """The student the run's finetune started from, loaded again: the config's ``model.student``
-    (with the pipeline's loader), else the pruned student saved in out/pruned. Returns
-    (model, where it came from), or (None, why it is unavailable)."""
-    from .pipeline import PRUNED_DIR, UserError, load_model
-    from .pruning import is_pruned_folder, load_pruned
-
-    if config.model.student is not None:
-        try:
-            return load_model(config.model.student, "student"), "model.student"
-        except UserError as e:
-            return None, f"the starting student (model.student) could not be loaded again: {e}"
-    folder = out / PRUNED_DIR
-    if not is_pruned_folder(folder):
-        return None, f"no pruned student in {str(folder)!r}"
-    try:
-        return load_pruned(folder), f"{PRUNED_DIR}/"
-    except (ValueError, OSError) as e:
-        return None, f"the pruned student in {str(folder)!r} could not be loaded: {e}"
-
-
 def baseline_options(name: str, run_options: dict[str, Any]) -> dict[str, Any]:
     """The baseline's options: its defaults, with the run's lambda_dsm / lambda_kd where it takes them."""
-    from .finetuners import finetuner_options
 
     accepted = finetuner_options(name)
     return {k: run_options[k] for k in ("lambda_dsm", "lambda_kd") if k in run_options and k in accepted}
@@ -223,8 +203,6 @@ def finetune_baseline(name: str, start: nn.Module, teacher: nn.Module, dataset: 
                       run_options: dict[str, Any], *, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``start`` finetuned with the finetuner ``name`` and the run's loop options (the same
     seed: the same data order, noise and timesteps). Writes no checkpoints."""
-    from .finetuners import get_finetuner
-    from .training import Runtime, finetune
 
     finetuner = get_finetuner(name, **baseline_options(name, run_options))
     logger.info("finetuning the baseline %r from the same starting student (%d steps)", name, config.finetune.steps)
@@ -267,7 +245,8 @@ def _row(model: str, role: str, finetuner: str | None, scores: dict[str, Any], s
 
 
 def compare_models(config: Any, out: Path, student: nn.Module, teacher: nn.Module, dataset: Any,
-                   summary: dict[str, Any], evaluator: Evaluator, *, progress: bool) -> dict[str, Any]:
+                   summary: dict[str, Any], evaluator: Evaluator, start: nn.Module | None, *,
+                   progress: bool) -> dict[str, Any]:
     """Rows of the quality table (teacher, the starting student before finetuning, each baseline of
     ``evaluate.compare``, the run's student), their sample grids, and the run-vs-baseline sentences."""
     folder = out / REPORT_DIR
@@ -275,7 +254,9 @@ def compare_models(config: Any, out: Path, student: nn.Module, teacher: nn.Modul
     run_name = summary["finetuner"]
     rows = [_row("teacher", "teacher", None, evaluator.score(evaluator.teacher_samples), None, "samples_teacher.png")]
     save_grid(evaluator.teacher_samples[:50], folder / "samples_teacher.png")
-    start, source = starting_student(config, out)
+    source = "model.student" if config.model.student is not None else "pruned/"
+    if start is None:
+        source = "the starting student was not given to the report"
     notes: list[str] = []
     baselines: dict[str, Any] = {}
     shutil.rmtree(folder / BASELINES_DIR, ignore_errors=True)  # the report describes this run only
@@ -314,9 +295,7 @@ def compare_models(config: Any, out: Path, student: nn.Module, teacher: nn.Modul
 
 def _save_baseline(model: nn.Module, out: Path, name: str) -> str:
     """The baseline's finetuned student under out/report/baselines/NAME/student (for inspection)."""
-    from .pipeline import STUDENT_DIR, save_model
-
-    relative = Path(REPORT_DIR) / BASELINES_DIR / _safe_name(name) / STUDENT_DIR
+    relative = Path(REPORT_DIR) / BASELINES_DIR / _safe_name(name) / "student"
     save_model(model, out / relative)
     return relative.as_posix()
 
@@ -403,10 +382,11 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
 
 
 def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, dataset: Any,
-               summary: dict[str, Any], *, progress: bool = False) -> Path:
+               summary: dict[str, Any], *, start: nn.Module | None = None, progress: bool = False) -> Path:
     """Evaluate, compare, export and benchmark as the config's ``evaluate`` and ``export`` sections
-    say; write out/report (report.md, results.json, PNGs). ``progress``: progress bars for the
-    baseline finetunes. Returns the path of report.md."""
+    say; write out/report (report.md, results.json, PNGs). ``start``: the student before finetuning,
+    where the baselines of ``evaluate.compare`` start (without it they are skipped, with a note).
+    ``progress``: progress bars for the baseline finetunes. Returns the path of report.md."""
     folder = out / REPORT_DIR
     results: dict[str, Any] = {"finetune": {k: summary[k] for k in ("finetuner", "steps", "seconds", "final")}}
     if (out / "pruning_report.json").is_file():
@@ -420,7 +400,8 @@ def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, d
         logger.info("evaluating teacher and student: %d samples each, %d DDIM steps", e.samples, e.ddim_steps)
         digits = config.data.builtin == "digits"
         evaluator = Evaluator(teacher, dataset, samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed, digits=digits)
-        comparison = compare_models(config, out, student, teacher, dataset, summary, evaluator, progress=progress)
+        comparison = compare_models(config, out, student, teacher, dataset, summary, evaluator, start,
+                                    progress=progress)
         rows = {row["role"]: row for row in comparison["rows"]}
         results["quality"] = {"samples": e.samples, "ddim_steps": e.ddim_steps, "seed": e.seed,
                               "fidelity": rows["run"]["fidelity"]}
@@ -437,8 +418,6 @@ def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, d
 def export_and_benchmark(section: Any, out: Path, teacher: nn.Module, student: nn.Module) -> dict[str, Any]:
     """ONNX files of teacher and student (parity-checked) under out/onnx, and their latency on the
     section's backends (out/report/latency.{json,md,png}, macs.png)."""
-    from .deploy import export_onnx
-    from .deploy.bench import run_benchmark, write_reports
 
     onnx = {}
     for role, model in (("teacher", teacher), ("student", student)):

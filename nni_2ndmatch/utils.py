@@ -1,8 +1,9 @@
-"""Small helpers shared by the method, the loop and the pruning surgery."""
+"""Small helpers shared by every layer: parameter flags, and the words of clear error messages."""
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 from typing import Any, Iterator
 
 from torch import nn
@@ -21,3 +22,27 @@ def requires_grad(model: Any, flag: bool) -> Iterator[None]:
     finally:
         for p, was in zip(params, saved):
             p.requires_grad_(was)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (YAML and JSON booleans are ints to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def did_you_mean(value: Any, choices: list[str], n: int = 1) -> str:
+    """'; did you mean 'x'?' for the nearest choices to a misspelt value, or ''."""
+    close = difflib.get_close_matches(value, choices, n=n) if isinstance(value, str) else []
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON or YAML value is, in words: 'an object', 'a list', ..."""
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+             type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)

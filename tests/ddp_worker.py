@@ -5,7 +5,7 @@
 SPEC: finetuner, options, steps, batch_size, gradient_accumulation_steps, output_dir, result
 (where the main process saves the final weights), fixed_directions (replace the random Jacobian
 directions by a function of each sample, so runs that split the batch differently see the same
-ones). Every process records how many files it wrote through nni_2ndmatch.io in
+ones). Every process records how many files it wrote through nni_2ndmatch.files in
 RESULT.writes-RANK.json.
 """
 
@@ -18,13 +18,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tiny_models import tiny_unet2d  # noqa: E402
+
+import nni_2ndmatch.files as io_module  # noqa: E402
 import nni_2ndmatch.finetuners as finetuners_module  # noqa: E402
-import nni_2ndmatch.io as io_module  # noqa: E402
-import nni_2ndmatch.training as training_module  # noqa: E402
+import nni_2ndmatch.training.checkpoints as checkpoints_module  # noqa: E402
+import nni_2ndmatch.training.loop as loop_module  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
 from nni_2ndmatch.pipeline import make_runtime  # noqa: E402
-from tiny_models import tiny_unet2d  # noqa: E402
 
 
 def fixed_directions(like, generator=None):
@@ -36,7 +38,7 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
     writes = []
-    for module in (io_module, training_module):  # count the writes each process makes
+    for module in (io_module, loop_module, checkpoints_module):  # count the writes each process makes
         for name in ("atomic_write_json", "atomic_write_text", "save_tensors"):
             if hasattr(module, name):
                 real = getattr(module, name)

@@ -39,6 +39,7 @@ def test_examples_are_valid_configs():
         load_config(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", [p.name for p in EXAMPLES])
 def test_each_example_runs_prune_then_finetune_for_two_steps(example, tmp_path):
     """Every example config, as shipped, with only its length and output folder changed."""
@@ -68,6 +69,7 @@ def test_each_example_runs_prune_then_finetune_for_two_steps(example, tmp_path):
     assert summary["student_params"] == sum(p.numel() for p in student.parameters()) < summary["teacher_params"]
 
 
+@pytest.mark.slow
 def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     cfg = write_config(tmp_path)
     r = cli("run", cfg, "--no-progress")
@@ -92,6 +94,7 @@ def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     assert cli("run", cfg, "--overwrite", "--no-progress").returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, expected", [
     (lambda r: r["finetune"].update(lamda_jac=0.1), "finetune.lamda_jac: unknown key.*did you mean 'lambda_jac'"),
     (lambda r: r["finetune"].update(finetuner="2ndmach"), "finetune.finetuner: value '2ndmach'.*2ndmatch, dsm, kd"),
@@ -130,6 +133,7 @@ def test_every_problem_is_reported_at_once():
     assert "output_dir: required field is missing" in text
 
 
+@pytest.mark.slow
 def test_malformed_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
@@ -139,6 +143,7 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_hub_model_that_cannot_be_downloaded_is_a_clear_error(tmp_path):
     cfg = write_config(tmp_path, lambda raw: raw["model"].update(teacher={"hub": "google/ddpm-cifar10-32"}))
     r = cli("run", cfg, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
@@ -148,6 +153,7 @@ def test_a_hub_model_that_cannot_be_downloaded_is_a_clear_error(tmp_path):
     assert not (tmp_path / "run" / "pruned").exists()
 
 
+@pytest.mark.slow
 def test_prune_then_finetune_as_separate_commands(tmp_path):
     cfg = write_config(tmp_path)
     early = cli("finetune", cfg, "--no-progress")
@@ -159,6 +165,7 @@ def test_prune_then_finetune_as_separate_commands(tmp_path):
     assert cli("finetune", cfg, "--no-progress").returncode == 0
 
 
+@pytest.mark.slow
 def test_list_finetuners():
     r = cli("finetuners")
     assert r.returncode == 0 and r.stdout.split() == ["2ndmatch", "dsm", "kd"]
@@ -175,6 +182,7 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["truncated pruned weights", "truncated diffusers weights", "not a model folder",
                                   "empty image folder", "conditional teacher with an image folder"])
 def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):

@@ -17,13 +17,13 @@ from nni_2ndmatch import (
     diffusion_evaluator,
     masks_to_student,
 )
-from nni_2ndmatch.distill import dsm_training_step
-from nni_2ndmatch.losses import (
+from nni_2ndmatch.method import (
     jacobian_sensitivity,
     model_output,
     sample_directions,
     squared_norm,
 )
+from nni_2ndmatch.nni import dsm_training_step
 from nni_2ndmatch.pruning import default_example_inputs
 
 PRUNE_CONFIG = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.5, "exclude_op_names": ["conv_out"]}]

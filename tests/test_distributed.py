@@ -13,10 +13,12 @@ import pytest
 import yaml
 from tiny_models import tiny_unet2d
 
-from nni_2ndmatch.io import load_tensors
+from nni_2ndmatch.files import load_tensors
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.slow  # subprocesses and launchers
 
 
 def free_port():
@@ -154,7 +156,8 @@ def test_batch_size_must_split_evenly():
     ("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR", "dynamo_backend='INDUCTOR' is not used; launch without it"),
 ])
 def test_accelerate_settings_that_bypass_the_config_are_refused(monkeypatch, var, value, expected):
-    from nni_2ndmatch.pipeline import UserError, make_runtime
+    from nni_2ndmatch.errors import UserError
+    from nni_2ndmatch.pipeline import make_runtime
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv(var, value)

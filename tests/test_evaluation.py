@@ -80,7 +80,7 @@ def test_sensitivity_profile_of_a_linear_model_is_the_mean_of_squared_projection
 
 def test_shipped_classifier_recognises_held_out_digits_and_fid_separates_real_from_noise():
     from nni_2ndmatch.data import DigitsDataset
-    from nni_2ndmatch.digits import load_digits_classifier
+    from nni_2ndmatch.models.digits import load_digits_classifier
 
     classifier = load_digits_classifier()
     test = DigitsDataset(8, "test")
@@ -94,8 +94,7 @@ def test_shipped_classifier_recognises_held_out_digits_and_fid_separates_real_fr
 
 def test_shipped_teacher_loads_and_denoises_held_out_digits_far_better_than_trivial_predictors():
     from nni_2ndmatch.data import DigitsDataset
-    from nni_2ndmatch.finetuners import default_scheduler
-    from nni_2ndmatch.losses import model_output
+    from nni_2ndmatch.method import default_scheduler, model_output
     from nni_2ndmatch.models import build_builtin
 
     teacher = build_builtin("digits-teacher")

@@ -31,6 +31,8 @@ from nni_2ndmatch.pruning import default_example_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow  # subprocesses and launchers
+
 
 def script(name, *args, env=None):
     return subprocess.run([sys.executable, str(ROOT / "export" / name), *map(str, args)], capture_output=True,

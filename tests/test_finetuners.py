@@ -6,8 +6,14 @@ from conftest import TinyNet
 from tiny_models import BUILDERS, example_inputs
 
 import nni_2ndmatch.finetuners as F
-from nni_2ndmatch import (Finetuner, available_finetuners, get_finetuner, register_finetuner,
-                          sample_directions, second_match_loss)
+from nni_2ndmatch import (
+    Finetuner,
+    available_finetuners,
+    get_finetuner,
+    register_finetuner,
+    sample_directions,
+    second_match_loss,
+)
 
 
 def test_builtin_names_and_unknown_name_lists_them():
@@ -109,7 +115,7 @@ def test_2ndmatch_total_is_the_weighted_sum_with_the_same_directions(mode):
 
 
 def test_noise_weighting_scales_both_sensitivities_by_one_minus_alpha_bar():
-    from nni_2ndmatch.losses import jacobian_sensitivity
+    from nni_2ndmatch.method import jacobian_sensitivity
 
     student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
     x0, noise, _ = (a.double() if a.is_floating_point() else a for a in _inputs())

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import yaml
-from test_cli import ROOT, cli, write_config
+from test_cli import cli, write_config
 from test_training import Images, _run
 from tiny_models import tiny_unet2d
 
@@ -18,6 +18,7 @@ from nni_2ndmatch import TrainConfig, __version__, finetune, get_finetuner
 from nni_2ndmatch.config import validate_config
 
 
+@pytest.mark.slow
 def test_version():
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"nni-2ndmatch {__version__}"
@@ -43,6 +44,7 @@ def _folder_config(tmp_path, images, **data):
     return write_config(tmp_path, edit)
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_is_one_clear_error_before_anything_is_written(tmp_path):
     images = _image_folder(tmp_path, bad=True)
     r = cli("run", _folder_config(tmp_path, images), "--no-progress")
@@ -55,6 +57,7 @@ def test_a_corrupt_image_is_one_clear_error_before_anything_is_written(tmp_path)
     assert "left out" in r.stderr and "broken.png" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_data_folder_or_a_file_as_output_dir(tmp_path):
     r = cli("run", _folder_config(tmp_path, tmp_path / "nowhere"), "--no-progress")
     assert r.returncode == 2 and "is not a folder" in r.stderr and not (tmp_path / "run").exists()
@@ -64,6 +67,7 @@ def test_a_missing_data_folder_or_a_file_as_output_dir(tmp_path):
     assert r.returncode == 2 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
     cfg = write_config(tmp_path, lambda raw: raw["finetune"].update(steps=100000, checkpoint_every=2))
     latest = tmp_path / "run" / "checkpoints" / "latest"
@@ -83,6 +87,7 @@ def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_the_resolved_config_is_written_and_a_changed_resume_is_an_error(tmp_path):
     cfg = write_config(tmp_path)
     assert cli("run", cfg, "--no-progress").returncode == 0
@@ -97,6 +102,7 @@ def test_the_resolved_config_is_written_and_a_changed_resume_is_an_error(tmp_pat
     assert "finetune.steps" not in r.stderr  # more steps is how a run is extended
 
 
+@pytest.mark.slow
 def test_threads_from_the_config_and_the_command_line(tmp_path, monkeypatch):
     raw = yaml.safe_load(write_config(tmp_path).read_text())
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

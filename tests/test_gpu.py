@@ -11,7 +11,7 @@ from test_losses import _reference, _rel
 from tiny_models import BUILDERS, example_inputs
 
 from nni_2ndmatch import jacobian_sensitivity, sample_directions, second_match_loss
-from nni_2ndmatch.losses import DEFAULT_FD_STEP, fp32_precision, precision_state, squared_norm
+from nni_2ndmatch.method import DEFAULT_FD_STEP, fp32_precision, precision_state, squared_norm
 from nni_2ndmatch.models import build_builtin
 
 pytestmark = [pytest.mark.gpu,

@@ -8,7 +8,8 @@ from conftest import SymmetricNet, TinyNet, explicit_jacobians
 from tiny_models import BUILDERS, example_inputs
 
 from nni_2ndmatch import jacobian_sensitivity, sample_directions, second_match_loss
-from nni_2ndmatch.losses import DEFAULT_FD_STEP, _restore_precision, fp32_precision, precision_state
+from nni_2ndmatch.method import DEFAULT_FD_STEP, fp32_precision, precision_state
+from nni_2ndmatch.method.precision import _restore_precision
 
 
 def _rel(a, b):

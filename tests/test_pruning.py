@@ -11,17 +11,11 @@ from tiny_models import BUILDERS
 
 from nni_2ndmatch import load_pruned, prune_diffusers, save_pruned
 from nni_2ndmatch.config import ConfigError, validate_config
-from nni_2ndmatch.models import ddpm_cifar10, tiny_unet
-from nni_2ndmatch.pruning import (
-    CONFIG_LIST_KEYS,
-    SETTING_KEYS,
-    _denoising_gradients,
-    config_list_problems,
-    default_config_list,
-    default_example_inputs,
-    masks_to_student,
-    nni_masks,
-)
+from nni_2ndmatch.models import default_example_inputs
+from nni_2ndmatch.models.builtin import ddpm_cifar10, tiny_unet
+from nni_2ndmatch.nni import config_list_problems, default_config_list, nni_masks
+from nni_2ndmatch.nni.config_list import CONFIG_LIST_KEYS, SETTING_KEYS
+from nni_2ndmatch.pruning import denoising_gradients, masks_to_student
 
 
 def _prune(model, ratio=0.3, **kw):
@@ -30,7 +24,7 @@ def _prune(model, ratio=0.3, **kw):
         return prune_diffusers(model, "magnitude", ratio, example_inputs=default_example_inputs(model, 2), **kw)
 
 
-def _out_width(module):
+def out_width(module):
     return module.out_channels if isinstance(module, torch.nn.Conv2d) else module.out_features
 
 
@@ -46,9 +40,9 @@ def test_each_family_gets_a_smaller_working_student_and_the_teacher_is_untouched
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     for name in ("conv_out", "proj_out_2"):
         if hasattr(teacher, name):
-            assert _out_width(getattr(student, name)) == _out_width(getattr(teacher, name))
+            assert out_width(getattr(student, name)) == out_width(getattr(teacher, name))
     for group in student.pruning_plan["groups"]:  # the plan says what the student really has
-        assert _out_width(student.get_submodule(group["root"])) == len(group["keep"])
+        assert out_width(student.get_submodule(group["root"])) == len(group["keep"])
 
     save_pruned(student, tmp_path / "student")
     assert sorted(p.name for p in (tmp_path / "student").iterdir()) == \
@@ -156,7 +150,7 @@ def _calibration(n=6, seed=0):
 def _loss(model, x0, t, noise):
     from diffusers import DDPMScheduler
 
-    from nni_2ndmatch.losses import model_output
+    from nni_2ndmatch.method import model_output
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     return (model_output(model, sched.add_noise(x0, noise, t), t.float()) - noise).pow(2).flatten(1).sum(1).mean()
@@ -170,7 +164,7 @@ def _explicit_gradients(model, x0, t, noise):
 
 def test_taylor_gradients_are_those_of_the_denoising_loss():
     teacher, x0 = BUILDERS["unet2d"]().eval(), _calibration()
-    grads, used = _denoising_gradients(teacher, "taylor", x0, default_example_inputs(teacher), 3, 0.05, 20)
+    grads, used = denoising_gradients(teacher, "taylor", x0, default_example_inputs(teacher), 3, 0.05, 20)
     g = torch.Generator().manual_seed(3)
     t = torch.randint(0, 1000, (6,), generator=g)
     ref = _explicit_gradients(teacher, x0, t, torch.randn(x0.shape, generator=g))
@@ -182,7 +176,7 @@ def test_taylor_gradients_are_those_of_the_denoising_loss():
 def test_diff_pruning_sums_gradients_over_timesteps_until_the_loss_falls_below_the_threshold():
     teacher, x0 = BUILDERS["unet2d"]().eval(), _calibration()
     inputs = default_example_inputs(teacher)
-    grads, used = _denoising_gradients(teacher, "diff-pruning", x0, inputs, 0, 0.0, 2)
+    grads, used = denoising_gradients(teacher, "diff-pruning", x0, inputs, 0, 0.0, 2)
     g = torch.Generator().manual_seed(0)
     ref = [_explicit_gradients(teacher, x0, torch.full((6,), t), torch.randn(x0.shape, generator=g)) for t in (0, 999)]
     assert used == [0, 999]
@@ -196,7 +190,7 @@ def test_diff_pruning_sums_gradients_over_timesteps_until_the_loss_falls_below_t
         if losses[-1] < 0.99 * max(losses):
             break
         expected.append(t)
-    _, used = _denoising_gradients(teacher, "diff-pruning", x0, inputs, 0, 0.99, 5)
+    _, used = denoising_gradients(teacher, "diff-pruning", x0, inputs, 0, 0.99, 5)
     assert used == expected and len(used) < 5
 
 
@@ -280,7 +274,7 @@ LINEAR = "time_embedding.linear_2"  # a Linear of width 32 in the tiny UNet2DMod
     (lambda p: _set_index(p, LINEAR, 0, -1), "{entry}.keep: index -1 is out of range for width 32"),
     (lambda p: _set(p, LINEAR, "root", 7), r"{entry}.root: value 7 is not allowed: it must be a layer name"),
     (lambda p: _set(p, LINEAR, "root", "time_embedding.linear_9"),
-     "{entry}.root: 'time_embedding.linear_9' does not match the UNet2DModel architecture.*close: time_embedding"),
+     "{entry}.root: 'time_embedding.linear_9' does not match the UNet2DModel architecture.*did you mean 'time_embedding"),
     (lambda p: {**p, "groups": p["groups"] + [p["groups"][0]]}, r"groups\[\d+\].root: layer .* has two groups"),
     (lambda p: {**p, "version": 2}, "version=2 is not supported; allowed: 1"),
 ])

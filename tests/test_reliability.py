@@ -6,14 +6,17 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from nni_2ndmatch import load_pruned, prune_diffusers, save_pruned
-from nni_2ndmatch.io import load_tensors
+from nni_2ndmatch.files import load_tensors
 from nni_2ndmatch.models import build_builtin
 from nni_2ndmatch.pruning import default_example_inputs
 
 STEPS = 8
+
+pytestmark = pytest.mark.slow  # subprocesses and launchers
 
 
 def _config(tmp_path, name, student_dir):
@@ -75,7 +78,8 @@ def test_too_little_disk_space_is_refused_before_training_with_an_estimate_that_
     import pytest
 
     from nni_2ndmatch.config import load_config
-    from nni_2ndmatch.pipeline import UserError, run_job
+    from nni_2ndmatch.errors import UserError
+    from nni_2ndmatch.pipeline import run_job
 
     teacher = build_builtin("tiny-unet")
     student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))

@@ -8,7 +8,8 @@ from pydantic import ValidationError
 from tiny_models import tiny_unet2d
 
 from nni_2ndmatch import NonFiniteLossError, TrainConfig, finetune, get_finetuner
-from nni_2ndmatch.training import batch_indices, sample_timesteps
+from nni_2ndmatch.data import batch_indices
+from nni_2ndmatch.method import sample_timesteps
 
 
 class Images(torch.utils.data.Dataset):

@@ -8,7 +8,13 @@
 Command lines: export/to_onnx.py, export/to_trt.py, export/bench.py.
 """
 
-from .errors import DeployError, EngineMismatchError, ExportError, MissingBackendError, ParityError
+from .errors import (
+    DeployError,
+    EngineMismatchError,
+    ExportError,
+    MissingBackendError,
+    ParityError,
+)
 from .model_io import InputSpec, input_specs, load_model, random_inputs, wrap
 from .onnx_export import export_onnx
 

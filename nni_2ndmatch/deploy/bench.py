@@ -41,9 +41,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_write_bytes, write_results
+from ..files import atomic_write_bytes, write_results
 from .errors import DeployError, MissingBackendError
-from .model_io import DEFAULT_SEQ_LEN, OUTPUT_NAME, InputSpec, input_specs, macs_params, random_inputs, wrap
+from .model_io import (
+    DEFAULT_SEQ_LEN,
+    OUTPUT_NAME,
+    InputSpec,
+    input_specs,
+    macs_params,
+    random_inputs,
+    wrap,
+)
+from .onnx_export import export_onnx, ort_session
+from .tensorrt import build_engine, load_engine, needs_fp16_onnx, require_tensorrt
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +133,6 @@ def _torch_cuda_graph(subject: Subject, batch: int):
 
 
 def _onnx_file(subject: Subject, workdir: Path, seq_len: int, fp16: bool = False) -> Path:
-    from .onnx_export import export_onnx
 
     key = "onnx-fp16" if fp16 else "onnx"
     if key not in subject.files:
@@ -136,7 +145,6 @@ def _onnx_file(subject: Subject, workdir: Path, seq_len: int, fp16: bool = False
 
 def _onnxruntime(provider: str, workdir: Path, seq_len: int, threads: int) -> Callable:
     def prepare(subject: Subject, batch: int):
-        from .onnx_export import ort_session
 
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         session = ort_session(_onnx_file(subject, workdir, seq_len), threads=threads, providers=providers)
@@ -158,7 +166,6 @@ def _onnxruntime(provider: str, workdir: Path, seq_len: int, threads: int) -> Ca
 
 def _tensorrt(precision: str, workdir: Path, seq_len: int, batches: list[int]) -> Callable:
     def prepare(subject: Subject, batch: int):
-        from .tensorrt import build_engine, load_engine, needs_fp16_onnx
 
         key = f"plan-{precision}"
         if key not in subject.files:
@@ -200,7 +207,6 @@ def _variants(backends: list[str], device: str, workdir: Path, *, threads: int, 
     if "tensorrt" in backends:
         name = f"tensorrt-{trt_precision}"
         try:
-            from .tensorrt import require_tensorrt
 
             require_tensorrt()
             variants.append(Variant(name, "tensorrt", "cuda", trt_precision, "cuda-events",

@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..models import is_dit
+from ..pruning import is_pruned_folder, load_model_folder
+from ..pruning import macs_params as model_macs_params
 from .errors import DeployError
 
 OUTPUT_NAME = "out"
@@ -42,7 +45,6 @@ class InputSpec:
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """A pruned-student folder or a diffusers folder (detected), in eval mode, and a description."""
-    from ..pruning import is_pruned_folder, load_model_folder
 
     path = Path(path)
     if not path.is_dir():
@@ -53,10 +55,6 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     except (ValueError, OSError, KeyError) as e:
         raise DeployError(f"cannot load model folder {str(path)!r}: {e}") from None
     return model.eval(), {"source": str(path), "kind": kind, "class": type(model).__name__}
-
-
-def _is_dit(model: nn.Module) -> bool:
-    return type(model).__name__ == "DiTTransformer2DModel"
 
 
 def input_specs(model: nn.Module, seq_len: int = DEFAULT_SEQ_LEN) -> list[InputSpec]:
@@ -75,7 +73,7 @@ def input_specs(model: nn.Module, seq_len: int = DEFAULT_SEQ_LEN) -> list[InputS
     if name == "UNet2DConditionModel":
         dim = cfg.cross_attention_dim
         specs.append(InputSpec("encoder_hidden_states", "float32", (seq_len, dim if isinstance(dim, int) else dim[0])))
-    if _is_dit(model) and cfg.num_embeds_ada_norm:
+    if is_dit(model) and cfg.num_embeds_ada_norm:
         specs.append(InputSpec("class_labels", "int64", (), high=int(cfg.num_embeds_ada_norm)))
     elif getattr(cfg, "num_class_embeds", None):
         specs.append(InputSpec("class_labels", "int64", (), high=int(cfg.num_class_embeds)))
@@ -90,7 +88,7 @@ class ExportWrapper(nn.Module):
     def __init__(self, model: nn.Module, cond_names: list[str], half: bool = False):
         super().__init__()
         self.model, self.cond_names, self.half = model, list(cond_names), half
-        self.first = "hidden_states" if _is_dit(model) else "sample"
+        self.first = "hidden_states" if is_dit(model) else "sample"
 
     def call(self, sample: Tensor, timestep: Tensor, *cond: Tensor) -> Tensor:
         if self.half:
@@ -142,8 +140,7 @@ def random_inputs(specs: list[InputSpec], batch: int, seed: int = 0,
 
 def macs_params(model: nn.Module, specs: list[InputSpec]) -> tuple[float, int]:
     """MACs of one sample with the deployed input shapes, and parameters."""
-    from ..pruning import _macs_params
 
     inputs = random_inputs(specs, 1)
-    kwargs = {("hidden_states" if _is_dit(model) and s.name == "sample" else s.name): t for s, t in zip(specs, inputs)}
-    return _macs_params(model, kwargs)
+    kwargs = {("hidden_states" if is_dit(model) and s.name == "sample" else s.name): t for s, t in zip(specs, inputs)}
+    return model_macs_params(model, kwargs)

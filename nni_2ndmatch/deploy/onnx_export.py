@@ -24,9 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_write_json
+from ..files import atomic_write_json
 from .errors import DeployError, ExportError, ParityError
-from .model_io import DEFAULT_SEQ_LEN, OUTPUT_NAME, InputSpec, input_specs, random_inputs, wrap
+from .model_io import (
+    DEFAULT_SEQ_LEN,
+    OUTPUT_NAME,
+    InputSpec,
+    input_specs,
+    random_inputs,
+    wrap,
+)
 
 logger = logging.getLogger(__name__)
 

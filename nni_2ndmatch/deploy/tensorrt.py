@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_bytes, atomic_write_json
+from ..files import atomic_write_bytes, atomic_write_json
 from .errors import DeployError, EngineMismatchError, ExportError, MissingBackendError
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from nni_2ndmatch.io import atomic_dir, atomic_write_bytes, load_tensors, save_tensors
+from nni_2ndmatch.files import atomic_dir, atomic_write_bytes, load_tensors, save_tensors
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):

@@ -12,27 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .io import load_tensors
+from ..data import DigitsDataset
+from ..files import load_tensors
+from .loading import load_diffusers_model
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
 TEACHER_DIR = ASSETS / "digits_teacher"
+
+
 CLASSIFIER_FILE = ASSETS / "digits_classifier.safetensors"
+
+
 RESOLUTION = 8
-
-
-def digits_unet() -> nn.Module:
-    """The teacher's architecture: the tiny-unet layout (32, 64, 64 channels, attention at 4x4)
-    for 1x8x8 images; 1.1M parameters."""
-    from .models import tiny_unet
-
-    model = tiny_unet()
-    model.register_to_config(sample_size=RESOLUTION)
-    return model
 
 
 def load_digits_teacher() -> nn.Module:
     """The shipped dense teacher (a diffusers UNet2DModel), in eval mode."""
-    from .models import load_diffusers_model
 
     if not (TEACHER_DIR / "config.json").is_file():
         raise ValueError(f"the built-in digits teacher is missing from {TEACHER_DIR}; reinstall the package "
@@ -81,7 +78,6 @@ def _shift(x: Tensor, generator: torch.Generator) -> Tensor:
 
 def train_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64) -> tuple[DigitsClassifier, float]:
     """Train on the train split (with one-pixel shifts); returns the model and its test accuracy."""
-    from .data import DigitsDataset
 
     train, test = DigitsDataset(RESOLUTION, "train"), DigitsDataset(RESOLUTION, "test")
     g = torch.Generator().manual_seed(seed)

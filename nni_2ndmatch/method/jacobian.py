@@ -1,14 +1,5 @@
-"""The 2ndMatch method: loss terms and Jacobian-sensitivity estimators, in pure PyTorch.
-
-Notation (docs/method.md): eps(x_t, t) is a noise-prediction network, J = d eps / d x_t
-per sample, v a unit direction per sample. The sensitivity of a sample is s = ||J v||^2 and the
-2ndMatch term is mean_b (s_student - s_teacher)^2 with the same v for student and teacher.
-
-Reductions follow the reference balance: every squared norm is SUMMED over the C*H*W entries of a
-sample and averaged over the batch; with that reduction the reference weights are
-lambda_dsm = 1, lambda_kd = 1, lambda_jac = 0.1.
-
-Nothing in this module imports NNI.
+"""Jacobian-sensitivity estimators, s = ||J v||^2 with J = d eps(x_t, t) / d x_t per sample and v a
+unit direction per sample, and the 2ndMatch term mean_b (s_student - s_teacher)^2 (docs/method.md).
 """
 
 from __future__ import annotations
@@ -19,64 +10,20 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch import Tensor, nn
 
-from .utils import requires_grad
+from ..utils import requires_grad
+from .precision import fp32_precision, precision_state
+from .terms import jacobian_match_term, model_output, sample_directions, squared_norm
 
 Mode = Literal["jvp", "vjp", "fd"]
+
+
 MODES: tuple[str, ...] = ("jvp", "vjp", "fd")
+
 
 #: Default step of the central finite difference, along a UNIT direction v in the input space.
 #: Its truncation error is O(h^2) (third derivatives of the network); in fp32 the round-off error
 #: grows like eps_machine / h. See tests/test_losses.py for the measured error.
 DEFAULT_FD_STEP = 1e-2
-
-
-def model_output(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, **model_kwargs: Any) -> Tensor:
-    """Call a noise-prediction model and return its epsilon prediction as a tensor shaped like x_t.
-
-    Accepts modules or callables returning a Tensor, a tuple (first element) or an object with
-    ``.sample`` (diffusers). A model predicting 2*C channels (learned variance, as DiT) returns the
-    first C channels, which are epsilon.
-    """
-    out = model(x_t, timesteps, **model_kwargs)
-    if hasattr(out, "sample"):
-        out = out.sample
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, Tensor):
-        raise TypeError(f"model returned {type(out).__name__}; expected a Tensor or an object with .sample")
-    channels = x_t.shape[1]
-    if out.dim() == x_t.dim() and out.shape[1] == 2 * channels and out.shape[2:] == x_t.shape[2:]:
-        out = out[:, :channels]
-    if out.shape != x_t.shape:
-        raise ValueError(f"model output has shape {tuple(out.shape)}, input x_t has {tuple(x_t.shape)}; "
-                         "a noise-prediction model must return the shape of its input")
-    return out
-
-
-def squared_norm(x: Tensor) -> Tensor:
-    """Per-sample squared L2 norm, summed over all non-batch entries: [B, ...] -> [B]."""
-    return x.flatten(1).pow(2).sum(dim=1)
-
-
-def dsm_term(eps_student: Tensor, noise: Tensor) -> Tensor:
-    """Denoising score matching: ||eps_S - eps||^2, summed over pixels, mean over the batch."""
-    return squared_norm(eps_student - noise).mean()
-
-
-def kd_term(eps_student: Tensor, eps_teacher: Tensor) -> Tensor:
-    """Output distillation: ||eps_S - sg(eps_T)||^2, summed over pixels, mean over the batch."""
-    return squared_norm(eps_student - eps_teacher.detach()).mean()
-
-
-def jacobian_match_term(s_student: Tensor, s_teacher: Tensor) -> Tensor:
-    """The 2ndMatch term from per-sample sensitivities [B]: mean of (s_S - sg(s_T))^2."""
-    return (s_student - s_teacher.detach()).pow(2).mean()
-
-
-def sample_directions(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One random unit direction per sample: v = g / ||g||, g ~ N(0, I) over all C*H*W entries."""
-    g = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-    return g / g.flatten(1).norm(dim=1).view(-1, *([1] * (like.dim() - 1)))
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -107,65 +54,6 @@ def jacobian_safe(*models: Any) -> Iterator[None]:
                     if isinstance(module, nn.GroupNorm):
                         stack.callback(module.register_forward_pre_hook(_contiguous_input).remove)
         yield
-
-
-# fp32 precision settings. torch >= 2.9 has an ``fp32_precision`` per backend and operation beside
-# the legacy flags (cudnn.allow_tf32, the float32 matmul precision); reading a legacy flag raises
-# once the two disagree, so both are set together, and both are restored.
-_PRECISION_OWNERS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul", "mkldnn.conv",
-                     "mkldnn.rnn")
-
-
-def _precision_owners() -> list[Any]:
-    owners = []
-    for path in _PRECISION_OWNERS:
-        owner = torch.backends
-        for part in filter(None, path.split(".")):
-            owner = getattr(owner, part, None)
-        if owner is not None and hasattr(owner, "fp32_precision"):
-            owners.append(owner)
-    return owners
-
-
-def precision_state() -> tuple[tuple[Any, ...], tuple[str, ...]]:
-    """Every fp32 precision setting: the legacy ones (None where torch refuses to report a mixed
-    state) and, on torch >= 2.9, each backend's ``fp32_precision``."""
-    legacy = []
-    for read in (lambda: torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision):
-        try:
-            legacy.append(read())
-        except RuntimeError:
-            legacy.append(None)
-    return tuple(legacy), tuple(owner.fp32_precision for owner in _precision_owners())
-
-
-def _restore_precision(state: tuple[tuple[Any, ...], tuple[str, ...]]) -> None:
-    (cudnn_tf32, matmul_precision), values = state
-    if cudnn_tf32 is not None:
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
-    if matmul_precision is not None:
-        torch.set_float32_matmul_precision(matmul_precision)
-    for owner, value in zip(_precision_owners(), values):
-        owner.fp32_precision = value
-
-
-@contextlib.contextmanager
-def fp32_precision(precision: Literal["ieee", "tf32"]) -> Iterator[None]:
-    """Inside the block fp32 convolutions and matmuls run in ``precision``: ``ieee`` (full fp32, on
-    CUDA and in oneDNN on the CPU, which ``set_float32_matmul_precision("medium")`` lets use bf16)
-    or ``tf32`` (TF32 allowed). Every setting is restored on exit, also when the block raises."""
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"precision={precision!r} is not allowed; allowed: ieee, tf32")
-    state = precision_state()
-    try:
-        torch.backends.cudnn.allow_tf32 = precision == "tf32"
-        torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-        for owner in _precision_owners():
-            if owner is not torch.backends:  # the default of the others: left as it is
-                owner.fp32_precision = precision
-        yield
-    finally:
-        _restore_precision(state)
 
 
 def _ieee_backward(grad: Tensor) -> Tensor:

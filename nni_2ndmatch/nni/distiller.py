@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .finetuners import default_scheduler, finetuner_class, get_finetuner
-from .losses import dsm_term, model_output
-from .training import collate, sample_timesteps
+from ..data import collate
+from ..finetuners import finetuner_class, get_finetuner
+from ..method import default_scheduler, dsm_term, model_output, sample_timesteps
 
 BATCH_KEYS = ("x_t", "timesteps", "noise")
 
@@ -211,6 +211,7 @@ _DOC = """2ndMatch (or any teacher-based strategy, e.g. ``finetuner="kd"``) as a
     ``lambda_jac``, ``mode``, ``num_projections``, ``jac_fraction``, ``fd_step``); ``config_list``
     may be empty. Batches must carry ``x_t``, ``timesteps``, ``noise`` (see ``NoisyBatches``).
     """
+
 
 _CLASS: type | None = None
 

@@ -1,19 +1,15 @@
-"""Built-in model architectures and loading/saving of diffusers models (safetensors only)."""
+"""Built-in architectures (seeded random weights, and the pretrained digits teacher), what a model
+is conditioned on, and example inputs of the right shapes.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from .io import atomic_dir
-
-# Model classes a folder may name in its config.json; nothing else is ever instantiated.
-SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+from .digits import RESOLUTION, load_digits_teacher
 
 
 def _width(channels: tuple[int, ...], width: float, groups: int) -> tuple[int, ...]:
@@ -65,9 +61,17 @@ def digits_teacher(width: float = 1.0) -> nn.Module:
     """The shipped DDPM trained on the digits (1x8x8, the tiny-unet layout): pretrained weights."""
     if width != 1.0:
         raise ValueError(f"width={width!r} is not allowed for the pretrained builtin 'digits-teacher'; allowed: 1.0")
-    from .digits import load_digits_teacher
 
     return load_digits_teacher()
+
+
+def digits_unet() -> nn.Module:
+    """The teacher's architecture: the tiny-unet layout (32, 64, 64 channels, attention at 4x4)
+    for 1x8x8 images; 1.1M parameters."""
+
+    model = tiny_unet()
+    model.register_to_config(sample_size=RESOLUTION)
+    return model
 
 
 BUILTIN_MODELS: dict[str, Callable[[float], nn.Module]] = {
@@ -75,12 +79,17 @@ BUILTIN_MODELS: dict[str, Callable[[float], nn.Module]] = {
     "ddpm-cifar10": ddpm_cifar10}
 
 
+def is_dit(model: nn.Module) -> bool:
+    """A diffusers DiT: its input is ``hidden_states`` and it is conditioned on class labels."""
+    return type(model).__name__ == "DiTTransformer2DModel"
+
+
 def conditioning_of(model: nn.Module) -> tuple[str, int] | None:
     """What a model is conditioned on besides the timestep: ("class_labels", number of classes)
     for a class-conditional DiT, ("encoder_hidden_states", embedding width) for a cross-attention
     U-Net, None for an unconditional model."""
     config = getattr(model, "config", None)
-    if type(model).__name__ == "DiTTransformer2DModel":
+    if is_dit(model):
         return "class_labels", int(config.num_embeds_ada_norm)
     dim = getattr(config, "cross_attention_dim", None)
     if dim:
@@ -111,54 +120,16 @@ def build_builtin(name: str, width: float = 1.0, seed: int = 0) -> nn.Module:
         return BUILTIN_MODELS[name](width)
 
 
-def model_class(path: str | os.PathLike) -> str:
-    """The supported diffusers class a model folder's config.json names (else a clear error)."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not path.is_dir():
-        raise ValueError(f"model path {str(path)!r} is not a folder")
-    if not config_file.is_file():
-        raise ValueError(f"model path {str(path)!r} has no config.json; expected a diffusers model folder")
-    try:
-        class_name = json.loads(config_file.read_text()).get("_class_name")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{config_file} is not a valid diffusers config: {e}") from None
-    if class_name not in SUPPORTED_CLASSES:
-        raise ValueError(f"{config_file}: _class_name={class_name!r} is not supported; "
-                         f"allowed: {', '.join(SUPPORTED_CLASSES)}")
-    return class_name
-
-
-def load_diffusers_model(path: str | os.PathLike) -> nn.Module:
-    """Load a diffusers model folder (``save_pretrained``) from safetensors weights only."""
-    import diffusers
-
-    return getattr(diffusers, model_class(path)).from_pretrained(str(path), use_safetensors=True)
-
-
-def load_hub_model(repo_id: str, subfolder: str | None = None) -> nn.Module:
-    """Download a diffusers model from the Hugging Face Hub: its config first (the class is checked
-    before any weights come), then safetensors weights only. No remote code is ever run.
-    Offline, or where the network does not reach the Hub, a clear error says what to do instead."""
-    from huggingface_hub import snapshot_download
-
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    try:
-        root = Path(snapshot_download(repo_id, allow_patterns=[prefix + "config.json"]))
-        model_class(root / prefix)
-        root = Path(snapshot_download(repo_id, allow_patterns=[prefix + "config.json", prefix + "*.safetensors"]))
-    except OSError as e:  # offline, unreachable, unknown repo (huggingface_hub's errors are OSErrors)
-        raise ValueError(f"hub={repo_id!r}: could not download it from the Hugging Face Hub ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0]}); where the network allows, run `hf download {repo_id} "
-                         f"--local-dir DIR` and give the downloaded model folder as path") from None
-    return load_diffusers_model(root / prefix)
-
-
-def save_diffusers_model(model: Any, path: str | os.PathLike) -> None:
-    """``save_pretrained`` in safetensors, into a temporary folder renamed into place."""
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def default_example_inputs(model: nn.Module, batch: int = 1) -> dict[str, Any]:
+    """Forward arguments of the right shapes for a diffusers model, built from its config."""
+    cfg = model.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    first = "hidden_states" if is_dit(model) else "sample"
+    inputs: dict[str, Any] = {first: torch.randn(batch, cfg.in_channels, size, size),
+                              "timestep": torch.ones(batch)}
+    if getattr(cfg, "cross_attention_dim", None):
+        dim = cfg.cross_attention_dim
+        inputs["encoder_hidden_states"] = torch.randn(batch, 4, dim if isinstance(dim, int) else dim[0])
+    if is_dit(model):
+        inputs["class_labels"] = torch.zeros(batch, dtype=torch.long)
+    return inputs

@@ -20,7 +20,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from .training import Runtime
+from .runtime import Runtime
 
 SUPPORTED = ("NO", "MULTI_CPU", "MULTI_GPU")
 

@@ -1,0 +1,50 @@
+"""One error hierarchy for the command line and the export scripts, each error with its exit code.
+
+    UserError (exit 2)          bad input: a config field, a model or data folder, an option
+      ConfigError               a config with problems, one line each
+    RunError (exit 1)           a run that failed: non-finite losses, an export off in parity
+    MissingBackendError (3)     an optional runtime (TensorRT, a CUDA GPU) is not available here
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+class UserError(ValueError):
+    """A problem with the user's input or environment: reported in one line, no traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A config with problems; ``problems`` holds one line per problem (field path, value, allowed)."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class RunError(RuntimeError):
+    """A run that started and failed."""
+
+    exit_code = 1
+
+
+class NonFiniteLossError(RunError):
+    """Raised after too many steps with a non-finite loss; the last good checkpoint is kept."""
+
+
+class MissingBackendError(RuntimeError):
+    """An optional runtime (TensorRT, a CUDA GPU) is not available here."""
+
+    exit_code = 3
+
+
+ERRORS = (UserError, RunError, MissingBackendError)
+
+
+def report(error: BaseException) -> int:
+    """One ``error:`` line (or block) on stderr; returns the error's exit code."""
+    print(f"error: {error}", file=sys.stderr)
+    return getattr(error, "exit_code", 1)

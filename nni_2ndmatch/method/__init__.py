@@ -1,0 +1,30 @@
+"""The 2ndMatch method in pure PyTorch (no NNI): the loss terms, the Jacobian-sensitivity
+estimators, fp32 precision control and the noise schedule."""
+
+from .jacobian import (
+    DEFAULT_FD_STEP,
+    MODES,
+    Mode,
+    jacobian_safe,
+    jacobian_sensitivity,
+    output_and_sensitivity,
+    second_match_loss,
+    student_and_teacher_sensitivity,
+)
+from .precision import fp32_precision, precision_state
+from .schedule import add_noise, default_scheduler, sample_timesteps
+from .terms import (
+    dsm_term,
+    jacobian_match_term,
+    kd_term,
+    model_output,
+    sample_directions,
+    squared_norm,
+)
+
+__all__ = [
+    "DEFAULT_FD_STEP", "MODES", "Mode", "add_noise", "default_scheduler", "dsm_term", "fp32_precision",
+    "jacobian_match_term", "jacobian_safe", "jacobian_sensitivity", "kd_term", "model_output",
+    "output_and_sensitivity", "precision_state", "sample_directions", "sample_timesteps", "second_match_loss",
+    "squared_norm", "student_and_teacher_sensitivity",
+]

@@ -1,0 +1,28 @@
+"""Models: the built-in architectures and digits assets, loading and saving diffusers models."""
+
+from .builtin import (
+    BUILTIN_MODELS,
+    build_builtin,
+    conditioning_of,
+    default_example_inputs,
+    digits_unet,
+    example_conditioning,
+    is_dit,
+    tiny_dit,
+    tiny_unet,
+    tiny_unet_cond,
+)
+from .loading import (
+    SUPPORTED_CLASSES,
+    count_params,
+    load_diffusers_model,
+    load_hub_model,
+    model_class,
+    save_diffusers_model,
+)
+
+__all__ = [
+    "BUILTIN_MODELS", "SUPPORTED_CLASSES", "build_builtin", "conditioning_of", "count_params",
+    "default_example_inputs", "digits_unet", "example_conditioning", "is_dit", "load_diffusers_model", "load_hub_model",
+    "model_class", "save_diffusers_model", "tiny_dit", "tiny_unet", "tiny_unet_cond",
+]

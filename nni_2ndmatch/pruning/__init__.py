@@ -1,0 +1,34 @@
+"""Pruning surgery (scores -> a physically smaller diffusers model), the torch-pruning importances,
+and the pruned student's save format. Pruners by name, NNI's included: ``nni_2ndmatch.nni``."""
+
+from ..models import default_example_inputs
+from .importances import (
+    TP_IMPORTANCES,
+    calibration_items,
+    denoising_gradients,
+    taylor_scorer,
+)
+from .storage import (
+    PLAN_FILE,
+    check_plan,
+    is_pruned_folder,
+    load_model_folder,
+    load_pruned,
+    save_model,
+    save_pruned,
+)
+from .surgery import (
+    OUTPUT_LAYERS,
+    apply_plan,
+    macs_params,
+    magnitude_scores,
+    masks_to_student,
+    prune_with_scores,
+)
+
+__all__ = [
+    "OUTPUT_LAYERS", "PLAN_FILE", "TP_IMPORTANCES", "apply_plan", "calibration_items", "check_plan",
+    "default_example_inputs", "denoising_gradients", "is_pruned_folder", "load_model_folder", "load_pruned",
+    "macs_params", "magnitude_scores", "masks_to_student", "prune_with_scores", "save_model", "save_pruned",
+    "taylor_scorer",
+]

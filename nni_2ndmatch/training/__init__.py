@@ -1,0 +1,10 @@
+"""The finetuning loop: options, one-process runtime (Accelerate's in ``training.accelerate``),
+checkpoints, and ``finetune`` itself."""
+
+from ..errors import NonFiniteLossError
+from .loop import CHECKPOINT_DIR, METRICS_FILE, FinetuneResult, finetune
+from .options import TrainConfig
+from .runtime import Runtime
+
+__all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig",
+           "finetune"]

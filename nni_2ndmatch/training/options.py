@@ -1,0 +1,50 @@
+"""The options of the finetuning loop (TrainConfig).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """Options of the finetuning loop (reference recipe: Adam lr 2e-4, constant, clip 1.0, EMA 0.9999).
+
+    Also the training part of a config file's ``finetune`` section; bad values raise a
+    ``pydantic.ValidationError`` (a ValueError) naming the field, the value and the allowed range.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(200, ge=1, description="optimisation steps")
+    batch_size: int = Field(16, ge=1, description="global batch size (all processes, all accumulation steps)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimisation step")
+    mixed_precision: Literal["no", "bf16"] = "no"  # autocast for the network passes; the Jacobian term stays fp32
+    lr: float = Field(2e-4, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, lt=1)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"  # decays to 0 after warm-up
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null: no clipping")
+    ema_decay: float | None = Field(0.9999, gt=0, lt=1, description="min(ema_decay, (1+s)/(10+s)); null: no EMA")
+    antithetic: bool = True  # timesteps t and T-1-t in pairs
+    hflip: bool = False  # random horizontal flips
+    dropout: float | None = Field(None, ge=0, lt=1, description="p of the student's residual-block dropout (nn.Dropout "
+                                  "modules named 'dropout', as in diffusers' ResnetBlock2D) during the run; the "
+                                  "reference: 0.1; null: as the model has it")
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_nonfinite_steps: int = Field(10, ge=1, description="consecutive skipped steps before the run stops")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        if self.lr_schedule == "linear":
+            return self.lr * (1.0 - progress)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
