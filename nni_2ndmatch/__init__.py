@@ -14,6 +14,7 @@ Layers, lowest first (each imports only from those below it):
 
 from .finetuners import (
     Finetuner,
+    FinetunerOptions,
     available_finetuners,
     finetuner_options,
     get_finetuner,
@@ -49,7 +50,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "add_noise", "available_finetuners", "build_builtin", "default_scheduler", "diffusion_evaluator",
-    "dsm_training_step", "example_conditioning", "finetune", "Finetuner", "finetuner_options",
+    "dsm_training_step", "example_conditioning", "finetune", "Finetuner", "FinetunerOptions", "finetuner_options",
     "FinetuneResult", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pruned",
     "masks_to_student", "NoisyBatches", "NonFiniteLossError", "prune_diffusers", "register_finetuner",
     "Runtime", "sample_directions", "save_pruned", "second_match_loss", "SecondMatchDistiller", "TrainConfig",

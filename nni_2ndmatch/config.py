@@ -29,7 +29,7 @@ from pydantic import (
 
 from .data import BUILTIN_DATA
 from .errors import ConfigError
-from .finetuners import available_finetuners, finetuner_options, get_finetuner
+from .finetuners import available_finetuners, finetuner_class
 from .models import BUILTIN_MODELS
 from .nni import PRUNERS, check_config_list, check_config_list_pruner
 from .training import TrainConfig
@@ -116,7 +116,10 @@ class DataSection(_Section):
 
 
 class FinetuneSection(TrainConfig):
-    model_config = ConfigDict(extra="allow", frozen=True)  # extras: the strategy's own options
+    """The loop's options (TrainConfig) and, as extra keys, the chosen strategy's options, checked
+    against the strategy's typed ``Options`` model by ``validate_config``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     finetuner: str = "2ndmatch"
     device: str = "cpu"
@@ -127,7 +130,8 @@ class FinetuneSection(TrainConfig):
         return TrainConfig(**{k: getattr(self, k) for k in TrainConfig.model_fields})
 
     def finetuner_kwargs(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+        """The strategy's options, every default filled in (its typed ``Options`` model)."""
+        return finetuner_class(self.finetuner).Options(**(self.model_extra or {})).model_dump()
 
 
 class EvaluateSection(_Section):
@@ -266,18 +270,19 @@ def validate_config(raw: Any, source: str = "config") -> Config:
         problems.append(f"finetune.finetuner: value {name!r} is not allowed; available: "
                         f"{', '.join(available_finetuners())}")
     else:
-        allowed = set(finetuner_options(name)) - {"scheduler"}
+        options = finetuner_class(name).Options
         extras = {k: v for k, v in section.items() if k not in FinetuneSection.model_fields}
-        for key in extras:
-            if key not in allowed:
-                valid = sorted(allowed | set(FinetuneSection.model_fields))
-                problems.append(f"finetune.{key}: unknown key for finetuner {name!r}{did_you_mean(key, valid)} "
-                                f"(allowed: {', '.join(valid)})")
-        if all(k in allowed for k in extras):
-            try:
-                get_finetuner(name, **extras)
-            except ValueError as e:
-                problems.append(f"finetune: {e}")
+        try:
+            options(**extras)
+        except ValidationError as e:
+            valid = sorted(set(options.model_fields) | set(FinetuneSection.model_fields))
+            for error in e.errors():
+                key = error["loc"][0]
+                if error["type"] == "extra_forbidden":
+                    problems.append(f"finetune.{key}: unknown key for finetuner {name!r}{did_you_mean(key, valid)} "
+                                    f"(allowed: {', '.join(valid)})")
+                else:
+                    problems.append(f"finetune.{key}: value {error.get('input')!r} is not allowed: {error['msg']}")
     if problems:
         raise ConfigError(problems, source)
     assert config is not None

@@ -10,16 +10,15 @@ group ``nni_2ndmatch.finetuners`` (each entry point loads a Finetuner subclass).
 
 from __future__ import annotations
 
-import inspect
 from importlib.metadata import entry_points
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from .method import (
     DEFAULT_FD_STEP,
-    MODES,
     add_noise,
     default_scheduler,
     dsm_term,
@@ -32,7 +31,6 @@ from .method import (
 from .utils import did_you_mean
 
 ENTRY_POINT_GROUP = "nni_2ndmatch.finetuners"
-JAC_WEIGHTINGS = ("none", "noise")
 
 _REGISTRY: dict[str, type["Finetuner"]] = {}
 _entry_points_loaded = False
@@ -77,27 +75,39 @@ def finetuner_class(name: str) -> type["Finetuner"]:
 
 
 def finetuner_options(name: str) -> list[str]:
-    """The keyword options a strategy accepts."""
-    params = inspect.signature(finetuner_class(name).__init__).parameters
-    return [p for p in params if p != "self" and params[p].kind is inspect.Parameter.KEYWORD_ONLY]
+    """The options a strategy accepts: the fields of its ``Options`` model."""
+    return list(finetuner_class(name).Options.model_fields)
 
 
 def get_finetuner(name: str, **options: Any) -> "Finetuner":
     """Build the strategy ``name`` with its options; unknown names or options list what is allowed."""
-    allowed = finetuner_options(name)
-    for key in options:
-        if key not in allowed:
-            raise ValueError(f"finetuner {name!r} has no option {key!r}{did_you_mean(key, allowed)} "
-                             f"(allowed: {', '.join(allowed)})")
     return finetuner_class(name)(**options)
 
 
-def _check_weight(field: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{field}={value!r} is not allowed; it must be a finite number >= 0")
-    return float(value)
+class FinetunerOptions(BaseModel):
+    """The options every strategy has. Subclasses add theirs; strict types (a bool is no number, a
+    string no integer), unknown keys are errors, and ``model_dump()`` round-trips."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    lambda_dsm: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of ||eps_S - eps||^2")
 
 
+def validate_options(name: str, options_model: type[FinetunerOptions], options: dict[str, Any]) -> FinetunerOptions:
+    """The strategy's typed options, or one ValueError naming each bad option, its value and what is allowed."""
+    try:
+        return options_model(**options)
+    except ValidationError as e:
+        allowed = list(options_model.model_fields)
+        problems = []
+        for error in e.errors():
+            key = str(error["loc"][0]) if error["loc"] else "(options)"
+            if error["type"] == "extra_forbidden":
+                problems.append(f"finetuner {name!r} has no option {key!r}{did_you_mean(key, allowed)} "
+                                f"(allowed: {', '.join(allowed)})")
+            else:
+                problems.append(f"{key}={error.get('input')!r} is not allowed: {error['msg']}")
+        raise ValueError("; ".join(problems)) from None
 
 
 def _split_kwargs(kwargs: dict[str, Any], batch: int, index: slice, repeats: int = 1) -> dict[str, Any]:
@@ -115,15 +125,19 @@ def _split_kwargs(kwargs: dict[str, Any], batch: int, index: slice, repeats: int
 class Finetuner:
     """A finetuning strategy: one step's loss for a student given a frozen teacher.
 
-    Subclasses implement ``terms`` and declare their options as keyword-only ``__init__`` arguments
-    (validated there). ``loss`` noises x0 with the scheduler and weighs the terms.
+    Subclasses implement ``terms`` and ``weights`` and declare their options as a pydantic model
+    ``Options`` (a subclass of ``FinetunerOptions``), validated once here; each option is also an
+    attribute (``ft.lambda_jac``). ``loss`` noises x0 with the scheduler and weighs the terms.
     """
 
     name: ClassVar[str] = ""
     uses_teacher: ClassVar[bool] = True
+    Options: ClassVar[type[FinetunerOptions]] = FinetunerOptions
 
-    def __init__(self, *, lambda_dsm: float = 1.0, scheduler: Any = None) -> None:
-        self.lambda_dsm = _check_weight("lambda_dsm", lambda_dsm)
+    def __init__(self, *, scheduler: Any = None, **options: Any) -> None:
+        self.opts = validate_options(self.name or type(self).__name__, self.Options, options)
+        for key, value in self.opts:
+            setattr(self, key, value)
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
         prediction = getattr(getattr(self.scheduler, "config", None), "prediction_type", "epsilon")
         if prediction != "epsilon":
@@ -134,8 +148,8 @@ class Finetuner:
         return int(self.scheduler.config.num_train_timesteps)
 
     def options(self) -> dict[str, Any]:
-        """The strategy's options as plain values (for configs and reports)."""
-        return {k: getattr(self, k) for k in finetuner_options(self.name) if k != "scheduler"}
+        """The strategy's options as plain values (for configs and reports); they round-trip."""
+        return self.opts.model_dump()
 
     def weights(self) -> dict[str, float]:
         return {"dsm": self.lambda_dsm}
@@ -167,20 +181,30 @@ class DSM(Finetuner):
 
     uses_teacher = False
 
-    def __init__(self, *, lambda_dsm: float = 1.0, scheduler: Any = None) -> None:
-        super().__init__(lambda_dsm=lambda_dsm, scheduler=scheduler)
-
     def terms(self, student, teacher, x_t, noise, timesteps, **model_kwargs):
         return {"dsm": dsm_term(model_output(student, x_t, timesteps, **model_kwargs), noise)}
+
+
+class KDOptions(FinetunerOptions):
+    lambda_kd: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of ||eps_S - sg(eps_T)||^2")
+
+
+class SecondMatchOptions(KDOptions):
+    lambda_jac: float = Field(0.1, ge=0, allow_inf_nan=False, description="weight of the 2ndMatch term")
+    mode: Literal["vjp", "jvp", "fd"] = "vjp"
+    num_projections: int = Field(1, ge=1, description="directions v per sample")
+    jac_fraction: float = Field(1.0, gt=0, le=1, description="share of the batch that gets the Jacobian term")
+    fd_step: float = Field(DEFAULT_FD_STEP, gt=0, lt=1, description="step of the central difference (mode fd)")
+    jac_weighting: Literal["none", "noise"] = "none"
+    jac_reference_dims: int | None = Field(None, ge=1, description="image size C*H*W at which lambda_jac is "
+                                           "balanced (3072: the paper's 32x32x3); null: the raw term")
 
 
 @register_finetuner("kd")
 class KD(Finetuner):
     """DSM plus output distillation: lambda_kd * ||eps_S - sg(eps_T)||^2."""
 
-    def __init__(self, *, lambda_dsm: float = 1.0, lambda_kd: float = 1.0, scheduler: Any = None) -> None:
-        super().__init__(lambda_dsm=lambda_dsm, scheduler=scheduler)
-        self.lambda_kd = _check_weight("lambda_kd", lambda_kd)
+    Options = KDOptions
 
     def weights(self):
         return {"dsm": self.lambda_dsm, "kd": self.lambda_kd}
@@ -216,32 +240,7 @@ class SecondMatch(KD):
     The outputs of the Jacobian evaluations serve the DSM and KD terms: no extra forward passes.
     """
 
-    def __init__(self, *, lambda_dsm: float = 1.0, lambda_kd: float = 1.0, lambda_jac: float = 0.1,
-                 mode: str = "vjp", num_projections: int = 1, jac_fraction: float = 1.0,
-                 fd_step: float = DEFAULT_FD_STEP, jac_weighting: str = "none",
-                 jac_reference_dims: int | None = None, scheduler: Any = None) -> None:
-        super().__init__(lambda_dsm=lambda_dsm, lambda_kd=lambda_kd, scheduler=scheduler)
-        self.lambda_jac = _check_weight("lambda_jac", lambda_jac)
-        if jac_weighting not in JAC_WEIGHTINGS:
-            raise ValueError(f"jac_weighting={jac_weighting!r} is not allowed; allowed: {', '.join(JAC_WEIGHTINGS)}")
-        self.jac_weighting = jac_weighting
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not allowed; allowed: {', '.join(MODES)}")
-        self.mode = mode
-        if isinstance(num_projections, bool) or not isinstance(num_projections, int) or num_projections < 1:
-            raise ValueError(f"num_projections={num_projections!r} is not allowed; it must be an integer >= 1")
-        self.num_projections = num_projections
-        if isinstance(jac_fraction, bool) or not isinstance(jac_fraction, (int, float)) or not 0 < jac_fraction <= 1:
-            raise ValueError(f"jac_fraction={jac_fraction!r} is not allowed; it must be in (0, 1]")
-        self.jac_fraction = float(jac_fraction)
-        if isinstance(fd_step, bool) or not isinstance(fd_step, (int, float)) or not 0 < fd_step < 1:
-            raise ValueError(f"fd_step={fd_step!r} is not allowed; it must be in (0, 1)")
-        self.fd_step = float(fd_step)
-        if jac_reference_dims is not None and (isinstance(jac_reference_dims, bool) or
-                                               not isinstance(jac_reference_dims, int) or jac_reference_dims < 1):
-            raise ValueError(f"jac_reference_dims={jac_reference_dims!r} is not allowed; it must be null or an "
-                             "integer >= 1 (3072: the paper's 32x32x3 images)")
-        self.jac_reference_dims = jac_reference_dims
+    Options = SecondMatchOptions
 
     def weights(self):
         return {"dsm": self.lambda_dsm, "kd": self.lambda_kd, "jac": self.lambda_jac}

@@ -135,6 +135,7 @@ def write_config(config: Config, resume: bool) -> None:
 
     path = Path(config.output_dir) / CONFIG_FILE
     resolved = config.model_dump(mode="json")
+    resolved["finetune"].update(config.finetune.finetuner_kwargs())  # the strategy's defaults too
     if resume and path.is_file():
         before = _flatten(yaml.safe_load(path.read_text()))
         now = _flatten(resolved)

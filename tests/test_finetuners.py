@@ -27,7 +27,7 @@ def test_unknown_option_suggests_the_nearest_and_bad_values_name_the_field():
         get_finetuner("2ndmatch", lamda_jac=0.1)
     with pytest.raises(ValueError, match=r"lambda_kd=-1 is not allowed"):
         get_finetuner("kd", lambda_kd=-1)
-    with pytest.raises(ValueError, match=r"mode='hessian' is not allowed; allowed: jvp, vjp, fd"):
+    with pytest.raises(ValueError, match=r"mode='hessian' is not allowed: Input should be 'vjp', 'jvp' or 'fd'"):
         get_finetuner("2ndmatch", mode="hessian")
     with pytest.raises(ValueError, match=r"jac_fraction=0 is not allowed"):
         get_finetuner("2ndmatch", jac_fraction=0)
@@ -41,6 +41,19 @@ def test_reference_defaults_and_options_round_trip():
     again = get_finetuner("2ndmatch", **ft.options())
     assert again.options() == ft.options()
     assert ft.num_train_timesteps == 1000
+    for name in available_finetuners():  # every strategy's options round-trip through JSON
+        import json
+
+        options = get_finetuner(name).options()
+        assert get_finetuner(name, **json.loads(json.dumps(options))).options() == options
+
+
+def test_options_are_strictly_typed():
+    for bad in ({"lambda_jac": True}, {"lambda_jac": "0.1"}, {"num_projections": 2.0}, {"lambda_kd": float("inf")},
+                {"jac_reference_dims": True}):
+        key = next(iter(bad))
+        with pytest.raises(ValueError, match=f"{key}=.* is not allowed"):
+            get_finetuner("2ndmatch", **bad)
 
 
 def test_duplicate_registration_is_an_error_and_entry_points_are_loaded(monkeypatch):
@@ -132,7 +145,7 @@ def test_noise_weighting_scales_both_sensitivities_by_one_minus_alpha_bar():
     assert terms["jac"] == pytest.approx(diff.pow(2).mean().item(), rel=1e-9)
     _, plain = get_finetuner("2ndmatch", mode="jvp").loss(student, teacher, x0, noise, t)
     assert terms["jac"] < plain["jac"]  # 1 - abar < 1 everywhere
-    with pytest.raises(ValueError, match="jac_weighting='snr' is not allowed; allowed: none, noise"):
+    with pytest.raises(ValueError, match="jac_weighting='snr' is not allowed: Input should be 'none' or 'noise'"):
         get_finetuner("2ndmatch", jac_weighting="snr")
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import yaml
-from test_cli import cli, write_config
+from test_cli import cli, cli_here, write_config
 from test_training import Images, _run
 from tiny_models import tiny_unet2d
 
@@ -47,7 +47,7 @@ def _folder_config(tmp_path, images, **data):
 @pytest.mark.slow
 def test_a_corrupt_image_is_one_clear_error_before_anything_is_written(tmp_path):
     images = _image_folder(tmp_path, bad=True)
-    r = cli("run", _folder_config(tmp_path, images), "--no-progress")
+    r = cli_here("run", _folder_config(tmp_path, images), "--no-progress")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "1 bad image(s)" in r.stderr and "broken.png: it does not decode as an image" in r.stderr
     assert "skip_bad_images" in r.stderr
@@ -57,13 +57,12 @@ def test_a_corrupt_image_is_one_clear_error_before_anything_is_written(tmp_path)
     assert "left out" in r.stderr and "broken.png" in r.stderr
 
 
-@pytest.mark.slow
 def test_a_missing_data_folder_or_a_file_as_output_dir(tmp_path):
-    r = cli("run", _folder_config(tmp_path, tmp_path / "nowhere"), "--no-progress")
+    r = cli_here("run", _folder_config(tmp_path, tmp_path / "nowhere"), "--no-progress")
     assert r.returncode == 2 and "is not a folder" in r.stderr and not (tmp_path / "run").exists()
     (tmp_path / "file").write_text("x")
     cfg = write_config(tmp_path, lambda raw: raw.update(output_dir=str(tmp_path / "file")), name="f.yaml")
-    r = cli("run", cfg, "--no-progress")
+    r = cli_here("run", cfg, "--no-progress")
     assert r.returncode == 2 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -87,22 +86,25 @@ def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.slow
 def test_the_resolved_config_is_written_and_a_changed_resume_is_an_error(tmp_path):
     cfg = write_config(tmp_path)
-    assert cli("run", cfg, "--no-progress").returncode == 0
+    assert cli_here("run", cfg, "--no-progress").returncode == 0
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert validate_config(written) == validate_config(yaml.safe_load(cfg.read_text()))  # round-trips
+    given = validate_config(yaml.safe_load(cfg.read_text()))
+    again = validate_config(written)  # the written config loads again, to the same settings
+    assert again.finetune.finetuner_kwargs() == given.finetune.finetuner_kwargs()
+    assert again.finetune.train_config() == given.finetune.train_config()
+    assert (again.model, again.data, again.pruning) == (given.model, given.data, given.pruning)
+    assert written["finetune"]["jac_weighting"] == "none"  # the strategy's defaults are written too
     assert written["finetune"]["lambda_jac"] == 0.1 and written["finetune"]["grad_clip"] == 1.0  # defaults too
     changed = write_config(tmp_path, lambda raw: raw["finetune"].update(lr=1e-3, lambda_jac=0.5, steps=5),
                            name="changed.yaml")
-    r = cli("run", changed, "--resume", "--no-progress")
+    r = cli_here("run", changed, "--resume", "--no-progress")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "finetune.lambda_jac (0.1 -> 0.5)" in r.stderr and "finetune.lr" in r.stderr
     assert "finetune.steps" not in r.stderr  # more steps is how a run is extended
 
 
-@pytest.mark.slow
 def test_threads_from_the_config_and_the_command_line(tmp_path, monkeypatch):
     raw = yaml.safe_load(write_config(tmp_path).read_text())
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -122,7 +124,7 @@ def test_threads_from_the_config_and_the_command_line(tmp_path, monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    r = cli("prune", write_config(tmp_path, name="t.yaml"), "--threads", "0", "--overwrite")
+    r = cli_here("prune", write_config(tmp_path, name="t.yaml"), "--threads", "0", "--overwrite")
     assert r.returncode == 2 and "--threads: value 0 is not allowed" in r.stderr
 
 
