@@ -70,8 +70,10 @@ def test_a_missing_data_folder_or_a_file_as_output_dir(tmp_path):
 def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
     cfg = write_config(tmp_path, lambda raw: raw["finetune"].update(steps=100000, checkpoint_every=2))
     latest = tmp_path / "run" / "checkpoints" / "latest"
+    # SIGINT as a terminal delivers it (a shell without job control starts background jobs ignoring it)
     proc = subprocess.Popen([sys.executable, "-m", "nni_2ndmatch.cli", "run", str(cfg), "--no-progress"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not latest.is_file() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
