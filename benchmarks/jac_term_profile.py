@@ -1,12 +1,13 @@
 """Where the 2ndMatch term's weight comes from on the digits: its size per timestep.
 
 For the pruned student of the quality benchmark (the shipped digits teacher, torch-pruning
-magnitude 0.5, before finetuning) and 256 training digits per timestep: the teacher's sensitivity
+magnitude at ``--ratio``, before finetuning) and 256 training digits per timestep, at the
+teacher's own resolution (8x8): the teacher's sensitivity
 s_T = ||J_T v||^2, the per-sample term (s_S - s_T)^2 (mean, median, 99th percentile, max) and the
 per-sample DSM term ||eps_S - eps||^2 for scale. One random unit direction per sample, exact
 (vjp); seeded; 1 thread.
 
-    python benchmarks/jac_term_profile.py [--out benchmarks/results/ablation/jac_term_profile.json]
+    python benchmarks/jac_term_profile.py [--ratio 0.3] [--out benchmarks/results/ablation/jac_term_profile.json]
 """
 
 from __future__ import annotations
@@ -19,24 +20,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nni_2ndmatch import prune_diffusers  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
-from nni_2ndmatch.models.digits import load_digits_teacher  # noqa: E402
-from nni_2ndmatch.method import default_scheduler  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
-from nni_2ndmatch.method import jacobian_sensitivity, model_output, sample_directions, squared_norm  # noqa: E402
-from nni_2ndmatch import prune_diffusers
-from nni_2ndmatch.models import default_example_inputs  # noqa: E402
+from nni_2ndmatch.method import (  # noqa: E402
+    default_scheduler,
+    jacobian_sensitivity,
+    model_output,
+    sample_directions,
+    squared_norm,
+)
+from nni_2ndmatch.models.digits import RESOLUTION, load_digits_teacher  # noqa: E402
 
 TIMESTEPS = [0, 5, 20, 50, 100, 250, 500, 999]
 
 
 def profile(samples: int = 256, ratio: float = 0.5) -> dict:
     teacher = load_digits_teacher().eval()
-    student, _ = prune_diffusers(teacher, "magnitude", ratio, example_inputs=default_example_inputs(teacher),
-                                 round_to=None)
+    student, _ = prune_diffusers(teacher, "magnitude", ratio, round_to=None)
     student.eval()
     scheduler = default_scheduler()
-    x0 = DigitsDataset(16).images[:samples]
+    x0 = DigitsDataset(RESOLUTION).images[:samples]  # the teacher's own 8x8
     g = torch.Generator().manual_seed(0)
     rows = []
     for t in TIMESTEPS:
@@ -56,13 +60,14 @@ def profile(samples: int = 256, ratio: float = 0.5) -> dict:
     total = sum(r["jac_term_mean"] for r in rows)
     for r in rows:
         r["share_of_jac_term"] = r["jac_term_mean"] / total
-    return {"samples_per_timestep": samples, "ratio": ratio, "rows": rows}
+    return {"samples_per_timestep": samples, "ratio": ratio, "resolution": RESOLUTION, "rows": rows}
 
 
 def render(results: dict) -> str:
     lines = ["# The 2ndMatch term per timestep (digits, pruned student before finetuning)", "",
-             f"Command: `python benchmarks/jac_term_profile.py`; {results['samples_per_timestep']} digits per "
-             "timestep, one direction each, vjp. Shares are of the sum of the per-timestep means.", "",
+             f"Command: `python benchmarks/jac_term_profile.py --ratio {results['ratio']}`; "
+             f"{results['samples_per_timestep']} digits per timestep at {results['resolution']}x"
+             f"{results['resolution']}, one direction each, vjp. Shares are of the sum of the per-timestep means.", "",
              "| t | teacher ‖Jv‖² | student ‖Jv‖² | term mean | median | p99 | max | share | DSM term |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -74,10 +79,11 @@ def render(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ratio", type=float, default=0.5, help="channel share pruned (the paper's: 0.3)")
     p.add_argument("--out", default="benchmarks/results/ablation/jac_term_profile.json")
     args = p.parse_args()
     torch.set_num_threads(1)
-    results = profile()
+    results = profile(ratio=args.ratio)
     markdown = render(results)
     write_results(args.out, results, markdown)
     print(markdown)
