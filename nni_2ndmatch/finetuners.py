@@ -10,6 +10,7 @@ group ``nni_2ndmatch.finetuners`` (each entry point loads a Finetuner subclass).
 
 from __future__ import annotations
 
+import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Literal
 
@@ -40,6 +41,13 @@ def register_finetuner(name: str) -> Callable[[type["Finetuner"]], type["Finetun
     """Class decorator: register a Finetuner subclass under ``name`` (a duplicate is an error)."""
 
     def decorate(cls: type[Finetuner]) -> type[Finetuner]:
+        params = inspect.signature(cls.__init__).parameters
+        undeclared = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY
+                      and p != "scheduler" and p not in cls.Options.model_fields]
+        if undeclared:
+            raise TypeError(f"{cls.__qualname__}: {', '.join(undeclared)} are keyword arguments of __init__ but not "
+                            "fields of its Options model, so they would be neither validated nor recorded; declare "
+                            "them in a FinetunerOptions subclass set as Options (README: adding a strategy)")
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"finetuner {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         cls.name = name

@@ -34,7 +34,7 @@ from .pruning import (
     save_pruned,
 )
 from .report import run_report
-from .training import CHECKPOINT_DIR, Runtime, finetune
+from .training import CHECKPOINT_DIR, Runtime, check_batch, finetune
 from .training.accelerate import AccelerateRuntime, launched_distributed
 
 logger = logging.getLogger(__name__)
@@ -117,9 +117,10 @@ def _check_free_space(out: Path, student: nn.Module, config: Config) -> None:
 
 CONFIG_FILE = "config.yaml"
 # fields that may change between a run and its --resume: they do not change the trained weights
-RESUME_FREE = {"output_dir", "threads", "evaluate", "export", "finetune.steps", "finetune.log_every",
-               "finetune.checkpoint_every", "finetune.keep_checkpoints", "finetune.process_timeout_s",
-               "finetune.device"}
+# (finetune.steps too, when the learning rate does not depend on it)
+RESUME_FREE = {"output_dir", "threads", "evaluate", "export", "finetune.log_every", "finetune.checkpoint_every",
+               "finetune.keep_checkpoints", "finetune.process_timeout_s", "finetune.device",
+               "finetune.gradient_accumulation_steps", "finetune.max_nonfinite_steps"}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -139,16 +140,18 @@ def write_config(config: Config, resume: bool) -> None:
     if resume and path.is_file():
         before = _flatten(yaml.safe_load(path.read_text()))
         now = _flatten(resolved)
+        free = RESUME_FREE | ({"finetune.steps"} if config.finetune.lr_schedule == "constant" else set())
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)
-                         and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE))
+                         and not any(k == f or k.startswith(f + ".") for f in free))
         if changed:
             raise UserError(f"--resume: the config differs from the run's ({path}) in "
                             + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed)
-                            + "; resume with the run's settings, or start a new run (--overwrite)")
+                            + "; resume with the run's settings, or start a new run (another output_dir, or --overwrite "
+                            "without --resume)")
     atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
 
 
-def prepare_output_dir(config: Config, resume: bool, overwrite: bool) -> Path:
+def prepare_output_dir(config: Config, command: str, resume: bool, overwrite: bool) -> Path:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {str(out)!r} is a file, not a folder; choose another output_dir")
@@ -158,10 +161,11 @@ def prepare_output_dir(config: Config, resume: bool, overwrite: bool) -> Path:
                         "or --overwrite to replace it")
     if resume and not (out / CHECKPOINT_DIR / "latest").is_file():
         raise UserError(f"--resume: output_dir {str(out)!r} holds no checkpoint to resume from")
-    if overwrite and not resume:
-        for name in (CHECKPOINT_DIR, STUDENT_DIR, PRUNED_DIR):
+    if overwrite and not resume:  # `finetune` keeps the pruned student it starts from
+        keep_pruned = command == "finetune" and config.model.student is None
+        for name in (CHECKPOINT_DIR, STUDENT_DIR, *(() if keep_pruned else (PRUNED_DIR,))):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("summary.json", "metrics.jsonl", "pruning_report.json", CONFIG_FILE):
+        for name in ("summary.json", "metrics.jsonl", CONFIG_FILE, *(() if keep_pruned else ("pruning_report.json",))):
             (out / name).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -257,11 +261,17 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
         raise UserError("the config has no pruning section (model.student is given): nothing to prune")
     torch.set_num_threads(config.resolved_threads())
     runtime = make_runtime(config.finetune.device, config.finetune.process_timeout_s)
-    # the inputs are checked before anything is written to output_dir
+    # every input is checked before anything is written to (or deleted from) output_dir
     teacher = load_model(config.model.teacher, "teacher")
-    dataset, student = load_dataset(config, teacher), None
+    dataset = load_dataset(config, teacher)
+    student = load_model(config.model.student, "student") if config.model.student is not None else None
+    _preflight({"teacher": teacher} if student is None else {"teacher": teacher, "student": student}, dataset[0])
+    try:
+        check_batch(config.finetune.train_config(), len(dataset), runtime.world_size)
+    except ValueError as e:
+        raise UserError(f"finetune: {e}") from None
     if runtime.is_main:
-        prepare_output_dir(config, resume, overwrite)
+        prepare_output_dir(config, command, resume, overwrite)
         write_config(config, resume)
     runtime.barrier()
     out = Path(config.output_dir)

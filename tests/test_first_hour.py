@@ -151,3 +151,55 @@ def test_wall_time_is_carried_across_a_resume(tmp_path):
     assert resumed.seconds > state["seconds"]
     assert [h["seconds"] for h in resumed.history] == sorted(h["seconds"] for h in resumed.history)
     assert resumed.history[4]["seconds"] > state["seconds"]
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_settings_are_refused(tmp_path):
+    _run(tmp_path, 2)
+    student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
+    bad = TrainConfig(steps=1, batch_size=3, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="batch_size=3 is not allowed"):
+        finetune(student, teacher, get_finetuner("dsm"), Images(), bad, tmp_path, overwrite=True, progress=False)
+    assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "checkpoints" / "latest").is_file()
+
+
+def test_a_student_the_config_names_is_checked_before_output_dir_is_touched(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+
+    def edit(raw):
+        raw.pop("pruning")
+        raw["model"]["student"] = {"path": str(tmp_path / "missing")}
+    r = cli_here("run", write_config(tmp_path, edit), "--overwrite", "--no-progress")
+    assert r.returncode == 2 and "model.student" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "summary.json"]  # nothing written or deleted
+    r = cli_here("run", write_config(tmp_path, lambda raw: raw["finetune"].update(batch_size=5000), name="b.yaml"),
+                 "--overwrite", "--no-progress")
+    assert r.returncode == 2 and "batch_size=5000 is larger than the data set" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "summary.json"]
+
+
+def test_resume_allows_what_keeps_the_weights_and_refuses_a_schedule_change(tmp_path):
+    from nni_2ndmatch.errors import UserError
+    from nni_2ndmatch.pipeline import write_config as write_run_config
+
+    raw = yaml.safe_load(write_config(tmp_path).read_text())
+    (tmp_path / "run").mkdir()
+    write_run_config(validate_config(raw), resume=False)
+    same_weights = {**raw, "finetune": {**raw["finetune"], "gradient_accumulation_steps": 2, "steps": 9}}
+    write_run_config(validate_config(same_weights), resume=True)  # accepted
+    cosine = {**raw, "finetune": {**raw["finetune"], "lr_schedule": "cosine"}}
+    write_run_config(validate_config(cosine), resume=False)
+    with pytest.raises(UserError, match=r"finetune.steps \(3 -> 9\)"):
+        write_run_config(validate_config({**cosine, "finetune": {**cosine["finetune"], "steps": 9}}), resume=True)
+
+
+def test_a_strategy_with_undeclared_init_options_is_refused_at_registration():
+    from nni_2ndmatch import Finetuner, register_finetuner
+
+    class OldStyle(Finetuner):
+        def __init__(self, *, alpha: float = 1.0, scheduler=None):
+            super().__init__(scheduler=scheduler)
+
+    with pytest.raises(TypeError, match="alpha are keyword arguments of __init__ but not fields of its Options"):
+        register_finetuner("old-style")(OldStyle)

@@ -117,7 +117,8 @@ def diffusion_evaluator(model: nn.Module, dataloader: Iterable[dict[str, Tensor]
                         scheduler.step()
                 steps += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+                if progress:  # reading the loss waits for the device
+                    bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
                 if max_steps is not None and steps >= max_steps:
                     bar.close()
                     return

@@ -62,7 +62,7 @@ def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
         loader = DataLoader(items, batch_size=len(items), collate_fn=NoisyBatches(seed=seed))
         optimizer = nni.trace(torch.optim.SGD)(work.parameters(), lr=0.0)
         with requires_grad(work, True):
-            nni_pruner = cls(work, config_list, diffusion_evaluator(work, loader, optimizer=optimizer),
+            nni_pruner = cls(work, config_list, diffusion_evaluator(work, loader, optimizer=optimizer, progress=False),
                              training_steps=1)
             _, masks = nni_pruner.compress(None, None)  # it runs training_steps steps itself
     else:

@@ -2,9 +2,9 @@
 checkpoints, and ``finetune`` itself."""
 
 from ..errors import NonFiniteLossError
-from .loop import CHECKPOINT_DIR, METRICS_FILE, FinetuneResult, finetune
+from .loop import CHECKPOINT_DIR, METRICS_FILE, FinetuneResult, check_batch, finetune
 from .options import TrainConfig
 from .runtime import Runtime
 
 __all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig",
-           "finetune"]
+           "check_batch", "finetune"]

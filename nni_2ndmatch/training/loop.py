@@ -49,6 +49,16 @@ class FinetuneResult:
     seconds: float
 
 
+def check_batch(config: TrainConfig, num_items: int, world_size: int) -> None:
+    """The global batch fits the data set and splits evenly over processes and micro-batches."""
+    if num_items < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the data set ({num_items} images)")
+    if config.batch_size % (world_size * config.gradient_accumulation_steps):
+        raise ValueError(f"batch_size={config.batch_size} is not allowed: it must be a multiple of the number of "
+                         f"processes ({world_size}) x gradient_accumulation_steps "
+                         f"({config.gradient_accumulation_steps})")
+
+
 def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: Finetuner, dataset: Dataset,
              config: TrainConfig, output_dir: str | os.PathLike | None = None, *, resume: bool = False,
              overwrite: bool = False, runtime: Runtime | None = None, progress: bool = True,
@@ -69,30 +79,33 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     runtime = runtime or Runtime()
     if finetuner.uses_teacher and teacher is None:
         raise ValueError(f"finetuner {finetuner.name!r} needs a teacher model")
-    if len(dataset) < config.batch_size:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the data set ({len(dataset)} images)")
+    check_batch(config, len(dataset), runtime.world_size)
     out = Path(output_dir) if output_dir is not None else None
     ckpts = Checkpoints(out / CHECKPOINT_DIR, config.keep_checkpoints) if out is not None else None
-    if out is not None and not resume and runtime.is_main:
-        old = [p for p in (out / CHECKPOINT_DIR, out / METRICS_FILE) if p.exists()]
-        if old and not overwrite:
-            raise FileExistsError(f"output_dir {str(out)!r} already holds a run ({', '.join(p.name for p in old)}); "
-                                  "pass resume=True to continue it or overwrite=True to replace it")
-        for p in old:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    old = [p for p in (out / CHECKPOINT_DIR, out / METRICS_FILE) if p.exists()] if out and not resume else []
+    if old and not overwrite:
+        raise FileExistsError(f"output_dir {str(out)!r} already holds a run ({', '.join(p.name for p in old)}); "
+                              "pass resume=True to continue it or overwrite=True to replace it")
 
     if runtime.world_size > 1 and getattr(finetuner, "mode", None) == "jvp":
         raise ValueError("mode='jvp' is not allowed with several processes (torch.func.jvp cannot run through "
                          "DistributedDataParallel); allowed: vjp (the default), fd")
     per_process = config.batch_size // runtime.world_size
-    if config.batch_size % (runtime.world_size * config.gradient_accumulation_steps):
-        raise ValueError(f"batch_size={config.batch_size} is not allowed: it must be a multiple of the number of "
-                         f"processes ({runtime.world_size}) x gradient_accumulation_steps "
-                         f"({config.gradient_accumulation_steps})")
     torch.manual_seed(config.seed)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters (requires_grad=False everywhere)")
+    dropouts = []
+    if config.dropout is not None:
+        dropouts = [m for name, m in student.named_modules() if name.rsplit(".", 1)[-1] == "dropout"
+                    and isinstance(m, nn.Dropout)]
+        if not dropouts:
+            raise ValueError(f"dropout={config.dropout} is not allowed for this student: it has no residual-block "
+                             "dropout (nn.Dropout modules named 'dropout'); use null")
+    if old and runtime.is_main:  # every check passed: the run being replaced goes now
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    runtime.barrier()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     net = runtime.prepare(student, teacher)  # what the loop calls: the student, or its DDP wrapper
     model = runtime.unwrap(net)
@@ -136,13 +149,6 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         lines = "".join(json.dumps(h) + "\n" for h in history)
         atomic_write_text(out / METRICS_FILE, lines)
 
-    dropouts = []
-    if config.dropout is not None:
-        dropouts = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "dropout"
-                    and isinstance(m, nn.Dropout)]
-        if not dropouts:
-            raise ValueError(f"dropout={config.dropout} is not allowed for this student: it has no residual-block "
-                             "dropout (nn.Dropout modules named 'dropout'); use null")
     restore = contextlib.ExitStack()  # the teacher is frozen and in eval mode for the run only
     restore.enter_context(requires_grad(teacher, False))
     if isinstance(teacher, nn.Module):
