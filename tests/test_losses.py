@@ -1,6 +1,7 @@
 """The Jacobian estimators and the 2ndMatch loss against independent references (float64)."""
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -228,3 +229,32 @@ def test_finite_differences_and_their_backward_run_in_full_fp32(user_precision, 
     with pytest.raises(ValueError, match="precision='bf16' is not allowed; allowed: ieee, tf32"):
         with fp32_precision("bf16"):
             pass
+
+
+@pytest.mark.parametrize("mode, student_math, teacher_math", [("vjp", True, False), ("jvp", True, True),
+                                                               ("fd", False, False)])
+def test_math_attention_only_where_a_second_derivative_or_forward_mode_needs_it(monkeypatch, mode, student_math,
+                                                                                 teacher_math):
+    """The fused attention kernels serve every evaluation that is differentiated at most once."""
+    import torch.nn.attention as attention
+
+    from nni_2ndmatch.method import student_and_teacher_sensitivity
+    from nni_2ndmatch.method.jacobian import needs_math_attention
+
+    assert needs_math_attention(mode, create_graph=True) is student_math
+    assert needs_math_attention(mode, create_graph=False) is teacher_math
+    entered = []
+    real = attention.sdpa_kernel
+    @functools.wraps(real)
+    def recording(backends, *args, **kwargs):
+        entered.append(tuple(backends))
+        return real(backends, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_kernel", recording)
+    student, teacher = BUILDERS["unet2d"](seed=1), BUILDERS["unet2d"](seed=2)
+    x, t = example_inputs("unet2d", dtype=torch.float32)[:2]
+    v = sample_directions(x)
+    eps_s, s_s, _, s_t = student_and_teacher_sensitivity(student, teacher, x, t, v, mode)
+    assert len(entered) == student_math + teacher_math
+    (s_s.sum() + eps_s.sum()).backward()  # the student's estimate trains with the kernels chosen
+    assert all(p.grad is None for p in teacher.parameters())

@@ -32,19 +32,28 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(),) + tuple(args[1:])
 
 
+def needs_math_attention(mode: str, create_graph: bool) -> bool:
+    """Whether an estimate differentiates attention twice (or in forward mode), which the fused
+    attention kernels cannot: ``jvp`` always, ``vjp`` when its graph is kept (the student's
+    double backward), ``fd`` never (its evaluations are plain forward passes, backpropagated once)."""
+    return mode == "jvp" or (mode == "vjp" and create_graph)
+
+
 @contextlib.contextmanager
-def jacobian_safe(*models: Any) -> Iterator[None]:
+def jacobian_safe(*models: Any, math_attention: bool = True) -> Iterator[None]:
     """Make Jacobian products (forward mode and double backward) work on diffusers models.
 
-    Inside the block: scaled-dot-product attention uses the math backend (the fused kernels have
-    neither forward-mode AD nor double backward), every GroupNorm gets a contiguous input, and
-    autocast is off (the Jacobian term is 4th order in J: it stays in the model's own precision).
-    Everything is undone on exit, also when the block raises; the models are not otherwise changed.
+    Inside the block: with ``math_attention``, scaled-dot-product attention uses the math backend
+    (the fused kernels have neither forward-mode AD nor double backward; ``needs_math_attention``
+    says when that matters); every GroupNorm gets a contiguous input, and autocast is off (the
+    Jacobian term is 4th order in J: it stays in the model's own precision). Everything is undone
+    on exit, also when the block raises; the models are not otherwise changed.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if math_attention:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         for device_type in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
@@ -141,8 +150,9 @@ def jacobian_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tens
     describes, e.g. from ``sample_directions(x_t)``. Handles diffusers' fused attention and
     GroupNorm internally and leaves the model as it found it.
     """
-    with jacobian_safe(model):
-        _, s = output_and_sensitivity(model, x_t, timesteps, v, mode, create_graph=torch.is_grad_enabled(),
+    create_graph = torch.is_grad_enabled()
+    with jacobian_safe(model, math_attention=needs_math_attention(mode, create_graph)):
+        _, s = output_and_sensitivity(model, x_t, timesteps, v, mode, create_graph=create_graph,
                                       fd_step=fd_step, **model_kwargs)
     return s
 
@@ -168,9 +178,10 @@ def student_and_teacher_sensitivity(student: Callable[..., Any], teacher: Callab
                                     **model_kwargs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(eps_S, s_S, eps_T, s_T): both models' outputs and sensitivities along the same v. The
     student's carry a graph; the teacher's are detached and its parameters never get ``.grad``."""
-    with jacobian_safe(student, teacher):
+    with jacobian_safe(teacher, math_attention=needs_math_attention(mode, create_graph=False)):
         eps_t, s_t = output_and_sensitivity(teacher, x_t, timesteps, v, mode, create_graph=False,
                                             fd_step=fd_step, **model_kwargs)
+    with jacobian_safe(student, math_attention=needs_math_attention(mode, create_graph=True)):
         eps_s, s_s = output_and_sensitivity(student, x_t, timesteps, v, mode, create_graph=True,
                                             fd_step=fd_step, **model_kwargs)
     return eps_s, s_s, eps_t, s_t
