@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from .config import Config, ModelSpec
@@ -132,8 +133,6 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def write_config(config: Config, resume: bool) -> None:
     """The resolved config (defaults filled in) goes to output_dir/config.yaml. ``resume``: the
     config of the run being resumed must agree with it on every field that changes the weights."""
-    import yaml
-
     path = Path(config.output_dir) / CONFIG_FILE
     resolved = config.model_dump(mode="json")
     resolved["finetune"].update(config.finetune.finetuner_kwargs())  # the strategy's defaults too
@@ -194,7 +193,6 @@ def run_prune(config: Config, out: Path, teacher: nn.Module, dataset: torch.util
     if not runtime.is_main:
         runtime.barrier()
         return load_pruned(out / PRUNED_DIR), json.loads((out / "pruning_report.json").read_text())
-    _preflight({"teacher": teacher}, dataset[0])
     p = config.pruning
     try:
         student, report = prune_diffusers(teacher, p.pruner, p.sparse_ratio, round_to=p.round_to,
@@ -211,24 +209,19 @@ def run_prune(config: Config, out: Path, teacher: nn.Module, dataset: torch.util
     return student, report
 
 
-def starting_student(config: Config, out: Path) -> nn.Module:
-    """The student a finetune starts from: the config's ``model.student``, else the one
-    ``run_prune`` saved in out/pruned."""
-    if config.model.student is not None:
-        return load_model(config.model.student, "student")
+def saved_pruned_student(out: Path) -> nn.Module:
+    """The student ``run_prune`` saved in out/pruned (what ``finetune`` starts from without ``model.student``)."""
     if is_pruned_folder(out / PRUNED_DIR):
         return load_pruned(out / PRUNED_DIR)
     raise UserError(f"no pruned student in {str(out / PRUNED_DIR)!r}: run 'nni-2ndmatch prune' (or 'run') first")
 
 
 def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,
-                 student: nn.Module | None = None, *, resume: bool = False, progress: bool = True,
+                 student: nn.Module, *, resume: bool = False, progress: bool = True,
                  runtime: Runtime | None = None) -> tuple[dict[str, Any], nn.Module]:
-    """Finetune the student (given; else the config's, or the one ``run_prune`` saved) against the
-    teacher; the main process saves it with a summary. Returns the summary and the finetuned student."""
+    """Finetune ``student`` (checked against the data by ``run_job``) against the teacher; the main
+    process saves it with a summary. Returns the summary and the finetuned student."""
     runtime = runtime or Runtime(config.finetune.device)
-    student = student if student is not None else starting_student(config, out)
-    _preflight({"teacher": teacher, "student": student}, dataset[0])
     if runtime.is_main:
         _check_free_space(out, student, config)
     section = config.finetune
@@ -280,7 +273,9 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
             student, report = run_prune(config, out, teacher, dataset, runtime)
             if command == "prune":
                 return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
-    student = student if student is not None else starting_student(config, out)
+    if student is None:  # `finetune` after a `prune`, or a resumed `run`
+        student = saved_pruned_student(out)
+        _preflight({"student": student}, dataset[0])
     compare = command == "run" and config.evaluate is not None and config.evaluate.compare
     start = copy.deepcopy(student) if compare and runtime.is_main else None  # the baselines start here too
     summary, student = run_finetune(config, out, teacher, dataset, student, resume=resume, progress=progress,
