@@ -82,14 +82,12 @@ class PruningSection(_Section):
     @classmethod
     def _valid_config_list(cls, value: Any) -> Any:
         """Each entry: a mapping of NNI 3.0 pruning keys only, ratios in range, layer selectors lists of strings."""
-
         if value is not None:
             check_config_list(value)
         return value
 
     @model_validator(mode="after")
     def _known_pruner(self) -> "PruningSection":
-
         if self.pruner not in PRUNERS:
             raise ValueError(f"pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNERS)}")
         check_config_list_pruner(self.pruner, self.config_list)

@@ -72,7 +72,6 @@ def digits_features(images: Tensor, classifier: torch.nn.Module | None = None) -
 
 def digits_fid(samples: Tensor, classifier: torch.nn.Module | None = None) -> float:
     """digits-FID of 1x8x8 samples in [-1, 1] against the held-out real digits (test split)."""
-
     reference = DigitsDataset(RESOLUTION, "test").images
     return frechet_distance(digits_features(samples, classifier), digits_features(reference, classifier))
 
@@ -88,7 +87,6 @@ def sensitivity_profile(model: Callable[..., Any], x0: Tensor, timesteps: list[i
                         **conditioning: Tensor) -> list[float]:
     """Mean ||J v||^2 over x0's samples at each timestep (unit random v, exact jvp): how strongly
     the model amplifies a perturbation of its noisy input, the paper's FTLE-like diagnostic."""
-
     scheduler = default_scheduler()
     g = torch.Generator().manual_seed(seed)
     profile = []

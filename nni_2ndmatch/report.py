@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import collate
@@ -26,6 +27,7 @@ from .finetuners import finetuner_options, get_finetuner
 from .models.digits import load_digits_classifier
 from .pruning import save_model
 from .training import Runtime, finetune
+from .utils import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def save_grid(images: Tensor, path: Path, columns: int = 10, scale: int = 4) -> 
 def loss_weights(finetuner_options: dict[str, Any]) -> dict[str, float]:
     """{term: weight} from a finetuner's options: ``lambda_jac=0.001`` -> {"jac": 0.001}."""
     return {key.removeprefix("lambda_"): float(value) for key, value in finetuner_options.items()
-            if key.startswith("lambda_") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+            if key.startswith("lambda_") and is_number(value)}
 
 
 def weighted_loss_series(records: list[dict[str, Any]],
@@ -135,7 +137,6 @@ def conditioning_rows(dataset: Any, n: int) -> dict[str, Tensor]:
     item = dataset[0]
     if not isinstance(item, dict):
         return {}
-
     _, kwargs = collate([dataset[i % len(dataset)] for i in range(n)], torch.device("cpu"))
     return kwargs
 
@@ -147,7 +148,6 @@ class Evaluator:
 
     def __init__(self, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
                  digits: bool) -> None:
-
         x0, _ = collate([dataset[0]], torch.device("cpu"))
         self.noise = torch.randn(samples, *x0.shape[1:], generator=torch.Generator().manual_seed(seed))
         self.conditioning = conditioning_rows(dataset, samples)
@@ -157,7 +157,6 @@ class Evaluator:
 
     def sample(self, model: nn.Module) -> Tensor:
         """The model's samples (on the CPU), computed on the model's device."""
-
         device = next(model.parameters(), torch.empty(0)).device
         cond = {k: v.to(device) for k, v in self.conditioning.items()}
         return ddim_sample(model.eval(), self.noise.to(device), self.ddim_steps, **cond).cpu()
@@ -165,36 +164,17 @@ class Evaluator:
     def digits_fid(self, samples: Tensor) -> float | None:
         if self.classifier is None:
             return None
-        import torch.nn.functional as F
-
-
         at8 = samples if samples.shape[-1] == 8 else F.interpolate(samples, size=(8, 8), mode="area")
         return digits_fid(at8, self.classifier)
 
     def score(self, samples: Tensor) -> dict[str, float | None]:
-
         return {"digits_fid": self.digits_fid(samples), "fidelity": fidelity(samples, self.teacher_samples)}
-
-
-def evaluate_models(teacher: nn.Module, student: nn.Module, dataset: Any, *, samples: int, ddim_steps: int,
-                    seed: int, digits: bool) -> tuple[dict[str, Any], Tensor, Tensor]:
-    """Teacher and student sample from the same noise with deterministic DDIM: fidelity, and
-    digits-FID of both when the data are the built-in digits."""
-    evaluator = Evaluator(teacher, dataset, samples=samples, ddim_steps=ddim_steps, seed=seed, digits=digits)
-    student_samples = evaluator.sample(student)
-    results: dict[str, Any] = {"samples": samples, "ddim_steps": ddim_steps, "seed": seed,
-                               "fidelity": evaluator.score(student_samples)["fidelity"]}
-    if digits:
-        results["digits_fid_teacher"] = evaluator.digits_fid(evaluator.teacher_samples)
-        results["digits_fid_student"] = evaluator.digits_fid(student_samples)
-    return results, evaluator.teacher_samples, student_samples
 
 
 # --- baselines -----------------------------------------------------------------------------------
 
 def baseline_options(name: str, run_options: dict[str, Any]) -> dict[str, Any]:
     """The baseline's options: its defaults, with the run's lambda_dsm / lambda_kd where it takes them."""
-
     accepted = finetuner_options(name)
     return {k: run_options[k] for k in ("lambda_dsm", "lambda_kd") if k in run_options and k in accepted}
 
@@ -203,7 +183,6 @@ def finetune_baseline(name: str, start: nn.Module, teacher: nn.Module, dataset: 
                       run_options: dict[str, Any], *, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``start`` finetuned with the finetuner ``name`` and the run's loop options (the same
     seed: the same data order, noise and timesteps). Writes no checkpoints."""
-
     finetuner = get_finetuner(name, **baseline_options(name, run_options))
     logger.info("finetuning the baseline %r from the same starting student (%d steps)", name, config.finetune.steps)
     result = finetune(copy.deepcopy(start), teacher, finetuner, dataset, config.finetune.train_config(), None,
@@ -418,7 +397,6 @@ def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, d
 def export_and_benchmark(section: Any, out: Path, teacher: nn.Module, student: nn.Module) -> dict[str, Any]:
     """ONNX files of teacher and student (parity-checked) under out/onnx, and their latency on the
     section's backends (out/report/latency.{json,md,png}, macs.png)."""
-
     onnx = {}
     for role, model in (("teacher", teacher), ("student", student)):
         logger.info("exporting the %s to ONNX (opset %d)", role, section.opset)

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..files import atomic_write_bytes, write_results
+from ..utils import is_integer
 from .errors import DeployError, MissingBackendError
 from .model_io import (
     DEFAULT_SEQ_LEN,
@@ -145,7 +146,6 @@ def _onnx_file(subject: Subject, workdir: Path, seq_len: int, fp16: bool = False
 
 def _onnxruntime(provider: str, workdir: Path, seq_len: int, threads: int) -> Callable:
     def prepare(subject: Subject, batch: int):
-
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         session = ort_session(_onnx_file(subject, workdir, seq_len), threads=threads, providers=providers)
         obtained = session.get_providers()
@@ -166,7 +166,6 @@ def _onnxruntime(provider: str, workdir: Path, seq_len: int, threads: int) -> Ca
 
 def _tensorrt(precision: str, workdir: Path, seq_len: int, batches: list[int]) -> Callable:
     def prepare(subject: Subject, batch: int):
-
         key = f"plan-{precision}"
         if key not in subject.files:
             onnx_path = _onnx_file(subject, workdir, seq_len, fp16=needs_fp16_onnx(precision))
@@ -302,14 +301,14 @@ def _check(backends: list[str], batches: list[int], device: str, threads: int, r
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise DeployError(f"backends={','.join(backends)!r} is not allowed; choose from: {', '.join(BACKENDS)}")
-    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+    if not batches or any(not is_integer(b) or b < 1 for b in batches):
         raise DeployError(f"batches={batches!r} is not allowed; give positive integers, e.g. 1,16")
     if device not in DEVICES:
         raise DeployError(f"device={device!r} is unknown; allowed: {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise MissingBackendError("device=cuda, but no CUDA GPU is visible (torch.cuda.is_available() is False)")
     for name, value, low in (("threads", threads, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_integer(value) or value < low:
             raise DeployError(f"{name}={value!r} is not allowed; it must be an integer >= {low}")
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..models import is_dit
 from ..pruning import is_pruned_folder, load_model_folder
 from ..pruning import macs_params as model_macs_params
+from ..utils import is_integer
 from .errors import DeployError
 
 OUTPUT_NAME = "out"
@@ -45,7 +46,6 @@ class InputSpec:
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """A pruned-student folder or a diffusers folder (detected), in eval mode, and a description."""
-
     path = Path(path)
     if not path.is_dir():
         raise DeployError(f"model folder {str(path)!r} does not exist or is not a folder")
@@ -59,7 +59,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
 
 def input_specs(model: nn.Module, seq_len: int = DEFAULT_SEQ_LEN) -> list[InputSpec]:
     """The inputs ``model`` is deployed with, in order (see the module docstring)."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+    if not is_integer(seq_len) or seq_len < 1:
         raise DeployError(f"seq_len={seq_len!r} is not allowed; it must be an integer >= 1")
     cfg = model.config
     name = type(model).__name__
@@ -140,7 +140,6 @@ def random_inputs(specs: list[InputSpec], batch: int, seed: int = 0,
 
 def macs_params(model: nn.Module, specs: list[InputSpec]) -> tuple[float, int]:
     """MACs of one sample with the deployed input shapes, and parameters."""
-
     inputs = random_inputs(specs, 1)
     kwargs = {("hidden_states" if is_dit(model) and s.name == "sample" else s.name): t for s, t in zip(specs, inputs)}
     return model_macs_params(model, kwargs)

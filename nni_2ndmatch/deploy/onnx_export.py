@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_write_json
+from ..utils import is_integer
 from .errors import DeployError, ExportError, ParityError
 from .model_io import (
     DEFAULT_SEQ_LEN,
@@ -56,7 +57,7 @@ def _check_options(opset: int, exporter: str, tolerance: float | None) -> None:
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not 14 <= opset <= newest:
+    if not is_integer(opset) or not 14 <= opset <= newest:
         raise DeployError(f"opset={opset!r} is not allowed; it must be an integer in [14, {newest}] "
                           f"(default {DEFAULT_OPSET})")
     if exporter not in EXPORTERS:

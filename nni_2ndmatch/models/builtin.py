@@ -68,7 +68,6 @@ def digits_teacher(width: float = 1.0) -> nn.Module:
 def digits_unet() -> nn.Module:
     """The teacher's architecture: the tiny-unet layout (32, 64, 64 channels, attention at 4x4)
     for 1x8x8 images; 1.1M parameters."""
-
     model = tiny_unet()
     model.register_to_config(sample_size=RESOLUTION)
     return model

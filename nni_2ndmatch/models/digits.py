@@ -30,7 +30,6 @@ RESOLUTION = 8
 
 def load_digits_teacher() -> nn.Module:
     """The shipped dense teacher (a diffusers UNet2DModel), in eval mode."""
-
     if not (TEACHER_DIR / "config.json").is_file():
         raise ValueError(f"the built-in digits teacher is missing from {TEACHER_DIR}; reinstall the package "
                          "or run benchmarks/train_digits_assets.py")
@@ -78,7 +77,6 @@ def _shift(x: Tensor, generator: torch.Generator) -> Tensor:
 
 def train_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64) -> tuple[DigitsClassifier, float]:
     """Train on the train split (with one-pixel shifts); returns the model and its test accuracy."""
-
     train, test = DigitsDataset(RESOLUTION, "train"), DigitsDataset(RESOLUTION, "test")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

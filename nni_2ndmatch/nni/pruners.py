@@ -21,7 +21,7 @@ from ..pruning import (
     taylor_scorer,
 )
 from ..pruning.surgery import check_ratio
-from ..utils import requires_grad
+from ..utils import is_integer, requires_grad
 from .config_list import (
     check_config_list,
     check_config_list_model,
@@ -56,7 +56,6 @@ def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
     if pruner == "TaylorPruner":
         import nni
         from torch.utils.data import DataLoader
-
 
         items = calibration_items(data, pruner, default_example_inputs(model))
         loader = DataLoader(items, batch_size=len(items), collate_fn=NoisyBatches(seed=seed))
@@ -108,7 +107,7 @@ def prune_diffusers(teacher: nn.Module, pruner: str = "magnitude", sparse_ratio:
         example_inputs = default_example_inputs(teacher)
     if not 0 <= diff_threshold < 1:
         raise ValueError(f"diff_threshold={diff_threshold!r} is not allowed; it must be in [0, 1)")
-    if isinstance(diff_timesteps, bool) or not isinstance(diff_timesteps, int) or diff_timesteps < 1:
+    if not is_integer(diff_timesteps) or diff_timesteps < 1:
         raise ValueError(f"diff_timesteps={diff_timesteps!r} is not allowed; it must be an integer >= 1")
     _check_config_list_use(pruner, config_list, teacher)
     student, report = _run_pruner(teacher, pruner, sparse_ratio, example_inputs, data, round_to, config_list, seed,

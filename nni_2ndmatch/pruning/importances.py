@@ -51,7 +51,6 @@ def denoising_gradients(teacher: nn.Module, pruner: str, data: Any, example_inpu
     0..T-1 (``num_timesteps`` evenly spaced, in that order) until the loss falls below
     ``threshold`` times the largest loss seen, as in Diff-Pruning (Fang et al., 2023).
     """
-
     x0, conditioning = collate(calibration_items(data, pruner, example_inputs), torch.device("cpu"))
     scheduler = default_scheduler()
     steps = int(scheduler.config.num_train_timesteps)

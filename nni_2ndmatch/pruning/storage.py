@@ -147,7 +147,6 @@ def _load_weights(model: nn.Module, path: Path) -> None:
 def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None = None) -> nn.Module:
     """Rebuild the dense architecture from its config, apply the plan, load the weights (strict).
     The plan is checked first (a damaged folder is a ValueError naming the file and the entry)."""
-
     folder = Path(folder)
     for name in (WEIGHTS_FILE, CONFIG_FILE, PLAN_FILE):
         if not (folder / name).is_file():

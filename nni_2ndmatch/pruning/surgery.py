@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import default_example_inputs
-from ..utils import requires_grad
+from ..utils import is_number, requires_grad
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def macs_params(model: nn.Module, example_inputs: dict[str, Any]) -> tuple[float
 
 
 def check_ratio(sparse_ratio: float) -> None:
-    if isinstance(sparse_ratio, bool) or not isinstance(sparse_ratio, (int, float)) or not 0 < sparse_ratio < 1:
+    if not is_number(sparse_ratio) or not 0 < sparse_ratio < 1:
         raise ValueError(f"sparse_ratio={sparse_ratio!r} is not allowed; it must be in (0, 1)")
 
 
