@@ -15,23 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers")
-    return values
+from nni_2ndmatch.deploy.script import batch_list
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="dense model folder (diffusers or pruned-student format)")
     p.add_argument("--student", required=True, help="pruned-student folder (or any model folder)")
-    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, tensorrt")
-    p.add_argument("--batch", type=_ints, default=[1, 16], help="batch sizes, e.g. 1,16 (default)")
+    p.add_argument("--backends", default="torch,onnxruntime",
+                   help="comma-separated: torch, torch-compile, aoti, onnxruntime, tensorrt")
+    p.add_argument("--batch", type=batch_list, default=[1, 16], help="batch sizes, e.g. 1,16 (default)")
     p.add_argument("--out", required=True, help="results JSON (the .md and .png go beside it)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and onnxruntime (default 1)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch (default 20)")

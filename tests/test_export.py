@@ -331,6 +331,49 @@ def test_tensorrt_engine_matches_pytorch_and_refuses_another_gpu(precision, trt_
         load_engine(plan)
 
 
+# --- AOTInductor packages ----------------------------------------------------------------------
+
+def test_aoti_package_runs_without_the_model_code_at_any_batch_in_its_range(families, tmp_path):
+    student = families["unet2d"][1]  # with an Upsample2D, whose batch >= 64 branch must not split the range
+    save_pruned(student, tmp_path / "student")
+    r = script("to_aoti.py", "--model", tmp_path / "student", "--out", tmp_path / "s.pt2", "--batch", "1,70")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt2", "s.pt2.json", "student"]
+    package = torch._inductor.aoti_load_package(str(tmp_path / "s.pt2"))
+    for batch in (1, 5, 66):  # none of them the batches checked at export
+        x, t, kw, _ = _fresh_inputs(student, batch, seed=200 + batch)
+        with torch.inference_mode():
+            got = package(x, t).numpy()
+        want = _torch_out(student, x, t, kw)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    report = json.loads((tmp_path / "s.pt2.json").read_text())
+    assert report["batch_range"] == [1, 70] and report["device"] == "cpu" and report["precision"] == "fp32"
+    assert set(report["parity"]["batches"]) == {"1", "70"} and report["parity"]["passed"]
+    assert [i["name"] for i in report["inputs"]] == ["sample", "timestep"]
+    assert report["outputs"][0]["shape"] == ["batch", 1, 8, 8] and report["versions"]["torch"] == torch.__version__
+    assert "aoti_load_package('s.pt2')(sample, timestep)" in r.stdout
+
+
+def test_aoti_package_above_tolerance_is_not_written(families, tmp_path):
+    from nni_2ndmatch.deploy import ParityError, export_aoti
+
+    with pytest.raises(ParityError, match="does not match PyTorch.*nothing was written"):
+        export_aoti(families["dit"][1], tmp_path / "s.pt2", batches=[2], tolerance=1e-12)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_aoti_bad_options_exit_2_and_a_missing_backend_exits_3(families, tmp_path):
+    save_pruned(families["dit"][1], tmp_path / "student")
+    r = script("to_aoti.py", "--model", tmp_path / "student", "--out", tmp_path / "s.pt2", "--fp16")
+    assert r.returncode == 2 and "fp16=True is not allowed with device='cpu'" in r.stderr
+    r = script("to_aoti.py", "--model", tmp_path / "student", "--out", tmp_path / "s.pt2", "--device", "tpu")
+    assert r.returncode == 2 and "device='tpu' is unknown; allowed: cpu, cuda" in r.stderr
+    if not torch.cuda.is_available():
+        r = script("to_aoti.py", "--model", tmp_path / "student", "--out", tmp_path / "s.pt2", "--device", "cuda")
+        assert r.returncode == 3 and "no CUDA GPU is visible" in r.stderr
+    assert "Traceback" not in r.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
 # --- the scripts, as a user runs them ------------------------------------------------------------
 
 def test_to_onnx_missing_model_folder_is_a_clear_error(tmp_path):

@@ -2,12 +2,14 @@
 
     model_io     the input contract (sample, timestep [B] float32, conditioning) and model loading
     onnx_export  PyTorch -> ONNX, checked against PyTorch in onnxruntime
+    aoti         PyTorch -> AOTInductor package (.pt2), checked against PyTorch
     tensorrt     ONNX -> TensorRT engine (TensorRT 10+, imported lazily) and running one
-    bench        teacher vs student latency on torch, onnxruntime and TensorRT
+    bench        teacher vs student latency on torch, torch.compile, AOTInductor, onnxruntime and TensorRT
 
-Command lines: export/to_onnx.py, export/to_trt.py, export/bench.py.
+Command lines: export/to_onnx.py, export/to_aoti.py, export/to_trt.py, export/bench.py.
 """
 
+from .aoti import export_aoti
 from .errors import (
     DeployError,
     EngineMismatchError,
@@ -20,5 +22,5 @@ from .onnx_export import export_onnx
 
 __all__ = [
     "DeployError", "EngineMismatchError", "ExportError", "InputSpec", "MissingBackendError", "ParityError",
-    "export_onnx", "input_specs", "load_model", "random_inputs", "wrap",
+    "export_aoti", "export_onnx", "input_specs", "load_model", "random_inputs", "wrap",
 ]

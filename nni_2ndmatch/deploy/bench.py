@@ -6,8 +6,11 @@ flips every round) for ``repeats`` rounds in one process. CPU and onnxruntime ca
 the wall clock (they return when done), torch-CUDA and TensorRT calls by CUDA events.
 
 Variants: ``torch``: torch-cpu-fp32 on CPU; torch-cuda-fp32 (eager) and torch-cuda-fp16-cudagraph
-on a GPU. ``onnxruntime``: onnxruntime-cpu on CPU; onnxruntime-cuda / onnxruntime-tensorrt on a GPU
-where those execution providers are installed (and really obtained by the session).
+on a GPU. ``torch-compile``: torch.compile in this process, torch-compile-cpu-fp32 on CPU,
+torch-compile-cuda-fp16 (CUDA graphs) on a GPU. ``aoti``: an AOTInductor package per model (see
+:mod:`.aoti`), aoti-cpu-fp32 or aoti-cuda-fp16. ``onnxruntime``: onnxruntime-cpu on CPU;
+onnxruntime-cuda / onnxruntime-tensorrt on a GPU where those execution providers are installed
+(and really obtained by the session).
 ``tensorrt``: tensorrt-fp16 or -fp32 engines (GPU). A variant that cannot run here is listed
 under ``skipped`` with the reason.
 
@@ -43,7 +46,7 @@ from torch import Tensor, nn
 
 from ..files import atomic_write_bytes, write_results
 from ..utils import is_integer
-from .errors import DeployError, MissingBackendError
+from .errors import DeployError, ExportError, MissingBackendError, ParityError
 from .model_io import (
     DEFAULT_SEQ_LEN,
     OUTPUT_NAME,
@@ -53,12 +56,13 @@ from .model_io import (
     random_inputs,
     wrap,
 )
-from .onnx_export import export_onnx, ort_session
+from .aoti import export_aoti
+from .onnx_export import export_onnx, ort_session, package_version
 from .tensorrt import build_engine, load_engine, needs_fp16_onnx, require_tensorrt
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "torch-compile", "aoti", "onnxruntime", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
 TOP_KEYS = ("format_version", "setup", "models", "macs_ratio", "params_ratio", "environment", "results", "skipped")
 ROW_KEYS = ("variant", "backend", "device", "precision", "timer", "batch", "providers", "teacher", "student",
@@ -133,6 +137,43 @@ def _torch_cuda_graph(subject: Subject, batch: int):
     return replay, None
 
 
+def _torch_compile(device: str, precision: str) -> Callable:
+    """torch.compile in this process, one graph per batch size; on a GPU fp16 with CUDA graphs
+    (mode reduce-overhead), the compiled counterpart of torch-cuda-fp16-cudagraph."""
+    def prepare(subject: Subject, batch: int):
+        model = copy.deepcopy(subject.model).to(device)
+        half = precision == "fp16"
+        wrapper = wrap(model.half() if half else model, subject.specs, half=half)
+        compiled = torch.compile(wrapper, mode="reduce-overhead" if device == "cuda" else None, dynamic=False)
+        inputs = random_inputs(subject.specs, batch, subject.seed, device)
+
+        def run() -> Tensor:
+            with torch.inference_mode():
+                return compiled(*inputs)
+        run.keep_alive = model
+        return run, None
+    return prepare
+
+
+def _aoti(device: str, precision: str, workdir: Path, seq_len: int, batches: list[int]) -> Callable:
+    """An AOTInductor package per model (export_aoti: batch 1 to the largest benchmarked)."""
+    def prepare(subject: Subject, batch: int):
+        key = f"aoti-{precision}"
+        if key not in subject.files:
+            path = workdir / f"{subject.role}-{device}-{precision}.pt2"
+            export_aoti(subject.model, path, device=device, batches=batches, fp16=precision == "fp16",
+                        seq_len=seq_len, source={"role": subject.role})
+            subject.files[key] = path
+        package = torch._inductor.aoti_load_package(str(subject.files[key]))
+        inputs = random_inputs(subject.specs, batch, subject.seed, device)
+
+        def run() -> Tensor:
+            with torch.inference_mode():
+                return package(*inputs)
+        return run, None
+    return prepare
+
+
 def _onnx_file(subject: Subject, workdir: Path, seq_len: int, fp16: bool = False) -> Path:
 
     key = "onnx-fp16" if fp16 else "onnx"
@@ -189,6 +230,14 @@ def _variants(backends: list[str], device: str, workdir: Path, *, threads: int, 
             variants.append(Variant("torch-cuda-fp32", "torch", "cuda", "fp32", "cuda-events", _torch_eager("cuda")))
             variants.append(Variant("torch-cuda-fp16-cudagraph", "torch", "cuda", "fp16", "cuda-events",
                                     _torch_cuda_graph))
+    timer = "wall" if device == "cpu" else "cuda-events"
+    precision = "fp32" if device == "cpu" else "fp16"
+    if "torch-compile" in backends:
+        variants.append(Variant(f"torch-compile-{device}-{precision}", "torch-compile", device, precision, timer,
+                                _torch_compile(device, precision)))
+    if "aoti" in backends:
+        variants.append(Variant(f"aoti-{device}-{precision}", "aoti", device, precision, timer,
+                                _aoti(device, precision, workdir, seq_len, batches)))
     if "onnxruntime" in backends:
         import onnxruntime as ort
 
@@ -270,15 +319,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def environment(device: str, threads: int) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -288,9 +328,9 @@ def environment(device: str, threads: int) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "device": device, "gpu": gpu,
         "cuda": torch.version.cuda if device == "cuda" else None,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device == "cuda" else None,
-        "threads": threads, "torch": torch.__version__, "onnx": _version("onnx"), "onnxruntime": ort.__version__,
+        "threads": threads, "torch": torch.__version__, "onnx": package_version("onnx"), "onnxruntime": ort.__version__,
         "onnxruntime_providers": ort.get_available_providers(),
-        "tensorrt": _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt-cu13"),
+        "tensorrt": package_version("tensorrt") or package_version("tensorrt-cu12") or package_version("tensorrt-cu13"),
         "load_average_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
@@ -357,7 +397,7 @@ def run_benchmark(teacher: nn.Module, student: nn.Module, *, backends: list[str]
                 for batch in batches:
                     try:
                         prepared = {role: variant.prepare(subjects[role], batch) for role in ROLES}
-                    except (Unavailable, MissingBackendError) as e:
+                    except (Unavailable, MissingBackendError, ExportError, ParityError) as e:
                         skipped.append({"variant": variant.name, "reason": str(e)})
                         break
                     times = measure({r: fn for r, (fn, _) in prepared.items()}, repeats, warmup, variant.timer)

@@ -67,7 +67,7 @@ def _check_options(opset: int, exporter: str, tolerance: float | None) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """The exporters' tracer warnings and notes about unrelated operator libraries."""
     names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
     loggers = [logging.getLogger(n) for n in names]
@@ -92,7 +92,7 @@ def _export(wrapper: nn.Module, specs: list[InputSpec], opset: int, exporter: st
     names = [s.name for s in specs]
     axes = {n: {0: "batch"} for n in [*names, OUTPUT_NAME]} if batch_dynamic else None
     try:
-        with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+        with quiet_exporter(), torch.inference_mode(False), torch.no_grad():
             if exporter == "dynamo":
                 program = torch.onnx.export(wrapper, args, input_names=names, output_names=[OUTPUT_NAME],
                                             opset_version=opset, dynamo=True, dynamic_axes=axes, verbose=False)
@@ -182,7 +182,7 @@ def _slim(proto, specs: list[InputSpec], checks: dict[int, list[torch.Tensor]]) 
     return slim, f"simplified by onnxslim: {before} -> {len(slim.graph.node)} nodes, outputs identical"
 
 
-def _errors(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+def errors_against(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
     if got.shape != want.shape or not np.isfinite(got).all():
         return {"max_abs_error": float("inf"), "max_rel_error": float("inf")}
     abs_err = float(np.abs(got.astype(np.float64) - want).max())
@@ -196,7 +196,7 @@ def _parity(path: Path, reference: nn.Module, specs: list[InputSpec], checks: di
     for batch, inputs in checks.items():
         with torch.inference_mode():
             want = reference(*inputs).double().numpy()
-        batches[str(batch)] = _errors(_run(session, specs, inputs), want)
+        batches[str(batch)] = errors_against(_run(session, specs, inputs), want)
     worst_abs = max(b["max_abs_error"] for b in batches.values())
     worst_rel = max(b["max_rel_error"] for b in batches.values())
     return {"reference": "PyTorch fp32, CPU", "runtime": "onnxruntime CPUExecutionProvider",
@@ -231,16 +231,20 @@ def _move_into_place(tmp: Path, out: Path, external: bool) -> None:
         data.unlink()
 
 
-def _versions() -> dict[str, str | None]:
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution, or None."""
     from importlib import metadata
 
-    found = {}
-    for name in ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", "diffusers"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the packages an exported file depends on."""
+    return {name: package_version(name) for name in ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim",
+                                                      "diffusers")}
 
 
 def export_onnx(model: nn.Module, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
@@ -289,7 +293,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, opset: int = DEFAUL
             "inputs": [s.to_json("batch" if batch_dynamic else 1) for s in specs],
             "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": _dims(proto.graph.output[0])}],
             "nodes": len(proto.graph.node), "simplified": note.startswith("simplified"), "simplify_note": note,
-            "parity": parity, "versions": _versions(),
+            "parity": parity, "versions": versions(),
         }
         if not parity["passed"]:
             raise ParityError(f"ONNX export of {type(model).__name__} ({precision}) does not match PyTorch: "

@@ -7,6 +7,7 @@ TensorRT or GPU); 3 TensorRT or a CUDA GPU missing.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Callable
 
@@ -20,3 +21,14 @@ def run_main(main: Callable[[], int | None]) -> int:
         return main() or 0
     except ERRORS as e:
         return report(e)
+
+
+def batch_list(text: str) -> list[int]:
+    """argparse type of --batch: comma-separated positive integers, e.g. 1,16."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers")
+    return values

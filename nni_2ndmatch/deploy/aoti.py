@@ -1,0 +1,188 @@
+"""PyTorch -> AOTInductor package (``.pt2``), checked against PyTorch before anything is written.
+
+AOTInductor compiles the model ahead of time into one self-contained file (the weights and a
+shared library of generated C++ or CUDA kernels) that runs without the model's Python code:
+
+    package = torch._inductor.aoti_load_package("student.pt2")
+    out = package(sample, timestep)              # + encoder_hidden_states or class_labels
+
+The package takes the contract of :mod:`.model_io` with one dynamic batch axis, any batch from 1 to
+the largest of ``batches`` (the runtime does not check the upper bound: stay inside it), on the
+device it was built for (the same GPU architecture and torch version). Before the file is written
+it runs on fresh random inputs at each of ``batches``; the errors against PyTorch fp32 on the CPU
+go into a sidecar ``<out>.json``, with the batch range, the inputs and the versions. Above tolerance nothing is written and :class:`ParityError` is raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import MissingBackendError
+from ..files import atomic_write_json
+from ..utils import is_integer
+from .errors import DeployError, ExportError, ParityError
+from .model_io import DEFAULT_SEQ_LEN, OUTPUT_NAME, InputSpec, input_specs, random_inputs, wrap
+from .onnx_export import errors_against, quiet_exporter, sidecar_path, versions
+
+DEVICES = ("cpu", "cuda")
+DEFAULT_BATCHES = (1, 16, 64)
+#: Max |package - torch| / max |torch| allowed. CUDA fp32 convolutions use TF32 (cuDNN's default).
+TOLERANCE = {("cpu", "fp32"): 1e-4, ("cuda", "fp32"): 1e-2, ("cuda", "fp16"): 1e-2}
+
+
+def _check_options(device: str, batches: tuple[int, ...], fp16: bool, tolerance: float | None) -> None:
+    if device not in DEVICES:
+        raise DeployError(f"device={device!r} is unknown; allowed: {', '.join(DEVICES)}")
+    if not batches or any(not is_integer(b) or b < 1 for b in batches):
+        raise DeployError(f"batches={list(batches)!r} is not allowed; give positive integers, e.g. 1,16,64")
+    if fp16 and device != "cuda":
+        raise DeployError("fp16=True is not allowed with device='cpu'; fp16 packages are built for cuda")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        raise DeployError(f"tolerance={tolerance!r} is not allowed; it must be a number > 0")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MissingBackendError("device=cuda, but no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    if device == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        raise MissingBackendError("AOTInductor needs a C++ compiler for CPU packages and none is on the PATH "
+                                  "(install g++ or clang++)")
+
+
+def _upsample_forward(self, hidden_states: Tensor, output_size: Any = None, *args: Any, **kwargs: Any) -> Tensor:
+    """diffusers' Upsample2D.forward without its batch-size branch (a memory-layout workaround for
+    batches >= 64 that leaves the values unchanged); the same ops in the same order otherwise."""
+    if self.norm is not None:
+        hidden_states = self.norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    if self.use_conv_transpose:
+        return self.conv(hidden_states)
+    if self.interpolate:
+        size = {"scale_factor": 2.0} if output_size is None else {"size": output_size}
+        hidden_states = F.interpolate(hidden_states, mode="nearest", **size)
+    if self.use_conv:
+        hidden_states = (self.conv if self.name == "conv" else self.Conv2d_0)(hidden_states)
+    return hidden_states
+
+
+@contextlib.contextmanager
+def batch_independent(model: nn.Module) -> Iterator[None]:
+    """While tracing: diffusers' Upsample2D branches on ``batch >= 64``, which would split the
+    batch axis at 64; its layers run :func:`_upsample_forward` instead (the parity check compares
+    the result with the original model)."""
+    from diffusers.models.upsampling import Upsample2D
+
+    layers = [m for m in model.modules() if type(m) is Upsample2D]
+    for layer in layers:
+        layer.forward = _upsample_forward.__get__(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _export(model: nn.Module, specs: list[InputSpec], device: str, fp16: bool, max_batch: int):
+    target = wrap(model, specs, half=fp16)
+    example = tuple(random_inputs(specs, min(2, max_batch), device=device))  # batch 2: not 0/1-specialised
+    batch = torch.export.Dim("batch", min=1, max=max_batch) if max_batch > 1 else None
+    shapes = tuple({0: batch} for _ in specs) if batch is not None else None
+    try:
+        with quiet_exporter(), batch_independent(model), torch.no_grad():
+            return torch.export.export(target, example, dynamic_shapes=shapes)
+    except Exception as e:  # torch.export raises many types; all mean the same to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {first}") from e
+
+
+def _compile(program, path: Path, metadata: dict[str, str]) -> None:
+    try:
+        with quiet_exporter():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                     inductor_configs={"aot_inductor.metadata": metadata})
+    except Exception as e:  # noqa: BLE001 - compiler errors come in many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"AOTInductor failed to compile the exported program: {type(e).__name__}: {first}") from e
+
+
+def _parity(path: Path, reference: nn.Module, specs: list[InputSpec], device: str, batches: tuple[int, ...],
+            seed: int, tolerance: float) -> dict[str, Any]:
+    package = torch._inductor.aoti_load_package(str(path))
+    results = {}
+    for batch in batches:
+        inputs = random_inputs(specs, batch, seed=seed + 1 + batch)  # not the export's inputs
+        with torch.inference_mode():
+            want = reference(*inputs).double().numpy()
+            got = package(*[t.to(device) for t in inputs]).float().cpu().numpy()
+        results[str(batch)] = errors_against(got, want)
+    worst_abs = max(b["max_abs_error"] for b in results.values())
+    worst_rel = max(b["max_rel_error"] for b in results.values())
+    return {"reference": "PyTorch fp32, CPU", "runtime": f"torch._inductor.aoti_load_package, {device}",
+            "metric": "max_rel_error = max|package - torch| / max|torch| over the output",
+            "tolerance": tolerance, "batches": results, "max_abs_error": worst_abs, "max_rel_error": worst_rel,
+            "passed": bool(worst_rel <= tolerance)}
+
+
+def export_aoti(model: nn.Module, out: str | os.PathLike, *, device: str = "cpu",
+                batches: tuple[int, ...] | list[int] = DEFAULT_BATCHES, fp16: bool = False,
+                tolerance: float | None = None, seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0,
+                source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile ``model`` (a diffusers UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel)
+    into an AOTInductor package at ``out`` for ``device``; return the report also written to
+    ``<out>.json``.
+
+    The package accepts any batch from 1 to ``max(batches)`` and is checked at each of ``batches``.
+    ``fp16`` (cuda only): float16 weights and compute, float32 inputs and output. ``tolerance``: max
+    relative error allowed (default :data:`TOLERANCE`); above it nothing is written and
+    :class:`ParityError` is raised.
+    """
+    batches = tuple(sorted(set(batches))) if isinstance(batches, (list, tuple)) else batches
+    _check_options(device, batches, fp16, tolerance)
+    precision = "fp16" if fp16 else "fp32"
+    tolerance = float(tolerance if tolerance is not None else TOLERANCE[(device, precision)])
+    model = model.eval()
+    specs = input_specs(model, seq_len)
+    reference = wrap(model, specs)
+    with torch.inference_mode():
+        out_shape = ["batch", *reference(*random_inputs(specs, 1)).shape[1:]]
+    target = copy.deepcopy(model).to(device)
+    target = target.half() if fp16 else target
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    usage = ", ".join(s.name for s in specs)
+    meta = {"format": "nni-2ndmatch aoti 1", "inputs": ",".join(s.name for s in specs), "output": OUTPUT_NAME}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        start = time.perf_counter()
+        program = _export(target, specs, device, fp16, max(batches))
+        _compile(program, tmp / out.name, meta)
+        seconds = time.perf_counter() - start
+        parity = _parity(tmp / out.name, reference, specs, device, batches, seed, tolerance)
+        report = {
+            "format_version": 1, "file": out.name, "engine": "aotinductor",
+            "model": source or {"class": type(model).__name__}, "device": device, "precision": precision,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "batch_range": [1, max(batches)], "inputs": [s.to_json("batch") for s in specs],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": out_shape}],
+            "usage": f"torch._inductor.aoti_load_package({out.name!r})({usage})",
+            "compile_seconds": seconds, "parity": parity, "versions": versions(),
+        }
+        if not parity["passed"]:
+            raise ParityError(f"AOTInductor package of {type(model).__name__} ({device}, {precision}) does not "
+                              f"match PyTorch: max relative error {parity['max_rel_error']:.3g} > tolerance "
+                              f"{tolerance:.3g} (max abs {parity['max_abs_error']:.3g}); nothing was written")
+        with open(tmp / out.name, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp / out.name, out)
+        atomic_write_json(sidecar_path(out), report)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
