@@ -1,8 +1,9 @@
-"""Step time of a short finetune of the DDPM-CIFAR10 layout with the real loop, per strategy.
+"""Step time of a short finetune with the real loop, per strategy, on one of step_cost.py's layouts.
 
-Teacher: build_builtin("ddpm-cifar10") (35.7M parameters, random init: step time does not depend
-on the weights); student: prune_diffusers(teacher, "magnitude", 0.3). Data: random 32x32 RGB images
-(no download; the content does not change the cost). Each variant runs ``--steps`` steps of
+Teacher: ``--layout`` (default ddpm-cifar10: 35.7M parameters; attention-unet; dit-s2), random
+init (step time does not depend on the weights); student: prune_diffusers(teacher, "magnitude",
+0.3). Data: random images of the teacher's input shape, random class labels for the DiT (no
+download; the content does not change the cost). Each variant runs ``--steps`` steps of
 ``nni_2ndmatch.finetune`` (AdamW, clipping, EMA) at ``--batch``, in ``--rounds`` rounds (the
 order of the variants reversed every other round, a fresh student each time); the step time is the
 median over the steps after ``--warmup`` of every round (the loop reads the loss every step, which
@@ -10,7 +11,7 @@ synchronises the GPU). Meant for a dedicated GPU; for CPU figures see step_cost.
 Peak memory: torch.cuda.max_memory_allocated on a GPU (the largest over the rounds).
 
     python benchmarks/finetune_step_time.py --device cuda [--batch 256] [--steps 15] [--rounds 3]
-    # writes benchmarks/results/finetune_step_time_<device>.json (+ .md) with the device named
+    # writes benchmarks/results/finetune_step_time_<device>[_<layout>].json (+ .md) with the device named
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner
-from nni_2ndmatch.files import write_results
-from nni_2ndmatch.models import build_builtin
-from nni_2ndmatch import prune_diffusers
-from nni_2ndmatch.models import default_example_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.step_cost import LAYOUTS  # noqa: E402
+from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
+from nni_2ndmatch.files import write_results  # noqa: E402
+from nni_2ndmatch.models import default_example_inputs, example_conditioning  # noqa: E402
 
 VARIANTS = {
     "dsm": ("dsm", {}, "no"),
@@ -44,14 +46,21 @@ VARIANTS = {
 
 
 class RandomImages(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    """Random images of ``model``'s input shape, with random conditioning where it takes some."""
+
+    def __init__(self, model: torch.nn.Module, n: int) -> None:
+        cfg = model.config
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g) * 2 - 1
+        self.cond = example_conditioning(model, n)
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.x[i]
+    def __getitem__(self, i: int):
+        if not self.cond:
+            return self.x[i]
+        return {"sample": self.x[i], **{k: v[i] for k, v in self.cond.items()}}
 
 
 def device_name(device: torch.device) -> str:
@@ -79,7 +88,7 @@ def time_variant(name: str, teacher, student, data, args) -> tuple[list[float], 
 
 def render(results: dict) -> str:
     kd = next(r for r in results["rows"] if r["variant"] == "kd")["seconds_per_step"]
-    lines = ["# Finetuning step time, DDPM-CIFAR10 layout", "",
+    lines = [f"# Finetuning step time, {results.get('layout', 'ddpm-cifar10')} layout", "",
              f"Device: {results['device']}; torch {results['torch']}; batch {results['batch']}; "
              f"student MACs ratio {results['macs_ratio']:.3f}. Command: `{results['command']}`", "",
              "| variant | s/step | vs kd | peak MiB |", "|---|---|---|---|"]
@@ -92,6 +101,7 @@ def render(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="ddpm-cifar10")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
@@ -103,11 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps <= args.warmup + 1:
         p.error(f"--steps={args.steps} must exceed --warmup + 1 ({args.warmup + 1})")
     torch.manual_seed(0)
-    teacher = build_builtin("ddpm-cifar10", width=args.width).eval()
+    teacher = LAYOUTS[args.layout](args.width).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruned, report = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
-    data = RandomImages(max(4 * args.batch, 256))
+    data = RandomImages(teacher, max(4 * args.batch, 256))
     names = args.variants.split(",")
     steps: dict[str, list[float]] = {n: [] for n in names}
     rounds: dict[str, list[float]] = {n: [] for n in names}
@@ -127,12 +137,13 @@ def main(argv: list[str] | None = None) -> dict:
                      "steps_timed": len(steps[name]),
                      **({"peak_memory_mib": max(peaks[name])} if peaks[name] else {})})
     device = torch.device(args.device)
-    results = {"device": device_name(device), "torch": torch.__version__, "batch": args.batch,
+    results = {"device": device_name(device), "torch": torch.__version__, "layout": args.layout, "batch": args.batch,
                "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "width": args.width,
                "macs_ratio": report["macs_ratio"],
                "command": "python benchmarks/finetune_step_time.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "rows": rows}
-    out = Path(args.out or f"benchmarks/results/finetune_step_time_{device.type}.json")
+    suffix = "" if args.layout == "ddpm-cifar10" else f"_{args.layout}"
+    out = Path(args.out or f"benchmarks/results/finetune_step_time_{device.type}{suffix}.json")
     markdown = render(results)
     write_results(out, results, markdown)
     print(markdown)

@@ -1,11 +1,13 @@
 """Latency of the DDPM-CIFAR10 U-Net layout and its magnitude-pruned student (0.3), CPU or GPU.
 
 Teacher: build_builtin("ddpm-cifar10") (35.7M parameters, random init, seed 0). Student:
-prune_diffusers(teacher, "magnitude", 0.3). Both on torch CPU and onnxruntime CPU, batch 1 and 16
+prune_diffusers(teacher, "magnitude", 0.3) (``--round-to``: the channels it keeps per layer are a
+multiple of this, default 8). Both on torch CPU and onnxruntime CPU, batch 1 and 16
 (``--batches``), 1 thread, interleaved in one process (see nni_2ndmatch.deploy.bench). Target: at
 batch >= 16 on onnxruntime CPU, the student's speedup is at least 0.9x the speedup its MACs
 predict (speedup_vs_macs >= 0.9). With ``--device cuda`` the variants are the GPU ones of the chosen
-backends (torch: fp32 eager and fp16 in a CUDA graph), timed by CUDA events; no target there.
+backends (torch: fp32 eager and fp16 in a CUDA graph; torch-compile and aoti: fp16), timed by CUDA
+events; no target there.
 
     python benchmarks/latency.py [--repeats 20] [--out benchmarks/results/latency_cpu.json]
     python benchmarks/latency.py --device cuda --backends torch --batches 1,16,128,512 \
@@ -30,12 +32,14 @@ def main(args: argparse.Namespace) -> dict:
     teacher = build_builtin("ddpm-cifar10").eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the coarse-ratio warning: the achieved ratios are in the results
-        student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
+        student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher),
+                                     round_to=args.round_to)
     results = run_benchmark(
         teacher, student, backends=args.backends.split(","), batches=[int(b) for b in args.batches.split(",")],
         device=args.device, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
         teacher_info={"source": "build_builtin('ddpm-cifar10'), seed 0", "kind": "builtin", "class": "UNet2DModel"},
-        student_info={"source": "prune_diffusers(teacher, 'magnitude', 0.3), round_to=8", "kind": "pruned",
+        student_info={"source": f"prune_diffusers(teacher, 'magnitude', 0.3), round_to={args.round_to}",
+                      "kind": "pruned",
                       "class": "UNet2DModel"})
     print(render_markdown(results))
     if args.device == "cpu":
@@ -55,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--backends", default="torch,onnxruntime")
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--round-to", type=int, default=8, help="channels kept per layer rounded to a multiple of this")
     p.add_argument("--out", default="benchmarks/results/latency_cpu.json")
     return p.parse_args(argv)
 
