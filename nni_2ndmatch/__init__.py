@@ -28,7 +28,7 @@ from .method import (
     sample_directions,
     second_match_loss,
 )
-from .models import build_builtin, example_conditioning
+from .models import SUPPORTED_CLASSES, build_builtin, example_conditioning
 from .nni import (
     NoisyBatches,
     diffusion_evaluator,
@@ -36,7 +36,8 @@ from .nni import (
     dsm_training_step,
     prune_diffusers,
 )
-from .pruning import load_pruned, masks_to_student, save_pruned
+from .pruning import as_component, load_pruned, masks_to_student, pruned_class, save_pruned
+from .pruning.component import PREFIX
 from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
 
 __version__ = "0.1.0"
@@ -45,13 +46,19 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     if name == "SecondMatchDistiller":  # built on first use: it subclasses an NNI class
         return distiller_class()
+    if name.startswith(PREFIX) and name[len(PREFIX):] in SUPPORTED_CLASSES:  # built on first use
+        return pruned_class(name[len(PREFIX):])
+    if name == "ModelMixin":  # diffusers looks up the base classes of a component in its library
+        from diffusers import ModelMixin
+
+        return ModelMixin
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "add_noise", "available_finetuners", "build_builtin", "default_scheduler", "diffusion_evaluator",
+    "add_noise", "as_component", "available_finetuners", "build_builtin", "default_scheduler", "diffusion_evaluator",
     "dsm_training_step", "example_conditioning", "finetune", "Finetuner", "FinetunerOptions", "finetuner_options",
     "FinetuneResult", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pruned",
-    "masks_to_student", "NoisyBatches", "NonFiniteLossError", "prune_diffusers", "register_finetuner",
+    "masks_to_student", "NoisyBatches", "NonFiniteLossError", "prune_diffusers", "pruned_class", "register_finetuner",
     "Runtime", "sample_directions", "save_pruned", "second_match_loss", "SecondMatchDistiller", "TrainConfig",
 ]

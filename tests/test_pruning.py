@@ -53,6 +53,63 @@ def test_each_family_gets_a_smaller_working_student_and_the_teacher_is_untouched
     assert torch.equal(student(**inputs).sample, loaded(**inputs).sample)
 
 
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_a_pruned_student_is_a_model_class_diffusers_loads_itself(kind, tmp_path):
+    import diffusers
+
+    import nni_2ndmatch
+    from nni_2ndmatch import as_component
+    from nni_2ndmatch.pruning import is_pruned_folder
+
+    teacher = BUILDERS[kind]().eval()
+    student, _ = _prune(teacher)
+    inputs = default_example_inputs(teacher, 3)
+    want = student(**inputs).sample
+    as_component(student).save_pretrained(tmp_path / "s", safe_serialization=True)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["_class_name"] == "Pruned" + type(teacher).__name__ and config["pruning_plan"] == student.pruning_plan
+    cls = getattr(nni_2ndmatch, config["_class_name"])  # where diffusers looks it up
+    assert issubclass(cls, diffusers.ModelMixin) and issubclass(cls, type(teacher))
+    for loaded in (cls.from_pretrained(tmp_path / "s", use_safetensors=True), load_pruned(tmp_path / "s")):
+        assert type(loaded) is cls and not loaded.training and is_pruned_folder(tmp_path / "s")
+        assert torch.equal(loaded(**inputs).sample, want)
+        assert [len(g["keep"]) for g in loaded.pruning_plan["groups"]] == \
+            [len(g["keep"]) for g in student.pruning_plan["groups"]]
+
+
+def test_a_pipeline_with_a_pruned_student_loads_and_samples_with_diffusers_alone(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+
+    from nni_2ndmatch import as_component
+
+    student, _ = _prune(BUILDERS["unet2d"]().eval())
+    DDPMPipeline(unet=as_component(student), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["unet"] == \
+        ["nni_2ndmatch", "PrunedUNet2DModel"]
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "p", use_safetensors=True)
+    assert type(pipe.unet).__name__ == "PrunedUNet2DModel"
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
+    assert torch.equal(pipe.unet(x, t).sample, student(x, t).sample)
+    images = pipe(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 8, 8, 1) and ((0 <= images) & (images <= 1)).all()
+
+
+def test_a_damaged_plan_in_a_pruned_class_config_is_a_clear_error(tmp_path):
+    from nni_2ndmatch import as_component
+
+    student, _ = _prune(BUILDERS["dit"]().eval())
+    as_component(student).save_pretrained(tmp_path / "s", safe_serialization=True)
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    config["pruning_plan"]["groups"][0]["keep"] *= 2
+    (tmp_path / "s" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"PrunedDiTTransformer2DModel config: pruning_plan: groups\[0\]\.keep: index"
+                                         r" \d+ is listed twice"):
+        load_pruned(tmp_path / "s")
+    with pytest.raises(ValueError, match="has no pruning_plan"):
+        as_component(BUILDERS["dit"]())
+
+
 def test_ddpm_cifar10_layout_at_0_3_matches_the_papers_student():
     student, report = _prune(ddpm_cifar10().eval())
     # the paper's Diff-Pruning student: 35.7M -> 19.8M parameters, 6.1G -> 3.4G MACs

@@ -10,7 +10,8 @@ The package takes the contract of :mod:`.model_io` with one dynamic batch axis, 
 the largest of ``batches`` (the runtime does not check the upper bound: stay inside it), on the
 device it was built for (the same GPU architecture and torch version). Before the file is written
 it runs on fresh random inputs at each of ``batches``; the errors against PyTorch fp32 on the CPU
-go into a sidecar ``<out>.json``, with the batch range, the inputs and the versions. Above tolerance nothing is written and :class:`ParityError` is raised.
+go into a sidecar ``<out>.json``, with the batch range, the inputs and the versions. Above
+tolerance nothing is written and :class:`ParityError` is raised.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ..files import atomic_write_bytes, write_results
 from ..utils import is_integer
+from .aoti import export_aoti
 from .errors import DeployError, ExportError, MissingBackendError, ParityError
 from .model_io import (
     DEFAULT_SEQ_LEN,
@@ -56,7 +57,6 @@ from .model_io import (
     random_inputs,
     wrap,
 )
-from .aoti import export_aoti
 from .onnx_export import export_onnx, ort_session, package_version
 from .tensorrt import build_engine, load_engine, needs_fp16_onnx, require_tensorrt
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models import is_dit
+from ..models import diffusers_class_name, is_dit
 from ..pruning import is_pruned_folder, load_model_folder
 from ..pruning import macs_params as model_macs_params
 from ..utils import is_integer
@@ -62,7 +62,7 @@ def input_specs(model: nn.Module, seq_len: int = DEFAULT_SEQ_LEN) -> list[InputS
     if not is_integer(seq_len) or seq_len < 1:
         raise DeployError(f"seq_len={seq_len!r} is not allowed; it must be an integer >= 1")
     cfg = model.config
-    name = type(model).__name__
+    name = diffusers_class_name(model)
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     hw = (size, size) if isinstance(size, int) else size
     specs = [InputSpec("sample", "float32", (cfg.in_channels, *hw)), InputSpec("timestep", "float32", ())]

@@ -5,6 +5,7 @@ from .builtin import (
     build_builtin,
     conditioning_of,
     default_example_inputs,
+    diffusers_class_name,
     digits_unet,
     example_conditioning,
     is_dit,
@@ -23,6 +24,7 @@ from .loading import (
 
 __all__ = [
     "BUILTIN_MODELS", "SUPPORTED_CLASSES", "build_builtin", "conditioning_of", "count_params",
-    "default_example_inputs", "digits_unet", "example_conditioning", "is_dit", "load_diffusers_model", "load_hub_model",
+    "default_example_inputs", "diffusers_class_name", "digits_unet", "example_conditioning", "is_dit",
+    "load_diffusers_model", "load_hub_model",
     "model_class", "save_diffusers_model", "tiny_dit", "tiny_unet", "tiny_unet_cond",
 ]

@@ -78,9 +78,15 @@ BUILTIN_MODELS: dict[str, Callable[[float], nn.Module]] = {
     "ddpm-cifar10": ddpm_cifar10}
 
 
+def diffusers_class_name(model: nn.Module) -> str:
+    """The name of the diffusers class ``model`` is, or derives from (a pruned student's dense class)."""
+    return next((c.__name__ for c in type(model).__mro__ if c.__module__.startswith("diffusers.")),
+                type(model).__name__)
+
+
 def is_dit(model: nn.Module) -> bool:
     """A diffusers DiT: its input is ``hidden_states`` and it is conditioned on class labels."""
-    return type(model).__name__ == "DiTTransformer2DModel"
+    return diffusers_class_name(model) == "DiTTransformer2DModel"
 
 
 def conditioning_of(model: nn.Module) -> tuple[str, int] | None:

@@ -2,15 +2,16 @@
 and the pruned student's save format. Pruners by name, NNI's included: ``nni_2ndmatch.nni``."""
 
 from ..models import default_example_inputs
+from .component import as_component, pruned_class
 from .importances import (
     TP_IMPORTANCES,
     calibration_items,
     denoising_gradients,
     taylor_scorer,
 )
+from .plan import check_plan
 from .storage import (
     PLAN_FILE,
-    check_plan,
     is_pruned_folder,
     load_model_folder,
     load_pruned,
@@ -27,8 +28,8 @@ from .surgery import (
 )
 
 __all__ = [
-    "OUTPUT_LAYERS", "PLAN_FILE", "TP_IMPORTANCES", "apply_plan", "calibration_items", "check_plan",
+    "OUTPUT_LAYERS", "PLAN_FILE", "TP_IMPORTANCES", "apply_plan", "as_component", "calibration_items", "check_plan",
     "default_example_inputs", "denoising_gradients", "is_pruned_folder", "load_model_folder", "load_pruned",
-    "macs_params", "magnitude_scores", "masks_to_student", "prune_with_scores", "save_model", "save_pruned",
-    "taylor_scorer",
+    "macs_params", "magnitude_scores", "masks_to_student", "prune_with_scores", "pruned_class", "save_model",
+    "save_pruned", "taylor_scorer",
 ]

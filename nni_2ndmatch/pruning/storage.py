@@ -15,11 +15,14 @@ from ..files import atomic_dir, atomic_write_json, load_tensors, save_tensors
 from ..models import (
     SUPPORTED_CLASSES,
     default_example_inputs,
+    diffusers_class_name,
     load_diffusers_model,
     save_diffusers_model,
 )
-from ..utils import did_you_mean, is_integer, json_kind
-from .surgery import PLAN_VERSION, apply_plan, dependency_graph, out_width
+from ..utils import json_kind
+from .component import PREFIX, pruned_class
+from .plan import check_plan, check_plan_widths
+from .surgery import apply_plan, dependency_graph
 
 WEIGHTS_FILE, CONFIG_FILE, PLAN_FILE = "model.safetensors", "config.json", "pruning_plan.json"
 
@@ -31,15 +34,26 @@ def save_pruned(student: nn.Module, folder: str | os.PathLike) -> None:
     if plan is None:
         raise ValueError("the model has no pruning_plan; save it with save_pretrained instead")
     config = dict(student.config)
-    config["_class_name"] = type(student).__name__
+    config["_class_name"] = diffusers_class_name(student)
+    config.pop("pruning_plan", None)  # a pruned class's config entry: the plan has its own file
     with atomic_dir(folder) as tmp:
         save_tensors(tmp / WEIGHTS_FILE, student.state_dict())
         atomic_write_json(tmp / CONFIG_FILE, json.loads(json.dumps(config, default=list)))
         atomic_write_json(tmp / PLAN_FILE, plan)
 
 
+def _pruned_class_name(folder: Path) -> str | None:
+    """The class of a folder written by a pruned class's ``save_pretrained`` (e.g. PrunedUNet2DModel)."""
+    try:
+        name = json.loads((folder / CONFIG_FILE).read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name.startswith(PREFIX) else None
+
+
 def is_pruned_folder(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / PLAN_FILE).is_file()
+    """A pruned student: the plan file beside a dense config, or a pruned class's save_pretrained."""
+    return (Path(folder) / PLAN_FILE).is_file() or _pruned_class_name(Path(folder)) is not None
 
 
 def load_model_folder(folder: str | os.PathLike) -> nn.Module:
@@ -59,72 +73,6 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: the top level must be an object, got {json_kind(value)}")
     return value
-
-
-def _check_keys(value: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    unknown = [k for k in value if k not in allowed]
-    if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
-    missing = [k for k in allowed if k not in value]
-    if missing:
-        raise ValueError(f"{where}: required key {missing[0]!r} is missing")
-
-
-def _check_keep(keep: Any, where: str) -> None:
-    """A group's ``keep``: a non-empty list of distinct integer channel indices."""
-    if not isinstance(keep, list):
-        raise ValueError(f"{where}: expected a list of channel indices, got {json_kind(keep)}")
-    if not keep:
-        raise ValueError(f"{where}: keeps no channel; at least one index is needed")
-    seen: set[int] = set()
-    for i, index in enumerate(keep):
-        if not is_integer(index):
-            raise ValueError(f"{where}[{i}]: value {index!r} is not allowed: a channel index is an integer, "
-                             f"got {json_kind(index)}")
-        if index in seen:
-            raise ValueError(f"{where}: index {index} is listed twice; each channel may be kept once")
-        seen.add(index)
-
-
-def check_plan(plan: dict[str, Any], path: str | os.PathLike) -> None:
-    """The structure of a pruning plan (keys, types, distinct indices): checked before any model is built."""
-    _check_keys(plan, ("groups", "version"), str(path))
-    if plan["version"] != PLAN_VERSION:
-        raise ValueError(f"{path}: version={plan['version']!r} is not supported; allowed: {PLAN_VERSION}")
-    groups = plan["groups"]
-    if not isinstance(groups, list):
-        raise ValueError(f"{path}: groups: expected a list of objects, got {json_kind(groups)}")
-    roots: set[str] = set()
-    for i, group in enumerate(groups):
-        where = f"{path}: groups[{i}]"
-        if not isinstance(group, dict):
-            raise ValueError(f"{where}: expected an object with 'root' and 'keep', got {json_kind(group)}")
-        _check_keys(group, ("keep", "root"), where)
-        root = group["root"]
-        if not isinstance(root, str) or not root:
-            raise ValueError(f"{where}.root: value {root!r} is not allowed: it must be a layer name (a string)")
-        if root in roots:
-            raise ValueError(f"{where}.root: layer {root!r} has two groups; each layer may have one")
-        roots.add(root)
-        _check_keep(group["keep"], f"{where}.keep")
-
-
-def check_plan_widths(plan: dict[str, Any], model: nn.Module, path: str | os.PathLike) -> None:
-    """Every group's root is a Conv2d/Linear of the dense ``model`` and keeps indices within its width."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    for i, group in enumerate(plan["groups"]):
-        where, root, keep = f"{path}: groups[{i}]", group["root"], group["keep"]
-        if root not in layers:
-            hint = did_you_mean(root, list(layers), n=3)
-            raise ValueError(f"{where}.root: {root!r} does not match the {type(model).__name__} architecture: "
-                             f"it is not a Conv2d or Linear layer there{hint}")
-        width = out_width(layers[root])
-        if len(keep) > width:
-            raise ValueError(f"{where}.keep: {len(keep)} indices are too many for width {width} ({root})")
-        bad = next((k for k in keep if not 0 <= k < width), None)
-        if bad is not None:
-            raise ValueError(f"{where}.keep: index {bad} is out of range for width {width} ({root}); "
-                             f"allowed: 0 to {width - 1}")
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
@@ -148,6 +96,13 @@ def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None
     """Rebuild the dense architecture from its config, apply the plan, load the weights (strict).
     The plan is checked first (a damaged folder is a ValueError naming the file and the entry)."""
     folder = Path(folder)
+    class_name = _pruned_class_name(folder) if not (folder / PLAN_FILE).exists() else None
+    if class_name is not None:  # written by save_pretrained of a pruned class: the plan is in its config
+        dense = class_name.removeprefix(PREFIX)
+        if dense not in SUPPORTED_CLASSES:
+            raise ValueError(f"{folder / CONFIG_FILE}: _class_name={class_name!r} is not supported; allowed: "
+                             f"{', '.join(PREFIX + c for c in SUPPORTED_CLASSES)}")
+        return pruned_class(dense).from_pretrained(str(folder), use_safetensors=True).eval()
     for name in (WEIGHTS_FILE, CONFIG_FILE, PLAN_FILE):
         if not (folder / name).is_file():
             raise ValueError(f"{str(folder)!r} is not a pruned-student folder: {name} is missing")

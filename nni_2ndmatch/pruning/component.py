@@ -1,0 +1,81 @@
+"""Pruned students as diffusers model classes: ``PrunedUNet2DModel``, ``PrunedUNet2DConditionModel``
+and ``PrunedDiTTransformer2DModel``.
+
+Each subclasses its dense diffusers class and adds one config entry, ``pruning_plan`` (the
+channels each group keeps, as in pruning_plan.json). Its constructor builds the dense layout from
+the config and applies the plan, so diffusers' own ``from_pretrained`` (also as a pipeline
+component, listed in model_index.json as ``["nni_2ndmatch", "PrunedUNet2DModel"]``) rebuilds the
+pruned architecture and loads its safetensors weights; ``save_pretrained`` writes config and
+weights like any diffusers model. Nothing but JSON and safetensors is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from torch import nn
+
+from ..models import SUPPORTED_CLASSES, default_example_inputs, diffusers_class_name
+from .plan import check_plan, check_plan_widths
+from .surgery import apply_plan, dependency_graph
+
+PREFIX = "Pruned"
+
+
+def _init(self, pruning_plan: dict[str, Any] | None = None, **config: Any) -> None:
+    dense = type(self).__mro__[1]
+    dense.__init__(self, **config)  # registers the dense config
+    if pruning_plan is not None:
+        where = f"{type(self).__name__} config: pruning_plan"
+        check_plan(pruning_plan, where)
+        check_plan_widths(pruning_plan, self, where)
+        apply_plan(self, dependency_graph(self, default_example_inputs(self)), pruning_plan["groups"])
+    self.register_to_config(pruning_plan=pruning_plan)
+    self.pruning_plan = pruning_plan
+
+
+def _init_keys(input_class: type) -> set[str]:
+    if input_class.__name__.startswith(PREFIX) and input_class.__name__[len(PREFIX):] in SUPPORTED_CLASSES:
+        dense = input_class.__mro__[1]
+        return set(inspect.signature(dense.__init__).parameters) | {"pruning_plan"}
+    return set(inspect.signature(input_class.__init__).parameters)
+
+
+def _from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+    # The plan is applied to real tensors: no meta-device initialisation.
+    kwargs["low_cpu_mem_usage"] = False
+    kwargs.pop("device_map", None)
+    return super(cls, cls).from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+@functools.cache
+def pruned_class(dense_name: str) -> type:
+    """The diffusers-loadable class of pruned ``dense_name`` models (one of SUPPORTED_CLASSES)."""
+    if dense_name not in SUPPORTED_CLASSES:
+        raise ValueError(f"{dense_name!r} has no pruned class; supported: {', '.join(SUPPORTED_CLASSES)}")
+    import diffusers
+
+    dense = getattr(diffusers, dense_name)
+    name = PREFIX + dense_name
+    cls = type(name, (dense,), {
+        "__init__": _init, "_get_init_keys": staticmethod(_init_keys),
+        "from_pretrained": classmethod(_from_pretrained), "__module__": "nni_2ndmatch",
+        "__doc__": f"A pruned {dense_name}: its dense config plus ``pruning_plan`` (see {__name__})."})
+    cls.__init__.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+         inspect.Parameter("pruning_plan", inspect.Parameter.KEYWORD_ONLY, default=None),
+         inspect.Parameter("config", inspect.Parameter.VAR_KEYWORD)])
+    return cls
+
+
+def as_component(student: nn.Module) -> nn.Module:
+    """``student`` (a pruned diffusers model with its ``pruning_plan``) as an instance of its
+    pruned class, in place: same modules and weights, the plan in its config."""
+    plan = getattr(student, "pruning_plan", None)
+    if plan is None:
+        raise ValueError("the model has no pruning_plan: it is not a pruned student")
+    student.__class__ = pruned_class(diffusers_class_name(student))
+    student.register_to_config(pruning_plan=plan)
+    return student
