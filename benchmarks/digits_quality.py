@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
-from nni_2ndmatch.models.digits import RESOLUTION, load_digits_classifier, load_digits_teacher  # noqa: E402
 from nni_2ndmatch.evaluation import ddim_sample, digits_fid, fidelity, sensitivity_profile  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
+from nni_2ndmatch.models.digits import RESOLUTION, load_digits_classifier, load_digits_teacher  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -25,8 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.finetune_step_time import device_name  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
-from nni_2ndmatch.method import DEFAULT_FD_STEP, jacobian_sensitivity, model_output, sample_directions  # noqa: E402
-from nni_2ndmatch.method import fp32_precision, jacobian_safe, squared_norm  # noqa: E402
+from nni_2ndmatch.method import (  # noqa: E402
+    DEFAULT_FD_STEP,
+    fp32_precision,
+    jacobian_safe,
+    jacobian_sensitivity,
+    model_output,
+    sample_directions,
+    squared_norm,
+)
 from nni_2ndmatch.models import build_builtin  # noqa: E402
 
 

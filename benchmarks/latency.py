@@ -20,10 +20,9 @@ import argparse
 import logging
 import warnings
 
-from nni_2ndmatch.deploy.bench import render_markdown, run_benchmark, write_reports
-from nni_2ndmatch.models import build_builtin
 from nni_2ndmatch import prune_diffusers
-from nni_2ndmatch.models import default_example_inputs
+from nni_2ndmatch.deploy.bench import render_markdown, run_benchmark, write_reports
+from nni_2ndmatch.models import build_builtin, default_example_inputs
 
 TARGET = 0.9
 

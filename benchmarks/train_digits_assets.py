@@ -22,10 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
-from nni_2ndmatch.models import digits_unet  # noqa: E402
-from nni_2ndmatch.models.digits import ASSETS, CLASSIFIER_FILE, RESOLUTION, TEACHER_DIR, train_classifier  # noqa: E402
 from nni_2ndmatch.files import atomic_write_json, save_tensors  # noqa: E402
-from nni_2ndmatch.models import save_diffusers_model  # noqa: E402
+from nni_2ndmatch.models import digits_unet, save_diffusers_model  # noqa: E402
+from nni_2ndmatch.models.digits import ASSETS, CLASSIFIER_FILE, RESOLUTION, TEACHER_DIR, train_classifier  # noqa: E402
 
 TEACHER_RECIPE = dict(steps=5000, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=200, grad_clip=1.0,
                       ema_decay=0.999, antithetic=True, seed=0, checkpoint_every=250, keep_checkpoints=2, log_every=50)
