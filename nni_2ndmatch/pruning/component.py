@@ -44,10 +44,13 @@ def _init_keys(input_class: type) -> set[str]:
 
 
 def _from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-    # The plan is applied to real tensors: no meta-device initialisation.
-    kwargs["low_cpu_mem_usage"] = False
-    kwargs.pop("device_map", None)
-    return super(cls, cls).from_pretrained(pretrained_model_name_or_path, **kwargs)
+    # The plan is applied to real tensors (no meta-device initialisation); weights only from safetensors.
+    if kwargs.pop("use_safetensors", True) is False:
+        raise ValueError(f"{cls.__name__} loads safetensors weights only; use_safetensors=False is not allowed")
+    if kwargs.pop("device_map", None) is not None:
+        raise ValueError(f"{cls.__name__} does not take a device_map; load it, then move it with .to(device)")
+    kwargs["low_cpu_mem_usage"] = False  # (pipelines pass True by default)
+    return super(cls, cls).from_pretrained(pretrained_model_name_or_path, use_safetensors=True, **kwargs)
 
 
 @functools.cache
