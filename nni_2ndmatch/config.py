@@ -2,6 +2,7 @@
 
     version: 1
     model:    {teacher: {builtin: tiny-unet} | {path: DIR} | {hub: ID, subfolder: unet}, student: {...} (or pruning)}
+              (a teacher path with model_index.json: a pipeline; the run writes output_dir/pipeline)
     data:     {builtin: digits, resolution: 16} | {path: DIR, resolution: 32, channels: 3}
     pruning:  {pruner: L1NormPruner, sparse_ratio: 0.3, round_to: 8, config_list: [...]}
     finetune: {finetuner: 2ndmatch, steps: 200, lr: 2.0e-4, lambda_jac: 0.1, mode: vjp, ...}
@@ -45,7 +46,8 @@ class _Section(BaseModel):
 
 class ModelSpec(_Section):
     """Exactly one of ``builtin`` (an architecture made here, seeded), ``path`` (a diffusers model
-    folder or a pruned-student folder) or ``hub`` (a Hugging Face Hub model id, with ``subfolder``)."""
+    folder, a pruned-student folder, or a pixel-space pipeline folder: its denoiser) or ``hub`` (a
+    Hugging Face Hub model id, with ``subfolder``)."""
 
     builtin: str | None = None
     path: str | None = None

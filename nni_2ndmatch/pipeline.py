@@ -24,6 +24,7 @@ from .models import (
     conditioning_of,
     count_params,
     default_example_inputs,
+    is_pipeline_folder,
     load_hub_model,
 )
 from .nni import prune_diffusers
@@ -32,6 +33,7 @@ from .pruning import (
     load_model_folder,
     load_pruned,
     save_model,
+    save_pipeline,
     save_pruned,
 )
 from .report import run_report
@@ -40,7 +42,7 @@ from .training.accelerate import AccelerateRuntime, launched_distributed
 
 logger = logging.getLogger(__name__)
 
-PRUNED_DIR, STUDENT_DIR = "pruned", "student"
+PRUNED_DIR, STUDENT_DIR, PIPELINE_DIR = "pruned", "student", "pipeline"
 
 
 def make_runtime(device: str, timeout_s: float) -> Runtime:
@@ -162,7 +164,7 @@ def prepare_output_dir(config: Config, command: str, resume: bool, overwrite: bo
         raise UserError(f"--resume: output_dir {str(out)!r} holds no checkpoint to resume from")
     if overwrite and not resume:  # `finetune` keeps the pruned student it starts from
         keep_pruned = command == "finetune" and config.model.student is None
-        for name in (CHECKPOINT_DIR, STUDENT_DIR, *(() if keep_pruned else (PRUNED_DIR,))):
+        for name in (CHECKPOINT_DIR, STUDENT_DIR, PIPELINE_DIR, *(() if keep_pruned else (PRUNED_DIR,))):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("summary.json", "metrics.jsonl", CONFIG_FILE, *(() if keep_pruned else ("pruning_report.json",))):
             (out / name).unlink(missing_ok=True)
@@ -238,8 +240,14 @@ def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.u
         "teacher_params": count_params(teacher), "student_params": count_params(result.student),
         "student_dir": STUDENT_DIR, "processes": runtime.world_size,
     }
+    source = config.model.teacher.path
+    if source is not None and is_pipeline_folder(source):  # the teacher's pipeline, with the student in it
+        summary["pipeline_dir"] = PIPELINE_DIR
     if runtime.is_main:
         save_model(result.student, out / STUDENT_DIR)
+        if "pipeline_dir" in summary:
+            save_pipeline(result.student, source, out / PIPELINE_DIR)
+            logger.info("saved the pipeline with the student to %s", out / PIPELINE_DIR)
         atomic_write_json(out / "summary.json", summary)
         logger.info("saved the student to %s", out / STUDENT_DIR)
     runtime.barrier()

@@ -86,6 +86,60 @@ def test_each_example_runs_prune_then_finetune_for_two_steps(example, tmp_path):
     assert summary["student_params"] == sum(p.numel() for p in student.parameters()) < summary["teacher_params"]
 
 
+def _ddpm_pipeline(folder):
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from tiny_models import tiny_unet2d
+
+    DDPMPipeline(unet=tiny_unet2d(), scheduler=DDPMScheduler()).save_pretrained(folder)
+    return {"version": 1, "model": {"teacher": {"path": str(folder)}}, "data": {"builtin": "digits", "resolution": 8},
+            "pruning": {"pruner": "magnitude", "sparse_ratio": 0.3},
+            "finetune": {"finetuner": "kd", "steps": 2, "batch_size": 4}, "output_dir": str(folder.parent / "run")}
+
+
+def test_a_pipeline_teacher_gives_its_pipeline_with_the_student_in_it(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from nni_2ndmatch import load_pruned
+    from nni_2ndmatch.pipeline import run_job
+
+    raw = _ddpm_pipeline(tmp_path / "teacher")
+    summary = run_job(validate_config(raw), "run", progress=False)
+    out = tmp_path / "run" / summary["pipeline_dir"]
+    assert json.loads((out / "model_index.json").read_text())["unet"] == ["nni_2ndmatch", "PrunedUNet2DModel"]
+    assert (out / "scheduler" / "scheduler_config.json").read_bytes() == \
+        (tmp_path / "teacher" / "scheduler" / "scheduler_config.json").read_bytes()
+    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)  # diffusers alone
+    student = load_pruned(tmp_path / "run" / "student")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 700])
+    assert torch.equal(pipe.unet(x, t).sample, student(x, t).sample)
+    assert summary["student_params"] == sum(p.numel() for p in pipe.unet.parameters()) < summary["teacher_params"]
+    images = pipe(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 8, 8, 1)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda p: _edit_json(p / "model_index.json", vae=["diffusers", "AutoencoderKL"]),
+     r"model_index.json: the pipeline has vae: latent and text-conditional pipelines are not trained on yet"),
+    (lambda p: _edit_json(p / "scheduler" / "scheduler_config.json", beta_schedule="scaled_linear"),
+     r"scheduler_config.json: beta_schedule='scaled_linear' is not supported yet"),
+    (lambda p: _edit_json(p / "scheduler" / "scheduler_config.json", prediction_type="v_prediction"),
+     r"scheduler_config.json: prediction_type='v_prediction' is not supported yet"),
+    (lambda p: _edit_json(p / "model_index.json", unet=[None, None]),
+     r"model_index.json: no denoiser component; expected one of unet, transformer"),
+])
+def test_a_pipeline_the_finetuning_cannot_train_yet_is_one_clear_error(edit, expected, tmp_path):
+    raw = _ddpm_pipeline(tmp_path / "teacher")
+    edit(tmp_path / "teacher")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and re.search(r"model\.teacher: .*" + expected, r.stderr), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def _edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 @pytest.mark.slow
 def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     cfg = write_config(tmp_path)

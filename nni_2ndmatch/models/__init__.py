@@ -16,15 +16,16 @@ from .builtin import (
 from .loading import (
     SUPPORTED_CLASSES,
     count_params,
+    is_pipeline_folder,
     load_diffusers_model,
     load_hub_model,
     model_class,
+    pipeline_denoiser,
     save_diffusers_model,
 )
 
 __all__ = [
     "BUILTIN_MODELS", "SUPPORTED_CLASSES", "build_builtin", "conditioning_of", "count_params",
     "default_example_inputs", "diffusers_class_name", "digits_unet", "example_conditioning", "is_dit",
-    "load_diffusers_model", "load_hub_model",
-    "model_class", "save_diffusers_model", "tiny_dit", "tiny_unet", "tiny_unet_cond",
+    "is_pipeline_folder", "load_diffusers_model", "load_hub_model", "model_class", "pipeline_denoiser", "save_diffusers_model", "tiny_dit", "tiny_unet", "tiny_unet_cond",
 ]

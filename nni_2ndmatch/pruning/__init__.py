@@ -2,7 +2,7 @@
 and the pruned student's save format. Pruners by name, NNI's included: ``nni_2ndmatch.nni``."""
 
 from ..models import default_example_inputs
-from .component import as_component, pruned_class
+from .component import as_component, pruned_class, save_pipeline
 from .importances import (
     TP_IMPORTANCES,
     calibration_items,
@@ -31,5 +31,5 @@ __all__ = [
     "OUTPUT_LAYERS", "PLAN_FILE", "TP_IMPORTANCES", "apply_plan", "as_component", "calibration_items", "check_plan",
     "default_example_inputs", "denoising_gradients", "is_pruned_folder", "load_model_folder", "load_pruned",
     "macs_params", "magnitude_scores", "masks_to_student", "prune_with_scores", "pruned_class", "save_model",
-    "save_pruned", "taylor_scorer",
+    "save_pipeline", "save_pruned", "taylor_scorer",
 ]

@@ -11,13 +11,20 @@ weights like any diffusers model. Nothing but JSON and safetensors is read.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import json
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..models import SUPPORTED_CLASSES, default_example_inputs, diffusers_class_name
+from ..files import atomic_dir, atomic_write_json
+from ..models import SUPPORTED_CLASSES, default_example_inputs, diffusers_class_name, pipeline_denoiser
+from ..models.loading import PIPELINE_INDEX
 from .plan import check_plan, check_plan_widths
 from .surgery import apply_plan, dependency_graph
 
@@ -82,3 +89,20 @@ def as_component(student: nn.Module) -> nn.Module:
     student.__class__ = pruned_class(diffusers_class_name(student))
     student.register_to_config(pruning_plan=plan)
     return student
+
+
+def save_pipeline(student: nn.Module, source: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Write ``folder``: the pipeline folder ``source`` with ``student`` as its denoiser. The other
+    components are copied as they are; a pruned student is saved as its pruned class (the plan in
+    its config) and model_index.json names that class. Written atomically; ``student`` is unchanged."""
+    source = Path(source)
+    name = pipeline_denoiser(source)
+    component = as_component(copy.deepcopy(student)) if getattr(student, "pruning_plan", None) else student
+    index = json.loads((source / PIPELINE_INDEX).read_text())
+    index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+    with atomic_dir(folder) as tmp:
+        for item in source.iterdir():
+            if item.name not in (name, PIPELINE_INDEX):
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        component.save_pretrained(tmp / name, safe_serialization=True)
+        atomic_write_json(tmp / PIPELINE_INDEX, index)

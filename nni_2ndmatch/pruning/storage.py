@@ -16,7 +16,9 @@ from ..models import (
     SUPPORTED_CLASSES,
     default_example_inputs,
     diffusers_class_name,
+    is_pipeline_folder,
     load_diffusers_model,
+    pipeline_denoiser,
     save_diffusers_model,
 )
 from ..utils import json_kind
@@ -57,7 +59,10 @@ def is_pruned_folder(folder: str | os.PathLike) -> bool:
 
 
 def load_model_folder(folder: str | os.PathLike) -> nn.Module:
-    """A pruned-student folder or a diffusers model folder, told apart by the pruning plan file."""
+    """A pruned-student folder, a diffusers model folder, or a pixel-space pipeline folder (its
+    denoiser; see ``pipeline_denoiser``)."""
+    if is_pipeline_folder(folder):
+        folder = Path(folder) / pipeline_denoiser(folder)
     if is_pruned_folder(folder):
         return load_pruned(folder)
 
