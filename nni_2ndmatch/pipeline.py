@@ -123,7 +123,8 @@ CONFIG_FILE = "config.yaml"
 # (finetune.steps too, when the learning rate does not depend on it)
 RESUME_FREE = {"output_dir", "threads", "evaluate", "export", "finetune.log_every", "finetune.checkpoint_every",
                "finetune.keep_checkpoints", "finetune.process_timeout_s", "finetune.device",
-               "finetune.gradient_accumulation_steps", "finetune.max_nonfinite_steps"}
+               "finetune.gradient_accumulation_steps", "finetune.max_nonfinite_steps",
+               "finetune.gradient_checkpointing"}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

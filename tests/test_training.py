@@ -225,3 +225,54 @@ def test_dropout_applies_to_the_residual_blocks_during_the_run_only(tmp_path):
     with pytest.raises(ValueError, match="dropout=0.1 is not allowed for this student"):
         finetune(torch.nn.Conv2d(1, 1, 3, padding=1), teacher, get_finetuner("dsm"), Images(), config,
                  progress=False)
+
+
+@pytest.mark.parametrize("kind", ["unet2d", "unet2d_condition", "dit"])
+@pytest.mark.parametrize("mode", ["vjp", "fd"])
+def test_gradient_checkpointing_gives_the_unchecked_gradient_of_the_jacobian_term(kind, mode, monkeypatch):
+    import copy
+
+    from tiny_models import BUILDERS, example_inputs
+
+    import nni_2ndmatch.method.jacobian as jacobian
+
+    teacher, student = BUILDERS[kind]().double().eval(), BUILDERS[kind](seed=1).double().train()
+    x, t, kw = example_inputs(kind, batch=3)
+    noise = torch.randn_like(x)
+    finetuner = get_finetuner("2ndmatch", mode=mode, lambda_jac=1.0)
+    calls = []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, _f=torch.utils.checkpoint.checkpoint, **k:
+                        calls.append(1) or _f(*a, **k))
+    grads = []
+    for checked in (False, True):
+        model = copy.deepcopy(student)
+        if checked:
+            model.enable_gradient_checkpointing(jacobian.checkpoint_as_forward)
+        torch.manual_seed(5)
+        loss, terms = finetuner.loss(model, teacher, x, noise, t.long(), **kw)
+        assert terms["jac"] > 0
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert bool(calls) == checked  # the blocks really were checkpointed
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+def test_finetune_with_gradient_checkpointing_trains_the_same_and_refuses_forward_mode(tmp_path, monkeypatch):
+    a, _ = _run(tmp_path / "a", 2)
+    calls = []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, _f=torch.utils.checkpoint.checkpoint, **k:
+                        calls.append(1) or _f(*a, **k))
+    b, _ = _run(tmp_path / "b", 2, gradient_checkpointing=True)
+    assert calls and not b.student.is_gradient_checkpointing  # used, and for the run only
+    first = [{k: v for k, v in r.history[0].items() if k != "seconds"} for r in (a, b)]
+    assert first[0] == first[1]  # the same first step
+    # Adam's first updates are about lr * sign(grad): fp32 rounding can move a weight by up to 2 lr a step
+    for p, q in zip(a.student.parameters(), b.student.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=2 * 2 * 2e-4)
+    student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
+    config = TrainConfig(steps=2, batch_size=4, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="gradient_checkpointing=True is not allowed with mode 'jvp'"):
+        finetune(student, teacher, get_finetuner("2ndmatch", mode="jvp"), Images(), config, progress=False)
+    with pytest.raises(ValueError, match="gradient_checkpointing=True is not allowed for Conv2d"):
+        finetune(torch.nn.Conv2d(1, 1, 3, padding=1), teacher, get_finetuner("dsm"), Images(), config,
+                 progress=False)

@@ -5,6 +5,7 @@ from .jacobian import (
     DEFAULT_FD_STEP,
     MODES,
     Mode,
+    checkpoint_as_forward,
     jacobian_safe,
     jacobian_sensitivity,
     output_and_sensitivity,
@@ -23,8 +24,8 @@ from .terms import (
 )
 
 __all__ = [
-    "DEFAULT_FD_STEP", "MODES", "Mode", "add_noise", "default_scheduler", "dsm_term", "fp32_precision",
-    "jacobian_match_term", "jacobian_safe", "jacobian_sensitivity", "kd_term", "model_output",
+    "DEFAULT_FD_STEP", "MODES", "Mode", "add_noise", "checkpoint_as_forward", "default_scheduler", "dsm_term",
+    "fp32_precision", "jacobian_match_term", "jacobian_safe", "jacobian_sensitivity", "kd_term", "model_output",
     "output_and_sensitivity", "precision_state", "sample_directions", "sample_timesteps", "second_match_loss",
     "squared_norm", "student_and_teacher_sensitivity",
 ]

@@ -8,10 +8,11 @@ import contextlib
 from typing import Any, Callable, Iterator, Literal
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..utils import requires_grad
-from .precision import fp32_precision, precision_state
+from .precision import fp32_precision, precision_state, restored_precision
 from .terms import jacobian_match_term, model_output, sample_directions, squared_norm
 
 Mode = Literal["jvp", "vjp", "fd"]
@@ -63,6 +64,31 @@ def jacobian_safe(*models: Any, math_attention: bool = True) -> Iterator[None]:
                     if isinstance(module, nn.GroupNorm):
                         stack.callback(module.register_forward_pre_hook(_contiguous_input).remove)
         yield
+
+
+def checkpoint_as_forward(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Gradient checkpointing (``torch.utils.checkpoint``, non-reentrant) whose recomputation, which
+    runs inside the backward pass, uses the attention backends and fp32 precision settings of the
+    forward pass it repeats. A Jacobian evaluation's forward runs under :func:`jacobian_safe` (math
+    attention) or ``fp32_precision``; recomputed under other settings it would save other tensors
+    (an error) or other values. For ``model.enable_gradient_checkpointing(checkpoint_as_forward)``;
+    exact for ``vjp`` and ``fd`` (tested against the unchecked gradient in float64); forward mode
+    (``jvp``) cannot go through a recomputation."""
+    from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
+
+    backends, precision = _cur_sdpa_kernel_backends(), precision_state()
+
+    class AsForward:  # entered once per recomputation (a double backward recomputes twice)
+        def __enter__(self) -> None:
+            self.stack = contextlib.ExitStack()
+            self.stack.enter_context(sdpa_kernel(backends))
+            self.stack.enter_context(restored_precision(precision))
+
+        def __exit__(self, *exc: Any) -> None:
+            self.stack.close()
+
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), AsForward()), **kwargs)
 
 
 def _ieee_backward(grad: Tensor) -> Tensor:

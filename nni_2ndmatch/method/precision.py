@@ -65,3 +65,15 @@ def fp32_precision(precision: Literal["ieee", "tf32"]) -> Iterator[None]:
         yield
     finally:
         _restore_precision(state)
+
+
+@contextlib.contextmanager
+def restored_precision(state: tuple[tuple[Any, ...], tuple[str, ...]]) -> Iterator[None]:
+    """Inside the block the fp32 precision settings are ``state`` (from :func:`precision_state`);
+    the settings before it are restored on exit."""
+    before = precision_state()
+    try:
+        _restore_precision(state)
+        yield
+    finally:
+        _restore_precision(before)

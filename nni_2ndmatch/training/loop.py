@@ -26,7 +26,7 @@ from ..data import batch_indices, collate
 from ..errors import NonFiniteLossError
 from ..files import atomic_write_text, load_tensors
 from ..finetuners import Finetuner
-from ..method import sample_timesteps
+from ..method import checkpoint_as_forward, sample_timesteps
 from ..utils import requires_grad
 from .checkpoints import Checkpoints, load_optimizer_state, optimizer_state
 from .options import TrainConfig
@@ -102,6 +102,13 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         if not dropouts:
             raise ValueError(f"dropout={config.dropout} is not allowed for this student: it has no residual-block "
                              "dropout (nn.Dropout modules named 'dropout'); use null")
+    if config.gradient_checkpointing:
+        if not getattr(student, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"gradient_checkpointing=True is not allowed for {type(student).__name__}: it has no "
+                             "gradient checkpointing; use false")
+        if getattr(getattr(finetuner, "opts", None), "mode", None) == "jvp":
+            raise ValueError("gradient_checkpointing=True is not allowed with mode 'jvp' (forward mode cannot go "
+                             "through a recomputation); use mode vjp or fd")
     if old and runtime.is_main:  # every check passed: the run being replaced goes now
         for p in old:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -157,6 +164,9 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     for m in dropouts:  # the run's dropout, restored when it ends
         restore.callback(setattr, m, "p", m.p)
         m.p = config.dropout
+    if config.gradient_checkpointing and not student.is_gradient_checkpointing:  # for the run only
+        student.enable_gradient_checkpointing(checkpoint_as_forward)
+        restore.callback(student.disable_gradient_checkpointing)
     student.train()
     began = time.perf_counter() - seconds_before  # the wall time of the parts before a resume counts
     bar = None

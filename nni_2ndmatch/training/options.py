@@ -33,6 +33,8 @@ class TrainConfig(BaseModel):
     dropout: float | None = Field(None, ge=0, lt=1, description="p of the student's residual-block dropout (nn.Dropout "
                                   "modules named 'dropout', as in diffusers' ResnetBlock2D) during the run; the "
                                   "reference: 0.1; null: as the model has it")
+    gradient_checkpointing: bool = Field(False, description="recompute the student's block activations in the "
+                                         "backward pass: less memory, more time; mode vjp or fd")
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
