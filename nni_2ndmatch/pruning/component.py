@@ -38,7 +38,10 @@ def _init(self, pruning_plan: dict[str, Any] | None = None, **config: Any) -> No
         where = f"{type(self).__name__} config: pruning_plan"
         check_plan(pruning_plan, where)
         check_plan_widths(pruning_plan, self, where)
-        apply_plan(self, dependency_graph(self, default_example_inputs(self)), pruning_plan["groups"])
+        try:
+            apply_plan(self, dependency_graph(self, default_example_inputs(self)), pruning_plan["groups"])
+        except (KeyError, AttributeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"{where} does not match the {dense.__name__} architecture: {e}") from None
     self.register_to_config(pruning_plan=pruning_plan)
     self.pruning_plan = pruning_plan
 
@@ -73,10 +76,6 @@ def pruned_class(dense_name: str) -> type:
         "__init__": _init, "_get_init_keys": staticmethod(_init_keys),
         "from_pretrained": classmethod(_from_pretrained), "__module__": "nni_2ndmatch",
         "__doc__": f"A pruned {dense_name}: its dense config plus ``pruning_plan`` (see {__name__})."})
-    cls.__init__.__signature__ = inspect.Signature(
-        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-         inspect.Parameter("pruning_plan", inspect.Parameter.KEYWORD_ONLY, default=None),
-         inspect.Parameter("config", inspect.Parameter.VAR_KEYWORD)])
     return cls
 
 
