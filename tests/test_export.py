@@ -3,6 +3,7 @@ the export/ scripts run as a user would, in a subprocess."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -333,45 +334,84 @@ def test_tensorrt_engine_matches_pytorch_and_refuses_another_gpu(precision, trt_
 
 # --- AOTInductor packages ----------------------------------------------------------------------
 
-def test_aoti_package_runs_without_the_model_code_at_any_batch_in_its_range(families, tmp_path):
-    student = families["unet2d"][1]  # with an Upsample2D, whose batch >= 64 branch must not split the range
-    save_pruned(student, tmp_path / "student")
-    r = script("to_aoti.py", "--model", tmp_path / "student", "--out", tmp_path / "s.pt2", "--batch", "1,70")
+@pytest.fixture(scope="module")
+def aoti_dit(families, tmp_path_factory):
+    """The pruned DiT compiled once by the script, as a user runs it: (folder, completed process)."""
+    folder = tmp_path_factory.mktemp("aoti")
+    save_pruned(families["dit"][1], folder / "student")
+    return folder, script("to_aoti.py", "--model", folder / "student", "--out", folder / "s.pt2", "--batch", "1,70")
+
+
+def test_aoti_package_runs_without_the_model_code_at_any_batch_in_its_range(families, aoti_dit):
+    folder, r = aoti_dit
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt2", "s.pt2.json", "student"]
-    package = torch._inductor.aoti_load_package(str(tmp_path / "s.pt2"))
+    assert sorted(p.name for p in folder.iterdir()) == ["s.pt2", "s.pt2.json", "student"]
+    student = families["dit"][1]
+    package = torch._inductor.aoti_load_package(str(folder / "s.pt2"))
     for batch in (1, 5, 66):  # none of them the batches checked at export
         x, t, kw, _ = _fresh_inputs(student, batch, seed=200 + batch)
         with torch.inference_mode():
-            got = package(x, t).numpy()
+            got = package(x, t, kw["class_labels"]).numpy()
         want = _torch_out(student, x, t, kw)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    report = json.loads((tmp_path / "s.pt2.json").read_text())
+    report = json.loads((folder / "s.pt2.json").read_text())
     assert report["batch_range"] == [1, 70] and report["device"] == "cpu" and report["precision"] == "fp32"
     assert set(report["parity"]["batches"]) == {"1", "70"} and report["parity"]["passed"]
-    assert [i["name"] for i in report["inputs"]] == ["sample", "timestep"]
-    assert report["outputs"][0]["shape"] == ["batch", 1, 8, 8] and report["versions"]["torch"] == torch.__version__
-    assert "aoti_load_package('s.pt2')(sample, timestep)" in r.stdout
+    assert [i["name"] for i in report["inputs"]] == ["sample", "timestep", "class_labels"]
+    assert report["outputs"][0]["shape"] == ["batch", 4, 4, 4] and report["versions"]["torch"] == torch.__version__
+    assert "aoti_load_package('s.pt2')(sample, timestep, class_labels)" in r.stdout
 
 
-def test_aoti_package_above_tolerance_is_not_written(families, tmp_path):
+def test_diffusers_upsampling_does_not_split_the_traced_batch_axis_at_64(families):
+    from nni_2ndmatch.deploy.aoti import batch_independent
+    from nni_2ndmatch.deploy.model_io import random_inputs, wrap
+
+    student = families["unet2d"][1]  # its Upsample2D branches on batch >= 64
+    specs = input_specs(student)
+    wrapper = wrap(student, specs)
+    batch = torch.export.Dim("batch", min=1, max=128)
+    args, shapes = tuple(random_inputs(specs, 2)), tuple({0: batch} for _ in specs)
+    with pytest.raises(Exception, match="batch"):  # noqa: B017 - torch.export's own error type
+        torch.export.export(wrapper, args, dynamic_shapes=shapes)
+    with batch_independent(student), torch.no_grad():
+        program = torch.export.export(wrapper, args, dynamic_shapes=shapes)
+        inputs = random_inputs(specs, 70, seed=3)
+        replaced = wrapper(*inputs)
+    assert [(r.lower, r.upper) for r in program.range_constraints.values()] == [(1, 128)]
+    with torch.no_grad():
+        assert torch.equal(wrapper(*inputs), replaced)  # the same values as diffusers' own forward
+        assert torch.equal(program.module()(*inputs), replaced)
+
+
+def test_aoti_package_above_tolerance_is_not_written(families, aoti_dit, tmp_path, monkeypatch):
     from nni_2ndmatch.deploy import ParityError, export_aoti
 
+    # the compiler's output is the package the script built from the same model (a compile saved)
+    compiled = aoti_dit[0] / "s.pt2"
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda program, package_path, **kw: shutil.copyfile(compiled, package_path))
     with pytest.raises(ParityError, match="does not match PyTorch.*nothing was written"):
         export_aoti(families["dit"][1], tmp_path / "s.pt2", batches=[2], tolerance=1e-12)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_aoti_bad_options_exit_2_and_a_missing_backend_exits_3(families, tmp_path):
-    save_pruned(families["dit"][1], tmp_path / "student")
-    r = script("to_aoti.py", "--model", tmp_path / "student", "--out", tmp_path / "s.pt2", "--fp16")
-    assert r.returncode == 2 and "fp16=True is not allowed with device='cpu'" in r.stderr
-    r = script("to_aoti.py", "--model", tmp_path / "student", "--out", tmp_path / "s.pt2", "--device", "tpu")
-    assert r.returncode == 2 and "device='tpu' is unknown; allowed: cpu, cuda" in r.stderr
+def test_aoti_bad_options_are_clear_errors_and_exit_2(families, tmp_path):
+    from nni_2ndmatch.deploy import export_aoti
+
+    student = families["dit"][1]
+    with pytest.raises(DeployError, match="fp16=True is not allowed with device='cpu'"):
+        export_aoti(student, tmp_path / "s.pt2", fp16=True)
+    with pytest.raises(DeployError, match="device='tpu' is unknown; allowed: cpu, cuda"):
+        export_aoti(student, tmp_path / "s.pt2", device="tpu")
+    with pytest.raises(DeployError, match=r"batches=\[0\] is not allowed"):
+        export_aoti(student, tmp_path / "s.pt2", batches=[0])
     if not torch.cuda.is_available():
-        r = script("to_aoti.py", "--model", tmp_path / "student", "--out", tmp_path / "s.pt2", "--device", "cuda")
-        assert r.returncode == 3 and "no CUDA GPU is visible" in r.stderr
-    assert "Traceback" not in r.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+        with pytest.raises(MissingBackendError, match="no CUDA GPU is visible"):
+            export_aoti(student, tmp_path / "s.pt2", device="cuda")
+    save_pruned(student, tmp_path / "student")
+    r = script("to_aoti.py", "--model", tmp_path / "student", "--out", tmp_path / "s.pt2", "--fp16")
+    assert r.returncode == 2 and "fp16=True is not allowed" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
 
 
 # --- the scripts, as a user runs them ------------------------------------------------------------
