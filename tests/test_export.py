@@ -66,7 +66,7 @@ def exported(families, tmp_path_factory):
     out = {}
     for kind, (_, student) in families.items():
         path = folder / f"{kind}.onnx"
-        out[kind] = (student, path, export_onnx(student, path, seq_len=5))
+        out[kind] = (student, path, export_onnx(student, path, seq_len=5, simplify=False))  # onnxslim: its own test
     return out
 
 
