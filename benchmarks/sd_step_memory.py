@@ -19,10 +19,8 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.step_cost import peak_growth_mib  # noqa: E402
 from nni_2ndmatch import get_finetuner  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 from nni_2ndmatch.method import checkpoint_as_forward  # noqa: E402
@@ -51,11 +50,6 @@ def sd15_unet(width: float = 1.0):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def one_step(name: str, checkpointing: bool) -> dict:
     """One loss + backward step of ``name`` in this process: seconds and peak memory growth (MiB)."""
     torch.manual_seed(0)
@@ -67,23 +61,16 @@ def one_step(name: str, checkpointing: bool) -> dict:
     text, t = torch.randn(1, 77, 768), torch.tensor([500])
     kind, options = VARIANTS[name]
     finetuner = get_finetuner(kind, **options)
-    peak, done = [0], threading.Event()
+    seconds = []
 
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.01)
+    def step() -> None:
+        start = time.perf_counter()
+        loss, _ = finetuner.loss(student, teacher, x0, noise, t, encoder_hidden_states=text)
+        loss.backward()
+        seconds.append(time.perf_counter() - start)
 
-    before = _rss()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    start = time.perf_counter()
-    loss, _ = finetuner.loss(student, teacher, x0, noise, t, encoder_hidden_states=text)
-    loss.backward()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return {"seconds": seconds, "peak_mib": (peak[0] - before) / 2**20,
+    peak_mib = peak_growth_mib(step, interval=0.01)
+    return {"seconds": seconds[0], "peak_mib": peak_mib,
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in student.parameters())}
 

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -117,25 +118,32 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _measure_memory(layout: str, name: str) -> float:
-    torch.set_num_threads(1)
-    teacher, student, x0, noise, timesteps, cond = setup(layout)
-    ft = get_finetuner(VARIANTS[name][0], **VARIANTS[name][1])
-    step(ft, student, teacher, x0[:1], noise[:1], timesteps[:1], {k: v[:1] for k, v in cond.items()})  # every grad
+def peak_growth_mib(fn: Callable[[], Any], interval: float = 0.002) -> float:
+    """Growth of the resident set (MiB) at its peak while ``fn()`` runs, sampled every ``interval`` s."""
     peak, done = [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
+            time.sleep(interval)
 
     before = _rss()
     sampler = threading.Thread(target=sample)
     sampler.start()
-    step(ft, student, teacher, x0, noise, timesteps, cond)
-    done.set()
-    sampler.join()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
     return (peak[0] - before) / 2**20
+
+
+def _measure_memory(layout: str, name: str) -> float:
+    torch.set_num_threads(1)
+    teacher, student, x0, noise, timesteps, cond = setup(layout)
+    ft = get_finetuner(VARIANTS[name][0], **VARIANTS[name][1])
+    step(ft, student, teacher, x0[:1], noise[:1], timesteps[:1], {k: v[:1] for k, v in cond.items()})  # every grad
+    return peak_growth_mib(lambda: step(ft, student, teacher, x0, noise, timesteps, cond))
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -28,7 +28,7 @@ from .method import (
     sample_directions,
     second_match_loss,
 )
-from .models import SUPPORTED_CLASSES, build_builtin, example_conditioning
+from .models import build_builtin, example_conditioning
 from .nni import (
     NoisyBatches,
     diffusion_evaluator,
@@ -37,7 +37,7 @@ from .nni import (
     prune_diffusers,
 )
 from .pruning import as_component, load_pruned, masks_to_student, pruned_class, save_pruned
-from .pruning.component import PREFIX
+from .pruning.component import dense_of
 from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
 
 __version__ = "0.1.0"
@@ -46,8 +46,8 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     if name == "SecondMatchDistiller":  # built on first use: it subclasses an NNI class
         return distiller_class()
-    if name.startswith(PREFIX) and name[len(PREFIX):] in SUPPORTED_CLASSES:  # built on first use
-        return pruned_class(name[len(PREFIX):])
+    if dense_of(name):  # a pruned class, built on first use
+        return pruned_class(dense_of(name))
     if name == "ModelMixin":  # diffusers looks up the base classes of a component in its library
         from diffusers import ModelMixin
 

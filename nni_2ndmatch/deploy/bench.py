@@ -99,16 +99,18 @@ class Variant:
 
 # --- variants ------------------------------------------------------------------------------------
 
+def _inference(fn: Callable[..., Tensor], inputs: list[Tensor]) -> Callable[[], Tensor]:
+    """The timed call: ``fn(*inputs)`` without autograd."""
+    def run() -> Tensor:
+        with torch.inference_mode():
+            return fn(*inputs)
+    return run
+
+
 def _torch_eager(device: str) -> Callable:
     def prepare(subject: Subject, batch: int):
         model = subject.model if device == "cpu" else copy.deepcopy(subject.model).to(device)
-        wrapper = wrap(model, subject.specs)
-        inputs = random_inputs(subject.specs, batch, subject.seed, device)
-
-        def run() -> Tensor:
-            with torch.inference_mode():
-                return wrapper(*inputs)
-        return run, None
+        return _inference(wrap(model, subject.specs), random_inputs(subject.specs, batch, subject.seed, device)), None
     return prepare
 
 
@@ -145,13 +147,7 @@ def _torch_compile(device: str, precision: str) -> Callable:
         half = precision == "fp16"
         wrapper = wrap(model.half() if half else model, subject.specs, half=half)
         compiled = torch.compile(wrapper, mode="reduce-overhead" if device == "cuda" else None, dynamic=False)
-        inputs = random_inputs(subject.specs, batch, subject.seed, device)
-
-        def run() -> Tensor:
-            with torch.inference_mode():
-                return compiled(*inputs)
-        run.keep_alive = model
-        return run, None
+        return _inference(compiled, random_inputs(subject.specs, batch, subject.seed, device)), None
     return prepare
 
 
@@ -165,12 +161,7 @@ def _aoti(device: str, precision: str, workdir: Path, seq_len: int, batches: lis
                         seq_len=seq_len, source={"role": subject.role})
             subject.files[key] = path
         package = torch._inductor.aoti_load_package(str(subject.files[key]))
-        inputs = random_inputs(subject.specs, batch, subject.seed, device)
-
-        def run() -> Tensor:
-            with torch.inference_mode():
-                return package(*inputs)
-        return run, None
+        return _inference(package, random_inputs(subject.specs, batch, subject.seed, device)), None
     return prepare
 
 

@@ -27,5 +27,6 @@ from .loading import (
 __all__ = [
     "BUILTIN_MODELS", "SUPPORTED_CLASSES", "build_builtin", "conditioning_of", "count_params",
     "default_example_inputs", "diffusers_class_name", "digits_unet", "example_conditioning", "is_dit",
-    "is_pipeline_folder", "load_diffusers_model", "load_hub_model", "model_class", "pipeline_denoiser", "save_diffusers_model", "tiny_dit", "tiny_unet", "tiny_unet_cond",
+    "is_pipeline_folder", "load_diffusers_model", "load_hub_model", "model_class", "pipeline_denoiser",
+    "save_diffusers_model", "tiny_dit", "tiny_unet", "tiny_unet_cond",
 ]

@@ -23,31 +23,31 @@ from typing import Any
 from torch import nn
 
 from ..files import atomic_dir, atomic_write_json
-from ..models import SUPPORTED_CLASSES, default_example_inputs, diffusers_class_name, pipeline_denoiser
+from ..models import SUPPORTED_CLASSES, diffusers_class_name, pipeline_denoiser
 from ..models.loading import PIPELINE_INDEX
-from .plan import check_plan, check_plan_widths
-from .surgery import apply_plan, dependency_graph
+from .plan import apply_checked_plan, check_plan
 
 PREFIX = "Pruned"
 
 
+def dense_of(class_name: str) -> str | None:
+    """The dense class a pruned class name stands for (``PrunedUNet2DModel`` -> ``UNet2DModel``), else None."""
+    dense = class_name.removeprefix(PREFIX)
+    return dense if class_name.startswith(PREFIX) and dense in SUPPORTED_CLASSES else None
+
+
 def _init(self, pruning_plan: dict[str, Any] | None = None, **config: Any) -> None:
-    dense = type(self).__mro__[1]
-    dense.__init__(self, **config)  # registers the dense config
+    type(self).__mro__[1].__init__(self, **config)  # the dense class: registers the dense config
     if pruning_plan is not None:
         where = f"{type(self).__name__} config: pruning_plan"
         check_plan(pruning_plan, where)
-        check_plan_widths(pruning_plan, self, where)
-        try:
-            apply_plan(self, dependency_graph(self, default_example_inputs(self)), pruning_plan["groups"])
-        except (KeyError, AttributeError, IndexError, RuntimeError) as e:
-            raise ValueError(f"{where} does not match the {dense.__name__} architecture: {e}") from None
+        apply_checked_plan(self, pruning_plan, where)
     self.register_to_config(pruning_plan=pruning_plan)
     self.pruning_plan = pruning_plan
 
 
 def _init_keys(input_class: type) -> set[str]:
-    if input_class.__name__.startswith(PREFIX) and input_class.__name__[len(PREFIX):] in SUPPORTED_CLASSES:
+    if dense_of(input_class.__name__):
         dense = input_class.__mro__[1]
         return set(inspect.signature(dense.__init__).parameters) | {"pruning_plan"}
     return set(inspect.signature(input_class.__init__).parameters)

@@ -8,8 +8,9 @@ from typing import Any
 
 from torch import nn
 
+from ..models import default_example_inputs, diffusers_class_name
 from ..utils import did_you_mean, is_integer, json_kind
-from .surgery import PLAN_VERSION, out_width
+from .surgery import PLAN_VERSION, apply_plan, dependency_graph, out_width
 
 
 def _check_keys(value: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
@@ -76,3 +77,16 @@ def check_plan_widths(plan: dict[str, Any], model: nn.Module, path: str | os.Pat
         if bad is not None:
             raise ValueError(f"{where}.keep: index {bad} is out of range for width {width} ({root}); "
                              f"allowed: 0 to {width - 1}")
+
+
+def apply_checked_plan(model: nn.Module, plan: dict[str, Any], path: str | os.PathLike,
+                       example_inputs: dict[str, Any] | None = None) -> None:
+    """Cut the dense ``model`` down to ``plan`` (structure checked by :func:`check_plan`) in place,
+    after checking its widths; a plan that does not fit the architecture is a ValueError naming ``path``."""
+    check_plan_widths(plan, model, path)
+    inputs = example_inputs if example_inputs is not None else default_example_inputs(model)
+    try:
+        apply_plan(model, dependency_graph(model, inputs), plan["groups"])
+    except (KeyError, AttributeError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{path} does not match the {diffusers_class_name(model)} architecture: {e}") from None
+    model.pruning_plan = plan

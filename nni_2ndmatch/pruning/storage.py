@@ -14,7 +14,6 @@ from torch import nn
 from ..files import atomic_dir, atomic_write_json, load_tensors, save_tensors
 from ..models import (
     SUPPORTED_CLASSES,
-    default_example_inputs,
     diffusers_class_name,
     is_pipeline_folder,
     load_diffusers_model,
@@ -22,9 +21,8 @@ from ..models import (
     save_diffusers_model,
 )
 from ..utils import json_kind
-from .component import PREFIX, pruned_class
-from .plan import check_plan, check_plan_widths
-from .surgery import apply_plan, dependency_graph
+from .component import PREFIX, dense_of, pruned_class
+from .plan import apply_checked_plan, check_plan
 
 WEIGHTS_FILE, CONFIG_FILE, PLAN_FILE = "model.safetensors", "config.json", "pruning_plan.json"
 
@@ -103,8 +101,8 @@ def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None
     folder = Path(folder)
     class_name = _pruned_class_name(folder) if not (folder / PLAN_FILE).exists() else None
     if class_name is not None:  # written by save_pretrained of a pruned class: the plan is in its config
-        dense = class_name.removeprefix(PREFIX)
-        if dense not in SUPPORTED_CLASSES:
+        dense = dense_of(class_name)
+        if dense is None:
             raise ValueError(f"{folder / CONFIG_FILE}: _class_name={class_name!r} is not supported; allowed: "
                              f"{', '.join(PREFIX + c for c in SUPPORTED_CLASSES)}")
         return pruned_class(dense).from_pretrained(str(folder), use_safetensors=True).eval()
@@ -122,13 +120,7 @@ def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None
 
     cls = getattr(diffusers, class_name)
     model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")}).eval()
-    check_plan_widths(plan, model, folder / PLAN_FILE)
-    inputs = example_inputs if example_inputs is not None else default_example_inputs(model)
-    try:
-        apply_plan(model, dependency_graph(model, inputs), plan["groups"])
-    except (KeyError, AttributeError, IndexError, RuntimeError) as e:
-        raise ValueError(f"{folder / PLAN_FILE} does not match the {class_name} architecture: {e}") from None
-    model.pruning_plan = plan
+    apply_checked_plan(model, plan, folder / PLAN_FILE, example_inputs)
     _load_weights(model, folder / WEIGHTS_FILE)
     return model
 
