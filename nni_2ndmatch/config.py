@@ -2,8 +2,10 @@
 
     version: 1
     model:    {teacher: {builtin: tiny-unet} | {path: DIR} | {hub: ID, subfolder: unet}, student: {...} (or pruning)}
-              (a teacher path with model_index.json: a pipeline; the run writes output_dir/pipeline)
-    data:     {builtin: digits, resolution: 16} | {path: DIR, resolution: 32, channels: 3}
+              (a pipeline teacher, {path: DIR with model_index.json} or {builtin: tiny-sd}: the run trains its
+              denoiser on its schedule, in its VAE's latent space with its text encoder's captions, and writes
+              output_dir/pipeline)
+    data:     {builtin: digits, resolution: 16} | {path: DIR, resolution: 32, channels: 3, caption_dropout: 0.1}
     pruning:  {pruner: L1NormPruner, sparse_ratio: 0.3, round_to: 8, config_list: [...]}
     finetune: {finetuner: 2ndmatch, steps: 200, lr: 2.0e-4, lambda_jac: 0.1, mode: vjp, ...}
     output_dir: runs/NAME
@@ -31,7 +33,7 @@ from pydantic import (
 from .data import BUILTIN_DATA
 from .errors import ConfigError
 from .finetuners import available_finetuners, finetuner_class
-from .models import BUILTIN_MODELS
+from .models import BUILTIN_MODELS, BUILTIN_PIPELINES
 from .nni import PRUNERS, check_config_list, check_config_list_pruner
 from .training import TrainConfig
 from .utils import did_you_mean
@@ -45,9 +47,9 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    """Exactly one of ``builtin`` (an architecture made here, seeded), ``path`` (a diffusers model
-    folder, a pruned-student folder, or a pixel-space pipeline folder: its denoiser) or ``hub`` (a
-    Hugging Face Hub model id, with ``subfolder``)."""
+    """Exactly one of ``builtin`` (an architecture or pipeline made here, seeded), ``path`` (a
+    diffusers model folder, a pruned-student folder, or a pipeline folder: its denoiser) or ``hub``
+    (a Hugging Face Hub model id, with ``subfolder``)."""
 
     builtin: str | None = None
     path: str | None = None
@@ -62,8 +64,12 @@ class ModelSpec(_Section):
             raise ValueError("give exactly one of 'builtin', 'path' or 'hub'")
         if self.subfolder is not None and self.hub is None:
             raise ValueError("'subfolder' goes with 'hub' only")
-        if self.builtin is not None and self.builtin not in BUILTIN_MODELS:
-            raise ValueError(f"builtin={self.builtin!r} is unknown; available: {', '.join(BUILTIN_MODELS)}")
+        known = (*BUILTIN_MODELS, *BUILTIN_PIPELINES)
+        if self.builtin is not None and self.builtin not in known:
+            raise ValueError(f"builtin={self.builtin!r} is unknown; available: {', '.join(known)}")
+        if self.builtin in BUILTIN_PIPELINES and self.width != 1.0:
+            raise ValueError(f"width={self.width!r} is not allowed for the builtin pipeline {self.builtin!r}; "
+                             "allowed: 1.0")
         return self
 
 
@@ -105,6 +111,8 @@ class DataSection(_Section):
     resolution: int = Field(16, ge=4, le=4096)
     channels: Literal[1, 3] = 1
     skip_bad_images: bool = False  # image folders: leave out files that do not decode (default: an error)
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description="text-to-image pipelines: share of captions "
+                                   "replaced by the empty prompt each step (classifier-free guidance)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSection":

@@ -138,6 +138,53 @@ class ImageFolderDataset(Dataset):
         return x / 127.5 - 1.0
 
 
+METADATA_FILE = "metadata.jsonl"
+
+
+def digit_captions(labels: Tensor) -> list[str]:
+    """The built-in digits' captions for a text-to-image pipeline: "a handwritten digit 3"."""
+    return [f"a handwritten digit {int(d)}" for d in labels]
+
+
+def read_captions(root: Path, files: list[Path]) -> list[str]:
+    """The caption of each of ``files`` from ``root``/metadata.jsonl, the Hugging Face imagefolder
+    convention: one JSON object per line, ``{"file_name": "a/b.png", "text": "..."}`` with the
+    path relative to ``root``. A missing file, a malformed line, an entry without a string
+    ``text``, an entry naming no file, two entries for one file and an image without an entry are
+    each a ValueError naming the file (and line)."""
+    import json
+
+    meta = root / METADATA_FILE
+    if not meta.is_file():
+        raise ValueError(f"data path {str(root)!r} has no {METADATA_FILE}; a text-to-image pipeline needs a caption "
+                         f'per image: one line per image, {{"file_name": "relative/path.png", "text": "a caption"}}')
+    captions: dict[Path, str] = {}
+    for n, line in enumerate(meta.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{meta} line {n}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not valid JSON: {e}") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+            raise ValueError(f"{where}: each line must be an object with a string \"file_name\"")
+        if not isinstance(entry.get("text"), str):
+            raise ValueError(f"{where}: \"text\" is {entry.get('text')!r}; each image needs a caption (a string, "
+                             "empty for none)")
+        file = (root / entry["file_name"]).resolve()
+        if not file.is_file():
+            raise ValueError(f"{where}: file_name {entry['file_name']!r} names no file in {str(root)!r}")
+        if file in captions:
+            raise ValueError(f"{where}: a second entry for {entry['file_name']!r}; give each image one entry")
+        captions[file] = entry["text"]
+    missing = [f for f in files if f.resolve() not in captions]
+    if missing:
+        listed = ", ".join(str(f.relative_to(root)) for f in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"{meta}: {len(missing)} image(s) have no entry: {listed}")
+    return [captions[f.resolve()] for f in files]
+
+
 def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tensor:
     """Dataset indices of global batch ``step``: a fresh seeded permutation per epoch, last
     incomplete batch dropped. A pure function of its arguments, so a resumed run sees the same data."""

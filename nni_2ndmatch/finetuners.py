@@ -147,9 +147,10 @@ class Finetuner:
         for key, value in self.opts:
             setattr(self, key, value)
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
-        prediction = getattr(getattr(self.scheduler, "config", None), "prediction_type", "epsilon")
-        if prediction != "epsilon":
-            raise ValueError(f"scheduler prediction_type={prediction!r} is not supported; allowed: 'epsilon'")
+        self.prediction_type = getattr(getattr(self.scheduler, "config", None), "prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type={self.prediction_type!r} is not supported; allowed: "
+                             "'epsilon', 'v_prediction'")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -167,30 +168,36 @@ class Finetuner:
 
     def loss(self, student: Callable[..., Any], teacher: Callable[..., Any] | None, x0: Tensor, noise: Tensor,
              timesteps: Tensor, **model_kwargs: Any) -> tuple[Tensor, dict[str, float]]:
-        """Total loss of one step and its terms as detached floats (``loss`` included)."""
+        """Total loss of one step and its terms as detached floats (``loss`` included). The terms get
+        the network's regression target: ``noise`` (epsilon prediction) or, under the scheduler's
+        ``v_prediction``, the velocity sqrt(abar_t) noise - sqrt(1 - abar_t) x0."""
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x0.shape[0])
         x_t = self.add_noise(x0, noise, timesteps)
-        terms = self.terms(student, teacher, x_t, noise, timesteps, **model_kwargs)
+        target = noise if self.prediction_type == "epsilon" else \
+            self.scheduler.get_velocity(x0, noise, timesteps.to(x0.device))
+        terms = self.terms(student, teacher, x_t, target, timesteps, **model_kwargs)
         weights = self.weights()
         total = sum((w * terms[k] for k, w in weights.items()), torch.zeros((), device=x0.device))
         logged = {k: float(v.detach()) for k, v in terms.items()}
         logged["loss"] = float(total.detach())
         return total, logged
 
-    def terms(self, student, teacher, x_t: Tensor, noise: Tensor, timesteps: Tensor,
+    def terms(self, student, teacher, x_t: Tensor, target: Tensor, timesteps: Tensor,
               **model_kwargs: Any) -> dict[str, Tensor]:
+        """The unweighted terms of one step; ``target`` is what the network should output (``loss``)."""
         raise NotImplementedError
 
 
 @register_finetuner("dsm")
 class DSM(Finetuner):
-    """Denoising score matching: lambda_dsm * ||eps_S - eps||^2 (sum over pixels, mean over batch)."""
+    """Denoising score matching: lambda_dsm * ||eps_S - eps||^2 (sum over pixels, mean over batch;
+    under v_prediction the target is the velocity)."""
 
     uses_teacher = False
 
-    def terms(self, student, teacher, x_t, noise, timesteps, **model_kwargs):
-        return {"dsm": dsm_term(model_output(student, x_t, timesteps, **model_kwargs), noise)}
+    def terms(self, student, teacher, x_t, target, timesteps, **model_kwargs):
+        return {"dsm": dsm_term(model_output(student, x_t, timesteps, **model_kwargs), target)}
 
 
 class KDOptions(FinetunerOptions):
@@ -217,11 +224,11 @@ class KD(Finetuner):
     def weights(self):
         return {"dsm": self.lambda_dsm, "kd": self.lambda_kd}
 
-    def terms(self, student, teacher, x_t, noise, timesteps, **model_kwargs):
+    def terms(self, student, teacher, x_t, target, timesteps, **model_kwargs):
         with torch.no_grad():
             eps_t = model_output(teacher, x_t, timesteps, **model_kwargs)
         eps_s = model_output(student, x_t, timesteps, **model_kwargs)
-        return {"dsm": dsm_term(eps_s, noise), "kd": kd_term(eps_s, eps_t)}
+        return {"dsm": dsm_term(eps_s, target), "kd": kd_term(eps_s, eps_t)}
 
 
 @register_finetuner("2ndmatch")
@@ -253,7 +260,7 @@ class SecondMatch(KD):
     def weights(self):
         return {"dsm": self.lambda_dsm, "kd": self.lambda_kd, "jac": self.lambda_jac}
 
-    def terms(self, student, teacher, x_t, noise, timesteps, **model_kwargs):
+    def terms(self, student, teacher, x_t, target, timesteps, **model_kwargs):
         batch = x_t.shape[0]
         k = max(1, min(batch, int(-(-self.jac_fraction * batch // 1))))  # ceil, at least one sample
         p = self.num_projections
@@ -277,4 +284,4 @@ class SecondMatch(KD):
         jac = jacobian_match_term(s_s, s_t)
         if self.jac_reference_dims is not None:
             jac = jac * (x_t[0].numel() / self.jac_reference_dims)
-        return {"dsm": dsm_term(eps_s, noise), "kd": kd_term(eps_s, eps_t), "jac": jac}
+        return {"dsm": dsm_term(eps_s, target), "kd": kd_term(eps_s, eps_t), "jac": jac}

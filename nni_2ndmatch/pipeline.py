@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +15,23 @@ import yaml
 from torch import nn
 
 from .config import Config, ModelSpec
-from .data import DigitsDataset, ImageFolderDataset, collate
+from .data import DigitsDataset, ImageFolderDataset, collate, digit_captions, read_captions
+from .encoding import CACHE_FILE, encode, fingerprint, load_cached, save_cached
 from .errors import UserError
 from .files import atomic_write_json, atomic_write_text
 from .finetuners import get_finetuner
-from .method import model_output
+from .method import default_scheduler, model_output
 from .models import (
+    BUILTIN_PIPELINES,
+    PipelineParts,
     build_builtin,
     conditioning_of,
     count_params,
     default_example_inputs,
     is_pipeline_folder,
     load_hub_model,
+    load_pipeline_parts,
+    write_tiny_sd,
 )
 from .nni import prune_diffusers
 from .pruning import (
@@ -68,10 +74,43 @@ def load_model(spec: ModelSpec, role: str) -> nn.Module:
         raise UserError(f"model.{role}: {e}") from None
 
 
-def load_dataset(config: Config, teacher: nn.Module | None = None) -> torch.utils.data.Dataset:
+def load_teacher(spec: ModelSpec, resolution: int) -> tuple[nn.Module, PipelineParts | None]:
+    """The teacher, and when it comes from a pipeline (a pipeline folder, or a builtin pipeline
+    written for ``resolution`` into a temporary folder that lives as long as the parts) what the
+    run takes from that pipeline."""
+    try:
+        if spec.builtin in BUILTIN_PIPELINES:
+            folder = tempfile.TemporaryDirectory(prefix=f"nni-2ndmatch-{spec.builtin}-")
+            parts = load_pipeline_parts(write_tiny_sd(folder.name, seed=spec.seed, resolution=resolution))
+            parts.keep = folder
+        elif spec.path is not None and is_pipeline_folder(spec.path):
+            parts = load_pipeline_parts(spec.path)
+        else:
+            return load_model(spec, "teacher"), None
+        return load_model_folder(parts.path), parts
+    except (ValueError, OSError) as e:
+        raise UserError(f"model.teacher: {e}") from None
+
+
+def _samples_like_evaluation(parts: PipelineParts) -> bool:
+    """The evaluation's DDIM sampler serves a pixel-space pipeline trained on the default schedule."""
+    default = default_scheduler().config
+    return not parts.latent and all(parts.scheduler.config[k] == default[k] for k in
+                                    ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                                     "prediction_type", "trained_betas"))
+
+
+def load_dataset(config: Config, teacher: nn.Module | None = None,
+                 parts: PipelineParts | None = None) -> torch.utils.data.Dataset:
     """The config's data; for a conditional teacher, the built-in digits carry each digit's label
-    as the conditioning the teacher takes (class labels or a fixed per-digit prompt embedding)."""
+    as the conditioning the teacher takes (class labels or a fixed per-digit prompt embedding).
+    A latent pipeline's data are encoded (``load_encoded``)."""
     data = config.data
+    if parts is not None and parts.latent:
+        return load_encoded(config, teacher, parts)
+    if data.caption_dropout:
+        raise UserError(f"data.caption_dropout: value {data.caption_dropout!r} is not allowed: it needs a "
+                        "text-to-image pipeline teacher (one with a text_encoder); allowed here: 0")
     conditioning = conditioning_of(teacher) if teacher is not None else None
     try:
         if data.builtin == "digits":
@@ -85,6 +124,44 @@ def load_dataset(config: Config, teacher: nn.Module | None = None) -> torch.util
                                   skip_bad_images=data.skip_bad_images)
     except (ValueError, OSError) as e:
         raise UserError(f"data: {e}") from None
+
+
+def load_encoded(config: Config, teacher: nn.Module, parts: PipelineParts) -> torch.utils.data.Dataset:
+    """A latent pipeline's training data: the images (and captions, from metadata.jsonl or the
+    digits' "a handwritten digit 3") encoded by its VAE (and text encoder), from output_dir's
+    cache when its fingerprint matches. ``fresh`` on the result: encoded now, to be cached."""
+    data, text = config.data, parts.text_encoder is not None
+    conditioning = conditioning_of(teacher)
+    gives = ("encoder_hidden_states", parts.text_encoder.config.hidden_size) if text else None
+    if conditioning != gives:
+        raise UserError(f"model.teacher: the denoiser is conditioned on {conditioning or 'nothing'} but the pipeline "
+                        f"gives {gives or 'no conditioning'}; allowed: a text encoder feeding a cross-attention "
+                        "denoiser of its width, or an unconditional denoiser without one")
+    if data.caption_dropout and not text:
+        raise UserError(f"data.caption_dropout: value {data.caption_dropout!r} is not allowed: the pipeline "
+                        f"({parts.path}) has no text encoder; allowed: 0")
+    if config.finetune.hflip:
+        raise UserError("finetune.hflip: value True is not allowed with a latent pipeline: the latents are encoded "
+                        "once, and a flipped latent is not the latent of the flipped image; allowed: false")
+    try:
+        if data.builtin == "digits":
+            images = DigitsDataset(resolution=data.resolution, split="train")
+            captions = digit_captions(images.labels) if text else None
+        else:
+            images = ImageFolderDataset(data.path, resolution=data.resolution, channels=data.channels,
+                                        skip_bad_images=data.skip_bad_images)
+            captions = read_captions(images.root, images.files) if text else None
+        key = fingerprint(parts, images, captions)
+        dataset = load_cached(Path(config.output_dir) / CACHE_FILE, key, data.caption_dropout)
+        dataset, dataset.fresh = (dataset, False) if dataset is not None else \
+            (encode(parts, images, captions, caption_dropout=data.caption_dropout), True)
+    except (ValueError, OSError) as e:
+        raise UserError(f"data: {e}") from None
+    dataset.fingerprint = key
+    logger.info("data: %d latents of shape %s%s (%s)", len(dataset), tuple(dataset.latents.shape[1:]),
+                f", {len(dataset.embeddings) - 1} distinct captions" if text else "",
+                "encoded now" if dataset.fresh else f"from {Path(config.output_dir) / CACHE_FILE}")
+    return dataset
 
 
 def _preflight(models: dict[str, nn.Module], item: Any) -> None:
@@ -221,14 +298,17 @@ def saved_pruned_student(out: Path) -> nn.Module:
 
 def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,
                  student: nn.Module, *, resume: bool = False, progress: bool = True,
-                 runtime: Runtime | None = None) -> tuple[dict[str, Any], nn.Module]:
+                 runtime: Runtime | None = None,
+                 parts: PipelineParts | None = None) -> tuple[dict[str, Any], nn.Module]:
     """Finetune ``student`` (checked against the data by ``run_job``) against the teacher; the main
-    process saves it with a summary. Returns the summary and the finetuned student."""
+    process saves it with a summary (and, for a pipeline teacher, ``parts``, the pipeline with the
+    student in it). Returns the summary and the finetuned student."""
     runtime = runtime or Runtime(config.finetune.device)
     if runtime.is_main:
         _check_free_space(out, student, config)
     section = config.finetune
-    finetuner = get_finetuner(section.finetuner, **section.finetuner_kwargs())
+    finetuner = get_finetuner(section.finetuner, scheduler=parts.scheduler if parts else None,
+                              **section.finetuner_kwargs())
     try:
         result = finetune(student, teacher, finetuner, dataset, section.train_config(), out, resume=resume,
                           runtime=runtime, progress=progress)
@@ -241,13 +321,13 @@ def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.u
         "teacher_params": count_params(teacher), "student_params": count_params(result.student),
         "student_dir": STUDENT_DIR, "processes": runtime.world_size,
     }
-    source = config.model.teacher.path
-    if source is not None and is_pipeline_folder(source):  # the teacher's pipeline, with the student in it
+    if parts is not None:  # the teacher's pipeline, with the student in it
         summary["pipeline_dir"] = PIPELINE_DIR
+        summary["schedule"] = {k: finetuner.scheduler.config[k] for k in ("beta_schedule", "prediction_type")}
     if runtime.is_main:
         save_model(result.student, out / STUDENT_DIR)
-        if "pipeline_dir" in summary:
-            save_pipeline(result.student, source, out / PIPELINE_DIR)
+        if parts is not None:
+            save_pipeline(result.student, parts.path, out / PIPELINE_DIR)
             logger.info("saved the pipeline with the student to %s", out / PIPELINE_DIR)
         atomic_write_json(out / "summary.json", summary)
         logger.info("saved the student to %s", out / STUDENT_DIR)
@@ -264,8 +344,12 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     torch.set_num_threads(config.resolved_threads())
     runtime = make_runtime(config.finetune.device, config.finetune.process_timeout_s)
     # every input is checked before anything is written to (or deleted from) output_dir
-    teacher = load_model(config.model.teacher, "teacher")
-    dataset = load_dataset(config, teacher)
+    teacher, parts = load_teacher(config.model.teacher, config.data.resolution)
+    if parts is not None and config.evaluate is not None and not _samples_like_evaluation(parts):
+        raise UserError(f"evaluate: the pipeline ({parts.path}) is latent or has its own schedule, which the "
+                        "evaluation does not sample with yet; remove the evaluate section and sample "
+                        "output_dir/pipeline with diffusers")
+    dataset = load_dataset(config, teacher, parts)
     student = load_model(config.model.student, "student") if config.model.student is not None else None
     _preflight({"teacher": teacher} if student is None else {"teacher": teacher, "student": student}, dataset[0])
     try:
@@ -275,6 +359,8 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     if runtime.is_main:
         prepare_output_dir(config, command, resume, overwrite)
         write_config(config, resume)
+        if getattr(dataset, "fresh", False):
+            save_cached(dataset, Path(config.output_dir) / CACHE_FILE, dataset.fingerprint)
     runtime.barrier()
     out = Path(config.output_dir)
     if command in ("prune", "run") and config.pruning is not None:
@@ -288,7 +374,7 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     compare = command == "run" and config.evaluate is not None and config.evaluate.compare
     start = copy.deepcopy(student) if compare and runtime.is_main else None  # the baselines start here too
     summary, student = run_finetune(config, out, teacher, dataset, student, resume=resume, progress=progress,
-                                    runtime=runtime)
+                                    runtime=runtime, parts=parts)
     if not runtime.is_main:
         return summary
     if command == "run" and (config.evaluate is not None or config.export is not None):

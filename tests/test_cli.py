@@ -118,12 +118,12 @@ def test_a_pipeline_teacher_gives_its_pipeline_with_the_student_in_it(tmp_path):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (lambda p: _edit_json(p / "model_index.json", vae=["diffusers", "AutoencoderKL"]),
-     r"model_index.json: the pipeline has vae: latent and text-conditional pipelines are not trained on yet"),
-    (lambda p: _edit_json(p / "scheduler" / "scheduler_config.json", beta_schedule="scaled_linear"),
-     r"scheduler_config.json: beta_schedule='scaled_linear' is not supported yet"),
-    (lambda p: _edit_json(p / "scheduler" / "scheduler_config.json", prediction_type="v_prediction"),
-     r"scheduler_config.json: prediction_type='v_prediction' is not supported yet"),
+    (lambda p: _edit_json(p / "model_index.json", vae=["diffusers", "VQModel"]),
+     r"model_index.json: vae is VQModel; allowed: AutoencoderKL"),
+    (lambda p: _edit_json(p / "model_index.json", tokenizer=["transformers", "CLIPTokenizer"]),
+     r"model_index.json: a text_encoder needs its tokenizer and a tokenizer its text_encoder"),
+    (lambda p: _edit_json(p / "scheduler" / "scheduler_config.json", beta_schedule="cubic"),
+     r"scheduler_config.json: not a schedule DDPM training can use: cubic"),
     (lambda p: _edit_json(p / "model_index.json", unet=[None, None]),
      r"model_index.json: no denoiser component; expected one of unet, transformer"),
 ])

@@ -175,11 +175,11 @@ def test_2ndmatch_on_each_diffusers_family_with_conditioning(kind):
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_a_scheduler_that_does_not_predict_epsilon_is_refused():
+def test_a_scheduler_that_predicts_neither_noise_nor_velocity_is_refused():
     from diffusers import DDPMScheduler
 
-    with pytest.raises(ValueError, match="prediction_type='v_prediction' is not supported"):
-        get_finetuner("dsm", scheduler=DDPMScheduler(prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="prediction_type='sample' is not supported; allowed: 'epsilon', "):
+        get_finetuner("dsm", scheduler=DDPMScheduler(prediction_type="sample"))
 
 
 def test_jac_reference_dims_scales_the_term_by_image_size_over_the_reference():

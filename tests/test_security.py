@@ -35,7 +35,9 @@ def _problems(source: str) -> list[str]:
                 value = keywords["trust_remote_code"]
                 if not (isinstance(value, ast.Constant) and value.value is False):
                     problems.append(f"line {node.lineno}: {name} with trust_remote_code")
-            if name.endswith("from_pretrained") and keywords.get("use_safetensors") is None:
+            tokenizer = name.split(".")[-2].endswith(("Tokenizer", "TokenizerFast")) if "." in name else False
+            # (a tokenizer reads its vocabulary as JSON and text; there are no weights to choose a format for)
+            if name.endswith("from_pretrained") and keywords.get("use_safetensors") is None and not tokenizer:
                 problems.append(f"line {node.lineno}: {name} without use_safetensors=True")
     return problems
 

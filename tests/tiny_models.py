@@ -48,3 +48,56 @@ def example_inputs(kind, batch=2, dtype=torch.float64, seed=0):
 
 
 BUILDERS = {"unet2d": tiny_unet2d, "unet2d_condition": tiny_unet2d_condition, "dit": tiny_dit}
+
+
+def tiny_sd_pipeline(folder, prediction_type="epsilon", seed=0):
+    """A tiny Stable Diffusion pipeline folder built here from configs (AutoencoderKL, a cross-attention
+    UNet2DConditionModel, a CLIPTextModel and a character-level CLIP vocabulary), for 3x8x8 images."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    chars = [chr(c) for c in range(33, 127)]  # CLIP's byte alphabet keeps printable ASCII as it is
+    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
+    words = folder / "vocabulary"
+    words.mkdir(parents=True)
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    (words / "merges.txt").write_text("#version: 0.2\n")
+    (words / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 24}))
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=2, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, layers_per_block=1, sample_size=8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                max_position_embeddings=24, bos_token_id=len(vocab) - 2,
+                                                eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type, clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(words),
+                                   unet=tiny_unet2d_condition(seed), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / "pipeline", safe_serialization=True)
+    return folder / "pipeline"
+
+
+def captioned_images(folder, n=8, size=8):
+    """``n`` random RGB PNGs and a metadata.jsonl captioning each ("picture 0", ...)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i % 3}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

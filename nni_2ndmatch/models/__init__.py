@@ -2,6 +2,7 @@
 
 from .builtin import (
     BUILTIN_MODELS,
+    BUILTIN_PIPELINES,
     build_builtin,
     conditioning_of,
     default_example_inputs,
@@ -16,17 +17,24 @@ from .builtin import (
 from .loading import (
     SUPPORTED_CLASSES,
     count_params,
-    is_pipeline_folder,
     load_diffusers_model,
     load_hub_model,
     model_class,
-    pipeline_denoiser,
     save_diffusers_model,
+)
+from .pipelines import (
+    PipelineParts,
+    is_pipeline_folder,
+    load_pipeline_parts,
+    pipeline_denoiser,
+    training_scheduler,
+    write_tiny_sd,
 )
 
 __all__ = [
-    "BUILTIN_MODELS", "SUPPORTED_CLASSES", "build_builtin", "conditioning_of", "count_params",
-    "default_example_inputs", "diffusers_class_name", "digits_unet", "example_conditioning", "is_dit",
-    "is_pipeline_folder", "load_diffusers_model", "load_hub_model", "model_class", "pipeline_denoiser",
-    "save_diffusers_model", "tiny_dit", "tiny_unet", "tiny_unet_cond",
+    "BUILTIN_MODELS", "BUILTIN_PIPELINES", "PipelineParts", "SUPPORTED_CLASSES", "build_builtin", "conditioning_of",
+    "count_params", "default_example_inputs", "diffusers_class_name", "digits_unet", "example_conditioning", "is_dit",
+    "is_pipeline_folder", "load_diffusers_model", "load_hub_model", "load_pipeline_parts", "model_class",
+    "pipeline_denoiser", "save_diffusers_model", "tiny_dit", "tiny_unet", "tiny_unet_cond", "training_scheduler",
+    "write_tiny_sd",
 ]

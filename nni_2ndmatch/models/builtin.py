@@ -76,6 +76,8 @@ def digits_unet() -> nn.Module:
 BUILTIN_MODELS: dict[str, Callable[[float], nn.Module]] = {
     "digits-teacher": digits_teacher, "tiny-unet": tiny_unet, "tiny-unet-cond": tiny_unet_cond, "tiny-dit": tiny_dit,
     "ddpm-cifar10": ddpm_cifar10}
+#: Built-in pipelines (models.pipelines.write_tiny_sd): a teacher with its VAE, text encoder and schedule.
+BUILTIN_PIPELINES = ("tiny-sd",)
 
 
 def diffusers_class_name(model: nn.Module) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..files import atomic_dir, atomic_write_json
 from ..models import SUPPORTED_CLASSES, diffusers_class_name, pipeline_denoiser
-from ..models.loading import PIPELINE_INDEX
+from ..models.pipelines import PIPELINE_INDEX
 from .plan import apply_checked_plan, check_plan
 
 PREFIX = "Pruned"

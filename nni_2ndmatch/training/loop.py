@@ -179,6 +179,8 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             # every random draw is for the global batch, the same on every process
             indices = batch_indices(step, len(dataset), config.batch_size, config.seed)
             flip = torch.rand(config.batch_size) < 0.5 if config.hflip else None
+            drop_rate = getattr(dataset, "caption_dropout", 0.0)  # text-to-image data (encoding.EncodedDataset)
+            drop = torch.rand(config.batch_size) < drop_rate if drop_rate else None
             noise = timesteps = None
             lr = config.lr_at(step)
             for group in optimizer.param_groups:
@@ -187,6 +189,8 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             sums: dict[str, float] = {}
             for i, pos in enumerate(micro_batches):
                 x0, model_kwargs = collate([dataset[int(j)] for j in indices[pos]], runtime.device)
+                if drop is not None:
+                    model_kwargs = dataset.drop_captions(model_kwargs, drop[pos])
                 if noise is None:  # drawn once the image shape is known
                     noise = torch.randn(config.batch_size, *x0.shape[1:])
                     timesteps = sample_timesteps(config.batch_size, finetuner.num_train_timesteps, config.antithetic)

@@ -1,0 +1,194 @@
+"""Latent, text-conditional pipelines: pipeline in, pipeline out, on tiny pipelines built here."""
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_cli import cli_here
+from tiny_models import captioned_images, tiny_sd_pipeline
+
+from nni_2ndmatch.config import validate_config
+
+pytest.importorskip("transformers")
+
+
+def _config(tmp_path, prediction_type="epsilon", **finetune):
+    teacher = tiny_sd_pipeline(tmp_path / "teacher", prediction_type)
+    images = captioned_images(tmp_path / "images")
+    return {"version": 1, "model": {"teacher": {"path": str(teacher)}},
+            "data": {"path": str(images), "resolution": 8, "channels": 3},
+            "pruning": {"pruner": "magnitude", "sparse_ratio": 0.3, "round_to": None},
+            "finetune": {"finetuner": "2ndmatch", "steps": 2, "batch_size": 4, **finetune},
+            "output_dir": str(tmp_path / "run")}
+
+
+def test_a_stable_diffusion_pipeline_in_gives_its_pipeline_with_the_student_out(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    import nni_2ndmatch  # noqa: F401  (diffusers finds the pruned class among imported libraries)
+    from nni_2ndmatch import load_pruned
+    from nni_2ndmatch.pipeline import run_job
+
+    raw = _config(tmp_path)
+    summary = run_job(validate_config(raw), "run", progress=False)
+    teacher, out = tmp_path / "teacher" / "pipeline", tmp_path / "run" / summary["pipeline_dir"]
+    assert summary["schedule"] == {"beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+    assert json.loads((out / "model_index.json").read_text())["unet"] == ["nni_2ndmatch", "PrunedUNet2DConditionModel"]
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):  # the frozen parts are the teacher's, unchanged
+        for file in (teacher / part).iterdir():
+            assert (out / part / file.name).read_bytes() == file.read_bytes()
+    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    student = load_pruned(tmp_path / "run" / "student")
+    x, t, emb = torch.randn(2, 2, 4, 4), torch.tensor([3, 900]), torch.randn(2, 5, 8)
+    assert torch.equal(pipe.unet(x, t, encoder_hidden_states=emb).sample, student(x, t, emb).sample)
+    images = pipe("picture 1", num_inference_steps=2, height=8, width=8, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()
+
+
+def test_latents_and_caption_embeddings_are_the_encoders_outputs_and_are_cached(tmp_path):
+    from diffusers import AutoencoderKL
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from nni_2ndmatch.encoding import CACHE_FILE, save_cached
+    from nni_2ndmatch.pipeline import load_dataset, load_teacher
+
+    config = validate_config(_config(tmp_path))
+    teacher, parts = load_teacher(config.model.teacher, 8)
+    data = load_dataset(config, teacher, parts)
+    assert data.fresh and len(data) == 8
+    # item 5 by hand: the file, the VAE's posterior mean times its scaling factor, the caption's last hidden state
+    source = tmp_path / "teacher" / "pipeline"
+    vae = AutoencoderKL.from_pretrained(source / "vae")
+    pixels = torch.from_numpy(np.asarray(Image.open(tmp_path / "images" / "5.png"), dtype=np.float32))
+    with torch.no_grad():
+        latent = vae.encode(pixels.permute(2, 0, 1)[None] / 127.5 - 1).latent_dist.mean[0] * vae.config.scaling_factor
+        tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer")
+        ids = tokenizer(["picture 2"], padding="max_length", max_length=24, return_tensors="pt").input_ids
+        embedding = CLIPTextModel.from_pretrained(source / "text_encoder")(ids).last_hidden_state[0]
+    item = data[5]
+    torch.testing.assert_close(item["sample"], latent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(item["encoder_hidden_states"], embedding, rtol=1e-5, atol=1e-5)
+
+    save_cached(data, tmp_path / "run" / CACHE_FILE, data.fingerprint)
+    again = load_dataset(config, teacher, parts)
+    assert not again.fresh and torch.equal(again.latents, data.latents)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "5.png")  # the data changed
+    changed = load_dataset(config, teacher, parts)
+    assert changed.fresh and not torch.equal(changed[5]["sample"], data[5]["sample"])
+    assert torch.equal(changed[4]["sample"], data[4]["sample"])
+
+
+def test_caption_dropout_swaps_in_the_empty_prompt_and_the_loop_uses_it(tmp_path):
+    from nni_2ndmatch.pipeline import load_dataset, load_teacher
+
+    raw = _config(tmp_path)
+    raw["data"]["caption_dropout"] = 0.5
+    config = validate_config(raw)
+    teacher, parts = load_teacher(config.model.teacher, 8)
+    data = load_dataset(config, teacher, parts)
+    ids = parts.tokenizer([""], padding="max_length", max_length=24, return_tensors="pt").input_ids
+    with torch.no_grad():
+        empty = parts.text_encoder(ids).last_hidden_state[0]
+    kwargs = {"encoder_hidden_states": torch.stack([data[i]["encoder_hidden_states"] for i in range(4)])}
+    drop = torch.tensor([True, False, False, True])
+    dropped = data.drop_captions(kwargs, drop)["encoder_hidden_states"]
+    torch.testing.assert_close(dropped[0], empty, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dropped[3], empty, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dropped[1:3], kwargs["encoder_hidden_states"][1:3])
+
+    seen = []
+    original = type(data).drop_captions
+    type(data).drop_captions = lambda self, kw, d: seen.append(d.clone()) or original(self, kw, d)
+    try:
+        from nni_2ndmatch import TrainConfig, finetune, get_finetuner
+
+        student = copy.deepcopy(teacher).requires_grad_(True)
+        finetune(student, teacher, get_finetuner("dsm"), data, TrainConfig(steps=3, batch_size=4), tmp_path / "ft",
+                 progress=False)
+    finally:
+        type(data).drop_captions = original
+    assert len(seen) == 3 and 0 < torch.stack(seen).float().mean() < 1
+
+
+def test_v_prediction_trains_against_the_velocity():
+    """DSM's target under v_prediction: sqrt(abar_t) eps - sqrt(1 - abar_t) x0, with abar_t from
+    SD's scaled-linear betas computed here in float64."""
+    from diffusers import DDPMScheduler
+
+    from nni_2ndmatch import get_finetuner
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction")
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    abar = np.cumprod(1 - betas)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.tensor([0, 500, 999])
+    out = torch.randn(3, 2, 4, 4, generator=g)
+    _, terms = get_finetuner("dsm", scheduler=scheduler).loss(lambda x, ts: out, None, x0, noise, t)
+    a = torch.from_numpy(abar[t.numpy()]).view(-1, 1, 1, 1)
+    velocity = a.sqrt() * noise.double() - (1 - a).sqrt() * x0.double()
+    expected = (out.double() - velocity).pow(2).flatten(1).sum(1).mean()
+    assert terms["dsm"] == pytest.approx(float(expected), rel=1e-5)
+    _, eps_terms = get_finetuner("dsm").loss(lambda x, ts: out, None, x0, noise, t)
+    assert eps_terms["dsm"] == pytest.approx(float((out - noise).pow(2).flatten(1).sum(1).mean()), rel=1e-6)
+
+
+def test_a_v_prediction_pipeline_runs_and_its_schedule_is_recorded(tmp_path):
+    from nni_2ndmatch.pipeline import run_job
+
+    summary = run_job(validate_config(_config(tmp_path, "v_prediction", finetuner="kd")), "run", progress=False)
+    assert summary["schedule"]["prediction_type"] == "v_prediction"
+
+
+def _edit(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: (d / "images" / "metadata.jsonl").unlink(), r"data: data path '.*images' has no metadata.jsonl"),
+    (lambda d: (d / "images" / "7.png").rename(d / "images" / "x.png"),
+     r"data: .*metadata.jsonl line 8: file_name '7.png' names no file"),
+    (lambda d: (d / "images" / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a"}\n'),
+     r"data: .*metadata.jsonl: 7 image\(s\) have no entry: 1.png"),
+    (lambda d: (d / "images" / "metadata.jsonl").write_text('{"file_name": "0.png"}\n'),
+     r"data: .*metadata.jsonl line 1: \"text\" is None; each image needs a caption"),
+    (lambda d: _edit(d / "teacher" / "pipeline" / "model_index.json", text_encoder_2=["transformers", "CLIPTextModel"]),
+     r"model.teacher: .*model_index.json: the pipeline has text_encoder_2"),
+    (lambda d: _edit(d / "teacher" / "pipeline" / "scheduler" / "scheduler_config.json", prediction_type="sample"),
+     r"model.teacher: .*scheduler_config.json: prediction_type='sample' is not supported; allowed: epsilon, "),
+])
+def test_a_pipeline_or_data_the_run_cannot_use_is_one_clear_error(edit, expected, tmp_path):
+    raw = _config(tmp_path)
+    edit(tmp_path)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and re.search(expected, r.stderr), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("finetune", "hflip", True, r"finetune.hflip: value True is not allowed with a latent pipeline"),
+    ("evaluate", "samples", 4, r"evaluate: the pipeline .* is latent"),
+])
+def test_options_a_latent_pipeline_cannot_honour_are_refused(section, key, value, expected, tmp_path):
+    raw = _config(tmp_path)
+    raw.setdefault(section, {})[key] = value
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and re.search(expected, r.stderr), r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_caption_dropout_without_a_text_encoder_is_refused(tmp_path):
+    raw = {"version": 1, "model": {"teacher": {"builtin": "tiny-unet"}}, "data": {"builtin": "digits",
+           "caption_dropout": 0.1}, "pruning": {"pruner": "magnitude"}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and "data.caption_dropout: value 0.1 is not allowed" in r.stderr, r.stderr
