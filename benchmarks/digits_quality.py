@@ -34,6 +34,7 @@ from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
 from nni_2ndmatch.evaluation import ddim_sample, digits_fid, fidelity, sensitivity_profile  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
+from nni_2ndmatch.models import load_diffusers_model  # noqa: E402
 from nni_2ndmatch.models.digits import RESOLUTION, load_digits_classifier, load_digits_teacher  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
 
@@ -63,6 +64,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--baseline", help="a results JSON whose runs of the same seed and steps are reused: dsm and "
                                       "kd, and 2ndmatch too where --lambda-jac and --jac-weighting match (the other "
                                       "settings must match, except --seeds and --no-wallclock)")
+    p.add_argument("--teacher", help="a diffusers folder to use as the dense teacher instead of the shipped one "
+                                     "(e.g. one trained with train_digits_assets.py --dequantize)")
+    p.add_argument("--dequantize", action="store_true", help="finetune on dequantised digits (uniform noise "
+                                                             "within each grey level)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (part of the settings: results differ "
                                                           "in the last bits between thread counts)")
     p.add_argument("--out", default=str(RESULTS / "digits_quality.json"))
@@ -126,7 +131,8 @@ def main() -> None:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     # everything that changes the floats: the options, the thread count, the torch build and the CPU
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "baseline")},
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "baseline")
+                   and not (k in ("teacher", "dequantize") and not v)},  # (absent at their defaults)
                 "torch": torch.__version__, "machine": platform.machine()}
     reusable, base_profile = [], None  # runs of --baseline, and its 2ndmatch sensitivity profile
     if args.baseline:
@@ -146,8 +152,9 @@ def main() -> None:
         results = {"settings": settings}
     results["command"] = "python benchmarks/digits_quality.py " + " ".join(sys.argv[1:])
 
-    teacher, classifier = load_digits_teacher(), load_digits_classifier()
-    dataset = DigitsDataset(RESOLUTION, "train")
+    teacher = load_diffusers_model(args.teacher).eval() if args.teacher else load_digits_teacher()
+    classifier = load_digits_classifier()
+    dataset = DigitsDataset(RESOLUTION, "train", dequantize=args.dequantize)
     noise = torch.randn(args.samples, 1, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(1234))
     teacher_samples = ddim_sample(teacher, noise, args.ddim_steps)
     results["dense"] = {"fid_mean": digits_fid(teacher_samples, classifier)}

@@ -30,13 +30,14 @@ from nni_2ndmatch.method import (  # noqa: E402
     sample_directions,
     squared_norm,
 )
+from nni_2ndmatch.models import load_diffusers_model  # noqa: E402
 from nni_2ndmatch.models.digits import RESOLUTION, load_digits_teacher  # noqa: E402
 
 TIMESTEPS = [0, 5, 20, 50, 100, 250, 500, 999]
 
 
-def profile(samples: int = 256, ratio: float = 0.5) -> dict:
-    teacher = load_digits_teacher().eval()
+def profile(samples: int = 256, ratio: float = 0.5, teacher_dir: str | None = None) -> dict:
+    teacher = load_diffusers_model(teacher_dir).eval() if teacher_dir else load_digits_teacher().eval()
     student, _ = prune_diffusers(teacher, "magnitude", ratio, round_to=None)
     student.eval()
     scheduler = default_scheduler()
@@ -80,10 +81,11 @@ def render(results: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratio", type=float, default=0.5, help="channel share pruned (the paper's: 0.3)")
+    p.add_argument("--teacher", help="a diffusers folder to profile instead of the shipped teacher")
     p.add_argument("--out", default="benchmarks/results/ablation/jac_term_profile.json")
     args = p.parse_args()
     torch.set_num_threads(1)
-    results = profile(ratio=args.ratio)
+    results = profile(ratio=args.ratio, teacher_dir=args.teacher)
     markdown = render(results)
     write_results(args.out, results, markdown)
     print(markdown)

@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--work", default="runs/digits_teacher", help="teacher: checkpoints (resumable)")
     parser.add_argument("--steps", type=int, default=TEACHER_RECIPE["steps"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dequantize", action="store_true", help="teacher: train on dequantised digits (uniform "
+                        "noise within each grey level); written to --out, not to the shipped assets")
+    parser.add_argument("--out", help="teacher: the folder to write it to (default: the shipped asset)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -51,13 +54,18 @@ def main() -> None:
         return
     recipe = {**TEACHER_RECIPE, "steps": args.steps}
     work = Path(args.work)
-    result = finetune(digits_unet(), None, get_finetuner("dsm"), DigitsDataset(RESOLUTION, "train"),
+    if args.dequantize and not args.out:
+        parser.error("--dequantize needs --out (the shipped teacher is trained on the digits as they are)")
+    out = Path(args.out) if args.out else TEACHER_DIR
+    result = finetune(digits_unet(), None, get_finetuner("dsm"),
+                      DigitsDataset(RESOLUTION, "train", dequantize=args.dequantize),
                       TrainConfig(**recipe), work, resume=(work / "checkpoints").exists())
-    save_diffusers_model(result.student, TEACHER_DIR)
+    save_diffusers_model(result.student, out)
     final = result.history[-1] if result.history else {}
-    atomic_write_json(ASSETS / "digits_teacher.json",
+    atomic_write_json(out.parent / f"{out.name}.json" if args.out else ASSETS / "digits_teacher.json",
                       {"recipe": recipe, "steps": result.step, "final": final, "resolution": RESOLUTION,
-                       "command": f"python benchmarks/train_digits_assets.py --what teacher --steps {args.steps}"})
+                       "dequantize": args.dequantize, "command": "python benchmarks/train_digits_assets.py "
+                       + " ".join(sys.argv[1:])})
     print(json.dumps(final))
 
 

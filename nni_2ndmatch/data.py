@@ -28,12 +28,17 @@ class DigitsDataset(Dataset):
     conditional model: ``("class_labels", n)`` gives the label itself (n >= 10 classes);
     ``("encoder_hidden_states", dim)`` gives a fixed "prompt" per digit, LABEL_TOKENS seeded random
     token embeddings of width ``dim`` (the same for every run, a stand-in for a text encoder).
+
+    ``dequantize`` (8x8 only): each item read is the usual dequantisation of discrete data, level
+    v in 0..16 read as (v + u) / 17 with fresh u ~ U(0, 1), mapped to [-1, 1]: the 17 levels tile
+    [-1, 1] without gaps or clamping; ``images`` stay the 17 levels v / 16.
     """
 
     LABEL_TOKENS = 4
+    LEVELS = 17
 
     def __init__(self, resolution: int = 16, split: str = "train",
-                 conditioning: tuple[str, int] | None = None) -> None:
+                 conditioning: tuple[str, int] | None = None, dequantize: bool = False) -> None:
         from sklearn.datasets import load_digits
 
         if split not in ("train", "test", "all"):
@@ -48,6 +53,9 @@ class DigitsDataset(Dataset):
             images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
         self.images = images.clamp(-1.0, 1.0).contiguous()
         self.labels = labels[order]
+        if dequantize and resolution != 8:
+            raise ValueError(f"dequantize=True needs resolution 8 (the digits' own grey levels); got {resolution}")
+        self.dequantize = dequantize
         self.conditioning = conditioning
         self.prompts = None
         if conditioning is not None:
@@ -64,11 +72,15 @@ class DigitsDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> Tensor | dict[str, Tensor]:
+        image = self.images[index]
+        if self.dequantize:
+            level = ((image + 1.0) * (self.LEVELS - 1) / 2).round()
+            image = (level + torch.rand_like(image)) / self.LEVELS * 2.0 - 1.0
         if self.conditioning is None:
-            return self.images[index]
+            return image
         label = self.labels[index]
         value = label if self.prompts is None else self.prompts[label]
-        return {"sample": self.images[index], self.conditioning[0]: value}
+        return {"sample": image, self.conditioning[0]: value}
 
 
 def image_problem(path: Path) -> str | None:

@@ -111,3 +111,15 @@ def test_shipped_teacher_loads_and_denoises_held_out_digits_far_better_than_triv
         abar = scheduler.alphas_cumprod[t]
         shrink = ((1 - abar).sqrt() * x_t - noise).pow(2).mean().item()  # best linear guess for unit-variance data
         assert mse < 0.6 * min(1.0, shrink), (t, mse, shrink)
+
+
+def test_dequantised_digits_tile_each_grey_level_afresh_on_every_read():
+    from nni_2ndmatch.data import DigitsDataset
+
+    data = DigitsDataset(8, "train", dequantize=True)
+    levels = ((data.images[3] + 1) * 8).round()  # 0..16
+    reads = torch.stack([(data[3] + 1) / 2 * 17 - levels for _ in range(400)])  # u ~ U(0, 1) per pixel and read
+    assert reads.min() >= 0 and reads.max() < 1 and not torch.equal(reads[0], reads[1])
+    assert float(reads.mean()) == pytest.approx(0.5, abs=0.01) and float(reads.var()) == pytest.approx(1 / 12, rel=0.05)
+    with pytest.raises(ValueError, match="dequantize=True needs resolution 8"):
+        DigitsDataset(16, dequantize=True)
