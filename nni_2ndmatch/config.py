@@ -151,6 +151,25 @@ class EvaluateSection(_Section):
     ddim_steps: int = Field(25, ge=1, le=1000)
     seed: int = Field(0, ge=0)
     compare: list[str] = Field([], description="baseline finetuners to train and evaluate beside the run's")
+    fid_features: str | None = Field(None, description="an ONNX feature network (uint8 [N,3,H,W] -> [N,D]; FID's "
+                                     "Inception network) for FID against the data's images")
+    clip_model: str | None = Field(None, description="a local CLIP model folder (safetensors) for the CLIP score "
+                                   "of text-to-image samples against their prompts")
+    guidance_scale: float = Field(1.0, ge=1.0, le=50.0, description="text-to-image sampling: classifier-free "
+                                  "guidance (1: none)")
+
+    @field_validator("fid_features", "clip_model")
+    @classmethod
+    def _local(cls, value: str | None, info: Any) -> str | None:
+        if value is None:
+            return value
+        from .evaluation import CLIP_HELP, FID_FEATURES_HELP
+
+        exists = Path(value).is_file() if info.field_name == "fid_features" else Path(value).is_dir()
+        if not exists:
+            raise ValueError(f"no such {'file' if info.field_name == 'fid_features' else 'folder'}; "
+                             f"{FID_FEATURES_HELP if info.field_name == 'fid_features' else CLIP_HELP}")
+        return value
 
     @field_validator("compare")
     @classmethod

@@ -97,3 +97,110 @@ def sensitivity_profile(model: Callable[..., Any], x0: Tensor, timesteps: list[i
         v = sample_directions(x_t, generator=g)
         profile.append(float(jacobian_sensitivity(model, x_t, steps.float(), v, mode="jvp", **conditioning).mean()))
     return profile
+
+
+# --- FID and CLIP score (torchmetrics), with networks from local files -------------------------------
+
+FID_FEATURES_HELP = ("export the FID Inception network (torch-fidelity's 'inception-v3-compat', 2048 features) to "
+                     "ONNX once where torch-fidelity is installed (docs/cli.md shows the command), and give the file")
+CLIP_HELP = "download a CLIP model folder where the network allows, e.g. `hf download openai/clip-vit-large-patch14 " \
+            "--local-dir clip-vit-large-patch14` (safetensors weights), and give the folder"
+
+
+def _needs_torchmetrics() -> None:
+    try:
+        import torchmetrics  # noqa: F401
+    except ImportError:
+        raise ValueError("FID and CLIP score need torchmetrics: pip install 'nni-2ndmatch[metrics]'") from None
+
+
+class OnnxFeatures(torch.nn.Module):
+    """A feature network from an ONNX file, run by onnxruntime: uint8 images [N, 3, H, W] in,
+    features [N, D] out (FID's Inception network resizes its input itself). No pickle is read."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].type != "tensor(uint8)" \
+                or len(outputs[0].shape) != 2:
+            raise ValueError(f"{path}: the feature network must take one uint8 tensor [N, 3, H, W] and return "
+                             f"[N, D] features; it takes {[(i.type, i.shape) for i in inputs]} and returns "
+                             f"{outputs[0].shape}")
+        self.input_name, self.path = inputs[0].name, path
+        self.size = inputs[0].shape[2:]  # ints where the export fixed them
+        self.num_features = outputs[0].shape[1] if isinstance(outputs[0].shape[1], int) else None
+
+    def check_size(self, height: int, width: int) -> None:
+        """A network exported for one image size refuses others (a clear error, not onnxruntime's)."""
+        if any(isinstance(s, int) and s != want for s, want in zip(self.size, (height, width))):
+            raise ValueError(f"{self.path}: the feature network takes {self.size[0]}x{self.size[1]} images, the "
+                             f"samples are {height}x{width}; export it with dynamic H and W")
+
+    def forward(self, images: Tensor) -> Tensor:
+        self.check_size(*images.shape[2:])
+        return torch.from_numpy(self.session.run(None, {self.input_name: images.cpu().numpy()})[0])
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [-1, 1] as uint8 RGB [N, 3, H, W] (greyscale repeated)."""
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def fid_score(real: Tensor, fake: Tensor, features: torch.nn.Module, batch_size: int = 64) -> float:
+    """FID (torchmetrics' FrechetInceptionDistance) of images in [-1, 1] with the feature network
+    ``features`` (uint8 [N, 3, H, W] -> [N, D])."""
+    _needs_torchmetrics()
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    size = tuple(real.shape[1:])
+    metric = FrechetInceptionDistance(feature=features, input_img_size=(3, *size[1:]))
+    for images, is_real in ((real, True), (fake, False)):
+        for batch in to_uint8(images).split(batch_size):
+            metric.update(batch, real=is_real)
+    return float(metric.compute())
+
+
+def load_clip(path: str) -> tuple[Any, Any]:
+    """A local CLIP model folder (transformers CLIPModel, safetensors weights) and its processor."""
+    _needs_torchmetrics()
+    try:
+        from transformers import CLIPModel, CLIPProcessor
+    except ImportError:
+        raise ValueError("the CLIP score needs transformers: pip install 'nni-2ndmatch[text]'") from None
+    return CLIPModel.from_pretrained(path, use_safetensors=True).eval(), CLIPProcessor.from_pretrained(path)
+
+
+class _TensorFeatures(torch.nn.Module):
+    """A CLIPModel whose get_image_features / get_text_features return tensors: transformers >= 5
+    returns output objects, which torchmetrics <= 1.9's CLIPScore cannot use (fixed upstream in
+    Lightning-AI/torchmetrics#3408, not released yet)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.model.get_image_features(*args, **kwargs)
+        return getattr(out, "pooler_output", out)
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.model.get_text_features(*args, **kwargs)
+        return getattr(out, "pooler_output", out)
+
+
+def clip_score(images: Tensor, prompts: list[str], clip: tuple[Any, Any], batch_size: int = 64) -> float:
+    """CLIP score (torchmetrics' CLIPScore: 100 x the mean of max(cosine(image, text), 0)) of images
+    in [-1, 1] against their prompts."""
+    _needs_torchmetrics()
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    model, processor = clip
+    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor))
+    for start in range(0, len(prompts), batch_size):
+        metric.update(to_uint8(images[start:start + batch_size]), prompts[start:start + batch_size])
+    return float(metric.compute())

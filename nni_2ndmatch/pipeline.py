@@ -18,6 +18,7 @@ from .config import Config, ModelSpec
 from .data import DigitsDataset, ImageFolderDataset, collate, digit_captions, read_captions
 from .encoding import CACHE_FILE, encode, fingerprint, load_cached, save_cached
 from .errors import UserError
+from .evaluation import OnnxFeatures
 from .files import atomic_write_json, atomic_write_text
 from .finetuners import get_finetuner
 from .method import default_scheduler, model_output
@@ -92,12 +93,29 @@ def load_teacher(spec: ModelSpec, resolution: int) -> tuple[nn.Module, PipelineP
         raise UserError(f"model.teacher: {e}") from None
 
 
-def _samples_like_evaluation(parts: PipelineParts) -> bool:
-    """The evaluation's DDIM sampler serves a pixel-space pipeline trained on the default schedule."""
-    default = default_scheduler().config
-    return not parts.latent and all(parts.scheduler.config[k] == default[k] for k in
-                                    ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                                     "prediction_type", "trained_betas"))
+def check_evaluate(config: Config, parts: PipelineParts | None) -> None:
+    """The evaluate section against the teacher: pixel-space models sample with DDIM on the default
+    schedule, latent pipelines through themselves (text-to-image only); prompts need a text encoder."""
+    e, text = config.evaluate, parts is not None and parts.text_encoder is not None
+    if parts is not None and parts.latent and not text:
+        raise UserError(f"evaluate: the pipeline ({parts.path}) is latent without a text encoder, which the "
+                        "evaluation does not sample yet; remove the evaluate section")
+    if parts is not None and not parts.latent:
+        default = default_scheduler().config
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "trained_betas")
+        if any(parts.scheduler.config[k] != default[k] for k in keys):
+            raise UserError(f"evaluate: the pipeline ({parts.path}) has its own schedule, which the pixel-space "
+                            "evaluation does not sample with yet; remove the evaluate section and sample "
+                            "output_dir/pipeline with diffusers")
+    if e.fid_features is not None:
+        try:
+            OnnxFeatures(e.fid_features).check_size(config.data.resolution, config.data.resolution)
+        except Exception as err:  # onnxruntime raises its own types for files that are not ONNX models
+            raise UserError(f"evaluate.fid_features: {str(err).splitlines()[0]}") from None
+    for field, value, default_value in (("clip_model", e.clip_model, None), ("guidance_scale", e.guidance_scale, 1.0)):
+        if value != default_value and not text:
+            raise UserError(f"evaluate.{field}: value {value!r} is not allowed: it needs prompts, i.e. a "
+                            f"text-to-image pipeline teacher; allowed here: {default_value!r}")
 
 
 def load_dataset(config: Config, teacher: nn.Module | None = None,
@@ -157,7 +175,7 @@ def load_encoded(config: Config, teacher: nn.Module, parts: PipelineParts) -> to
             (encode(parts, images, captions, caption_dropout=data.caption_dropout), True)
     except (ValueError, OSError) as e:
         raise UserError(f"data: {e}") from None
-    dataset.fingerprint = key
+    dataset.fingerprint, dataset.source, dataset.captions = key, images, captions  # (the evaluation's too)
     logger.info("data: %d latents of shape %s%s (%s)", len(dataset), tuple(dataset.latents.shape[1:]),
                 f", {len(dataset.embeddings) - 1} distinct captions" if text else "",
                 "encoded now" if dataset.fresh else f"from {Path(config.output_dir) / CACHE_FILE}")
@@ -345,10 +363,8 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     runtime = make_runtime(config.finetune.device, config.finetune.process_timeout_s)
     # every input is checked before anything is written to (or deleted from) output_dir
     teacher, parts = load_teacher(config.model.teacher, config.data.resolution)
-    if parts is not None and config.evaluate is not None and not _samples_like_evaluation(parts):
-        raise UserError(f"evaluate: the pipeline ({parts.path}) is latent or has its own schedule, which the "
-                        "evaluation does not sample with yet; remove the evaluate section and sample "
-                        "output_dir/pipeline with diffusers")
+    if config.evaluate is not None:
+        check_evaluate(config, parts)
     dataset = load_dataset(config, teacher, parts)
     student = load_model(config.model.student, "student") if config.model.student is not None else None
     _preflight({"teacher": teacher} if student is None else {"teacher": teacher, "student": student}, dataset[0])
@@ -379,7 +395,7 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
         return summary
     if command == "run" and (config.evaluate is not None or config.export is not None):
         summary["report"] = str(run_report(config, out, teacher, student, dataset, summary, start=start,
-                                           progress=progress))
+                                           progress=progress, parts=parts))
     return summary
 
 

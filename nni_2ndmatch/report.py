@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .data import collate
 from .deploy import export_onnx
 from .deploy.bench import run_benchmark, write_reports
-from .evaluation import ddim_sample, digits_fid, fidelity
+from .evaluation import OnnxFeatures, clip_score, ddim_sample, digits_fid, fid_score, fidelity, load_clip
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .finetuners import finetuner_options, get_finetuner
 from .models.digits import load_digits_classifier
@@ -141,25 +141,24 @@ def conditioning_rows(dataset: Any, n: int) -> dict[str, Tensor]:
     return kwargs
 
 
-class Evaluator:
-    """Every model samples from one fixed noise with deterministic DDIM and is scored against the
-    teacher's samples: fidelity, and digits-FID when the data are the built-in digits (samples are
-    resized to the classifier's 8x8 when trained at another resolution)."""
+class Scores:
+    """The scores every evaluator gives a model's samples: fidelity to the teacher's samples, and
+    where configured digits-FID, FID with a local feature network against the data's images, and
+    CLIP score against the prompts."""
 
-    def __init__(self, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
-                 digits: bool) -> None:
-        x0, _ = collate([dataset[0]], torch.device("cpu"))
-        self.noise = torch.randn(samples, *x0.shape[1:], generator=torch.Generator().manual_seed(seed))
-        self.conditioning = conditioning_rows(dataset, samples)
-        self.ddim_steps = ddim_steps
-        self.classifier = load_digits_classifier() if digits else None
-        self.teacher_samples = self.sample(teacher)
+    teacher_samples: Tensor
+    classifier: nn.Module | None = None
+    features: nn.Module | None = None
+    real: Tensor | None = None
+    clip: Any = None
+    prompts: list[str] | None = None
 
-    def sample(self, model: nn.Module) -> Tensor:
-        """The model's samples (on the CPU), computed on the model's device."""
-        device = next(model.parameters(), torch.empty(0)).device
-        cond = {k: v.to(device) for k, v in self.conditioning.items()}
-        return ddim_sample(model.eval(), self.noise.to(device), self.ddim_steps, **cond).cpu()
+    def setup_metrics(self, fid_features: str | None, clip_model: str | None, real: Tensor | None,
+                      prompts: list[str] | None) -> None:
+        if fid_features is not None:
+            self.features, self.real = OnnxFeatures(fid_features), real
+        if clip_model is not None:
+            self.clip, self.prompts = load_clip(clip_model), prompts
 
     def digits_fid(self, samples: Tensor) -> float | None:
         if self.classifier is None:
@@ -168,7 +167,79 @@ class Evaluator:
         return digits_fid(at8, self.classifier)
 
     def score(self, samples: Tensor) -> dict[str, float | None]:
-        return {"digits_fid": self.digits_fid(samples), "fidelity": fidelity(samples, self.teacher_samples)}
+        return {"digits_fid": self.digits_fid(samples), "fidelity": fidelity(samples, self.teacher_samples),
+                "fid": fid_score(self.real, samples, self.features) if self.features is not None else None,
+                "clip_score": clip_score(samples, self.prompts, self.clip) if self.clip is not None else None}
+
+
+class Evaluator(Scores):
+    """Every model samples from one fixed noise with deterministic DDIM and is scored against the
+    teacher's samples: fidelity, and digits-FID when the data are the built-in digits (samples are
+    resized to the classifier's 8x8 when trained at another resolution); FID with ``fid_features``."""
+
+    def __init__(self, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
+                 digits: bool, fid_features: str | None = None) -> None:
+        x0, _ = collate([dataset[0]], torch.device("cpu"))
+        self.noise = torch.randn(samples, *x0.shape[1:], generator=torch.Generator().manual_seed(seed))
+        self.conditioning = conditioning_rows(dataset, samples)
+        self.ddim_steps = ddim_steps
+        self.classifier = load_digits_classifier() if digits else None
+        real = collate([dataset[i] for i in range(min(len(dataset), REAL_IMAGES))], torch.device("cpu"))[0] \
+            if fid_features else None
+        self.setup_metrics(fid_features, None, real, None)
+        self.teacher_samples = self.sample(teacher)
+
+    def sample(self, model: nn.Module) -> Tensor:
+        """The model's samples (on the CPU), computed on the model's device."""
+        device = next(model.parameters(), torch.empty(0)).device
+        cond = {k: v.to(device) for k, v in self.conditioning.items()}
+        return ddim_sample(model.eval(), self.noise.to(device), self.ddim_steps, **cond).cpu()
+
+
+REAL_IMAGES = 10000  # at most this many data images are FID's reference set
+
+
+class PipelineEvaluator(Scores):
+    """A text-to-image pipeline's evaluation: every denoiser samples through the teacher's pipeline
+    (its VAE decodes, its text encoder reads the prompts: the captions of the first data items),
+    with DDIM on the pipeline's schedule, the same seeded initial latents per sample and
+    ``guidance_scale``; images at the data's resolution. Scores as :class:`Scores` (FID against
+    the data's images, CLIP score against the prompts)."""
+
+    def __init__(self, parts: Any, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
+                 guidance_scale: float, resolution: int, fid_features: str | None = None,
+                 clip_model: str | None = None) -> None:
+        from diffusers import DDIMScheduler, DiffusionPipeline
+
+        from .models.pipelines import pipeline_components
+
+        frozen = {"vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": parts.tokenizer}
+        others = {k: None for k in pipeline_components(parts.path) if k not in (*frozen, parts.denoiser, "scheduler")}
+        scheduler = DDIMScheduler.from_config(parts.scheduler.config)
+        self.pipe = DiffusionPipeline.from_pretrained(parts.path, use_safetensors=True, scheduler=scheduler,
+                                                      **{parts.denoiser: teacher}, **frozen, **others)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.denoiser, self.seed, self.resolution = parts.denoiser, seed, resolution
+        self.ddim_steps, self.guidance_scale = ddim_steps, guidance_scale
+        captions = dataset.captions
+        self.prompt_list = [captions[i % len(captions)] for i in range(samples)]
+        source = dataset.source
+        real = torch.stack([source[i] for i in range(min(len(source), REAL_IMAGES))]) if fid_features else None
+        self.setup_metrics(fid_features, clip_model, real, self.prompt_list)
+        self.teacher_samples = self.sample(teacher)
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, batch_size: int = 16) -> Tensor:
+        """The samples of the pipeline with ``model`` as its denoiser, in [-1, 1] on the CPU."""
+        self.pipe.register_modules(**{self.denoiser: model.eval()})
+        images = []
+        for start in range(0, len(self.prompt_list), batch_size):
+            prompts = self.prompt_list[start:start + batch_size]
+            generators = [torch.Generator().manual_seed(self.seed + start + i) for i in range(len(prompts))]
+            out = self.pipe(prompt=prompts, num_inference_steps=self.ddim_steps, guidance_scale=self.guidance_scale,
+                            height=self.resolution, width=self.resolution, generator=generators, output_type="pt")
+            images.append(out.images.cpu() * 2 - 1)
+        return torch.cat(images)
 
 
 # --- baselines -----------------------------------------------------------------------------------
@@ -180,10 +251,11 @@ def baseline_options(name: str, run_options: dict[str, Any]) -> dict[str, Any]:
 
 
 def finetune_baseline(name: str, start: nn.Module, teacher: nn.Module, dataset: Any, config: Any,
-                      run_options: dict[str, Any], *, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
+                      run_options: dict[str, Any], *, progress: bool,
+                      scheduler: Any = None) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``start`` finetuned with the finetuner ``name`` and the run's loop options (the same
-    seed: the same data order, noise and timesteps). Writes no checkpoints."""
-    finetuner = get_finetuner(name, **baseline_options(name, run_options))
+    seed: the same data order, noise and timesteps; the run's ``scheduler``). Writes no checkpoints."""
+    finetuner = get_finetuner(name, scheduler=scheduler, **baseline_options(name, run_options))
     logger.info("finetuning the baseline %r from the same starting student (%d steps)", name, config.finetune.steps)
     result = finetune(copy.deepcopy(start), teacher, finetuner, dataset, config.finetune.train_config(), None,
                       runtime=Runtime(config.finetune.device), progress=progress)
@@ -203,9 +275,11 @@ def _fmt(value: float | None, spec: str) -> str:
 def difference_sentence(run: dict[str, Any], baseline: dict[str, Any], seed: int) -> str:
     """One sentence: the run's finetuner vs one baseline, on this run's single seed."""
     parts = []
-    if run["digits_fid"] is not None and baseline["digits_fid"] is not None:
-        parts.append(f"digits-FID {run['digits_fid']:.3f} vs {baseline['digits_fid']:.3f} "
-                     f"({run['digits_fid'] - baseline['digits_fid']:+.3f}; lower is better)")
+    for key, label, better in (("digits_fid", "digits-FID", "lower"), ("fid", "FID", "lower"),
+                               ("clip_score", "CLIP score", "higher")):
+        if run.get(key) is not None and baseline.get(key) is not None:
+            parts.append(f"{label} {run[key]:.3f} vs {baseline[key]:.3f} ({run[key] - baseline[key]:+.3f}; "
+                         f"{better} is better)")
     parts.append(f"fidelity to the teacher {run['fidelity']:.4f} vs {baseline['fidelity']:.4f} "
                  f"({run['fidelity'] - baseline['fidelity']:+.4f}; lower is closer)")
     return (f"With this one finetune seed ({seed}), `{run['finetuner']}` vs the `{baseline['finetuner']}` "
@@ -224,8 +298,8 @@ def _row(model: str, role: str, finetuner: str | None, scores: dict[str, Any], s
 
 
 def compare_models(config: Any, out: Path, student: nn.Module, teacher: nn.Module, dataset: Any,
-                   summary: dict[str, Any], evaluator: Evaluator, start: nn.Module | None, *,
-                   progress: bool) -> dict[str, Any]:
+                   summary: dict[str, Any], evaluator: Scores, start: nn.Module | None, *,
+                   progress: bool, scheduler: Any = None) -> dict[str, Any]:
     """Rows of the quality table (teacher, the starting student before finetuning, each baseline of
     ``evaluate.compare``, the run's student), their sample grids, and the run-vs-baseline sentences."""
     folder = out / REPORT_DIR
@@ -250,7 +324,8 @@ def compare_models(config: Any, out: Path, student: nn.Module, teacher: nn.Modul
         rows.append(_row(label, "start", None, evaluator.score(samples), None, "samples_pruned.png"))
         for name in names:
             baseline, info = finetune_baseline(name, start, teacher, dataset, config,
-                                               summary.get("finetuner_options", {}), progress=progress)
+                                               summary.get("finetuner_options", {}), progress=progress,
+                                               scheduler=scheduler)
             samples = evaluator.sample(baseline)
             png = f"samples_baseline_{_safe_name(name)}.png"
             save_grid(samples[:50], folder / png)
@@ -314,16 +389,22 @@ def quality_lines(quality: dict[str, Any], comparison: dict[str, Any]) -> list[s
              f"{quality['samples']} samples per model, {quality['ddim_steps']} DDIM steps, noise seed "
              f"{quality['seed']}; every finetune from the same starting student with seed "
              f"{comparison['finetune_seed']}.", "",
-             "| model | digits-FID | fidelity to the teacher (RMS per pixel) | finetune s |", "|---|---:|---:|---:|"]
+             ]
+    columns = [(k, label) for k, label in (("digits_fid", "digits-FID"), ("fid", "FID"), ("clip_score", "CLIP score"))
+               if any(row.get(k) is not None for row in comparison["rows"])]
+    lines += ["| model | " + "".join(f"{label} | " for _, label in columns)
+              + "fidelity to the teacher (RMS per pixel) | finetune s |", "|---|" + "---:|" * (len(columns) + 2)]
     for row in comparison["rows"]:
-        lines.append(f"| {row['model']} | {_fmt(row['digits_fid'], '.3f')} | {row['fidelity']:.4f} "
-                     f"| {_fmt(row['finetune_seconds'], '.1f')} |")
+        lines.append(f"| {row['model']} | " + "".join(f"{_fmt(row.get(k), '.3f')} | " for k, _ in columns)
+                     + f"{row['fidelity']:.4f} | {_fmt(row['finetune_seconds'], '.1f')} |")
     lines.append("")
     if comparison["sentences"]:
         lines += [" ".join(comparison["sentences"]), ""]
     lines += [*(f"Note: {note}" for note in comparison["notes"]), *([""] if comparison["notes"] else [])]
     lines += ["digits-FID: Frechet distance of the built-in digits classifier's features (a domain-specific FID, "
-              "not comparable to Inception FID); n/a when the data are not the built-in digits.", "",
+              "not comparable to Inception FID); n/a when the data are not the built-in digits. FID: with the "
+              "feature network of evaluate.fid_features, against the data's images; CLIP score: 100 x mean "
+              "max(cosine(image, prompt), 0) with evaluate.clip_model.", "",
               "### Samples (same noise)", ""]
     for row in comparison["rows"]:
         lines += [f"{row['model']}:", "", f"![{row['model']}]({row['samples_png']})", ""]
@@ -361,11 +442,14 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
 
 
 def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, dataset: Any,
-               summary: dict[str, Any], *, start: nn.Module | None = None, progress: bool = False) -> Path:
+               summary: dict[str, Any], *, start: nn.Module | None = None, progress: bool = False,
+               parts: Any = None) -> Path:
     """Evaluate, compare, export and benchmark as the config's ``evaluate`` and ``export`` sections
     say; write out/report (report.md, results.json, PNGs). ``start``: the student before finetuning,
     where the baselines of ``evaluate.compare`` start (without it they are skipped, with a note).
-    ``progress``: progress bars for the baseline finetunes. Returns the path of report.md."""
+    ``progress``: progress bars for the baseline finetunes. ``parts``: the teacher's pipeline
+    (models.PipelineParts) when it is one: its schedule, and for a latent one the sampling through
+    it. Returns the path of report.md."""
     folder = out / REPORT_DIR
     results: dict[str, Any] = {"finetune": {k: summary[k] for k in ("finetuner", "steps", "seconds", "final")}}
     if (out / "pruning_report.json").is_file():
@@ -378,15 +462,22 @@ def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, d
         e = config.evaluate
         logger.info("evaluating teacher and student: %d samples each, %d DDIM steps", e.samples, e.ddim_steps)
         digits = config.data.builtin == "digits"
-        evaluator = Evaluator(teacher, dataset, samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed, digits=digits)
+        if parts is not None and parts.latent:
+            evaluator = PipelineEvaluator(parts, teacher, dataset, samples=e.samples, ddim_steps=e.ddim_steps,
+                                          seed=e.seed, guidance_scale=e.guidance_scale,
+                                          resolution=config.data.resolution, fid_features=e.fid_features,
+                                          clip_model=e.clip_model)
+        else:
+            evaluator = Evaluator(teacher, dataset, samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed,
+                                  digits=digits, fid_features=e.fid_features)
         comparison = compare_models(config, out, student, teacher, dataset, summary, evaluator, start,
-                                    progress=progress)
+                                    progress=progress, scheduler=parts.scheduler if parts is not None else None)
         rows = {row["role"]: row for row in comparison["rows"]}
         results["quality"] = {"samples": e.samples, "ddim_steps": e.ddim_steps, "seed": e.seed,
                               "fidelity": rows["run"]["fidelity"]}
-        if digits:
-            results["quality"].update(digits_fid_teacher=rows["teacher"]["digits_fid"],
-                                      digits_fid_student=rows["run"]["digits_fid"])
+        for key in ("digits_fid", "fid", "clip_score"):
+            if rows["run"].get(key) is not None:
+                results["quality"].update({f"{key}_teacher": rows["teacher"][key], f"{key}_student": rows["run"][key]})
         results["comparison"] = comparison
     if config.export is not None:
         results["latency"] = export_and_benchmark(config.export, out, teacher, student)

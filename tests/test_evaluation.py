@@ -123,3 +123,48 @@ def test_dequantised_digits_tile_each_grey_level_afresh_on_every_read():
     assert float(reads.mean()) == pytest.approx(0.5, abs=0.01) and float(reads.var()) == pytest.approx(1 / 12, rel=0.05)
     with pytest.raises(ValueError, match="dequantize=True needs resolution 8"):
         DigitsDataset(16, dequantize=True)
+
+
+def test_fid_through_torchmetrics_with_an_onnx_feature_network_equals_scipys(tmp_path):
+    """FID of two image sets with a small local feature network, against numpy/scipy (sqrtm)."""
+    from tiny_models import tiny_feature_onnx
+
+    from nni_2ndmatch.evaluation import OnnxFeatures, fid_score, to_uint8
+
+    pytest.importorskip("torchmetrics")
+    net = tiny_feature_onnx(tmp_path / "features.onnx")
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.rand(40, 3, 8, 8, generator=g) * 2 - 1, (torch.rand(30, 3, 8, 8, generator=g) * 2 - 1) * 0.5
+    with torch.no_grad():
+        a, b = net(to_uint8(real)).double().numpy(), net(to_uint8(fake)).double().numpy()
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    assert fid_score(real, fake, OnnxFeatures(tmp_path / "features.onnx")) == pytest.approx(expected, rel=1e-4)
+    assert fid_score(real, real, OnnxFeatures(tmp_path / "features.onnx")) == pytest.approx(0, abs=1e-6)
+
+
+def test_a_feature_network_without_fids_interface_is_refused(tmp_path):
+    from nni_2ndmatch.evaluation import OnnxFeatures
+
+    torch.onnx.export(torch.nn.Flatten(), (torch.zeros(2, 3, 4, 4),), str(tmp_path / "float.onnx"), dynamo=True)
+    with pytest.raises(ValueError, match=r"float.onnx: the feature network must take one uint8 tensor"):
+        OnnxFeatures(tmp_path / "float.onnx")
+
+
+def test_clip_score_through_torchmetrics_equals_the_cosine_of_the_models_own_embeddings(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("torchmetrics")
+    from tiny_models import tiny_clip
+
+    from nni_2ndmatch.evaluation import clip_score, load_clip, to_uint8
+
+    model, processor = clip = load_clip(tiny_clip(tmp_path))
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    prompts = ["a b", "c", "dd", "e f g", "h"]
+    with torch.no_grad():
+        pixels = processor(images=list(to_uint8(images)), return_tensors="pt")["pixel_values"]
+        image = model.vision_model(pixel_values=pixels).pooler_output @ model.visual_projection.weight.T
+        tokens = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+        text = model.text_model(**tokens).pooler_output @ model.text_projection.weight.T
+    expected = 100 * torch.nn.functional.cosine_similarity(image, text).clamp_min(0).mean()
+    assert clip_score(images, prompts, clip) == pytest.approx(float(expected), rel=1e-4)

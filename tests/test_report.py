@@ -132,3 +132,20 @@ def test_report_embeds_the_latency_document_as_an_h2_section(tmp_path):
     headings = [line for line in text.splitlines() if line.startswith("#")]
     assert headings == ["# nni-2ndmatch run report", "## Latency: dense teacher vs pruned student"]
     assert "![MACs and parameters](macs.png)" in text
+
+
+def test_fid_with_a_local_feature_network_is_reported_for_pixel_space_models_too(tmp_path):
+    pytest.importorskip("torchmetrics")
+    from tiny_models import tiny_feature_onnx
+
+    from nni_2ndmatch.config import validate_config
+    from nni_2ndmatch.pipeline import run_job
+
+    tiny_feature_onnx(tmp_path / "features.onnx")
+    raw = {"version": 1, "model": {"teacher": {"builtin": "tiny-unet"}}, "data": {"builtin": "digits", "resolution": 8},
+           "pruning": {"pruner": "magnitude"}, "finetune": {"finetuner": "kd", "steps": 2, "batch_size": 4},
+           "evaluate": {"samples": 6, "ddim_steps": 2, "fid_features": str(tmp_path / "features.onnx")},
+           "output_dir": str(tmp_path / "run")}
+    run_job(validate_config(raw), "run", progress=False)
+    quality = json.loads((tmp_path / "run" / "report" / "results.json").read_text())["quality"]
+    assert quality["fid_teacher"] > 0 and quality["fid_student"] > 0 and quality["digits_fid_student"] > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from test_cli import cli_here
-from tiny_models import captioned_images, tiny_sd_pipeline
+from tiny_models import captioned_images, tiny_clip, tiny_feature_onnx, tiny_sd_pipeline
 
 from nni_2ndmatch.config import validate_config
 
@@ -147,6 +147,28 @@ def test_a_v_prediction_pipeline_runs_and_its_schedule_is_recorded(tmp_path):
     assert summary["schedule"]["prediction_type"] == "v_prediction"
 
 
+def test_a_text_to_image_run_is_evaluated_through_its_pipeline_with_fid_and_clip_score(tmp_path):
+    """Teacher, starting student, a kd baseline and the run's student sample through the teacher's
+    pipeline with the same prompts and seeds; FID and CLIP score from local networks."""
+    pytest.importorskip("torchmetrics")
+    from nni_2ndmatch.pipeline import run_job
+
+    raw = _config(tmp_path)
+    tiny_feature_onnx(tmp_path / "features.onnx")
+    raw["evaluate"] = {"samples": 4, "ddim_steps": 2, "guidance_scale": 2.0, "compare": ["kd"],
+                       "fid_features": str(tmp_path / "features.onnx"), "clip_model": str(tiny_clip(tmp_path / "c"))}
+    summary = run_job(validate_config(raw), "run", progress=False)
+    results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
+    quality, rows = results["quality"], results["comparison"]["rows"]
+    assert [r["role"] for r in rows] == ["teacher", "start", "baseline", "run"]
+    for row in rows:
+        assert row["fid"] > 0 and 0 <= row["clip_score"] <= 100 and row["digits_fid"] is None
+    assert rows[0]["fidelity"] == 0 and rows[-1]["fidelity"] > 0  # the teacher against itself; the student differs
+    assert quality["fid_student"] == rows[-1]["fid"] and quality["clip_score_teacher"] == rows[0]["clip_score"]
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "| model | FID | CLIP score | fidelity" in report and summary["report"].endswith("report.md")
+
+
 def _edit(path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
@@ -175,11 +197,29 @@ def test_a_pipeline_or_data_the_run_cannot_use_is_one_clear_error(edit, expected
 
 @pytest.mark.parametrize("section, key, value, expected", [
     ("finetune", "hflip", True, r"finetune.hflip: value True is not allowed with a latent pipeline"),
-    ("evaluate", "samples", 4, r"evaluate: the pipeline .* is latent"),
 ])
 def test_options_a_latent_pipeline_cannot_honour_are_refused(section, key, value, expected, tmp_path):
     raw = _config(tmp_path)
     raw.setdefault(section, {})[key] = value
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and re.search(expected, r.stderr), r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("evaluate, expected", [
+    ({"clip_model": "."}, r"evaluate.clip_model: value '.' is not allowed: it needs prompts"),
+    ({"guidance_scale": 3.0}, r"evaluate.guidance_scale: value 3.0 is not allowed: it needs prompts"),
+    ({"fid_features": "missing.onnx"}, r"evaluate.fid_features: value 'missing.onnx' is not allowed: no such file; "
+                                       r"export the FID Inception network"),
+    ({"fid_features": "not-onnx"}, r"evaluate.fid_features: .*not-onnx"),
+])
+def test_evaluate_options_that_need_what_the_run_lacks_are_refused(evaluate, expected, tmp_path):
+    if evaluate.get("fid_features") == "not-onnx":
+        (tmp_path / "not-onnx").write_text("text")
+        evaluate = {"fid_features": str(tmp_path / "not-onnx")}
+    raw = {"version": 1, "model": {"teacher": {"builtin": "tiny-unet"}}, "data": {"builtin": "digits"},
+           "pruning": {"pruner": "magnitude"}, "evaluate": evaluate, "output_dir": str(tmp_path / "run")}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     r = cli_here("run", tmp_path / "cfg.yaml")
     assert r.returncode == 2 and re.search(expected, r.stderr), r.stderr

@@ -53,20 +53,14 @@ BUILDERS = {"unet2d": tiny_unet2d, "unet2d_condition": tiny_unet2d_condition, "d
 def tiny_sd_pipeline(folder, prediction_type="epsilon", seed=0):
     """A tiny Stable Diffusion pipeline folder built here from configs (AutoencoderKL, a cross-attention
     UNet2DConditionModel, a CLIPTextModel and a character-level CLIP vocabulary), for 3x8x8 images."""
-    import json
     from pathlib import Path
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
-    chars = [chr(c) for c in range(33, 127)]  # CLIP's byte alphabet keeps printable ASCII as it is
-    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
     words = folder / "vocabulary"
-    words.mkdir(parents=True)
-    (words / "vocab.json").write_text(json.dumps(vocab))
-    (words / "merges.txt").write_text("#version: 0.2\n")
-    (words / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 24}))
+    vocab = _char_vocabulary(words, 24)
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=2, block_out_channels=(8, 8),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -101,3 +95,56 @@ def captioned_images(folder, n=8, size=8):
         lines.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i % 3}"}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def _char_vocabulary(folder, context):
+    """A character-level CLIP vocabulary (printable ASCII, which CLIP's byte alphabet keeps as it is)."""
+    import json
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": context}))
+    return vocab
+
+
+def tiny_clip(folder):
+    """A tiny CLIPModel (16x16 images, 8-d projections) and its CLIPProcessor, saved in ``folder``."""
+    from pathlib import Path
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    vocab = _char_vocabulary(folder / "vocabulary", 24)
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=24, bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1,
+                pad_token_id=len(vocab) - 1)
+    vision = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(
+        folder / "clip", safe_serialization=True)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                  tokenizer=CLIPTokenizer.from_pretrained(folder / "vocabulary")).save_pretrained(folder / "clip")
+    return folder / "clip"
+
+
+def tiny_feature_onnx(path, features=6):
+    """An ONNX feature network with FID's interface: uint8 images [N, 3, H, W] -> [N, features]."""
+
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, features, 3)
+
+        def forward(self, x):
+            return torch.tanh(self.conv(x.float() / 255)).mean((2, 3))
+
+    net = Features().eval()
+    torch.onnx.export(net, (torch.zeros(2, 3, 8, 8, dtype=torch.uint8),), str(path), input_names=["images"],
+                      dynamic_shapes={"x": {0: torch.export.Dim("n"), 2: torch.export.Dim("h", min=3),
+                                            3: torch.export.Dim("w", min=3)}}, dynamo=True)
+    return net
