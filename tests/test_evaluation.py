@@ -125,6 +125,7 @@ def test_dequantised_digits_tile_each_grey_level_afresh_on_every_read():
         DigitsDataset(16, dequantize=True)
 
 
+@pytest.mark.slow
 def test_fid_through_torchmetrics_with_an_onnx_feature_network_equals_scipys(tmp_path):
     """FID of two image sets with a small local feature network, against numpy/scipy (sqrtm)."""
     from tiny_models import tiny_feature_onnx
@@ -143,6 +144,7 @@ def test_fid_through_torchmetrics_with_an_onnx_feature_network_equals_scipys(tmp
     assert fid_score(real, real, OnnxFeatures(tmp_path / "features.onnx")) == pytest.approx(0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_feature_network_without_fids_interface_is_refused(tmp_path):
     from nni_2ndmatch.evaluation import OnnxFeatures
 

@@ -134,6 +134,7 @@ def test_report_embeds_the_latency_document_as_an_h2_section(tmp_path):
     assert "![MACs and parameters](macs.png)" in text
 
 
+@pytest.mark.slow
 def test_fid_with_a_local_feature_network_is_reported_for_pixel_space_models_too(tmp_path):
     pytest.importorskip("torchmetrics")
     from tiny_models import tiny_feature_onnx

@@ -26,6 +26,7 @@ def _config(tmp_path, prediction_type="epsilon", **finetune):
             "output_dir": str(tmp_path / "run")}
 
 
+@pytest.mark.slow
 def test_a_stable_diffusion_pipeline_in_gives_its_pipeline_with_the_student_out(tmp_path):
     from diffusers import DiffusionPipeline
 
@@ -147,6 +148,7 @@ def test_a_v_prediction_pipeline_runs_and_its_schedule_is_recorded(tmp_path):
     assert summary["schedule"]["prediction_type"] == "v_prediction"
 
 
+@pytest.mark.slow
 def test_a_text_to_image_run_is_evaluated_through_its_pipeline_with_fid_and_clip_score(tmp_path):
     """Teacher, starting student, a kd baseline and the run's student sample through the teacher's
     pipeline with the same prompts and seeds; FID and CLIP score from local networks."""
