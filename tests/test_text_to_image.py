@@ -234,3 +234,15 @@ def test_caption_dropout_without_a_text_encoder_is_refused(tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     r = cli_here("run", tmp_path / "cfg.yaml")
     assert r.returncode == 2 and "data.caption_dropout: value 0.1 is not allowed" in r.stderr, r.stderr
+
+
+def test_without_transformers_a_text_pipeline_is_a_clear_error_naming_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from nni_2ndmatch.models import load_pipeline_parts
+
+    folder = tiny_sd_pipeline(tmp_path / "sd")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(ValueError, match=r"text_encoder needs the transformers package: pip install "
+                                         r"'nni-2ndmatch\[text\]'"):
+        load_pipeline_parts(folder)
