@@ -230,7 +230,7 @@ def test_prune_then_finetune_as_separate_commands(tmp_path):
     assert early.returncode == 2 and "run 'nni-2ndmatch prune'" in early.stderr
     pruned = cli("prune", cfg, "--no-progress")
     assert pruned.returncode == 0, pruned.stderr
-    assert (tmp_path / "run" / "pruned" / "pruning_plan.json").is_file()
+    assert "pruning_plan" in json.loads((tmp_path / "run" / "pruned" / "config.json").read_text())
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert cli("finetune", cfg, "--no-progress").returncode == 0
 
@@ -265,7 +265,7 @@ def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):
     if case == "truncated pruned weights":
         student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
         save_pruned(student, folder)
-        _truncate(folder / "model.safetensors")
+        _truncate(folder / "diffusion_pytorch_model.safetensors")
         expected = "model.student: .*is not a complete safetensors file"
     elif case == "truncated diffusers weights":
         save_diffusers_model(teacher, folder)

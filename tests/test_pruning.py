@@ -46,7 +46,7 @@ def test_each_family_gets_a_smaller_working_student_and_the_teacher_is_untouched
 
     save_pruned(student, tmp_path / "student")
     assert sorted(p.name for p in (tmp_path / "student").iterdir()) == \
-        ["config.json", "model.safetensors", "pruning_plan.json"]
+        ["config.json", "diffusion_pytorch_model.safetensors"]
     loaded = load_pruned(tmp_path / "student")
     for (k, a), b in zip(student.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
@@ -103,9 +103,11 @@ def test_a_damaged_plan_in_a_pruned_class_config_is_a_clear_error(tmp_path):
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     config["pruning_plan"]["groups"][0]["keep"] *= 2
     (tmp_path / "s" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"PrunedDiTTransformer2DModel config: pruning_plan: groups\[0\]\.keep: index"
-                                         r" \d+ is listed twice"):
+    with pytest.raises(ValueError, match=r"s/config.json: pruning_plan: groups\[0\]\.keep: index \d+ is listed twice"):
         load_pruned(tmp_path / "s")
+    with pytest.raises(ValueError, match=r"PrunedDiTTransformer2DModel config: pruning_plan: groups\[0\]\.keep: index"
+                                         r" \d+ is listed twice"):  # diffusers' own loader
+        type(student).from_pretrained(tmp_path / "s")
     with pytest.raises(ValueError, match="has no pruning_plan"):
         as_component(BUILDERS["dit"]())
 
@@ -150,13 +152,13 @@ def test_bad_arguments_and_mismatched_plans_are_clear_errors(tmp_path):
         prune_diffusers(teacher, "random", 0.3, example_inputs=default_example_inputs(teacher))
     student, _ = _prune(teacher, round_to=None)
     save_pruned(student, tmp_path / "s")
-    plan = json.loads((tmp_path / "s" / "pruning_plan.json").read_text())
-    plan["groups"][0]["root"] = "down_blocks.7.conv"
-    (tmp_path / "s" / "pruning_plan.json").write_text(json.dumps(plan))
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    config["pruning_plan"]["groups"][0]["root"] = "down_blocks.7.conv"
+    (tmp_path / "s" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not match the UNet2DModel architecture"):
         load_pruned(tmp_path / "s")
-    with pytest.raises(ValueError, match="not a pruned-student folder: model.safetensors is missing"):
-        (tmp_path / "s" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="not a pruned-student folder: diffusion_pytorch_model.safetensors is missing"):
+        (tmp_path / "s" / "diffusion_pytorch_model.safetensors").unlink()
         load_pruned(tmp_path / "s")
     with pytest.raises(ValueError, match="has no pruning_plan"):
         save_pruned(teacher, tmp_path / "dense")
@@ -285,8 +287,8 @@ def _damaged(saved, tmp_path, edit):
 
     folder = tmp_path / "student"
     shutil.copytree(saved, folder)
-    plan = json.loads((folder / "pruning_plan.json").read_text())
-    (folder / "pruning_plan.json").write_text(json.dumps(edit(plan)))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pruning_plan": edit(config["pruning_plan"])}))
     return folder
 
 
@@ -312,7 +314,7 @@ LINEAR = "time_embedding.linear_2"  # a Linear of width 32 in the tiny UNet2DMod
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (lambda p: [p], "the top level must be an object, got a list"),
+    (lambda p: [p], "the plan must be an object, got a list"),
     (lambda p: {**p, "layers": []}, "unknown key 'layers'; allowed: groups, version"),
     (lambda p: {"version": 1}, "required key 'groups' is missing"),
     (lambda p: {**p, "groups": {"root": LINEAR}}, "groups: expected a list of objects, got an object"),
@@ -336,18 +338,18 @@ LINEAR = "time_embedding.linear_2"  # a Linear of width 32 in the tiny UNet2DMod
     (lambda p: {**p, "version": 2}, "version=2 is not supported; allowed: 1"),
 ])
 def test_a_damaged_plan_is_a_value_error_naming_the_file_and_the_entry(saved_student, tmp_path, edit, expected):
-    plan = json.loads((saved_student / "pruning_plan.json").read_text())
+    plan = json.loads((saved_student / "config.json").read_text())["pruning_plan"]
     folder = _damaged(saved_student, tmp_path, edit)
     with pytest.raises(ValueError) as e:
         load_pruned(folder)
-    assert str(e.value).startswith(f"{folder / 'pruning_plan.json'}: "), e.value
+    assert str(e.value).startswith(f"{folder / 'config.json'}: pruning_plan: "), e.value
     assert re.search(expected.format(entry=_plan_entry(plan, LINEAR)), str(e.value)), e.value
 
 
 def test_malformed_json_and_weights_that_do_not_match_the_plan_are_clear_errors(saved_student, tmp_path):
     folder = _damaged(saved_student, tmp_path, lambda p: p)
-    (folder / "pruning_plan.json").write_text('{"version": 1, "groups": [')
-    with pytest.raises(ValueError, match=r"pruning_plan.json is not valid JSON"):
+    (folder / "config.json").write_text('{"version": 1, "groups": [')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
         load_pruned(folder)
     (folder / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"config.json: the top level must be an object, got a list"):
@@ -355,7 +357,8 @@ def test_malformed_json_and_weights_that_do_not_match_the_plan_are_clear_errors(
     # a well-formed plan keeping one channel fewer than the saved weights have
     other = _damaged(saved_student, tmp_path / "other",
                      lambda p: _set(p, LINEAR, "keep", _group(p, LINEAR)["keep"][1:]))
-    with pytest.raises(ValueError, match=r"model.safetensors does not match .*pruning_plan.json: \d+ of another "
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors does not match .*config.json: "
+                                         r"pruning_plan: \d+ of another "
                                          r"shape, e.g. 'time_embedding.linear_2.weight': saved \[22, \d+\], "
                                          r"the plan gives \[21, \d+\]"):
         load_pruned(other)
@@ -488,3 +491,24 @@ def test_the_report_records_what_was_asked_for():
                                     config_list=entries, round_to=None)
     assert (report["pruner"], report["sparse_ratio"], report["config_list"]) == ("L1NormPruner", None, entries)
     assert json.loads(json.dumps(report))["config_list"] == entries  # pruning_report.json holds it as given
+
+
+def test_a_student_saved_in_the_earlier_format_still_loads(tmp_path):
+    """model.safetensors + the dense config.json + pruning_plan.json, as this package wrote them before."""
+    from nni_2ndmatch.files import save_tensors
+
+    student, _ = _prune(BUILDERS["unet2d"]().eval(), round_to=None)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_tensors(folder / "model.safetensors", student.state_dict())
+    config = {k: v for k, v in dict(student.config).items() if k != "pruning_plan"}
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}, default=list))
+    (folder / "pruning_plan.json").write_text(json.dumps(student.pruning_plan))
+    loaded = load_pruned(folder)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    assert type(loaded).__name__ == "PrunedUNet2DModel" and torch.equal(loaded(x, t).sample, student(x, t).sample)
+    plan = json.loads((folder / "pruning_plan.json").read_text())
+    plan["version"] = 2
+    (folder / "pruning_plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match=r"old/pruning_plan.json: version=2 is not supported"):
+        load_pruned(folder)

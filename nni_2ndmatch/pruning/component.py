@@ -2,7 +2,7 @@
 and ``PrunedDiTTransformer2DModel``.
 
 Each subclasses its dense diffusers class and adds one config entry, ``pruning_plan`` (the
-channels each group keeps, as in pruning_plan.json). Its constructor builds the dense layout from
+channels each group keeps, see pruning.plan). Its constructor builds the dense layout from
 the config and applies the plan, so diffusers' own ``from_pretrained`` (also as a pipeline
 component, listed in model_index.json as ``["nni_2ndmatch", "PrunedUNet2DModel"]``) rebuilds the
 pruned architecture and loads its safetensors weights; ``save_pretrained`` writes config and

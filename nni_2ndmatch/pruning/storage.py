@@ -1,5 +1,8 @@
-"""The save format of a pruned student: safetensors weights, the dense model's diffusers config and
-the pruning plan (JSON). Never a pickle; a damaged folder is a clear error naming the file.
+"""The save format of a pruned student: its pruned diffusers class's own folder (``save_pretrained``:
+``config.json`` with the dense config, ``_class_name`` PrunedX and the ``pruning_plan`` entry, and
+``diffusion_pytorch_model.safetensors``), which diffusers' ``from_pretrained`` also reads. Folders of
+the earlier format (``model.safetensors``, the dense ``config.json`` and ``pruning_plan.json``) still
+load. Never a pickle; a damaged folder is a clear error naming the file and the entry.
 """
 
 from __future__ import annotations
@@ -11,35 +14,34 @@ from typing import Any
 
 from torch import nn
 
-from ..files import atomic_dir, atomic_write_json, load_tensors, save_tensors
+from ..files import atomic_dir, load_tensors
 from ..models import (
     SUPPORTED_CLASSES,
-    diffusers_class_name,
     is_pipeline_folder,
     load_diffusers_model,
     pipeline_denoiser,
     save_diffusers_model,
 )
 from ..utils import json_kind
-from .component import PREFIX, dense_of, pruned_class
+from .component import PREFIX, as_component, dense_of
 from .plan import apply_checked_plan, check_plan
 
-WEIGHTS_FILE, CONFIG_FILE, PLAN_FILE = "model.safetensors", "config.json", "pruning_plan.json"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "diffusion_pytorch_model.safetensors"
+LEGACY_WEIGHTS_FILE, PLAN_FILE = "model.safetensors", "pruning_plan.json"  # the earlier format
 
 
 def save_pruned(student: nn.Module, folder: str | os.PathLike) -> None:
-    """Write a pruned student: safetensors weights, the DENSE model's diffusers config (config.json)
-    and the pruning plan (JSON: the channels each group keeps). Written atomically."""
-    plan = getattr(student, "pruning_plan", None)
-    if plan is None:
+    """Write a pruned student as its pruned class (``as_component``) does with ``save_pretrained``:
+    the config with the plan in it, and safetensors weights. Written atomically; ``student`` keeps
+    its class."""
+    if getattr(student, "pruning_plan", None) is None:
         raise ValueError("the model has no pruning_plan; save it with save_pretrained instead")
-    config = dict(student.config)
-    config["_class_name"] = diffusers_class_name(student)
-    config.pop("pruning_plan", None)  # a pruned class's config entry: the plan has its own file
-    with atomic_dir(folder) as tmp:
-        save_tensors(tmp / WEIGHTS_FILE, student.state_dict())
-        atomic_write_json(tmp / CONFIG_FILE, json.loads(json.dumps(config, default=list)))
-        atomic_write_json(tmp / PLAN_FILE, plan)
+    dense_class = type(student)
+    try:
+        with atomic_dir(folder) as tmp:
+            as_component(student).save_pretrained(tmp, safe_serialization=True)
+    finally:
+        student.__class__ = dense_class
 
 
 def _pruned_class_name(folder: Path) -> str | None:
@@ -57,7 +59,7 @@ def is_pruned_folder(folder: str | os.PathLike) -> bool:
 
 
 def load_model_folder(folder: str | os.PathLike) -> nn.Module:
-    """A pruned-student folder, a diffusers model folder, or a pixel-space pipeline folder (its
+    """A pruned-student folder, a diffusers model folder, or a pipeline folder (its
     denoiser; see ``pipeline_denoiser``)."""
     if is_pipeline_folder(folder):
         folder = Path(folder) / pipeline_denoiser(folder)
@@ -78,7 +80,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return value
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
+def _load_weights(model: nn.Module, path: Path, plan_source: str) -> None:
     """Load the weights strictly; names or shapes other than the model's are a ValueError naming the file."""
     tensors = load_tensors(path)
     expected = model.state_dict()
@@ -90,39 +92,41 @@ def _load_weights(model: nn.Module, path: Path) -> None:
                     f"{len(unexpected)} unexpected, e.g. {unexpected[0]!r}" if unexpected else "",
                     f"{len(shapes)} of another shape, e.g. {shapes[0]!r}: saved {list(tensors[shapes[0]].shape)}, "
                     f"the plan gives {list(expected[shapes[0]].shape)}" if shapes else ""]
-        raise ValueError(f"{path} does not match {path.parent / PLAN_FILE}: "
-                         + "; ".join(p for p in problems if p))
+        raise ValueError(f"{path} does not match {plan_source}: " + "; ".join(p for p in problems if p))
     model.load_state_dict(tensors, strict=True)
 
 
 def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None = None) -> nn.Module:
-    """Rebuild the dense architecture from its config, apply the plan, load the weights (strict).
-    The plan is checked first (a damaged folder is a ValueError naming the file and the entry)."""
+    """A pruned student (an instance of its pruned class) from either save format: the dense
+    architecture is built from the config, the plan (checked first) cuts it down, the weights load
+    strictly. A damaged folder is a ValueError naming the file and the entry."""
     folder = Path(folder)
-    class_name = _pruned_class_name(folder) if not (folder / PLAN_FILE).exists() else None
-    if class_name is not None:  # written by save_pretrained of a pruned class: the plan is in its config
-        dense = dense_of(class_name)
-        if dense is None:
-            raise ValueError(f"{folder / CONFIG_FILE}: _class_name={class_name!r} is not supported; allowed: "
-                             f"{', '.join(PREFIX + c for c in SUPPORTED_CLASSES)}")
-        return pruned_class(dense).from_pretrained(str(folder), use_safetensors=True).eval()
-    for name in (WEIGHTS_FILE, CONFIG_FILE, PLAN_FILE):
+    legacy = (folder / PLAN_FILE).exists()
+    files = (LEGACY_WEIGHTS_FILE, CONFIG_FILE, PLAN_FILE) if legacy else (CONFIG_FILE, WEIGHTS_FILE)
+    for name in files:
         if not (folder / name).is_file():
             raise ValueError(f"{str(folder)!r} is not a pruned-student folder: {name} is missing")
     config = _read_json_object(folder / CONFIG_FILE)
-    plan = _read_json_object(folder / PLAN_FILE)
     class_name = config.get("_class_name")
-    if class_name not in SUPPORTED_CLASSES:
+    if legacy:
+        plan, plan_source, dense = _read_json_object(folder / PLAN_FILE), str(folder / PLAN_FILE), class_name
+        allowed = SUPPORTED_CLASSES
+    else:
+        plan, plan_source = config.get("pruning_plan"), f"{folder / CONFIG_FILE}: pruning_plan"
+        dense, allowed = dense_of(str(class_name)), [PREFIX + c for c in SUPPORTED_CLASSES]
+        if not isinstance(plan, dict):
+            raise ValueError(f"{plan_source}: the plan must be an object, got {json_kind(plan)}")
+    if dense not in SUPPORTED_CLASSES:
         raise ValueError(f"{folder / CONFIG_FILE}: _class_name={class_name!r} is not supported; "
-                         f"allowed: {', '.join(SUPPORTED_CLASSES)}")
-    check_plan(plan, folder / PLAN_FILE)
+                         f"allowed: {', '.join(allowed)}")
+    check_plan(plan, plan_source)
     import diffusers
 
-    cls = getattr(diffusers, class_name)
-    model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")}).eval()
-    apply_checked_plan(model, plan, folder / PLAN_FILE, example_inputs)
-    _load_weights(model, folder / WEIGHTS_FILE)
-    return model
+    dense_config = {k: v for k, v in config.items() if not k.startswith("_") and k != "pruning_plan"}
+    model = getattr(diffusers, dense).from_config(dense_config).eval()
+    apply_checked_plan(model, plan, plan_source, example_inputs)
+    _load_weights(model, folder / (LEGACY_WEIGHTS_FILE if legacy else WEIGHTS_FILE), plan_source)
+    return as_component(model)
 
 
 def save_model(model: nn.Module, folder: Path) -> None:
