@@ -36,12 +36,14 @@ from nni_2ndmatch.models.digits import RESOLUTION, load_digits_teacher  # noqa: 
 TIMESTEPS = [0, 5, 20, 50, 100, 250, 500, 999]
 
 
-def profile(samples: int = 256, ratio: float = 0.5, teacher_dir: str | None = None) -> dict:
+def profile(samples: int = 256, ratio: float = 0.5, teacher_dir: str | None = None, dequantize: bool = False) -> dict:
     teacher = load_diffusers_model(teacher_dir).eval() if teacher_dir else load_digits_teacher().eval()
     student, _ = prune_diffusers(teacher, "magnitude", ratio, round_to=None)
     student.eval()
     scheduler = default_scheduler()
-    x0 = DigitsDataset(RESOLUTION).images[:samples]  # the teacher's own 8x8
+    data = DigitsDataset(RESOLUTION, dequantize=dequantize)  # the teacher's own 8x8
+    torch.manual_seed(0)
+    x0 = torch.stack([data[i] for i in range(samples)])
     g = torch.Generator().manual_seed(0)
     rows = []
     for t in TIMESTEPS:
@@ -61,12 +63,13 @@ def profile(samples: int = 256, ratio: float = 0.5, teacher_dir: str | None = No
     total = sum(r["jac_term_mean"] for r in rows)
     for r in rows:
         r["share_of_jac_term"] = r["jac_term_mean"] / total
-    return {"samples_per_timestep": samples, "ratio": ratio, "resolution": RESOLUTION, "rows": rows}
+    return {"samples_per_timestep": samples, "ratio": ratio, "resolution": RESOLUTION, "rows": rows,
+            "command": "python benchmarks/jac_term_profile.py " + " ".join(sys.argv[1:])}
 
 
 def render(results: dict) -> str:
     lines = ["# The 2ndMatch term per timestep (digits, pruned student before finetuning)", "",
-             f"Command: `python benchmarks/jac_term_profile.py --ratio {results['ratio']}`; "
+             f"Command: `{results['command']}`; "
              f"{results['samples_per_timestep']} digits per timestep at {results['resolution']}x"
              f"{results['resolution']}, one direction each, vjp. Shares are of the sum of the per-timestep means.", "",
              "| t | teacher ‖Jv‖² | student ‖Jv‖² | term mean | median | p99 | max | share | DSM term |",
@@ -82,10 +85,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratio", type=float, default=0.5, help="channel share pruned (the paper's: 0.3)")
     p.add_argument("--teacher", help="a diffusers folder to profile instead of the shipped teacher")
+    p.add_argument("--dequantize", action="store_true", help="dequantised digits (for a teacher trained on them)")
     p.add_argument("--out", default="benchmarks/results/ablation/jac_term_profile.json")
     args = p.parse_args()
     torch.set_num_threads(1)
-    results = profile(ratio=args.ratio, teacher_dir=args.teacher)
+    results = profile(ratio=args.ratio, teacher_dir=args.teacher, dequantize=args.dequantize)
     markdown = render(results)
     write_results(args.out, results, markdown)
     print(markdown)
