@@ -158,19 +158,21 @@ def digit_captions(labels: Tensor) -> list[str]:
     return [f"a handwritten digit {int(d)}" for d in labels]
 
 
-def read_captions(root: Path, files: list[Path]) -> list[str]:
-    """The caption of each of ``files`` from ``root``/metadata.jsonl, the Hugging Face imagefolder
-    convention: one JSON object per line, ``{"file_name": "a/b.png", "text": "..."}`` with the
-    path relative to ``root``. A missing file, a malformed line, an entry without a string
-    ``text``, an entry naming no file, two entries for one file and an image without an entry are
-    each a ValueError naming the file (and line)."""
+def read_metadata(root: Path, files: list[Path], key: str = "text") -> list[Any]:
+    """Each of ``files``'s ``key`` from ``root``/metadata.jsonl, the Hugging Face imagefolder
+    convention: one JSON object per line, ``{"file_name": "a/b.png", "text": "..."}`` (captions) or
+    ``{"file_name": ..., "label": 3}`` (class labels), the path relative to ``root``. A missing
+    file, a malformed line, an entry whose ``text`` is not a string (``label`` not an integer >= 0),
+    an entry naming no file, two entries for one file and an image without an entry are each a
+    ValueError naming the file (and line)."""
     import json
 
+    what = {"text": "a caption (a string, empty for none)", "label": "a class label (an integer >= 0)"}[key]
     meta = root / METADATA_FILE
     if not meta.is_file():
-        raise ValueError(f"data path {str(root)!r} has no {METADATA_FILE}; a text-to-image pipeline needs a caption "
-                         f'per image: one line per image, {{"file_name": "relative/path.png", "text": "a caption"}}')
-    captions: dict[Path, str] = {}
+        raise ValueError(f"data path {str(root)!r} has no {METADATA_FILE}; the teacher needs {what} per image: one "
+                         f'line per image, {{"file_name": "relative/path.png", "{key}": ...}}')
+    values: dict[Path, Any] = {}
     for n, line in enumerate(meta.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -181,20 +183,22 @@ def read_captions(root: Path, files: list[Path]) -> list[str]:
             raise ValueError(f"{where} is not valid JSON: {e}") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
             raise ValueError(f"{where}: each line must be an object with a string \"file_name\"")
-        if not isinstance(entry.get("text"), str):
-            raise ValueError(f"{where}: \"text\" is {entry.get('text')!r}; each image needs a caption (a string, "
-                             "empty for none)")
+        value = entry.get(key)
+        valid = isinstance(value, str) if key == "text" else \
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not valid:
+            raise ValueError(f"{where}: \"{key}\" is {value!r}; each image needs {what}")
         file = (root / entry["file_name"]).resolve()
         if not file.is_file():
             raise ValueError(f"{where}: file_name {entry['file_name']!r} names no file in {str(root)!r}")
-        if file in captions:
+        if file in values:
             raise ValueError(f"{where}: a second entry for {entry['file_name']!r}; give each image one entry")
-        captions[file] = entry["text"]
-    missing = [f for f in files if f.resolve() not in captions]
+        values[file] = value
+    missing = [f for f in files if f.resolve() not in values]
     if missing:
         listed = ", ".join(str(f.relative_to(root)) for f in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"{meta}: {len(missing)} image(s) have no entry: {listed}")
-    return [captions[f.resolve()] for f in files]
+    return [values[f.resolve()] for f in files]
 
 
 def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tensor:

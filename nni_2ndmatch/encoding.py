@@ -30,25 +30,28 @@ FORMAT = "1"  # bump when what is stored changes
 
 
 class EncodedDataset(Dataset):
-    """Latents, and for a text-to-image pipeline each item's caption embedding: items are the
-    latent, or ``{"sample": latent, "encoder_hidden_states": embedding}``.
+    """Latents, and each item's conditioning: items are the latent, ``{"sample": latent,
+    "encoder_hidden_states": caption embedding}`` (text-to-image) or ``{"sample": latent,
+    "class_labels": label}`` (a class-conditional DiT).
 
     ``caption_dropout``: the share of a batch's captions the loop replaces by the empty prompt
     (``drop_captions``), for classifier-free guidance."""
 
     def __init__(self, latents: Tensor, embeddings: Tensor | None = None, caption_index: Tensor | None = None,
-                 caption_dropout: float = 0.0) -> None:
+                 caption_dropout: float = 0.0, labels: Tensor | None = None) -> None:
         if (embeddings is None) != (caption_index is None):
             raise ValueError("embeddings and caption_index go together")
         if caption_dropout and embeddings is None:
             raise ValueError(f"caption_dropout={caption_dropout!r} needs captions; the pipeline has no text encoder")
         self.latents, self.embeddings, self.caption_index = latents, embeddings, caption_index
-        self.caption_dropout = caption_dropout
+        self.caption_dropout, self.labels = caption_dropout, labels
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def __getitem__(self, index: int) -> Tensor | dict[str, Tensor]:
+        if self.labels is not None:
+            return {"sample": self.latents[index], "class_labels": self.labels[index]}
         if self.embeddings is None:
             return self.latents[index]
         return {"sample": self.latents[index], "encoder_hidden_states": self.embeddings[self.caption_index[index]]}
@@ -65,6 +68,8 @@ class EncodedDataset(Dataset):
         out = {"latents": self.latents}
         if self.embeddings is not None:
             out.update(embeddings=self.embeddings, caption_index=self.caption_index)
+        if self.labels is not None:
+            out.update(labels=self.labels)
         return out
 
 
@@ -76,9 +81,11 @@ def _hash_files(digest: Any, root: Path, files: list[Path]) -> None:
                 digest.update(chunk)
 
 
-def fingerprint(parts: PipelineParts, data: Dataset, captions: list[str] | None) -> str:
+def fingerprint(parts: PipelineParts, data: Dataset, captions: list[str] | None,
+                labels: list[int] | None = None) -> str:
     """What the encoded data depends on: the VAE, text encoder and tokenizer folders (every file's
-    bytes), the images (an image folder's file bytes, else the image tensors), their size and the captions."""
+    bytes), the images (an image folder's file bytes, else the image tensors), their size, the
+    captions and the class labels."""
     digest = hashlib.sha256(f"nni-2ndmatch encoded data {FORMAT}\0".encode())
     for name in ("vae", "text_encoder", "tokenizer"):
         folder = parts.path / name
@@ -90,15 +97,15 @@ def fingerprint(parts: PipelineParts, data: Dataset, captions: list[str] | None)
         digest.update(json.dumps([data.resolution, data.channels]).encode())
     else:
         digest.update(data.images.numpy().tobytes())
-    digest.update(json.dumps(captions).encode())
+    digest.update(json.dumps([captions, labels]).encode())
     return digest.hexdigest()
 
 
 @torch.no_grad()
-def encode(parts: PipelineParts, data: Dataset, captions: list[str] | None, batch_size: int = 16,
-           caption_dropout: float = 0.0) -> EncodedDataset:
+def encode(parts: PipelineParts, data: Dataset, captions: list[str] | None, labels: list[int] | None = None,
+           batch_size: int = 16, caption_dropout: float = 0.0) -> EncodedDataset:
     """Encode every image of ``data`` (tensors in [-1, 1]) with the VAE and every distinct caption
-    with the text encoder."""
+    with the text encoder; ``labels`` are kept as they are."""
     vae = parts.vae
     channels = vae.config.in_channels
     scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
@@ -116,7 +123,7 @@ def encode(parts: PipelineParts, data: Dataset, captions: list[str] | None, batc
             logger.info("encoded %d/%d images with the VAE", done, len(data))
     latents = torch.cat(latents).contiguous()
     if captions is None:
-        return EncodedDataset(latents)
+        return EncodedDataset(latents, labels=None if labels is None else torch.tensor(labels, dtype=torch.long))
     texts = sorted(set(captions) - {""}) + [""]  # the empty prompt last
     tokenizer = parts.tokenizer
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -146,7 +153,7 @@ def load_cached(file: Path, expected: str, caption_dropout: float) -> EncodedDat
         logger.warning("cache %s is unreadable (%s); encoding again", file, e)
         return None
     return EncodedDataset(tensors["latents"], tensors.get("embeddings"), tensors.get("caption_index"),
-                          caption_dropout)
+                          caption_dropout, tensors.get("labels"))
 
 
 def save_cached(data: EncodedDataset, file: Path, fingerprint_: str) -> None:

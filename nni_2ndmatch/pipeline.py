@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from .config import Config, ModelSpec
-from .data import DigitsDataset, ImageFolderDataset, collate, digit_captions, read_captions
+from .data import DigitsDataset, ImageFolderDataset, collate, digit_captions, read_metadata
 from .encoding import CACHE_FILE, encode, fingerprint, load_cached, save_cached
 from .errors import UserError
 from .evaluation import OnnxFeatures
@@ -93,12 +93,13 @@ def load_teacher(spec: ModelSpec, resolution: int) -> tuple[nn.Module, PipelineP
         raise UserError(f"model.teacher: {e}") from None
 
 
-def check_evaluate(config: Config, parts: PipelineParts | None) -> None:
+def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | None) -> None:
     """The evaluate section against the teacher: pixel-space models sample with DDIM on the default
     schedule, latent pipelines through themselves (text-to-image only); prompts need a text encoder."""
     e, text = config.evaluate, parts is not None and parts.text_encoder is not None
-    if parts is not None and parts.latent and not text:
-        raise UserError(f"evaluate: the pipeline ({parts.path}) is latent without a text encoder, which the "
+    labels = parts is not None and parts.latent and parts.denoiser == "transformer"
+    if parts is not None and parts.latent and not (text or labels):
+        raise UserError(f"evaluate: the pipeline ({parts.path}) is latent and unconditional, which the "
                         "evaluation does not sample yet; remove the evaluate section")
     if parts is not None and not parts.latent:
         default = default_scheduler().config
@@ -112,10 +113,13 @@ def check_evaluate(config: Config, parts: PipelineParts | None) -> None:
             OnnxFeatures(e.fid_features).check_size(config.data.resolution, config.data.resolution)
         except Exception as err:  # onnxruntime raises its own types for files that are not ONNX models
             raise UserError(f"evaluate.fid_features: {str(err).splitlines()[0]}") from None
-    for field, value, default_value in (("clip_model", e.clip_model, None), ("guidance_scale", e.guidance_scale, 1.0)):
-        if value != default_value and not text:
-            raise UserError(f"evaluate.{field}: value {value!r} is not allowed: it needs prompts, i.e. a "
-                            f"text-to-image pipeline teacher; allowed here: {default_value!r}")
+    if e.clip_model is not None and not text:
+        raise UserError(f"evaluate.clip_model: value {e.clip_model!r} is not allowed: it needs prompts, i.e. a "
+                        "text-to-image pipeline teacher; allowed here: null")
+    if e.guidance_scale != 1.0 and not (text or labels and conditioning_of(teacher) == ("class_labels", 1000)):
+        raise UserError(f"evaluate.guidance_scale: value {e.guidance_scale!r} is not allowed: it needs a "
+                        "text-to-image pipeline, or a DiT pipeline of 1000 classes (DiTPipeline takes class 1000 as "
+                        "the unconditional one); allowed here: 1.0")
 
 
 def load_dataset(config: Config, teacher: nn.Module | None = None,
@@ -145,34 +149,43 @@ def load_dataset(config: Config, teacher: nn.Module | None = None,
 
 
 def load_encoded(config: Config, teacher: nn.Module, parts: PipelineParts) -> torch.utils.data.Dataset:
-    """A latent pipeline's training data: the images (and captions, from metadata.jsonl or the
-    digits' "a handwritten digit 3") encoded by its VAE (and text encoder), from output_dir's
-    cache when its fingerprint matches. ``fresh`` on the result: encoded now, to be cached."""
+    """A latent pipeline's training data: the images encoded by its VAE, with the conditioning the
+    denoiser takes: captions encoded by the pipeline's text encoder, or class labels (a DiT), from
+    metadata.jsonl or the digits' own ("a handwritten digit 3", 3); from output_dir's cache when its
+    fingerprint matches. ``fresh`` on the result: encoded now, to be cached."""
     data, text = config.data, parts.text_encoder is not None
     conditioning = conditioning_of(teacher)
-    gives = ("encoder_hidden_states", parts.text_encoder.config.hidden_size) if text else None
+    if text:
+        gives = ("encoder_hidden_states", parts.text_encoder.config.hidden_size)
+    else:
+        gives = conditioning if conditioning is not None and conditioning[0] == "class_labels" else None
     if conditioning != gives:
         raise UserError(f"model.teacher: the denoiser is conditioned on {conditioning or 'nothing'} but the pipeline "
                         f"gives {gives or 'no conditioning'}; allowed: a text encoder feeding a cross-attention "
-                        "denoiser of its width, or an unconditional denoiser without one")
+                        "denoiser of its width, class labels for a class-conditional DiT, or no conditioning")
     if data.caption_dropout and not text:
         raise UserError(f"data.caption_dropout: value {data.caption_dropout!r} is not allowed: the pipeline "
                         f"({parts.path}) has no text encoder; allowed: 0")
     if config.finetune.hflip:
         raise UserError("finetune.hflip: value True is not allowed with a latent pipeline: the latents are encoded "
                         "once, and a flipped latent is not the latent of the flipped image; allowed: false")
+    key_name = "text" if text else "label" if gives else None
     try:
         if data.builtin == "digits":
             images = DigitsDataset(resolution=data.resolution, split="train")
-            captions = digit_captions(images.labels) if text else None
+            values = {"text": digit_captions(images.labels), "label": images.labels.tolist(), None: None}[key_name]
         else:
             images = ImageFolderDataset(data.path, resolution=data.resolution, channels=data.channels,
                                         skip_bad_images=data.skip_bad_images)
-            captions = read_captions(images.root, images.files) if text else None
-        key = fingerprint(parts, images, captions)
+            values = read_metadata(images.root, images.files, key_name) if key_name else None
+        if key_name == "label" and max(values) >= gives[1]:
+            raise ValueError(f"class label {max(values)} is out of range: the teacher has {gives[1]} classes "
+                             f"(labels 0 to {gives[1] - 1})")
+        captions, labels = (values, None) if text else (None, values)
+        key = fingerprint(parts, images, captions, labels)
         dataset = load_cached(Path(config.output_dir) / CACHE_FILE, key, data.caption_dropout)
         dataset, dataset.fresh = (dataset, False) if dataset is not None else \
-            (encode(parts, images, captions, caption_dropout=data.caption_dropout), True)
+            (encode(parts, images, captions, labels, caption_dropout=data.caption_dropout), True)
     except (ValueError, OSError) as e:
         raise UserError(f"data: {e}") from None
     dataset.fingerprint, dataset.source, dataset.captions = key, images, captions  # (the evaluation's too)
@@ -364,7 +377,7 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     # every input is checked before anything is written to (or deleted from) output_dir
     teacher, parts = load_teacher(config.model.teacher, config.data.resolution)
     if config.evaluate is not None:
-        check_evaluate(config, parts)
+        check_evaluate(config, teacher, parts)
     dataset = load_dataset(config, teacher, parts)
     student = load_model(config.model.student, "student") if config.model.student is not None else None
     _preflight({"teacher": teacher} if student is None else {"teacher": teacher, "student": student}, dataset[0])

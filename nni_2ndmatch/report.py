@@ -200,11 +200,11 @@ REAL_IMAGES = 10000  # at most this many data images are FID's reference set
 
 
 class PipelineEvaluator(Scores):
-    """A text-to-image pipeline's evaluation: every denoiser samples through the teacher's pipeline
-    (its VAE decodes, its text encoder reads the prompts: the captions of the first data items),
-    with DDIM on the pipeline's schedule, the same seeded initial latents per sample and
-    ``guidance_scale``; images at the data's resolution. Scores as :class:`Scores` (FID against
-    the data's images, CLIP score against the prompts)."""
+    """A latent pipeline's evaluation: every denoiser samples through the teacher's pipeline (its
+    VAE decodes; the conditions are those of the first data items: prompts for its text encoder,
+    or class labels for a DiT), with DDIM on the pipeline's schedule, the same seeded initial
+    latents per sample and ``guidance_scale``. Scores as :class:`Scores` (FID against the data's
+    images, CLIP score against the prompts)."""
 
     def __init__(self, parts: Any, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
                  guidance_scale: float, resolution: int, fid_features: str | None = None,
@@ -221,11 +221,12 @@ class PipelineEvaluator(Scores):
         self.pipe.set_progress_bar_config(disable=True)
         self.denoiser, self.seed, self.resolution = parts.denoiser, seed, resolution
         self.ddim_steps, self.guidance_scale = ddim_steps, guidance_scale
-        captions = dataset.captions
-        self.prompt_list = [captions[i % len(captions)] for i in range(samples)]
+        conditions = dataset.captions if dataset.captions is not None else dataset.labels.tolist()
+        self.conditions = [conditions[i % len(conditions)] for i in range(samples)]
+        self.text = dataset.captions is not None
         source = dataset.source
         real = torch.stack([source[i] for i in range(min(len(source), REAL_IMAGES))]) if fid_features else None
-        self.setup_metrics(fid_features, clip_model, real, self.prompt_list)
+        self.setup_metrics(fid_features, clip_model, real, self.conditions if self.text else None)
         self.teacher_samples = self.sample(teacher)
 
     @torch.no_grad()
@@ -233,11 +234,13 @@ class PipelineEvaluator(Scores):
         """The samples of the pipeline with ``model`` as its denoiser, in [-1, 1] on the CPU."""
         self.pipe.register_modules(**{self.denoiser: model.eval()})
         images = []
-        for start in range(0, len(self.prompt_list), batch_size):
-            prompts = self.prompt_list[start:start + batch_size]
-            generators = [torch.Generator().manual_seed(self.seed + start + i) for i in range(len(prompts))]
-            out = self.pipe(prompt=prompts, num_inference_steps=self.ddim_steps, guidance_scale=self.guidance_scale,
-                            height=self.resolution, width=self.resolution, generator=generators, output_type="pt")
+        for start in range(0, len(self.conditions), batch_size):
+            conditions = self.conditions[start:start + batch_size]
+            generators = [torch.Generator().manual_seed(self.seed + start + i) for i in range(len(conditions))]
+            given = {"prompt": conditions, "height": self.resolution, "width": self.resolution} if self.text \
+                else {"class_labels": conditions}
+            out = self.pipe(**given, num_inference_steps=self.ddim_steps, guidance_scale=self.guidance_scale,
+                            generator=generators, output_type="pt")
             images.append(out.images.cpu() * 2 - 1)
         return torch.cat(images)
 

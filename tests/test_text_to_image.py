@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from test_cli import cli_here
-from tiny_models import captioned_images, tiny_clip, tiny_feature_onnx, tiny_sd_pipeline
+from tiny_models import captioned_images, tiny_clip, tiny_dit_pipeline, tiny_feature_onnx, tiny_sd_pipeline
 
 from nni_2ndmatch.config import validate_config
 
@@ -211,7 +211,8 @@ def test_options_a_latent_pipeline_cannot_honour_are_refused(section, key, value
 
 @pytest.mark.parametrize("evaluate, expected", [
     ({"clip_model": "."}, r"evaluate.clip_model: value '.' is not allowed: it needs prompts"),
-    ({"guidance_scale": 3.0}, r"evaluate.guidance_scale: value 3.0 is not allowed: it needs prompts"),
+    ({"guidance_scale": 3.0}, r"evaluate.guidance_scale: value 3.0 is not allowed: it needs a text-to-image "
+                              r"pipeline, or a DiT pipeline of 1000 classes"),
     ({"fid_features": "missing.onnx"}, r"evaluate.fid_features: value 'missing.onnx' is not allowed: no such file; "
                                        r"export the FID Inception network"),
     ({"fid_features": "not-onnx"}, r"evaluate.fid_features: .*not-onnx"),
@@ -246,3 +247,57 @@ def test_without_transformers_a_text_pipeline_is_a_clear_error_naming_the_extra(
     with pytest.raises(ValueError, match=r"text_encoder needs the transformers package: pip install "
                                          r"'nni-2ndmatch\[text\]'"):
         load_pipeline_parts(folder)
+
+
+def _dit_config(tmp_path, **data):
+    teacher = tiny_dit_pipeline(tmp_path / "dit")
+    return {"version": 1, "model": {"teacher": {"path": str(teacher)}},
+            "data": {"path": str(captioned_images(tmp_path / "images")), "resolution": 8, "channels": 3, **data},
+            "pruning": {"pruner": "magnitude", "sparse_ratio": 0.3, "round_to": None},
+            "finetune": {"finetuner": "2ndmatch", "steps": 2, "batch_size": 4}, "output_dir": str(tmp_path / "run")}
+
+
+@pytest.mark.slow
+def test_a_latent_class_conditional_dit_pipeline_in_gives_its_pipeline_out_and_is_evaluated(tmp_path):
+    pytest.importorskip("torchmetrics")
+    from diffusers import DiffusionPipeline
+
+    import nni_2ndmatch  # noqa: F401
+    from nni_2ndmatch.pipeline import load_dataset, load_teacher, run_job
+
+    raw = _dit_config(tmp_path)
+    config = validate_config(raw)
+    teacher, parts = load_teacher(config.model.teacher, 8)
+    data = load_dataset(config, teacher, parts)
+    assert data[4]["class_labels"] == 1 and data[4]["sample"].shape == (2, 4, 4)  # metadata.jsonl's "label"
+    tiny_feature_onnx(tmp_path / "features.onnx")
+    raw["evaluate"] = {"samples": 4, "ddim_steps": 2, "fid_features": str(tmp_path / "features.onnx")}
+    summary = run_job(validate_config(raw), "run", progress=False)
+    out = tmp_path / "run" / summary["pipeline_dir"]
+    assert json.loads((out / "model_index.json").read_text())["transformer"] == \
+        ["nni_2ndmatch", "PrunedDiTTransformer2DModel"]
+    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    images = pipe(class_labels=[3], num_inference_steps=2, output_type="np", guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()
+    quality = json.loads((tmp_path / "run" / "report" / "results.json").read_text())["quality"]
+    assert quality["fid_student"] > 0 and quality["fidelity"] > 0
+
+
+@pytest.mark.parametrize("metadata, expected", [
+    ('{"file_name": "0.png", "text": "a"}', r'line 1: "label" is None; each image needs a class label'),
+    ('{"file_name": "0.png", "label": -1}', r'line 1: "label" is -1; each image needs a class label'),
+    ("".join(f'{{"file_name": "{i}.png", "label": {10 + i}}}\n' for i in range(8)),
+     r"data: class label 17 is out of range: the teacher has 10 classes"),
+    (None, r"evaluate.guidance_scale: value 2.0 is not allowed: .*DiT pipeline of 1000 classes"),
+])
+def test_class_labels_a_dit_pipeline_cannot_use_are_clear_errors(metadata, expected, tmp_path):
+    raw = _dit_config(tmp_path)
+    if metadata is None:
+        raw["evaluate"] = {"guidance_scale": 2.0}
+    else:
+        (tmp_path / "images" / "metadata.jsonl").write_text(metadata)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and re.search(expected, r.stderr), r.stderr
+    assert not (tmp_path / "run").exists()

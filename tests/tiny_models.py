@@ -55,16 +55,13 @@ def tiny_sd_pipeline(folder, prediction_type="epsilon", seed=0):
     UNet2DConditionModel, a CLIPTextModel and a character-level CLIP vocabulary), for 3x8x8 images."""
     from pathlib import Path
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
     words = folder / "vocabulary"
     vocab = _char_vocabulary(words, 24)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=2, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, layers_per_block=1, sample_size=8)
+    vae = _tiny_vae(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16,
                                                 num_hidden_layers=1, num_attention_heads=2,
                                                 max_position_embeddings=24, bos_token_id=len(vocab) - 2,
@@ -78,8 +75,29 @@ def tiny_sd_pipeline(folder, prediction_type="epsilon", seed=0):
     return folder / "pipeline"
 
 
+def _tiny_vae(seed=0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=2, block_out_channels=(8, 8),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=4, layers_per_block=1, sample_size=8)
+
+
+def tiny_dit_pipeline(folder, seed=0):
+    """A tiny latent class-conditional DiTPipeline folder (10 classes) for 3x8x8 images."""
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    pipe = DiTPipeline(transformer=tiny_dit(seed), vae=_tiny_vae(seed), scheduler=DDIMScheduler(),
+                       id2label={i: str(i) for i in range(10)})
+    pipe.save_pretrained(Path(folder), safe_serialization=True)
+    return Path(folder)
+
+
 def captioned_images(folder, n=8, size=8):
-    """``n`` random RGB PNGs and a metadata.jsonl captioning each ("picture 0", ...)."""
+    """``n`` random RGB PNGs and a metadata.jsonl captioning ("picture 0", ...) and labelling (0, ...) each."""
     import json
     from pathlib import Path
 
@@ -92,7 +110,7 @@ def captioned_images(folder, n=8, size=8):
     lines = []
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i % 3}"}))
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i % 3}", "label": i % 3}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 

@@ -63,7 +63,7 @@ def pipeline_denoiser(path: str | os.PathLike) -> str:
     if unsupported:
         raise ValueError(f"{index_file}: the pipeline has {', '.join(unsupported)}, whose conditioning the finetuning "
                          "does not provide; allowed: a denoiser with a scheduler, and optionally vae (AutoencoderKL), "
-                         "text_encoder (CLIPTextModel) and tokenizer (Stable Diffusion 1.x/2.x layouts)")
+                         "text_encoder (CLIPTextModel) and tokenizer (Stable Diffusion 1.x/2.x and DiT layouts)")
     for name, allowed in FROZEN_PARTS.items():
         if name in components and components[name] not in allowed:
             raise ValueError(f"{index_file}: {name} is {components[name]}; allowed: {', '.join(allowed)}")
