@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from ..files import read_json_object
+
 PIPELINE_INDEX = "model_index.json"
 DENOISERS = ("unet", "transformer")
 #: The components a run loads besides the denoiser, and the classes allowed for each.
@@ -30,19 +32,9 @@ def is_pipeline_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / PIPELINE_INDEX).is_file()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: the top level must be an object")
-    return value
-
-
 def pipeline_components(path: str | os.PathLike) -> dict[str, str]:
     """The components a pipeline folder's model_index.json names, with their class names."""
-    index = _read_json(Path(path) / PIPELINE_INDEX)
+    index = read_json_object(Path(path) / PIPELINE_INDEX)
     return {k: str(v[1]) for k, v in index.items()
             if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
 
@@ -85,7 +77,7 @@ def training_scheduler(path: str | os.PathLike) -> Any:
     file = Path(path) / "scheduler" / "scheduler_config.json"
     if not file.is_file():
         return default_scheduler()
-    config = _read_json(file)
+    config = read_json_object(file)
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"{file}: prediction_type={prediction!r} is not supported; allowed: "

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..files import atomic_dir, load_tensors
+from ..files import atomic_dir, load_tensors, read_json_object
 from ..models import (
     SUPPORTED_CLASSES,
     is_pipeline_folder,
@@ -69,17 +69,6 @@ def load_model_folder(folder: str | os.PathLike) -> nn.Module:
     return load_diffusers_model(folder)
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; malformed JSON or another top-level value is a ValueError naming it."""
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: the top level must be an object, got {json_kind(value)}")
-    return value
-
-
 def _load_weights(model: nn.Module, path: Path, plan_source: str) -> None:
     """Load the weights strictly; names or shapes other than the model's are a ValueError naming the file."""
     tensors = load_tensors(path)
@@ -106,10 +95,10 @@ def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None
     for name in files:
         if not (folder / name).is_file():
             raise ValueError(f"{str(folder)!r} is not a pruned-student folder: {name} is missing")
-    config = _read_json_object(folder / CONFIG_FILE)
+    config = read_json_object(folder / CONFIG_FILE)
     class_name = config.get("_class_name")
     if legacy:
-        plan, plan_source, dense = _read_json_object(folder / PLAN_FILE), str(folder / PLAN_FILE), class_name
+        plan, plan_source, dense = read_json_object(folder / PLAN_FILE), str(folder / PLAN_FILE), class_name
         allowed = SUPPORTED_CLASSES
     else:
         plan, plan_source = config.get("pruning_plan"), f"{folder / CONFIG_FILE}: pruning_plan"
