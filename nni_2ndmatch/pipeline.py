@@ -95,9 +95,11 @@ def load_teacher(spec: ModelSpec, resolution: int) -> tuple[nn.Module, PipelineP
 
 def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | None) -> None:
     """The evaluate section against the teacher: pixel-space models sample with DDIM on the default
-    schedule, latent pipelines through themselves (text-to-image only); prompts need a text encoder."""
+    schedule, latent pipelines through themselves (text-to-image or class-conditional); the CLIP
+    score needs prompts, guidance a text encoder or diffusers' DiT null class."""
     e, text = config.evaluate, parts is not None and parts.text_encoder is not None
-    labels = parts is not None and parts.latent and parts.denoiser == "transformer"
+    conditioning = conditioning_of(teacher)
+    labels = parts is not None and parts.latent and conditioning is not None and conditioning[0] == "class_labels"
     if parts is not None and parts.latent and not (text or labels):
         raise UserError(f"evaluate: the pipeline ({parts.path}) is latent and unconditional, which the "
                         "evaluation does not sample yet; remove the evaluate section")
@@ -116,7 +118,7 @@ def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | No
     if e.clip_model is not None and not text:
         raise UserError(f"evaluate.clip_model: value {e.clip_model!r} is not allowed: it needs prompts, i.e. a "
                         "text-to-image pipeline teacher; allowed here: null")
-    if e.guidance_scale != 1.0 and not (text or labels and conditioning_of(teacher) == ("class_labels", 1000)):
+    if e.guidance_scale != 1.0 and not (text or labels and conditioning == ("class_labels", 1000)):
         raise UserError(f"evaluate.guidance_scale: value {e.guidance_scale!r} is not allowed: it needs a "
                         "text-to-image pipeline, or a DiT pipeline of 1000 classes (DiTPipeline takes class 1000 as "
                         "the unconditional one); allowed here: 1.0")
