@@ -77,6 +77,13 @@ class ModelSection(_Section):
     teacher: ModelSpec
     student: ModelSpec | None = None  # None: the pruning section makes it from the teacher
 
+    @model_validator(mode="after")
+    def _pipelines_teach(self) -> "ModelSection":
+        if self.student is not None and self.student.builtin in BUILTIN_PIPELINES:
+            raise ValueError(f"student.builtin={self.student.builtin!r} is a pipeline; a student is a denoiser, "
+                             f"allowed: {', '.join(BUILTIN_MODELS)}")
+        return self
+
 
 class PruningSection(_Section):
     """How the student is made from the teacher: a torch-pruning importance or an NNI pruner class."""

@@ -2,10 +2,12 @@
 once by its frozen text encoder, kept in ``output_dir/cache`` (safetensors) under a fingerprint of
 the encoders and the data, so a resumed or repeated run reuses them and changed data is re-encoded.
 
-A latent is the mean of the VAE's posterior, shifted and scaled as the pipeline does
-((z - shift_factor) * scaling_factor); a caption's embedding is the text encoder's last hidden
-state over the tokenizer's full context, as Stable Diffusion conditions on. Captions are stored
-once per distinct text; the empty prompt (for ``caption_dropout``) is always the last row.
+A latent is the mean of the VAE's posterior, shifted and scaled as diffusers' pipelines expect
+((z - shift_factor) * scaling_factor; the VAEs of the supported pipelines have no shift); a
+caption's embedding is the text encoder's last hidden state over the tokenizer's full context, as
+Stable Diffusion conditions on. Captions are stored once per distinct text; the empty prompt (for
+``caption_dropout``) is always the last row. Everything is held in memory: about 236 KB per
+distinct caption for SD's 77x768 context and 64 KB per 512x512 image's latent.
 """
 
 from __future__ import annotations
@@ -103,21 +105,23 @@ def fingerprint(parts: PipelineParts, data: Dataset, captions: list[str] | None,
 
 @torch.no_grad()
 def encode(parts: PipelineParts, data: Dataset, captions: list[str] | None, labels: list[int] | None = None,
-           batch_size: int = 16, caption_dropout: float = 0.0) -> EncodedDataset:
+           batch_size: int = 16, caption_dropout: float = 0.0, device: str = "cpu",
+           expand_greyscale: bool = False) -> EncodedDataset:
     """Encode every image of ``data`` (tensors in [-1, 1]) with the VAE and every distinct caption
-    with the text encoder; ``labels`` are kept as they are."""
-    vae = parts.vae
+    with the text encoder, on ``device`` (the results on the CPU); ``labels`` are kept as they are.
+    ``expand_greyscale``: feed 1-channel images to an RGB VAE as grey RGB (the built-in digits)."""
+    vae = parts.vae.to(device)
     channels = vae.config.in_channels
     scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
     latents = []
     for start in range(0, len(data), batch_size):
         x = torch.stack([data[i] for i in range(start, min(start + batch_size, len(data)))])
-        if x.shape[1] == 1 and channels == 3:  # greyscale images (the digits) as RGB
+        if expand_greyscale and x.shape[1] == 1 and channels == 3:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[1] != channels:
-            raise ValueError(f"data.channels: the images have {x.shape[1]} channel(s), the pipeline's VAE takes "
+            raise ValueError(f"channels: the images have {x.shape[1]} channel(s), the pipeline's VAE takes "
                              f"{channels}; allowed: {channels}")
-        latents.append((vae.encode(x).latent_dist.mean - shift) * scale)
+        latents.append(((vae.encode(x.to(device)).latent_dist.mean - shift) * scale).cpu())
         done = min(start + batch_size, len(data))
         if done == len(data) or done // max(1, len(data) // 10) != start // max(1, len(data) // 10):
             logger.info("encoded %d/%d images with the VAE", done, len(data))
@@ -132,7 +136,9 @@ def encode(parts: PipelineParts, data: Dataset, captions: list[str] | None, labe
     if cut:
         logger.warning("%d caption(s) are longer than the text encoder's %d tokens and were cut to that length, "
                        "e.g. %r", len(cut), tokenizer.model_max_length, cut[0])
-    embeddings = torch.cat([parts.text_encoder(ids[i:i + batch_size])[0] for i in range(0, len(ids), batch_size)])
+    text_encoder = parts.text_encoder.to(device)
+    embeddings = torch.cat([text_encoder(ids[i:i + batch_size].to(device))[0].cpu()
+                            for i in range(0, len(ids), batch_size)])
     index = {t: i for i, t in enumerate(texts)}
     caption_index = torch.tensor([index[c] for c in captions], dtype=torch.long)
     return EncodedDataset(latents, embeddings.contiguous(), caption_index, caption_dropout)

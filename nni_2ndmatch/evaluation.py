@@ -107,7 +107,7 @@ CLIP_HELP = "download a CLIP model folder where the network allows, e.g. `hf dow
             "--local-dir clip-vit-large-patch14` (safetensors weights), and give the folder"
 
 
-def _needs_torchmetrics() -> None:
+def needs_torchmetrics() -> None:
     try:
         import torchmetrics  # noqa: F401
     except ImportError:
@@ -150,23 +150,34 @@ def to_uint8(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def fid_score(real: Tensor, fake: Tensor, features: torch.nn.Module, batch_size: int = 64) -> float:
-    """FID (torchmetrics' FrechetInceptionDistance) of images in [-1, 1] with the feature network
-    ``features`` (uint8 [N, 3, H, W] -> [N, D])."""
-    _needs_torchmetrics()
-    from torchmetrics.image.fid import FrechetInceptionDistance
+class FID:
+    """FID (torchmetrics' FrechetInceptionDistance) against one reference set of images in [-1, 1],
+    with the feature network ``features`` (uint8 [N, 3, H, W] -> [N, D]): the reference features
+    are taken once, from ``real`` batches (an iterable, so a large set need not be in memory)."""
 
-    size = tuple(real.shape[1:])
-    metric = FrechetInceptionDistance(feature=features, input_img_size=(3, *size[1:]))
-    for images, is_real in ((real, True), (fake, False)):
-        for batch in to_uint8(images).split(batch_size):
-            metric.update(batch, real=is_real)
-    return float(metric.compute())
+    def __init__(self, features: torch.nn.Module, real: Any, size: tuple[int, int]) -> None:
+        needs_torchmetrics()
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.metric = FrechetInceptionDistance(feature=features, reset_real_features=False, input_img_size=(3, *size))
+        for batch in real:
+            self.metric.update(to_uint8(batch), real=True)
+
+    def __call__(self, fake: Tensor, batch_size: int = 64) -> float:
+        self.metric.reset()  # the generated images only
+        for batch in to_uint8(fake).split(batch_size):
+            self.metric.update(batch, real=False)
+        return float(self.metric.compute())
+
+
+def fid_score(real: Tensor, fake: Tensor, features: torch.nn.Module, batch_size: int = 64) -> float:
+    """FID of two image sets in [-1, 1] (see :class:`FID`)."""
+    return FID(features, real.split(batch_size), tuple(real.shape[2:]))(fake, batch_size)
 
 
 def load_clip(path: str) -> tuple[Any, Any]:
     """A local CLIP model folder (transformers CLIPModel, safetensors weights) and its processor."""
-    _needs_torchmetrics()
+    needs_torchmetrics()
     try:
         from transformers import CLIPModel, CLIPProcessor
     except ImportError:
@@ -196,7 +207,7 @@ class _TensorFeatures(torch.nn.Module):
 def clip_score(images: Tensor, prompts: list[str], clip: tuple[Any, Any], batch_size: int = 64) -> float:
     """CLIP score (torchmetrics' CLIPScore: 100 x the mean of max(cosine(image, text), 0)) of images
     in [-1, 1] against their prompts."""
-    _needs_torchmetrics()
+    needs_torchmetrics()
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     model, processor = clip

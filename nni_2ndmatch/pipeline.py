@@ -18,7 +18,7 @@ from .config import Config, ModelSpec
 from .data import DigitsDataset, ImageFolderDataset, collate, digit_captions, read_metadata
 from .encoding import CACHE_FILE, encode, fingerprint, load_cached, save_cached
 from .errors import UserError
-from .evaluation import OnnxFeatures
+from .evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from .files import atomic_write_json, atomic_write_text
 from .finetuners import get_finetuner
 from .method import default_scheduler, model_output
@@ -112,9 +112,15 @@ def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | No
                             "output_dir/pipeline with diffusers")
     if e.fid_features is not None:
         try:
+            needs_torchmetrics()
             OnnxFeatures(e.fid_features).check_size(config.data.resolution, config.data.resolution)
         except Exception as err:  # onnxruntime raises its own types for files that are not ONNX models
             raise UserError(f"evaluate.fid_features: {str(err).splitlines()[0]}") from None
+    if e.clip_model is not None and text:
+        try:
+            load_clip(e.clip_model)
+        except Exception as err:  # transformers raises OSError, ValueError, ... for a folder it cannot read
+            raise UserError(f"evaluate.clip_model: {str(err).splitlines()[0]}") from None
     if e.clip_model is not None and not text:
         raise UserError(f"evaluate.clip_model: value {e.clip_model!r} is not allowed: it needs prompts, i.e. a "
                         "text-to-image pipeline teacher; allowed here: null")
@@ -130,11 +136,11 @@ def load_dataset(config: Config, teacher: nn.Module | None = None,
     as the conditioning the teacher takes (class labels or a fixed per-digit prompt embedding).
     A latent pipeline's data are encoded (``load_encoded``)."""
     data = config.data
-    if parts is not None and parts.latent:
-        return load_encoded(config, teacher, parts)
-    if data.caption_dropout:
+    if data.caption_dropout and (parts is None or parts.text_encoder is None):
         raise UserError(f"data.caption_dropout: value {data.caption_dropout!r} is not allowed: it needs a "
                         "text-to-image pipeline teacher (one with a text_encoder); allowed here: 0")
+    if parts is not None and parts.latent:
+        return load_encoded(config, teacher, parts)
     conditioning = conditioning_of(teacher) if teacher is not None else None
     try:
         if data.builtin == "digits":
@@ -165,9 +171,6 @@ def load_encoded(config: Config, teacher: nn.Module, parts: PipelineParts) -> to
         raise UserError(f"model.teacher: the denoiser is conditioned on {conditioning or 'nothing'} but the pipeline "
                         f"gives {gives or 'no conditioning'}; allowed: a text encoder feeding a cross-attention "
                         "denoiser of its width, class labels for a class-conditional DiT, or no conditioning")
-    if data.caption_dropout and not text:
-        raise UserError(f"data.caption_dropout: value {data.caption_dropout!r} is not allowed: the pipeline "
-                        f"({parts.path}) has no text encoder; allowed: 0")
     if config.finetune.hflip:
         raise UserError("finetune.hflip: value True is not allowed with a latent pipeline: the latents are encoded "
                         "once, and a flipped latent is not the latent of the flipped image; allowed: false")
@@ -187,7 +190,8 @@ def load_encoded(config: Config, teacher: nn.Module, parts: PipelineParts) -> to
         key = fingerprint(parts, images, captions, labels)
         dataset = load_cached(Path(config.output_dir) / CACHE_FILE, key, data.caption_dropout)
         dataset, dataset.fresh = (dataset, False) if dataset is not None else \
-            (encode(parts, images, captions, labels, caption_dropout=data.caption_dropout), True)
+            (encode(parts, images, captions, labels, caption_dropout=data.caption_dropout,
+                    device=config.finetune.device, expand_greyscale=data.builtin == "digits"), True)
     except (ValueError, OSError) as e:
         raise UserError(f"data: {e}") from None
     dataset.fingerprint, dataset.source, dataset.captions = key, images, captions  # (the evaluation's too)
@@ -380,7 +384,18 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     teacher, parts = load_teacher(config.model.teacher, config.data.resolution)
     if config.evaluate is not None:
         check_evaluate(config, teacher, parts)
+    gradient_pruners = ("taylor", "diff-pruning", "TaylorPruner")
+    if parts is not None and config.pruning is not None and config.pruning.pruner in gradient_pruners \
+            and parts.scheduler.config.prediction_type != "epsilon":
+        raise UserError(f"pruning.pruner: value {config.pruning.pruner!r} is not allowed: it scores channels by the "
+                        "gradients of the noise-prediction loss, and the pipeline predicts "
+                        f"{parts.scheduler.config.prediction_type}; allowed: L1NormPruner, L2NormPruner, FPGMPruner, "
+                        "magnitude")
     dataset = load_dataset(config, teacher, parts)
+    if resume and getattr(dataset, "fresh", False) and (Path(config.output_dir) / CACHE_FILE).is_file():
+        raise UserError(f"--resume: the data or the pipeline's encoders changed since the run started (they no "
+                        f"longer match {Path(config.output_dir) / CACHE_FILE}); resume with the run's data, or start "
+                        "a new run (another output_dir, or --overwrite without --resume)")
     student = load_model(config.model.student, "student") if config.model.student is not None else None
     _preflight({"teacher": teacher} if student is None else {"teacher": teacher, "student": student}, dataset[0])
     try:

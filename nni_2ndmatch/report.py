@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .data import collate
 from .deploy import export_onnx
 from .deploy.bench import run_benchmark, write_reports
-from .evaluation import OnnxFeatures, clip_score, ddim_sample, digits_fid, fid_score, fidelity, load_clip
+from .evaluation import FID, OnnxFeatures, clip_score, ddim_sample, digits_fid, fidelity, load_clip
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .finetuners import finetuner_options, get_finetuner
 from .models.digits import load_digits_classifier
@@ -148,15 +148,18 @@ class Scores:
 
     teacher_samples: Tensor
     classifier: nn.Module | None = None
-    features: nn.Module | None = None
-    real: Tensor | None = None
+    fid: FID | None = None
     clip: Any = None
     prompts: list[str] | None = None
 
-    def setup_metrics(self, fid_features: str | None, clip_model: str | None, real: Tensor | None,
+    def setup_metrics(self, fid_features: str | None, clip_model: str | None, images: Any, resolution: int,
                       prompts: list[str] | None) -> None:
+        """``images``: the data's images (items, or dicts with "sample"), FID's reference set (up to REAL_IMAGES)."""
         if fid_features is not None:
-            self.features, self.real = OnnxFeatures(fid_features), real
+            n = min(len(images), REAL_IMAGES)
+            real = (collate([images[i] for i in range(start, min(start + 64, n))], torch.device("cpu"))[0]
+                    for start in range(0, n, 64))
+            self.fid = FID(OnnxFeatures(fid_features), real, (resolution, resolution))
         if clip_model is not None:
             self.clip, self.prompts = load_clip(clip_model), prompts
 
@@ -168,7 +171,7 @@ class Scores:
 
     def score(self, samples: Tensor) -> dict[str, float | None]:
         return {"digits_fid": self.digits_fid(samples), "fidelity": fidelity(samples, self.teacher_samples),
-                "fid": fid_score(self.real, samples, self.features) if self.features is not None else None,
+                "fid": self.fid(samples) if self.fid is not None else None,
                 "clip_score": clip_score(samples, self.prompts, self.clip) if self.clip is not None else None}
 
 
@@ -184,9 +187,7 @@ class Evaluator(Scores):
         self.conditioning = conditioning_rows(dataset, samples)
         self.ddim_steps = ddim_steps
         self.classifier = load_digits_classifier() if digits else None
-        real = collate([dataset[i] for i in range(min(len(dataset), REAL_IMAGES))], torch.device("cpu"))[0] \
-            if fid_features else None
-        self.setup_metrics(fid_features, None, real, None)
+        self.setup_metrics(fid_features, None, dataset, x0.shape[-1], None)
         self.teacher_samples = self.sample(teacher)
 
     def sample(self, model: nn.Module) -> Tensor:
@@ -215,7 +216,7 @@ class PipelineEvaluator(Scores):
 
         frozen = {"vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": parts.tokenizer}
         others = {k: None for k in pipeline_components(parts.path) if k not in (*frozen, parts.denoiser, "scheduler")}
-        scheduler = DDIMScheduler.from_config(parts.scheduler.config)
+        scheduler = DDIMScheduler.from_config(parts.scheduler.config, clip_sample=False)  # latents are not in [-1, 1]
         self.pipe = DiffusionPipeline.from_pretrained(parts.path, use_safetensors=True, scheduler=scheduler,
                                                       **{parts.denoiser: teacher}, **frozen, **others)
         self.pipe.set_progress_bar_config(disable=True)
@@ -224,9 +225,7 @@ class PipelineEvaluator(Scores):
         conditions = dataset.captions if dataset.captions is not None else dataset.labels.tolist()
         self.conditions = [conditions[i % len(conditions)] for i in range(samples)]
         self.text = dataset.captions is not None
-        source = dataset.source
-        real = torch.stack([source[i] for i in range(min(len(source), REAL_IMAGES))]) if fid_features else None
-        self.setup_metrics(fid_features, clip_model, real, self.conditions if self.text else None)
+        self.setup_metrics(fid_features, clip_model, dataset.source, resolution, self.conditions if self.text else None)
         self.teacher_samples = self.sample(teacher)
 
     @torch.no_grad()

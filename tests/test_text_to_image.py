@@ -301,3 +301,24 @@ def test_class_labels_a_dit_pipeline_cannot_use_are_clear_errors(metadata, expec
     r = cli_here("run", tmp_path / "cfg.yaml")
     assert r.returncode == 2 and re.search(expected, r.stderr), r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_after_the_data_changed_is_refused(tmp_path):
+    from PIL import Image
+
+    from nni_2ndmatch.pipeline import run_job
+
+    raw = _config(tmp_path, finetuner="kd")
+    run_job(validate_config(raw), "run", progress=False)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "5.png")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**raw, "finetune": {**raw["finetune"], "steps": 3}}))
+    r = cli_here("run", tmp_path / "cfg.yaml", "--resume")
+    assert r.returncode == 2 and "--resume: the data or the pipeline's encoders changed" in r.stderr, r.stderr
+
+
+def test_gradient_pruners_are_refused_for_a_v_prediction_pipeline(tmp_path):
+    raw = _config(tmp_path, "v_prediction")
+    raw["pruning"]["pruner"] = "taylor"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and "pruning.pruner: value 'taylor' is not allowed" in r.stderr, r.stderr

@@ -59,6 +59,9 @@ def pipeline_denoiser(path: str | os.PathLike) -> str:
     for name, allowed in FROZEN_PARTS.items():
         if name in components and components[name] not in allowed:
             raise ValueError(f"{index_file}: {name} is {components[name]}; allowed: {', '.join(allowed)}")
+    if "text_encoder" in components and "vae" not in components:
+        raise ValueError(f"{index_file}: a text_encoder without a vae (a pixel-space text-to-image pipeline) is not "
+                         "supported; allowed: Stable Diffusion layouts (vae, text_encoder, tokenizer)")
     if ("text_encoder" in components) != ("tokenizer" in components):
         raise ValueError(f"{index_file}: a text_encoder needs its tokenizer and a tokenizer its text_encoder; "
                          f"components: {', '.join(components)}")
@@ -78,6 +81,9 @@ def training_scheduler(path: str | os.PathLike) -> Any:
     if not file.is_file():
         return default_scheduler()
     config = read_json_object(file)
+    if "beta_schedule" not in config and config.get("trained_betas") is None:
+        raise ValueError(f"{file}: {config.get('_class_name')} has no beta schedule; allowed: the DDPM family "
+                         "(DDPM, DDIM, PNDM, Euler, DPM-Solver ... schedulers with betas), not flow matching")
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"{file}: prediction_type={prediction!r} is not supported; allowed: "

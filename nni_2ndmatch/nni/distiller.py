@@ -37,6 +37,10 @@ class NoisyBatches:
 
     def __init__(self, scheduler: Any = None, seed: int = 0, antithetic: bool = False) -> None:
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
+        prediction = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        if prediction != "epsilon":  # its DSM step regresses the noise
+            raise ValueError(f"scheduler prediction_type={prediction!r} is not supported by the distiller's batches; "
+                             "allowed: 'epsilon'")
         self.antithetic = antithetic
         self.generator = torch.Generator().manual_seed(seed)
 

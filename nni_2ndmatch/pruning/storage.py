@@ -7,7 +7,6 @@ load. Never a pickle; a damaged folder is a clear error naming the file and the 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -33,22 +32,22 @@ LEGACY_WEIGHTS_FILE, PLAN_FILE = "model.safetensors", "pruning_plan.json"  # the
 def save_pruned(student: nn.Module, folder: str | os.PathLike) -> None:
     """Write a pruned student as its pruned class (``as_component``) does with ``save_pretrained``:
     the config with the plan in it, and safetensors weights. Written atomically; ``student`` keeps
-    its class."""
+    its class and config."""
     if getattr(student, "pruning_plan", None) is None:
         raise ValueError("the model has no pruning_plan; save it with save_pretrained instead")
-    dense_class = type(student)
+    dense_class, config = type(student), student._internal_dict
     try:
         with atomic_dir(folder) as tmp:
             as_component(student).save_pretrained(tmp, safe_serialization=True)
     finally:
-        student.__class__ = dense_class
+        student.__class__, student._internal_dict = dense_class, config
 
 
 def _pruned_class_name(folder: Path) -> str | None:
     """The class of a folder written by a pruned class's ``save_pretrained`` (e.g. PrunedUNet2DModel)."""
     try:
-        name = json.loads((folder / CONFIG_FILE).read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
+        name = read_json_object(folder / CONFIG_FILE).get("_class_name")
+    except (OSError, ValueError):
         return None
     return name if isinstance(name, str) and name.startswith(PREFIX) else None
 
