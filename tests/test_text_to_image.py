@@ -26,31 +26,6 @@ def _config(tmp_path, prediction_type="epsilon", **finetune):
             "output_dir": str(tmp_path / "run")}
 
 
-@pytest.mark.slow
-def test_a_stable_diffusion_pipeline_in_gives_its_pipeline_with_the_student_out(tmp_path):
-    from diffusers import DiffusionPipeline
-
-    import nni_2ndmatch  # noqa: F401  (diffusers finds the pruned class among imported libraries)
-    from nni_2ndmatch import load_pruned
-    from nni_2ndmatch.pipeline import run_job
-
-    raw = _config(tmp_path)
-    summary = run_job(validate_config(raw), "run", progress=False)
-    teacher, out = tmp_path / "teacher" / "pipeline", tmp_path / "run" / summary["pipeline_dir"]
-    assert summary["schedule"] == {"beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
-    assert json.loads((out / "model_index.json").read_text())["unet"] == ["nni_2ndmatch", "PrunedUNet2DConditionModel"]
-    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):  # the frozen parts are the teacher's, unchanged
-        for file in (teacher / part).iterdir():
-            assert (out / part / file.name).read_bytes() == file.read_bytes()
-    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
-    student = load_pruned(tmp_path / "run" / "student")
-    x, t, emb = torch.randn(2, 2, 4, 4), torch.tensor([3, 900]), torch.randn(2, 5, 8)
-    assert torch.equal(pipe.unet(x, t, encoder_hidden_states=emb).sample, student(x, t, emb).sample)
-    images = pipe("picture 1", num_inference_steps=2, height=8, width=8, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images
-    assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()
-
-
 def test_latents_and_caption_embeddings_are_the_encoders_outputs_and_are_cached(tmp_path):
     from diffusers import AutoencoderKL
     from PIL import Image
@@ -149,10 +124,15 @@ def test_a_v_prediction_pipeline_runs_and_its_schedule_is_recorded(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_text_to_image_run_is_evaluated_through_its_pipeline_with_fid_and_clip_score(tmp_path):
-    """Teacher, starting student, a kd baseline and the run's student sample through the teacher's
-    pipeline with the same prompts and seeds; FID and CLIP score from local networks."""
+def test_a_stable_diffusion_pipeline_in_gives_its_pipeline_out_evaluated_with_fid_and_clip_score(tmp_path):
+    """The run writes the teacher's pipeline with the student in it, which diffusers loads and
+    samples; teacher, starting student, a kd baseline and the student sample through the teacher's
+    pipeline with the same prompts and seeds, scored with FID and CLIP score from local networks."""
     pytest.importorskip("torchmetrics")
+    from diffusers import DiffusionPipeline
+
+    import nni_2ndmatch  # noqa: F401  (diffusers finds the pruned class among imported libraries)
+    from nni_2ndmatch import load_pruned
     from nni_2ndmatch.pipeline import run_job
 
     raw = _config(tmp_path)
@@ -160,6 +140,20 @@ def test_a_text_to_image_run_is_evaluated_through_its_pipeline_with_fid_and_clip
     raw["evaluate"] = {"samples": 4, "ddim_steps": 2, "guidance_scale": 2.0, "compare": ["kd"],
                        "fid_features": str(tmp_path / "features.onnx"), "clip_model": str(tiny_clip(tmp_path / "c"))}
     summary = run_job(validate_config(raw), "run", progress=False)
+    teacher, out = tmp_path / "teacher" / "pipeline", tmp_path / "run" / summary["pipeline_dir"]
+    assert summary["schedule"] == {"beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+    assert json.loads((out / "model_index.json").read_text())["unet"] == ["nni_2ndmatch", "PrunedUNet2DConditionModel"]
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):  # the frozen parts are the teacher's, unchanged
+        for file in (teacher / part).iterdir():
+            assert (out / part / file.name).read_bytes() == file.read_bytes()
+    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    student = load_pruned(tmp_path / "run" / "student")
+    x, t, emb = torch.randn(2, 2, 4, 4), torch.tensor([3, 900]), torch.randn(2, 5, 8)
+    assert torch.equal(pipe.unet(x, t, encoder_hidden_states=emb).sample, student(x, t, emb).sample)
+    images = pipe("picture 1", num_inference_steps=2, height=8, width=8, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()
+
     results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
     quality, rows = results["quality"], results["comparison"]["rows"]
     assert [r["role"] for r in rows] == ["teacher", "start", "baseline", "run"]
