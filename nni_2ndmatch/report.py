@@ -497,7 +497,8 @@ def export_and_benchmark(section: Any, out: Path, teacher: nn.Module, student: n
         onnx[role] = {"file": f"onnx/{role}.onnx", "max_rel_error": report["parity"]["max_rel_error"]}
     logger.info("benchmarking teacher vs student on %s, batch %s", ", ".join(section.backends), section.batch)
     bench = run_benchmark(teacher, student, backends=section.backends, batches=section.batch, device="cpu",
-                          threads=section.threads, repeats=section.repeats)
+                          threads=section.threads, repeats=section.repeats,
+                          onnx_files={role: out / info["file"] for role, info in onnx.items()})
     write_reports(bench, out / REPORT_DIR / "latency.json")
     save_model_sizes(out / REPORT_DIR / "macs.png", bench["models"])
     rows = [{k: row[k] for k in ("variant", "batch", "speedup", "macs_ratio")} for row in bench["results"]]

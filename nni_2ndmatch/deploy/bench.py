@@ -358,14 +358,17 @@ def run_benchmark(teacher: nn.Module, student: nn.Module, *, backends: list[str]
                   warmup: int = 3, trt_precision: str = "fp16", seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0,
                   exporter: str = "dynamo",
                   teacher_info: dict[str, Any] | None = None, student_info: dict[str, Any] | None = None,
-                  workdir: str | os.PathLike | None = None) -> dict[str, Any]:
+                  workdir: str | os.PathLike | None = None,
+                  onnx_files: dict[str, Path] | None = None) -> dict[str, Any]:
     """Measure ``teacher`` and ``student`` on every variant of ``backends``; returns the results
     (keys in the module docstring). ``threads``: CPU threads of torch and onnxruntime; ``exporter``:
-    the ONNX exporter for the onnxruntime and TensorRT variants."""
+    the ONNX exporter for the onnxruntime and TensorRT variants; ``onnx_files``: fp32 ONNX files
+    already exported from the two models ({"teacher": path, "student": path}), used instead of new exports."""
     backends, batches = list(backends), sorted(set(batches))
     _check(backends, batches, device, threads, repeats, warmup)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    subjects = {role: Subject(role, m.eval(), input_specs(m, seq_len), seed, exporter)
+    subjects = {role: Subject(role, m.eval(), input_specs(m, seq_len), seed, exporter,
+                              {"onnx": Path(onnx_files[role])} if onnx_files else {})
                 for role, m in zip(ROLES, (teacher, student))}
     if subjects["teacher"].specs != subjects["student"].specs:
         raise DeployError(f"teacher and student take different inputs: {subjects['teacher'].specs} vs "
