@@ -132,7 +132,8 @@ def encode(parts: PipelineParts, data: Dataset, captions: list[str] | None, labe
     tokenizer = parts.tokenizer
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    cut = [t for t in texts if len(tokenizer(t).input_ids) > tokenizer.model_max_length]
+    lengths = [len(t) for t in tokenizer(texts).input_ids]  # before truncation
+    cut = [t for t, n in zip(texts, lengths) if n > tokenizer.model_max_length]
     if cut:
         logger.warning("%d caption(s) are longer than the text encoder's %d tokens and were cut to that length, "
                        "e.g. %r", len(cut), tokenizer.model_max_length, cut[0])

@@ -21,6 +21,7 @@ from .method import (
     sample_directions,
 )
 from .models.digits import RESOLUTION, load_digits_classifier
+from .models.pipelines import needs_transformers
 
 
 def ddim_scheduler(num_steps: int) -> Any:
@@ -178,11 +179,9 @@ def fid_score(real: Tensor, fake: Tensor, features: torch.nn.Module, batch_size:
 def load_clip(path: str) -> tuple[Any, Any]:
     """A local CLIP model folder (transformers CLIPModel, safetensors weights) and its processor."""
     needs_torchmetrics()
-    try:
-        from transformers import CLIPModel, CLIPProcessor
-    except ImportError:
-        raise ValueError("the CLIP score needs transformers: pip install 'nni-2ndmatch[text]'") from None
-    return CLIPModel.from_pretrained(path, use_safetensors=True).eval(), CLIPProcessor.from_pretrained(path)
+    transformers = needs_transformers("the CLIP score")
+    return (transformers.CLIPModel.from_pretrained(path, use_safetensors=True).eval(),
+            transformers.CLIPProcessor.from_pretrained(path))
 
 
 class _TensorFeatures(torch.nn.Module):

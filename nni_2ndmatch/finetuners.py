@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .method import (
     DEFAULT_FD_STEP,
+    PREDICTION_TYPES,
     add_noise,
     default_scheduler,
     dsm_term,
@@ -148,9 +149,9 @@ class Finetuner:
             setattr(self, key, value)
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
         self.prediction_type = getattr(getattr(self.scheduler, "config", None), "prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
+        if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction_type={self.prediction_type!r} is not supported; allowed: "
-                             "'epsilon', 'v_prediction'")
+                             + ", ".join(map(repr, PREDICTION_TYPES)))
 
     @property
     def num_train_timesteps(self) -> int:

@@ -13,7 +13,7 @@ from .jacobian import (
     student_and_teacher_sensitivity,
 )
 from .precision import fp32_precision, precision_state
-from .schedule import add_noise, default_scheduler, sample_timesteps
+from .schedule import PREDICTION_TYPES, add_noise, default_scheduler, sample_timesteps
 from .terms import (
     dsm_term,
     jacobian_match_term,
@@ -24,8 +24,8 @@ from .terms import (
 )
 
 __all__ = [
-    "DEFAULT_FD_STEP", "MODES", "Mode", "add_noise", "checkpoint_as_forward", "default_scheduler", "dsm_term",
-    "fp32_precision", "jacobian_match_term", "jacobian_safe", "jacobian_sensitivity", "kd_term", "model_output",
-    "output_and_sensitivity", "precision_state", "sample_directions", "sample_timesteps", "second_match_loss",
+    "DEFAULT_FD_STEP", "MODES", "Mode", "PREDICTION_TYPES", "add_noise", "checkpoint_as_forward", "default_scheduler",
+    "dsm_term", "fp32_precision", "jacobian_match_term", "jacobian_safe", "jacobian_sensitivity", "kd_term",
+    "model_output", "output_and_sensitivity", "precision_state", "sample_directions", "sample_timesteps", "second_match_loss",
     "squared_norm", "student_and_teacher_sensitivity",
 ]

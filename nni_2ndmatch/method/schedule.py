@@ -8,6 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: The scheduler prediction types the finetuning trains (the DSM target: the noise, or the velocity).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 
 def default_scheduler() -> Any:
     """The DDPM noise schedule of the reference setting: 1000 steps, linear betas 1e-4..0.02."""

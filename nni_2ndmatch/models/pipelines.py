@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..files import read_json_object
+from ..method.schedule import PREDICTION_TYPES
 
 PIPELINE_INDEX = "model_index.json"
 DENOISERS = ("unet", "transformer")
@@ -25,7 +26,6 @@ FROZEN_PARTS = {"vae": ("AutoencoderKL",), "text_encoder": ("CLIPTextModel",),
 #: Components of pipelines whose conditioning the finetuning does not provide (SDXL, SD3, unCLIP, LDM's VQ-VAE).
 UNSUPPORTED_PARTS = ("text_encoder_2", "text_encoder_3", "tokenizer_2", "tokenizer_3", "vqvae", "image_encoder",
                      "prior", "image_noising_scheduler")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def is_pipeline_folder(path: str | os.PathLike) -> bool:
@@ -112,7 +112,7 @@ class PipelineParts:
         return self.vae is not None
 
 
-def _needs_transformers(what: str) -> Any:
+def needs_transformers(what: str) -> Any:
     try:
         import transformers
     except ImportError:
@@ -133,7 +133,7 @@ def load_pipeline_parts(path: str | os.PathLike) -> PipelineParts:
 
         parts.vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
     if "text_encoder" in components:
-        transformers = _needs_transformers(f"{path / 'text_encoder'}")
+        transformers = needs_transformers(f"{path / 'text_encoder'}")
         parts.text_encoder = transformers.CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True)
         parts.tokenizer = transformers.CLIPTokenizer.from_pretrained(path / "tokenizer")
     for model in (parts.vae, parts.text_encoder):
@@ -165,7 +165,7 @@ def write_tiny_sd(folder: str | os.PathLike, seed: int = 0, resolution: int = 16
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    transformers = _needs_transformers("the builtin tiny-sd pipeline")
+    transformers = needs_transformers("the builtin tiny-sd pipeline")
     folder = Path(folder)
     vocab = _byte_vocabulary()
     with torch.random.fork_rng(devices=[]):

@@ -11,10 +11,8 @@ weights like any diffusers model. Nothing but JSON and safetensors is read.
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
-import json
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ..files import atomic_dir, atomic_write_json
+from ..files import atomic_dir, atomic_write_json, read_json_object
 from ..models import SUPPORTED_CLASSES, diffusers_class_name, pipeline_denoiser
 from ..models.pipelines import PIPELINE_INDEX
 from .plan import apply_checked_plan, check_plan
@@ -90,18 +88,33 @@ def as_component(student: nn.Module) -> nn.Module:
     return student
 
 
+def save_as_component(student: nn.Module, folder: str | os.PathLike) -> type:
+    """``save_pretrained`` (safetensors) of ``student`` into ``folder``: a pruned student as its
+    pruned class (the plan in its config), another model as itself. ``student`` keeps its class
+    and config. Returns the class written."""
+    if getattr(student, "pruning_plan", None) is None:
+        student.save_pretrained(folder, safe_serialization=True)
+        return type(student)
+    own_class, config = type(student), student._internal_dict
+    try:
+        component = as_component(student)
+        component.save_pretrained(folder, safe_serialization=True)
+        return type(component)
+    finally:
+        student.__class__, student._internal_dict = own_class, config
+
+
 def save_pipeline(student: nn.Module, source: str | os.PathLike, folder: str | os.PathLike) -> None:
     """Write ``folder``: the pipeline folder ``source`` with ``student`` as its denoiser. The other
     components are copied as they are; a pruned student is saved as its pruned class (the plan in
     its config) and model_index.json names that class. Written atomically; ``student`` is unchanged."""
     source = Path(source)
     name = pipeline_denoiser(source)
-    component = as_component(copy.deepcopy(student)) if getattr(student, "pruning_plan", None) else student
-    index = json.loads((source / PIPELINE_INDEX).read_text())
-    index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+    index = read_json_object(source / PIPELINE_INDEX)
     with atomic_dir(folder) as tmp:
         for item in source.iterdir():
             if item.name not in (name, PIPELINE_INDEX):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        component.save_pretrained(tmp / name, safe_serialization=True)
+        saved = save_as_component(student, tmp / name)
+        index[name] = [saved.__module__.split(".")[0], saved.__name__]
         atomic_write_json(tmp / PIPELINE_INDEX, index)

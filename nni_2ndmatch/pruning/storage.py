@@ -22,7 +22,7 @@ from ..models import (
     save_diffusers_model,
 )
 from ..utils import json_kind
-from .component import PREFIX, as_component, dense_of
+from .component import PREFIX, as_component, dense_of, save_as_component
 from .plan import apply_checked_plan, check_plan
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "diffusion_pytorch_model.safetensors"
@@ -35,12 +35,8 @@ def save_pruned(student: nn.Module, folder: str | os.PathLike) -> None:
     its class and config."""
     if getattr(student, "pruning_plan", None) is None:
         raise ValueError("the model has no pruning_plan; save it with save_pretrained instead")
-    dense_class, config = type(student), student._internal_dict
-    try:
-        with atomic_dir(folder) as tmp:
-            as_component(student).save_pretrained(tmp, safe_serialization=True)
-    finally:
-        student.__class__, student._internal_dict = dense_class, config
+    with atomic_dir(folder) as tmp:
+        save_as_component(student, tmp)
 
 
 def _pruned_class_name(folder: Path) -> str | None:
