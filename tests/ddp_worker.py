@@ -1,8 +1,8 @@
 """One process of a finetune, run by tests/test_distributed.py alone or under a launcher (torchrun).
 
-    python tests/ddp_worker.py SPEC.json
+    python tests/ddp_worker.py SPECS.json
 
-SPEC: finetuner, options, steps, batch_size, gradient_accumulation_steps, output_dir, result
+SPECS: a list of runs made one after the other in this process (one start-up for several runs), each with finetuner, options, steps, batch_size, gradient_accumulation_steps, output_dir, result
 (where the main process saves the final weights), fixed_directions (replace the random Jacobian
 directions by a function of each sample, so runs that split the batch differently see the same
 ones). Every process records how many files it wrote through nni_2ndmatch.files in
@@ -34,8 +34,8 @@ def fixed_directions(like, generator=None):
     return g / g.flatten(1).norm(dim=1).view(-1, *([1] * (like.dim() - 1)))
 
 
-def main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+def main(specs_path: str) -> None:
+    specs = json.loads(Path(specs_path).read_text())
     torch.set_num_threads(1)
     writes = []
     for module in (io_module, loop_module, checkpoints_module):  # count the writes each process makes
@@ -43,19 +43,20 @@ def main(spec_path: str) -> None:
             if hasattr(module, name):
                 real = getattr(module, name)
                 setattr(module, name, lambda *a, _real=real, **k: (writes.append(str(a[0])), _real(*a, **k))[1])
-    if spec.get("fixed_directions"):
-        finetuners_module.sample_directions = fixed_directions
     runtime = make_runtime("cpu", 600)
-    teacher, student = tiny_unet2d(seed=0), tiny_unet2d(seed=1)
-    config = TrainConfig(steps=spec["steps"], batch_size=spec["batch_size"], ema_decay=None, checkpoint_every=2,
-                         gradient_accumulation_steps=spec.get("gradient_accumulation_steps", 1), seed=5)
-    result = finetune(student, teacher, get_finetuner(spec["finetuner"], **spec.get("options", {})),
-                      DigitsDataset(8), config, spec.get("output_dir"), runtime=runtime, progress=False)
-    out = Path(spec["result"])
-    Path(f"{out}.writes-{runtime.rank}.json").write_text(json.dumps(writes))
-    if runtime.is_main:
-        io_module.save_tensors(out, dict(result.student.state_dict()))
-
+    random_directions = finetuners_module.sample_directions
+    for spec in specs:
+        writes.clear()
+        finetuners_module.sample_directions = fixed_directions if spec.get("fixed_directions") else random_directions
+        teacher, student = tiny_unet2d(seed=0), tiny_unet2d(seed=1)
+        config = TrainConfig(steps=spec["steps"], batch_size=spec["batch_size"], ema_decay=None, checkpoint_every=2,
+                             gradient_accumulation_steps=spec.get("gradient_accumulation_steps", 1), seed=5)
+        result = finetune(student, teacher, get_finetuner(spec["finetuner"], **spec.get("options", {})),
+                          DigitsDataset(8), config, spec.get("output_dir"), runtime=runtime, progress=False)
+        out = Path(spec["result"])
+        Path(f"{out}.writes-{runtime.rank}.json").write_text(json.dumps(writes))
+        if runtime.is_main:
+            io_module.save_tensors(out, dict(result.student.state_dict()))
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -156,13 +156,14 @@ def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     report = json.loads((out / "pruning_report.json").read_text())
     assert sum(p.numel() for p in student.parameters()) == report["params_after"] == summary["student_params"]
     assert report["macs_after"] < 0.7 * report["macs_before"]
-    again = cli("run", cfg, "--no-progress")
+    # the rest in this process: the start-up was tested above
+    again = cli_here("run", cfg, "--no-progress")
     assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
     longer = write_config(tmp_path, lambda raw: raw["finetune"].update(steps=5), name="longer.yaml")
-    resumed = cli("finetune", longer, "--resume", "--no-progress")
+    resumed = cli_here("finetune", longer, "--resume", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 5
-    assert cli("run", cfg, "--overwrite", "--no-progress").returncode == 0
+    assert cli_here("run", cfg, "--overwrite", "--no-progress").returncode == 0
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -226,13 +227,13 @@ def test_a_hub_model_that_cannot_be_downloaded_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_prune_then_finetune_as_separate_commands(tmp_path):
     cfg = write_config(tmp_path)
-    early = cli("finetune", cfg, "--no-progress")
+    early = cli_here("finetune", cfg, "--no-progress")
     assert early.returncode == 2 and "run 'nni-2ndmatch prune'" in early.stderr
-    pruned = cli("prune", cfg, "--no-progress")
+    pruned = cli_here("prune", cfg, "--no-progress")
     assert pruned.returncode == 0, pruned.stderr
     assert "pruning_plan" in json.loads((tmp_path / "run" / "pruned" / "config.json").read_text())
     assert not (tmp_path / "run" / "checkpoints").exists()
-    assert cli("finetune", cfg, "--no-progress").returncode == 0
+    assert cli_here("finetune", cfg, "--no-progress").returncode == 0
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cli import cli_here
 from tiny_models import tiny_unet2d
 
 from nni_2ndmatch.files import load_tensors
@@ -38,15 +39,17 @@ def accelerate_launch(n, *args):
             "--main_process_port", free_port(), *args]
 
 
-def run_worker(tmp_path, name, processes, **spec):
-    spec = {"steps": 3, "batch_size": 8, "result": str(tmp_path / f"{name}.safetensors"), **spec}
+def run_worker(tmp_path, name, processes, runs):
+    """Each of ``runs`` (name -> spec) in turn in ``processes`` worker processes: name -> final weights."""
+    specs = [{"steps": 3, "batch_size": 8, "result": str(tmp_path / f"{run}.safetensors"), **spec}
+             for run, spec in runs.items()]
     path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(spec))
+    path.write_text(json.dumps(specs))
     worker = [str(HERE / "ddp_worker.py"), str(path)]
     command = torchrun(processes, *worker) if processes > 1 else [sys.executable, *worker]
     r = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    return load_tensors(spec["result"])
+    return {run: load_tensors(spec["result"]) for run, spec in zip(runs, specs)}
 
 
 def assert_same_weights(a, b, atol):
@@ -55,25 +58,40 @@ def assert_same_weights(a, b, atol):
     assert worst <= atol, worst
 
 
-@pytest.mark.parametrize("finetuner, options", [
-    ("kd", {}),
-    ("2ndmatch", {"mode": "vjp", "lambda_jac": 1.0}),
-    ("2ndmatch", {"mode": "fd", "lambda_jac": 1.0}),
-])
-def test_two_processes_of_batch_b_give_the_weights_of_one_process_of_batch_2b(tmp_path, finetuner, options):
-    """Also one process with 2 accumulation steps of b. The Jacobian directions are a fixed function
-    of each sample here (they are drawn per process otherwise), so all three see the same numbers."""
-    spec = {"finetuner": finetuner, "options": options, "fixed_directions": True}
-    single = run_worker(tmp_path, "single", 1, **spec)
-    ddp = run_worker(tmp_path, "ddp", 2, output_dir=str(tmp_path / "ddp-run"), **spec)
-    accumulated = run_worker(tmp_path, "accum", 1, gradient_accumulation_steps=2, **spec)
+FINETUNERS = {"kd": ("kd", {}), "vjp": ("2ndmatch", {"mode": "vjp", "lambda_jac": 1.0}),
+              "fd": ("2ndmatch", {"mode": "fd", "lambda_jac": 1.0})}
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory):
+    """For each finetuner: one process of batch 2b, one with 2 accumulation steps of b, and two processes
+    of b (one launch for all of those, one for the single-process runs: start-up costs more than the runs).
+    The Jacobian directions are a fixed function of each sample here (they are drawn per process
+    otherwise), so all three see the same numbers."""
+    tmp = tmp_path_factory.mktemp("split")
+
+    def specs(kind, **extra):
+        return {f"{kind}-{key}": {"finetuner": finetuner, "options": options, "fixed_directions": True, **extra}
+                for key, (finetuner, options) in FINETUNERS.items()}
+
+    single = run_worker(tmp, "single", 1, {**specs("single"), **specs("accum", gradient_accumulation_steps=2)})
+    ddp = run_worker(tmp, "ddp", 2, {key: {**spec, "output_dir": str(tmp / f"{key}-run")}
+                                     for key, spec in specs("ddp").items()})
+    return tmp, {**single, **ddp}
+
+
+@pytest.mark.parametrize("key", list(FINETUNERS))
+def test_two_processes_of_batch_b_give_the_weights_of_one_process_of_batch_2b(split_runs, key):
+    """Also one process with 2 accumulation steps of b."""
+    tmp, weights = split_runs
+    single, ddp, accumulated = (weights[f"{kind}-{key}"] for kind in ("single", "ddp", "accum"))
     start = tiny_unet2d(seed=1).state_dict()  # the worker's student before finetuning
     assert max((single[k] - start[k]).abs().max().item() for k in single) > 1e-4  # the weights moved
     assert_same_weights(single, ddp, atol=2e-5)
     assert_same_weights(single, accumulated, atol=2e-5)
     # only the main process wrote: checkpoints and metrics
-    assert json.loads((tmp_path / "ddp.safetensors.writes-1.json").read_text()) == []
-    assert any("checkpoints" in w for w in json.loads((tmp_path / "ddp.safetensors.writes-0.json").read_text()))
+    assert json.loads((tmp / f"ddp-{key}.safetensors.writes-1.json").read_text()) == []
+    assert any("checkpoints" in w for w in json.loads((tmp / f"ddp-{key}.safetensors.writes-0.json").read_text()))
 
 
 def _config(tmp_path, name, steps, **finetune):
@@ -89,18 +107,16 @@ def _config(tmp_path, name, steps, **finetune):
 
 
 def test_the_cli_under_accelerate_launch_resumes_with_another_number_of_processes(tmp_path):
-    """2 processes for 2 steps, then 1 process resumes to 4: the weights of 1 process for 4 steps."""
-    cli = [sys.executable, "-m", "nni_2ndmatch.cli"]
-    ref = subprocess.run([*cli, "run", _config(tmp_path, "ref", 4), "--no-progress"], capture_output=True,
-                         text=True, timeout=600, env=ENV)
+    """2 processes for 2 steps, then 1 process resumes to 4: the weights of 1 process for 4 steps (the
+    single-process runs in this process)."""
+    ref = cli_here("run", _config(tmp_path, "ref", 4), "--no-progress")
     assert ref.returncode == 0, ref.stderr[-3000:]
     first = subprocess.run(accelerate_launch(2, "-m", "nni_2ndmatch.cli", "run", _config(tmp_path, "split", 2),
                                              "--no-progress"), capture_output=True, text=True, timeout=600, env=ENV)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count('"finetuner": "kd"') == 1  # one summary, from the main process
     assert json.loads((tmp_path / "split" / "summary.json").read_text())["processes"] == 2
-    second = subprocess.run([*cli, "finetune", _config(tmp_path, "split", 4), "--resume", "--no-progress"],
-                            capture_output=True, text=True, timeout=600, env=ENV)
+    second = cli_here("finetune", _config(tmp_path, "split", 4), "--resume", "--no-progress")
     assert second.returncode == 0, second.stderr[-3000:]
     a = load_tensors(next((tmp_path / "ref" / "student").glob("*.safetensors")))
     b = load_tensors(next((tmp_path / "split" / "student").glob("*.safetensors")))
@@ -130,7 +146,7 @@ def test_a_killed_process_makes_the_run_fail_loudly_not_hang(tmp_path):
 def test_jvp_mode_is_refused_with_several_processes(tmp_path):
     spec = {"steps": 1, "batch_size": 8, "finetuner": "2ndmatch", "options": {"mode": "jvp"},
             "result": str(tmp_path / "r.safetensors")}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "spec.json").write_text(json.dumps([spec]))
     r = subprocess.run(torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path / "spec.json")), capture_output=True,
                        text=True, timeout=600, env=ENV)
     assert r.returncode != 0 and "mode='jvp' is not allowed with several processes" in r.stderr

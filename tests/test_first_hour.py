@@ -84,7 +84,7 @@ def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
     assert f"nni-2ndmatch run {cfg} --resume" in stderr
     done = int(latest.read_text().strip().split("-")[1])
     longer = write_config(tmp_path, lambda raw: raw["finetune"].update(steps=done + 2, checkpoint_every=2))
-    r = cli("run", longer, "--resume", "--no-progress")
+    r = cli_here("run", longer, "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr
 
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import yaml
+from test_cli import cli_here
 
 from nni_2ndmatch import load_pruned, prune_diffusers, save_pruned
 from nni_2ndmatch.files import load_tensors
@@ -44,7 +45,7 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_weights_of_an_uninterru
     student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
     save_pruned(student, tmp_path / "student")
     reference = _config(tmp_path, "reference", tmp_path / "student")
-    assert subprocess.run(_command("finetune", reference), capture_output=True, timeout=600).returncode == 0
+    assert cli_here("finetune", reference, "--no-progress").returncode == 0  # the kills below need subprocesses
 
     config = _config(tmp_path, "killed", tmp_path / "student")
     out = tmp_path / "killed"
@@ -61,7 +62,7 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_weights_of_an_uninterru
         proc.wait()
         kills += 1
         load_tensors(out / "checkpoints" / f"step-{_latest_step(out):07d}" / "state.safetensors")  # loadable
-    done = subprocess.run(_command("finetune", config, "--resume"), capture_output=True, text=True, timeout=600)
+    done = cli_here("finetune", config, "--resume", "--no-progress")
     assert done.returncode == 0, done.stderr
     want = load_pruned(tmp_path / "reference" / "student").state_dict()
     got = load_pruned(out / "student").state_dict()
