@@ -2,10 +2,11 @@
 
     python tests/ddp_worker.py SPECS.json
 
-SPECS: a list of runs made one after the other in this process (one start-up for several runs), each with finetuner, options, steps, batch_size, gradient_accumulation_steps, output_dir, result
+SPECS: a list of runs made one after the other in this process (one start-up for several runs),
+each with finetuner, options, steps, batch_size, gradient_accumulation_steps, output_dir, result
 (where the main process saves the final weights), fixed_directions (replace the random Jacobian
 directions by a function of each sample, so runs that split the batch differently see the same
-ones). Every process records how many files it wrote through nni_2ndmatch.files in
+ones). Every process records which files it wrote through nni_2ndmatch.files, per run, in
 RESULT.writes-RANK.json.
 """
 
@@ -57,6 +58,7 @@ def main(specs_path: str) -> None:
         Path(f"{out}.writes-{runtime.rank}.json").write_text(json.dumps(writes))
         if runtime.is_main:
             io_module.save_tensors(out, dict(result.student.state_dict()))
+
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
