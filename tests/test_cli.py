@@ -96,6 +96,7 @@ def _ddpm_pipeline(folder):
             "finetune": {"finetuner": "kd", "steps": 2, "batch_size": 4}, "output_dir": str(folder.parent / "run")}
 
 
+@pytest.mark.slow
 def test_a_pipeline_teacher_gives_its_pipeline_with_the_student_in_it(tmp_path):
     from diffusers import DiffusionPipeline
 

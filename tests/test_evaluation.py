@@ -153,6 +153,7 @@ def test_a_feature_network_without_fids_interface_is_refused(tmp_path):
         OnnxFeatures(tmp_path / "float.onnx")
 
 
+@pytest.mark.slow
 def test_clip_score_through_torchmetrics_equals_the_cosine_of_the_models_own_embeddings(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("torchmetrics")

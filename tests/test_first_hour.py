@@ -88,6 +88,7 @@ def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_the_resolved_config_is_written_and_a_changed_resume_is_an_error(tmp_path):
     cfg = write_config(tmp_path)
     assert cli_here("run", cfg, "--no-progress").returncode == 0

@@ -112,6 +112,7 @@ def test_a_damaged_plan_in_a_pruned_class_config_is_a_clear_error(tmp_path):
         as_component(BUILDERS["dit"]())
 
 
+@pytest.mark.slow
 def test_ddpm_cifar10_layout_at_0_3_matches_the_papers_student():
     student, report = _prune(ddpm_cifar10().eval())
     # the paper's Diff-Pruning student: 35.7M -> 19.8M parameters, 6.1G -> 3.4G MACs

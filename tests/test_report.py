@@ -70,6 +70,7 @@ def _differs(a, b):
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp_path):
     from nni_2ndmatch import finetune, get_finetuner, load_pruned
     from nni_2ndmatch.pipeline import load_dataset, load_model, run_job

@@ -94,6 +94,7 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path):
     assert not (tmp_path / "checkpoints" / "latest").exists()
 
 
+@pytest.mark.slow
 def test_training_reduces_the_loss(tmp_path):
     student = tiny_unet2d(seed=1)
     config = TrainConfig(steps=60, batch_size=8, lr=2e-3, ema_decay=None, log_every=10, antithetic=False)
