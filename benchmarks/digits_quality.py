@@ -155,8 +155,8 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {}
     if results and results.get("settings") != settings:
         if not args.overwrite:
-            changed = sorted(k for k in {*settings, *results.get("settings", {})}
-                             if settings.get(k) != results.get("settings", {}).get(k))
+            stored = results.get("settings", {})
+            changed = sorted(k for k in {*settings, *stored} if settings.get(k) != stored.get(k))
             sys.exit(f"--out {out} holds runs with other settings (differing: {', '.join(changed)}); give another "
                      f"--out, the same settings to resume, or --overwrite to start it again")
         results = {}

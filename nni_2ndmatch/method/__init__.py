@@ -26,6 +26,6 @@ from .terms import (
 __all__ = [
     "DEFAULT_FD_STEP", "MODES", "Mode", "PREDICTION_TYPES", "add_noise", "checkpoint_as_forward", "default_scheduler",
     "dsm_term", "fp32_precision", "jacobian_match_term", "jacobian_safe", "jacobian_sensitivity", "kd_term",
-    "model_output", "output_and_sensitivity", "precision_state", "sample_directions", "sample_timesteps", "second_match_loss",
-    "squared_norm", "student_and_teacher_sensitivity",
+    "model_output", "output_and_sensitivity", "precision_state", "sample_directions", "sample_timesteps",
+    "second_match_loss", "squared_norm", "student_and_teacher_sensitivity",
 ]
