@@ -57,17 +57,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1000, help="samples per model for digits-FID")
     p.add_argument("--ddim-steps", type=int, default=25)
     p.add_argument("--lambda-jac", type=float, default=0.1)
-    p.add_argument("--jac-weighting", default="none", choices=["none", "noise"])
+    p.add_argument("--jac-weighting", default="none", choices=["none", "noise", "x0"])
     p.add_argument("--jac-reference-dims", type=int, help="scale the Jacobian term by d / this (3072: lambda_jac "
                                                          "balanced as in the paper's 32x32x3)")
+    p.add_argument("--jac-match", default="norm", choices=["norm", "vector", "log"],
+                   help="how the Jacobian products are compared (2ndmatch's jac_match)")
+    p.add_argument("--jac-min-timestep", type=int, default=0, help="no Jacobian term below this t")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (the reference: 1.0)")
     p.add_argument("--ema-decay", type=float, help="EMA of the student's weights (the reference: 0.9999 over 100k "
                                                    "steps); default: no EMA")
     p.add_argument("--dropout", type=float, help="the student's residual-block dropout (the reference: 0.1)")
     p.add_argument("--no-wallclock", action="store_true", help="skip the equal wall-clock comparison")
-    p.add_argument("--baseline", help="a results JSON whose runs of the same seed and steps are reused: dsm and "
-                                      "kd, and 2ndmatch too where --lambda-jac and --jac-weighting match (the other "
-                                      "settings must match, except --seeds and --no-wallclock)")
+    p.add_argument("--baseline", action="append", default=[],
+                   help="a results JSON whose runs of the same seed and steps are reused: dsm and kd, and 2ndmatch "
+                        "too where its Jacobian options match (the other settings must match, except --seeds and "
+                        "--no-wallclock); may be given several times")
     p.add_argument("--teacher", help="a diffusers folder to use as the dense teacher instead of the shipped one "
                                      "(e.g. one trained with train_digits_assets.py --dequantize)")
     p.add_argument("--dequantize", action="store_true", help="finetune on dequantised digits (uniform noise "
@@ -136,22 +140,23 @@ def main() -> None:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     # everything that changes the floats: the options, the thread count, the torch build and the CPU
+    absent_at_default = {"teacher": None, "dequantize": False, "jac_match": "norm", "jac_min_timestep": 0}
     settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "baseline", "overwrite")
-                   and not (k in ("teacher", "dequantize") and not v)},  # (absent at their defaults)
+                   and not (k in absent_at_default and v == absent_at_default[k])},  # (older JSONs lack them)
                 "torch": torch.__version__, "machine": platform.machine()}
     reusable, base_profile = [], None  # runs of --baseline, and its 2ndmatch sensitivity profile
-    if args.baseline:
-        base = json.loads(Path(args.baseline).read_text())
-        jac_options = ("lambda_jac", "jac_weighting", "jac_reference_dims")
-        free = (*jac_options, "seeds", "no_wallclock")  # runs are matched by seed and steps
+    jac_options = ("lambda_jac", "jac_weighting", "jac_reference_dims", "jac_match", "jac_min_timestep")
+    free = (*jac_options, "seeds", "no_wallclock")  # runs are matched by seed and steps
+    for baseline in args.baseline:
+        base = json.loads(Path(baseline).read_text())
         if {k: v for k, v in base["settings"].items() if k not in free} != \
                 {k: v for k, v in settings.items() if k not in free}:
-            sys.exit(f"--baseline {args.baseline}: its settings differ beyond {', '.join(free)}")
-        same_jac = all(base["settings"].get(k) == settings[k] for k in jac_options)
-        reusable = [r for budget in ("equal_steps", "equal_wallclock") for r in base.get(budget, {}).get("runs", [])
-                    if r["strategy"] != "2ndmatch" or same_jac]
+            sys.exit(f"--baseline {baseline}: its settings differ beyond {', '.join(free)}")
+        same_jac = all(base["settings"].get(k) == settings.get(k) for k in jac_options)
+        reusable += [r for budget in ("equal_steps", "equal_wallclock") for r in base.get(budget, {}).get("runs", [])
+                     if r["strategy"] != "2ndmatch" or same_jac]
         if same_jac and int(base["settings"]["seeds"].split(",")[0]) == seeds[0]:
-            base_profile = base.get("sensitivity_profile", {}).get("2ndmatch")
+            base_profile = base_profile or base.get("sensitivity_profile", {}).get("2ndmatch")
     results = json.loads(out.read_text()) if out.exists() else {}
     if results and results.get("settings") != settings:
         if not args.overwrite:
@@ -193,7 +198,8 @@ def main() -> None:
                 write(results, out)
                 return r
         options = {"lambda_jac": args.lambda_jac, "jac_weighting": args.jac_weighting,
-                   "jac_reference_dims": args.jac_reference_dims} if name == "2ndmatch" else {}
+                   "jac_reference_dims": args.jac_reference_dims, "jac_match": args.jac_match,
+                   "jac_min_timestep": args.jac_min_timestep} if name == "2ndmatch" else {}
         config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=seed, ema_decay=args.ema_decay,
                              grad_clip=args.grad_clip, dropout=args.dropout, checkpoint_every=10**9,
                              log_every=max(1, steps // 10))

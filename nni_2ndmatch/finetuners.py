@@ -15,20 +15,21 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
 from .method import (
     DEFAULT_FD_STEP,
+    JAC_MATCHES,
     PREDICTION_TYPES,
     add_noise,
     default_scheduler,
     dsm_term,
-    jacobian_match_term,
+    jacobian_match_per_sample,
     kd_term,
     model_output,
     sample_directions,
-    student_and_teacher_sensitivity,
+    student_and_teacher_products,
 )
 from .utils import did_you_mean
 
@@ -211,9 +212,18 @@ class SecondMatchOptions(KDOptions):
     num_projections: int = Field(1, ge=1, description="directions v per sample")
     jac_fraction: float = Field(1.0, gt=0, le=1, description="share of the batch that gets the Jacobian term")
     fd_step: float = Field(DEFAULT_FD_STEP, gt=0, lt=1, description="step of the central difference (mode fd)")
-    jac_weighting: Literal["none", "noise"] = "none"
+    jac_weighting: Literal["none", "noise", "x0"] = "none"
     jac_reference_dims: int | None = Field(None, ge=1, description="image size C*H*W at which lambda_jac is "
                                            "balanced (3072: the paper's 32x32x3); null: the raw term")
+    jac_match: Literal[JAC_MATCHES] = Field("norm", description="norm (the paper), vector or log")
+    jac_min_timestep: int = Field(0, ge=0, description="samples with t below it get no Jacobian term")
+
+    @model_validator(mode="after")
+    def _weighting_changes_the_term(self) -> "SecondMatchOptions":
+        if self.jac_match == "log" and self.jac_weighting != "none":
+            raise ValueError(f"jac_weighting={self.jac_weighting!r} is not allowed with jac_match='log' (a "
+                             "per-sample scale cancels in a log ratio); allowed: none")
+        return self
 
 
 @register_finetuner("kd")
@@ -242,17 +252,20 @@ class SecondMatch(KD):
       num_projections: directions v per sample (the term is averaged over them).
       jac_fraction: share of the batch that gets the Jacobian term (the first ceil(f*B) samples;
         the batch is random, so this is a random subset). The rest use the fast ordinary path.
-      jac_weighting: ``none`` (the paper) or ``noise``: both sensitivities are scaled by
-        (1 - abar_t) before they are compared, i.e. the term matches ||sqrt(1-abar_t) J v||^2,
-        the Jacobian of the noise component of x_t. Near t = 0, ||J v||^2 grows like
-        1/(1 - abar_t) and dominates the unweighted term (see the digits benchmark); this makes
-        it comparable across timesteps. It changes the term's scale: retune lambda_jac.
-      jac_reference_dims: None (the paper's raw term) or an image size d_ref = C*H*W at which
-        lambda_jac was balanced; the term is then multiplied by d / d_ref, d = C*H*W of x_t. The
-        DSM and KD terms are summed over pixels and grow like d while ||J v||^2 (unit v) does
-        not, so the paper's lambda_jac = 0.1 was balanced at its 32x32x3 = 3072; with
-        ``jac_reference_dims=3072`` the same 0.1 keeps that balance at any resolution
-        (8x8x1 digits: an effective weight of 0.1 * 64 / 3072 = 2.1e-3).
+      jac_match: how the Jacobian products u = J v (or J^T v) of student and teacher are compared:
+        ``norm`` (the paper: (||u_S||^2 - ||u_T||^2)^2, one number per sample), ``vector``
+        (||u_S - u_T||^2, Jacobian matching) or ``log`` ((log ||u_S||^2 - log ||u_T||^2)^2,
+        relative, the same scale at every t). Same cost for all three.
+      jac_weighting: a per-timestep scale c(t) on both Jacobians before they are compared:
+        ``none`` (the paper); ``noise``: c = sqrt(1 - abar_t), the Jacobian of the noise
+        component of x_t (near t = 0, ||J v||^2 grows like 1/(1 - abar_t) and dominates the
+        unweighted term); ``x0``: the Jacobian of the predicted clean image, whose difference
+        between student and teacher is c = sqrt((1 - abar_t) / abar_t) times theirs under epsilon
+        prediction (sqrt(1 - abar_t) under v_prediction): the scale at which an error reaches the
+        sampler's image estimate. A ``norm`` term scales by c^4, a ``vector`` term by c^2; it
+        changes the term's size: retune lambda_jac.
+      jac_min_timestep: samples with t below it contribute no Jacobian term (their DSM and KD
+        terms stay); the term is still averaged over the whole Jacobian batch.
     The outputs of the Jacobian evaluations serve the DSM and KD terms: no extra forward passes.
     """
 
@@ -270,7 +283,7 @@ class SecondMatch(KD):
         x_j = x_t[jac].repeat(p, *([1] * (x_t.dim() - 1)))
         t_j = timesteps[jac].repeat(p)
         kw_j = _split_kwargs(model_kwargs, batch, jac, p)
-        eps_s_j, s_s, eps_t_j, s_t = student_and_teacher_sensitivity(
+        eps_s_j, u_s, eps_t_j, u_t = student_and_teacher_products(
             student, teacher, x_j, t_j, sample_directions(x_j), self.mode, fd_step=self.fd_step, **kw_j)
         eps_s, eps_t = eps_s_j[:k], eps_t_j[:k]
         if k < batch:
@@ -279,10 +292,22 @@ class SecondMatch(KD):
                 eps_t_r = model_output(teacher, x_t[rest], timesteps[rest], **kw_r)
             eps_s_r = model_output(student, x_t[rest], timesteps[rest], **kw_r)
             eps_s, eps_t = torch.cat([eps_s, eps_s_r]), torch.cat([eps_t, eps_t_r])
-        if self.jac_weighting == "noise":
-            weight = 1.0 - self.scheduler.alphas_cumprod.to(s_s.device)[t_j.long()].to(s_s.dtype)
-            s_s, s_t = weight * s_s, weight * s_t
-        jac = jacobian_match_term(s_s, s_t)
+        if self.jac_weighting != "none":
+            scale = self.jacobian_scale(t_j).to(u_s.device, u_s.dtype).view(-1, *([1] * (u_s.dim() - 1)))
+            u_s, u_t = scale * u_s, scale * u_t
+        per_sample = jacobian_match_per_sample(u_s, u_t, self.jac_match)
+        if self.jac_min_timestep:
+            per_sample = torch.where(t_j.to(per_sample.device) >= self.jac_min_timestep, per_sample, 0.0)
+        jac = per_sample.mean()
         if self.jac_reference_dims is not None:
             jac = jac * (x_t[0].numel() / self.jac_reference_dims)
         return {"dsm": dsm_term(eps_s, target), "kd": kd_term(eps_s, eps_t), "jac": jac}
+
+    def jacobian_scale(self, timesteps: Tensor) -> Tensor:
+        """c(t) of ``jac_weighting`` per sample (float64), the factor on both Jacobians."""
+        abar = self.scheduler.alphas_cumprod.double()[timesteps.long().cpu()]
+        if self.jac_weighting == "noise" or (self.jac_weighting == "x0" and self.prediction_type == "v_prediction"):
+            return (1.0 - abar).sqrt()
+        if self.jac_weighting == "x0":
+            return ((1.0 - abar) / abar).sqrt()
+        return torch.ones_like(abar)

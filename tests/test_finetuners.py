@@ -145,7 +145,7 @@ def test_noise_weighting_scales_both_sensitivities_by_one_minus_alpha_bar():
     assert terms["jac"] == pytest.approx(diff.pow(2).mean().item(), rel=1e-9)
     _, plain = get_finetuner("2ndmatch", mode="jvp").loss(student, teacher, x0, noise, t)
     assert terms["jac"] < plain["jac"]  # 1 - abar < 1 everywhere
-    with pytest.raises(ValueError, match="jac_weighting='snr' is not allowed: Input should be 'none' or 'noise'"):
+    with pytest.raises(ValueError, match="jac_weighting='snr' is not allowed: Input should be 'none', 'noise' or 'x0'"):
         get_finetuner("2ndmatch", jac_weighting="snr")
 
 
@@ -196,3 +196,76 @@ def test_jac_reference_dims_scales_the_term_by_image_size_over_the_reference():
     for bad in (0, -3, 2.5, True, "3072"):
         with pytest.raises(ValueError, match=f"jac_reference_dims={bad!r} is not allowed"):
             get_finetuner("2ndmatch", jac_reference_dims=bad)
+
+
+def _explicit_match(student, teacher, x_t, t, v, mode, match, scale):
+    """The Jacobian term from explicit float64 Jacobians: products u = J v (jvp) or J^T v (vjp)."""
+    from conftest import explicit_jacobians
+
+    vf = v.flatten(1)
+    u = {}
+    for role, model in (("s", student), ("t", teacher)):
+        J = explicit_jacobians(model, x_t, t)
+        u[role] = scale[:, None] * (torch.einsum("bij,bj->bi", J, vf) if mode == "jvp"
+                                    else torch.einsum("bji,bj->bi", J, vf))
+    s_s, s_t = u["s"].pow(2).sum(1), u["t"].pow(2).sum(1)
+    return {"norm": (s_s - s_t).pow(2), "vector": (u["s"] - u["t"]).pow(2).sum(1),
+            "log": (s_s.log() - s_t.log()).pow(2)}[match]
+
+
+@pytest.mark.parametrize("mode", ["jvp", "vjp"])
+@pytest.mark.parametrize("match,weighting,floor", [("vector", "none", 0), ("log", "none", 0), ("norm", "x0", 0),
+                                                   ("vector", "x0", 0), ("norm", "none", 400),
+                                                   ("vector", "noise", 400)])
+def test_jac_match_weighting_and_floor_match_explicit_jacobians(mode, match, weighting, floor):
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, noise, _ = (a.double() if a.is_floating_point() else a for a in _inputs())
+    t = torch.tensor([0, 10, 500, 999])
+    ft = get_finetuner("2ndmatch", mode=mode, jac_match=match, jac_weighting=weighting, jac_min_timestep=floor)
+    torch.manual_seed(3)
+    _, terms = ft.loss(student, teacher, x0, noise, t)
+    torch.manual_seed(3)
+    x_t = ft.add_noise(x0, noise, t)
+    v = sample_directions(x_t)
+    abar = ft.scheduler.alphas_cumprod.double()[t]
+    scale = {"none": torch.ones(4, dtype=torch.float64), "noise": (1 - abar).sqrt(),
+             "x0": ((1 - abar) / abar).sqrt()}[weighting]
+    per_sample = _explicit_match(student, teacher, x_t, t.double(), v, mode, match, scale) * (t >= floor)
+    assert terms["jac"] == pytest.approx(per_sample.mean().item(), rel=1e-9)
+    assert (per_sample > 0).sum() == (4 if floor == 0 else 2)
+
+
+@pytest.mark.parametrize("match", ["vector", "log"])
+def test_jac_match_student_gradient_is_exact(match):
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, noise, _ = (a.double() if a.is_floating_point() else a for a in _inputs(batch=3))
+    t = torch.tensor([5, 60, 700])
+    ft = get_finetuner("2ndmatch", mode="vjp", jac_match=match, lambda_dsm=0.0, lambda_kd=0.0)
+    names = [n for n, _ in student.named_parameters()]
+
+    def loss_of(*params):
+        def f(xx, tt):
+            return torch.func.functional_call(student, dict(zip(names, params)), (xx, tt))
+        torch.manual_seed(11)  # the same directions in every evaluation
+        return ft.loss(f, teacher, x0, noise, t)[0]
+
+    params = tuple(p.detach().clone().requires_grad_(True) for p in student.parameters())
+    assert torch.autograd.gradcheck(loss_of, params, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_x0_weighting_under_v_prediction_is_the_noise_scale_and_log_refuses_a_weighting():
+    from diffusers import DDPMScheduler
+
+    t = torch.tensor([0, 300, 999])
+    v_pred = get_finetuner("2ndmatch", jac_weighting="x0", scheduler=DDPMScheduler(prediction_type="v_prediction"))
+    noise = get_finetuner("2ndmatch", jac_weighting="noise")
+    assert torch.equal(v_pred.jacobian_scale(t), noise.jacobian_scale(t))
+    eps = get_finetuner("2ndmatch", jac_weighting="x0")
+    abar = eps.scheduler.alphas_cumprod.double()[t]
+    assert torch.allclose(eps.jacobian_scale(t), ((1 - abar) / abar).sqrt())
+    with pytest.raises(ValueError, match="jac_weighting='x0' is not allowed with jac_match='log'"):
+        get_finetuner("2ndmatch", jac_match="log", jac_weighting="x0")
+    with pytest.raises(ValueError, match="jac_match='frobenius' is not allowed: Input should be 'norm', 'vector' or"):
+        get_finetuner("2ndmatch", jac_match="frobenius")
+    with pytest.raises(ValueError, match="jac_min_timestep=-1 is not allowed"):
+        get_finetuner("2ndmatch", jac_min_timestep=-1)

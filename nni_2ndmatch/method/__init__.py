@@ -8,14 +8,18 @@ from .jacobian import (
     checkpoint_as_forward,
     jacobian_safe,
     jacobian_sensitivity,
+    output_and_product,
     output_and_sensitivity,
     second_match_loss,
+    student_and_teacher_products,
     student_and_teacher_sensitivity,
 )
 from .precision import fp32_precision, precision_state
 from .schedule import PREDICTION_TYPES, add_noise, default_scheduler, sample_timesteps
 from .terms import (
+    JAC_MATCHES,
     dsm_term,
+    jacobian_match_per_sample,
     jacobian_match_term,
     kd_term,
     model_output,
@@ -24,8 +28,9 @@ from .terms import (
 )
 
 __all__ = [
-    "DEFAULT_FD_STEP", "MODES", "Mode", "PREDICTION_TYPES", "add_noise", "checkpoint_as_forward", "default_scheduler",
-    "dsm_term", "fp32_precision", "jacobian_match_term", "jacobian_safe", "jacobian_sensitivity", "kd_term",
-    "model_output", "output_and_sensitivity", "precision_state", "sample_directions", "sample_timesteps",
-    "second_match_loss", "squared_norm", "student_and_teacher_sensitivity",
+    "DEFAULT_FD_STEP", "JAC_MATCHES", "MODES", "Mode", "PREDICTION_TYPES", "add_noise", "checkpoint_as_forward",
+    "default_scheduler", "dsm_term", "fp32_precision", "jacobian_match_per_sample", "jacobian_match_term",
+    "jacobian_safe", "jacobian_sensitivity", "kd_term", "model_output", "output_and_product",
+    "output_and_sensitivity", "precision_state", "sample_directions", "sample_timesteps", "second_match_loss",
+    "squared_norm", "student_and_teacher_products", "student_and_teacher_sensitivity",
 ]

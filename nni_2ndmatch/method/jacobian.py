@@ -105,10 +105,11 @@ def _ieee_backward(grad: Tensor) -> Tensor:
     return grad
 
 
-def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
-                           mode: str = "jvp", *, create_graph: bool = True,
-                           fd_step: float = DEFAULT_FD_STEP, **model_kwargs: Any) -> tuple[Tensor, Tensor]:
-    """The model's output at x_t and the per-sample sensitivity s = ||J v||^2 (or ||J^T v||^2).
+def output_and_product(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
+                       mode: str = "jvp", *, create_graph: bool = True,
+                       fd_step: float = DEFAULT_FD_STEP, **model_kwargs: Any) -> tuple[Tensor, Tensor]:
+    """The model's output at x_t and the Jacobian product u = J v (``jvp``, ``fd``) or J^T v
+    (``vjp``), shaped like x_t; the sensitivity is ``squared_norm(u)``.
 
     Must run inside ``jacobian_safe``. The output comes from the same evaluation as the Jacobian
     product where the mode allows it (jvp, vjp), so callers reuse it for their other loss terms.
@@ -136,7 +137,7 @@ def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Te
     if mode == "jvp":
         with grad_ctx:
             out, jv = torch.func.jvp(f, (x_t.detach(),), (v,))
-        return out, squared_norm(jv)
+        return out, jv
     if mode == "vjp":
         x = x_t.detach().requires_grad_(True)
         with torch.enable_grad(), (contextlib.nullcontext() if create_graph else requires_grad(model, False)):
@@ -144,7 +145,7 @@ def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Te
             (jtv,) = torch.autograd.grad(out, x, v, create_graph=create_graph)
         if not create_graph:
             out, jtv = out.detach(), jtv.detach()
-        return out, squared_norm(jtv)
+        return out, jtv
     # fd: replay the same random state for every evaluation so that dropout masks agree; the
     # generator ends where one ordinary evaluation would have left it.
     cuda = x_t.device if x_t.device.type == "cuda" else None
@@ -163,7 +164,17 @@ def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Te
         out = replay(x)
     if diff.requires_grad:
         diff.register_hook(_ieee_backward)
-    return out, squared_norm(diff)
+    return out, diff
+
+
+def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
+                           mode: str = "jvp", *, create_graph: bool = True,
+                           fd_step: float = DEFAULT_FD_STEP, **model_kwargs: Any) -> tuple[Tensor, Tensor]:
+    """The model's output at x_t and the per-sample sensitivity s = ||J v||^2 (or ||J^T v||^2),
+    Tensor[B]: ``output_and_product`` with the product's squared norm."""
+    out, u = output_and_product(model, x_t, timesteps, v, mode, create_graph=create_graph, fd_step=fd_step,
+                                **model_kwargs)
+    return out, squared_norm(u)
 
 
 def jacobian_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
@@ -199,15 +210,26 @@ def second_match_loss(student: Callable[..., Any], teacher: Callable[..., Any], 
     return jacobian_match_term(s_student, s_teacher)
 
 
+def student_and_teacher_products(student: Callable[..., Any], teacher: Callable[..., Any], x_t: Tensor,
+                                 timesteps: Tensor, v: Tensor, mode: Mode, *, fd_step: float = DEFAULT_FD_STEP,
+                                 **model_kwargs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(eps_S, u_S, eps_T, u_T): both models' outputs and Jacobian products (``output_and_product``)
+    along the same v. The student's carry a graph; the teacher's are detached and its parameters
+    never get ``.grad``."""
+    with jacobian_safe(teacher, math_attention=needs_math_attention(mode, create_graph=False)):
+        eps_t, u_t = output_and_product(teacher, x_t, timesteps, v, mode, create_graph=False,
+                                        fd_step=fd_step, **model_kwargs)
+    with jacobian_safe(student, math_attention=needs_math_attention(mode, create_graph=True)):
+        eps_s, u_s = output_and_product(student, x_t, timesteps, v, mode, create_graph=True,
+                                        fd_step=fd_step, **model_kwargs)
+    return eps_s, u_s, eps_t, u_t
+
+
 def student_and_teacher_sensitivity(student: Callable[..., Any], teacher: Callable[..., Any], x_t: Tensor,
                                     timesteps: Tensor, v: Tensor, mode: Mode, *, fd_step: float = DEFAULT_FD_STEP,
                                     **model_kwargs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(eps_S, s_S, eps_T, s_T): both models' outputs and sensitivities along the same v. The
-    student's carry a graph; the teacher's are detached and its parameters never get ``.grad``."""
-    with jacobian_safe(teacher, math_attention=needs_math_attention(mode, create_graph=False)):
-        eps_t, s_t = output_and_sensitivity(teacher, x_t, timesteps, v, mode, create_graph=False,
-                                            fd_step=fd_step, **model_kwargs)
-    with jacobian_safe(student, math_attention=needs_math_attention(mode, create_graph=True)):
-        eps_s, s_s = output_and_sensitivity(student, x_t, timesteps, v, mode, create_graph=True,
-                                            fd_step=fd_step, **model_kwargs)
-    return eps_s, s_s, eps_t, s_t
+    """(eps_S, s_S, eps_T, s_T): both models' outputs and sensitivities along the same v
+    (``student_and_teacher_products`` with the products' squared norms)."""
+    eps_s, u_s, eps_t, u_t = student_and_teacher_products(student, teacher, x_t, timesteps, v, mode,
+                                                          fd_step=fd_step, **model_kwargs)
+    return eps_s, squared_norm(u_s), eps_t, squared_norm(u_t)

@@ -56,6 +56,27 @@ def jacobian_match_term(s_student: Tensor, s_teacher: Tensor) -> Tensor:
     return (s_student - s_teacher.detach()).pow(2).mean()
 
 
+#: How the 2ndMatch term compares the student's Jacobian product u_S with the teacher's u_T.
+JAC_MATCHES = ("norm", "vector", "log")
+
+
+def jacobian_match_per_sample(u_student: Tensor, u_teacher: Tensor, match: str = "norm") -> Tensor:
+    """Per-sample distance, Tensor[B], between Jacobian products u = J v (or J^T v), [B, ...]:
+
+    - ``norm`` (the paper): (||u_S||^2 - sg(||u_T||^2))^2, one number per sample compared;
+    - ``vector`` (Jacobian matching, Sobolev training): ||u_S - sg(u_T)||^2, summed over entries;
+    - ``log`` (relative, scale-free across t): (log ||u_S||^2 - log sg(||u_T||^2))^2.
+    """
+    if match == "vector":
+        return squared_norm(u_student - u_teacher.detach())
+    s_student, s_teacher = squared_norm(u_student), squared_norm(u_teacher.detach())
+    if match == "norm":
+        return (s_student - s_teacher).pow(2)
+    if match == "log":
+        return (s_student.log() - s_teacher.log()).pow(2)
+    raise ValueError(f"match={match!r} is not allowed; allowed: {', '.join(JAC_MATCHES)}")
+
+
 def sample_directions(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One random unit direction per sample: v = g / ||g||, g ~ N(0, I) over all C*H*W entries."""
     g = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
