@@ -113,20 +113,34 @@ class PruningSection(_Section):
 
 
 class DataSection(_Section):
+    """The training images: ``builtin: digits``, or ``path``: an image folder (+ metadata.jsonl), a
+    Hugging Face dataset written by ``save_to_disk``, or parquet files (a file or a folder)."""
+
     builtin: Literal[BUILTIN_DATA] | None = None  # type: ignore[valid-type]
     path: str | None = None
     resolution: int = Field(16, ge=4, le=4096)
-    channels: Literal[1, 3] = 1
-    skip_bad_images: bool = False  # image folders: leave out files that do not decode (default: an error)
+    channels: Literal[1, 3] | None = Field(None, description="1 (greyscale) or 3 (RGB); null: the model's (the "
+                                           "teacher's input, or its pipeline's VAE's)")
+    skip_bad_images: bool = False  # leave out images that do not decode (default: an error)
+    image_column: str | None = Field(None, description="a Hugging Face dataset's or parquet file's image column "
+                                     "(default: image)")
+    caption_column: str | None = Field(None, description="its caption column, for a text-to-image pipeline "
+                                       "(default: text)")
+    label_column: str | None = Field(None, description="its class-label column, for a class-conditional pipeline "
+                                     "(default: label)")
     caption_dropout: float = Field(0.0, ge=0, lt=1, description="text-to-image pipelines: share of captions "
                                    "replaced by the empty prompt each step (classifier-free guidance)")
+    cache_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="latent pipelines: the dtype of the encoded cache (null: the encoders')")
+    encode_batch_size: int = Field(16, ge=1, description="latent pipelines: images (captions) per encoder pass")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSection":
         if (self.builtin is None) == (self.path is None):
             raise ValueError("give exactly one of 'builtin' or 'path'")
-        if self.skip_bad_images and self.builtin is not None:
-            raise ValueError("'skip_bad_images' goes with 'path' (an image folder) only")
+        for key in ("skip_bad_images", "image_column", "caption_column", "label_column"):
+            if getattr(self, key) and self.builtin is not None:
+                raise ValueError(f"'{key}' goes with 'path' (the data on disk) only")
         return self
 
 

@@ -15,8 +15,7 @@ import yaml
 from torch import nn
 
 from .config import Config, ModelSpec
-from .data import DigitsDataset, ImageFolderDataset, collate, digit_captions, read_metadata
-from .encoding import CACHE_FILE, encode, fingerprint, load_cached, save_cached
+from .data import collate
 from .errors import UserError
 from .evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from .files import atomic_write_json, atomic_write_text
@@ -44,6 +43,7 @@ from .pruning import (
     save_pruned,
 )
 from .report import run_report
+from .job.data import check_resume, open_data, plan_data
 from .training import CHECKPOINT_DIR, Runtime, check_batch, finetune
 from .training.accelerate import AccelerateRuntime, launched_distributed
 
@@ -128,77 +128,6 @@ def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | No
         raise UserError(f"evaluate.guidance_scale: value {e.guidance_scale!r} is not allowed: it needs a "
                         "text-to-image pipeline, or a DiT pipeline of 1000 classes (DiTPipeline takes class 1000 as "
                         "the unconditional one); allowed here: 1.0")
-
-
-def load_dataset(config: Config, teacher: nn.Module | None = None,
-                 parts: PipelineParts | None = None) -> torch.utils.data.Dataset:
-    """The config's data; for a conditional teacher, the built-in digits carry each digit's label
-    as the conditioning the teacher takes (class labels or a fixed per-digit prompt embedding).
-    A latent pipeline's data are encoded (``load_encoded``)."""
-    data = config.data
-    if data.caption_dropout and (parts is None or parts.text_encoder is None):
-        raise UserError(f"data.caption_dropout: value {data.caption_dropout!r} is not allowed: it needs a "
-                        "text-to-image pipeline teacher (one with a text_encoder); allowed here: 0")
-    if parts is not None and parts.latent:
-        return load_encoded(config, teacher, parts)
-    conditioning = conditioning_of(teacher) if teacher is not None else None
-    try:
-        if data.builtin == "digits":
-            if data.channels != 1:
-                raise ValueError(f"channels={data.channels}: the digits are greyscale; allowed: 1")
-            return DigitsDataset(resolution=data.resolution, split="train", conditioning=conditioning)
-        if conditioning is not None:
-            raise ValueError(f"path={data.path!r}: an image folder carries no {conditioning[0]}, which the teacher "
-                             f"({type(teacher).__name__}) needs; allowed: builtin: digits, or an unconditional model")
-        return ImageFolderDataset(data.path, resolution=data.resolution, channels=data.channels,
-                                  skip_bad_images=data.skip_bad_images)
-    except (ValueError, OSError) as e:
-        raise UserError(f"data: {e}") from None
-
-
-def load_encoded(config: Config, teacher: nn.Module, parts: PipelineParts) -> torch.utils.data.Dataset:
-    """A latent pipeline's training data: the images encoded by its VAE, with the conditioning the
-    denoiser takes: captions encoded by the pipeline's text encoder, or class labels (a DiT), from
-    metadata.jsonl or the digits' own ("a handwritten digit 3", 3); from output_dir's cache when its
-    fingerprint matches. ``fresh`` on the result: encoded now, to be cached."""
-    data, text = config.data, parts.text_encoder is not None
-    conditioning = conditioning_of(teacher)
-    if text:
-        gives = ("encoder_hidden_states", parts.text_encoder.config.hidden_size)
-    else:
-        gives = conditioning if conditioning is not None and conditioning[0] == "class_labels" else None
-    if conditioning != gives:
-        raise UserError(f"model.teacher: the denoiser is conditioned on {conditioning or 'nothing'} but the pipeline "
-                        f"gives {gives or 'no conditioning'}; allowed: a text encoder feeding a cross-attention "
-                        "denoiser of its width, class labels for a class-conditional DiT, or no conditioning")
-    if config.finetune.hflip:
-        raise UserError("finetune.hflip: value True is not allowed with a latent pipeline: the latents are encoded "
-                        "once, and a flipped latent is not the latent of the flipped image; allowed: false")
-    key_name = "text" if text else "label" if gives else None
-    try:
-        if data.builtin == "digits":
-            images = DigitsDataset(resolution=data.resolution, split="train")
-            values = {"text": digit_captions(images.labels), "label": images.labels.tolist(), None: None}[key_name]
-        else:
-            images = ImageFolderDataset(data.path, resolution=data.resolution, channels=data.channels,
-                                        skip_bad_images=data.skip_bad_images)
-            values = read_metadata(images.root, images.files, key_name) if key_name else None
-        if key_name == "label" and max(values) >= gives[1]:
-            raise ValueError(f"class label {max(values)} is out of range: the teacher has {gives[1]} classes "
-                             f"(labels 0 to {gives[1] - 1})")
-        captions, labels = (values, None) if text else (None, values)
-        key = fingerprint(parts, images, captions, labels)
-        dataset = load_cached(Path(config.output_dir) / CACHE_FILE, key, data.caption_dropout)
-        dataset, dataset.fresh = (dataset, False) if dataset is not None else \
-            (encode(parts, images, captions, labels, caption_dropout=data.caption_dropout,
-                    device=config.finetune.device, expand_greyscale=data.builtin == "digits"), True)
-    except (ValueError, OSError) as e:
-        raise UserError(f"data: {e}") from None
-    dataset.fingerprint, dataset.source, dataset.captions = key, images, captions  # (the evaluation's too)
-    logger.info("data: %d latents of shape %s%s (%s)", len(dataset), tuple(dataset.latents.shape[1:]),
-                f", {len(dataset.embeddings) - 1} distinct captions" if text else "",
-                "encoded now" if dataset.fresh else f"from {Path(config.output_dir) / CACHE_FILE}")
-    return dataset
 
 
 def _preflight(models: dict[str, nn.Module], item: Any) -> None:
@@ -391,40 +320,37 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
                         "gradients of the noise-prediction loss, and the pipeline predicts "
                         f"{parts.scheduler.config.prediction_type}; allowed: L1NormPruner, L2NormPruner, FPGMPruner, "
                         "magnitude")
-    dataset = load_dataset(config, teacher, parts)
-    if resume and getattr(dataset, "fresh", False) and (Path(config.output_dir) / CACHE_FILE).is_file():
-        raise UserError(f"--resume: the data or the pipeline's encoders changed since the run started (they no "
-                        f"longer match {Path(config.output_dir) / CACHE_FILE}); resume with the run's data, or start "
-                        "a new run (another output_dir, or --overwrite without --resume)")
+    plan = plan_data(config, teacher, parts)
+    if resume:
+        check_resume(config, plan)
     student = load_model(config.model.student, "student") if config.model.student is not None else None
-    _preflight({"teacher": teacher} if student is None else {"teacher": teacher, "student": student}, dataset[0])
+    _preflight({"teacher": teacher} if student is None else {"teacher": teacher, "student": student}, plan.example)
     try:
-        check_batch(config.finetune.train_config(), len(dataset), runtime.world_size)
+        check_batch(config.finetune.train_config(), plan.items, runtime.world_size)
     except ValueError as e:
         raise UserError(f"finetune: {e}") from None
     if runtime.is_main:
         prepare_output_dir(config, command, resume, overwrite)
         write_config(config, resume)
-        if getattr(dataset, "fresh", False):
-            save_cached(dataset, Path(config.output_dir) / CACHE_FILE, dataset.fingerprint)
     runtime.barrier()
+    data = open_data(config, plan, parts, runtime, progress)
     out = Path(config.output_dir)
     if command in ("prune", "run") and config.pruning is not None:
         if not (resume and is_pruned_folder(out / PRUNED_DIR)):
-            student, report = run_prune(config, out, teacher, dataset, runtime)
+            student, report = run_prune(config, out, teacher, data.dataset, runtime)
             if command == "prune":
                 return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
     if student is None:  # `finetune` after a `prune`, or a resumed `run`
         student = saved_pruned_student(out)
-        _preflight({"student": student}, dataset[0])
+        _preflight({"student": student}, plan.example)
     compare = command == "run" and config.evaluate is not None and config.evaluate.compare
     start = copy.deepcopy(student) if compare and runtime.is_main else None  # the baselines start here too
-    summary, student = run_finetune(config, out, teacher, dataset, student, resume=resume, progress=progress,
+    summary, student = run_finetune(config, out, teacher, data.dataset, student, resume=resume, progress=progress,
                                     runtime=runtime, parts=parts)
     if not runtime.is_main:
         return summary
     if command == "run" and (config.evaluate is not None or config.export is not None):
-        summary["report"] = str(run_report(config, out, teacher, student, dataset, summary, start=start,
+        summary["report"] = str(run_report(config, out, teacher, student, data, summary, start=start,
                                            progress=progress, parts=parts))
     return summary
 

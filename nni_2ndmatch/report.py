@@ -207,7 +207,7 @@ class PipelineEvaluator(Scores):
     latents per sample and ``guidance_scale``. Scores as :class:`Scores` (FID against the data's
     images, CLIP score against the prompts)."""
 
-    def __init__(self, parts: Any, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
+    def __init__(self, parts: Any, teacher: nn.Module, data: Any, *, samples: int, ddim_steps: int, seed: int,
                  guidance_scale: float, resolution: int, fid_features: str | None = None,
                  clip_model: str | None = None) -> None:
         from diffusers import DDIMScheduler, DiffusionPipeline
@@ -222,10 +222,10 @@ class PipelineEvaluator(Scores):
         self.pipe.set_progress_bar_config(disable=True)
         self.denoiser, self.seed, self.resolution = parts.denoiser, seed, resolution
         self.ddim_steps, self.guidance_scale = ddim_steps, guidance_scale
-        conditions = dataset.captions if dataset.captions is not None else dataset.labels.tolist()
+        conditions = data.captions if data.captions is not None else data.labels
         self.conditions = [conditions[i % len(conditions)] for i in range(samples)]
-        self.text = dataset.captions is not None
-        self.setup_metrics(fid_features, clip_model, dataset.source, resolution, self.conditions if self.text else None)
+        self.text = data.captions is not None
+        self.setup_metrics(fid_features, clip_model, data.source, resolution, self.conditions if self.text else None)
         self.teacher_samples = self.sample(teacher)
 
     @torch.no_grad()
@@ -443,11 +443,12 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     return path
 
 
-def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, dataset: Any,
+def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, data: Any,
                summary: dict[str, Any], *, start: nn.Module | None = None, progress: bool = False,
                parts: Any = None) -> Path:
     """Evaluate, compare, export and benchmark as the config's ``evaluate`` and ``export`` sections
-    say; write out/report (report.md, results.json, PNGs). ``start``: the student before finetuning,
+    say; write out/report (report.md, results.json, PNGs). ``data``: the run's ``TrainingData``
+    (what it trained on; the images and their conditioning). ``start``: the student before finetuning,
     where the baselines of ``evaluate.compare`` start (without it they are skipped, with a note).
     ``progress``: progress bars for the baseline finetunes. ``parts``: the teacher's pipeline
     (models.PipelineParts) when it is one: its schedule, and for a latent one the sampling through
@@ -465,14 +466,14 @@ def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, d
         logger.info("evaluating teacher and student: %d samples each, %d DDIM steps", e.samples, e.ddim_steps)
         digits = config.data.builtin == "digits"
         if parts is not None and parts.latent:
-            evaluator = PipelineEvaluator(parts, teacher, dataset, samples=e.samples, ddim_steps=e.ddim_steps,
+            evaluator = PipelineEvaluator(parts, teacher, data, samples=e.samples, ddim_steps=e.ddim_steps,
                                           seed=e.seed, guidance_scale=e.guidance_scale,
                                           resolution=config.data.resolution, fid_features=e.fid_features,
                                           clip_model=e.clip_model)
         else:
-            evaluator = Evaluator(teacher, dataset, samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed,
+            evaluator = Evaluator(teacher, data.dataset, samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed,
                                   digits=digits, fid_features=e.fid_features)
-        comparison = compare_models(config, out, student, teacher, dataset, summary, evaluator, start,
+        comparison = compare_models(config, out, student, teacher, data.dataset, summary, evaluator, start,
                                     progress=progress, scheduler=parts.scheduler if parts is not None else None)
         rows = {row["role"]: row for row in comparison["rows"]}
         results["quality"] = {"samples": e.samples, "ddim_steps": e.ddim_steps, "seed": e.seed,

@@ -73,7 +73,8 @@ def _differs(a, b):
 @pytest.mark.slow
 def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp_path):
     from nni_2ndmatch import finetune, get_finetuner, load_pruned
-    from nni_2ndmatch.pipeline import load_dataset, load_model, run_job
+    from nni_2ndmatch.data import DigitsDataset
+    from nni_2ndmatch.pipeline import load_model, run_job
 
     raw = {"model": {"teacher": {"builtin": "digits-teacher"}}, "data": {"builtin": "digits", "resolution": 8},
            "pruning": {"pruner": "magnitude", "sparse_ratio": 0.5},
@@ -102,7 +103,7 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
     # the same start and loop options: kd finetuned here from out/pruned reproduces the baseline exactly
     teacher = load_model(config.model.teacher, "teacher")
     again = finetune(load_pruned(out / "pruned"), teacher, get_finetuner("kd", lambda_dsm=1.0, lambda_kd=0.5),
-                     load_dataset(config, teacher), config.finetune.train_config(), None, progress=False).student
+                     DigitsDataset(8), config.finetune.train_config(), None, progress=False).student
     assert not _differs(_params(again), kd)
     assert not (report / "baselines" / "kd" / "checkpoints").exists()
 

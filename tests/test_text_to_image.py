@@ -26,18 +26,29 @@ def _config(tmp_path, prediction_type="epsilon", **finetune):
             "output_dir": str(tmp_path / "run")}
 
 
+def _data(config, teacher, parts):
+    """The run's training data as run_job opens it (one process): the encoded cache in output_dir/cache."""
+    from nni_2ndmatch.job.data import open_data, plan_data
+    from nni_2ndmatch.training import Runtime
+
+    return open_data(config, plan_data(config, teacher, parts), parts, Runtime(), progress=False)
+
+
+def _shard_times(run):
+    return {p.name: p.stat().st_mtime_ns for p in (run / "cache").glob("*.safetensors")}
+
+
 def test_latents_and_caption_embeddings_are_the_encoders_outputs_and_are_cached(tmp_path):
     from diffusers import AutoencoderKL
     from PIL import Image
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from nni_2ndmatch.encoding import CACHE_FILE, save_cached
-    from nni_2ndmatch.pipeline import load_dataset, load_teacher
+    from nni_2ndmatch.pipeline import load_teacher
 
     config = validate_config(_config(tmp_path))
     teacher, parts = load_teacher(config.model.teacher, 8)
-    data = load_dataset(config, teacher, parts)
-    assert data.fresh and len(data) == 8
+    data = _data(config, teacher, parts).dataset
+    assert len(data) == 8 and _shard_times(tmp_path / "run")
     # item 5 by hand: the file, the VAE's posterior mean times its scaling factor, the caption's last hidden state
     source = tmp_path / "teacher" / "pipeline"
     vae = AutoencoderKL.from_pretrained(source / "vae")
@@ -51,23 +62,23 @@ def test_latents_and_caption_embeddings_are_the_encoders_outputs_and_are_cached(
     torch.testing.assert_close(item["sample"], latent, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(item["encoder_hidden_states"], embedding, rtol=1e-5, atol=1e-5)
 
-    save_cached(data, tmp_path / "run" / CACHE_FILE, data.fingerprint)
-    again = load_dataset(config, teacher, parts)
-    assert not again.fresh and torch.equal(again.latents, data.latents)
+    written = _shard_times(tmp_path / "run")
+    again = _data(config, teacher, parts).dataset
+    assert _shard_times(tmp_path / "run") == written and torch.equal(again[5]["sample"], item["sample"])  # reused
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "5.png")  # the data changed
-    changed = load_dataset(config, teacher, parts)
-    assert changed.fresh and not torch.equal(changed[5]["sample"], data[5]["sample"])
+    changed = _data(config, teacher, parts).dataset
+    assert not torch.equal(changed[5]["sample"], item["sample"])
     assert torch.equal(changed[4]["sample"], data[4]["sample"])
 
 
 def test_caption_dropout_swaps_in_the_empty_prompt_and_the_loop_uses_it(tmp_path):
-    from nni_2ndmatch.pipeline import load_dataset, load_teacher
+    from nni_2ndmatch.pipeline import load_teacher
 
     raw = _config(tmp_path)
     raw["data"]["caption_dropout"] = 0.5
     config = validate_config(raw)
     teacher, parts = load_teacher(config.model.teacher, 8)
-    data = load_dataset(config, teacher, parts)
+    data = _data(config, teacher, parts).dataset
     ids = parts.tokenizer([""], padding="max_length", max_length=24, return_tensors="pt").input_ids
     with torch.no_grad():
         empty = parts.text_encoder(ids).last_hidden_state[0]
@@ -257,12 +268,12 @@ def test_a_latent_class_conditional_dit_pipeline_in_gives_its_pipeline_out_and_i
     from diffusers import DiffusionPipeline
 
     import nni_2ndmatch  # noqa: F401
-    from nni_2ndmatch.pipeline import load_dataset, load_teacher, run_job
+    from nni_2ndmatch.pipeline import load_teacher, run_job
 
     raw = _dit_config(tmp_path)
     config = validate_config(raw)
     teacher, parts = load_teacher(config.model.teacher, 8)
-    data = load_dataset(config, teacher, parts)
+    data = _data(config, teacher, parts).dataset
     assert data[4]["class_labels"] == 1 and data[4]["sample"].shape == (2, 4, 4)  # metadata.jsonl's "label"
     tiny_feature_onnx(tmp_path / "features.onnx")
     raw["evaluate"] = {"samples": 4, "ddim_steps": 2, "fid_features": str(tmp_path / "features.onnx")}

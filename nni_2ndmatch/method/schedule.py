@@ -25,8 +25,10 @@ def add_noise(x0: Tensor, noise: Tensor, timesteps: Tensor, scheduler: Any = Non
     return scheduler.add_noise(x0, noise, timesteps.to(x0.device))
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, antithetic: bool) -> Tensor:
+def sample_timesteps(batch: int, num_train_timesteps: int, antithetic: bool,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """``batch`` training timesteps, uniform on 0..T-1; ``antithetic``: in pairs t, T-1-t."""
     if not antithetic:
-        return torch.randint(0, num_train_timesteps, (batch,))
-    t = torch.randint(0, num_train_timesteps, ((batch + 1) // 2,))
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    t = torch.randint(0, num_train_timesteps, ((batch + 1) // 2,), generator=generator)
     return torch.cat([t, num_train_timesteps - 1 - t])[:batch]

@@ -5,6 +5,7 @@ from ..errors import NonFiniteLossError
 from .loop import CHECKPOINT_DIR, METRICS_FILE, FinetuneResult, check_batch, finetune
 from .options import TrainConfig
 from .runtime import Runtime
+from .state import EMA, TrainState
 
-__all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig",
-           "check_batch", "finetune"]
+__all__ = ["CHECKPOINT_DIR", "EMA", "METRICS_FILE", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig",
+           "TrainState", "check_batch", "finetune"]

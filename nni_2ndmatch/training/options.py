@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,10 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="recompute the student's block activations in the "
                                          "backward pass: less memory, more time; mode vjp or fd")
     seed: int = Field(0, ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="data loader worker processes that read and decode ahead of the step (0: in the "
+        "training process); auto: none for data in memory or in the encoded cache, else the CPUs beyond torch's "
+        "threads (1 to 8)")
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)

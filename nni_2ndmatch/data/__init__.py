@@ -1,0 +1,34 @@
+"""Training data: the sources (built-in digits, image folders, Hugging Face datasets saved to disk,
+parquet files), a latent pipeline's encoded cache, and the order and loading of batches."""
+
+from .batches import (
+    ItemKey,
+    Reads,
+    StepBatches,
+    auto_workers,
+    batch_indices,
+    batch_loader,
+    collate,
+    epoch_permutation,
+)
+from .encoded import CACHE_DIR, EncodedDataset
+from .sources import (
+    BUILTIN_DATA,
+    IMAGE_SUFFIXES,
+    METADATA_FILE,
+    DigitsDataset,
+    ImageFolderDataset,
+    TableDataset,
+    digit_captions,
+    image_problem,
+    image_tensor,
+    read_metadata,
+    table_files,
+)
+
+__all__ = [
+    "BUILTIN_DATA", "CACHE_DIR", "IMAGE_SUFFIXES", "METADATA_FILE", "DigitsDataset", "EncodedDataset",
+    "ImageFolderDataset", "ItemKey", "Reads", "StepBatches", "TableDataset", "auto_workers", "batch_indices",
+    "batch_loader", "collate", "digit_captions", "epoch_permutation", "image_problem", "image_tensor",
+    "read_metadata", "table_files",
+]

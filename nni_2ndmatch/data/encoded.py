@@ -1,0 +1,347 @@
+"""Training data of a latent pipeline: the images encoded once by its frozen VAE and the captions
+once by its frozen text encoder, written to ``output_dir/cache`` in safetensors shards and read
+from there one item at a time (memory-mapped), so a run's memory does not grow with the data set.
+
+A latent is the mean of the VAE's posterior, shifted and scaled as diffusers' pipelines expect
+((z - shift_factor) * scaling_factor); a caption's embedding is the text encoder's last hidden
+state over the tokenizer's full context, as Stable Diffusion conditions on. Captions are encoded
+once per distinct text (the empty prompt, for ``caption_dropout``, always the last).
+
+The cache is ``manifest.json`` (what it holds: the fingerprint of the encoders and the data, the
+number of items and captions, the shard sizes) and shards ``latents-NNNNN.safetensors`` (latents
+with their caption index or class label) and ``captions-NNNNN.safetensors`` (embeddings), each
+written atomically with a checksum of its tensors. The processes of a multi-process run share the
+shards out (shard k to process k mod N); a shard that is missing, partial or fails its checksum
+is encoded again, so a run killed while encoding continues from the shards it finished.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..files import atomic_write_json, read_json_object, save_tensors
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR = "cache"
+MANIFEST = "manifest.json"
+FORMAT = "2"  # bump when what is stored changes
+SHARD_BYTES = 32 * 2**20  # about this much per shard
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What a complete cache holds (its manifest)."""
+
+    fingerprint: str
+    items: int
+    latent_shape: tuple[int, ...]
+    texts: int  # distinct captions, the empty prompt included; 0 without captions
+    text_shape: tuple[int, ...]  # one caption's embedding: (tokens, width)
+    labels: bool
+    dtype: str
+    format: str = FORMAT
+
+    def per_shard(self, kind: str) -> int:
+        shape = self.latent_shape if kind == "latents" else self.text_shape
+        numel = 1
+        for n in shape:
+            numel *= n
+        return max(1, SHARD_BYTES // (numel * DTYPES[self.dtype].itemsize))
+
+    def shards(self, kind: str) -> int:
+        count = self.items if kind == "latents" else self.texts
+        return -(-count // self.per_shard(kind))
+
+    def rows(self, kind: str, shard: int) -> range:
+        per, count = self.per_shard(kind), self.items if kind == "latents" else self.texts
+        return range(shard * per, min((shard + 1) * per, count))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "latent_shape": list(self.latent_shape), "text_shape": list(self.text_shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "CachePlan":
+        return cls(**{**data, "latent_shape": tuple(data["latent_shape"]), "text_shape": tuple(data["text_shape"])})
+
+
+def shard_path(root: Path, kind: str, shard: int) -> Path:
+    return root / f"{kind}-{shard:05d}.safetensors"
+
+
+def checksum(tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        digest.update(f"{key}/{t.dtype}/{tuple(t.shape)}\0".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def shard_problem(root: Path, plan: CachePlan, kind: str, shard: int) -> str | None:
+    """Why shard ``shard`` of ``kind`` cannot be trusted (missing, of another cache, or damaged), or None."""
+    from safetensors import safe_open
+
+    path = shard_path(root, kind, shard)
+    if not path.is_file():
+        return "missing"
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if (meta.get("fingerprint"), meta.get("shard")) != (plan.fingerprint, str(shard)):
+                return "of another data set"
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        return f"unreadable ({type(e).__name__})"
+    if len(next(iter(tensors.values()), ())) != len(plan.rows(kind, shard)):
+        return "of another size"
+    return None if meta.get("checksum") == checksum(tensors) else "damaged (checksum)"
+
+
+def distinct_texts(captions: list[str]) -> list[str]:
+    """The captions to encode: each distinct text once, sorted, the empty prompt last."""
+    return sorted(set(captions) - {""}) + [""]
+
+
+class EncodedDataset(Dataset):
+    """The items of a complete cache, read from its shards one at a time: the latent, or
+    ``{"sample": latent, "encoder_hidden_states": caption embedding}`` (text-to-image) or
+    ``{"sample": latent, "class_labels": label}`` (a class-conditional DiT), in float32.
+
+    ``caption_dropout``: the share of a batch's captions the loop replaces by the empty prompt
+    (``drop_captions``), for classifier-free guidance. Open shards are kept per process (at most
+    ``OPEN_SHARDS``; data loader workers open their own)."""
+
+    OPEN_SHARDS = 32
+
+    def __init__(self, root: str | Path, caption_dropout: float = 0.0) -> None:
+        self.root = Path(root)
+        self.plan = CachePlan.from_json(read_json_object(self.root / MANIFEST))
+        if caption_dropout and not self.plan.texts:
+            raise ValueError(f"caption_dropout={caption_dropout!r} needs captions; the pipeline has no text encoder")
+        self.caption_dropout = caption_dropout
+        self._open: collections.OrderedDict[tuple[str, int], Any] = collections.OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": collections.OrderedDict()}
+
+    def __len__(self) -> int:
+        return self.plan.items
+
+    def _row(self, kind: str, index: int, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        shard, row = divmod(index, self.plan.per_shard(kind))
+        f = self._open.get((kind, shard))
+        if f is None:
+            f = self._open[(kind, shard)] = safe_open(str(shard_path(self.root, kind, shard)), "pt")
+            if len(self._open) > self.OPEN_SHARDS:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end((kind, shard))
+        return f.get_slice(name)[row:row + 1][0].clone()  # a copy, not a view of the mapped file
+
+    def caption_embedding(self, text_index: int) -> Tensor:
+        return self._row("captions", text_index, "embeddings").float()
+
+    def __getitem__(self, index: int) -> Tensor | dict[str, Tensor]:
+        latent = self._row("latents", index, "latents").float()
+        if self.plan.labels:
+            return {"sample": latent, "class_labels": self._row("latents", index, "labels")}
+        if not self.plan.texts:
+            return latent
+        text = int(self._row("latents", index, "caption_index"))
+        return {"sample": latent, "encoder_hidden_states": self.caption_embedding(text)}
+
+    def drop_captions(self, model_kwargs: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
+        """``model_kwargs`` with the caption embedding of each sample where ``drop`` is True
+        replaced by the empty prompt's."""
+        states = model_kwargs["encoder_hidden_states"]
+        empty = self.caption_embedding(self.plan.texts - 1).to(states.device, states.dtype)
+        return {**model_kwargs, "encoder_hidden_states": torch.where(drop.view(-1, 1, 1).to(states.device),
+                                                                      empty, states)}
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+def _hash_files(digest: Any, files: Iterable[Path]) -> None:
+    for file in files:
+        digest.update(str(file.name).encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+
+
+def fingerprint(parts: Any, data: Dataset, captions: list[str] | None, labels: list[int] | None,
+                dtype: str) -> str:
+    """What the encoded data depend on: the VAE, text encoder and tokenizer folders (every file's
+    bytes), the images (their files' bytes, or the image tensors of in-memory data), their size,
+    the captions, the class labels and the cache's dtype."""
+    digest = hashlib.sha256(f"nni-2ndmatch encoded data {FORMAT}\0".encode())
+    for name in ("vae", "text_encoder", "tokenizer"):
+        folder = parts.path / name
+        if getattr(parts, name) is not None:
+            _hash_files(digest, sorted(p for p in folder.rglob("*") if p.is_file()))
+    files = getattr(data, "source_files", None)
+    if files is not None:
+        _hash_files(digest, files())
+        digest.update(json.dumps([data.resolution, data.channels, len(data)]).encode())
+    else:
+        digest.update(data.images.numpy().tobytes())
+    digest.update(json.dumps([captions, labels, dtype]).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def encode_images(vae: Any, images: Tensor, expand_greyscale: bool = False) -> Tensor:
+    """The latents of images [B, C, H, W] in [-1, 1] on the VAE's device (its posterior's mean,
+    shifted and scaled). ``expand_greyscale``: 1-channel images go to an RGB VAE as grey RGB."""
+    channels = vae.config.in_channels
+    if expand_greyscale and images.shape[1] == 1 and channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    if images.shape[1] != channels:
+        raise ValueError(f"channels: the images have {images.shape[1]} channel(s), the pipeline's VAE takes "
+                         f"{channels}; allowed: {channels}")
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    device = next(vae.parameters()).device
+    return (vae.encode(images.to(device)).latent_dist.mean - shift) * scale
+
+
+@torch.no_grad()
+def encode_texts(parts: Any, texts: list[str]) -> Tensor:
+    """The text encoder's last hidden state for each text over the tokenizer's full context."""
+    tokenizer = parts.tokenizer
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    cut = [t for t, n in zip(texts, map(len, tokenizer(texts).input_ids)) if n > tokenizer.model_max_length]
+    if cut:
+        logger.warning("%d caption(s) are longer than the text encoder's %d tokens and were cut to that length, "
+                       "e.g. %r", len(cut), tokenizer.model_max_length, cut[0])
+    device = next(parts.text_encoder.parameters()).device
+    return parts.text_encoder(ids.to(device))[0]
+
+
+def plan_cache(parts: Any, data: Dataset, key: str, captions: list[str] | None, labels: list[int] | None,
+               dtype: str, expand_greyscale: bool = False) -> tuple[CachePlan, dict[str, Tensor]]:
+    """The cache's plan, from the first item encoded (returned too: what the models are checked on)."""
+    latent = encode_images(parts.vae, data[0][None], expand_greyscale)[0].cpu()
+    item: dict[str, Tensor] = {"sample": latent}
+    text_shape: tuple[int, ...] = ()
+    if captions is not None:
+        item["encoder_hidden_states"] = encode_texts(parts, [captions[0]])[0].cpu()
+        text_shape = tuple(item["encoder_hidden_states"].shape)
+    if labels is not None:
+        item["class_labels"] = torch.tensor(labels[0])
+    plan = CachePlan(fingerprint=key, items=len(data), latent_shape=tuple(latent.shape),
+                     texts=len(distinct_texts(captions)) if captions is not None else 0, text_shape=text_shape,
+                     labels=labels is not None, dtype=dtype)
+    return plan, item
+
+
+def cached_plan(root: Path) -> CachePlan | None:
+    """The plan in ``root``'s manifest, or None (no cache, or one of another format)."""
+    try:
+        plan = CachePlan.from_json(read_json_object(root / MANIFEST))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return plan if plan.format == FORMAT else None
+
+
+def start_cache(root: Path, plan: CachePlan) -> None:
+    """Make ``root`` the cache of ``plan`` (main process): a cache of other data goes first."""
+    if cached_plan(root) != plan and root.exists():
+        for path in root.iterdir():
+            if path.name == MANIFEST or path.suffix == ".safetensors" or path.name.startswith("."):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    atomic_write_json(root / MANIFEST, plan.to_json())
+
+
+def encode_shards(root: Path, plan: CachePlan, parts: Any, data: Dataset, captions: list[str] | None,
+                  labels: list[int] | None, *, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                  batch_size: int = 16, num_workers: int = 0, expand_greyscale: bool = False,
+                  progress: bool = True) -> int:
+    """Encode this process's share of the shards (shard k of all, counted latents first, when
+    k mod ``world_size`` == ``rank``) that are not already complete; returns how many it wrote."""
+    jobs = [(kind, k) for kind in ("latents", "captions") for k in range(plan.shards(kind))]
+    mine = [job for n, job in enumerate(jobs) if n % world_size == rank]
+    todo = []
+    for job in mine:
+        why = shard_problem(root, plan, *job)
+        if why is not None:
+            if why != "missing":
+                logger.warning("cache shard %s is %s; encoding it again", shard_path(root, *job).name, why)
+            todo.append(job)
+    if not todo:
+        return 0
+    texts = distinct_texts(captions) if captions is not None else []
+    index = {t: i for i, t in enumerate(texts)}
+    dtype = DTYPES[plan.dtype]
+    parts.vae.to(device)
+    if parts.text_encoder is not None:
+        parts.text_encoder.to(device)
+    began = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = sum(len(plan.rows(kind, k)) for kind, k in todo)
+        bar = tqdm(total=total, desc=f"encode[{rank}]" if world_size > 1 else "encode", unit="item",
+                   dynamic_ncols=True)
+    try:
+        for kind, k in todo:
+            rows = plan.rows(kind, k)
+            tick: Callable[[int], Any] = bar.update if bar is not None else (lambda n: None)
+            if kind == "latents":
+                tensors = _encode_latents(parts.vae, data, rows, batch_size, num_workers, expand_greyscale, tick)
+                if captions is not None:
+                    tensors["caption_index"] = torch.tensor([index[captions[i]] for i in rows], dtype=torch.int64)
+                if labels is not None:
+                    tensors["labels"] = torch.tensor([labels[i] for i in rows], dtype=torch.int64)
+            else:
+                embeddings = []
+                for start in range(rows.start, rows.stop, batch_size):
+                    chunk = texts[start:min(start + batch_size, rows.stop)]
+                    embeddings.append(encode_texts(parts, chunk).cpu())
+                    tick(len(chunk))
+                tensors = {"embeddings": torch.cat(embeddings)}
+            tensors = {k_: v.to(dtype) if v.is_floating_point() else v for k_, v in tensors.items()}
+            save_tensors(shard_path(root, kind, k), tensors,
+                         metadata={"fingerprint": plan.fingerprint, "shard": str(k), "checksum": checksum(tensors),
+                                   "process": str(rank)})
+    finally:
+        if bar is not None:
+            bar.close()
+    items, seconds = sum(len(plan.rows(kind, k)) for kind, k in todo), time.perf_counter() - began
+    logger.info("encoded %d item(s) in %d shard(s) in %.1f s (%.1f items/s)", items, len(todo), seconds,
+                items / max(seconds, 1e-9))
+    return len(todo)
+
+
+def _encode_latents(vae: Any, data: Dataset, rows: range, batch_size: int, num_workers: int,
+                    expand_greyscale: bool, tick: Callable[[int], Any]) -> dict[str, Tensor]:
+    loader = DataLoader(Subset(data, rows), batch_size=batch_size, num_workers=num_workers,
+                        prefetch_factor=2 if num_workers else None)
+    latents = []
+    for images in loader:
+        latents.append(encode_images(vae, images, expand_greyscale).cpu())
+        tick(len(images))
+    return {"latents": torch.cat(latents)}
+
+
+def incomplete_shards(root: Path, plan: CachePlan) -> list[str]:
+    """The shards that are not there (a cheap check every process makes before training)."""
+    return [shard_path(root, kind, k).name for kind in ("latents", "captions") for k in range(plan.shards(kind))
+            if not shard_path(root, kind, k).is_file()]

@@ -1,0 +1,228 @@
+"""The data stage of a job: the config's data section checked against the teacher (``plan_data``,
+before anything is written), then made into what the run trains on (``open_data``): the images
+themselves, or for a latent pipeline the encoded cache in ``output_dir/cache``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..config import Config
+from ..data import (
+    CACHE_DIR,
+    DigitsDataset,
+    EncodedDataset,
+    ImageFolderDataset,
+    TableDataset,
+    auto_workers,
+    digit_captions,
+    table_files,
+)
+from ..data.encoded import (
+    CachePlan,
+    cached_plan,
+    encode_shards,
+    fingerprint,
+    incomplete_shards,
+    plan_cache,
+    start_cache,
+)
+from ..errors import RunError, UserError
+from ..models import PipelineParts, conditioning_of
+from ..training import Runtime
+
+logger = logging.getLogger(__name__)
+
+TABLE_COLUMNS = ("image_column", "caption_column", "label_column")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+    """The config's data, checked: ``source`` the images (pixel-space training reads them
+    directly), with their ``captions`` (text-to-image) or class ``labels`` (a class-conditional
+    latent pipeline); ``example`` one item as the loop will see it; ``cache`` what a latent
+    pipeline's encoded cache must hold (None in pixel space)."""
+
+    source: Dataset
+    captions: list[str] | None
+    labels: list[int] | None
+    example: Any
+    cache: CachePlan | None
+
+    @property
+    def items(self) -> int:
+        return len(self.source)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """What a run trains on (``dataset``) and evaluates against (``source``: the images,
+    ``captions`` / ``labels``: each image's conditioning for a latent pipeline)."""
+
+    dataset: Dataset
+    source: Dataset
+    captions: list[str] | None
+    labels: list[int] | None
+
+
+def data_channels(config: Config, teacher: nn.Module, parts: PipelineParts | None) -> int:
+    """The images' channels: the model's (its VAE's, for a latent pipeline) unless the config
+    gives them; a given value that disagrees is an error. The built-in digits are greyscale (an
+    RGB VAE gets them as grey RGB)."""
+    data, latent = config.data, parts is not None and parts.latent
+    if data.builtin == "digits":
+        if data.channels not in (None, 1):
+            raise UserError(f"data: channels={data.channels}: the digits are greyscale; allowed: 1")
+        return 1
+    model = parts.vae if latent else teacher
+    want = getattr(getattr(model, "config", None), "in_channels", None)
+    if data.channels is None:
+        if want not in (1, 3):
+            raise UserError(f"data.channels: the {'VAE' if latent else 'teacher'} takes {want} channels, which "
+                            "images do not have; allowed: 1, 3 (give data.channels)")
+        return want
+    if want is not None and data.channels != want:
+        raise UserError(f"data.channels: value {data.channels} is not allowed: the "
+                        f"{'pipeline' + chr(39) + 's VAE' if latent else 'teacher'} takes {want} channel(s); "
+                        f"allowed: {want} (or leave it out)")
+    return data.channels
+
+
+def image_source(config: Config, channels: int) -> Dataset:
+    """The images the data section names: the digits, a Hugging Face dataset saved to disk or
+    parquet files (``image_column``), or an image folder."""
+    data = config.data
+    if data.builtin == "digits":
+        return DigitsDataset(resolution=data.resolution, split="train")
+    if table_files(data.path) is not None:
+        return TableDataset(data.path, data.resolution, channels, image_column=data.image_column or "image",
+                            skip_bad_images=data.skip_bad_images)
+    given = [k for k in TABLE_COLUMNS if getattr(data, k) is not None]
+    if given:
+        raise ValueError(f"{given[0]} goes with a data set saved by Hugging Face datasets (save_to_disk) or parquet "
+                         f"files; {data.path!r} is an image folder (captions and labels: its metadata.jsonl)")
+    return ImageFolderDataset(data.path, resolution=data.resolution, channels=channels,
+                              skip_bad_images=data.skip_bad_images)
+
+
+def conditioning(config: Config, source: Dataset, kind: str | None) -> list[Any] | None:
+    """Each image's caption (``kind`` "text") or class label ("label"): the digits' own, an image
+    folder's metadata.jsonl, or a table's column."""
+    if kind is None:
+        return None
+    if isinstance(source, DigitsDataset):
+        return digit_captions(source.labels) if kind == "text" else source.labels.tolist()
+    if isinstance(source, TableDataset):
+        column = config.data.caption_column if kind == "text" else config.data.label_column
+        return source.captions(column or "text") if kind == "text" else source.labels(column or "label")
+    return source.captions() if kind == "text" else source.labels()
+
+
+def plan_data(config: Config, teacher: nn.Module, parts: PipelineParts | None) -> DataPlan:
+    """Check the data section against the teacher and read what the run needs before anything is
+    written: every image decodes, the conditioning the teacher takes is there, and (latent
+    pipelines) the first item encodes."""
+    data = config.data
+    text = parts is not None and parts.text_encoder is not None
+    if data.caption_dropout and not text:
+        raise UserError(f"data.caption_dropout: value {data.caption_dropout!r} is not allowed: it needs a "
+                        "text-to-image pipeline teacher (one with a text_encoder); allowed here: 0")
+    for key in TABLE_COLUMNS[1:]:  # a column whose values the run would not use
+        wanted = {"caption_column": text, "label_column": parts is not None and parts.latent and not text}[key]
+        if getattr(data, key) is not None and not wanted:
+            raise UserError(f"data.{key}: value {getattr(data, key)!r} is not allowed: the teacher takes no "
+                            f"{'captions' if key == 'caption_column' else 'class labels'} from the data; "
+                            "allowed here: null")
+    channels = data_channels(config, teacher, parts)
+    try:
+        if parts is not None and parts.latent:
+            return _plan_latent(config, teacher, parts, channels)
+        model_conditioning = conditioning_of(teacher)
+        if data.builtin == "digits":
+            source = DigitsDataset(resolution=data.resolution, split="train", conditioning=model_conditioning)
+        elif model_conditioning is not None:
+            what = "a data set" if table_files(data.path) is not None else "an image folder"
+            raise ValueError(f"path={data.path!r}: {what} carries no {model_conditioning[0]}, which the teacher "
+                             f"({type(teacher).__name__}) needs; allowed: builtin: digits, or an unconditional model")
+        else:
+            source = image_source(config, channels)
+        return DataPlan(source, None, None, source[0], None)
+    except (ValueError, OSError) as e:
+        raise UserError(f"data: {e}") from None
+
+
+def _plan_latent(config: Config, teacher: nn.Module, parts: PipelineParts, channels: int) -> DataPlan:
+    data, text = config.data, parts.text_encoder is not None
+    model_conditioning = conditioning_of(teacher)
+    if text:
+        gives = ("encoder_hidden_states", parts.text_encoder.config.hidden_size)
+    else:
+        gives = model_conditioning if model_conditioning is not None and model_conditioning[0] == "class_labels" \
+            else None
+    if model_conditioning != gives:
+        raise UserError(f"model.teacher: the denoiser is conditioned on {model_conditioning or 'nothing'} but the "
+                        f"pipeline gives {gives or 'no conditioning'}; allowed: a text encoder feeding a "
+                        "cross-attention denoiser of its width, class labels for a class-conditional DiT, or no "
+                        "conditioning")
+    if config.finetune.hflip:
+        raise UserError("finetune.hflip: value True is not allowed with a latent pipeline: the latents are encoded "
+                        "once, and a flipped latent is not the latent of the flipped image; allowed: false")
+    source = image_source(config, channels)
+    values = conditioning(config, source, "text" if text else "label" if gives else None)
+    if gives and not text and max(values) >= gives[1]:
+        raise ValueError(f"class label {max(values)} is out of range: the teacher has {gives[1]} classes "
+                         f"(labels 0 to {gives[1] - 1})")
+    captions, labels = (values, None) if text else (None, values)
+    dtype = data.cache_dtype or str(next(parts.vae.parameters()).dtype).removeprefix("torch.")
+    key = fingerprint(parts, source, captions, labels, dtype)
+    plan, example = plan_cache(parts, source, key, captions, labels, dtype,
+                               expand_greyscale=data.builtin == "digits")
+    return DataPlan(source, captions, labels, example, plan)
+
+
+def check_resume(config: Config, plan: DataPlan) -> None:
+    """``--resume`` trains on the data the run started with: an encoded cache of other data is refused."""
+    stored = cached_plan(Path(config.output_dir) / CACHE_DIR)
+    if plan.cache is not None and stored is not None and stored.fingerprint != plan.cache.fingerprint:
+        raise UserError(f"--resume: the data or the pipeline's encoders changed since the run started (they no "
+                        f"longer match {Path(config.output_dir) / CACHE_DIR}); resume with the run's data, or start "
+                        "a new run (another output_dir, or --overwrite without --resume)")
+
+
+def open_data(config: Config, plan: DataPlan, parts: PipelineParts | None, runtime: Runtime,
+              progress: bool = True) -> TrainingData:
+    """What the run trains on: the images (parquet copied to a mapped Arrow file first), or the
+    encoded cache, its missing shards encoded now by every process, each its share."""
+    root = Path(config.output_dir) / CACHE_DIR
+    source = plan.source
+    if plan.cache is None:
+        if isinstance(source, TableDataset):  # random access needs mapped Arrow: the main process writes it
+            if runtime.is_main:
+                source = source.mapped(root)
+            runtime.barrier()
+            source = source.mapped(root)
+        return TrainingData(source, source, None, None)
+    if runtime.is_main:
+        start_cache(root, plan.cache)
+    runtime.barrier()
+    written = encode_shards(root, plan.cache, parts, source, plan.captions, plan.labels, rank=runtime.rank,
+                            world_size=runtime.world_size, device=runtime.device,
+                            batch_size=config.data.encode_batch_size, num_workers=auto_workers(source),
+                            expand_greyscale=config.data.builtin == "digits", progress=progress and runtime.is_main)
+    runtime.barrier()
+    missing = incomplete_shards(root, plan.cache)
+    if missing:
+        raise RunError(f"the encoded cache {root} is incomplete after encoding ({', '.join(missing[:3])} missing); "
+                       "run again to encode what is missing")
+    dataset = EncodedDataset(root, config.data.caption_dropout)
+    logger.info("data: %d latents of shape %s%s (%s)", len(dataset), plan.cache.latent_shape,
+                f", {plan.cache.texts - 1} distinct captions" if plan.cache.texts else "",
+                f"{written} shard(s) encoded now" if written else f"from {root}")
+    return TrainingData(dataset, source, plan.captions, plan.labels)
+
