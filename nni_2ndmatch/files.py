@@ -16,7 +16,6 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,9 +67,32 @@ def write_results(path: str | os.PathLike, results: Any, markdown: str) -> None:
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as safetensors, atomically (copies to CPU; shared storage is allowed)."""
-    plain = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, _st_save(plain, metadata=metadata))
+    """Write tensors as safetensors, atomically, streamed to the file (no copy of the whole file in
+    memory); tensors on another device are copied to the CPU, tensors that share storage apart."""
+    from safetensors.torch import save_file
+
+    plain, seen = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        if value.numel() and value.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        plain[key] = value
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        save_file(plain, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -164,8 +164,9 @@ def save_then_die(*args, **kwargs):
     if len(written) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
 encoded.save_tensors = save_then_die
-from nni_2ndmatch.cli import main
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # data loader workers start as fresh interpreters
+    from nni_2ndmatch.cli import main
+    sys.exit(main(sys.argv[1:]))
 """
 
 

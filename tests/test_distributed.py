@@ -179,3 +179,29 @@ def test_accelerate_settings_that_bypass_the_config_are_refused(monkeypatch, var
     monkeypatch.setenv(var, value)
     with pytest.raises(UserError, match=expected):
         make_runtime("cpu", 60)
+
+
+def test_each_process_encodes_its_share_of_the_cache_and_no_process_all_of_it(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors import safe_open
+    from tiny_models import captioned_images, tiny_sd_pipeline
+
+    raw = {"version": 1, "model": {"teacher": {"path": str(tiny_sd_pipeline(tmp_path / "sd"))}},
+           "data": {"path": str(captioned_images(tmp_path / "images")), "resolution": 8},
+           "pruning": {"pruner": "magnitude", "sparse_ratio": 0.3, "round_to": None},
+           "finetune": {"finetuner": "kd", "steps": 2, "batch_size": 4}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    script = tmp_path / "small_shards.py"  # 2 latents or 1 caption a shard: 4 + 4 shards
+    script.write_text("import sys\nfrom nni_2ndmatch.data import encoded\nencoded.SHARD_BYTES = 256\n"
+                      "if __name__ == '__main__':  # data loader workers start as fresh interpreters\n"
+                      "    from nni_2ndmatch.cli import main\n    sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run(torchrun(2, str(script), "run", str(tmp_path / "cfg.yaml"), "--no-progress"),
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    writers = {}
+    for path in sorted((tmp_path / "run" / "cache").glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            writers[path.name] = f.metadata()["process"]
+    jobs = [f"latents-0000{k}.safetensors" for k in range(4)] + [f"captions-0000{k}.safetensors" for k in range(4)]
+    assert writers == {name: str(n % 2) for n, name in enumerate(jobs)}  # shard n of all to process n mod 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["processes"] == 2

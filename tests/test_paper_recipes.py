@@ -1,6 +1,7 @@
 """examples/paper/: each recipe is a valid config as shipped, and runs two steps with its hub or
 downloaded models replaced by tiny local ones of the same families."""
 
+import json
 import math
 from pathlib import Path
 
@@ -42,7 +43,16 @@ def test_each_recipe_runs_two_steps_on_tiny_models_of_its_families(recipe, tmp_p
                     up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4).save_pretrained(
                         tmp_path / "teacher")
         raw["model"]["teacher"] = {"path": str(tmp_path / "teacher")}
-    raw["data"].update(path=str(captioned_images(tmp_path / "images")), resolution=8)
+    images = captioned_images(tmp_path / "images")
+    if "caption_column" in raw["data"]:  # a table with the recipe's columns, as parquet
+        datasets = pytest.importorskip("datasets")
+        rows = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
+        table = datasets.Dataset.from_dict({
+            raw["data"]["image_column"]: [{"bytes": (images / r["file_name"]).read_bytes(), "path": None} for r in rows],
+            raw["data"]["caption_column"]: [r["text"] for r in rows]})
+        table.cast_column(raw["data"]["image_column"], datasets.Image()).to_parquet(str(tmp_path / "pairs.parquet"))
+        images = tmp_path / "pairs.parquet"
+    raw["data"].update(path=str(images), resolution=8)
     raw["finetune"].update(steps=2, batch_size=2, gradient_accumulation_steps=1, checkpoint_every=2, log_every=1)
     raw["output_dir"] = str(tmp_path / "run")
     summary = run_job(validate_config(raw), "run", progress=False)

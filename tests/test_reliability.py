@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 from test_cli import cli_here
+from tiny_models import captioned_images
 
 from nni_2ndmatch import load_pruned, prune_diffusers, save_pruned
 from nni_2ndmatch.files import load_tensors
@@ -20,11 +21,11 @@ STEPS = 8
 pytestmark = pytest.mark.slow  # subprocesses and launchers
 
 
-def _config(tmp_path, name, student_dir):
+def _config(tmp_path, name, student_dir, data=None, **finetune):
     raw = {"version": 1, "model": {"teacher": {"builtin": "tiny-unet"}, "student": {"path": str(student_dir)}},
-           "data": {"builtin": "digits", "resolution": 16},
+           "data": data or {"builtin": "digits", "resolution": 16},
            "finetune": {"finetuner": "2ndmatch", "steps": STEPS, "batch_size": 4, "checkpoint_every": 1,
-                        "log_every": 1, "seed": 3},
+                        "log_every": 1, "seed": 3, **finetune},
            "output_dir": str(tmp_path / name)}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -40,14 +41,21 @@ def _latest_step(out):
     return int(pointer.read_text().strip().split("-")[-1]) if pointer.is_file() else 0
 
 
-def test_sigkill_at_any_moment_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_at_any_moment_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, workers):
+    """In the training process (the digits), and with two data loader workers decoding an image
+    folder (hflip on: the flips are drawn by the loop, the reads by the workers)."""
     teacher = build_builtin("tiny-unet")
     student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
     save_pruned(student, tmp_path / "student")
-    reference = _config(tmp_path, "reference", tmp_path / "student")
+    data, finetune = None, {}
+    if workers:
+        data = {"path": str(captioned_images(tmp_path / "images", n=12, size=20)), "resolution": 16}
+        finetune = {"num_workers": workers, "hflip": True}
+    reference = _config(tmp_path, "reference", tmp_path / "student", data, **finetune)
     assert cli_here("finetune", reference, "--no-progress").returncode == 0  # the kills below need subprocesses
 
-    config = _config(tmp_path, "killed", tmp_path / "student")
+    config = _config(tmp_path, "killed", tmp_path / "student", data, **finetune)
     out = tmp_path / "killed"
     kills = 0
     for wait_until_step in (2, 5):  # two kills, each at an arbitrary moment after a checkpoint

@@ -99,10 +99,23 @@ def auto_workers(dataset: Dataset) -> int:
     return max(1, min(8, cpus - torch.get_num_threads()))
 
 
+#: How data loader workers start: as fresh interpreters. A forked worker shares the training
+#: process's pages, and every page that process writes afterwards (its heap churning, the weights
+#: and optimizer state updated each step) stays behind in the worker as a private copy: measured
+#: here, a worker grew to the whole size of the process it was forked from.
+WORKER_START = "spawn"
+
+
+def worker_options(num_workers: int) -> dict[str, Any]:
+    """DataLoader arguments for ``num_workers`` worker processes (none: read in this process)."""
+    return {"num_workers": num_workers, "prefetch_factor": 2 if num_workers else None,
+            "multiprocessing_context": WORKER_START if num_workers else None}
+
+
 def batch_loader(dataset: Dataset, sampler: StepBatches, seed: int, num_workers: int | str = "auto",
                  pin_memory: bool = False) -> DataLoader:
     """A DataLoader of ``(x0, model_kwargs)`` micro-batches on the CPU, in ``sampler``'s order;
     ``num_workers`` processes decode ahead (two micro-batches each)."""
     workers = auto_workers(dataset) if num_workers == "auto" else int(num_workers)
-    return DataLoader(Reads(dataset, seed), batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=pin_memory, prefetch_factor=2 if workers else None)
+    return DataLoader(Reads(dataset, seed), batch_sampler=sampler, collate_fn=collate, pin_memory=pin_memory,
+                      **worker_options(workers))

@@ -25,20 +25,21 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ..files import atomic_write_json, read_json_object, save_tensors
+from .batches import worker_options
 
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = "cache"
 MANIFEST = "manifest.json"
 FORMAT = "2"  # bump when what is stored changes
-SHARD_BYTES = 32 * 2**20  # about this much per shard
+SHARD_BYTES = 8 * 2**20  # about this much per shard: what encoding a shard holds in memory
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -300,27 +301,27 @@ def encode_shards(root: Path, plan: CachePlan, parts: Any, data: Dataset, captio
         total = sum(len(plan.rows(kind, k)) for kind, k in todo)
         bar = tqdm(total=total, desc=f"encode[{rank}]" if world_size > 1 else "encode", unit="item",
                    dynamic_ncols=True)
+    tick: Callable[[int], Any] = bar.update if bar is not None else (lambda n: None)
+    meta = {"fingerprint": plan.fingerprint, "process": str(rank)}
     try:
-        for kind, k in todo:
-            rows = plan.rows(kind, k)
-            tick: Callable[[int], Any] = bar.update if bar is not None else (lambda n: None)
-            if kind == "latents":
-                tensors = _encode_latents(parts.vae, data, rows, batch_size, num_workers, expand_greyscale, tick)
-                if captions is not None:
-                    tensors["caption_index"] = torch.tensor([index[captions[i]] for i in rows], dtype=torch.int64)
-                if labels is not None:
-                    tensors["labels"] = torch.tensor([labels[i] for i in rows], dtype=torch.int64)
-            else:
-                embeddings = []
-                for start in range(rows.start, rows.stop, batch_size):
-                    chunk = texts[start:min(start + batch_size, rows.stop)]
-                    embeddings.append(encode_texts(parts, chunk).cpu())
-                    tick(len(chunk))
-                tensors = {"embeddings": torch.cat(embeddings)}
-            tensors = {k_: v.to(dtype) if v.is_floating_point() else v for k_, v in tensors.items()}
-            save_tensors(shard_path(root, kind, k), tensors,
-                         metadata={"fingerprint": plan.fingerprint, "shard": str(k), "checksum": checksum(tensors),
-                                   "process": str(rank)})
+        latent_shards = [k for kind, k in todo if kind == "latents"]
+        for k, latents in _encoded_latents(parts.vae, data, plan, latent_shards, batch_size, num_workers, dtype,
+                                           expand_greyscale, tick):
+            rows = plan.rows("latents", k)
+            tensors = {"latents": latents}
+            if captions is not None:
+                tensors["caption_index"] = torch.tensor([index[captions[i]] for i in rows], dtype=torch.int64)
+            if labels is not None:
+                tensors["labels"] = torch.tensor([labels[i] for i in rows], dtype=torch.int64)
+            _write_shard(root, "latents", k, tensors, meta)
+        for k in (k for kind, k in todo if kind == "captions"):
+            rows = plan.rows("captions", k)
+            embeddings = torch.empty(len(rows), *plan.text_shape, dtype=dtype)
+            for start in range(0, len(rows), batch_size):
+                chunk = texts[rows.start + start:rows.start + min(start + batch_size, len(rows))]
+                embeddings[start:start + len(chunk)] = encode_texts(parts, chunk)
+                tick(len(chunk))
+            _write_shard(root, "captions", k, {"embeddings": embeddings}, meta)
     finally:
         if bar is not None:
             bar.close()
@@ -330,15 +331,40 @@ def encode_shards(root: Path, plan: CachePlan, parts: Any, data: Dataset, captio
     return len(todo)
 
 
-def _encode_latents(vae: Any, data: Dataset, rows: range, batch_size: int, num_workers: int,
-                    expand_greyscale: bool, tick: Callable[[int], Any]) -> dict[str, Tensor]:
-    loader = DataLoader(Subset(data, rows), batch_size=batch_size, num_workers=num_workers,
-                        prefetch_factor=2 if num_workers else None)
-    latents = []
-    for images in loader:
-        latents.append(encode_images(vae, images, expand_greyscale).cpu())
-        tick(len(images))
-    return {"latents": torch.cat(latents)}
+def _encoded_latents(vae: Any, data: Dataset, plan: CachePlan, shards: list[int], batch_size: int, num_workers: int,
+                     dtype: torch.dtype, expand_greyscale: bool,
+                     tick: Callable[[int], Any]) -> Iterator[tuple[int, Tensor]]:
+    """(shard, its latents) for each of ``shards``, the images read by one DataLoader (its workers
+    started once) in batches that never cross a shard's end."""
+    batches = [list(rows[i:i + batch_size]) for k in shards for rows in [plan.rows("latents", k)]
+               for i in range(0, len(rows), batch_size)]
+    images = iter(DataLoader(data, batch_sampler=batches, **worker_options(num_workers)))
+    for k in shards:
+        rows = plan.rows("latents", k)
+        latents = torch.empty(len(rows), *plan.latent_shape, dtype=dtype)
+        for start in range(0, len(rows), batch_size):
+            batch = next(images)
+            latents[start:start + len(batch)] = encode_images(vae, batch, expand_greyscale)
+            tick(len(batch))
+        yield k, latents
+
+
+def _write_shard(root: Path, kind: str, shard: int, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+    save_tensors(shard_path(root, kind, shard), tensors,
+                 metadata={**meta, "shard": str(shard), "checksum": checksum(tensors)})
+    tensors.clear()
+    release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+    Shard after shard, glibc would otherwise keep the freed buffers of every shard in a heap that
+    grows with the number of shards (its mmap threshold rises to the largest buffer freed)."""
+    import ctypes
+
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the C library the interpreter runs on
+    if trim is not None:
+        trim(0)
 
 
 def incomplete_shards(root: Path, plan: CachePlan) -> list[str]:
