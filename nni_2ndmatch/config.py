@@ -217,10 +217,22 @@ class ExportSection(_Section):
     """ONNX export of teacher and student (parity-checked), and their latency on these backends."""
 
     opset: int = Field(20, ge=17, le=23)
-    backends: list[Literal["torch", "onnxruntime"]] = ["onnxruntime"]
+    backends: list[str] = Field(["onnxruntime"], description="the benchmark's backends that run on the CPU")
     batch: list[int] = Field([1, 16], min_length=1)
     repeats: int = Field(10, ge=3, le=1000)
     threads: int = Field(1, ge=1, le=256)
+
+    @field_validator("backends")
+    @classmethod
+    def _cpu_backends(cls, backends: list[str]) -> list[str]:
+        from .deploy.bench import backends_on
+
+        allowed = backends_on("cpu")
+        for name in backends:
+            if name not in allowed:
+                raise ValueError(f"{name!r} is not a backend that runs on the CPU{did_you_mean(name, allowed)} "
+                                 f"(allowed: {', '.join(allowed)})")
+        return backends
 
     @model_validator(mode="after")
     def _positive_batches(self) -> "ExportSection":

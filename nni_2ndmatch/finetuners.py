@@ -11,27 +11,34 @@ group ``nni_2ndmatch.finetuners`` (each entry point loads a Finetuner subclass).
 from __future__ import annotations
 
 import inspect
+import logging
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
+from torch import nn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
 from .method import (
     DEFAULT_FD_STEP,
     JAC_MATCHES,
+    MODES,
     PREDICTION_TYPES,
     add_noise,
     default_scheduler,
     dsm_term,
     jacobian_match_per_sample,
+    jacobian_safe,
     kd_term,
     model_output,
+    output_and_sensitivity,
     sample_directions,
     student_and_teacher_products,
 )
 from .utils import did_you_mean
+
+logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "nni_2ndmatch.finetuners"
 
@@ -165,6 +172,10 @@ class Finetuner:
     def weights(self) -> dict[str, float]:
         return {"dsm": self.lambda_dsm}
 
+    def resolve(self, teacher: Callable[..., Any] | None, sample_shape: tuple[int, ...]) -> None:
+        """Fix, before training, any option that is chosen from the teacher and the data's sample
+        shape (the finetuning loop calls it once; nothing here)."""
+
     def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         return add_noise(x0, noise, timesteps, self.scheduler)
 
@@ -208,7 +219,9 @@ class KDOptions(FinetunerOptions):
 
 class SecondMatchOptions(KDOptions):
     lambda_jac: float = Field(0.1, ge=0, allow_inf_nan=False, description="weight of the 2ndMatch term")
-    mode: Literal["vjp", "jvp", "fd"] = "vjp"
+    mode: Literal[("auto", *MODES)] = Field("auto", description="Jacobian estimator: auto (chosen from the "  # type: ignore[valid-type]
+                                           "teacher: fd where attention dominates and fd is accurate there, "
+                                           "else vjp), vjp, jvp or fd")
     num_projections: int = Field(1, ge=1, description="directions v per sample")
     jac_fraction: float = Field(1.0, gt=0, le=1, description="share of the batch that gets the Jacobian term")
     fd_step: float = Field(DEFAULT_FD_STEP, gt=0, lt=1, description="step of the central difference (mode fd)")
@@ -247,8 +260,10 @@ class SecondMatch(KD):
     """DSM + KD + lambda_jac * (||J_S v||^2 - sg(||J_T v||^2))^2 (arXiv 2506.05398).
 
     Options:
-      mode: Jacobian estimator, ``vjp`` (default: exact, the cheapest here), ``jvp`` (exact, the
-        paper's forward-mode form) or ``fd`` (central finite difference, step ``fd_step``).
+      mode: Jacobian estimator, ``vjp`` (exact; the cheapest on convolutional U-Nets and DiTs),
+        ``jvp`` (exact, the paper's forward-mode form), ``fd`` (central finite difference, step
+        ``fd_step``; the cheapest where attention dominates) or ``auto`` (the default: ``resolve``
+        picks ``fd`` or ``vjp`` from the teacher by :func:`choose_mode`).
       num_projections: directions v per sample (the term is averaged over them).
       jac_fraction: share of the batch that gets the Jacobian term (the first ceil(f*B) samples;
         the batch is random, so this is a random subset). The rest use the fast ordinary path.
@@ -274,7 +289,17 @@ class SecondMatch(KD):
     def weights(self):
         return {"dsm": self.lambda_dsm, "kd": self.lambda_kd, "jac": self.lambda_jac}
 
+    def resolve(self, teacher: Callable[..., Any], sample_shape: tuple[int, ...]) -> None:
+        """``mode: auto`` becomes the estimator :func:`choose_mode` picks from the teacher (logged;
+        ``options()`` then records it); other modes stay as they are."""
+        if self.mode != "auto":
+            return
+        self.mode, reason = choose_mode(teacher, sample_shape, fd_step=self.fd_step)
+        self.opts = self.opts.model_copy(update={"mode": self.mode})
+        logger.info("2ndmatch mode auto: %s (%s)", self.mode, reason)
+
     def terms(self, student, teacher, x_t, target, timesteps, **model_kwargs):
+        self.resolve(teacher, tuple(x_t.shape[1:]))
         batch = x_t.shape[0]
         k = max(1, min(batch, int(-(-self.jac_fraction * batch // 1))))  # ceil, at least one sample
         p = self.num_projections
@@ -311,3 +336,42 @@ class SecondMatch(KD):
         if self.jac_weighting == "x0":
             return ((1.0 - abar) / abar).sqrt()
         return torch.ones_like(abar)
+
+
+#: ``mode: auto`` takes ``fd`` where a forward pass has at least this many attention-score entries
+#: per multiply-add: between the DiT-S/2 layout (7.8e-4, where ``vjp`` is the cheaper step) and the
+#: attention-heavy U-Net (5.9e-3, where ``fd`` is), measured in docs/performance.md.
+FD_SCORES_PER_MAC = 2e-3
+#: ... and where the difference stays within this relative error of the exact product (jvp).
+FD_MAX_ERROR = 1e-3
+
+
+def choose_mode(model: Callable[..., Any], sample_shape: tuple[int, ...], *, fd_step: float = DEFAULT_FD_STEP,
+                probes: int = 4) -> tuple[str, str]:
+    """(estimator, why) for a model shaped like ``model`` on samples of ``sample_shape``: ``fd``
+    where its attention dominates the forward pass (at least :data:`FD_SCORES_PER_MAC` score
+    entries per multiply-add: there the second derivatives of softmax make ``vjp``'s double
+    backward the slowest part) and the central difference stays within :data:`FD_MAX_ERROR` of
+    the exact ``jvp`` on ``probes`` seeded inputs across the timesteps; ``vjp`` otherwise."""
+    from .models import example_conditioning
+    from .models.profile import forward_profile
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu")) if isinstance(model, nn.Module) \
+        else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(probes, *sample_shape, generator=g).to(device)
+    t = torch.linspace(10, 900, probes).round().to(device)
+    cond = {k: v.to(device) for k, v in example_conditioning(model, probes).items()} \
+        if isinstance(model, nn.Module) else {}
+    profile = forward_profile(model, x[:1], t[:1], **{k: v[:1] for k, v in cond.items()})
+    density = profile.scores_per_mac
+    if density < FD_SCORES_PER_MAC:
+        return "vjp", f"{density:.2g} attention scores per multiply-add, below {FD_SCORES_PER_MAC:g}"
+    v = sample_directions(torch.empty(probes, *sample_shape), g).to(device)
+    with torch.no_grad(), jacobian_safe(model):
+        _, exact = output_and_sensitivity(model, x, t, v, "jvp", create_graph=False, **cond)
+        _, approx = output_and_sensitivity(model, x, t, v, "fd", create_graph=False, fd_step=fd_step, **cond)
+    error = float(((approx - exact).abs() / exact.abs().clamp_min(1e-30)).max())
+    if error > FD_MAX_ERROR:
+        return "vjp", f"{density:.2g} attention scores per multiply-add, but fd's error {error:.2g} > {FD_MAX_ERROR:g}"
+    return "fd", f"{density:.2g} attention scores per multiply-add (>= {FD_SCORES_PER_MAC:g}), fd's error {error:.2g}"

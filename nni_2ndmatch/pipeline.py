@@ -19,7 +19,7 @@ from .data import collate
 from .errors import UserError
 from .evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from .files import atomic_write_json, atomic_write_text
-from .finetuners import get_finetuner
+from .finetuners import Finetuner, get_finetuner
 from .method import default_scheduler, model_output
 from .models import (
     BUILTIN_PIPELINES,
@@ -176,12 +176,14 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def write_config(config: Config, resume: bool) -> None:
-    """The resolved config (defaults filled in) goes to output_dir/config.yaml. ``resume``: the
-    config of the run being resumed must agree with it on every field that changes the weights."""
+def write_config(config: Config, resume: bool, finetuner_options: dict[str, Any] | None = None) -> None:
+    """The resolved config (defaults filled in, and ``finetuner_options``: the strategy's options
+    as the run uses them, choices such as ``mode: auto`` made) goes to output_dir/config.yaml.
+    ``resume``: the config of the run being resumed must agree with it on every field that changes
+    the weights."""
     path = Path(config.output_dir) / CONFIG_FILE
     resolved = config.model_dump(mode="json")
-    resolved["finetune"].update(config.finetune.finetuner_kwargs())  # the strategy's defaults too
+    resolved["finetune"].update(finetuner_options or config.finetune.finetuner_kwargs())  # the strategy's defaults
     if resume and path.is_file():
         before = _flatten(yaml.safe_load(path.read_text()))
         now = _flatten(resolved)
@@ -262,19 +264,26 @@ def saved_pruned_student(out: Path) -> nn.Module:
     raise UserError(f"no pruned student in {str(out / PRUNED_DIR)!r}: run 'nni-2ndmatch prune' (or 'run') first")
 
 
+def make_finetuner(config: Config, parts: PipelineParts | None = None) -> Finetuner:
+    """The config's strategy with its options, on the teacher pipeline's schedule when there is one."""
+    section = config.finetune
+    return get_finetuner(section.finetuner, scheduler=parts.scheduler if parts else None,
+                         **section.finetuner_kwargs())
+
+
 def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,
                  student: nn.Module, *, resume: bool = False, progress: bool = True,
-                 runtime: Runtime | None = None,
-                 parts: PipelineParts | None = None) -> tuple[dict[str, Any], nn.Module]:
-    """Finetune ``student`` (checked against the data by ``run_job``) against the teacher; the main
-    process saves it with a summary (and, for a pipeline teacher, ``parts``, the pipeline with the
-    student in it). Returns the summary and the finetuned student."""
+                 runtime: Runtime | None = None, parts: PipelineParts | None = None,
+                 finetuner: Finetuner | None = None) -> tuple[dict[str, Any], nn.Module]:
+    """Finetune ``student`` (checked against the data by ``run_job``) against the teacher with
+    ``finetuner`` (default: ``make_finetuner``); the main process saves it with a summary (and,
+    for a pipeline teacher, ``parts``, the pipeline with the student in it). Returns the summary
+    and the finetuned student."""
     runtime = runtime or Runtime(config.finetune.device)
     if runtime.is_main:
         _check_free_space(out, student, config)
     section = config.finetune
-    finetuner = get_finetuner(section.finetuner, scheduler=parts.scheduler if parts else None,
-                              **section.finetuner_kwargs())
+    finetuner = finetuner or make_finetuner(config, parts)
     try:
         result = finetune(student, teacher, finetuner, dataset, section.train_config(), out, resume=resume,
                           runtime=runtime, progress=progress)
@@ -329,9 +338,11 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
         check_batch(config.finetune.train_config(), plan.items, runtime.world_size)
     except ValueError as e:
         raise UserError(f"finetune: {e}") from None
+    finetuner = make_finetuner(config, parts)
+    finetuner.resolve(teacher, tuple(collate([plan.example])[0].shape[1:]))  # e.g. mode: auto, recorded below
     if runtime.is_main:
         prepare_output_dir(config, command, resume, overwrite)
-        write_config(config, resume)
+        write_config(config, resume, finetuner.options())
     runtime.barrier()
     data = open_data(config, plan, parts, runtime, progress)
     out = Path(config.output_dir)
@@ -346,7 +357,7 @@ def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bo
     compare = command == "run" and config.evaluate is not None and config.evaluate.compare
     start = copy.deepcopy(student) if compare and runtime.is_main else None  # the baselines start here too
     summary, student = run_finetune(config, out, teacher, data.dataset, student, resume=resume, progress=progress,
-                                    runtime=runtime, parts=parts)
+                                    runtime=runtime, parts=parts, finetuner=finetuner)
     if not runtime.is_main:
         return summary
     if command == "run" and (config.evaluate is not None or config.export is not None):

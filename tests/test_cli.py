@@ -173,7 +173,7 @@ def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     (lambda r: r["finetune"].update(lr=-1), "finetune.lr: value -1 is not allowed"),
     (lambda r: r["finetune"].update(steps="many"), "finetune.steps: value 'many'"),
     (lambda r: r["finetune"].update(mode="hvp"),
-     "finetune.mode: value 'hvp' is not allowed: Input should be 'vjp', 'jvp' or 'fd'"),
+     "finetune.mode: value 'hvp' is not allowed: Input should be 'auto', 'vjp', 'jvp' or 'fd'"),
     (lambda r: r["model"].update(studnet={"builtin": "tiny-unet"}), "model.studnet: unknown key; did you mean 'student'"),
     (lambda r: r["model"].update(student={"builtin": "tiny-unet"}), "give exactly one of 'model.student'"),
     (lambda r: r["pruning"].update(pruner="L3NormPruner"), "pruner='L3NormPruner' is unknown; allowed: magnitude, taylor, diff-pruning, L1NormPruner"),

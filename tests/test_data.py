@@ -83,6 +83,7 @@ def _data(config):
     return open_data(config, plan_data(config, teacher, parts), parts, Runtime(), progress=False)
 
 
+@pytest.mark.slow
 def test_a_text_to_image_run_reads_captions_from_a_tables_column_and_channels_from_the_vae(tmp_path):
     pytest.importorskip("transformers")
     images = captioned_images(tmp_path / "images", n=8)
@@ -124,6 +125,7 @@ def _shards(run):
     return {p.name: (p.stat().st_mtime_ns, load_tensors(p)) for p in sorted((run / "cache").glob("*.safetensors"))}
 
 
+@pytest.mark.slow
 def test_the_cache_is_sharded_and_a_damaged_partial_or_missing_shard_is_encoded_again(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     from nni_2ndmatch.data import encoded

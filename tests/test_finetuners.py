@@ -27,7 +27,7 @@ def test_unknown_option_suggests_the_nearest_and_bad_values_name_the_field():
         get_finetuner("2ndmatch", lamda_jac=0.1)
     with pytest.raises(ValueError, match=r"lambda_kd=-1 is not allowed"):
         get_finetuner("kd", lambda_kd=-1)
-    with pytest.raises(ValueError, match=r"mode='hessian' is not allowed: Input should be 'vjp', 'jvp' or 'fd'"):
+    with pytest.raises(ValueError, match=r"mode='hessian' is not allowed: Input should be 'auto', 'vjp', 'jvp' or 'fd'"):
         get_finetuner("2ndmatch", mode="hessian")
     with pytest.raises(ValueError, match=r"jac_fraction=0 is not allowed"):
         get_finetuner("2ndmatch", jac_fraction=0)
@@ -37,7 +37,7 @@ def test_unknown_option_suggests_the_nearest_and_bad_values_name_the_field():
 
 def test_reference_defaults_and_options_round_trip():
     ft = get_finetuner("2ndmatch")
-    assert (ft.lambda_dsm, ft.lambda_kd, ft.lambda_jac, ft.mode) == (1.0, 1.0, 0.1, "vjp")
+    assert (ft.lambda_dsm, ft.lambda_kd, ft.lambda_jac, ft.mode) == (1.0, 1.0, 0.1, "auto")
     again = get_finetuner("2ndmatch", **ft.options())
     assert again.options() == ft.options()
     assert ft.num_train_timesteps == 1000
@@ -269,3 +269,46 @@ def test_x0_weighting_under_v_prediction_is_the_noise_scale_and_log_refuses_a_we
         get_finetuner("2ndmatch", jac_match="frobenius")
     with pytest.raises(ValueError, match="jac_min_timestep=-1 is not allowed"):
         get_finetuner("2ndmatch", jac_min_timestep=-1)
+
+
+def test_forward_profile_counts_multiply_adds_and_attention_scores_by_hand():
+    from diffusers.models.attention_processor import Attention
+
+    from nni_2ndmatch.models.profile import forward_profile
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, groups=1)
+            self.attn = Attention(query_dim=8, heads=2, dim_head=4)  # inner dim 8
+
+        def forward(self, x, t):
+            h = self.conv(x)  # [B, 8, 4, 4]
+            return self.attn(h.flatten(2).transpose(1, 2))  # 16 tokens of width 8
+
+    profile = forward_profile(Block(), torch.randn(3, 3, 4, 4), torch.zeros(3))
+    conv = 8 * 4 * 4 * (3 * 3 * 3)
+    projections = 4 * 16 * 8 * 8  # q, k, v, out
+    products = 2 * 16 * 16 * 8  # QK^T and AV
+    assert profile.macs == conv + projections + products
+    assert profile.attention_scores == 2 * 16 * 16
+
+
+def test_mode_auto_is_fd_where_attention_dominates_and_fd_is_accurate_else_vjp(monkeypatch):
+    import nni_2ndmatch.finetuners as F
+    from nni_2ndmatch import build_builtin
+
+    conv, attention = build_builtin("tiny-unet").eval(), build_builtin("tiny-unet-cond").eval()
+    mode, why = F.choose_mode(conv, (conv.config.in_channels, 16, 16))
+    assert mode == "vjp" and "below 0.002" in why
+    ft = get_finetuner("2ndmatch")
+    ft.resolve(attention, (attention.config.in_channels, 16, 16))
+    assert ft.mode == "fd" and ft.options()["mode"] == "fd"
+    again = get_finetuner("2ndmatch", **ft.options())  # what config.yaml and checkpoints record
+    assert again.mode == "fd"
+    monkeypatch.setattr(F, "FD_MAX_ERROR", 1e-12)
+    mode, why = F.choose_mode(attention, (attention.config.in_channels, 16, 16))
+    assert mode == "vjp" and "fd's error" in why
+    explicit = get_finetuner("2ndmatch", mode="jvp")
+    explicit.resolve(attention, (attention.config.in_channels, 16, 16))
+    assert explicit.mode == "jvp"

@@ -137,7 +137,7 @@ def test_conditional_data_items_pass_their_conditioning_to_the_models(tmp_path):
     student, teacher = tiny_dit(seed=1), tiny_dit(seed=2)
     teacher.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["class_labels"].tolist()), with_kwargs=True)
     config = TrainConfig(steps=2, batch_size=4, seed=3)
-    res = finetune(student, teacher, get_finetuner("2ndmatch"), Labelled(), config, progress=False)
+    res = finetune(student, teacher, get_finetuner("2ndmatch", mode="vjp"), Labelled(), config, progress=False)
     expected = [sorted(batch_indices(s, 8, 4, seed=3).tolist()) for s in range(2)]
     assert [sorted(x) for x in seen] == expected
     assert res.history[-1]["jac"] >= 0

@@ -9,9 +9,10 @@ shared library of generated C++ or CUDA kernels) that runs without the model's P
 The package takes the contract of :mod:`.model_io` with one dynamic batch axis, any batch from 1 to
 the largest of ``batches`` (the runtime does not check the upper bound: stay inside it), on the
 device it was built for (the same GPU architecture and torch version). Before the file is written
-it runs on fresh random inputs at each of ``batches``; the errors against PyTorch fp32 on the CPU
-go into a sidecar ``<out>.json``, with the batch range, the inputs and the versions. Above
-tolerance nothing is written and :class:`ParityError` is raised.
+it runs on fresh random inputs at each of ``batches``, loaded in a child process (a crash of the
+AOTInductor runtime there is an :class:`ExportError`, exit 1, and nothing is written); the errors
+against PyTorch fp32 on the CPU go into a sidecar ``<out>.json``, with the batch range, the inputs
+and the versions. Above tolerance nothing is written and :class:`ParityError` is raised.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import contextlib
 import copy
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MissingBackendError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, load_tensors, save_tensors
 from ..utils import is_integer
 from .errors import DeployError, ExportError, ParityError
 from .model_io import DEFAULT_SEQ_LEN, OUTPUT_NAME, InputSpec, input_specs, random_inputs, wrap
@@ -114,19 +118,47 @@ def _compile(program, path: Path, metadata: dict[str, str]) -> None:
         raise ExportError(f"AOTInductor failed to compile the exported program: {type(e).__name__}: {first}") from e
 
 
+#: How the package is loaded and run for its parity check: in a child interpreter, because the
+#: AOTInductor runtime can crash the process that loads a package (SIGSEGV on an H200 with torch
+#: 2.11 for every CUDA package); the child's death becomes an error, not a dead interpreter.
+CHILD = [sys.executable, "-m", "nni_2ndmatch.deploy.aoti_check"]
+
+
+def run_in_child(path: Path, inputs: dict[int, list[Tensor]], device: str) -> dict[int, Tensor]:
+    """The package's output for each batch of ``inputs``, computed in a child process on ``device``;
+    a crash or failure of the child is an :class:`ExportError` naming the signal (or its last
+    error line), the torch version and the device."""
+    where = f"torch {torch.__version__}, device {device}" + \
+        (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+    with tempfile.TemporaryDirectory(prefix="aoti-check-") as tmp:
+        save_tensors(Path(tmp) / "inputs.safetensors",
+                     {f"{batch}.{i}": t for batch, ts in inputs.items() for i, t in enumerate(ts)})
+        done = subprocess.run([*CHILD, str(path), str(Path(tmp) / "inputs.safetensors"),
+                               str(Path(tmp) / "outputs.safetensors"), device], capture_output=True, text=True)
+        if done.returncode < 0:
+            name = signal.Signals(-done.returncode).name
+            raise ExportError(f"the AOTInductor runtime crashed ({name}) loading or running the package ({where}); "
+                              "nothing was written")
+        if done.returncode != 0:
+            last = next((line for line in reversed(done.stderr.strip().splitlines()) if line.strip()), "")
+            raise ExportError(f"the AOTInductor runtime failed loading or running the package ({where}): {last}; "
+                              "nothing was written")
+        outputs = load_tensors(Path(tmp) / "outputs.safetensors")
+    return {int(key): value for key, value in outputs.items()}
+
+
 def _parity(path: Path, reference: nn.Module, specs: list[InputSpec], device: str, batches: tuple[int, ...],
             seed: int, tolerance: float) -> dict[str, Any]:
-    package = torch._inductor.aoti_load_package(str(path))
+    inputs = {batch: random_inputs(specs, batch, seed=seed + 1 + batch) for batch in batches}  # not the export's
+    outputs = run_in_child(path, inputs, device)
     results = {}
     for batch in batches:
-        inputs = random_inputs(specs, batch, seed=seed + 1 + batch)  # not the export's inputs
         with torch.inference_mode():
-            want = reference(*inputs).double().numpy()
-            got = package(*[t.to(device) for t in inputs]).float().cpu().numpy()
-        results[str(batch)] = errors_against(got, want)
+            want = reference(*inputs[batch]).double().numpy()
+        results[str(batch)] = errors_against(outputs[batch].float().numpy(), want)
     worst_abs = max(b["max_abs_error"] for b in results.values())
     worst_rel = max(b["max_rel_error"] for b in results.values())
-    return {"reference": "PyTorch fp32, CPU", "runtime": f"torch._inductor.aoti_load_package, {device}",
+    return {"reference": "PyTorch fp32, CPU", "runtime": f"torch._inductor.aoti_load_package, {device} (a child process)",
             "metric": "max_rel_error = max|package - torch| / max|torch| over the output",
             "tolerance": tolerance, "batches": results, "max_abs_error": worst_abs, "max_rel_error": worst_rel,
             "passed": bool(worst_rel <= tolerance)}

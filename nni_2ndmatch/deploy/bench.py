@@ -9,8 +9,10 @@ Variants: ``torch``: torch-cpu-fp32 on CPU; torch-cuda-fp32 (eager) and torch-cu
 on a GPU. ``torch-compile``: torch.compile in this process, torch-compile-cpu-fp32 on CPU,
 torch-compile-cuda-fp16 (CUDA graphs) on a GPU. ``aoti``: an AOTInductor package per model (see
 :mod:`.aoti`), aoti-cpu-fp32 or aoti-cuda-fp16. ``onnxruntime``: onnxruntime-cpu on CPU;
-onnxruntime-cuda / onnxruntime-tensorrt on a GPU where those execution providers are installed
-(and really obtained by the session).
+onnxruntime-cuda, onnxruntime-cuda-fp16 (the float16 export, float32 I/O, run in a CUDA graph) and
+onnxruntime-tensorrt on a GPU where those execution providers are installed (and really obtained
+by the session; inputs and output bound to CUDA memory). Each variant is one registration in
+``VARIANTS`` (``register_variant``).
 ``tensorrt``: tensorrt-fp16 or -fp32 engines (GPU). A variant that cannot run here is listed
 under ``skipped`` with the reason.
 
@@ -62,7 +64,6 @@ from .tensorrt import build_engine, load_engine, needs_fp16_onnx, require_tensor
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "torch-compile", "aoti", "onnxruntime", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
 TOP_KEYS = ("format_version", "setup", "models", "macs_ratio", "params_ratio", "environment", "results", "skipped")
 ROW_KEYS = ("variant", "backend", "device", "precision", "timer", "batch", "providers", "teacher", "student",
@@ -85,6 +86,12 @@ class Subject:
     seed: int = 0
     exporter: str = "dynamo"
     files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The model's output shape without the batch axis."""
+        with torch.inference_mode():
+            return tuple(wrap(self.model, self.specs)(*random_inputs(self.specs, 1)).shape[1:])
 
 
 @dataclass
@@ -176,10 +183,16 @@ def _onnx_file(subject: Subject, workdir: Path, seq_len: int, fp16: bool = False
     return subject.files[key]
 
 
-def _onnxruntime(provider: str, workdir: Path, seq_len: int, threads: int) -> Callable:
+def _onnxruntime(provider: str, workdir: Path, seq_len: int, threads: int, fp16: bool = False,
+                 cuda_graph: bool = False) -> Callable:
+    """An onnxruntime session of the model's ONNX file (``fp16``: the float16 export, float32 I/O)
+    on ``provider``; on a GPU, inputs and output bound to CUDA memory (I/O binding) and, with
+    ``cuda_graph``, the run captured in a CUDA graph and replayed (onnxruntime's enable_cuda_graph)."""
     def prepare(subject: Subject, batch: int):
-        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-        session = ort_session(_onnx_file(subject, workdir, seq_len), threads=threads, providers=providers)
+        options = {"enable_cuda_graph": "1"} if cuda_graph else {}
+        providers = [provider] if provider == "CPUExecutionProvider" else \
+            [(provider, options) if options else provider, "CPUExecutionProvider"]
+        session = ort_session(_onnx_file(subject, workdir, seq_len, fp16=fp16), threads=threads, providers=providers)
         obtained = session.get_providers()
         if obtained[0] != provider:
             raise Unavailable(f"onnxruntime did not obtain {provider} (session providers: {obtained})")
@@ -188,11 +201,22 @@ def _onnxruntime(provider: str, workdir: Path, seq_len: int, threads: int) -> Ca
             feeds = {s.name: t.numpy() for s, t in zip(subject.specs, inputs)}
             return (lambda: session.run([OUTPUT_NAME], feeds)), obtained
         on_device = [t.cuda() for t in inputs]  # inputs and output stay on the GPU (I/O binding)
+        out = torch.empty(batch, *subject.output_shape, device="cuda")  # fixed addresses: a CUDA graph needs them
         binding = session.io_binding()
         for s, t in zip(subject.specs, on_device):
             binding.bind_input(s.name, "cuda", 0, np.dtype(s.dtype), tuple(t.shape), t.data_ptr())
-        binding.bind_output(OUTPUT_NAME, "cuda")
-        return (lambda: session.run_with_iobinding(binding)), obtained
+        binding.bind_output(OUTPUT_NAME, "cuda", 0, np.float32, tuple(out.shape), out.data_ptr())
+        try:
+            session.run_with_iobinding(binding)  # with a CUDA graph: the capture
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types
+            raise Unavailable(f"onnxruntime could not run the graph on {provider}{' in a CUDA graph' if cuda_graph else ''}"
+                              f": {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+        def run() -> Tensor:
+            session.run_with_iobinding(binding)
+            return out
+        run.keep_alive = (on_device, out)
+        return run, obtained
     return prepare
 
 
@@ -211,47 +235,111 @@ def _tensorrt(precision: str, workdir: Path, seq_len: int, batches: list[int]) -
     return prepare
 
 
-def _variants(backends: list[str], device: str, workdir: Path, *, threads: int, seq_len: int,
-              trt_precision: str, batches: list[int]) -> tuple[list[Variant], list[dict[str, str]]]:
-    variants, skipped = [], []
-    if "torch" in backends:
-        if device == "cpu":
-            variants.append(Variant("torch-cpu-fp32", "torch", "cpu", "fp32", "wall", _torch_eager("cpu")))
-        else:
-            variants.append(Variant("torch-cuda-fp32", "torch", "cuda", "fp32", "cuda-events", _torch_eager("cuda")))
-            variants.append(Variant("torch-cuda-fp16-cudagraph", "torch", "cuda", "fp16", "cuda-events",
-                                    _torch_cuda_graph))
-    timer = "wall" if device == "cpu" else "cuda-events"
-    precision = "fp32" if device == "cpu" else "fp16"
-    if "torch-compile" in backends:
-        variants.append(Variant(f"torch-compile-{device}-{precision}", "torch-compile", device, precision, timer,
-                                _torch_compile(device, precision)))
-    if "aoti" in backends:
-        variants.append(Variant(f"aoti-{device}-{precision}", "aoti", device, precision, timer,
-                                _aoti(device, precision, workdir, seq_len, batches)))
-    if "onnxruntime" in backends:
+@dataclass(frozen=True)
+class Setup:
+    """What a variant's preparation needs from the benchmark's options."""
+
+    workdir: Path
+    threads: int
+    seq_len: int
+    batches: list[int]
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One registered way to run a model: ``make(setup)`` gives its ``prepare``; ``missing()``
+    says why it cannot run here (None: it can)."""
+
+    name: str
+    backend: str
+    device: str
+    precision: str
+    timer: str  # "wall" or "cuda-events"
+    make: Callable[[Setup], Callable[[Subject, int], tuple[Callable[[], Any], list[str] | None]]]
+    missing: Callable[[], str | None] = lambda: None
+
+
+VARIANTS: dict[str, VariantSpec] = {}
+
+
+def register_variant(spec: VariantSpec) -> VariantSpec:
+    """Add a benchmark variant (a duplicate name is an error); ``backends`` then takes its backend."""
+    if spec.name in VARIANTS:
+        raise ValueError(f"benchmark variant {spec.name!r} is already registered")
+    VARIANTS[spec.name] = spec
+    return spec
+
+
+def backends_on(device: str) -> list[str]:
+    """The backends with a variant on ``device`` ("cpu" or "cuda"), in registration order."""
+    return list(dict.fromkeys(v.backend for v in VARIANTS.values() if v.device == device))
+
+
+def _ort_missing(provider: str) -> Callable[[], str | None]:
+    def missing() -> str | None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
-        wanted = ([("onnxruntime-cpu", "CPUExecutionProvider")] if device == "cpu" else
-                  [("onnxruntime-cuda", "CUDAExecutionProvider"),
-                   ("onnxruntime-tensorrt", "TensorrtExecutionProvider")])
-        for name, provider in wanted:
-            if provider in available:
-                variants.append(Variant(name, "onnxruntime", device, "fp32", "wall",
-                                        _onnxruntime(provider, workdir, seq_len, threads)))
-            else:
-                skipped.append({"variant": name, "reason": f"onnxruntime has no {provider} (available: {available}); "
-                                "install onnxruntime-gpu in place of onnxruntime"})
-    if "tensorrt" in backends:
-        name = f"tensorrt-{trt_precision}"
-        try:
+        return None if provider in available else (f"onnxruntime has no {provider} (available: {available}); "
+                                                   "install onnxruntime-gpu in place of onnxruntime")
+    return missing
 
-            require_tensorrt()
-            variants.append(Variant(name, "tensorrt", "cuda", trt_precision, "cuda-events",
-                                    _tensorrt(trt_precision, workdir, seq_len, batches)))
-        except MissingBackendError as e:
-            skipped.append({"variant": name, "reason": str(e)})
+
+def _trt_missing() -> str | None:
+    try:
+        require_tensorrt()
+    except MissingBackendError as e:
+        return str(e)
+    return None
+
+
+for _spec in (
+    VariantSpec("torch-cpu-fp32", "torch", "cpu", "fp32", "wall", lambda s: _torch_eager("cpu")),
+    VariantSpec("torch-cuda-fp32", "torch", "cuda", "fp32", "cuda-events", lambda s: _torch_eager("cuda")),
+    VariantSpec("torch-cuda-fp16-cudagraph", "torch", "cuda", "fp16", "cuda-events", lambda s: _torch_cuda_graph),
+    VariantSpec("torch-compile-cpu-fp32", "torch-compile", "cpu", "fp32", "wall", lambda s: _torch_compile("cpu", "fp32")),
+    VariantSpec("torch-compile-cuda-fp16", "torch-compile", "cuda", "fp16", "cuda-events",
+                lambda s: _torch_compile("cuda", "fp16")),
+    VariantSpec("aoti-cpu-fp32", "aoti", "cpu", "fp32", "wall",
+                lambda s: _aoti("cpu", "fp32", s.workdir, s.seq_len, s.batches)),
+    VariantSpec("aoti-cuda-fp16", "aoti", "cuda", "fp16", "cuda-events",
+                lambda s: _aoti("cuda", "fp16", s.workdir, s.seq_len, s.batches)),
+    VariantSpec("onnxruntime-cpu", "onnxruntime", "cpu", "fp32", "wall",
+                lambda s: _onnxruntime("CPUExecutionProvider", s.workdir, s.seq_len, s.threads)),
+    VariantSpec("onnxruntime-cuda", "onnxruntime", "cuda", "fp32", "wall",
+                lambda s: _onnxruntime("CUDAExecutionProvider", s.workdir, s.seq_len, s.threads),
+                _ort_missing("CUDAExecutionProvider")),
+    VariantSpec("onnxruntime-cuda-fp16", "onnxruntime", "cuda", "fp16", "wall",
+                lambda s: _onnxruntime("CUDAExecutionProvider", s.workdir, s.seq_len, s.threads, fp16=True,
+                                       cuda_graph=True),
+                _ort_missing("CUDAExecutionProvider")),
+    VariantSpec("onnxruntime-tensorrt", "onnxruntime", "cuda", "fp32", "wall",
+                lambda s: _onnxruntime("TensorrtExecutionProvider", s.workdir, s.seq_len, s.threads),
+                _ort_missing("TensorrtExecutionProvider")),
+    VariantSpec("tensorrt-fp16", "tensorrt", "cuda", "fp16", "cuda-events",
+                lambda s: _tensorrt("fp16", s.workdir, s.seq_len, s.batches), _trt_missing),
+    VariantSpec("tensorrt-fp32", "tensorrt", "cuda", "fp32", "cuda-events",
+                lambda s: _tensorrt("fp32", s.workdir, s.seq_len, s.batches), _trt_missing),
+):
+    register_variant(_spec)
+
+
+def _variants(backends: list[str], device: str, workdir: Path, *, threads: int, seq_len: int,
+              trt_precision: str, batches: list[int]) -> tuple[list[Variant], list[dict[str, str]]]:
+    """The registered variants of ``backends`` on ``device`` (TensorRT: ``trt_precision`` only),
+    and those that cannot run here, with the reason."""
+    setup = Setup(workdir, threads, seq_len, batches)
+    variants, skipped = [], []
+    for spec in VARIANTS.values():
+        if spec.backend not in backends or (spec.device != device and spec.backend != "tensorrt") or \
+                (spec.backend == "tensorrt" and spec.precision != trt_precision):
+            continue
+        reason = spec.missing()
+        if reason is not None:
+            skipped.append({"variant": spec.name, "reason": reason})
+        else:
+            variants.append(Variant(spec.name, spec.backend, spec.device, spec.precision, spec.timer,
+                                    spec.make(setup)))
     return variants, skipped
 
 
@@ -329,9 +417,10 @@ def environment(device: str, threads: int) -> dict[str, Any]:
 # --- the benchmark -------------------------------------------------------------------------------
 
 def _check(backends: list[str], batches: list[int], device: str, threads: int, repeats: int, warmup: int) -> None:
-    unknown = [b for b in backends if b not in BACKENDS]
+    known = list(dict.fromkeys(v.backend for v in VARIANTS.values()))
+    unknown = [b for b in backends if b not in known]
     if unknown or not backends:
-        raise DeployError(f"backends={','.join(backends)!r} is not allowed; choose from: {', '.join(BACKENDS)}")
+        raise DeployError(f"backends={','.join(backends)!r} is not allowed; choose from: {', '.join(known)}")
     if not batches or any(not is_integer(b) or b < 1 for b in batches):
         raise DeployError(f"batches={batches!r} is not allowed; give positive integers, e.g. 1,16")
     if device not in DEVICES:

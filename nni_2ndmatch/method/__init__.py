@@ -3,6 +3,7 @@ estimators, fp32 precision control and the noise schedule."""
 
 from .jacobian import (
     DEFAULT_FD_STEP,
+    DEFAULT_MODE,
     MODES,
     Mode,
     checkpoint_as_forward,
@@ -28,7 +29,7 @@ from .terms import (
 )
 
 __all__ = [
-    "DEFAULT_FD_STEP", "JAC_MATCHES", "MODES", "Mode", "PREDICTION_TYPES", "add_noise", "checkpoint_as_forward",
+    "DEFAULT_FD_STEP", "DEFAULT_MODE", "JAC_MATCHES", "MODES", "Mode", "PREDICTION_TYPES", "add_noise", "checkpoint_as_forward",
     "default_scheduler", "dsm_term", "fp32_precision", "jacobian_match_per_sample", "jacobian_match_term",
     "jacobian_safe", "jacobian_sensitivity", "kd_term", "model_output", "output_and_product",
     "output_and_sensitivity", "precision_state", "sample_directions", "sample_timesteps", "second_match_loss",

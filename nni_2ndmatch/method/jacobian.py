@@ -15,10 +15,11 @@ from ..utils import requires_grad
 from .precision import fp32_precision, precision_state, restored_precision
 from .terms import jacobian_match_term, model_output, sample_directions, squared_norm
 
-Mode = Literal["jvp", "vjp", "fd"]
-
-
-MODES: tuple[str, ...] = ("jvp", "vjp", "fd")
+#: The estimators of the Jacobian product, defined here once: ``vjp`` (reverse mode, J^T v, the
+#: default everywhere), ``jvp`` (forward mode, J v, the paper's form) and ``fd`` (central difference).
+MODES: tuple[str, ...] = ("vjp", "jvp", "fd")
+Mode = Literal["vjp", "jvp", "fd"]
+DEFAULT_MODE = "vjp"
 
 
 #: Default step of the central finite difference, along a UNIT direction v in the input space.
@@ -106,7 +107,7 @@ def _ieee_backward(grad: Tensor) -> Tensor:
 
 
 def output_and_product(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
-                       mode: str = "jvp", *, create_graph: bool = True,
+                       mode: str = DEFAULT_MODE, *, create_graph: bool = True,
                        fd_step: float = DEFAULT_FD_STEP, **model_kwargs: Any) -> tuple[Tensor, Tensor]:
     """The model's output at x_t and the Jacobian product u = J v (``jvp``, ``fd``) or J^T v
     (``vjp``), shaped like x_t; the sensitivity is ``squared_norm(u)``.
@@ -168,7 +169,7 @@ def output_and_product(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor
 
 
 def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
-                           mode: str = "jvp", *, create_graph: bool = True,
+                           mode: str = DEFAULT_MODE, *, create_graph: bool = True,
                            fd_step: float = DEFAULT_FD_STEP, **model_kwargs: Any) -> tuple[Tensor, Tensor]:
     """The model's output at x_t and the per-sample sensitivity s = ||J v||^2 (or ||J^T v||^2),
     Tensor[B]: ``output_and_product`` with the product's squared norm."""
@@ -178,7 +179,7 @@ def output_and_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Te
 
 
 def jacobian_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, v: Tensor,
-                         mode: Mode = "jvp", *, fd_step: float = DEFAULT_FD_STEP,
+                         mode: Mode = DEFAULT_MODE, *, fd_step: float = DEFAULT_FD_STEP,
                          **model_kwargs: Any) -> Tensor:
     """Per-sample sensitivity, Tensor[B]: ||J v||^2 (jvp, fd) or ||J^T v||^2 (vjp).
 
@@ -195,7 +196,7 @@ def jacobian_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tens
 
 
 def second_match_loss(student: Callable[..., Any], teacher: Callable[..., Any], x_t: Tensor, timesteps: Tensor,
-                      v: Tensor | None = None, mode: Mode = "jvp", *, fd_step: float = DEFAULT_FD_STEP,
+                      v: Tensor | None = None, mode: Mode = DEFAULT_MODE, *, fd_step: float = DEFAULT_FD_STEP,
                       generator: torch.Generator | None = None, **model_kwargs: Any) -> Tensor:
     """The 2ndMatch term: mean over the batch of (||J_S v||^2 - sg(||J_T v||^2))^2, a scalar.
 

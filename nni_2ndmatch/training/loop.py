@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..data import StepBatches, batch_loader
+from ..data import StepBatches, batch_loader, collate
 from ..errors import NonFiniteLossError
 from ..files import atomic_write_text, load_tensors
 from ..finetuners import Finetuner
@@ -214,6 +214,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     runtime = runtime or Runtime()
     check_run(student, teacher, finetuner, dataset, config, runtime)
     out, ckpts, old = _output_dir(output_dir, config, resume, overwrite)
+    finetuner.resolve(teacher, tuple(collate([dataset[0]])[0].shape[1:]))
     if old and runtime.is_main:  # every check passed: the run being replaced goes now
         for p in old:
             shutil.rmtree(p) if p.is_dir() else p.unlink()

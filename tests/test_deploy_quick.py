@@ -1,0 +1,116 @@
+"""The deployment path's logic that needs no compiler run: what happens when the AOTInductor
+runtime crashes, and which benchmark variants exist where (the quick loop; test_export.py runs
+the exporters themselves)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_dit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CRASHING_CHILD = """
+import sys
+from nni_2ndmatch.deploy import aoti
+aoti.CHILD = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+aoti._export = lambda *args, **kwargs: None  # no compile: a stand-in package
+aoti._compile = lambda program, path, metadata: path.write_bytes(b"a package")
+sys.path.insert(0, sys.argv.pop(1))
+import to_aoti
+from nni_2ndmatch.deploy.script import run_main
+sys.exit(run_main(lambda: to_aoti.main(to_aoti.parse_args(sys.argv[1:]))))
+"""
+
+
+@pytest.mark.slow  # a subprocess that starts another
+def test_a_crash_of_the_aoti_runtime_is_one_line_and_exit_1_and_nothing_is_written(tmp_path):
+    tiny_dit(seed=1).save_pretrained(tmp_path / "student")
+    r = subprocess.run([sys.executable, "-c", CRASHING_CHILD, str(ROOT / "export"), "--model", str(tmp_path / "student"),
+                        "--out", str(tmp_path / "out" / "s.pt2"), "--batch", "1,2"], capture_output=True, text=True,
+                       timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert re.fullmatch(r"error: the AOTInductor runtime crashed \(SIGSEGV\) loading or running the package "
+                        rf"\(torch {re.escape(torch.__version__)}, device cpu\); nothing was written", lines[-1])
+    assert "Traceback" not in r.stderr and list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_child_runs_the_package_on_every_batch_and_a_failure_names_its_error(tmp_path, monkeypatch):
+    from nni_2ndmatch.deploy import ExportError, aoti
+
+    runner = tmp_path / "runner.py"  # stands in for the package: output = 2 x the first input
+    runner.write_text("import sys\nfrom nni_2ndmatch.files import load_tensors, save_tensors\n"
+                      "_, package, inputs, outputs, device = sys.argv\nt = load_tensors(inputs)\n"
+                      "save_tensors(outputs, {b: 2 * t[b + '.0'] for b in {k.split('.')[0] for k in t}})\n")
+    monkeypatch.setattr(aoti, "CHILD", [sys.executable, str(runner)])
+    inputs = {1: [torch.ones(1, 3)], 4: [torch.arange(12.0).view(4, 3), torch.zeros(4)]}
+    out = aoti.run_in_child(tmp_path / "p.pt2", inputs, "cpu")
+    assert set(out) == {1, 4} and torch.equal(out[4], 2 * inputs[4][0])
+    monkeypatch.setattr(aoti, "CHILD", [sys.executable, "-c", "raise SystemExit('RuntimeError: no kernel for sm_90')"])
+    with pytest.raises(ExportError, match=r"failed loading or running the package \(torch .*, device cpu\): "
+                                          r"RuntimeError: no kernel for sm_90; nothing was written"):
+        aoti.run_in_child(tmp_path / "p.pt2", inputs, "cpu")
+
+
+def test_the_benchmark_records_a_crashing_aoti_package_as_skipped(monkeypatch):
+    from nni_2ndmatch.deploy import aoti
+    from nni_2ndmatch.deploy.bench import run_benchmark
+
+    monkeypatch.setattr(aoti, "CHILD", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), 11)"])
+    monkeypatch.setattr(aoti, "_export", lambda *args, **kwargs: None)
+    monkeypatch.setattr(aoti, "_compile", lambda program, path, metadata: path.write_bytes(b"a package"))
+    results = run_benchmark(tiny_dit(seed=2), tiny_dit(seed=1), backends=["torch", "aoti"], batches=[1], device="cpu",
+                            repeats=3, warmup=1)
+    assert [r["variant"] for r in results["results"]] == ["torch-cpu-fp32"]
+    assert [s["variant"] for s in results["skipped"]] == ["aoti-cpu-fp32"]
+    assert "crashed (SIGSEGV)" in results["skipped"][0]["reason"]
+
+
+def test_variants_come_from_one_registry_and_a_missing_provider_is_a_reason(monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    from nni_2ndmatch.deploy import bench
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    variants, skipped = bench._variants(["onnxruntime", "torch"], "cuda", tmp_path, threads=1, seq_len=5,
+                                        trt_precision="fp16", batches=[1])
+    assert [v.name for v in variants] == ["torch-cuda-fp32", "torch-cuda-fp16-cudagraph", "onnxruntime-cuda",
+                                          "onnxruntime-cuda-fp16"]
+    assert [s["variant"] for s in skipped] == ["onnxruntime-tensorrt"]
+    assert "install onnxruntime-gpu" in skipped[0]["reason"]
+    assert bench.backends_on("cpu") == ["torch", "torch-compile", "aoti", "onnxruntime"]
+    with pytest.raises(ValueError, match="'onnxruntime-cpu' is already registered"):
+        bench.register_variant(bench.VARIANTS["onnxruntime-cpu"])
+
+
+def test_the_fp16_onnxruntime_variant_runs_the_fp16_export_in_a_cuda_graph(monkeypatch, tmp_path):
+    from nni_2ndmatch.deploy import bench
+    from nni_2ndmatch.deploy.model_io import input_specs
+
+    exported, opened = [], []
+    monkeypatch.setattr(bench, "export_onnx", lambda model, path, fp16, **kw: exported.append((path.name, fp16)))
+
+    class Session:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]  # as onnxruntime does when it cannot start CUDA
+
+    monkeypatch.setattr(bench, "ort_session", lambda path, threads, providers: opened.append(providers) or Session())
+    model = tiny_dit(seed=1).eval()
+    prepare = bench.VARIANTS["onnxruntime-cuda-fp16"].make(bench.Setup(tmp_path, 1, 5, [1]))
+    with pytest.raises(bench.Unavailable, match="did not obtain CUDAExecutionProvider"):
+        prepare(bench.Subject("student", model, input_specs(model, 5)), 1)
+    assert exported == [("student-fp16.onnx", True)]
+    assert opened == [[("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]]
+
+
+def test_the_reports_export_section_takes_the_backends_that_run_on_the_cpu():
+    from nni_2ndmatch.config import ExportSection
+
+    assert ExportSection(backends=["torch", "aoti"]).backends == ["torch", "aoti"]
+    with pytest.raises(ValueError, match=r"'tensorrt' is not a backend that runs on the CPU \(allowed: torch, "
+                                         r"torch-compile, aoti, onnxruntime\)"):
+        ExportSection(backends=["tensorrt"])
