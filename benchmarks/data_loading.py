@@ -1,8 +1,10 @@
 """Is the loop's speed set by the model or by reading images? Costly images against pre-resized ones.
 
 The same 512 images twice: 384x384 JPEGs (quality 90; crops of scikit-image's sample photos) and
-the same crops already resized to 32x32 PNGs. A ``kd`` finetune of the DDPM-CIFAR10 layout (width
-0.25, pruned 0.3 by magnitude), batch 16 at 32x32, reads each folder through the loop's data loader;
+the same crops already resized to 32x32 PNGs. A ``kd`` finetune of the DDPM-CIFAR10 layout at
+``--width`` (0.125 by default: a step short enough on one CPU thread for reading to matter, as a
+full-width step is on a GPU; pruned 0.3 by magnitude), batch 16 at 32x32, reads each folder through
+the loop's data loader;
 we time the steps after the first ``--warmup`` (the workers' start-up excluded) and report seconds
 per step, interleaved A B A B over ``--repeats`` runs, medians, and the ratio costly / pre-resized
 (goal: at most 1.2). The costly folder is also read with ``num_workers: 0`` (in the training
@@ -74,10 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--width", type=float, default=0.125, help="channel multiplier of the DDPM-CIFAR10 layout")
     p.add_argument("--out", default="benchmarks/results/data_loading.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    teacher = build_builtin("ddpm-cifar10", width=0.25)
+    teacher = build_builtin("ddpm-cifar10", width=args.width)
     student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
     with tempfile.TemporaryDirectory() as tmp:
         costly, small = write_folders(Path(tmp))
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = medians["pre-resized 32px PNG"]
     results = {"command": "python benchmarks/data_loading.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
                "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
-               "auto_workers": workers, "batch": 16, "resolution": RESOLUTION, "images": COUNT,
+               "auto_workers": workers, "width": args.width, "batch": 16, "resolution": RESOLUTION, "images": COUNT,
                "seconds_per_step": times, "median_seconds_per_step": medians,
                "ratio_to_pre_resized": {name: m / base for name, m in medians.items()}}
     lines = ["# The loop's time with costly images", "", f"Command: `{results['command']}` ({results['platform']}; "

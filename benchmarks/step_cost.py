@@ -93,12 +93,19 @@ def macs(model) -> float:
 
 
 def fd_error(student, x0, timesteps, cond) -> float:
-    """Max relative error of the fd estimate of ||J v||^2 against the exact jvp, fp32, student."""
+    """Max relative error of the fd estimate of ||J v||^2 against the exact jvp, fp32, student in
+    eval mode (in train mode a DiT drops class labels at random, and the jvp evaluation and the
+    difference's would see different labels)."""
     x_t = x0 * 0.7 + 0.7 * torch.randn_like(x0)
     v = sample_directions(x_t)
-    with torch.no_grad(), jacobian_safe(student):
-        _, exact = output_and_sensitivity(student, x_t, timesteps, v, "jvp", create_graph=False, **cond)
-        _, approx = output_and_sensitivity(student, x_t, timesteps, v, "fd", create_graph=False, **cond)
+    training = student.training
+    student.eval()
+    try:
+        with torch.no_grad(), jacobian_safe(student):
+            _, exact = output_and_sensitivity(student, x_t, timesteps, v, "jvp", create_graph=False, **cond)
+            _, approx = output_and_sensitivity(student, x_t, timesteps, v, "fd", create_graph=False, **cond)
+    finally:
+        student.train(training)
     return float(((approx - exact).abs() / exact).max())
 
 
