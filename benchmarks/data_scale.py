@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
                "kib_per_pair": (last["peak_anon_mib"] - first["peak_anon_mib"]) * 1024 / (sizes[-1] - sizes[0])}
     lines = ["# Memory against data-set size (text-to-image, SD 1.x caption size)", "",
              f"Command: `{results['command']}` ({results['platform']})", "",
-             "| image-caption pairs | peak anonymous memory, MiB (median, range) | run seconds | cache on disk (MiB) | encoded items/s |",
+             "| image-caption pairs | peak anonymous memory, MiB (median, range) | run seconds | cache on disk (MiB) "
+             "| encoded items/s |",
              "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['pairs']} | {r['peak_anon_mib']:.0f} ({r['peak_anon_mib_min']:.0f}-{r['peak_anon_mib_max']:.0f}, "
               f"{len(r['runs'])} run(s)) | {statistics.median(x['seconds'] for x in r['runs']):.0f} | "

@@ -34,7 +34,7 @@ from .data import BUILTIN_DATA
 from .errors import ConfigError
 from .finetuners import available_finetuners, finetuner_class
 from .models import BUILTIN_MODELS, BUILTIN_PIPELINES
-from .nni import PRUNERS, check_config_list, check_config_list_pruner
+from .nni import PRUNER_REGISTRY, check_config_list, check_config_list_pruner
 from .training import TrainConfig
 from .utils import did_you_mean
 
@@ -103,8 +103,8 @@ class PruningSection(_Section):
 
     @model_validator(mode="after")
     def _known_pruner(self) -> "PruningSection":
-        if self.pruner not in PRUNERS:
-            raise ValueError(f"pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNERS)}")
+        if self.pruner not in PRUNER_REGISTRY:
+            raise ValueError(f"pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNER_REGISTRY)}")
         check_config_list_pruner(self.pruner, self.config_list)
         if self.config_list is not None and "sparse_ratio" in self.model_fields_set:
             raise ValueError("give sparse_ratio or config_list, not both: the config_list entries carry their own "
@@ -172,6 +172,8 @@ class EvaluateSection(_Section):
     ddim_steps: int = Field(25, ge=1, le=1000)
     seed: int = Field(0, ge=0)
     compare: list[str] = Field([], description="baseline finetuners to train and evaluate beside the run's")
+    equal_wallclock: bool = Field(False, description="also train each baseline for the run's wall-clock time "
+                                  "(its steps from its own seconds per step), beside the equal-steps one")
     fid_features: str | None = Field(None, description="an ONNX feature network (uint8 [N,3,H,W] -> [N,D]; FID's "
                                      "Inception network) for FID against the data's images")
     clip_model: str | None = Field(None, description="a local CLIP model folder (safetensors) for the CLIP score "

@@ -16,9 +16,8 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
-from torch import nn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 
 from .method import (
     DEFAULT_FD_STEP,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -20,6 +21,18 @@ from .errors import UserError
 from .evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from .files import atomic_write_json, atomic_write_text
 from .finetuners import Finetuner, get_finetuner
+from .job.data import DataPlan, check_resume, open_data, plan_data
+from .job.results import RunSummary
+from .layout import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PIPELINE_DIR,
+    PRUNED_DIR,
+    PRUNING_REPORT,
+    STUDENT_DIR,
+    SUMMARY_FILE,
+)
 from .method import default_scheduler, model_output
 from .models import (
     BUILTIN_PIPELINES,
@@ -33,7 +46,7 @@ from .models import (
     load_pipeline_parts,
     write_tiny_sd,
 )
-from .nni import prune_diffusers
+from .nni import PRUNER_REGISTRY, prune_diffusers, pruner_spec
 from .pruning import (
     is_pruned_folder,
     load_model_folder,
@@ -43,13 +56,12 @@ from .pruning import (
     save_pruned,
 )
 from .report import run_report
-from .job.data import check_resume, open_data, plan_data
-from .training import CHECKPOINT_DIR, Runtime, check_batch, finetune
+from .scoped import torch_threads
+from .training import Runtime, check_batch, finetune
 from .training.accelerate import AccelerateRuntime, launched_distributed
 
 logger = logging.getLogger(__name__)
 
-PRUNED_DIR, STUDENT_DIR, PIPELINE_DIR = "pruned", "student", "pipeline"
 
 
 def make_runtime(device: str, timeout_s: float) -> Runtime:
@@ -63,7 +75,7 @@ def make_runtime(device: str, timeout_s: float) -> Runtime:
         raise UserError(f"finetune: {e}") from None
 
 
-def load_model(spec: ModelSpec, role: str) -> nn.Module:
+def load_configured_model(spec: ModelSpec, role: str) -> nn.Module:
     """A built-in architecture, a Hub model, a pruned-student folder or a diffusers model folder."""
     try:
         if spec.builtin is not None:
@@ -87,7 +99,7 @@ def load_teacher(spec: ModelSpec, resolution: int) -> tuple[nn.Module, PipelineP
         elif spec.path is not None and is_pipeline_folder(spec.path):
             parts = load_pipeline_parts(spec.path)
         else:
-            return load_model(spec, "teacher"), None
+            return load_configured_model(spec, "teacher"), None
         return load_model_folder(parts.path), parts
     except (ValueError, OSError) as e:
         raise UserError(f"model.teacher: {e}") from None
@@ -161,7 +173,6 @@ def _check_free_space(out: Path, student: nn.Module, config: Config) -> None:
                         "finetune.keep_checkpoints or choose another output_dir")
 
 
-CONFIG_FILE = "config.yaml"
 # fields that may change between a run and its --resume: they do not change the trained weights
 # (finetune.steps too, when the learning rate does not depend on it)
 RESUME_FREE = {"output_dir", "threads", "evaluate", "export", "finetune.log_every", "finetune.checkpoint_every",
@@ -193,8 +204,8 @@ def write_config(config: Config, resume: bool, finetuner_options: dict[str, Any]
         if changed:
             raise UserError(f"--resume: the config differs from the run's ({path}) in "
                             + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed)
-                            + "; resume with the run's settings, or start a new run (another output_dir, or --overwrite "
-                            "without --resume)")
+                            + "; resume with the run's settings, or start a new run (another output_dir, or "
+                            "--overwrite without --resume)")
     atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
 
 
@@ -202,7 +213,7 @@ def prepare_output_dir(config: Config, command: str, resume: bool, overwrite: bo
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {str(out)!r} is a file, not a folder; choose another output_dir")
-    has_run = (out / CHECKPOINT_DIR).exists() or (out / "summary.json").exists()
+    has_run = (out / CHECKPOINT_DIR).exists() or (out / SUMMARY_FILE).exists()
     if has_run and not resume and not overwrite:
         raise UserError(f"output_dir {str(out)!r} already holds a run; pass --resume to continue it "
                         "or --overwrite to replace it")
@@ -212,7 +223,7 @@ def prepare_output_dir(config: Config, command: str, resume: bool, overwrite: bo
         keep_pruned = command == "finetune" and config.model.student is None
         for name in (CHECKPOINT_DIR, STUDENT_DIR, PIPELINE_DIR, *(() if keep_pruned else (PRUNED_DIR,))):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("summary.json", "metrics.jsonl", CONFIG_FILE, *(() if keep_pruned else ("pruning_report.json",))):
+        for name in (SUMMARY_FILE, METRICS_FILE, CONFIG_FILE, *(() if keep_pruned else (PRUNING_REPORT,))):
             (out / name).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +251,7 @@ def run_prune(config: Config, out: Path, teacher: nn.Module, dataset: torch.util
     runtime = runtime or Runtime()
     if not runtime.is_main:
         runtime.barrier()
-        return load_pruned(out / PRUNED_DIR), json.loads((out / "pruning_report.json").read_text())
+        return load_pruned(out / PRUNED_DIR), json.loads((out / PRUNING_REPORT).read_text())
     p = config.pruning
     try:
         student, report = prune_diffusers(teacher, p.pruner, p.sparse_ratio, round_to=p.round_to,
@@ -249,7 +260,7 @@ def run_prune(config: Config, out: Path, teacher: nn.Module, dataset: torch.util
     except ValueError as e:  # e.g. a config_list NNI refuses
         raise UserError(f"pruning: {e}") from None
     save_pruned(student, out / PRUNED_DIR)
-    atomic_write_json(out / "pruning_report.json", report)
+    atomic_write_json(out / PRUNING_REPORT, report)
     logger.info("pruned: MACs %.3g -> %.3g (%.2fx), params %d -> %d; saved to %s", report["macs_before"],
                 report["macs_after"], report["macs_ratio"], report["params_before"], report["params_after"],
                 out / PRUNED_DIR)
@@ -274,7 +285,7 @@ def make_finetuner(config: Config, parts: PipelineParts | None = None) -> Finetu
 def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,
                  student: nn.Module, *, resume: bool = False, progress: bool = True,
                  runtime: Runtime | None = None, parts: PipelineParts | None = None,
-                 finetuner: Finetuner | None = None) -> tuple[dict[str, Any], nn.Module]:
+                 finetuner: Finetuner | None = None) -> tuple[RunSummary, nn.Module]:
     """Finetune ``student`` (checked against the data by ``run_job``) against the teacher with
     ``finetuner`` (default: ``make_finetuner``); the main process saves it with a summary (and,
     for a pipeline teacher, ``parts``, the pipeline with the student in it). Returns the summary
@@ -289,81 +300,100 @@ def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.u
                           runtime=runtime, progress=progress)
     except ValueError as e:  # e.g. a batch size the processes cannot share
         raise UserError(f"finetune: {e}") from None
-    summary = {
-        "finetuner": finetuner.name, "finetuner_options": finetuner.options(),
-        "train_config": section.train_config().model_dump(), "steps": result.step,
-        "seconds": result.seconds, "final": result.history[-1] if result.history else {},
-        "teacher_params": count_params(teacher), "student_params": count_params(result.student),
-        "student_dir": STUDENT_DIR, "processes": runtime.world_size,
-    }
-    if parts is not None:  # the teacher's pipeline, with the student in it
-        summary["pipeline_dir"] = PIPELINE_DIR
-        summary["schedule"] = {k: finetuner.scheduler.config[k] for k in ("beta_schedule", "prediction_type")}
+    summary = RunSummary(
+        finetuner=finetuner.name, finetuner_options=finetuner.options(),
+        train_config=section.train_config().model_dump(), steps=result.step, seconds=result.seconds,
+        final=result.history[-1] if result.history else {},
+        teacher_params=count_params(teacher), student_params=count_params(result.student),
+        processes=runtime.world_size, pipeline_dir=PIPELINE_DIR if parts is not None else None,
+        schedule={k: finetuner.scheduler.config[k] for k in ("beta_schedule", "prediction_type")} if parts else None)
     if runtime.is_main:
         save_model(result.student, out / STUDENT_DIR)
         if parts is not None:
             save_pipeline(result.student, parts.path, out / PIPELINE_DIR)
             logger.info("saved the pipeline with the student to %s", out / PIPELINE_DIR)
-        atomic_write_json(out / "summary.json", summary)
+        atomic_write_json(out / SUMMARY_FILE, summary.to_json())
         logger.info("saved the student to %s", out / STUDENT_DIR)
     runtime.barrier()
     return summary, result.student
 
 
-def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bool = False,
-            progress: bool = True) -> dict[str, Any]:
-    """``prune``, ``finetune`` or ``run`` (prune when the config says so, then finetune, then the
-    report when the config has an ``evaluate`` or ``export`` section)."""
-    if command == "prune" and config.pruning is None:
-        raise UserError("the config has no pruning section (model.student is given): nothing to prune")
-    torch.set_num_threads(config.resolved_threads())
-    runtime = make_runtime(config.finetune.device, config.finetune.process_timeout_s)
-    # every input is checked before anything is written to (or deleted from) output_dir
+@dataclasses.dataclass(frozen=True)
+class JobInputs:
+    """Everything a job reads, checked before anything is written to (or deleted from) output_dir:
+    the teacher (and its pipeline's parts), the data, a given student, and the strategy with its
+    choices made (``mode: auto``)."""
+
+    teacher: nn.Module
+    parts: PipelineParts | None
+    data: DataPlan
+    student: nn.Module | None  # model.student; None: the pruning section makes it
+    finetuner: Finetuner
+
+
+def check_inputs(config: Config, resume: bool, runtime: Runtime) -> JobInputs:
+    """Load and check every input of a job; a problem is a UserError naming the field."""
     teacher, parts = load_teacher(config.model.teacher, config.data.resolution)
     if config.evaluate is not None:
         check_evaluate(config, teacher, parts)
-    gradient_pruners = ("taylor", "diff-pruning", "TaylorPruner")
-    if parts is not None and config.pruning is not None and config.pruning.pruner in gradient_pruners \
+    if parts is not None and config.pruning is not None and pruner_spec(config.pruning.pruner).needs_gradients \
             and parts.scheduler.config.prediction_type != "epsilon":
+        allowed = [name for name, spec in PRUNER_REGISTRY.items() if not spec.needs_gradients]
         raise UserError(f"pruning.pruner: value {config.pruning.pruner!r} is not allowed: it scores channels by the "
                         "gradients of the noise-prediction loss, and the pipeline predicts "
-                        f"{parts.scheduler.config.prediction_type}; allowed: L1NormPruner, L2NormPruner, FPGMPruner, "
-                        "magnitude")
+                        f"{parts.scheduler.config.prediction_type}; allowed: {', '.join(allowed)}")
     plan = plan_data(config, teacher, parts)
     if resume:
         check_resume(config, plan)
-    student = load_model(config.model.student, "student") if config.model.student is not None else None
+    student = load_configured_model(config.model.student, "student") if config.model.student is not None else None
     _preflight({"teacher": teacher} if student is None else {"teacher": teacher, "student": student}, plan.example)
     try:
         check_batch(config.finetune.train_config(), plan.items, runtime.world_size)
     except ValueError as e:
         raise UserError(f"finetune: {e}") from None
     finetuner = make_finetuner(config, parts)
-    finetuner.resolve(teacher, tuple(collate([plan.example])[0].shape[1:]))  # e.g. mode: auto, recorded below
+    finetuner.resolve(teacher, tuple(collate([plan.example])[0].shape[1:]))  # e.g. mode: auto
+    return JobInputs(teacher, parts, plan, student, finetuner)
+
+
+def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+    """``prune``, ``finetune`` or ``run`` (prune when the config says so, then finetune, then the
+    report when the config has an ``evaluate`` or ``export`` section), with torch on the config's
+    ``threads`` (restored when the job ends)."""
+    if command == "prune" and config.pruning is None:
+        raise UserError("the config has no pruning section (model.student is given): nothing to prune")
+    with torch_threads(config.resolved_threads()):
+        return _run_stages(config, command, resume, overwrite, progress)
+
+
+def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
+    runtime = make_runtime(config.finetune.device, config.finetune.process_timeout_s)
+    inputs = check_inputs(config, resume, runtime)
     if runtime.is_main:
         prepare_output_dir(config, command, resume, overwrite)
-        write_config(config, resume, finetuner.options())
+        write_config(config, resume, inputs.finetuner.options())
     runtime.barrier()
-    data = open_data(config, plan, parts, runtime, progress)
-    out = Path(config.output_dir)
+    data = open_data(config, inputs.data, inputs.parts, runtime, progress)
+    out, student = Path(config.output_dir), inputs.student
     if command in ("prune", "run") and config.pruning is not None:
         if not (resume and is_pruned_folder(out / PRUNED_DIR)):
-            student, report = run_prune(config, out, teacher, data.dataset, runtime)
+            student, report = run_prune(config, out, inputs.teacher, data.dataset, runtime)
             if command == "prune":
                 return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
     if student is None:  # `finetune` after a `prune`, or a resumed `run`
         student = saved_pruned_student(out)
-        _preflight({"student": student}, plan.example)
+        _preflight({"student": student}, inputs.data.example)
     compare = command == "run" and config.evaluate is not None and config.evaluate.compare
     start = copy.deepcopy(student) if compare and runtime.is_main else None  # the baselines start here too
-    summary, student = run_finetune(config, out, teacher, data.dataset, student, resume=resume, progress=progress,
-                                    runtime=runtime, parts=parts, finetuner=finetuner)
-    if not runtime.is_main:
-        return summary
-    if command == "run" and (config.evaluate is not None or config.export is not None):
-        summary["report"] = str(run_report(config, out, teacher, student, data, summary, start=start,
-                                           progress=progress, parts=parts))
-    return summary
+    summary, student = run_finetune(config, out, inputs.teacher, data.dataset, student, resume=resume,
+                                    progress=progress, runtime=runtime, parts=inputs.parts,
+                                    finetuner=inputs.finetuner)
+    result = summary.to_json()
+    if runtime.is_main and command == "run" and (config.evaluate is not None or config.export is not None):
+        result["report"] = str(run_report(config, out, inputs.teacher, student, data, summary, start=start,
+                                          progress=progress, parts=inputs.parts))
+    return result
 
 
 def summary_text(summary: dict[str, Any]) -> str:

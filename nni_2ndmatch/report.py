@@ -5,6 +5,7 @@ and (when the config exports) latency, MACs and parameters; written to ``OUT/rep
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import logging
@@ -24,6 +25,8 @@ from .deploy.bench import run_benchmark, write_reports
 from .evaluation import FID, OnnxFeatures, clip_score, ddim_sample, digits_fid, fidelity, load_clip
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .finetuners import finetuner_options, get_finetuner
+from .job.results import RunSummary
+from .layout import BASELINES_DIR, METRICS_FILE, PRUNING_REPORT, REPORT_DIR, REPORT_FILE, RESULTS_FILE
 from .models.digits import load_digits_classifier
 from .pruning import save_model
 from .training import Runtime, finetune
@@ -31,8 +34,6 @@ from .utils import is_number
 
 logger = logging.getLogger(__name__)
 
-REPORT_DIR = "report"
-BASELINES_DIR = "baselines"  # under REPORT_DIR: one folder per baseline finetuner, holding its student
 MULTI_SEED_BENCHMARK = "benchmarks/digits_quality.py"
 LOSS_TERMS = ("dsm", "kd", "jac")
 
@@ -112,7 +113,7 @@ def save_loss_curves(metrics_file: Path, path: Path, weights: dict[str, float] |
     plt.close(fig)
 
 
-def save_model_sizes(path: Path, models: dict[str, dict[str, float]]) -> None:
+def model_sizes_figure(models: dict[str, dict[str, float]]) -> Any:
     """Two panels, MACs per sample and parameters, each teacher vs student on its own axis
     (millions), titled with the student/teacher ratio. ``models``: {teacher|student: {macs, params}}."""
     plt = _pyplot()
@@ -126,8 +127,14 @@ def save_model_sizes(path: Path, models: dict[str, dict[str, float]]) -> None:
         ax.set_ylabel("millions")
         ax.set_title(f"{title}\nstudent / teacher = {values[1] / values[0]:.3f}")
     fig.tight_layout()
+    return fig
+
+
+def save_model_sizes(path: Path, models: dict[str, dict[str, float]]) -> None:
+    """``model_sizes_figure`` as a PNG at ``path``."""
+    fig = model_sizes_figure(models)
     atomic_write_bytes(path, _png_bytes(fig))
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -253,13 +260,17 @@ def baseline_options(name: str, run_options: dict[str, Any]) -> dict[str, Any]:
 
 
 def finetune_baseline(name: str, start: nn.Module, teacher: nn.Module, dataset: Any, config: Any,
-                      run_options: dict[str, Any], *, progress: bool,
-                      scheduler: Any = None) -> tuple[nn.Module, dict[str, Any]]:
+                      run_options: dict[str, Any], *, progress: bool, scheduler: Any = None,
+                      steps: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``start`` finetuned with the finetuner ``name`` and the run's loop options (the same
-    seed: the same data order, noise and timesteps; the run's ``scheduler``). Writes no checkpoints."""
+    seed: the same data order, noise and timesteps; the run's ``scheduler``), for the run's number
+    of steps or ``steps``. Writes no checkpoints."""
     finetuner = get_finetuner(name, scheduler=scheduler, **baseline_options(name, run_options))
-    logger.info("finetuning the baseline %r from the same starting student (%d steps)", name, config.finetune.steps)
-    result = finetune(copy.deepcopy(start), teacher, finetuner, dataset, config.finetune.train_config(), None,
+    train = config.finetune.train_config()
+    if steps is not None:
+        train = train.model_copy(update={"steps": steps})
+    logger.info("finetuning the baseline %r from the same starting student (%d steps)", name, train.steps)
+    result = finetune(copy.deepcopy(start), teacher, finetuner, dataset, train, None,
                       runtime=Runtime(config.finetune.device), progress=progress)
     info = {"finetuner": name, "finetuner_options": finetuner.options(), "steps": result.step,
             "seconds": result.seconds, "final": result.history[-1] if result.history else {}}
@@ -284,8 +295,7 @@ def difference_sentence(run: dict[str, Any], baseline: dict[str, Any], seed: int
                          f"{better} is better)")
     parts.append(f"fidelity to the teacher {run['fidelity']:.4f} vs {baseline['fidelity']:.4f} "
                  f"({run['fidelity'] - baseline['fidelity']:+.4f}; lower is closer)")
-    return (f"With this one finetune seed ({seed}), `{run['finetuner']}` vs the `{baseline['finetuner']}` "
-            f"baseline: {', '.join(parts)}.")
+    return f"With this one finetune seed ({seed}), `{run['finetuner']}` vs {baseline['model']}: {', '.join(parts)}."
 
 
 def single_seed_caveat() -> str:
@@ -293,21 +303,21 @@ def single_seed_caveat() -> str:
             "paired comparison (same pruned student and noise per seed) over several seeds on the built-in digits.")
 
 
-def _row(model: str, role: str, finetuner: str | None, scores: dict[str, Any], seconds: float | None,
+def _quality_row(model: str, role: str, finetuner: str | None, scores: dict[str, Any], seconds: float | None,
          samples_png: str) -> dict[str, Any]:
     return {"model": model, "role": role, "finetuner": finetuner, **scores, "finetune_seconds": seconds,
             "samples_png": samples_png}
 
 
 def compare_models(config: Any, out: Path, student: nn.Module, teacher: nn.Module, dataset: Any,
-                   summary: dict[str, Any], evaluator: Scores, start: nn.Module | None, *,
+                   summary: RunSummary, evaluator: Scores, start: nn.Module | None, *,
                    progress: bool, scheduler: Any = None) -> dict[str, Any]:
     """Rows of the quality table (teacher, the starting student before finetuning, each baseline of
     ``evaluate.compare``, the run's student), their sample grids, and the run-vs-baseline sentences."""
     folder = out / REPORT_DIR
     names: list[str] = list(config.evaluate.compare)
-    run_name = summary["finetuner"]
-    rows = [_row("teacher", "teacher", None, evaluator.score(evaluator.teacher_samples), None, "samples_teacher.png")]
+    run_name = summary.finetuner
+    rows = [_quality_row("teacher", "teacher", None, evaluator.score(evaluator.teacher_samples), None, "samples_teacher.png")]
     save_grid(evaluator.teacher_samples[:50], folder / "samples_teacher.png")
     source = "model.student" if config.model.student is not None else "pruned/"
     if start is None:
@@ -323,26 +333,36 @@ def compare_models(config: Any, out: Path, student: nn.Module, teacher: nn.Modul
         samples = evaluator.sample(start)
         save_grid(samples[:50], folder / "samples_pruned.png")
         label = "pruned, before finetuning" if config.model.student is None else "starting student, before finetuning"
-        rows.append(_row(label, "start", None, evaluator.score(samples), None, "samples_pruned.png"))
+        rows.append(_quality_row(label, "start", None, evaluator.score(samples), None, "samples_pruned.png"))
         for name in names:
-            baseline, info = finetune_baseline(name, start, teacher, dataset, config,
-                                               summary.get("finetuner_options", {}), progress=progress,
-                                               scheduler=scheduler)
+            run = functools.partial(finetune_baseline, name, start, teacher, dataset, config,
+                                    summary.finetuner_options, progress=progress, scheduler=scheduler)
+            baseline, info = run()
             samples = evaluator.sample(baseline)
             png = f"samples_baseline_{_safe_name(name)}.png"
             save_grid(samples[:50], folder / png)
-            rows.append(_row(f"{name} (baseline)", "baseline", name, evaluator.score(samples), info["seconds"], png))
+            rows.append(_quality_row(f"{name} (baseline)", "baseline", name, evaluator.score(samples), info["seconds"], png))
             baselines[name] = {**info, "student_dir": _save_baseline(baseline, out, name)}
+            if config.evaluate.equal_wallclock:  # as many steps as fit in the run's seconds
+                steps = max(1, round(summary.seconds / (info["seconds"] / info["steps"])))
+                baseline, info = run(steps=steps)
+                samples = evaluator.sample(baseline)
+                png = f"samples_baseline_{_safe_name(name)}_wallclock.png"
+                save_grid(samples[:50], folder / png)
+                rows.append(_quality_row(f"{name} (baseline, {steps} steps: the run's wall clock)", "baseline-wallclock",
+                                 name, evaluator.score(samples), info["seconds"], png))
+                baselines[f"{name}-wallclock"] = {**info, "student_dir": _save_baseline(baseline, out,
+                                                                                         f"{name}-wallclock")}
     student_samples = evaluator.sample(student)
     save_grid(student_samples[:50], folder / "samples_student.png")
-    run_row = _row(f"{run_name} (this run)", "run", run_name, evaluator.score(student_samples),
-                   summary.get("seconds"), "samples_student.png")
+    run_row = _quality_row(f"{run_name} (this run)", "run", run_name, evaluator.score(student_samples),
+                   summary.seconds, "samples_student.png")
     rows.append(run_row)
-    if baselines and summary.get("processes", 1) > 1:
-        notes.append(f"The run finetuned on {summary['processes']} processes, the baselines on one: their "
+    if baselines and summary.processes > 1:
+        notes.append(f"The run finetuned on {summary.processes} processes, the baselines on one: their "
                      "finetune seconds are not comparable.")
     seed = config.finetune.seed
-    sentences = [difference_sentence(run_row, row, seed) for row in rows if row["role"] == "baseline"]
+    sentences = [difference_sentence(run_row, row, seed) for row in rows if row["role"].startswith("baseline")]
     if sentences:
         sentences.append(single_seed_caveat())
     return {"rows": rows, "start": source if start is not None else None, "finetune_seed": seed,
@@ -416,7 +436,7 @@ def quality_lines(quality: dict[str, Any], comparison: dict[str, Any]) -> list[s
 def write_report(out: Path, results: dict[str, Any]) -> Path:
     """``results.json`` and ``report.md`` under out/report (the PNGs are written by the steps)."""
     folder = out / REPORT_DIR
-    atomic_write_json(folder / "results.json", results)
+    atomic_write_json(folder / RESULTS_FILE, results)
     lines = ["# nni-2ndmatch run report", ""]
     pruning = results.get("pruning")
     if pruning:
@@ -438,13 +458,13 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         if not _HEADING.match(embedded):
             lines += ["## Latency", ""]
         lines += [embedded, "", "![latency](latency.png)", "", "![MACs and parameters](macs.png)", ""]
-    path = folder / "report.md"
+    path = folder / REPORT_FILE
     atomic_write_text(path, "\n".join(lines))
     return path
 
 
 def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, data: Any,
-               summary: dict[str, Any], *, start: nn.Module | None = None, progress: bool = False,
+               summary: RunSummary, *, start: nn.Module | None = None, progress: bool = False,
                parts: Any = None) -> Path:
     """Evaluate, compare, export and benchmark as the config's ``evaluate`` and ``export`` sections
     say; write out/report (report.md, results.json, PNGs). ``data``: the run's ``TrainingData``
@@ -454,13 +474,14 @@ def run_report(config: Any, out: Path, teacher: nn.Module, student: nn.Module, d
     (models.PipelineParts) when it is one: its schedule, and for a latent one the sampling through
     it. Returns the path of report.md."""
     folder = out / REPORT_DIR
-    results: dict[str, Any] = {"finetune": {k: summary[k] for k in ("finetuner", "steps", "seconds", "final")}}
-    if (out / "pruning_report.json").is_file():
-        pruning = json.loads((out / "pruning_report.json").read_text())
+    results: dict[str, Any] = {"finetune": {"finetuner": summary.finetuner, "steps": summary.steps,
+                                            "seconds": summary.seconds, "final": summary.final}}
+    if (out / PRUNING_REPORT).is_file():
+        pruning = json.loads((out / PRUNING_REPORT).read_text())
         results["pruning"] = {k: v for k, v in pruning.items() if k != "groups"}
-    if (out / "metrics.jsonl").is_file():
-        save_loss_curves(out / "metrics.jsonl", folder / "loss_curves.png",
-                         loss_weights(summary.get("finetuner_options", {})))
+    if (out / METRICS_FILE).is_file():
+        save_loss_curves(out / METRICS_FILE, folder / "loss_curves.png",
+                         loss_weights(summary.finetuner_options))
     if config.evaluate is not None:
         e = config.evaluate
         logger.info("evaluating teacher and student: %d samples each, %d DDIM steps", e.samples, e.ddim_steps)

@@ -1,53 +1,17 @@
 """The command line and the config file, run as a user would: in a subprocess."""
 
-import contextlib
-import io
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers.cli import ROOT, cli, cli_here, write_config
 
 from nni_2ndmatch.config import ConfigError, load_config, validate_config
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
-
-
-def cli(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "nni_2ndmatch.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600, env=None if env is None else {**os.environ, **env})
-
-
-def cli_here(*args):
-    """``nni-2ndmatch ARGS`` in this process (no interpreter start-up): exit code and output, as ``cli``
-    gives them. torch's thread count, which a run sets, is restored."""
-    from nni_2ndmatch.cli import main
-
-    threads, out, err = torch.get_num_threads(), io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def write_config(tmp_path, edit=None, name="cfg.yaml"):
-    raw = yaml.safe_load((ROOT / "examples" / "tiny_finetune.yaml").read_text())
-    raw["finetune"].update(steps=3, checkpoint_every=2, batch_size=4)
-    raw["output_dir"] = str(tmp_path / "run")
-    if edit:
-        edit(raw)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def test_examples_are_valid_configs():

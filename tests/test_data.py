@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import yaml
-from test_cli import cli_here
+from helpers.cli import cli_here
 from tiny_models import captioned_images, tiny_sd_pipeline
 
 from nni_2ndmatch.config import validate_config
@@ -56,7 +56,8 @@ def test_a_bad_image_in_a_table_is_named_or_skipped(tmp_path):
     images = captioned_images(tmp_path / "images", n=4)
     cells = [{"bytes": p.read_bytes(), "path": None} for p in sorted(images.glob("*.png"))]
     cells[2] = {"bytes": b"not an image", "path": None}
-    datasets.Dataset.from_dict({"image": cells}).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "t"))
+    table = datasets.Dataset.from_dict({"image": cells}).cast_column("image", datasets.Image())
+    table.save_to_disk(str(tmp_path / "t"))
     with pytest.raises(ValueError, match=r"1 bad image\(s\): 2: it does not decode as an image.*skip_bad_images"):
         TableDataset(tmp_path / "t", 8, 3)
     kept = TableDataset(tmp_path / "t", 8, 3, skip_bad_images=True)
@@ -178,7 +179,8 @@ def test_a_run_killed_while_encoding_continues_from_the_shards_it_finished(tmp_p
     images = captioned_images(tmp_path / "images", n=8)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(_sd_config(tmp_path, {"path": str(images)})))
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SHARDS, "run", str(tmp_path / "cfg.yaml"),
-                             "--no-progress"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             "--no-progress"], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     cache = tmp_path / "run" / "cache"
     finished = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}

@@ -29,9 +29,9 @@ sys.exit(run_main(lambda: to_aoti.main(to_aoti.parse_args(sys.argv[1:]))))
 @pytest.mark.slow  # a subprocess that starts another
 def test_a_crash_of_the_aoti_runtime_is_one_line_and_exit_1_and_nothing_is_written(tmp_path):
     tiny_dit(seed=1).save_pretrained(tmp_path / "student")
-    r = subprocess.run([sys.executable, "-c", CRASHING_CHILD, str(ROOT / "export"), "--model", str(tmp_path / "student"),
-                        "--out", str(tmp_path / "out" / "s.pt2"), "--batch", "1,2"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", CRASHING_CHILD, str(ROOT / "export"), "--model",
+                        str(tmp_path / "student"), "--out", str(tmp_path / "out" / "s.pt2"), "--batch", "1,2"],
+                       capture_output=True, text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1, r.stderr
     assert re.fullmatch(r"error: the AOTInductor runtime crashed \(SIGSEGV\) loading or running the package "

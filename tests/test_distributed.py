@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import cli_here
+from helpers.cli import cli_here
 from tiny_models import tiny_unet2d
 
 from nni_2ndmatch.files import load_tensors

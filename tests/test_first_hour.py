@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 import yaml
-from test_cli import cli, cli_here, write_config
-from test_training import Images, _run
+from helpers.cli import cli, cli_here, write_config
+from helpers.training import Images, run_tiny
 from tiny_models import tiny_unet2d
 
 from nni_2ndmatch import TrainConfig, __version__, finetune, get_finetuner
@@ -119,22 +119,20 @@ def test_threads_from_the_config_and_the_command_line(tmp_path, monkeypatch):
     for bad in (0, "many"):
         with pytest.raises(ValueError, match="threads"):
             validate_config({**raw, "threads": bad})
-    before = torch.get_num_threads()
-    try:
-        from nni_2ndmatch.pipeline import run_job
+    from nni_2ndmatch import pipeline
 
-        run_job(validate_config({**raw, "threads": 1}), "prune", progress=False)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    before, seen, prune = torch.get_num_threads(), [], pipeline.run_prune
+    monkeypatch.setattr(pipeline, "run_prune", lambda *a, **k: seen.append(torch.get_num_threads()) or prune(*a, **k))
+    pipeline.run_job(validate_config({**raw, "threads": 1}), "prune", progress=False)
+    assert seen == [1] and torch.get_num_threads() == before  # the job's threads, then the caller's again
     r = cli_here("prune", write_config(tmp_path, name="t.yaml"), "--threads", "0", "--overwrite")
     assert r.returncode == 2 and "--threads: value 0 is not allowed" in r.stderr
 
 
 def test_the_python_finetune_refuses_a_folder_that_holds_a_run(tmp_path):
-    _run(tmp_path, 2)
+    run_tiny(tmp_path, 2)
     with pytest.raises(FileExistsError, match="already holds a run .*resume=True.*overwrite=True"):
-        _run(tmp_path, 2)
+        run_tiny(tmp_path, 2)
     metrics = tmp_path / "metrics.jsonl"
     assert len(metrics.read_text().splitlines()) == 2  # untouched
     student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
@@ -145,17 +143,17 @@ def test_the_python_finetune_refuses_a_folder_that_holds_a_run(tmp_path):
 
 
 def test_wall_time_is_carried_across_a_resume(tmp_path):
-    part, _ = _run(tmp_path, 4)
+    part, _ = run_tiny(tmp_path, 4)
     state = json.loads((tmp_path / "checkpoints" / "step-0000004" / "state.json").read_text())
     assert state["seconds"] > 0
-    resumed, _ = _run(tmp_path, 6, resume=True)
+    resumed, _ = run_tiny(tmp_path, 6, resume=True)
     assert resumed.seconds > state["seconds"]
     assert [h["seconds"] for h in resumed.history] == sorted(h["seconds"] for h in resumed.history)
     assert resumed.history[4]["seconds"] > state["seconds"]
 
 
 def test_overwrite_keeps_the_old_run_when_the_new_settings_are_refused(tmp_path):
-    _run(tmp_path, 2)
+    run_tiny(tmp_path, 2)
     student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
     bad = TrainConfig(steps=1, batch_size=3, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="batch_size=3 is not allowed"):

@@ -7,7 +7,7 @@ jvp/vjp on the GPU (which the first test ties to the explicit Jacobians).
 
 import pytest
 import torch
-from test_losses import _reference, _rel
+from helpers.jacobians import reference_products, rel_error
 from tiny_models import BUILDERS, example_inputs
 
 from nni_2ndmatch import jacobian_sensitivity, sample_directions, second_match_loss
@@ -26,13 +26,13 @@ def _cuda(kw):
 def test_estimators_on_the_gpu_match_explicit_cpu_jacobians(kind):
     model, (x, t, kw) = BUILDERS[kind]().double().eval(), example_inputs(kind)
     v = sample_directions(x)
-    ref_jv, ref_jtv, _ = _reference(model, x, t, v, **kw)
+    ref_jv, ref_jtv, _ = reference_products(model, x, t, v, **kw)
     model.cuda()
     got = {mode: jacobian_sensitivity(model, x.cuda(), t.cuda(), v.cuda(), mode=mode, **_cuda(kw)).cpu()
            for mode in ("jvp", "vjp", "fd")}
-    assert _rel(got["jvp"], ref_jv) < 1e-6
-    assert _rel(got["vjp"], ref_jtv) < 1e-6
-    assert _rel(got["fd"], ref_jv) < 1e-3  # float64 central difference: truncation error only
+    assert rel_error(got["jvp"], ref_jv) < 1e-6
+    assert rel_error(got["vjp"], ref_jtv) < 1e-6
+    assert rel_error(got["fd"], ref_jv) < 1e-3  # float64 central difference: truncation error only
 
 
 needs_tf32 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
@@ -66,10 +66,10 @@ def test_fp32_estimators_with_tf32_allowed_stay_accurate(tf32_allowed):
         h = DEFAULT_FD_STEP  # the same difference without the library's guard: TF32 ruins it
         unguarded = squared_norm((model(x + h * v, t).sample - model(x - h * v, t).sample) / (2 * h))
     assert precision_state() == tf32_allowed  # restored
-    assert _rel(fd.double(), exact["jvp"]) < 1e-3  # the bound tests/test_losses.py checks on the CPU
-    assert _rel(unguarded.double(), exact["jvp"]) > 1e-2
+    assert rel_error(fd.double(), exact["jvp"]) < 1e-3  # the bound tests/test_losses.py checks on the CPU
+    assert rel_error(unguarded.double(), exact["jvp"]) > 1e-2
     for mode in ("jvp", "vjp"):  # these run in TF32 here (measured on an H200: below 1e-4)
-        assert _rel(jacobian_sensitivity(model, x, t, v, mode=mode).detach().double(), exact[mode]) < 1e-3
+        assert rel_error(jacobian_sensitivity(model, x, t, v, mode=mode).detach().double(), exact[mode]) < 1e-3
 
 
 @needs_tf32

@@ -6,23 +6,12 @@ import functools
 import pytest
 import torch
 from conftest import SymmetricNet, TinyNet, explicit_jacobians
+from helpers.jacobians import reference_products, rel_error
 from tiny_models import BUILDERS, example_inputs
 
 from nni_2ndmatch import jacobian_sensitivity, sample_directions, second_match_loss
 from nni_2ndmatch.method import DEFAULT_FD_STEP, fp32_precision, precision_state
 from nni_2ndmatch.method.precision import _restore_precision
-
-
-def _rel(a, b):
-    return ((a - b).abs() / b.abs().clamp_min(1e-300)).max().item()
-
-
-def _reference(model, x, t, v, **kw):
-    J = explicit_jacobians(model, x, t, **kw)  # [B, d, d], J[b] = d out_b / d x_b
-    vf = v.flatten(1)
-    jv = torch.einsum("bij,bj->bi", J, vf)
-    jtv = torch.einsum("bji,bj->bi", J, vf)
-    return jv.pow(2).sum(1), jtv.pow(2).sum(1), J
 
 
 @pytest.mark.parametrize("kind", ["tiny", *BUILDERS])
@@ -33,9 +22,9 @@ def test_per_sample_values_match_explicit_jacobian(kind):
     else:
         model, (x, t, kw) = BUILDERS[kind]().double().eval(), example_inputs(kind)  # eval: DiT drops labels at random in train mode
     v = sample_directions(x)
-    ref_jv, ref_jtv, _ = _reference(model, x, t, v, **kw)
-    assert _rel(jacobian_sensitivity(model, x, t, v, mode="jvp", **kw), ref_jv) < 1e-6
-    assert _rel(jacobian_sensitivity(model, x, t, v, mode="vjp", **kw), ref_jtv) < 1e-6
+    ref_jv, ref_jtv, _ = reference_products(model, x, t, v, **kw)
+    assert rel_error(jacobian_sensitivity(model, x, t, v, mode="jvp", **kw), ref_jv) < 1e-6
+    assert rel_error(jacobian_sensitivity(model, x, t, v, mode="vjp", **kw), ref_jtv) < 1e-6
 
 
 def test_directions_are_unit_and_per_sample():
@@ -64,13 +53,13 @@ def test_jvp_and_vjp_agree_when_jacobian_is_symmetric_and_differ_when_not():
     x, t = torch.randn(4, 1, 2, 3, dtype=torch.float64), torch.full((4,), 3.0, dtype=torch.float64)
     v = sample_directions(x)
     sym = SymmetricNet().double()
-    _, _, J = _reference(sym, x, t, v)
+    _, _, J = reference_products(sym, x, t, v)
     assert torch.allclose(J, J.transpose(1, 2), atol=1e-12)
     a, b = (jacobian_sensitivity(sym, x, t, v, mode=m) for m in ("jvp", "vjp"))
-    assert _rel(a, b) < 1e-10
+    assert rel_error(a, b) < 1e-10
     asym = TinyNet().double()
     a, b = (jacobian_sensitivity(asym, x, t, v, mode=m) for m in ("jvp", "vjp"))
-    assert _rel(a, b) > 1e-3
+    assert rel_error(a, b) > 1e-3
 
 
 def test_finite_difference_error_is_second_order_and_small_in_fp32():
@@ -78,14 +67,14 @@ def test_finite_difference_error_is_second_order_and_small_in_fp32():
     x, t, _ = example_inputs("unet2d", batch=3)
     v = sample_directions(x)
     exact = jacobian_sensitivity(model, x, t, v, mode="jvp")
-    errors = [_rel(jacobian_sensitivity(model, x, t, v, mode="fd", fd_step=h), exact) for h in (0.2, 0.1)]
+    errors = [rel_error(jacobian_sensitivity(model, x, t, v, mode="fd", fd_step=h), exact) for h in (0.2, 0.1)]
     # central difference: halving h divides the truncation error by about 4
     assert 3.0 < errors[0] / errors[1] < 5.0
     # the documented bound: below 1e-3 relative in fp32 at the default step
     model32, x32, v32 = model.float(), x.float(), v.float()
     fd32 = jacobian_sensitivity(model32, x32, t.float(), v32, mode="fd")
     assert DEFAULT_FD_STEP == 1e-2
-    assert _rel(fd32.double(), exact) < 1e-3
+    assert rel_error(fd32.double(), exact) < 1e-3
 
 
 @pytest.mark.parametrize("mode", ["jvp", "vjp", "fd"])
@@ -166,7 +155,7 @@ def test_every_evaluation_of_one_estimate_uses_the_same_dropout_mask():
     exact = jacobian_sensitivity(net, x, t, v, mode="jvp")
     torch.manual_seed(1)
     fd = jacobian_sensitivity(net, x, t, v, mode="fd", fd_step=1e-4)
-    assert _rel(fd, exact) < 1e-6
+    assert rel_error(fd, exact) < 1e-6
 
 
 STARTING_PRECISIONS = {

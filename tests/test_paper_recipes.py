@@ -58,3 +58,17 @@ def test_each_recipe_runs_two_steps_on_tiny_models_of_its_families(recipe, tmp_p
     summary = run_job(validate_config(raw), "run", progress=False)
     assert summary["steps"] == 2 and all(map(math.isfinite, summary["final"].values()))
     assert ("pipeline_dir" in summary) == ("student" in raw["model"])
+    # every setting of the recipe is the run's, as its resolved config and summary record them
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "examples" / "paper" / recipe).read_text())
+    replaced = {"steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"}
+    used = {**summary["train_config"], **summary["finetuner_options"]}
+    for key, value in recipe["finetune"].items():
+        if key not in replaced:
+            assert resolved["finetune"][key] == value, key
+            assert used.get(key, value) == value, key
+    for key, value in recipe.get("pruning", {}).items():
+        assert resolved["pruning"][key] == value, key
+    for key, value in recipe["data"].items():
+        if key not in ("path", "resolution"):
+            assert resolved["data"][key] == value, key

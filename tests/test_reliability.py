@@ -8,7 +8,7 @@ import time
 
 import pytest
 import yaml
-from test_cli import cli_here
+from helpers.cli import cli_here
 from tiny_models import captioned_images
 
 from nni_2ndmatch import load_pruned, prune_diffusers, save_pruned

@@ -74,13 +74,13 @@ def _differs(a, b):
 def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp_path):
     from nni_2ndmatch import finetune, get_finetuner, load_pruned
     from nni_2ndmatch.data import DigitsDataset
-    from nni_2ndmatch.pipeline import load_model, run_job
+    from nni_2ndmatch.pipeline import load_configured_model, run_job
 
     raw = {"model": {"teacher": {"builtin": "digits-teacher"}}, "data": {"builtin": "digits", "resolution": 8},
            "pruning": {"pruner": "magnitude", "sparse_ratio": 0.5},
            "finetune": {"finetuner": "2ndmatch", "steps": 2, "batch_size": 8, "lr": 5e-4, "lambda_kd": 0.5,
                         "lambda_jac": 0.001, "log_every": 1, "checkpoint_every": 2},
-           "evaluate": {"samples": 8, "ddim_steps": 2, "compare": ["kd"]},
+           "evaluate": {"samples": 8, "ddim_steps": 2, "compare": ["kd"], "equal_wallclock": True},
            "output_dir": str(tmp_path / "run")}
     config = validate_config(raw)
     run_job(config, "run", progress=False)
@@ -88,8 +88,11 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
     report = out / "report"
     results = json.loads((report / "results.json").read_text())
     comparison = results["comparison"]
+    kd_steps = round(results["finetune"]["seconds"] / (comparison["baselines"]["kd"]["seconds"] / 2))
     assert [row["model"] for row in comparison["rows"]] == [
-        "teacher", "pruned, before finetuning", "kd (baseline)", "2ndmatch (this run)"]
+        "teacher", "pruned, before finetuning", "kd (baseline)",
+        f"kd (baseline, {kd_steps} steps: the run's wall clock)", "2ndmatch (this run)"]
+    assert comparison["baselines"]["kd-wallclock"]["steps"] == kd_steps > 2  # kd's step is the cheaper
     rows = {row["role"]: row for row in comparison["rows"]}
     assert rows["baseline"]["finetuner"] == "kd" and rows["baseline"]["finetune_seconds"] > 0
     assert math.isfinite(rows["baseline"]["digits_fid"]) and rows["baseline"]["fidelity"] > 0
@@ -101,7 +104,7 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
     assert start.keys() == kd.keys() == student.keys()  # one architecture
     assert _differs(start, kd) and _differs(start, student) and _differs(kd, student)
     # the same start and loop options: kd finetuned here from out/pruned reproduces the baseline exactly
-    teacher = load_model(config.model.teacher, "teacher")
+    teacher = load_configured_model(config.model.teacher, "teacher")
     again = finetune(load_pruned(out / "pruned"), teacher, get_finetuner("kd", lambda_dsm=1.0, lambda_kd=0.5),
                      DigitsDataset(8), config.finetune.train_config(), None, progress=False).student
     assert not _differs(_params(again), kd)
@@ -109,21 +112,29 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
 
     text = (report / "report.md").read_text()
     assert [line for line in text.splitlines() if line.startswith("# ")] == ["# nni-2ndmatch run report"]
-    assert "| kd (baseline) |" in text and "`2ndmatch` vs the `kd` baseline" in text
+    assert "| kd (baseline) |" in text and "`2ndmatch` vs kd (baseline):" in text
+    assert f"`2ndmatch` vs kd (baseline, {kd_steps} steps: the run's wall clock):" in text
     assert "benchmarks/digits_quality.py" in text
     for png in ("loss_curves.png", "samples_pruned.png", "samples_baseline_kd.png", "samples_student.png"):
         assert (report / png).stat().st_size > 1000, png
 
 
-def test_model_sizes_are_two_readable_panels(tmp_path):
+def test_model_sizes_are_two_panels_with_each_models_size_and_the_ratio(tmp_path):
     from PIL import Image
 
-    from nni_2ndmatch.report import save_model_sizes
+    from nni_2ndmatch.report import model_sizes_figure, save_model_sizes
 
-    path = tmp_path / "macs.png"
-    save_model_sizes(path, {"teacher": {"macs": 16.2e6, "params": 1.1e6}, "student": {"macs": 4.3e6, "params": 0.3e6}})
-    with Image.open(path) as image:
-        assert image.width > 1.5 * image.height  # side by side
+    models = {"teacher": {"macs": 16.2e6, "params": 1.1e6}, "student": {"macs": 4.3e6, "params": 0.3e6}}
+    fig = model_sizes_figure(models)
+    (macs, params) = fig.axes
+    assert [b.get_height() for b in macs.patches] == pytest.approx([16.2, 4.3])  # millions, teacher first
+    assert [b.get_height() for b in params.patches] == pytest.approx([1.1, 0.3])
+    assert macs.get_title().endswith(f"student / teacher = {4.3 / 16.2:.3f}")
+    assert params.get_title().endswith(f"student / teacher = {0.3 / 1.1:.3f}")
+    assert [t.get_text() for t in macs.texts] == ["16.2M", "4.3M"]
+    save_model_sizes(tmp_path / "macs.png", models)
+    with Image.open(tmp_path / "macs.png") as image:
+        assert image.format == "PNG" and image.width > 1.5 * image.height  # side by side
 
 
 def test_report_embeds_the_latency_document_as_an_h2_section(tmp_path):

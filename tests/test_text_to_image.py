@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_cli import cli_here
+from helpers.cli import cli_here
 from tiny_models import captioned_images, tiny_clip, tiny_dit_pipeline, tiny_feature_onnx, tiny_sd_pipeline
 
 from nni_2ndmatch.config import validate_config
@@ -127,11 +127,24 @@ def test_v_prediction_trains_against_the_velocity():
     assert eps_terms["dsm"] == pytest.approx(float((out - noise).pow(2).flatten(1).sum(1).mean()), rel=1e-6)
 
 
-def test_a_v_prediction_pipeline_runs_and_its_schedule_is_recorded(tmp_path):
+def test_a_v_prediction_pipeline_trains_on_its_own_schedule_and_records_it(tmp_path):
+    """The same pipeline but for its prediction type, one step each: the summary records the
+    schedule, and the trained students differ (the targets are velocities, not noise)."""
+    from nni_2ndmatch import load_pruned
     from nni_2ndmatch.pipeline import run_job
 
-    summary = run_job(validate_config(_config(tmp_path, "v_prediction", finetuner="kd")), "run", progress=False)
-    assert summary["schedule"]["prediction_type"] == "v_prediction"
+    students = {}
+    for prediction in ("epsilon", "v_prediction"):
+        raw = _config(tmp_path / prediction, prediction, finetuner="dsm", steps=1)
+        summary = run_job(validate_config(raw), "run", progress=False)
+        assert summary["schedule"] == {"beta_schedule": "scaled_linear", "prediction_type": prediction}
+        students[prediction] = load_pruned(tmp_path / prediction / "run" / "student").state_dict()
+        assert json.loads((tmp_path / prediction / "run" / "pipeline" / "scheduler" / "scheduler_config.json")
+                          .read_text())["prediction_type"] == prediction
+    pruned = load_pruned(tmp_path / "epsilon" / "run" / "pruned").state_dict()
+    assert all(torch.equal(pruned[k], load_pruned(tmp_path / "v_prediction" / "run" / "pruned").state_dict()[k])
+               for k in pruned)  # the same start
+    assert any(not torch.equal(students["epsilon"][k], students["v_prediction"][k]) for k in pruned)
 
 
 @pytest.mark.slow

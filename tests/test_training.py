@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers.training import Images, run_tiny
 from pydantic import ValidationError
 from tiny_models import tiny_unet2d
 
@@ -12,28 +13,9 @@ from nni_2ndmatch.data import batch_indices
 from nni_2ndmatch.method import sample_timesteps
 
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, n=24):
-        self.x = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(5)).clamp(-1, 1)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
-
-
-def _run(tmp_path, steps, resume=False, finetuner="2ndmatch", **cfg):
-    student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
-    config = TrainConfig(steps=steps, batch_size=4, checkpoint_every=3, log_every=1, seed=11, hflip=True, **cfg)
-    res = finetune(student, teacher, get_finetuner(finetuner), Images(), config, tmp_path, resume=resume,
-                   progress=False)
-    return res, teacher
-
-
 def test_same_seed_same_weights_and_teacher_untouched(tmp_path):
-    a, teacher = _run(tmp_path / "a", 4)
-    b, _ = _run(tmp_path / "b", 4)
+    a, teacher = run_tiny(tmp_path / "a", 4)
+    b, _ = run_tiny(tmp_path / "b", 4)
     assert all(torch.equal(p, q) for p, q in zip(a.student.state_dict().values(), b.student.state_dict().values()))
     fresh = tiny_unet2d(seed=2)
     assert all(torch.equal(p, q) for p, q in zip(teacher.state_dict().values(), fresh.state_dict().values()))
@@ -43,9 +25,9 @@ def test_same_seed_same_weights_and_teacher_untouched(tmp_path):
 
 
 def test_resume_continues_bit_exactly(tmp_path):
-    full, _ = _run(tmp_path / "full", 7)
-    _run(tmp_path / "crash", 4)  # as if the run had died after step 4 (checkpoint at 3 and 4)
-    resumed, _ = _run(tmp_path / "crash", 7, resume=True)
+    full, _ = run_tiny(tmp_path / "full", 7)
+    run_tiny(tmp_path / "crash", 4)  # as if the run had died after step 4 (checkpoint at 3 and 4)
+    resumed, _ = run_tiny(tmp_path / "crash", 7, resume=True)
     for (k, p), q in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
         assert torch.equal(p, q), k
     assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
@@ -54,7 +36,7 @@ def test_resume_continues_bit_exactly(tmp_path):
 
 
 def test_checkpoints_are_complete_and_pruned(tmp_path):
-    _run(tmp_path, 7)
+    run_tiny(tmp_path, 7)
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-0000007"
     assert sorted(p.name for p in root.glob("step-*")) == ["step-0000006", "step-0000007"]
@@ -64,16 +46,16 @@ def test_checkpoints_are_complete_and_pruned(tmp_path):
 
 
 def test_resume_ignores_an_incomplete_checkpoint(tmp_path):
-    _run(tmp_path, 3)
+    run_tiny(tmp_path, 3)
     (tmp_path / "checkpoints" / ".step-0000006.abc.tmp").mkdir()  # a crash in the middle of a write
     (tmp_path / "checkpoints" / ".step-0000006.abc.tmp" / "state.safetensors").write_bytes(b"trunc")
-    res, _ = _run(tmp_path, 4, resume=True)
+    res, _ = run_tiny(tmp_path, 4, resume=True)
     assert res.history[-1]["step"] == 4
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        _run(tmp_path, 3, resume=True)
+        run_tiny(tmp_path, 3, resume=True)
 
 
 def test_non_finite_loss_skips_steps_then_stops(tmp_path):
@@ -147,7 +129,7 @@ def test_bf16_autocasts_the_network_passes_but_the_jacobian_evaluations_stay_fp3
     """First step, same weights: 2ndmatch's terms all come from the Jacobian evaluations (fp32 by
     design), so bf16 leaves them unchanged; kd's passes run in bf16 and change."""
     def first_terms(finetuner, precision):
-        res, _ = _run(tmp_path / f"{finetuner}-{precision}", 1, finetuner=finetuner, mixed_precision=precision)
+        res, _ = run_tiny(tmp_path / f"{finetuner}-{precision}", 1, finetuner=finetuner, mixed_precision=precision)
         return res.history[0]
 
     fp32, bf16 = first_terms("2ndmatch", "no"), first_terms("2ndmatch", "bf16")
@@ -217,9 +199,9 @@ def test_dropout_applies_to_the_residual_blocks_during_the_run_only(tmp_path):
     finetune(student, teacher, get_finetuner("kd"), Images(), config, progress=False)
     assert seen and set(seen) == {0.1}
     assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}  # restored
-    a, _ = _run(tmp_path / "a", 2, finetuner="kd", dropout=0.1)
-    b, _ = _run(tmp_path / "b", 2, finetuner="kd", dropout=0.1)
-    c, _ = _run(tmp_path / "c", 2, finetuner="kd")
+    a, _ = run_tiny(tmp_path / "a", 2, finetuner="kd", dropout=0.1)
+    b, _ = run_tiny(tmp_path / "b", 2, finetuner="kd", dropout=0.1)
+    c, _ = run_tiny(tmp_path / "c", 2, finetuner="kd")
     same = [torch.equal(p, q) for p, q in zip(a.student.parameters(), b.student.parameters())]
     differ = [torch.equal(p, q) for p, q in zip(a.student.parameters(), c.student.parameters())]
     assert all(same) and not all(differ)
@@ -259,11 +241,11 @@ def test_gradient_checkpointing_gives_the_unchecked_gradient_of_the_jacobian_ter
 
 
 def test_finetune_with_gradient_checkpointing_trains_the_same_and_refuses_forward_mode(tmp_path, monkeypatch):
-    a, _ = _run(tmp_path / "a", 2)
+    a, _ = run_tiny(tmp_path / "a", 2)
     calls = []
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, _f=torch.utils.checkpoint.checkpoint, **k:
                         calls.append(1) or _f(*a, **k))
-    b, _ = _run(tmp_path / "b", 2, gradient_checkpointing=True)
+    b, _ = run_tiny(tmp_path / "b", 2, gradient_checkpointing=True)
     assert calls and not b.student.is_gradient_checkpointing  # used, and for the run only
     first = [{k: v for k, v in r.history[0].items() if k != "seconds"} for r in (a, b)]
     assert first[0] == first[1]  # the same first step

@@ -11,7 +11,7 @@ from .batches import (
     collate,
     epoch_permutation,
 )
-from .encoded import CACHE_DIR, EncodedDataset
+from .encoded import EncodedDataset
 from .sources import (
     BUILTIN_DATA,
     IMAGE_SUFFIXES,
@@ -27,7 +27,7 @@ from .sources import (
 )
 
 __all__ = [
-    "BUILTIN_DATA", "CACHE_DIR", "IMAGE_SUFFIXES", "METADATA_FILE", "DigitsDataset", "EncodedDataset",
+    "BUILTIN_DATA", "IMAGE_SUFFIXES", "METADATA_FILE", "DigitsDataset", "EncodedDataset",
     "ImageFolderDataset", "ItemKey", "Reads", "StepBatches", "TableDataset", "auto_workers", "batch_indices",
     "batch_loader", "collate", "digit_captions", "epoch_permutation", "image_problem", "image_tensor",
     "read_metadata", "table_files",

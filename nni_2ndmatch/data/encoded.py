@@ -36,7 +36,6 @@ from .batches import worker_options
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR = "cache"
 MANIFEST = "manifest.json"
 FORMAT = "2"  # bump when what is stored changes
 SHARD_BYTES = 8 * 2**20  # about this much per shard: what encoding a shard holds in memory
@@ -142,7 +141,7 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return self.plan.items
 
-    def _row(self, kind: str, index: int, name: str) -> Tensor:
+    def _read(self, kind: str, index: int, name: str) -> Tensor:
         from safetensors import safe_open
 
         shard, row = divmod(index, self.plan.per_shard(kind))
@@ -156,15 +155,15 @@ class EncodedDataset(Dataset):
         return f.get_slice(name)[row:row + 1][0].clone()  # a copy, not a view of the mapped file
 
     def caption_embedding(self, text_index: int) -> Tensor:
-        return self._row("captions", text_index, "embeddings").float()
+        return self._read("captions", text_index, "embeddings").float()
 
     def __getitem__(self, index: int) -> Tensor | dict[str, Tensor]:
-        latent = self._row("latents", index, "latents").float()
+        latent = self._read("latents", index, "latents").float()
         if self.plan.labels:
-            return {"sample": latent, "class_labels": self._row("latents", index, "labels")}
+            return {"sample": latent, "class_labels": self._read("latents", index, "labels")}
         if not self.plan.texts:
             return latent
-        text = int(self._row("latents", index, "caption_index"))
+        text = int(self._read("latents", index, "caption_index"))
         return {"sample": latent, "encoder_hidden_states": self.caption_embedding(text)}
 
     def drop_captions(self, model_kwargs: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:

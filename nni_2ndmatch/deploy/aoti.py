@@ -17,7 +17,6 @@ and the versions. Above tolerance nothing is written and :class:`ParityError` is
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import shutil
@@ -26,14 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..compat import batch_independent
 from ..errors import MissingBackendError
 from ..files import atomic_write_json, load_tensors, save_tensors
 from ..utils import is_integer
@@ -61,38 +59,6 @@ def _check_options(device: str, batches: tuple[int, ...], fp16: bool, tolerance:
     if device == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         raise MissingBackendError("AOTInductor needs a C++ compiler for CPU packages and none is on the PATH "
                                   "(install g++ or clang++)")
-
-
-def _upsample_forward(self, hidden_states: Tensor, output_size: Any = None, *args: Any, **kwargs: Any) -> Tensor:
-    """diffusers' Upsample2D.forward without its batch-size branch (a memory-layout workaround for
-    batches >= 64 that leaves the values unchanged); the same ops in the same order otherwise."""
-    if self.norm is not None:
-        hidden_states = self.norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    if self.use_conv_transpose:
-        return self.conv(hidden_states)
-    if self.interpolate:
-        size = {"scale_factor": 2.0} if output_size is None else {"size": output_size}
-        hidden_states = F.interpolate(hidden_states, mode="nearest", **size)
-    if self.use_conv:
-        hidden_states = (self.conv if self.name == "conv" else self.Conv2d_0)(hidden_states)
-    return hidden_states
-
-
-@contextlib.contextmanager
-def batch_independent(model: nn.Module) -> Iterator[None]:
-    """While tracing: diffusers' Upsample2D branches on ``batch >= 64``, which would split the
-    batch axis at 64; its layers run :func:`_upsample_forward` instead (the parity check compares
-    the result with the original model)."""
-    from diffusers.models.upsampling import Upsample2D
-
-    layers = [m for m in model.modules() if type(m) is Upsample2D]
-    for layer in layers:
-        layer.forward = _upsample_forward.__get__(layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 def _export(model: nn.Module, specs: list[InputSpec], device: str, fp16: bool, max_batch: int):
@@ -158,7 +124,8 @@ def _parity(path: Path, reference: nn.Module, specs: list[InputSpec], device: st
         results[str(batch)] = errors_against(outputs[batch].float().numpy(), want)
     worst_abs = max(b["max_abs_error"] for b in results.values())
     worst_rel = max(b["max_rel_error"] for b in results.values())
-    return {"reference": "PyTorch fp32, CPU", "runtime": f"torch._inductor.aoti_load_package, {device} (a child process)",
+    return {"reference": "PyTorch fp32, CPU",
+            "runtime": f"torch._inductor.aoti_load_package, {device} (a child process)",
             "metric": "max_rel_error = max|package - torch| / max|torch| over the output",
             "tolerance": tolerance, "batches": results, "max_abs_error": worst_abs, "max_rel_error": worst_rel,
             "passed": bool(worst_rel <= tolerance)}

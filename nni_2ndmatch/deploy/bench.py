@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ..files import atomic_write_bytes, write_results
+from ..scoped import torch_threads
 from ..utils import is_integer
 from .aoti import export_aoti
 from .errors import DeployError, ExportError, MissingBackendError, ParityError
@@ -209,8 +210,9 @@ def _onnxruntime(provider: str, workdir: Path, seq_len: int, threads: int, fp16:
         try:
             session.run_with_iobinding(binding)  # with a CUDA graph: the capture
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error types
-            raise Unavailable(f"onnxruntime could not run the graph on {provider}{' in a CUDA graph' if cuda_graph else ''}"
-                              f": {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            where = f"{provider}{' in a CUDA graph' if cuda_graph else ''}"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise Unavailable(f"onnxruntime could not run the graph on {where}: {first}") from None
 
         def run() -> Tensor:
             session.run_with_iobinding(binding)
@@ -297,7 +299,8 @@ for _spec in (
     VariantSpec("torch-cpu-fp32", "torch", "cpu", "fp32", "wall", lambda s: _torch_eager("cpu")),
     VariantSpec("torch-cuda-fp32", "torch", "cuda", "fp32", "cuda-events", lambda s: _torch_eager("cuda")),
     VariantSpec("torch-cuda-fp16-cudagraph", "torch", "cuda", "fp16", "cuda-events", lambda s: _torch_cuda_graph),
-    VariantSpec("torch-compile-cpu-fp32", "torch-compile", "cpu", "fp32", "wall", lambda s: _torch_compile("cpu", "fp32")),
+    VariantSpec("torch-compile-cpu-fp32", "torch-compile", "cpu", "fp32", "wall",
+                lambda s: _torch_compile("cpu", "fp32")),
     VariantSpec("torch-compile-cuda-fp16", "torch-compile", "cuda", "fp16", "cuda-events",
                 lambda s: _torch_compile("cuda", "fp16")),
     VariantSpec("aoti-cpu-fp32", "aoti", "cpu", "fp32", "wall",
@@ -432,7 +435,7 @@ def _check(backends: list[str], batches: list[int], device: str, threads: int, r
             raise DeployError(f"{name}={value!r} is not allowed; it must be an integer >= {low}")
 
 
-def _row(variant: Variant, batch: int, times: dict[str, list[float]], providers: list[str] | None,
+def _result_row(variant: Variant, batch: int, times: dict[str, list[float]], providers: list[str] | None,
          macs_ratio: float, params_ratio: float) -> dict[str, Any]:
     teacher, student = summarize(times["teacher"], batch), summarize(times["student"], batch)
     ratio = student["median_ms"] / teacher["median_ms"]
@@ -469,10 +472,8 @@ def run_benchmark(teacher: nn.Module, student: nn.Module, *, backends: list[str]
     macs_ratio = models["student"]["macs"] / models["teacher"]["macs"]
     params_ratio = models["student"]["params"] / models["teacher"]["params"]
     env = environment(device, threads)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     rows: list[dict[str, Any]] = []
-    try:
+    with torch_threads(threads):
         with tempfile.TemporaryDirectory(prefix="nni2ndmatch-bench-", dir=workdir) as tmp:
             variants, skipped = _variants(backends, device, Path(tmp), threads=threads, seq_len=seq_len,
                                           trt_precision=trt_precision, batches=batches)
@@ -484,7 +485,7 @@ def run_benchmark(teacher: nn.Module, student: nn.Module, *, backends: list[str]
                         skipped.append({"variant": variant.name, "reason": str(e)})
                         break
                     times = measure({r: fn for r, (fn, _) in prepared.items()}, repeats, warmup, variant.timer)
-                    rows.append(_row(variant, batch, times, prepared["teacher"][1], macs_ratio, params_ratio))
+                    rows.append(_result_row(variant, batch, times, prepared["teacher"][1], macs_ratio, params_ratio))
                     r = rows[-1]
                     logger.info("%s batch %d: teacher %.2f ms, student %.2f ms, speedup %.2fx (MACs %.2fx)",
                                 variant.name, batch, r["teacher"]["median_ms"], r["student"]["median_ms"],
@@ -492,8 +493,6 @@ def run_benchmark(teacher: nn.Module, student: nn.Module, *, backends: list[str]
                     del prepared
                     if device == "cuda":
                         torch.cuda.empty_cache()
-    finally:
-        torch.set_num_threads(torch_threads)
     if not rows:
         reasons = "; ".join(f"{s['variant']}: {s['reason']}" for s in skipped)
         raise MissingBackendError(f"none of the requested backends could run here ({reasons})")

@@ -15,7 +15,6 @@ from torch.utils.data import Dataset
 
 from ..config import Config
 from ..data import (
-    CACHE_DIR,
     DigitsDataset,
     EncodedDataset,
     ImageFolderDataset,
@@ -34,6 +33,7 @@ from ..data.encoded import (
     start_cache,
 )
 from ..errors import RunError, UserError
+from ..layout import CACHE_DIR
 from ..models import PipelineParts, conditioning_of
 from ..training import Runtime
 

@@ -29,9 +29,9 @@ from .terms import (
 )
 
 __all__ = [
-    "DEFAULT_FD_STEP", "DEFAULT_MODE", "JAC_MATCHES", "MODES", "Mode", "PREDICTION_TYPES", "add_noise", "checkpoint_as_forward",
-    "default_scheduler", "dsm_term", "fp32_precision", "jacobian_match_per_sample", "jacobian_match_term",
-    "jacobian_safe", "jacobian_sensitivity", "kd_term", "model_output", "output_and_product",
+    "DEFAULT_FD_STEP", "DEFAULT_MODE", "JAC_MATCHES", "MODES", "Mode", "PREDICTION_TYPES", "add_noise",
+    "checkpoint_as_forward", "default_scheduler", "dsm_term", "fp32_precision", "jacobian_match_per_sample",
+    "jacobian_match_term", "jacobian_safe", "jacobian_sensitivity", "kd_term", "model_output", "output_and_product",
     "output_and_sensitivity", "precision_state", "sample_directions", "sample_timesteps", "second_match_loss",
     "squared_norm", "student_and_teacher_products", "student_and_teacher_sensitivity",
 ]

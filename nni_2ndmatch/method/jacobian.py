@@ -11,6 +11,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from ..compat import at_end_of_backward, current_sdpa_backends
+from ..scoped import rng_replay
 from ..utils import requires_grad
 from .precision import fp32_precision, precision_state, restored_precision
 from .terms import jacobian_match_term, model_output, sample_directions, squared_norm
@@ -75,9 +77,9 @@ def checkpoint_as_forward(function: Callable[..., Any], *args: Any, **kwargs: An
     (an error) or other values. For ``model.enable_gradient_checkpointing(checkpoint_as_forward)``;
     exact for ``vjp`` and ``fd`` (tested against the unchecked gradient in float64); forward mode
     (``jvp``) cannot go through a recomputation."""
-    from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    backends, precision = _cur_sdpa_kernel_backends(), precision_state()
+    backends, precision = current_sdpa_backends(), precision_state()
 
     class AsForward:  # entered once per recomputation (a double backward recomputes twice)
         def __enter__(self) -> None:
@@ -102,7 +104,7 @@ def _ieee_backward(grad: Tensor) -> Tensor:
     if precision_state() == before:  # already full fp32: the user's setting, or another difference's hook
         guard.close()
     else:
-        torch.autograd.Variable._execution_engine.queue_callback(guard.close)
+        at_end_of_backward(guard.close)
     return grad
 
 
@@ -149,14 +151,10 @@ def output_and_product(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor
         return out, jtv
     # fd: replay the same random state for every evaluation so that dropout masks agree; the
     # generator ends where one ordinary evaluation would have left it.
-    cuda = x_t.device if x_t.device.type == "cuda" else None
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(cuda) if cuda is not None else None
+    rewind = rng_replay(x_t.device)
 
     def replay(x: Tensor) -> Tensor:
-        torch.set_rng_state(cpu_state)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda_state, cuda)
+        rewind()
         return f(x)
 
     x = x_t.detach()

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..scoped import seeded
 from .digits import RESOLUTION, load_digits_teacher
 
 
@@ -122,8 +123,7 @@ def build_builtin(name: str, width: float = 1.0, seed: int = 0) -> nn.Module:
     """A built-in architecture with weights initialised from ``seed`` (``digits-teacher``: pretrained)."""
     if name not in BUILTIN_MODELS:
         raise ValueError(f"builtin={name!r} is unknown; available: {', '.join(BUILTIN_MODELS)}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return BUILTIN_MODELS[name](width)
 
 

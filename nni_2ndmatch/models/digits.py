@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..data import DigitsDataset
 from ..files import load_tensors
+from ..scoped import seeded
 from .loading import load_diffusers_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -79,8 +80,8 @@ def train_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64) -> t
     """Train on the train split (with one-pixel shifts); returns the model and its test accuracy."""
     train, test = DigitsDataset(RESOLUTION, "train"), DigitsDataset(RESOLUTION, "test")
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = DigitsClassifier()
+    with seeded(seed):
+        model = DigitsClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=epochs * -(-len(train) // batch_size))
     for _ in range(epochs):

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..files import read_json_object
 from ..method.schedule import PREDICTION_TYPES
+from ..scoped import seeded
 
 PIPELINE_INDEX = "model_index.json"
 DENOISERS = ("unet", "transformer")
@@ -162,14 +163,12 @@ def write_tiny_sd(folder: str | os.PathLike, seed: int = 0, resolution: int = 16
     SD-1.x families (AutoencoderKL with 2x downsampling, a cross-attention UNet2DConditionModel, a
     2-layer CLIPTextModel with a byte-level tokenizer, SD's scaled-linear schedule), about 1.0M
     parameters in all, for ``resolution`` x ``resolution`` RGB images. Runs anywhere in seconds."""
-    import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     transformers = needs_transformers("the builtin tiny-sd pipeline")
     folder = Path(folder)
     vocab = _byte_vocabulary()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             norm_num_groups=8, layers_per_block=1, sample_size=resolution)

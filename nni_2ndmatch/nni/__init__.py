@@ -16,16 +16,22 @@ from .distiller import (
 )
 from .pruners import (
     NNI_PRUNERS,
+    PRUNER_REGISTRY,
     PRUNERS,
+    PruneRequest,
+    PrunerSpec,
     check_config_list_pruner,
     nni_masks,
     prune_diffusers,
+    pruner_spec,
+    register_pruner,
 )
 
 __all__ = [
-    "NNI_PRUNERS", "NoisyBatches", "PRUNERS", "check_config_list", "check_config_list_model",
-    "check_config_list_pruner", "config_list_problems", "default_config_list", "diffusion_evaluator",
-    "distiller_class", "dsm_training_step", "nni_masks", "prune_diffusers",
+    "NNI_PRUNERS", "NoisyBatches", "PRUNERS", "PRUNER_REGISTRY", "PruneRequest", "PrunerSpec", "check_config_list",
+    "check_config_list_model", "check_config_list_pruner", "config_list_problems", "default_config_list",
+    "diffusion_evaluator", "distiller_class", "dsm_training_step", "nni_masks", "prune_diffusers", "pruner_spec",
+    "register_pruner",
 ]
 
 

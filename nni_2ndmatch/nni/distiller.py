@@ -46,14 +46,9 @@ class NoisyBatches:
 
     def __call__(self, items: list[Any]) -> dict[str, Tensor]:
         x0, conditioning = collate(items, torch.device("cpu"))
-        state = torch.get_rng_state()
-        try:
-            torch.set_rng_state(self.generator.get_state())
-            t = sample_timesteps(x0.shape[0], int(self.scheduler.config.num_train_timesteps), self.antithetic)
-            noise = torch.randn_like(x0)
-            self.generator.set_state(torch.get_rng_state())
-        finally:
-            torch.set_rng_state(state)
+        t = sample_timesteps(x0.shape[0], int(self.scheduler.config.num_train_timesteps), self.antithetic,
+                             self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype)
         return {"x_t": self.scheduler.add_noise(x0, noise, t), "timesteps": t, "noise": noise, **conditioning}
 
 

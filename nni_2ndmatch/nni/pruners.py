@@ -5,14 +5,14 @@ smaller student (``prune_diffusers``). NNI's pruners decide through their channe
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..models import default_example_inputs
 from ..pruning import (
-    TP_IMPORTANCES,
     calibration_items,
     denoising_gradients,
     magnitude_scores,
@@ -30,10 +30,100 @@ from .config_list import (
 )
 from .distiller import NoisyBatches, diffusion_evaluator
 
-#: NNI pruner classes accepted by name (TaylorPruner gets an evaluator built from ``data``).
-NNI_PRUNERS = ("L1NormPruner", "L2NormPruner", "FPGMPruner", "TaylorPruner")
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """What a pruner is asked: the model, the ratio (or NNI ``config_list``), the inputs it is traced
+    on, the calibration data of the gradient pruners, the rounding of kept channels, a seed."""
+
+    teacher: nn.Module
+    sparse_ratio: float
+    example_inputs: dict[str, Any]
+    data: Any
+    round_to: int | None
+    config_list: list[dict[str, Any]] | None
+    seed: int
+    diff_threshold: float
+    diff_timesteps: int
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    """A pruner by name: how it runs, and what it needs. ``needs_gradients``: it scores channels
+    by gradients of the noise-prediction loss (it needs data, and a model that predicts the noise);
+    ``nni``: an NNI pruner class, which takes a ``config_list``."""
+
+    name: str
+    run: Callable[[PruneRequest], tuple[nn.Module, dict[str, Any]]]
+    needs_gradients: bool = False
+    nni: bool = False
+
+
+PRUNER_REGISTRY: dict[str, PrunerSpec] = {}
+
+
+def register_pruner(spec: PrunerSpec) -> PrunerSpec:
+    """Add a pruner by name (a duplicate name is an error); the config's ``pruning.pruner`` takes it."""
+    if spec.name in PRUNER_REGISTRY:
+        raise ValueError(f"pruner {spec.name!r} is already registered")
+    PRUNER_REGISTRY[spec.name] = spec
+    return spec
+
+
+def pruner_spec(name: str) -> PrunerSpec:
+    """The registered pruner ``name``; else a ValueError listing those there are (an NNI pruner
+    class that is not registered: how to use it anyway)."""
+    if name in PRUNER_REGISTRY:
+        return PRUNER_REGISTRY[name]
+    allowed = ", ".join(PRUNER_REGISTRY)
+    if isinstance(name, str) and name.endswith("Pruner"):
+        import nni.compression.pruning as nni_pruning
+
+        if isinstance(getattr(nni_pruning, name, None), type):
+            raise ValueError(f"pruner={name!r} is not supported by name; run it yourself and pass its channel masks "
+                             f"to masks_to_student (allowed here: {allowed})")
+    raise ValueError(f"pruner={name!r} is unknown; allowed: {allowed}")
+
+
+def _magnitude(r: PruneRequest) -> tuple[nn.Module, dict[str, Any]]:
+    return prune_with_scores(r.teacher, lambda group, names: (magnitude_scores(group), r.sparse_ratio),
+                             r.example_inputs, r.round_to)
+
+
+def _gradient_pruner(name: str) -> Callable[[PruneRequest], tuple[nn.Module, dict[str, Any]]]:
+    def run(r: PruneRequest) -> tuple[nn.Module, dict[str, Any]]:
+        gradients, timesteps = denoising_gradients(r.teacher, name, r.data, r.example_inputs, r.seed,
+                                                    r.diff_threshold, r.diff_timesteps)
+        student, report = prune_with_scores(r.teacher, taylor_scorer(gradients, r.sparse_ratio), r.example_inputs,
+                                            r.round_to)
+        report["calibration_timesteps"] = timesteps
+        return student, report
+    return run
+
+
+def _nni_pruner(name: str) -> Callable[[PruneRequest], tuple[nn.Module, dict[str, Any]]]:
+    def run(r: PruneRequest) -> tuple[nn.Module, dict[str, Any]]:
+        config_list = (float_thresholds(r.config_list) if r.config_list is not None
+                       else default_config_list(r.teacher, r.sparse_ratio))
+        masks = nni_masks(r.teacher, name, config_list, r.data, r.seed)
+        return masks_to_student(r.teacher, masks, r.example_inputs, r.round_to)
+    return run
+
+
+for _spec in (PrunerSpec("magnitude", _magnitude),
+              PrunerSpec("taylor", _gradient_pruner("taylor"), needs_gradients=True),
+              PrunerSpec("diff-pruning", _gradient_pruner("diff-pruning"), needs_gradients=True),
+              PrunerSpec("L1NormPruner", _nni_pruner("L1NormPruner"), nni=True),
+              PrunerSpec("L2NormPruner", _nni_pruner("L2NormPruner"), nni=True),
+              PrunerSpec("FPGMPruner", _nni_pruner("FPGMPruner"), nni=True),
+              # TaylorPruner gets an evaluator built from ``data``
+              PrunerSpec("TaylorPruner", _nni_pruner("TaylorPruner"), needs_gradients=True, nni=True)):
+    register_pruner(_spec)
+
+#: NNI pruner classes accepted by name.
+NNI_PRUNERS = tuple(name for name, spec in PRUNER_REGISTRY.items() if spec.nni)
 #: Every pruner name ``prune_diffusers`` takes.
-PRUNERS = TP_IMPORTANCES + NNI_PRUNERS
+PRUNERS = tuple(PRUNER_REGISTRY)
 
 
 def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
@@ -45,15 +135,16 @@ def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
     """
     import nni.compression.pruning as nni_pruning
 
-    allowed = ", ".join(NNI_PRUNERS + TP_IMPORTANCES)
+    allowed = ", ".join(PRUNER_REGISTRY)
     cls = getattr(nni_pruning, pruner, None)
     if not isinstance(cls, type):
         raise ValueError(f"pruner={pruner!r} is not an NNI pruner class; allowed here: {allowed}")
-    if pruner not in NNI_PRUNERS:
+    spec = PRUNER_REGISTRY.get(pruner)
+    if spec is None or not spec.nni:
         raise ValueError(f"pruner={pruner!r} is not supported by name; run it yourself and pass its channel masks "
                          f"to masks_to_student (allowed here: {allowed})")
     work = copy.deepcopy(model)
-    if pruner == "TaylorPruner":
+    if spec.needs_gradients:
         import nni
         from torch.utils.data import DataLoader
 
@@ -73,7 +164,7 @@ def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
 
 def check_config_list_pruner(pruner: str, config_list: Any) -> None:
     """A config_list goes with an NNI pruner only: the torch-pruning importances would ignore it."""
-    if config_list is not None and pruner in TP_IMPORTANCES:
+    if config_list is not None and not pruner_spec(pruner).nni:
         raise ValueError(f"config_list is for the NNI pruners ({', '.join(NNI_PRUNERS)}); pruner={pruner!r} "
                          "(a torch-pruning importance) would ignore it: leave config_list out or pick an NNI pruner")
 
@@ -109,27 +200,10 @@ def prune_diffusers(teacher: nn.Module, pruner: str = "magnitude", sparse_ratio:
         raise ValueError(f"diff_threshold={diff_threshold!r} is not allowed; it must be in [0, 1)")
     if not is_integer(diff_timesteps) or diff_timesteps < 1:
         raise ValueError(f"diff_timesteps={diff_timesteps!r} is not allowed; it must be an integer >= 1")
+    spec = pruner_spec(pruner)
     _check_config_list_use(pruner, config_list, teacher)
-    student, report = _run_pruner(teacher, pruner, sparse_ratio, example_inputs, data, round_to, config_list, seed,
-                                  diff_threshold, diff_timesteps)
+    student, report = spec.run(PruneRequest(teacher, sparse_ratio, example_inputs, data, round_to, config_list, seed,
+                                            diff_threshold, diff_timesteps))
     report.update(pruner=pruner, sparse_ratio=None if config_list is not None else sparse_ratio,
                   config_list=copy.deepcopy(config_list))
     return student, report
-
-
-def _run_pruner(teacher: nn.Module, pruner: str, sparse_ratio: float, example_inputs: dict[str, Any], data: Any,
-                round_to: int | None, config_list: list[dict[str, Any]] | None, seed: int, diff_threshold: float,
-                diff_timesteps: int) -> tuple[nn.Module, dict[str, Any]]:
-    if pruner == "magnitude":
-        return prune_with_scores(teacher, lambda group, names: (magnitude_scores(group), sparse_ratio),
-                                 example_inputs, round_to)
-    if pruner in ("taylor", "diff-pruning"):
-        gradients, timesteps = denoising_gradients(teacher, pruner, data, example_inputs, seed, diff_threshold,
-                                                    diff_timesteps)
-        student, report = prune_with_scores(teacher, taylor_scorer(gradients, sparse_ratio), example_inputs, round_to)
-        report["calibration_timesteps"] = timesteps
-        return student, report
-    nni_config = (float_thresholds(config_list) if config_list is not None
-                  else default_config_list(teacher, sparse_ratio))
-    masks = nni_masks(teacher, pruner, nni_config, data, seed)
-    return masks_to_student(teacher, masks, example_inputs, round_to)

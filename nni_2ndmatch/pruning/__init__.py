@@ -4,7 +4,6 @@ and the pruned student's save format. Pruners by name, NNI's included: ``nni_2nd
 from ..models import default_example_inputs
 from .component import as_component, pruned_class, save_pipeline
 from .importances import (
-    TP_IMPORTANCES,
     calibration_items,
     denoising_gradients,
     taylor_scorer,
@@ -28,7 +27,7 @@ from .surgery import (
 )
 
 __all__ = [
-    "OUTPUT_LAYERS", "PLAN_FILE", "TP_IMPORTANCES", "apply_plan", "as_component", "calibration_items", "check_plan",
+    "OUTPUT_LAYERS", "PLAN_FILE", "apply_plan", "as_component", "calibration_items", "check_plan",
     "default_example_inputs", "denoising_gradients", "is_pruned_folder", "load_model_folder", "load_pruned",
     "macs_params", "magnitude_scores", "masks_to_student", "prune_with_scores", "pruned_class", "save_model",
     "save_pipeline", "save_pruned", "taylor_scorer",

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from ..compat import registered_config, restore_registered_config, retype
 from ..files import atomic_dir, atomic_write_json, read_json_object
 from ..models import SUPPORTED_CLASSES, diffusers_class_name, pipeline_denoiser
 from ..models.pipelines import PIPELINE_INDEX
@@ -83,7 +84,7 @@ def as_component(student: nn.Module) -> nn.Module:
     plan = getattr(student, "pruning_plan", None)
     if plan is None:
         raise ValueError("the model has no pruning_plan: it is not a pruned student")
-    student.__class__ = pruned_class(diffusers_class_name(student))
+    retype(student, pruned_class(diffusers_class_name(student)))
     student.register_to_config(pruning_plan=plan)
     return student
 
@@ -95,13 +96,14 @@ def save_as_component(student: nn.Module, folder: str | os.PathLike) -> type:
     if getattr(student, "pruning_plan", None) is None:
         student.save_pretrained(folder, safe_serialization=True)
         return type(student)
-    own_class, config = type(student), student._internal_dict
+    own_class, config = type(student), registered_config(student)
     try:
         component = as_component(student)
         component.save_pretrained(folder, safe_serialization=True)
         return type(component)
     finally:
-        student.__class__, student._internal_dict = own_class, config
+        retype(student, own_class)
+        restore_registered_config(student, config)
 
 
 def save_pipeline(student: nn.Module, source: str | os.PathLike, folder: str | os.PathLike) -> None:

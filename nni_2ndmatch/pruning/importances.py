@@ -15,9 +15,6 @@ from ..method import default_scheduler, dsm_term, model_output
 from ..utils import requires_grad
 from .surgery import GroupScorer
 
-TP_IMPORTANCES = ("magnitude", "taylor", "diff-pruning")
-
-
 #: Clean samples (and their conditioning) the gradient importances see.
 CALIBRATION_SIZE = 32
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..files import atomic_dir, atomic_write_json, atomic_write_text, save_tensors
+from ..layout import CHECKPOINT_META, CHECKPOINT_TENSORS
 
 
 class Checkpoints:
@@ -25,13 +26,13 @@ class Checkpoints:
         if not pointer.is_file():
             return None
         path = self.root / pointer.read_text().strip()
-        return path if (path / "state.json").is_file() else None
+        return path if (path / CHECKPOINT_META).is_file() else None
 
     def save(self, step: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         name = f"step-{step:07d}"
         with atomic_dir(self.root / name) as tmp:
-            save_tensors(tmp / "state.safetensors", tensors)
-            atomic_write_json(tmp / "state.json", meta)
+            save_tensors(tmp / CHECKPOINT_TENSORS, tensors)
+            atomic_write_json(tmp / CHECKPOINT_META, meta)
         atomic_write_text(self.root / "latest", name + "\n")
         for old in sorted(self.root.glob("step-*"))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -25,10 +25,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..compat import supports_gradient_checkpointing
 from ..data import StepBatches, batch_loader, collate
 from ..errors import NonFiniteLossError
 from ..files import atomic_write_text, load_tensors
 from ..finetuners import Finetuner
+from ..layout import CHECKPOINT_DIR, CHECKPOINT_META, CHECKPOINT_TENSORS, METRICS_FILE
 from ..method import checkpoint_as_forward, sample_timesteps
 from ..utils import requires_grad
 from .checkpoints import Checkpoints
@@ -37,12 +39,6 @@ from .runtime import Runtime, finetuner_rng
 from .state import TrainState
 
 logger = logging.getLogger(__name__)
-
-
-CHECKPOINT_DIR = "checkpoints"
-
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclasses.dataclass
@@ -89,7 +85,7 @@ def check_run(student: nn.Module, teacher: Any, finetuner: Finetuner, dataset: D
         raise ValueError("the student has no trainable parameters (requires_grad=False everywhere)")
     run_dropouts(student, config)
     if config.gradient_checkpointing:
-        if not getattr(student, "_supports_gradient_checkpointing", False):
+        if not supports_gradient_checkpointing(student):
             raise ValueError(f"gradient_checkpointing=True is not allowed for {type(student).__name__}: it has no "
                              "gradient checkpointing; use false")
         if mode == "jvp":
@@ -227,7 +223,8 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         latest = ckpts.latest() if ckpts is not None else None
         if latest is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {out / CHECKPOINT_DIR if out else None}")
-        state.load_state_dict(load_tensors(latest / "state.safetensors"), json.loads((latest / "state.json").read_text()))
+        meta = json.loads((latest / CHECKPOINT_META).read_text())
+        state.load_state_dict(load_tensors(latest / CHECKPOINT_TENSORS), meta)
         logger.info("resumed from %s at step %d", latest, state.step)
     positions = runtime.local_positions(config.batch_size).split(
         config.batch_size // runtime.world_size // config.gradient_accumulation_steps)
@@ -244,18 +241,10 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             micro_batches = [next(batches) for _ in positions]
             terms, draws = optimization_step(net, teacher, finetuner, dataset, micro_batches, list(positions), state,
                                              config, runtime)
-            if not math.isfinite(terms["loss"]):
-                nonfinite += 1
-                bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(v)]
-                logger.warning("step %d: non-finite loss terms %s at timesteps %s; step skipped",
-                               step, bad, draws.timesteps.tolist())
-                if nonfinite >= config.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{nonfinite} consecutive steps with a non-finite loss; last at step {step}, "
-                        f"term(s) {', '.join(bad)}, timesteps {draws.timesteps.tolist()}; "
-                        "the last good checkpoint is kept")
+            nonfinite = 0 if math.isfinite(terms["loss"]) else nonfinite + 1
+            if nonfinite:
+                _skipped(step, terms, draws, nonfinite, config.max_nonfinite_steps)
                 continue
-            nonfinite = 0
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
                 record = {"step": done, "lr": config.lr_at(step), "seconds": time.perf_counter() - began, **terms}
@@ -271,6 +260,17 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         state.ema.copy_to(params)
     return FinetuneResult(student=state.model, step=config.steps, history=state.history,
                           seconds=time.perf_counter() - began)
+
+
+def _skipped(step: int, terms: dict[str, float], draws: StepDraws, count: int, limit: int) -> None:
+    """A step skipped for a non-finite loss: a warning, or after ``limit`` in a row, the error."""
+    bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(v)]
+    logger.warning("step %d: non-finite loss terms %s at timesteps %s; step skipped", step, bad,
+                   draws.timesteps.tolist())
+    if count >= limit:
+        raise NonFiniteLossError(f"{count} consecutive steps with a non-finite loss; last at step {step}, term(s) "
+                                 f"{', '.join(bad)}, timesteps {draws.timesteps.tolist()}; the last good checkpoint "
+                                 "is kept")
 
 
 def _progress_bar(finetuner: Finetuner, config: TrainConfig, start: int) -> Any:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..scoped import seeded
+
 
 class Runtime:
     """Single-process runtime: where tensors live, how gradients are made, who may write files.
@@ -60,15 +62,11 @@ class Runtime:
         return torch.arange(batch)[self.rank::self.world_size]
 
 
-@contextlib.contextmanager
-def finetuner_rng(seed: int, step: int, rank: int, micro_batch: int, device: torch.device):
-    """The finetuner's own draws (Jacobian directions, dropout masks) come from a generator seeded
-    by (seed, step, process, micro-batch) and leave the loop's stream untouched: the data order,
-    noise and timesteps of every step then do not depend on how the batch is split, and processes
-    draw independently of each other."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{micro_batch}".encode(), digest_size=8).digest()
-        torch.manual_seed(int.from_bytes(digest, "little") >> 1)
-        yield
+def finetuner_rng(seed: int, step: int, rank: int, micro_batch: int,
+                  device: torch.device) -> contextlib.AbstractContextManager:
+    """The finetuner's own draws (Jacobian directions, dropout masks) come from torch's global
+    generators seeded by (seed, step, process, micro-batch) for the block: the loop's stream (its
+    own generator) is untouched, the data order, noise and timesteps of every step do not depend on
+    how the batch is split, and processes draw independently of each other."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{micro_batch}".encode(), digest_size=8).digest()
+    return seeded(int.from_bytes(digest, "little") >> 1, device)

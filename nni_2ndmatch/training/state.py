@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..compat import lerp_all_
 from .checkpoints import load_optimizer_state, optimizer_state
 from .options import TrainConfig
 
@@ -27,7 +28,7 @@ class EMA:
 
     @torch.no_grad()
     def step(self, parameters: Iterable[Tensor], step: int) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in parameters], 1.0 - self.decay_at(step))
+        lerp_all_(self.shadow, [p.detach() for p in parameters], 1.0 - self.decay_at(step))
 
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[Tensor]) -> None:

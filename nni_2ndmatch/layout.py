@@ -1,0 +1,15 @@
+"""The files and folders of a run's ``output_dir``, each named once."""
+
+CONFIG_FILE = "config.yaml"  # the resolved config
+PRUNED_DIR = "pruned"  # the student before finetuning
+PRUNING_REPORT = "pruning_report.json"
+CHECKPOINT_DIR = "checkpoints"  # step-NNNNNNN/{CHECKPOINT_TENSORS, CHECKPOINT_META} and a `latest` pointer
+CHECKPOINT_TENSORS, CHECKPOINT_META = "state.safetensors", "state.json"
+METRICS_FILE = "metrics.jsonl"  # one line per logged step
+STUDENT_DIR = "student"  # the finetuned student
+PIPELINE_DIR = "pipeline"  # the teacher's pipeline with the student in it
+SUMMARY_FILE = "summary.json"
+CACHE_DIR = "cache"  # a latent pipeline's encoded data (and a parquet source's mapped copy)
+REPORT_DIR = "report"  # REPORT_FILE, RESULTS_FILE, the PNGs, BASELINES_DIR
+REPORT_FILE, RESULTS_FILE = "report.md", "results.json"
+BASELINES_DIR = "baselines"

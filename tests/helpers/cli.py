@@ -1,0 +1,40 @@
+"""Running the command line as a user would: in a subprocess (``cli``) or in this process (``cli_here``)."""
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "nni_2ndmatch.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600, env=None if env is None else {**os.environ, **env})
+
+
+def cli_here(*args):
+    """``nni-2ndmatch ARGS`` in this process (no interpreter start-up): exit code and output, as ``cli``
+    gives them."""
+    from nni_2ndmatch.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def write_config(tmp_path, edit=None, name="cfg.yaml"):
+    """examples/tiny_finetune.yaml for 3 steps into ``tmp_path``/run, after ``edit(raw)``."""
+    raw = yaml.safe_load((ROOT / "examples" / "tiny_finetune.yaml").read_text())
+    raw["finetune"].update(steps=3, checkpoint_every=2, batch_size=4)
+    raw["output_dir"] = str(tmp_path / "run")
+    if edit:
+        edit(raw)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
