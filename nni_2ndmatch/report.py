@@ -317,8 +317,17 @@ def compare_models(config: Any, out: Path, student: nn.Module, teacher: nn.Modul
     folder = out / REPORT_DIR
     names: list[str] = list(config.evaluate.compare)
     run_name = summary.finetuner
-    rows = [_quality_row("teacher", "teacher", None, evaluator.score(evaluator.teacher_samples), None, "samples_teacher.png")]
-    save_grid(evaluator.teacher_samples[:50], folder / "samples_teacher.png")
+    rows: list[dict[str, Any]] = []
+
+    def add(label: str, role: str, finetuner: str | None, model: nn.Module | None, seconds: float | None,
+            png: str) -> dict[str, Any]:
+        """A row of the table: ``model``'s samples (the teacher's when None), scored and drawn."""
+        samples = evaluator.teacher_samples if model is None else evaluator.sample(model)
+        save_grid(samples[:50], folder / png)
+        rows.append(_quality_row(label, role, finetuner, evaluator.score(samples), seconds, png))
+        return rows[-1]
+
+    add("teacher", "teacher", None, None, None, "samples_teacher.png")
     source = "model.student" if config.model.student is not None else "pruned/"
     if start is None:
         source = "the starting student was not given to the report"
@@ -330,34 +339,23 @@ def compare_models(config: Any, out: Path, student: nn.Module, teacher: nn.Modul
             notes.append(f"Baselines {', '.join(names)} were not trained: {source}.")
             logger.warning("evaluate.compare: skipping the baselines %s: %s", ", ".join(names), source)
     else:
-        samples = evaluator.sample(start)
-        save_grid(samples[:50], folder / "samples_pruned.png")
         label = "pruned, before finetuning" if config.model.student is None else "starting student, before finetuning"
-        rows.append(_quality_row(label, "start", None, evaluator.score(samples), None, "samples_pruned.png"))
+        add(label, "start", None, start, None, "samples_pruned.png")
         for name in names:
             run = functools.partial(finetune_baseline, name, start, teacher, dataset, config,
                                     summary.finetuner_options, progress=progress, scheduler=scheduler)
             baseline, info = run()
-            samples = evaluator.sample(baseline)
-            png = f"samples_baseline_{_safe_name(name)}.png"
-            save_grid(samples[:50], folder / png)
-            rows.append(_quality_row(f"{name} (baseline)", "baseline", name, evaluator.score(samples), info["seconds"], png))
+            add(f"{name} (baseline)", "baseline", name, baseline, info["seconds"],
+                f"samples_baseline_{_safe_name(name)}.png")
             baselines[name] = {**info, "student_dir": _save_baseline(baseline, out, name)}
             if config.evaluate.equal_wallclock:  # as many steps as fit in the run's seconds
                 steps = max(1, round(summary.seconds / (info["seconds"] / info["steps"])))
                 baseline, info = run(steps=steps)
-                samples = evaluator.sample(baseline)
-                png = f"samples_baseline_{_safe_name(name)}_wallclock.png"
-                save_grid(samples[:50], folder / png)
-                rows.append(_quality_row(f"{name} (baseline, {steps} steps: the run's wall clock)", "baseline-wallclock",
-                                 name, evaluator.score(samples), info["seconds"], png))
-                baselines[f"{name}-wallclock"] = {**info, "student_dir": _save_baseline(baseline, out,
-                                                                                         f"{name}-wallclock")}
-    student_samples = evaluator.sample(student)
-    save_grid(student_samples[:50], folder / "samples_student.png")
-    run_row = _quality_row(f"{run_name} (this run)", "run", run_name, evaluator.score(student_samples),
-                   summary.seconds, "samples_student.png")
-    rows.append(run_row)
+                add(f"{name} (baseline, {steps} steps: the run's wall clock)", "baseline-wallclock", name, baseline,
+                    info["seconds"], f"samples_baseline_{_safe_name(name)}_wallclock.png")
+                baselines[f"{name}-wallclock"] = {**info,
+                                                  "student_dir": _save_baseline(baseline, out, f"{name}-wallclock")}
+    run_row = add(f"{run_name} (this run)", "run", run_name, student, summary.seconds, "samples_student.png")
     if baselines and summary.processes > 1:
         notes.append(f"The run finetuned on {summary.processes} processes, the baselines on one: their "
                      "finetune seconds are not comparable.")

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..files import atomic_file
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -434,15 +436,11 @@ class TableDataset(Dataset):
         target = folder / "source.arrow"
         if not (target.is_file() and
                 pa.ipc.open_stream(pa.memory_map(str(target), "r")).schema.metadata == {b"source": stamp.encode()}):
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / ".source.arrow.tmp"
             schema = self._schema().with_metadata({"source": stamp})
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            with atomic_file(target) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
+                    pa.ipc.new_stream(sink, schema) as writer:
                 for batch in self._batches(self.column_names):
                     writer.write_table(batch.replace_schema_metadata(schema.metadata))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
         copy = object.__new__(TableDataset)
         copy.__dict__.update(self.__getstate__(), kind="arrow", files=[target])
         return copy
