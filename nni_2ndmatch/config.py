@@ -36,7 +36,7 @@ from .finetuners import available_finetuners, finetuner_class
 from .models import BUILTIN_MODELS, BUILTIN_PIPELINES
 from .nni import PRUNER_REGISTRY, check_config_list, check_config_list_pruner
 from .training import TrainConfig
-from .utils import did_you_mean
+from .utils import did_you_mean, validation_errors
 
 CONFIG_VERSION = 1
 
@@ -338,13 +338,14 @@ def validate_config(raw: Any, source: str = "config") -> Config:
             options(**extras)
         except ValidationError as e:
             valid = sorted(set(options.model_fields) | set(FinetuneSection.model_fields))
-            for error in e.errors():
-                key = error["loc"][0]
-                if error["type"] == "extra_forbidden":
+            for key, kind, value, message in validation_errors(e):
+                if key is None:
+                    problems.append(f"finetune: {message}")
+                elif kind == "extra_forbidden":
                     problems.append(f"finetune.{key}: unknown key for finetuner {name!r}{did_you_mean(key, valid)} "
                                     f"(allowed: {', '.join(valid)})")
                 else:
-                    problems.append(f"finetune.{key}: value {error.get('input')!r} is not allowed: {error['msg']}")
+                    problems.append(f"finetune.{key}: value {value!r} is not allowed: {message}")
     if problems:
         raise ConfigError(problems, source)
     assert config is not None

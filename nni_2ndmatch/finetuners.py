@@ -35,7 +35,7 @@ from .method import (
     sample_directions,
     student_and_teacher_products,
 )
-from .utils import did_you_mean
+from .utils import did_you_mean, validation_errors
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +116,14 @@ def validate_options(name: str, options_model: type[FinetunerOptions], options: 
     except ValidationError as e:
         allowed = list(options_model.model_fields)
         problems = []
-        for error in e.errors():
-            key = str(error["loc"][0]) if error["loc"] else "(options)"
-            if error["type"] == "extra_forbidden":
+        for key, kind, value, message in validation_errors(e):
+            if key is None:
+                problems.append(message)
+            elif kind == "extra_forbidden":
                 problems.append(f"finetuner {name!r} has no option {key!r}{did_you_mean(key, allowed)} "
                                 f"(allowed: {', '.join(allowed)})")
             else:
-                problems.append(f"{key}={error.get('input')!r} is not allowed: {error['msg']}")
+                problems.append(f"{key}={value!r} is not allowed: {message}")
         raise ValueError("; ".join(problems)) from None
 
 

@@ -46,3 +46,11 @@ def json_kind(value: Any) -> str:
     kinds = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
              type(None): "null"}
     return kinds.get(type(value), type(value).__name__)
+
+
+def validation_errors(error: Any) -> list[tuple[str | None, str, Any, str]]:
+    """Each problem of a pydantic ``ValidationError`` over a flat set of options: (the option's
+    name, None for a rule across options; pydantic's error type; the value given; the message,
+    without pydantic's "Value error, ")."""
+    return [(str(e["loc"][0]) if e["loc"] else None, e["type"], e.get("input"),
+             e["msg"].removeprefix("Value error, ")) for e in error.errors()]

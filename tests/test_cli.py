@@ -135,6 +135,8 @@ def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     (lambda r: r["finetune"].update(lamda_jac=0.1), "finetune.lamda_jac: unknown key.*did you mean 'lambda_jac'"),
     (lambda r: r["finetune"].update(finetuner="2ndmach"), "finetune.finetuner: value '2ndmach'.*2ndmatch, dsm, kd"),
     (lambda r: r["finetune"].update(lr=-1), "finetune.lr: value -1 is not allowed"),
+    (lambda r: r["finetune"].update(finetuner="2ndmatch", jac_match="log", jac_weighting="x0"),
+     "finetune: jac_weighting='x0' is not allowed with jac_match='log'"),
     (lambda r: r["finetune"].update(steps="many"), "finetune.steps: value 'many'"),
     (lambda r: r["finetune"].update(mode="hvp"),
      "finetune.mode: value 'hvp' is not allowed: Input should be 'auto', 'vjp', 'jvp' or 'fd'"),
