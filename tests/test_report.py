@@ -75,6 +75,7 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
     from nni_2ndmatch import finetune, get_finetuner, load_pruned
     from nni_2ndmatch.data import DigitsDataset
     from nni_2ndmatch.pipeline import load_configured_model, run_job
+    from nni_2ndmatch.scoped import torch_threads
 
     raw = {"model": {"teacher": {"builtin": "digits-teacher"}}, "data": {"builtin": "digits", "resolution": 8},
            "pruning": {"pruner": "magnitude", "sparse_ratio": 0.5},
@@ -103,10 +104,11 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
     kd = _params(load_pruned(out / comparison["baselines"]["kd"]["student_dir"]))
     assert start.keys() == kd.keys() == student.keys()  # one architecture
     assert _differs(start, kd) and _differs(start, student) and _differs(kd, student)
-    # the same start and loop options: kd finetuned here from out/pruned reproduces the baseline exactly
+    # the same start, loop options and threads: kd finetuned here from out/pruned reproduces the baseline exactly
     teacher = load_configured_model(config.model.teacher, "teacher")
-    again = finetune(load_pruned(out / "pruned"), teacher, get_finetuner("kd", lambda_dsm=1.0, lambda_kd=0.5),
-                     DigitsDataset(8), config.finetune.train_config(), None, progress=False).student
+    with torch_threads(config.resolved_threads()):  # float sums depend on the thread count
+        again = finetune(load_pruned(out / "pruned"), teacher, get_finetuner("kd", lambda_dsm=1.0, lambda_kd=0.5),
+                         DigitsDataset(8), config.finetune.train_config(), None, progress=False).student
     assert not _differs(_params(again), kd)
     assert not (report / "baselines" / "kd" / "checkpoints").exists()
 

@@ -80,16 +80,15 @@ def data_channels(config: Config, teacher: nn.Module, parts: PipelineParts | Non
         if data.channels not in (None, 1):
             raise UserError(f"data: channels={data.channels}: the digits are greyscale; allowed: 1")
         return 1
-    model = parts.vae if latent else teacher
+    model, what = (parts.vae, "the pipeline's VAE") if latent else (teacher, "the teacher")
     want = getattr(getattr(model, "config", None), "in_channels", None)
     if data.channels is None:
         if want not in (1, 3):
-            raise UserError(f"data.channels: the {'VAE' if latent else 'teacher'} takes {want} channels, which "
-                            "images do not have; allowed: 1, 3 (give data.channels)")
+            said = f"takes {want} channels" if want is not None else "does not say how many channels it takes"
+            raise UserError(f"data.channels: {what} {said}; give data.channels (allowed: 1, 3)")
         return want
     if want is not None and data.channels != want:
-        raise UserError(f"data.channels: value {data.channels} is not allowed: the "
-                        f"{'pipeline' + chr(39) + 's VAE' if latent else 'teacher'} takes {want} channel(s); "
+        raise UserError(f"data.channels: value {data.channels} is not allowed: {what} takes {want} channel(s); "
                         f"allowed: {want} (or leave it out)")
     return data.channels
 
