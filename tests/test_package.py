@@ -80,3 +80,51 @@ def test_every_module_imports_only_from_its_layer_or_below_and_there_is_no_cycle
     for m in modules:
         if m not in state:
             visit(m, [m])
+
+
+def test_each_private_internal_in_compat_exists_and_behaves_as_it_relies_on():
+    """compat.py names the internals it uses; an upgrade that removes or changes one fails here."""
+    import torch
+    from diffusers import UNet2DModel
+    from diffusers.models.upsampling import Upsample2D
+
+    from nni_2ndmatch import compat
+
+    assert isinstance(compat.current_sdpa_backends(), list)
+
+    called = []
+    x = torch.ones(3, requires_grad=True)
+    x.register_hook(lambda grad: compat.at_end_of_backward(lambda: called.append(grad.sum().item())) or grad)
+    (2 * x).sum().backward()
+    assert called == [6.0]
+
+    tensors, ends = [torch.zeros(2), torch.ones(3)], [torch.full((2,), 4.0), torch.full((3,), 3.0)]
+    compat.lerp_all_(tensors, ends, 0.25)
+    assert torch.equal(tensors[0], torch.full((2,), 1.0)) and torch.equal(tensors[1], torch.full((3,), 1.5))
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    assert compat.supports_gradient_checkpointing(unet)
+    stored = compat.registered_config(unet)
+    unet.register_to_config(sample_size=16)
+    assert unet.config.sample_size == 16
+    compat.restore_registered_config(unet, stored)
+    assert unet.config.sample_size == 8
+
+    class Sub(UNet2DModel):
+        pass
+
+    compat.retype(unet, Sub)
+    assert type(unet) is Sub
+
+    generator = torch.Generator().manual_seed(0)
+    for layer in (Upsample2D(4, use_conv=True), Upsample2D(4, use_conv_transpose=True),
+                  Upsample2D(4, use_conv=True, norm_type="rms_norm", eps=1e-6, elementwise_affine=True)):
+        holder = torch.nn.Sequential(layer)
+        x = torch.randn(2, 4, 5, 5, generator=generator)
+        for size in (None, (11, 11)):
+            want = layer(x, size)
+            with compat.batch_independent(holder):
+                assert "forward" in vars(layer)  # its copy of the forward is in place
+                got = layer(x, size)
+            assert "forward" not in vars(layer) and torch.equal(got, want)
