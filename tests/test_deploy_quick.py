@@ -68,6 +68,15 @@ def test_the_benchmark_records_a_crashing_aoti_package_as_skipped(monkeypatch):
     assert [r["variant"] for r in results["results"]] == ["torch-cpu-fp32"]
     assert [s["variant"] for s in results["skipped"]] == ["aoti-cpu-fp32"]
     assert "crashed (SIGSEGV)" in results["skipped"][0]["reason"]
+    # the JSON has the typed shape, key for key
+    from nni_2ndmatch.deploy.bench import BenchResults, BenchRow, BenchSetup, LatencyStats, Skipped
+
+    assert results.keys() == BenchResults.__annotations__.keys()
+    assert results["setup"].keys() == BenchSetup.__annotations__.keys()
+    row, = results["results"]
+    assert row.keys() == BenchRow.__annotations__.keys()
+    assert results["skipped"][0].keys() == Skipped.__annotations__.keys()
+    assert row["teacher"].keys() == row["student"].keys() == LatencyStats.__annotations__.keys()
 
 
 def test_variants_come_from_one_registry_and_a_missing_provider_is_a_reason(monkeypatch, tmp_path):

@@ -16,16 +16,7 @@ by the session; inputs and output bound to CUDA memory). Each variant is one reg
 ``tensorrt``: tensorrt-fp16 or -fp32 engines (GPU). A variant that cannot run here is listed
 under ``skipped`` with the reason.
 
-Result keys (JSON): ``format_version``, ``setup`` (backends, batches, device, threads, repeats,
-warmup, seq_len, trt_precision, seed, exporter), ``models`` (teacher / student: source, kind, class, macs,
-params), ``macs_ratio`` and ``params_ratio`` (student / teacher), ``environment`` (python,
-platform, cpu, cpu_count, device, gpu, threads, versions of torch, onnx, onnxruntime, tensorrt,
-onnxruntime providers, load averages before and after), ``results`` (one row per variant and
-batch: variant, backend, device, precision, timer, batch, providers, teacher and student stats,
-latency_ratio = student / teacher median latency, speedup = its inverse, macs_ratio, params_ratio,
-speedup_vs_macs = speedup x macs_ratio: the share of the MACs-predicted speedup realised),
-``skipped`` (variant, reason). Stats: median_ms, p90_ms, p99_ms, mean_ms, min_ms, max_ms,
-samples_per_s (batch / median), runs.
+The results (JSON) have the shape of :class:`BenchResults`.
 """
 
 from __future__ import annotations
@@ -40,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -64,6 +55,72 @@ from .onnx_export import export_onnx, ort_session, package_version
 from .tensorrt import build_engine, load_engine, needs_fp16_onnx, require_tensorrt
 
 logger = logging.getLogger(__name__)
+
+
+class LatencyStats(TypedDict):
+    """One model's latencies in one variant and batch: milliseconds per call, and ``samples_per_s``
+    (batch / median)."""
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    samples_per_s: float
+    runs: int
+
+
+class BenchRow(TypedDict):
+    """One variant at one batch size. ``latency_ratio``: student / teacher median latency;
+    ``speedup``: its inverse; ``speedup_vs_macs``: speedup x macs_ratio, the share of the
+    MACs-predicted speedup realised."""
+    variant: str
+    backend: str
+    device: str
+    precision: str
+    timer: str
+    batch: int
+    providers: list[str] | None
+    teacher: LatencyStats
+    student: LatencyStats
+    latency_ratio: float
+    speedup: float
+    macs_ratio: float
+    params_ratio: float
+    speedup_vs_macs: float
+
+
+class Skipped(TypedDict):
+    variant: str
+    reason: str
+
+
+class BenchSetup(TypedDict):
+    backends: list[str]
+    batches: list[int]
+    device: str
+    threads: int
+    repeats: int
+    warmup: int
+    seq_len: int
+    trt_precision: str
+    seed: int
+    exporter: str
+
+
+class BenchResults(TypedDict):
+    """What :func:`run_benchmark` returns and ``latency.json`` holds. ``models``: teacher / student,
+    each its source, kind and class as given, with ``macs`` and ``params``; ``macs_ratio`` and
+    ``params_ratio``: student / teacher; ``environment``: see :func:`environment` (versions,
+    CPU or GPU, threads, load averages before and after)."""
+    format_version: int
+    setup: BenchSetup
+    models: dict[str, dict[str, Any]]
+    macs_ratio: float
+    params_ratio: float
+    environment: dict[str, Any]
+    results: list[BenchRow]
+    skipped: list[Skipped]
 
 DEVICES = ("auto", "cpu", "cuda")
 TOP_KEYS = ("format_version", "setup", "models", "macs_ratio", "params_ratio", "environment", "results", "skipped")
@@ -383,7 +440,7 @@ def measure(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, timer:
     return times
 
 
-def summarize(seconds: list[float], batch: int) -> dict[str, float | int]:
+def summarize(seconds: list[float], batch: int) -> LatencyStats:
     ms = np.asarray(seconds) * 1e3
     median = float(np.median(ms))
     return {"median_ms": median, "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
@@ -436,7 +493,7 @@ def _check(backends: list[str], batches: list[int], device: str, threads: int, r
 
 
 def _result_row(variant: Variant, batch: int, times: dict[str, list[float]], providers: list[str] | None,
-         macs_ratio: float, params_ratio: float) -> dict[str, Any]:
+         macs_ratio: float, params_ratio: float) -> BenchRow:
     teacher, student = summarize(times["teacher"], batch), summarize(times["student"], batch)
     ratio = student["median_ms"] / teacher["median_ms"]
     return {"variant": variant.name, "backend": variant.backend, "device": variant.device,
@@ -451,9 +508,9 @@ def run_benchmark(teacher: nn.Module, student: nn.Module, *, backends: list[str]
                   exporter: str = "dynamo",
                   teacher_info: dict[str, Any] | None = None, student_info: dict[str, Any] | None = None,
                   workdir: str | os.PathLike | None = None,
-                  onnx_files: dict[str, Path] | None = None) -> dict[str, Any]:
+                  onnx_files: dict[str, Path] | None = None) -> BenchResults:
     """Measure ``teacher`` and ``student`` on every variant of ``backends``; returns the results
-    (keys in the module docstring). ``threads``: CPU threads of torch and onnxruntime; ``exporter``:
+    (:class:`BenchResults`). ``threads``: CPU threads of torch and onnxruntime; ``exporter``:
     the ONNX exporter for the onnxruntime and TensorRT variants; ``onnx_files``: fp32 ONNX files
     already exported from the two models ({"teacher": path, "student": path}), used instead of new exports."""
     backends, batches = list(backends), sorted(set(batches))
@@ -472,7 +529,7 @@ def run_benchmark(teacher: nn.Module, student: nn.Module, *, backends: list[str]
     macs_ratio = models["student"]["macs"] / models["teacher"]["macs"]
     params_ratio = models["student"]["params"] / models["teacher"]["params"]
     env = environment(device, threads)
-    rows: list[dict[str, Any]] = []
+    rows: list[BenchRow] = []
     with torch_threads(threads):
         with tempfile.TemporaryDirectory(prefix="nni2ndmatch-bench-", dir=workdir) as tmp:
             variants, skipped = _variants(backends, device, Path(tmp), threads=threads, seq_len=seq_len,
@@ -507,14 +564,14 @@ def run_benchmark(teacher: nn.Module, student: nn.Module, *, backends: list[str]
 
 # --- reports -------------------------------------------------------------------------------------
 
-def _device_line(results: dict[str, Any]) -> str:
+def _device_line(results: BenchResults) -> str:
     env = results["environment"]
     where = env["gpu"] or f"{env['cpu']} ({env['cpu_count']} cores)"
     return (f"{where}; {env['threads']} CPU thread(s); torch {env['torch']}, onnxruntime {env['onnxruntime']}"
             + (f", TensorRT {env['tensorrt']}" if env.get("tensorrt") else ""))
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+def render_markdown(results: BenchResults) -> str:
     """A Markdown table of the results (medians, p90/p99, throughput, ratios)."""
     t, s = results["models"]["teacher"], results["models"]["student"]
     setup = results["setup"]
@@ -541,7 +598,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, Any], path: str | os.PathLike) -> bool:
+def plot(results: BenchResults, path: str | os.PathLike) -> bool:
     """A bar chart of median latencies (PNG); False, with a logged note, without matplotlib."""
     try:
         import matplotlib
@@ -579,7 +636,7 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> bool:
     return True
 
 
-def write_reports(results: dict[str, Any], out: str | os.PathLike) -> list[Path]:
+def write_reports(results: BenchResults, out: str | os.PathLike) -> list[Path]:
     """``out`` (JSON), and beside it the same name with .md and .png; returns the paths written."""
     out = Path(out)
     write_results(out, results, render_markdown(results))
