@@ -21,7 +21,9 @@ from .errors import UserError
 from .evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from .files import atomic_write_json, atomic_write_text
 from .finetuners import Finetuner, get_finetuner
-from .job.data import DataPlan, check_resume, open_data, plan_data
+from .job.data import DataPlan, TrainingData, check_resume, open_data, plan_data
+from .job.evaluate import evaluate_models
+from .job.export import export_and_benchmark
 from .job.results import RunSummary
 from .layout import (
     CHECKPOINT_DIR,
@@ -55,7 +57,7 @@ from .pruning import (
     save_pipeline,
     save_pruned,
 )
-from .report import run_report
+from .report import write_run_report
 from .scoped import torch_threads
 from .training import Runtime, check_batch, finetune
 from .training.accelerate import AccelerateRuntime, launched_distributed
@@ -391,9 +393,22 @@ def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, pro
                                     finetuner=inputs.finetuner)
     result = summary.to_json()
     if runtime.is_main and command == "run" and (config.evaluate is not None or config.export is not None):
-        result["report"] = str(run_report(config, out, inputs.teacher, student, data, summary, start=start,
-                                          progress=progress, parts=inputs.parts))
+        result["report"] = str(report_stages(config, out, inputs, student, data, summary, start, progress))
     return result
+
+
+def report_stages(config: Config, out: Path, inputs: JobInputs, student: nn.Module, data: TrainingData,
+                  summary: RunSummary, start: nn.Module | None, progress: bool) -> Path:
+    """Evaluate (with the baselines), export and benchmark as the config's ``evaluate`` and
+    ``export`` sections say; then the report draws what they returned. The path of report.md."""
+    evaluation = latency = None
+    if config.evaluate is not None:
+        evaluation = evaluate_models(config, out, inputs.teacher, student, data, summary, start=start,
+                                     parts=inputs.parts, progress=progress)
+    if config.export is not None:
+        latency = export_and_benchmark(config.export, out, inputs.teacher, student)
+    pruning = json.loads((out / PRUNING_REPORT).read_text()) if (out / PRUNING_REPORT).is_file() else None
+    return write_run_report(out, summary, pruning=pruning, evaluation=evaluation, latency=latency)
 
 
 def summary_text(summary: dict[str, Any]) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from torch import Tensor
+
+from ..deploy.bench import BenchResults
 from ..layout import STUDENT_DIR
 
 
@@ -29,3 +32,57 @@ class RunSummary:
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """The quality table of a run. ``rows``: one per model (teacher, the start before finetuning,
+    each baseline, the run), each with its scores (digits_fid, fidelity, fid, clip_score; None where
+    not measured), finetune seconds and the file name of its sample grid; ``start``: where the
+    starting student came from (None: no baselines); ``baselines``: each baseline's finetune (steps,
+    seconds, options, where its student was saved); ``notes``: what the reader must know."""
+
+    rows: list[dict[str, Any]]
+    start: str | None
+    finetune_seed: int
+    baselines: dict[str, dict[str, Any]]
+    notes: list[str]
+
+    def row(self, role: str) -> dict[str, Any]:
+        return next(row for row in self.rows if row["role"] == role)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The evaluation stage's result: its settings, the comparison, and the first samples of each
+    model (file name -> images in [-1, 1]) for the report to draw."""
+
+    samples: int
+    ddim_steps: int
+    seed: int
+    comparison: Comparison
+    grids: dict[str, Tensor]
+
+    def quality(self) -> dict[str, Any]:
+        """The run's student against the teacher: fidelity, and each score measured for both."""
+        teacher, run = self.comparison.row("teacher"), self.comparison.row("run")
+        quality = {"samples": self.samples, "ddim_steps": self.ddim_steps, "seed": self.seed,
+                   "fidelity": run["fidelity"]}
+        for key in ("digits_fid", "fid", "clip_score"):
+            if run.get(key) is not None:
+                quality.update({f"{key}_teacher": teacher[key], f"{key}_student": run[key]})
+        return quality
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    """The export stage's result: the ONNX files (relative to the output directory, with their
+    parity error) and the benchmark of teacher vs student."""
+
+    onnx: dict[str, dict[str, Any]]
+    bench: BenchResults
+
+    def summary(self) -> dict[str, Any]:
+        rows = [{k: row[k] for k in ("variant", "batch", "speedup", "macs_ratio")} for row in self.bench["results"]]
+        return {"onnx": self.onnx, "macs_ratio": self.bench["macs_ratio"], "params_ratio": self.bench["params_ratio"],
+                "rows": rows}
