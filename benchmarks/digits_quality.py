@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import platform
@@ -80,6 +81,8 @@ def parse_args() -> argparse.Namespace:
                                                           "in the last bits between thread counts)")
     p.add_argument("--out", default=str(RESULTS / "digits_quality.json"))
     p.add_argument("--overwrite", action="store_true", help="start --out again when it holds runs of other settings")
+    p.add_argument("--finetuners", default=",".join(STRATEGIES),
+                   help="which of dsm, kd, 2ndmatch to run (2ndmatch always; e.g. kd,2ndmatch skips dsm)")
     return p.parse_args()
 
 
@@ -141,9 +144,15 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     # everything that changes the floats: the options, the thread count, the torch build and the CPU
     absent_at_default = {"teacher": None, "dequantize": False, "jac_match": "norm", "jac_min_timestep": 0}
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "baseline", "overwrite")
+    names = [n for n in STRATEGIES if n in args.finetuners.split(",")]
+    if "2ndmatch" not in names or set(args.finetuners.split(",")) - set(STRATEGIES):
+        sys.exit(f"--finetuners {args.finetuners!r}: give some of {', '.join(STRATEGIES)}, 2ndmatch among them")
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "baseline", "overwrite", "finetuners")
                    and not (k in absent_at_default and v == absent_at_default[k])},  # (older JSONs lack them)
                 "torch": torch.__version__, "machine": platform.machine()}
+    if args.teacher:  # runs of another teacher at the same path are not reused
+        settings["teacher_sha256"] = hashlib.sha256(
+            (Path(args.teacher) / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     reusable, base_profile = [], None  # runs of --baseline, and its 2ndmatch sensitivity profile
     jac_options = ("lambda_jac", "jac_weighting", "jac_reference_dims", "jac_match", "jac_min_timestep")
     free = (*jac_options, "seeds", "no_wallclock")  # runs are matched by seed and steps
@@ -235,14 +244,14 @@ def main() -> None:
                              if base in table and "2ndmatch" in table}
 
     for seed in seeds:
-        for name in STRATEGIES:
+        for name in names:
             run("equal_steps", name, seed, args.steps)
     if not args.no_wallclock:
-        per_step = {n: results["equal_steps"]["strategies"][n]["seconds"] / args.steps for n in STRATEGIES}
+        per_step = {n: results["equal_steps"]["strategies"][n]["seconds"] / args.steps for n in names}
         budget_s = per_step["2ndmatch"] * args.steps
         results.setdefault("equal_wallclock", {})["budget_seconds"] = budget_s
         for seed in seeds:
-            for name in STRATEGIES:
+            for name in names:
                 run("equal_wallclock", name, seed, max(1, round(budget_s / per_step[name])))
     # top level: the equal-steps comparison (per strategy fid_mean, fid_std, fidelity_mean, steps, seconds)
     results.update(results["equal_steps"]["strategies"])
