@@ -127,6 +127,7 @@ def test_v_prediction_trains_against_the_velocity():
     assert eps_terms["dsm"] == pytest.approx(float((out - noise).pow(2).flatten(1).sum(1).mean()), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_v_prediction_pipeline_trains_on_its_own_schedule_and_records_it(tmp_path):
     """The same pipeline but for its prediction type, one step each: the summary records the
     schedule, and the trained students differ (the targets are velocities, not noise)."""
