@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 
 class UserError(ValueError):
@@ -42,6 +44,18 @@ class MissingBackendError(RuntimeError):
 
 
 ERRORS = (UserError, RunError, MissingBackendError)
+
+
+@contextlib.contextmanager
+def user_errors(field: str, *kinds: type[Exception]) -> Iterator[None]:
+    """Inside: a ValueError (or one of ``kinds``, e.g. OSError for files) raised by library code
+    becomes a UserError naming the config ``field`` it concerns; a UserError passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, *kinds) as e:
+        raise UserError(f"{field}: {e}") from None
 
 
 def report(error: BaseException) -> int:

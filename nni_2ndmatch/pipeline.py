@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import Config, ModelSpec
 from .data import collate
-from .errors import UserError
+from .errors import UserError, user_errors
 from .evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from .files import atomic_write_json, atomic_write_text
 from .finetuners import Finetuner, get_finetuner
@@ -71,29 +71,25 @@ def make_runtime(device: str, timeout_s: float) -> Runtime:
     else the single-process one on ``device``. ``timeout_s``: how long a process waits for the others."""
     if not launched_distributed():
         return Runtime(device)
-    try:
+    with user_errors("finetune"):
         return AccelerateRuntime(device, timeout_s)
-    except ValueError as e:
-        raise UserError(f"finetune: {e}") from None
 
 
 def load_configured_model(spec: ModelSpec, role: str) -> nn.Module:
     """A built-in architecture, a Hub model, a pruned-student folder or a diffusers model folder."""
-    try:
+    with user_errors(f"model.{role}", OSError):
         if spec.builtin is not None:
             return build_builtin(spec.builtin, width=spec.width, seed=spec.seed)
         if spec.hub is not None:
             return load_hub_model(spec.hub, spec.subfolder)
         return load_model_folder(spec.path)
-    except (ValueError, OSError) as e:
-        raise UserError(f"model.{role}: {e}") from None
 
 
 def load_teacher(spec: ModelSpec, resolution: int) -> tuple[nn.Module, PipelineParts | None]:
     """The teacher, and when it comes from a pipeline (a pipeline folder, or a builtin pipeline
     written for ``resolution`` into a temporary folder that lives as long as the parts) what the
     run takes from that pipeline."""
-    try:
+    with user_errors("model.teacher", OSError):
         if spec.builtin in BUILTIN_PIPELINES:
             folder = tempfile.TemporaryDirectory(prefix=f"nni-2ndmatch-{spec.builtin}-")
             parts = load_pipeline_parts(write_tiny_sd(folder.name, seed=spec.seed, resolution=resolution))
@@ -103,8 +99,6 @@ def load_teacher(spec: ModelSpec, resolution: int) -> tuple[nn.Module, PipelineP
         else:
             return load_configured_model(spec, "teacher"), None
         return load_model_folder(parts.path), parts
-    except (ValueError, OSError) as e:
-        raise UserError(f"model.teacher: {e}") from None
 
 
 def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | None) -> None:
@@ -255,12 +249,10 @@ def run_prune(config: Config, out: Path, teacher: nn.Module, dataset: torch.util
         runtime.barrier()
         return load_pruned(out / PRUNED_DIR), json.loads((out / PRUNING_REPORT).read_text())
     p = config.pruning
-    try:
+    with user_errors("pruning"):  # e.g. a config_list NNI refuses
         student, report = prune_diffusers(teacher, p.pruner, p.sparse_ratio, round_to=p.round_to,
                                           example_inputs=_example_inputs(teacher, dataset[0]),
                                           config_list=p.config_list, data=dataset, seed=config.finetune.seed)
-    except ValueError as e:  # e.g. a config_list NNI refuses
-        raise UserError(f"pruning: {e}") from None
     save_pruned(student, out / PRUNED_DIR)
     atomic_write_json(out / PRUNING_REPORT, report)
     logger.info("pruned: MACs %.3g -> %.3g (%.2fx), params %d -> %d; saved to %s", report["macs_before"],
@@ -297,11 +289,9 @@ def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.u
         _check_free_space(out, student, config)
     section = config.finetune
     finetuner = finetuner or make_finetuner(config, parts)
-    try:
+    with user_errors("finetune"):  # e.g. a batch size the processes cannot share
         result = finetune(student, teacher, finetuner, dataset, section.train_config(), out, resume=resume,
                           runtime=runtime, progress=progress)
-    except ValueError as e:  # e.g. a batch size the processes cannot share
-        raise UserError(f"finetune: {e}") from None
     summary = RunSummary(
         finetuner=finetuner.name, finetuner_options=finetuner.options(),
         train_config=section.train_config().model_dump(), steps=result.step, seconds=result.seconds,
@@ -349,10 +339,8 @@ def check_inputs(config: Config, resume: bool, runtime: Runtime) -> JobInputs:
         check_resume(config, plan)
     student = load_configured_model(config.model.student, "student") if config.model.student is not None else None
     _preflight({"teacher": teacher} if student is None else {"teacher": teacher, "student": student}, plan.example)
-    try:
+    with user_errors("finetune"):
         check_batch(config.finetune.train_config(), plan.items, runtime.world_size)
-    except ValueError as e:
-        raise UserError(f"finetune: {e}") from None
     finetuner = make_finetuner(config, parts)
     finetuner.resolve(teacher, tuple(collate([plan.example])[0].shape[1:]))  # e.g. mode: auto
     return JobInputs(teacher, parts, plan, student, finetuner)

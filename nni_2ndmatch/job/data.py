@@ -32,7 +32,7 @@ from ..data.encoded import (
     plan_cache,
     start_cache,
 )
-from ..errors import RunError, UserError
+from ..errors import RunError, UserError, user_errors
 from ..layout import CACHE_DIR
 from ..models import PipelineParts, conditioning_of
 from ..training import Runtime
@@ -139,7 +139,7 @@ def plan_data(config: Config, teacher: nn.Module, parts: PipelineParts | None) -
                             f"{'captions' if key == 'caption_column' else 'class labels'} from the data; "
                             "allowed here: null")
     channels = data_channels(config, teacher, parts)
-    try:
+    with user_errors("data", OSError):
         if parts is not None and parts.latent:
             return _plan_latent(config, teacher, parts, channels)
         model_conditioning = conditioning_of(teacher)
@@ -152,8 +152,6 @@ def plan_data(config: Config, teacher: nn.Module, parts: PipelineParts | None) -
         else:
             source = image_source(config, channels)
         return DataPlan(source, None, None, source[0], None)
-    except (ValueError, OSError) as e:
-        raise UserError(f"data: {e}") from None
 
 
 def _plan_latent(config: Config, teacher: nn.Module, parts: PipelineParts, channels: int) -> DataPlan:
