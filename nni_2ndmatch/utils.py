@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 from torch import nn
 
@@ -54,3 +54,14 @@ def validation_errors(error: Any) -> list[tuple[str | None, str, Any, str]]:
     without pydantic's "Value error, ")."""
     return [(str(e["loc"][0]) if e["loc"] else None, e["type"], e.get("input"),
              e["msg"].removeprefix("Value error, ")) for e in error.errors()]
+
+
+T = TypeVar("T")
+
+
+def add_unique(registry: dict[str, T], name: str, item: T, what: str) -> T:
+    """``registry[name] = item``; a name already there is a ValueError (``what``: the kind of item)."""
+    if name in registry:
+        raise ValueError(f"{what} {name!r} is already registered")
+    registry[name] = item
+    return item

@@ -513,3 +513,43 @@ def test_a_student_saved_in_the_earlier_format_still_loads(tmp_path):
     (folder / "pruning_plan.json").write_text(json.dumps(plan))
     with pytest.raises(ValueError, match=r"old/pruning_plan.json: version=2 is not supported"):
         load_pruned(folder)
+
+
+def test_a_registered_pruner_is_one_the_config_and_prune_diffusers_take():
+    from nni_2ndmatch.nni import PRUNER_REGISTRY, PrunerSpec, register_pruner
+    from nni_2ndmatch.pruning import magnitude_scores, prune_with_scores
+
+    asked = []
+
+    def smallest_first(r):
+        asked.append((r.sparse_ratio, r.seed))
+        return prune_with_scores(r.teacher, lambda group, names: (-magnitude_scores(group), r.sparse_ratio),
+                                 r.example_inputs, r.round_to)
+
+    raw = {"model": {"teacher": {"builtin": "digits-teacher"}}, "data": {"builtin": "digits"},
+           "pruning": {"pruner": "largest-go", "sparse_ratio": 0.3}, "finetune": {"finetuner": "kd", "steps": 1},
+           "output_dir": "unused"}
+    with pytest.raises(ConfigError, match="pruner='largest-go' is unknown"):
+        validate_config(raw)
+    register_pruner(PrunerSpec("largest-go", smallest_first))
+    try:
+        _check_the_registered_pruner(raw, smallest_first, asked)
+    finally:
+        del PRUNER_REGISTRY["largest-go"]
+
+
+def _check_the_registered_pruner(raw, run, asked):
+    from nni_2ndmatch.nni import PrunerSpec, register_pruner
+
+    assert validate_config(raw).pruning.pruner == "largest-go"
+    with pytest.raises(ValueError, match="pruner 'largest-go' is already registered"):
+        register_pruner(PrunerSpec("largest-go", run))
+
+    teacher = tiny_unet().eval()
+    inputs = default_example_inputs(teacher)
+    ours, _ = prune_diffusers(teacher, "largest-go", 0.5, example_inputs=inputs, round_to=None)
+    magnitude, _ = prune_diffusers(teacher, "magnitude", 0.5, example_inputs=inputs, round_to=None)
+    assert asked == [(0.5, 0)]
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(ours) == shapes(magnitude)  # the same widths, other channels kept
+    assert any(not torch.equal(a, b) for a, b in zip(ours.state_dict().values(), magnitude.state_dict().values()))

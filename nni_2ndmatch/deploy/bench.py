@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..files import atomic_write_bytes, write_results
 from ..scoped import torch_threads
-from ..utils import is_integer
+from ..utils import add_unique, is_integer
 from .aoti import export_aoti
 from .errors import DeployError, ExportError, MissingBackendError, ParityError
 from .model_io import (
@@ -323,10 +323,7 @@ VARIANTS: dict[str, VariantSpec] = {}
 
 def register_variant(spec: VariantSpec) -> VariantSpec:
     """Add a benchmark variant (a duplicate name is an error); ``backends`` then takes its backend."""
-    if spec.name in VARIANTS:
-        raise ValueError(f"benchmark variant {spec.name!r} is already registered")
-    VARIANTS[spec.name] = spec
-    return spec
+    return add_unique(VARIANTS, spec.name, spec, "benchmark variant")
 
 
 def backends_on(device: str) -> list[str]:

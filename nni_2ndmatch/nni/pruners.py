@@ -21,7 +21,7 @@ from ..pruning import (
     taylor_scorer,
 )
 from ..pruning.surgery import check_ratio
-from ..utils import is_integer, requires_grad
+from ..utils import add_unique, is_integer, requires_grad
 from .config_list import (
     check_config_list,
     check_config_list_model,
@@ -64,10 +64,7 @@ PRUNER_REGISTRY: dict[str, PrunerSpec] = {}
 
 def register_pruner(spec: PrunerSpec) -> PrunerSpec:
     """Add a pruner by name (a duplicate name is an error); the config's ``pruning.pruner`` takes it."""
-    if spec.name in PRUNER_REGISTRY:
-        raise ValueError(f"pruner {spec.name!r} is already registered")
-    PRUNER_REGISTRY[spec.name] = spec
-    return spec
+    return add_unique(PRUNER_REGISTRY, spec.name, spec, "pruner")
 
 
 def pruner_spec(name: str) -> PrunerSpec:
