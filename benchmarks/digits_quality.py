@@ -151,8 +151,10 @@ def main() -> None:
                    and not (k in absent_at_default and v == absent_at_default[k])},  # (older JSONs lack them)
                 "torch": torch.__version__, "machine": platform.machine()}
     if args.teacher:  # runs of another teacher at the same path are not reused
-        settings["teacher_sha256"] = hashlib.sha256(
-            (Path(args.teacher) / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+        weights = Path(args.teacher) / "diffusion_pytorch_model.safetensors"
+        if not weights.is_file():
+            sys.exit(f"--teacher {args.teacher}: no {weights.name} there (a diffusers model folder is needed)")
+        settings["teacher_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     reusable, base_profile = [], None  # runs of --baseline, and its 2ndmatch sensitivity profile
     jac_options = ("lambda_jac", "jac_weighting", "jac_reference_dims", "jac_match", "jac_min_timestep")
     free = (*jac_options, "seeds", "no_wallclock")  # runs are matched by seed and steps

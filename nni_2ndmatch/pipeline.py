@@ -57,7 +57,7 @@ from .pruning import (
     save_pipeline,
     save_pruned,
 )
-from .report import write_run_report
+from .report import save_sample_grids, write_run_report
 from .scoped import torch_threads
 from .training import Runtime, check_batch, finetune
 from .training.accelerate import AccelerateRuntime, launched_distributed
@@ -393,6 +393,7 @@ def report_stages(config: Config, out: Path, inputs: JobInputs, student: nn.Modu
     if config.evaluate is not None:
         evaluation = evaluate_models(config, out, inputs.teacher, student, data, summary, start=start,
                                      parts=inputs.parts, progress=progress)
+        save_sample_grids(out, evaluation)
     if config.export is not None:
         latency = export_and_benchmark(config.export, out, inputs.teacher, student)
     pruning = json.loads((out / PRUNING_REPORT).read_text()) if (out / PRUNING_REPORT).is_file() else None

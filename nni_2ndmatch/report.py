@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import logging
 import math
 import re
 from pathlib import Path
@@ -21,8 +20,6 @@ from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .job.results import Evaluation, Latency, RunSummary
 from .layout import METRICS_FILE, REPORT_DIR, REPORT_FILE, RESULTS_FILE
 from .utils import is_number
-
-logger = logging.getLogger(__name__)
 
 MULTI_SEED_BENCHMARK = "benchmarks/digits_quality.py"
 LOSS_TERMS = ("dsm", "kd", "jac")
@@ -207,7 +204,7 @@ def quality_lines(quality: dict[str, Any], comparison: dict[str, Any]) -> list[s
 
 
 def write_report(out: Path, results: dict[str, Any]) -> Path:
-    """``results.json`` and ``report.md`` under out/report (the PNGs are written by the steps)."""
+    """``results.json`` and ``report.md`` under out/report (the figures they link are drawn apart)."""
     folder = out / REPORT_DIR
     atomic_write_json(folder / RESULTS_FILE, results)
     lines = ["# nni-2ndmatch run report", ""]
@@ -236,11 +233,18 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def save_sample_grids(out: Path, evaluation: Evaluation) -> None:
+    """Each model's first samples as a grid under out/report (drawn as soon as they exist, so that a
+    failed export leaves them)."""
+    for png, samples in evaluation.grids.items():
+        save_grid(samples, out / REPORT_DIR / png)
+
+
 def write_run_report(out: Path, summary: RunSummary, *, pruning: dict[str, Any] | None = None,
                      evaluation: Evaluation | None = None, latency: Latency | None = None) -> Path:
-    """Draw what the stages returned under out/report: loss curves (from the run's metrics), each
-    model's sample grid, latency and model-size figures, results.json and report.md. Returns the
-    path of report.md."""
+    """Draw what the stages returned under out/report: loss curves (from the run's metrics), latency
+    and model-size figures, results.json and report.md (the sample grids: :func:`save_sample_grids`).
+    Returns the path of report.md."""
     folder = out / REPORT_DIR
     results: dict[str, Any] = {"finetune": {"finetuner": summary.finetuner, "steps": summary.steps,
                                             "seconds": summary.seconds, "final": summary.final}}
@@ -249,15 +253,16 @@ def write_run_report(out: Path, summary: RunSummary, *, pruning: dict[str, Any] 
     if (out / METRICS_FILE).is_file():
         save_loss_curves(out / METRICS_FILE, folder / "loss_curves.png", loss_weights(summary.finetuner_options))
     if evaluation is not None:
-        for png, samples in evaluation.grids.items():
-            save_grid(samples, folder / png)
         comparison = evaluation.comparison
         run = comparison.row("run")
         sentences = [difference_sentence(run, row, comparison.finetune_seed) for row in comparison.rows
                      if row["role"].startswith("baseline")]
         results["quality"] = evaluation.quality()
-        results["comparison"] = {**dataclasses.asdict(comparison),
-                                 "sentences": sentences + [single_seed_caveat()] if sentences else []}
+        if sentences:
+            sentences.append(single_seed_caveat())
+        fields = dataclasses.asdict(comparison)
+        notes = fields.pop("notes")
+        results["comparison"] = {**fields, "sentences": sentences, "notes": notes}  # the order of before
     if latency is not None:
         write_reports(latency.bench, folder / "latency.json")
         save_model_sizes(folder / "macs.png", latency.bench["models"])

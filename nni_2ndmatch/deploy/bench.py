@@ -122,11 +122,8 @@ class BenchResults(TypedDict):
     results: list[BenchRow]
     skipped: list[Skipped]
 
+
 DEVICES = ("auto", "cpu", "cuda")
-TOP_KEYS = ("format_version", "setup", "models", "macs_ratio", "params_ratio", "environment", "results", "skipped")
-ROW_KEYS = ("variant", "backend", "device", "precision", "timer", "batch", "providers", "teacher", "student",
-            "latency_ratio", "speedup", "macs_ratio", "params_ratio", "speedup_vs_macs")
-STAT_KEYS = ("median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "samples_per_s", "runs")
 ROLES = ("teacher", "student")
 
 
@@ -382,7 +379,7 @@ for _spec in (
 
 
 def _variants(backends: list[str], device: str, workdir: Path, *, threads: int, seq_len: int,
-              trt_precision: str, batches: list[int]) -> tuple[list[Variant], list[dict[str, str]]]:
+              trt_precision: str, batches: list[int]) -> tuple[list[Variant], list[Skipped]]:
     """The registered variants of ``backends`` on ``device`` (TensorRT: ``trt_precision`` only),
     and those that cannot run here, with the reason."""
     setup = Setup(workdir, threads, seq_len, batches)

@@ -210,7 +210,8 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
     shutil.rmtree(out / REPORT_DIR / BASELINES_DIR, ignore_errors=True)  # the report describes this run only
     if start is None:
         if names:
-            notes.append(f"Baselines {', '.join(names)} were not trained: the starting student was not given.")
+            notes.append(f"Baselines {', '.join(names)} were not trained: the starting student was not given "
+                         "to the report.")
             logger.warning("evaluate.compare: skipping the baselines %s: no starting student", ", ".join(names))
     else:
         label = "pruned, before finetuning" if config.model.student is None else "starting student, before finetuning"
