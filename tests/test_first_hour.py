@@ -98,13 +98,14 @@ def test_the_resolved_config_is_written_and_a_changed_resume_is_an_error(tmp_pat
     assert again.finetune.finetuner_kwargs() == given.finetune.finetuner_kwargs()
     assert again.finetune.train_config() == given.finetune.train_config()
     assert (again.model, again.data, again.pruning) == (given.model, given.data, given.pruning)
-    assert written["finetune"]["jac_weighting"] == "none"  # the strategy's defaults are written too
-    assert written["finetune"]["lambda_jac"] == 0.1 and written["finetune"]["grad_clip"] == 1.0  # defaults too
+    assert written["finetune"]["jac_min_timestep"] == 0  # the strategy's defaults are written too,
+    assert written["finetune"]["grad_clip"] == 1.0  # the loop's too,
+    assert written["finetune"]["jac_weighting"] == "noise" and written["finetune"]["lambda_jac"] == 1.0  # as given
     changed = write_config(tmp_path, lambda raw: raw["finetune"].update(lr=1e-3, lambda_jac=0.5, steps=5),
                            name="changed.yaml")
     r = cli_here("run", changed, "--resume", "--no-progress")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "finetune.lambda_jac (0.1 -> 0.5)" in r.stderr and "finetune.lr" in r.stderr
+    assert "finetune.lambda_jac (1.0 -> 0.5)" in r.stderr and "finetune.lr" in r.stderr
     assert "finetune.steps" not in r.stderr  # more steps is how a run is extended
 
 
