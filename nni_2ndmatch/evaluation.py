@@ -22,6 +22,7 @@ from .method import (
 )
 from .models.digits import RESOLUTION, load_digits_classifier
 from .models.pipelines import needs_transformers
+from .scoped import seeded_generator
 
 
 def ddim_scheduler(num_steps: int) -> Any:
@@ -89,7 +90,7 @@ def sensitivity_profile(model: Callable[..., Any], x0: Tensor, timesteps: list[i
     """Mean ||J v||^2 over x0's samples at each timestep (unit random v, exact jvp): how strongly
     the model amplifies a perturbation of its noisy input, the paper's FTLE-like diagnostic."""
     scheduler = default_scheduler()
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(seed)
     profile = []
     for t in timesteps:
         noise = torch.randn(x0.shape, generator=g)

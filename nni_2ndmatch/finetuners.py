@@ -35,6 +35,7 @@ from .method import (
     sample_directions,
     student_and_teacher_products,
 )
+from .scoped import seeded_generator
 from .utils import did_you_mean, validation_errors
 
 logger = logging.getLogger(__name__)
@@ -358,7 +359,7 @@ def choose_mode(model: Callable[..., Any], sample_shape: tuple[int, ...], *, fd_
 
     device = next((p.device for p in model.parameters()), torch.device("cpu")) if isinstance(model, nn.Module) \
         else torch.device("cpu")
-    g = torch.Generator().manual_seed(0)
+    g = seeded_generator(0)
     x = torch.randn(probes, *sample_shape, generator=g).to(device)
     t = torch.linspace(10, 900, probes).round().to(device)
     cond = {k: v.to(device) for k, v in example_conditioning(model, probes).items()} \

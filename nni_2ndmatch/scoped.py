@@ -1,7 +1,8 @@
 """Scoped changes to torch's process-wide state, each undone when its block ends (also on error):
 the number of CPU threads, and the global random streams (seeded for a block, or replayed).
 Nothing else in the package calls torch.set_num_threads, torch.manual_seed or the RNG state
-functions; random draws of the package's own take an explicit ``torch.Generator``.
+functions; random draws of the package's own take an explicit ``torch.Generator`` made here
+(``seeded_generator``).
 """
 
 from __future__ import annotations
@@ -52,3 +53,9 @@ def rng_replay(device: torch.device | None = None) -> Callable[[], None]:
         for d, state in zip(devices, cuda):
             torch.cuda.set_rng_state(state, d)
     return replay
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU random stream of its own, seeded with ``seed``: what every explicit draw in the
+    package takes (``generator=``), so that no draw touches torch's global stream."""
+    return torch.Generator().manual_seed(seed)

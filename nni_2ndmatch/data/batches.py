@@ -13,10 +13,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..scoped import seeded_generator
+
 
 def epoch_permutation(epoch: int, num_items: int, seed: int) -> Tensor:
     """The order of the data in ``epoch``: a seeded permutation."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(num_items, generator=seeded_generator(seed * 1_000_003 + epoch))
 
 
 def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tensor:
@@ -61,7 +63,7 @@ class Reads(Dataset):
         if not self.random:
             return self.dataset[key.index]
         digest = hashlib.blake2b(f"{self.seed}/{key.step}/{key.position}".encode(), digest_size=8).digest()
-        return self.dataset.read(key.index, torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
+        return self.dataset.read(key.index, seeded_generator(int.from_bytes(digest, "little") >> 1))
 
 
 class StepBatches(Sampler):

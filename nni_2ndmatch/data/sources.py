@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..files import atomic_file
+from ..scoped import seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class DigitsDataset(Dataset):
             raise ValueError(f"split={split!r} is not allowed; allowed: train, test, all")
         images = torch.from_numpy(load_digits().images).float().unsqueeze(1) / 16.0 * 2.0 - 1.0
         labels = torch.from_numpy(load_digits().target).long()
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        order = torch.randperm(len(images), generator=seeded_generator(0))
         cut = int(0.8 * len(images))
         order = {"train": order[:cut], "test": order[cut:], "all": order}[split]
         images = images[order]
@@ -73,7 +74,7 @@ class DigitsDataset(Dataset):
             if key == "class_labels" and size < 10:
                 raise ValueError(f"the model has {size} classes; the digits need at least 10")
             if key == "encoder_hidden_states":
-                g = torch.Generator().manual_seed(0)
+                g = seeded_generator(0)
                 self.prompts = torch.randn(10, self.LABEL_TOKENS, size, generator=g)
             elif key != "class_labels":
                 raise ValueError(f"conditioning={key!r} is not allowed; allowed: class_labels, encoder_hidden_states")

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..models import diffusers_class_name, is_dit
 from ..pruning import is_pruned_folder, load_model_folder
 from ..pruning import macs_params as model_macs_params
+from ..scoped import seeded_generator
 from ..utils import is_integer
 from .errors import DeployError
 
@@ -125,7 +126,7 @@ def wrap(model: nn.Module, specs: list[InputSpec], half: bool = False) -> Export
 def random_inputs(specs: list[InputSpec], batch: int, seed: int = 0,
                   device: str | torch.device = "cpu") -> list[Tensor]:
     """Random inputs of the contract (seeded), created on ``device``."""
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(seed)
     out = []
     for s in specs:
         if s.name == "timestep":

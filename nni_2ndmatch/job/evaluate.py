@@ -25,6 +25,7 @@ from ..layout import BASELINES_DIR, REPORT_DIR
 from ..models import PipelineParts
 from ..models.digits import load_digits_classifier
 from ..pruning import save_model
+from ..scoped import seeded_generator
 from ..training import Runtime, finetune
 from .data import TrainingData
 from .results import Comparison, Evaluation, RunSummary
@@ -85,7 +86,7 @@ class Evaluator(Scores):
     def __init__(self, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
                  digits: bool, fid_features: str | None = None) -> None:
         x0, _ = collate([dataset[0]], torch.device("cpu"))
-        self.noise = torch.randn(samples, *x0.shape[1:], generator=torch.Generator().manual_seed(seed))
+        self.noise = torch.randn(samples, *x0.shape[1:], generator=seeded_generator(seed))
         self.conditioning = conditioning_rows(dataset, samples)
         self.ddim_steps = ddim_steps
         self.classifier = load_digits_classifier() if digits else None
@@ -137,7 +138,7 @@ class PipelineEvaluator(Scores):
         images = []
         for start in range(0, len(self.conditions), batch_size):
             conditions = self.conditions[start:start + batch_size]
-            generators = [torch.Generator().manual_seed(self.seed + start + i) for i in range(len(conditions))]
+            generators = [seeded_generator(self.seed + start + i) for i in range(len(conditions))]
             given = {"prompt": conditions, "height": self.resolution, "width": self.resolution} if self.text \
                 else {"class_labels": conditions}
             out = self.pipe(**given, num_inference_steps=self.ddim_steps, guidance_scale=self.guidance_scale,

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..scoped import seeded
+from ..scoped import seeded, seeded_generator
 from .digits import RESOLUTION, load_digits_teacher
 
 
@@ -112,7 +112,7 @@ def example_conditioning(model: nn.Module, batch: int, seed: int = 0) -> dict[st
     kind = conditioning_of(model)
     if kind is None:
         return {}
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(seed)
     key, size = kind
     if key == "class_labels":
         return {key: torch.randint(0, size, (batch,), generator=g)}

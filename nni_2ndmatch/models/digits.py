@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..data import DigitsDataset
 from ..files import load_tensors
-from ..scoped import seeded
+from ..scoped import seeded, seeded_generator
 from .loading import load_diffusers_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -79,7 +79,7 @@ def _shift(x: Tensor, generator: torch.Generator) -> Tensor:
 def train_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64) -> tuple[DigitsClassifier, float]:
     """Train on the train split (with one-pixel shifts); returns the model and its test accuracy."""
     train, test = DigitsDataset(RESOLUTION, "train"), DigitsDataset(RESOLUTION, "test")
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(seed)
     with seeded(seed):
         model = DigitsClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..data import collate
 from ..finetuners import finetuner_class, get_finetuner
 from ..method import default_scheduler, dsm_term, model_output, sample_timesteps
+from ..scoped import seeded_generator
 
 BATCH_KEYS = ("x_t", "timesteps", "noise")
 
@@ -42,7 +43,7 @@ class NoisyBatches:
             raise ValueError(f"scheduler prediction_type={prediction!r} is not supported by the distiller's batches; "
                              "allowed: 'epsilon'")
         self.antithetic = antithetic
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = seeded_generator(seed)
 
     def __call__(self, items: list[Any]) -> dict[str, Tensor]:
         x0, conditioning = collate(items, torch.device("cpu"))

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..data import collate
 from ..method import default_scheduler, dsm_term, model_output
+from ..scoped import seeded_generator
 from ..utils import requires_grad
 from .surgery import GroupScorer
 
@@ -51,7 +52,7 @@ def denoising_gradients(teacher: nn.Module, pruner: str, data: Any, example_inpu
     x0, conditioning = collate(calibration_items(data, pruner, example_inputs), torch.device("cpu"))
     scheduler = default_scheduler()
     steps = int(scheduler.config.num_train_timesteps)
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(seed)
     work = copy.deepcopy(teacher).eval()
 
     def loss_at(t: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..compat import lerp_all_
+from ..scoped import seeded_generator
 from .checkpoints import load_optimizer_state, optimizer_state
 from .options import TrainConfig
 
@@ -54,7 +55,7 @@ class TrainState:
         self.model, self.params = model, params
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.ema = EMA(params, config.ema_decay) if config.ema_decay else None
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = seeded_generator(config.seed)
         self.step, self.history, self.seconds = 0, [], 0.0
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
