@@ -77,9 +77,14 @@ def pruner_spec(name: str) -> PrunerSpec:
         import nni.compression.pruning as nni_pruning
 
         if isinstance(getattr(nni_pruning, name, None), type):
-            raise ValueError(f"pruner={name!r} is not supported by name; run it yourself and pass its channel masks "
-                             f"to masks_to_student (allowed here: {allowed})")
+            raise _not_by_name(name)
     raise ValueError(f"pruner={name!r} is unknown; allowed: {allowed}")
+
+
+def _not_by_name(name: str) -> ValueError:
+    """An NNI pruner class that is not registered: how to use it anyway."""
+    return ValueError(f"pruner={name!r} is not supported by name; run it yourself and pass its channel masks "
+                      f"to masks_to_student (allowed here: {', '.join(PRUNER_REGISTRY)})")
 
 
 def _magnitude(r: PruneRequest) -> tuple[nn.Module, dict[str, Any]]:
@@ -117,9 +122,9 @@ for _spec in (PrunerSpec("magnitude", _magnitude),
               PrunerSpec("TaylorPruner", _nni_pruner("TaylorPruner"), needs_gradients=True, nni=True)):
     register_pruner(_spec)
 
-#: NNI pruner classes accepted by name.
+#: The built-in NNI pruner classes accepted by name (the registry also holds any registered later).
 NNI_PRUNERS = tuple(name for name, spec in PRUNER_REGISTRY.items() if spec.nni)
-#: Every pruner name ``prune_diffusers`` takes.
+#: The built-in pruner names ``prune_diffusers`` takes (and any registered later: ``PRUNER_REGISTRY``).
 PRUNERS = tuple(PRUNER_REGISTRY)
 
 
@@ -138,8 +143,7 @@ def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
         raise ValueError(f"pruner={pruner!r} is not an NNI pruner class; allowed here: {allowed}")
     spec = PRUNER_REGISTRY.get(pruner)
     if spec is None or not spec.nni:
-        raise ValueError(f"pruner={pruner!r} is not supported by name; run it yourself and pass its channel masks "
-                         f"to masks_to_student (allowed here: {allowed})")
+        raise _not_by_name(pruner)
     work = copy.deepcopy(model)
     if spec.needs_gradients:
         import nni
@@ -162,7 +166,8 @@ def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
 def check_config_list_pruner(pruner: str, config_list: Any) -> None:
     """A config_list goes with an NNI pruner only: the torch-pruning importances would ignore it."""
     if config_list is not None and not pruner_spec(pruner).nni:
-        raise ValueError(f"config_list is for the NNI pruners ({', '.join(NNI_PRUNERS)}); pruner={pruner!r} "
+        nni_pruners = ", ".join(name for name, spec in PRUNER_REGISTRY.items() if spec.nni)  # registered ones too
+        raise ValueError(f"config_list is for the NNI pruners ({nni_pruners}); pruner={pruner!r} "
                          "(a torch-pruning importance) would ignore it: leave config_list out or pick an NNI pruner")
 
 
