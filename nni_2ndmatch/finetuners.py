@@ -151,6 +151,9 @@ class Finetuner:
     name: ClassVar[str] = ""
     uses_teacher: ClassVar[bool] = True
     Options: ClassVar[type[FinetunerOptions]] = FinetunerOptions
+    #: The optimisation step (0-based) the next ``loss`` belongs to, for options that act on some
+    #: steps only (2ndmatch's ``jac_every``); ``finetune`` and the NNI distiller set it each step.
+    step: int | None = None
 
     def __init__(self, *, scheduler: Any = None, **options: Any) -> None:
         self.opts = validate_options(self.name or type(self).__name__, self.Options, options)
@@ -192,7 +195,7 @@ class Finetuner:
             self.scheduler.get_velocity(x0, noise, timesteps.to(x0.device))
         terms = self.terms(student, teacher, x_t, target, timesteps, **model_kwargs)
         weights = self.weights()
-        total = sum((w * terms[k] for k, w in weights.items()), torch.zeros((), device=x0.device))
+        total = sum((w * terms[k] for k, w in weights.items() if k in terms), torch.zeros((), device=x0.device))
         logged = {k: float(v.detach()) for k, v in terms.items()}
         logged["loss"] = float(total.detach())
         return total, logged
@@ -214,11 +217,16 @@ class DSM(Finetuner):
         return {"dsm": dsm_term(model_output(student, x_t, timesteps, **model_kwargs), target)}
 
 
-class KDOptions(FinetunerOptions):
+class TeacherOptions(FinetunerOptions):
     lambda_kd: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of ||eps_S - sg(eps_T)||^2")
 
 
-class SecondMatchOptions(KDOptions):
+class KDOptions(TeacherOptions):
+    kd_perturb: Literal["none", "noise"] = Field("none", description="none: the kd term at x_t; noise: at x_t +/- "
+                                                 "s_t g instead (g ~ N(0, I), s_t = sqrt(1 - abar_t))")
+
+
+class SecondMatchOptions(TeacherOptions):
     lambda_jac: float = Field(0.1, ge=0, allow_inf_nan=False, description="weight of the 2ndMatch term")
     mode: Literal[("auto", *MODES)] = Field("auto", description="Jacobian estimator: auto (chosen from the "  # type: ignore[valid-type]
                                            "teacher: fd where attention dominates and fd is accurate there, "
@@ -231,6 +239,8 @@ class SecondMatchOptions(KDOptions):
                                            "balanced (3072: the paper's 32x32x3); null: the raw term")
     jac_match: Literal[JAC_MATCHES] = Field("norm", description="norm (the paper), vector or log")
     jac_min_timestep: int = Field(0, ge=0, description="samples with t below it get no Jacobian term")
+    jac_every: int = Field(1, ge=1, description="the Jacobian term on every k-th step only, weighted k (the same "
+                           "expected contribution per step); the steps between cost what a kd step costs")
 
     @model_validator(mode="after")
     def _weighting_changes_the_term(self) -> "SecondMatchOptions":
@@ -240,9 +250,28 @@ class SecondMatchOptions(KDOptions):
         return self
 
 
+def kd_terms(student, teacher, x_t: Tensor, target: Tensor, timesteps: Tensor,
+             **model_kwargs: Any) -> dict[str, Tensor]:
+    """The dsm and kd terms at x_t: one teacher forward (no graph) and one student forward."""
+    with torch.no_grad():
+        eps_t = model_output(teacher, x_t, timesteps, **model_kwargs)
+    eps_s = model_output(student, x_t, timesteps, **model_kwargs)
+    return {"dsm": dsm_term(eps_s, target), "kd": kd_term(eps_s, eps_t)}
+
+
 @register_finetuner("kd")
 class KD(Finetuner):
-    """DSM plus output distillation: lambda_kd * ||eps_S - sg(eps_T)||^2."""
+    """DSM plus output distillation: lambda_kd * ||eps_S - sg(eps_T)||^2.
+
+    Options:
+      kd_perturb: ``none`` (the kd term at x_t) or ``noise``: the kd term at the antithetic pair
+        x_t +/- s_t g instead, averaged (g ~ N(0, I) drawn per sample and step, s_t = sqrt(1 -
+        abar_t), the sample's own noise scale); the dsm term stays at x_t. Since the first-order
+        parts of the pair cancel, its expectation over g is, to second order in s_t, kd at x_t plus
+        (1 - abar_t) ||J_S - J_T||_F^2: what 2ndmatch's ``jac_match: vector, jac_weighting: noise,
+        jac_reference_dims: 1`` adds at lambda_jac 1, with no double backward (3 student and 2
+        teacher passes per sample). The control for that variant.
+    """
 
     Options = KDOptions
 
@@ -250,10 +279,21 @@ class KD(Finetuner):
         return {"dsm": self.lambda_dsm, "kd": self.lambda_kd}
 
     def terms(self, student, teacher, x_t, target, timesteps, **model_kwargs):
+        if self.kd_perturb == "none":
+            return kd_terms(student, teacher, x_t, target, timesteps, **model_kwargs)
+        batch = x_t.shape[0]
+        scale = self.noise_scale(timesteps).to(x_t.device, x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        step = scale * torch.randn_like(x_t)
+        x_pair, t_pair = torch.cat([x_t + step, x_t - step]), timesteps.repeat(2)
         with torch.no_grad():
-            eps_t = model_output(teacher, x_t, timesteps, **model_kwargs)
-        eps_s = model_output(student, x_t, timesteps, **model_kwargs)
-        return {"dsm": dsm_term(eps_s, target), "kd": kd_term(eps_s, eps_t)}
+            eps_t = model_output(teacher, x_pair, t_pair, **_split_kwargs(model_kwargs, batch, slice(None), 2))
+        eps_s = model_output(student, torch.cat([x_t, x_pair]), timesteps.repeat(3),
+                             **_split_kwargs(model_kwargs, batch, slice(None), 3))
+        return {"dsm": dsm_term(eps_s[:batch], target), "kd": kd_term(eps_s[batch:], eps_t)}  # mean over the pair
+
+    def noise_scale(self, timesteps: Tensor) -> Tensor:
+        """s_t = sqrt(1 - abar_t) per sample (float64): the standard deviation of the noise in x_t."""
+        return (1.0 - self.scheduler.alphas_cumprod.double()[timesteps.long().cpu()]).sqrt()
 
 
 @register_finetuner("2ndmatch")
@@ -282,6 +322,10 @@ class SecondMatch(KD):
         changes the term's size: retune lambda_jac.
       jac_min_timestep: samples with t below it contribute no Jacobian term (their DSM and KD
         terms stay); the term is still averaged over the whole Jacobian batch.
+      jac_every: the Jacobian term on every k-th optimisation step only (steps k, 2k, ... counted
+        from 1, read from ``step``), multiplied by k so that its expected contribution per step is
+        the every-step term's; the steps between are kd steps, and log no ``jac``. A function of the
+        step alone, so a resumed run does what an uninterrupted one does.
     The outputs of the Jacobian evaluations serve the DSM and KD terms: no extra forward passes.
     """
 
@@ -299,8 +343,19 @@ class SecondMatch(KD):
         self.opts = self.opts.model_copy(update={"mode": self.mode})
         logger.info("2ndmatch mode auto: %s (%s)", self.mode, reason)
 
+    def jacobian_step(self) -> bool:
+        """Whether the step ``step`` computes the Jacobian term (``jac_every``)."""
+        if self.jac_every == 1:
+            return True
+        if self.step is None:
+            raise ValueError(f"jac_every={self.jac_every} needs the optimisation step: set the finetuner's step "
+                             "before each loss (finetune() and SecondMatchDistiller do)")
+        return (self.step + 1) % self.jac_every == 0
+
     def terms(self, student, teacher, x_t, target, timesteps, **model_kwargs):
         self.resolve(teacher, tuple(x_t.shape[1:]))
+        if not self.jacobian_step():
+            return kd_terms(student, teacher, x_t, target, timesteps, **model_kwargs)
         batch = x_t.shape[0]
         k = max(1, min(batch, int(-(-self.jac_fraction * batch // 1))))  # ceil, at least one sample
         p = self.num_projections
@@ -327,7 +382,7 @@ class SecondMatch(KD):
         jac = per_sample.mean()
         if self.jac_reference_dims is not None:
             jac = jac * (x_t[0].numel() / self.jac_reference_dims)
-        return {"dsm": dsm_term(eps_s, target), "kd": kd_term(eps_s, eps_t), "jac": jac}
+        return {"dsm": dsm_term(eps_s, target), "kd": kd_term(eps_s, eps_t), "jac": jac * self.jac_every}
 
     def jacobian_scale(self, timesteps: Tensor) -> Tensor:
         """c(t) of ``jac_weighting`` per sample (float64), the factor on both Jacobians."""

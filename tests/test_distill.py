@@ -82,6 +82,18 @@ def test_the_loss_nni_trains_on_is_dsm_plus_kd_plus_the_jacobian_term():
     assert distiller.last_terms["jac"] > 0
 
 
+def test_jac_every_counts_the_distillers_steps():
+    teacher, student = tiny_unet2d(0), tiny_unet2d(1)
+    evaluator, records = _recording_evaluator(student, _loader(n=16))
+    distiller = SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, lambda_kd=0.5, lambda_jac=3.0,
+                                     mode="jvp", jac_every=2)
+    distiller.compress(max_steps=4, max_epochs=None)
+    assert len(records) == 4 and "jac" in distiller.last_terms
+    for step, (batch, state, loss) in enumerate(records):  # steps 2 and 4 weigh the term twice, 1 and 3 not at all
+        ref = _reference_loss(student, teacher, batch, state, 0.5, 6.0 if step % 2 else 0.0)
+        assert loss == pytest.approx(ref, rel=1e-5)
+
+
 def test_layerwise_targets_of_the_config_list_add_to_the_strategy_terms():
     teacher, student = tiny_unet2d(0), tiny_unet2d(1)
     evaluator, records = _recording_evaluator(student, _loader(n=4))
@@ -174,5 +186,7 @@ def test_strategy_errors_are_clear():
         SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, lambda_dsm=1.0)
     with pytest.raises(ValueError, match="has no option 'lamda_jac'.*did you mean 'lambda_jac'"):
         SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, lamda_jac=1.0)
+    with pytest.raises(ValueError, match=r"jac_every=0 is not allowed: .*greater than or equal to 1"):
+        SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, jac_every=0)
     with pytest.raises(KeyError, match="the batch has no x_t, timesteps, noise"):
         dsm_training_step({"sample": torch.zeros(1, 1, 8, 8)}, student)

@@ -312,3 +312,121 @@ def test_mode_auto_is_fd_where_attention_dominates_and_fd_is_accurate_else_vjp(m
     explicit = get_finetuner("2ndmatch", mode="jvp")
     explicit.resolve(attention, (attention.config.in_channels, 16, 16))
     assert explicit.mode == "jvp"
+
+
+def _double_inputs(batch=4):
+    x0, noise, t = _inputs(batch)
+    return x0.double(), noise.double(), t
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_jac_every_puts_k_times_the_term_on_every_kth_step_and_kd_between():
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, noise, t = _double_inputs()
+    every = get_finetuner("2ndmatch", lambda_jac=0.3, jac_every=3, mode="vjp")
+    reference, k_times = (get_finetuner("2ndmatch", lambda_jac=lam, mode="vjp") for lam in (0.3, 0.9))
+    contributions, every_step = [], []
+    for step in range(6):
+        every.step = step
+        student.zero_grad()
+        torch.manual_seed(5)  # the same directions at every step: the every-step term is one number
+        loss, terms = every.loss(student, teacher, x0, noise, t)
+        loss.backward()
+        got = _grads(student)
+        student.zero_grad()
+        torch.manual_seed(5)
+        ref_loss, ref_terms = (k_times if (step + 1) % 3 == 0 else get_finetuner("kd")).loss(
+            student, teacher, x0, noise, t)
+        ref_loss.backward()
+        assert torch.allclose(got, _grads(student), rtol=1e-10, atol=1e-12), step
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+        assert ("jac" in terms) == ((step + 1) % 3 == 0)  # steps 3 and 6, counted from 1
+        contributions.append(0.3 * terms.get("jac", 0.0))
+        torch.manual_seed(5)
+        every_step.append(0.3 * reference.loss(student, teacher, x0, noise, t)[1]["jac"])
+    # per step, the term contributes on average what the every-step term contributes
+    assert sum(contributions) / 6 == pytest.approx(sum(every_step) / 6, rel=1e-12)
+
+
+def test_jac_every_needs_the_step_and_is_validated_like_the_other_options():
+    student, teacher = TinyNet(seed=1), TinyNet(seed=2)
+    with pytest.raises(ValueError, match=r"jac_every=2 needs the optimisation step"):
+        get_finetuner("2ndmatch", jac_every=2).loss(student, teacher, *_inputs())
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=rf"jac_every={bad} is not allowed: .*greater than or equal to 1"):
+            get_finetuner("2ndmatch", jac_every=bad)
+    with pytest.raises(ValueError, match=r"jac_every=1.5 is not allowed"):
+        get_finetuner("2ndmatch", jac_every=1.5)
+    with pytest.raises(ValueError, match=r"finetuner 'kd' has no option 'jac_every'"):
+        get_finetuner("kd", jac_every=2)
+
+
+class _Counting(torch.nn.Module):
+    """Wraps a model; records the rows of every call and whether gradients were on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, t, **kw):
+        self.calls.append((x.shape[0], torch.is_grad_enabled()))
+        return self.model(x, t, **kw)
+
+
+def test_kd_perturb_is_kd_at_the_antithetic_pair_at_the_samples_noise_scale():
+    student, teacher = _Counting(TinyNet(seed=1).double()), _Counting(TinyNet(seed=2).double())
+    x0, noise, t = _double_inputs()
+    ft = get_finetuner("kd", kd_perturb="noise", lambda_kd=0.5)
+    torch.manual_seed(3)
+    loss, terms = ft.loss(student, teacher, x0, noise, t)
+    loss.backward()
+    assert student.calls == [(12, True)] and teacher.calls == [(8, False)]  # 3 student, 2 teacher rows a sample
+    assert all(p.grad is None for p in teacher.parameters())
+    # an independent computation: the same draw of g, each model called on its own
+    abar = ft.scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    torch.manual_seed(3)
+    step = (1 - abar).sqrt() * torch.randn_like(x_t)
+    s, te = student.model, teacher.model
+    with torch.no_grad():
+        kd = [(s(x, t) - te(x, t)).pow(2).sum(dim=(1, 2, 3)) for x in (x_t + step, x_t - step)]
+        dsm = (s(x_t, t) - noise).pow(2).sum(dim=(1, 2, 3)).mean()
+    assert terms["kd"] == pytest.approx(((kd[0] + kd[1]) / 2).mean().item(), rel=1e-12)
+    assert terms["dsm"] == pytest.approx(dsm.item(), rel=1e-12)
+    assert loss.item() == pytest.approx(dsm.item() + 0.5 * terms["kd"], rel=1e-12)
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, seed, d=6):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)).double())
+
+    def forward(self, x, t):
+        return (x.flatten(1) @ self.a.T).view_as(x)
+
+
+def test_kd_perturb_pays_what_the_vector_noise_variant_adds():
+    """For linear models the pair's kd is exactly kd(x_t) + s_t^2 ||dA g||^2: in expectation over g,
+    kd at x_t plus (1 - abar_t) ||J_S - J_T||_F^2, the expected term of 2ndmatch's vector matching
+    with noise weighting at lambda_jac 1 and jac_reference_dims 1 (J from explicit Jacobians)."""
+    from conftest import explicit_jacobians
+
+    student, teacher = _Linear(1), _Linear(2)
+    x0, noise = torch.randn(1, 1, 2, 3).double(), torch.randn(1, 1, 2, 3).double()
+    t = torch.tensor([400])
+    jacobian_gap = (explicit_jacobians(student, x0, t) - explicit_jacobians(teacher, x0, t))[0]
+    abar = float(get_finetuner("kd").scheduler.alphas_cumprod[400])
+    expected_extra = (1 - abar) * jacobian_gap.pow(2).sum().item()
+    plain = get_finetuner("kd").loss(student, teacher, x0, noise, t)[1]["kd"]
+    perturb = get_finetuner("kd", kd_perturb="noise")
+    variant = get_finetuner("2ndmatch", mode="vjp", jac_match="vector", jac_weighting="noise", lambda_jac=1.0,
+                            jac_reference_dims=1)
+    draws = 4000
+    torch.manual_seed(0)
+    perturbed = sum(perturb.loss(student, teacher, x0, noise, t)[1]["kd"] for _ in range(draws)) / draws
+    jac = sum(variant.loss(student, teacher, x0, noise, t)[1]["jac"] for _ in range(draws)) / draws
+    assert perturbed - plain == pytest.approx(expected_extra, rel=0.05)
+    assert jac == pytest.approx(expected_extra, rel=0.05)

@@ -35,6 +35,20 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 8))
 
 
+def test_jac_every_resumed_between_two_term_steps_equals_an_uninterrupted_run(tmp_path):
+    options = {"jac_every": 3}  # the term on steps 3 and 6 (counted from 1)
+    full, _ = run_tiny(tmp_path / "full", 7, options=options)
+    run_tiny(tmp_path / "crash", 4, options=options)  # died after step 4: between the term steps 3 and 6
+    resumed, _ = run_tiny(tmp_path / "crash", 7, resume=True, options=options)
+    for (k, p), q in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.equal(p, q), k
+    assert [h["step"] for h in resumed.history if "jac" in h] == [3, 6]
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+    every_step, _ = run_tiny(tmp_path / "every", 7)  # the term changes the weights it reaches
+    assert not all(torch.equal(p, q) for p, q in zip(full.student.state_dict().values(),
+                                                     every_step.student.state_dict().values()))
+
+
 def test_checkpoints_are_complete_and_pruned(tmp_path):
     run_tiny(tmp_path, 7)
     root = tmp_path / "checkpoints"

@@ -144,6 +144,7 @@ def _make_distiller_class() -> type:
                      finetuner: str = "2ndmatch", **options: Any) -> None:
             self.strategy = _strategy(finetuner, options)
             self.last_terms: dict[str, float] = {}
+            self.steps = 0  # loss patches so far: the strategy's step (jac_every)
             self._layerwise = bool(config_list)
             super().__init__(model, config_list, evaluator, teacher_model, teacher_predict,
                              origin_loss_lambda=origin_loss_lambda, existed_wrappers=existed_wrappers)
@@ -169,10 +170,13 @@ def _make_distiller_class() -> type:
                         self.teacher_predict(batch, self.teacher_model)
                     total = total + self.compute_distill_loss()
                 x_t, t, noise, conditioning = _split(batch)
+                self.strategy.step = self.steps
+                self.steps += 1
                 terms = self.strategy.terms(self.bound_model, self.teacher_model, x_t, noise, t, **conditioning)
                 self._clean_targets()  # the Jacobian passes recorded hidden states: not for the next step
                 for name, weight in self.strategy.weights().items():
-                    if name != "dsm":  # the evaluator's own loss plays the DSM role
+                    # the evaluator's own loss plays the DSM role; jac_every leaves jac out between its steps
+                    if name != "dsm" and name in terms:
                         total = total + weight * terms[name]
                 self.last_terms = {name: float(value.detach()) for name, value in terms.items()}
                 self.last_terms["loss"] = float(total.detach())
@@ -209,8 +213,9 @@ _DOC = """2ndMatch (or any teacher-based strategy, e.g. ``finetuner="kd"``) as a
     ``link``, ``apply_method``) keep working beside the strategy's terms. The loss of one step is
     ``origin_loss_lambda * evaluator_loss + layer-wise + lambda_kd * kd + lambda_jac * jac``; the
     terms of the last step are in ``last_terms``. ``options`` are the strategy's own (``lambda_kd``,
-    ``lambda_jac``, ``mode``, ``num_projections``, ``jac_fraction``, ``fd_step``); ``config_list``
-    may be empty. Batches must carry ``x_t``, ``timesteps``, ``noise`` (see ``NoisyBatches``).
+    ``lambda_jac``, ``mode``, ``num_projections``, ``jac_fraction``, ``jac_every``, ...; kd's
+    ``kd_perturb``); each loss patch is one step (``jac_every`` counts them); ``config_list`` may be
+    empty. Batches must carry ``x_t``, ``timesteps``, ``noise`` (see ``NoisyBatches``).
     """
 
 

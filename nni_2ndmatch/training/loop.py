@@ -141,6 +141,7 @@ def optimization_step(net: nn.Module, teacher: Any, finetuner: Finetuner, datase
     clipped update and the EMA. Returns the step's terms, averaged over processes, and its draws."""
     draws = draw_step(state.generator, config, micro_batches[0][0].shape[1:], finetuner.num_train_timesteps,
                       getattr(dataset, "caption_dropout", 0.0))
+    finetuner.step = state.step  # what jac_every reads: a function of the step, so resumes are exact
     lr = config.lr_at(state.step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr

@@ -17,10 +17,11 @@ class Images(torch.utils.data.Dataset):
         return self.x[i]
 
 
-def run_tiny(tmp_path, steps, resume=False, finetuner="2ndmatch", **cfg):
-    """A tiny U-Net student finetuned against a wider one on ``Images``; (result, teacher)."""
+def run_tiny(tmp_path, steps, resume=False, finetuner="2ndmatch", options=None, **cfg):
+    """A tiny U-Net student finetuned against a wider one on ``Images`` (``options``: the
+    finetuner's); (result, teacher)."""
     student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
     config = TrainConfig(steps=steps, batch_size=4, checkpoint_every=3, log_every=1, seed=11, hflip=True, **cfg)
-    res = finetune(student, teacher, get_finetuner(finetuner), Images(), config, tmp_path, resume=resume,
-                   progress=False)
+    res = finetune(student, teacher, get_finetuner(finetuner, **(options or {})), Images(), config, tmp_path,
+                   resume=resume, progress=False)
     return res, teacher
