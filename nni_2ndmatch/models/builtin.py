@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..scoped import seeded, seeded_generator
-from .digits import RESOLUTION, load_digits_teacher
+from .digits import MNIST_RESOLUTION, RESOLUTION, load_digits_teacher, load_mnist_teacher
 
 
 def _width(channels: tuple[int, ...], width: float, groups: int) -> tuple[int, ...]:
@@ -74,9 +74,23 @@ def digits_unet() -> nn.Module:
     return model
 
 
+def mnist_unet() -> nn.Module:
+    """The MNIST teacher's architecture: the tiny-unet layout for 1x28x28 images (28, 14, 7)."""
+    model = tiny_unet()
+    model.register_to_config(sample_size=MNIST_RESOLUTION)
+    return model
+
+
+def mnist_teacher(width: float = 1.0) -> nn.Module:
+    """The shipped DDPM trained on MNIST (1x28x28, the tiny-unet layout): pretrained weights."""
+    if width != 1.0:
+        raise ValueError(f"width={width!r} is not allowed for the pretrained builtin 'mnist-teacher'; allowed: 1.0")
+    return load_mnist_teacher()
+
+
 BUILTIN_MODELS: dict[str, Callable[[float], nn.Module]] = {
-    "digits-teacher": digits_teacher, "tiny-unet": tiny_unet, "tiny-unet-cond": tiny_unet_cond, "tiny-dit": tiny_dit,
-    "ddpm-cifar10": ddpm_cifar10}
+    "digits-teacher": digits_teacher, "mnist-teacher": mnist_teacher, "tiny-unet": tiny_unet,
+    "tiny-unet-cond": tiny_unet_cond, "tiny-dit": tiny_dit, "ddpm-cifar10": ddpm_cifar10}
 #: Built-in pipelines (models.pipelines.write_tiny_sd): a teacher with its VAE, text encoder and schedule.
 BUILTIN_PIPELINES = ("tiny-sd",)
 

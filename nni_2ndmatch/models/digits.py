@@ -1,7 +1,8 @@
-"""The built-in digits assets: a dense DDPM teacher and a feature network for digits-FID.
+"""The built-in digits assets: a dense DDPM teacher and a feature network for digits-FID, for
+scikit-learn's digits (8x8) and for MNIST (28x28).
 
-Both are trained on the train split of scikit-learn's digits (8x8, their native resolution) by
-``benchmarks/train_digits_assets.py`` and ship in ``nni_2ndmatch/assets`` as safetensors + JSON.
+Each is trained on the train split of its data at its native resolution by
+``benchmarks/train_digits_assets.py`` and ships in ``nni_2ndmatch/assets`` as safetensors + JSON.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import DigitsDataset
+from ..data import DigitsDataset, MnistDataset
 from ..files import load_tensors
 from ..scoped import seeded, seeded_generator
 from .loading import load_diffusers_model
@@ -29,16 +30,36 @@ CLASSIFIER_FILE = ASSETS / "digits_classifier.safetensors"
 RESOLUTION = 8
 
 
+MNIST_TEACHER_DIR = ASSETS / "mnist_teacher"
+
+
+MNIST_CLASSIFIER_FILE = ASSETS / "mnist_classifier.safetensors"
+
+
+MNIST_RESOLUTION = 28
+
+
 def load_digits_teacher() -> nn.Module:
     """The shipped dense teacher (a diffusers UNet2DModel), in eval mode."""
-    if not (TEACHER_DIR / "config.json").is_file():
-        raise ValueError(f"the built-in digits teacher is missing from {TEACHER_DIR}; reinstall the package "
-                         "or run benchmarks/train_digits_assets.py")
-    return load_diffusers_model(TEACHER_DIR).eval()
+    return _load_teacher(TEACHER_DIR, "digits")
+
+
+def load_mnist_teacher() -> nn.Module:
+    """The shipped dense MNIST teacher (a diffusers UNet2DModel for 1x28x28), in eval mode."""
+    return _load_teacher(MNIST_TEACHER_DIR, "mnist")
+
+
+def _load_teacher(folder: Path, data: str) -> nn.Module:
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"the built-in {data} teacher is missing from {folder}; reinstall the package "
+                         f"or run benchmarks/train_digits_assets.py --data {data}")
+    return load_diffusers_model(folder).eval()
 
 
 class DigitsClassifier(nn.Module):
-    """A small CNN for 1x8x8 digits; ``features`` (64-d, before the last layer) feed digits-FID."""
+    """A small CNN for 1x8x8 digits (or 1x28x28 MNIST: the map is averaged down to 4x4 before the
+    dense layers, which at 8x8 changes nothing); ``features`` (64-d, before the last layer) feed
+    digits-FID."""
 
     FEATURES = 64
 
@@ -53,7 +74,7 @@ class DigitsClassifier(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
-        x = F.relu(self.conv3(x))
+        x = F.adaptive_avg_pool2d(F.relu(self.conv3(x)), 4)
         return F.relu(self.fc(x.flatten(1)))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -61,24 +82,37 @@ class DigitsClassifier(nn.Module):
 
 
 def load_digits_classifier() -> DigitsClassifier:
-    if not CLASSIFIER_FILE.is_file():
-        raise ValueError(f"the built-in digits classifier is missing ({CLASSIFIER_FILE}); reinstall the package "
-                         "or run benchmarks/train_digits_assets.py")
+    return _load_classifier(CLASSIFIER_FILE, "digits")
+
+
+def load_mnist_classifier() -> DigitsClassifier:
+    """The feature network of MNIST's digits-FID (the digits classifier's architecture at 28x28)."""
+    return _load_classifier(MNIST_CLASSIFIER_FILE, "mnist")
+
+
+def _load_classifier(file: Path, data: str) -> DigitsClassifier:
+    if not file.is_file():
+        raise ValueError(f"the built-in {data} classifier is missing ({file}); reinstall the package "
+                         f"or run benchmarks/train_digits_assets.py --data {data}")
     model = DigitsClassifier()
-    model.load_state_dict(load_tensors(CLASSIFIER_FILE), strict=True)
+    model.load_state_dict(load_tensors(file), strict=True)
     return model.eval()
 
 
 def _shift(x: Tensor, generator: torch.Generator) -> Tensor:
     """Random shifts by up to one pixel (the background is -1)."""
+    size = x.shape[-1]
     padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
     dx, dy = torch.randint(0, 3, (2,), generator=generator).tolist()
-    return padded[..., dy:dy + RESOLUTION, dx:dx + RESOLUTION]
+    return padded[..., dy:dy + size, dx:dx + size]
 
 
-def train_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64) -> tuple[DigitsClassifier, float]:
-    """Train on the train split (with one-pixel shifts); returns the model and its test accuracy."""
-    train, test = DigitsDataset(RESOLUTION, "train"), DigitsDataset(RESOLUTION, "test")
+def train_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64,
+                     data: str = "digits") -> tuple[DigitsClassifier, float]:
+    """Train on the train split of ``data`` (digits or mnist, with one-pixel shifts); returns the
+    model and its test accuracy."""
+    train, test = (DigitsDataset(RESOLUTION, "train"), DigitsDataset(RESOLUTION, "test")) if data == "digits" \
+        else (MnistDataset(MNIST_RESOLUTION, "train"), MnistDataset(MNIST_RESOLUTION, "test"))
     g = seeded_generator(seed)
     with seeded(seed):
         model = DigitsClassifier()
