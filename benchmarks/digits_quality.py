@@ -1,29 +1,39 @@
-"""Quality benchmark on the built-in digits: does 2ndMatch close the gap that pruning opens?
+"""Quality benchmark on real digits: does 2ndMatch close the gap that pruning opens, and is it
+worth its price?
 
     python benchmarks/digits_quality.py --ratio 0.3 --steps 6000 --batch-size 2 --lr 2e-4 \
         --seeds 0,1,2,3,4,5,6,7,8,9 --lambda-jac 0.1 --jac-reference-dims 3072 --ema-decay 0.9983 \
         --dropout 0.1 --no-wallclock --threads 1    # the committed figures (about 4 hours, 1 idle thread)
 
-The shipped dense teacher is pruned once (torch-pruning magnitude, ``--ratio``); the same pruned
-student is finetuned with ``dsm``, ``kd`` and ``2ndmatch`` for the same number of steps and,
-separately, the same wall-clock budget (the 2ndmatch run's seconds, converted to steps with each
-strategy's measured seconds per step), for each seed. Every model samples from the same noise with
-the same deterministic DDIM sampler; we report digits-FID (mean, std over seeds), fidelity to the
-teacher's samples and gap_closed = (FID_dsm - FID_2ndmatch) / (FID_dsm - FID_dense).
+The dense teacher (``--data digits``: the shipped one for scikit-learn's 8x8 digits, or ``--data
+mnist``: the shipped MNIST one; ``--teacher`` another diffusers folder trained on that data) is
+pruned once (torch-pruning magnitude, ``--ratio``); the same pruned student is finetuned by each
+arm of ``--finetuners`` (benchmarks/arms.py: dsm, kd, kd-perturb, 2ndmatch, 2ndmatch-every<K>)
+for the same number of steps, for each seed. Then one more budget (``--budget``):
+
+- ``equal-wallclock`` (the default unless ``--no-wallclock``): each arm gets the 2ndmatch run's
+  seconds, converted to steps with its own measured seconds per step (beside other jobs, noisy);
+- ``equal-compute``: each arm of ``--compute-arms`` gets the steps that the most expensive of them
+  buys in ``--steps`` steps, at the whole-run cost ratios of ``--cost`` (benchmarks/run_cost.py,
+  measured idle before the runs); the ratios and steps are stored as ``settings.cost_ratio`` and
+  ``settings.budget``, never taken from the runs' own clocks.
+
+Every model samples from the same noise with the same deterministic DDIM sampler; we report
+digits-FID (mean, std over seeds), fidelity to the teacher's samples (RMS, lower is closer),
+gap_closed = (FID_dsm - FID_2ndmatch) / (FID_dsm - FID_dense) and, per budget, paired statistics of
+kd minus each other arm (``paired`` for digits-FID, ``paired_fidelity``; benchmarks/paired_stats.py).
 
 Results go to --out (+ .md), rewritten after every run; a run already in the JSON with the same
 settings is not repeated (so the script resumes after a crash); a JSON of other settings is left
-alone unless --overwrite. The committed benchmarks/results/digits_quality.json holds the command
-above: the regime of the authors' training script, 10 paired seeds (docs/results.md).
+alone unless --overwrite. Each run records the git commit that made it; the JSON the CPU and the
+teacher's sha256.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
-import math
 import platform
 import statistics
 import sys
@@ -35,21 +45,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.arms import ARM_HELP, arm, load_teacher, parse_arms, provenance  # noqa: E402
+from benchmarks.paired_stats import paired  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
-from nni_2ndmatch.data import DigitsDataset  # noqa: E402
-from nni_2ndmatch.evaluation import ddim_sample, digits_fid, fidelity, sensitivity_profile  # noqa: E402
+from nni_2ndmatch.evaluation import ddim_sample, fidelity, frechet_distance, sensitivity_profile  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
-from nni_2ndmatch.models import load_diffusers_model  # noqa: E402
-from nni_2ndmatch.models.digits import RESOLUTION, load_digits_classifier, load_digits_teacher  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STRATEGIES = ("dsm", "kd", "2ndmatch")
 PROFILE_TIMESTEPS = [0, 50, 100, 200, 400, 600, 800, 999]
+SAMPLE_NOISE_SEED = 1234
+#: options absent from the settings at their default (JSONs written before they existed lack them)
+ABSENT_AT_DEFAULT = {"teacher": None, "dequantize": False, "jac_match": "norm", "jac_min_timestep": 0,
+                     "data": "digits", "budget": "equal-wallclock", "compute_arms": None}
+NOT_SETTINGS = ("out", "baseline", "overwrite", "finetuners", "cost", "eval_noise_draws")
+BUDGET_KEYS = {"equal-wallclock": "equal_wallclock", "equal-compute": "equal_compute"}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits", choices=["digits", "mnist"], help="the teacher's data set")
     p.add_argument("--ratio", type=float, default=0.5, help="channel share pruned per layer group")
     p.add_argument("--steps", type=int, default=300, help="finetuning steps (equal-steps comparison)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -68,7 +83,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, help="EMA of the student's weights (the reference: 0.9999 over 100k "
                                                    "steps); default: no EMA")
     p.add_argument("--dropout", type=float, help="the student's residual-block dropout (the reference: 0.1)")
+    p.add_argument("--budget", default="equal-wallclock", choices=list(BUDGET_KEYS),
+                   help="the second budget beside equal steps (see the docstring)")
     p.add_argument("--no-wallclock", action="store_true", help="skip the equal wall-clock comparison")
+    p.add_argument("--compute-arms", help=f"equal-compute: the arms given the same compute ({ARM_HELP}; default: "
+                                          "--finetuners)")
+    p.add_argument("--cost", default=str(RESULTS / "run_cost.json"), help="equal-compute: run_cost.py's JSON")
+    p.add_argument("--eval-noise-draws", type=int, default=0, help="also measure digits-FID's own noise: the "
+                   "dense teacher's digits-FID over this many sample-noise draws")
     p.add_argument("--baseline", action="append", default=[],
                    help="a results JSON whose runs of the same seed and steps are reused: dsm and kd, and 2ndmatch "
                         "too where its Jacobian options match (the other settings must match, except --seeds and "
@@ -81,14 +103,151 @@ def parse_args() -> argparse.Namespace:
                                                           "in the last bits between thread counts)")
     p.add_argument("--out", default=str(RESULTS / "digits_quality.json"))
     p.add_argument("--overwrite", action="store_true", help="start --out again when it holds runs of other settings")
-    p.add_argument("--finetuners", default=",".join(STRATEGIES),
-                   help="which of dsm, kd, 2ndmatch to run (2ndmatch always; e.g. kd,2ndmatch skips dsm)")
-    return p.parse_args()
+    p.add_argument("--finetuners", default="dsm,kd,2ndmatch", help=f"the arms at equal steps ({ARM_HELP}); kd "
+                   "among them (the baseline of the paired statistics)")
+    args = p.parse_args(argv)
+    try:
+        args.arms = parse_arms(args.finetuners)
+        args.compute = parse_arms(args.compute_arms) if args.compute_arms else list(args.arms)
+    except ValueError as e:
+        p.error(str(e))
+    if "kd" not in args.arms:
+        p.error(f"--finetuners {args.finetuners!r}: kd is the baseline of the paired statistics; list it")
+    if args.budget == "equal-wallclock" and not args.no_wallclock and "2ndmatch" not in args.arms:
+        p.error("--budget equal-wallclock takes the 2ndmatch run's seconds: list 2ndmatch or give --no-wallclock")
+    if args.compute_arms and args.budget != "equal-compute":
+        p.error("--compute-arms goes with --budget equal-compute")
+    return args
 
 
-def evaluate(model, noise, teacher_samples, classifier, ddim_steps) -> dict[str, float]:
-    samples = ddim_sample(model.eval(), noise, ddim_steps)
-    return {"fid": digits_fid(samples, classifier), "fidelity": fidelity(samples, teacher_samples)}
+def jac_options(args: argparse.Namespace) -> dict:
+    return {"lambda_jac": args.lambda_jac, "jac_weighting": args.jac_weighting,
+            "jac_reference_dims": args.jac_reference_dims, "jac_match": args.jac_match,
+            "jac_min_timestep": args.jac_min_timestep}
+
+
+def equal_compute_budget(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(budget, cost_ratio) of ``--budget equal-compute``: each compute arm's steps from the idle
+    whole-run cost ratios of ``--cost`` for this data set."""
+    cost = json.loads(Path(args.cost).read_text())
+    table = cost.get("data", {}).get(args.data, {}).get("arms", {})
+    missing = [name for name in args.compute if name not in table]
+    if missing:
+        sys.exit(f"--cost {args.cost}: no {args.data} cost for {', '.join(missing)}; run benchmarks/run_cost.py "
+                 "with those arms")
+    ratio = {name: table[name]["vs_kd"] for name in args.compute}
+    reference = max(ratio, key=ratio.get)
+    steps = {name: max(1, round(args.steps * ratio[reference] / ratio[name])) for name in args.compute}
+    return ({"kind": "equal-compute", "reference_arm": reference, "reference_steps": args.steps, "steps": steps,
+             "cost_file": Path(args.cost).name, "cost_commit": cost.get("commit")}, ratio)
+
+
+def settings_of(args: argparse.Namespace, teacher_sha256: str) -> dict:
+    """Everything that changes the floats: the options, the thread count, the torch build and the CPU."""
+    settings = {**{k: v for k, v in vars(args).items() if k not in (*NOT_SETTINGS, "arms", "compute")
+                   and not (k in ABSENT_AT_DEFAULT and v == ABSENT_AT_DEFAULT[k])},
+                "torch": torch.__version__, "machine": platform.machine()}
+    if args.teacher:  # runs of another teacher at the same path are not reused
+        settings["teacher_sha256"] = teacher_sha256
+    if args.budget == "equal-compute":
+        settings["budget"], settings["cost_ratio"] = equal_compute_budget(args)
+        settings.pop("no_wallclock", None)
+    return settings
+
+
+def reusable_runs(args: argparse.Namespace, settings: dict) -> tuple[list[dict], dict | None]:
+    """Runs of the ``--baseline`` JSONs that this one may reuse, and their 2ndmatch sensitivity profile."""
+    reusable, profile = [], None
+    jac_keys = ("lambda_jac", "jac_weighting", "jac_reference_dims", "jac_match", "jac_min_timestep")
+    free = (*jac_keys, "seeds", "no_wallclock")  # runs are matched by seed and steps
+    for baseline in args.baseline:
+        base = json.loads(Path(baseline).read_text())
+        if {k: v for k, v in base["settings"].items() if k not in free} != \
+                {k: v for k, v in settings.items() if k not in free}:
+            sys.exit(f"--baseline {baseline}: its settings differ beyond {', '.join(free)}")
+        same_jac = all(base["settings"].get(k) == settings.get(k) for k in jac_keys)
+        reusable += [r for budget in BUDGET_KEYS.values() for r in base.get(budget, {}).get("runs", [])
+                     if not r["strategy"].startswith("2ndmatch") or same_jac]
+        if same_jac and int(base["settings"]["seeds"].split(",")[0]) == int(args.seeds.split(",")[0]):
+            profile = profile or base.get("sensitivity_profile", {}).get("2ndmatch")
+    return reusable, profile
+
+
+def stored_results(out: Path, settings: dict, overwrite: bool) -> dict:
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if results and results.get("settings") != settings:
+        if not overwrite:
+            stored = results.get("settings", {})
+            changed = sorted(k for k in {*settings, *stored} if settings.get(k) != stored.get(k))
+            sys.exit(f"--out {out} holds runs with other settings (differing: {', '.join(changed)}); give another "
+                     f"--out, the same settings to resume, or --overwrite to start it again")
+        results = {}
+    return results
+
+
+class Benchmark:
+    """The teacher, the pruned student, the sampling noise and the results being written."""
+
+    def __init__(self, args: argparse.Namespace, teacher, results: dict, reusable: list[dict]) -> None:
+        self.args, self.teacher, self.results, self.reusable = args, teacher, results, reusable
+        self.out = Path(args.out)
+        self.commit = provenance()["commit"]
+        size = teacher.resolution
+        self.noise = torch.randn(args.samples, 1, size, size,
+                                 generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED))
+        self.teacher_samples = ddim_sample(teacher.model, self.noise, args.ddim_steps)
+        with torch.no_grad():
+            self.reference_features = teacher.classifier.features(teacher.test_images)
+        results["dense"] = {"fid_mean": self.fid(self.teacher_samples)}
+        self.student0, report = prune_diffusers(teacher.model, "magnitude", args.ratio,
+                                                example_inputs=default_example_inputs(teacher.model), round_to=None)
+        results["pruned"] = {**self.evaluate(copy.deepcopy(self.student0)), "macs_ratio": report["macs_ratio"],
+                             "params_ratio": report["params_ratio"]}
+        self.x0 = teacher.train.images[:64]
+
+    @torch.no_grad()
+    def fid(self, samples) -> float:
+        return frechet_distance(self.teacher.classifier.features(samples), self.reference_features)
+
+    def evaluate(self, model) -> dict[str, float]:
+        samples = ddim_sample(model.eval(), self.noise, self.args.ddim_steps)
+        return {"fid": self.fid(samples), "fidelity": fidelity(samples, self.teacher_samples)}
+
+    def evaluation_noise(self, draws: int) -> dict:
+        """The dense teacher's digits-FID over ``draws`` other sample-noise draws: the evaluation's own spread."""
+        size = self.teacher.resolution
+        fids = [self.fid(ddim_sample(self.teacher.model, torch.randn(self.args.samples, 1, size, size,
+                                     generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED + 1 + i)),
+                                     self.args.ddim_steps)) for i in range(draws)]
+        return {"samples": self.args.samples, "draws": draws, "fid": fids, "std": statistics.stdev(fids)}
+
+    def run(self, budget: str, name: str, seed: int, steps: int) -> dict:
+        done = self.results.setdefault(budget, {}).setdefault("runs", [])
+        for r in done:
+            if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
+                return r
+        for r in [*self.results.get("equal_steps", {}).get("runs", []), *self.reusable]:  # deterministic: reuse
+            if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
+                return self.record(budget, dict(r))
+        finetuner, options = arm(name, jac_options(self.args))
+        config = TrainConfig(steps=steps, batch_size=self.args.batch_size, lr=self.args.lr, seed=seed,
+                             ema_decay=self.args.ema_decay, grad_clip=self.args.grad_clip, dropout=self.args.dropout,
+                             checkpoint_every=10**9, log_every=max(1, steps // 10))
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            trained = finetune(copy.deepcopy(self.student0), self.teacher.model, get_finetuner(finetuner, **options),
+                               self.teacher.train, config, tmp, progress=True).student
+        row = {"strategy": name, "seed": seed, "steps": steps, "seconds": time.perf_counter() - start,
+               **self.evaluate(trained), "commit": self.commit}
+        if name == "2ndmatch" and seed == int(self.args.seeds.split(",")[0]) and budget == "equal_steps":
+            self.results["sensitivity_profile"]["2ndmatch"] = sensitivity_profile(trained, self.x0, PROFILE_TIMESTEPS)
+        return self.record(budget, row)
+
+    def record(self, budget: str, row: dict) -> dict:
+        self.results[budget]["runs"].append(row)
+        summarize_budget(self.results, budget)
+        write(self.results, self.out)
+        return row
 
 
 def summarize(runs: list[dict], key: str) -> dict[str, float]:
@@ -96,172 +255,108 @@ def summarize(runs: list[dict], key: str) -> dict[str, float]:
     return {f"{key}_mean": statistics.fmean(values), f"{key}_std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def paired(runs: list[dict], base: str) -> dict[str, float]:
-    """digits-FID of ``base`` minus 2ndmatch's, seed by seed (positive: 2ndmatch better); paired t test,
-    one-sided p for "2ndmatch is better"."""
-    from scipy import stats
+def paired_against(runs: list[dict], base: str, name: str, key: str) -> dict:
+    """``base`` minus ``name`` in ``key``, seed by seed (positive: ``name`` is better)."""
+    by_seed = {(r["strategy"], r["seed"]): r[key] for r in runs}
+    seeds = sorted(s for (n, s) in by_seed if n == base and (name, s) in by_seed)
+    return paired([by_seed[(base, s)] - by_seed[(name, s)] for s in seeds])
 
-    by_seed = {(r["strategy"], r["seed"]): r["fid"] for r in runs}
-    diffs = [by_seed[(base, s)] - by_seed[("2ndmatch", s)] for (name, s) in by_seed if name == base
-             and ("2ndmatch", s) in by_seed]
-    n = len(diffs)
-    mean = statistics.fmean(diffs) if diffs else math.nan
-    std = statistics.stdev(diffs) if n > 1 else math.nan
-    t = mean / (std / math.sqrt(n)) if n > 1 and std > 0 else math.nan
-    p = float(stats.t.sf(t, n - 1)) if math.isfinite(t) else math.nan
-    return {"mean": mean, "std": std, "n": n, "t": t, "p_one_sided": p, "wins": sum(d > 0 for d in diffs)}
+
+def summarize_budget(results: dict, budget: str) -> None:
+    section = results[budget]
+    names = list(dict.fromkeys(r["strategy"] for r in section["runs"]))
+    table = {}
+    for name in names:
+        rows = sorted((r for r in section["runs"] if r["strategy"] == name), key=lambda r: r["seed"])
+        table[name] = {"steps": rows[0]["steps"], "seconds": statistics.fmean(r["seconds"] for r in rows),
+                       **summarize(rows, "fid"), **summarize(rows, "fidelity"), "seeds": len(rows)}
+    section["strategies"] = table
+    if "dsm" in table and "2ndmatch" in table:
+        gap = table["dsm"]["fid_mean"] - results["dense"]["fid_mean"]
+        section["gap_closed"] = (table["dsm"]["fid_mean"] - table["2ndmatch"]["fid_mean"]) / gap
+        spread = max(table["dsm"]["fid_std"], table["2ndmatch"]["fid_std"])
+        section["difference_over_2std"] = (table["dsm"]["fid_mean"] - table["2ndmatch"]["fid_mean"]) > 2 * spread
+    pairs = [(base, name) for base in ("kd", "dsm") if base in table for name in table
+             if name not in ("kd", "dsm") and (base == "kd" or name == "2ndmatch")]
+    for key, field in (("paired", "fid"), ("paired_fidelity", "fidelity")):
+        section[key] = {f"{base}_minus_{name}": paired_against(section["runs"], base, name, field)
+                        for base, name in pairs}
 
 
 def write(results: dict, out: Path) -> None:
     lines = ["# digits quality benchmark", "", f"Command: `{results['command']}`", "",
-             f"Dense teacher digits-FID: {results['dense']['fid_mean']:.3f}; pruned before finetuning: "
+             f"Commit {results.get('commit')}, {results.get('cpu')}; teacher sha256 {results.get('teacher_sha256')}",
+             "", f"Dense teacher digits-FID: {results['dense']['fid_mean']:.3f}; pruned before finetuning: "
              f"{results['pruned']['fid']:.3f} (MACs ratio {results['pruned']['macs_ratio']:.3f})", ""]
-    for budget in ("equal_steps", "equal_wallclock"):
+    if "evaluation_noise" in results:
+        noise = results["evaluation_noise"]
+        lines += [f"digits-FID's own noise (the dense teacher, {noise['draws']} sample-noise draws of "
+                  f"{noise['samples']}): std {noise['std']:.3f}", ""]
+    for budget in ("equal_steps", *BUDGET_KEYS.values()):
         table = results.get(budget, {}).get("strategies", {})
         if not table:
             continue
-        lines += [f"## {budget.replace('_', ' ')}", "", "| strategy | steps | seconds | digits-FID | fidelity (RMS) |",
+        lines += [f"## {budget.replace('_', ' ')}", "", "| arm | steps | seconds | digits-FID | fidelity (RMS) |",
                   "|---|---|---|---|---|"]
-        for name in (n for n in STRATEGIES if n in table):
-            row = table[name]
-            lines.append(f"| {name} | {row['steps']} | {row['seconds']:.0f} | "
-                         f"{row['fid_mean']:.3f} ± {row['fid_std']:.3f} | "
-                         f"{row['fidelity_mean']:.4f} ± {row['fidelity_std']:.4f} |")
+        lines += [f"| {name} | {row['steps']} | {row['seconds']:.0f} | {row['fid_mean']:.3f} ± {row['fid_std']:.3f} | "
+                  f"{row['fidelity_mean']:.4f} ± {row['fidelity_std']:.4f} |" for name, row in table.items()]
         if "gap_closed" in results[budget]:
             lines += ["", f"gap closed: {results[budget]['gap_closed']:.3f}"]
-        for key, d in results[budget].get("paired", {}).items():
-            lines.append(f"{key} (digits-FID, positive: 2ndmatch better): {d['mean']:.3f} ± {d['std']:.3f} over "
-                         f"{d['n']} seeds, 2ndmatch better on {d['wins']}, t {d['t']:.2f}, one-sided p "
-                         f"{d['p_one_sided']:.3g}")
+        for key, what in (("paired", "digits-FID"), ("paired_fidelity", "fidelity")):
+            for pair, d in results[budget].get(key, {}).items():
+                name = pair.split("_minus_", 1)[1]
+                lines.append(f"{pair} ({what}, positive: {name} better): {d['mean']:.4g} ± {d['std']:.4g} over "
+                             f"{d['n']} seeds, 95% CI [{d['ci95'][0]:.4g}, {d['ci95'][1]:.4g}], {name} better on "
+                             f"{d['wins']}, t {d['t']:.2f}, one-sided p {d['p_one_sided']:.3g}, two-sided "
+                             f"{d['p_two_sided']:.3g}, Wilcoxon one-sided {d['p_wilcoxon']:.3g}")
         lines.append("")
     write_results(out, results, "\n".join(lines))
 
 
-def main() -> None:
-    args = parse_args()
+def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
-    # everything that changes the floats: the options, the thread count, the torch build and the CPU
-    absent_at_default = {"teacher": None, "dequantize": False, "jac_match": "norm", "jac_min_timestep": 0}
-    names = [n for n in STRATEGIES if n in args.finetuners.split(",")]
-    if "2ndmatch" not in names or set(args.finetuners.split(",")) - set(STRATEGIES):
-        sys.exit(f"--finetuners {args.finetuners!r}: give some of {', '.join(STRATEGIES)}, 2ndmatch among them")
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("out", "baseline", "overwrite", "finetuners")
-                   and not (k in absent_at_default and v == absent_at_default[k])},  # (older JSONs lack them)
-                "torch": torch.__version__, "machine": platform.machine()}
-    if args.teacher:  # runs of another teacher at the same path are not reused
-        weights = Path(args.teacher) / "diffusion_pytorch_model.safetensors"
-        if not weights.is_file():
-            sys.exit(f"--teacher {args.teacher}: no {weights.name} there (a diffusers model folder is needed)")
-        settings["teacher_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
-    reusable, base_profile = [], None  # runs of --baseline, and its 2ndmatch sensitivity profile
-    jac_options = ("lambda_jac", "jac_weighting", "jac_reference_dims", "jac_match", "jac_min_timestep")
-    free = (*jac_options, "seeds", "no_wallclock")  # runs are matched by seed and steps
-    for baseline in args.baseline:
-        base = json.loads(Path(baseline).read_text())
-        if {k: v for k, v in base["settings"].items() if k not in free} != \
-                {k: v for k, v in settings.items() if k not in free}:
-            sys.exit(f"--baseline {baseline}: its settings differ beyond {', '.join(free)}")
-        same_jac = all(base["settings"].get(k) == settings.get(k) for k in jac_options)
-        reusable += [r for budget in ("equal_steps", "equal_wallclock") for r in base.get(budget, {}).get("runs", [])
-                     if r["strategy"] != "2ndmatch" or same_jac]
-        if same_jac and int(base["settings"]["seeds"].split(",")[0]) == seeds[0]:
-            base_profile = base_profile or base.get("sensitivity_profile", {}).get("2ndmatch")
-    results = json.loads(out.read_text()) if out.exists() else {}
-    if results and results.get("settings") != settings:
-        if not args.overwrite:
-            stored = results.get("settings", {})
-            changed = sorted(k for k in {*settings, *stored} if settings.get(k) != stored.get(k))
-            sys.exit(f"--out {out} holds runs with other settings (differing: {', '.join(changed)}); give another "
-                     f"--out, the same settings to resume, or --overwrite to start it again")
-        results = {}
-    results["settings"] = settings
-    results["command"] = "python benchmarks/digits_quality.py " + " ".join(sys.argv[1:])
-
-    teacher = load_diffusers_model(args.teacher).eval() if args.teacher else load_digits_teacher()
-    classifier = load_digits_classifier()
-    dataset = DigitsDataset(RESOLUTION, "train", dequantize=args.dequantize)
-    noise = torch.randn(args.samples, 1, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(1234))
-    teacher_samples = ddim_sample(teacher, noise, args.ddim_steps)
-    results["dense"] = {"fid_mean": digits_fid(teacher_samples, classifier)}
-    inputs = default_example_inputs(teacher)
-    student0, report = prune_diffusers(teacher, "magnitude", args.ratio, example_inputs=inputs, round_to=None)
-    results["pruned"] = {**evaluate(copy.deepcopy(student0), noise, teacher_samples, classifier, args.ddim_steps),
-                         "macs_ratio": report["macs_ratio"], "params_ratio": report["params_ratio"]}
-    x0 = dataset.images[:64]
+    try:
+        teacher = load_teacher(args.data, args.teacher, args.dequantize)
+    except ValueError as e:
+        sys.exit(f"--teacher/--data: {e}")
+    settings = settings_of(args, teacher.weights_sha256)
+    reusable, base_profile = reusable_runs(args, settings)
+    results = stored_results(out, settings, args.overwrite)
+    results.update(settings=settings, command="python benchmarks/digits_quality.py " + " ".join(sys.argv[1:]),
+                   **provenance(), teacher_sha256=teacher.weights_sha256)
+    bench = Benchmark(args, teacher, results, reusable)
+    if args.eval_noise_draws > 1 and results.get("evaluation_noise", {}).get("draws") != args.eval_noise_draws:
+        results["evaluation_noise"] = bench.evaluation_noise(args.eval_noise_draws)
     results["sensitivity_profile"] = {**results.get("sensitivity_profile", {}), "timesteps": PROFILE_TIMESTEPS,
-                                      "teacher": sensitivity_profile(teacher, x0, PROFILE_TIMESTEPS),
-                                      "pruned": sensitivity_profile(student0, x0, PROFILE_TIMESTEPS)}
+                                      "teacher": sensitivity_profile(teacher.model, bench.x0, PROFILE_TIMESTEPS),
+                                      "pruned": sensitivity_profile(bench.student0, bench.x0, PROFILE_TIMESTEPS)}
     if base_profile:  # the baseline's first 2ndmatch run is this one's (same settings and seed)
         results["sensitivity_profile"].setdefault("2ndmatch", base_profile)
     write(results, out)
 
-    def run(budget: str, name: str, seed: int, steps: int) -> dict:
-        done = results.setdefault(budget, {}).setdefault("runs", [])
-        for r in done:
-            if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
-                return r
-        for r in results.get("equal_steps", {}).get("runs", []) + reusable:  # the same run (deterministic)
-            if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
-                done.append(r)
-                summarize_budget(budget)
-                write(results, out)
-                return r
-        options = {"lambda_jac": args.lambda_jac, "jac_weighting": args.jac_weighting,
-                   "jac_reference_dims": args.jac_reference_dims, "jac_match": args.jac_match,
-                   "jac_min_timestep": args.jac_min_timestep} if name == "2ndmatch" else {}
-        config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=seed, ema_decay=args.ema_decay,
-                             grad_clip=args.grad_clip, dropout=args.dropout, checkpoint_every=10**9,
-                             log_every=max(1, steps // 10))
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            trained = finetune(copy.deepcopy(student0), teacher, get_finetuner(name, **options), dataset, config, tmp,
-                               progress=True).student
-        seconds = time.perf_counter() - start
-        row = {"strategy": name, "seed": seed, "steps": steps, "seconds": seconds,
-               **evaluate(trained, noise, teacher_samples, classifier, args.ddim_steps)}
-        if name == "2ndmatch" and seed == seeds[0] and budget == "equal_steps":
-            results["sensitivity_profile"]["2ndmatch"] = sensitivity_profile(trained, x0, PROFILE_TIMESTEPS)
-        done.append(row)
-        summarize_budget(budget)
-        write(results, out)
-        return row
-
-    def summarize_budget(budget: str) -> None:
-        section = results[budget]
-        table = {}
-        for name in STRATEGIES:
-            rows = sorted((r for r in section["runs"] if r["strategy"] == name), key=lambda r: r["seed"])
-            if rows:
-                table[name] = {"steps": rows[0]["steps"], "seconds": statistics.fmean(r["seconds"] for r in rows),
-                               **summarize(rows, "fid"), **summarize(rows, "fidelity"), "seeds": len(rows)}
-        section["strategies"] = table
-        if "dsm" in table and "2ndmatch" in table:
-            gap = table["dsm"]["fid_mean"] - results["dense"]["fid_mean"]
-            section["gap_closed"] = (table["dsm"]["fid_mean"] - table["2ndmatch"]["fid_mean"]) / gap
-            spread = max(table["dsm"]["fid_std"], table["2ndmatch"]["fid_std"])
-            section["difference_over_2std"] = (table["dsm"]["fid_mean"] - table["2ndmatch"]["fid_mean"]) > 2 * spread
-        section["paired"] = {f"{base}_minus_2ndmatch": paired(section["runs"], base) for base in ("kd", "dsm")
-                             if base in table and "2ndmatch" in table}
-
-    for seed in seeds:
-        for name in names:
-            run("equal_steps", name, seed, args.steps)
-    if not args.no_wallclock:
-        per_step = {n: results["equal_steps"]["strategies"][n]["seconds"] / args.steps for n in names}
+    compute_steps = settings["budget"]["steps"] if args.budget == "equal-compute" else {}
+    for seed in seeds:  # interleaved by seed: every arm of a seed before the next seed
+        for name in args.arms:
+            bench.run("equal_steps", name, seed, args.steps)
+        for name, steps in compute_steps.items():
+            bench.run("equal_compute", name, seed, steps)
+    if args.budget == "equal-wallclock" and not args.no_wallclock:
+        per_step = {n: results["equal_steps"]["strategies"][n]["seconds"] / args.steps for n in args.arms}
         budget_s = per_step["2ndmatch"] * args.steps
         results.setdefault("equal_wallclock", {})["budget_seconds"] = budget_s
         for seed in seeds:
-            for name in names:
-                run("equal_wallclock", name, seed, max(1, round(budget_s / per_step[name])))
-    # top level: the equal-steps comparison (per strategy fid_mean, fid_std, fidelity_mean, steps, seconds)
+            for name in args.arms:
+                bench.run("equal_wallclock", name, seed, max(1, round(budget_s / per_step[name])))
+    # top level: the equal-steps comparison (per arm fid_mean, fid_std, fidelity_mean, steps, seconds)
     results.update(results["equal_steps"]["strategies"])
     results["gap_closed"] = results["equal_steps"].get("gap_closed")
     results["paired"] = results["equal_steps"].get("paired", {})
     write(results, out)
     print(out.with_suffix(".md").read_text())
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -1,0 +1,112 @@
+"""The quality benchmarks' own logic: paired statistics against scipy, the arms, the equal-compute
+budget, and a tiny end-to-end run of digits_quality.py with it."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from benchmarks.arms import arm, parse_arms
+from benchmarks.paired_stats import holm, paired, stratified
+
+DIFFS = [1.2, -0.4, 2.5, 0.9, 1.7, -0.1, 0.6, 3.0]
+
+
+def test_paired_statistics_match_scipy():
+    got = paired(DIFFS)
+    t = stats.ttest_rel(DIFFS, [0.0] * len(DIFFS))
+    assert got["t"] == pytest.approx(t.statistic) and got["p_two_sided"] == pytest.approx(t.pvalue)
+    assert got["p_one_sided"] == pytest.approx(stats.ttest_1samp(DIFFS, 0.0, alternative="greater").pvalue)
+    assert got["p_wilcoxon"] == pytest.approx(stats.wilcoxon(DIFFS, alternative="greater").pvalue)
+    low, high = stats.t.interval(0.95, len(DIFFS) - 1, loc=np.mean(DIFFS), scale=stats.sem(DIFFS))
+    assert got["ci95"] == pytest.approx([low, high])
+    assert (got["n"], got["wins"]) == (8, 6) and got["std"] == pytest.approx(np.std(DIFFS, ddof=1))
+
+
+def test_stratified_pools_strata_by_their_pairs_and_their_own_variances():
+    a, b = DIFFS, [-0.5, 0.3, 0.1, -0.2]
+    got = stratified({"a": a, "b": b})
+    w = np.array([8, 4]) / 12
+    means = np.array([np.mean(a), np.mean(b)])
+    parts = w ** 2 * np.array([np.var(a, ddof=1) / 8, np.var(b, ddof=1) / 4])
+    df = parts.sum() ** 2 / (parts[0] ** 2 / 7 + parts[1] ** 2 / 3)
+    t = (w @ means) / math.sqrt(parts.sum())
+    assert got["mean"] == pytest.approx(w @ means) and got["t"] == pytest.approx(t) and got["df"] == pytest.approx(df)
+    assert got["p_one_sided"] == pytest.approx(stats.t.sf(t, df))
+    assert got["strata"]["b"] == paired(b)
+    # one stratum: the paired t test itself
+    alone = stratified({"a": a})
+    assert alone["t"] == pytest.approx(paired(a)["t"]) and alone["p_one_sided"] == pytest.approx(
+        paired(a)["p_one_sided"]) and alone["ci95"] == pytest.approx(paired(a)["ci95"])
+    # a stratum shifted as a whole changes the pooled mean but not its standard error
+    shifted = stratified({"a": a, "b": [x + 5 for x in b]})
+    assert shifted["se"] == pytest.approx(got["se"]) and shifted["mean"] == pytest.approx(got["mean"] + 5 / 3)
+
+
+def test_holm_steps_down():
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert holm({"a": 0.6, "b": 0.5}) == {"a": 1.0, "b": 1.0}
+
+
+def test_arms_by_name():
+    assert arm("kd-perturb", {}) == ("kd", {"kd_perturb": "noise"})
+    assert arm("2ndmatch-every4", {"lambda_jac": 1.0}) == ("2ndmatch", {"lambda_jac": 1.0, "jac_every": 4})
+    assert arm("2ndmatch", {"lambda_jac": 1.0}) == ("2ndmatch", {"lambda_jac": 1.0})
+    for bad in ("2ndmatch-every0", "kd-perturbed", "2ndmatch-every"):
+        with pytest.raises(ValueError, match=rf"arm '{bad}' is unknown; allowed: dsm, kd, kd-perturb"):
+            arm(bad, {})
+    with pytest.raises(ValueError, match="each arm once"):
+        parse_arms("kd,kd")
+
+
+def _cost(tmp_path, ratios):
+    path = tmp_path / "cost.json"
+    path.write_text(json.dumps({"commit": "abc", "data": {"digits": {"arms": {
+        name: {"vs_kd": r} for name, r in ratios.items()}}}}))
+    return path
+
+
+def test_equal_compute_gives_each_arm_the_steps_of_the_most_expensive_ones_budget(tmp_path):
+    from benchmarks.digits_quality import equal_compute_budget, parse_args
+
+    cost = _cost(tmp_path, {"kd": 1.0, "kd-perturb": 1.4, "2ndmatch": 2.0, "2ndmatch-every8": 1.2})
+    args = parse_args(["--steps", "300", "--finetuners", "kd,2ndmatch", "--budget", "equal-compute",
+                       "--compute-arms", "kd,kd-perturb,2ndmatch-every8", "--cost", str(cost)])
+    budget, ratio = equal_compute_budget(args)
+    assert budget["reference_arm"] == "kd-perturb" and ratio["kd-perturb"] == 1.4
+    assert budget["steps"] == {"kd": 420, "kd-perturb": 300, "2ndmatch-every8": 350}
+    args.compute = ["kd", "2ndmatch-every4"]
+    with pytest.raises(SystemExit, match="no digits cost for 2ndmatch-every4"):
+        equal_compute_budget(args)
+
+
+@pytest.mark.slow
+def test_digits_quality_at_equal_compute_writes_budget_ratios_and_paired_statistics(tmp_path, monkeypatch):
+    from benchmarks import digits_quality
+
+    cost = _cost(tmp_path, {"kd": 1.0, "kd-perturb": 1.1, "2ndmatch": 2.0})
+    argv = ["--steps", "2", "--batch-size", "2", "--seeds", "5,6", "--samples", "16", "--ddim-steps", "2",
+            "--finetuners", "kd,2ndmatch", "--budget", "equal-compute", "--compute-arms", "kd,kd-perturb,2ndmatch",
+            "--cost", str(cost), "--threads", "1", "--out", str(tmp_path / "q.json")]
+    monkeypatch.setattr(sys, "argv", ["digits_quality.py", *argv])
+    results = digits_quality.main(digits_quality.parse_args(argv))
+    stored = json.loads((tmp_path / "q.json").read_text())
+    assert stored["settings"]["cost_ratio"] == {"kd": 1.0, "kd-perturb": 1.1, "2ndmatch": 2.0}
+    assert stored["settings"]["budget"]["steps"] == {"kd": 4, "kd-perturb": 4, "2ndmatch": 2}
+    steps = {(r["strategy"], r["seed"]): r["steps"] for r in stored["equal_compute"]["runs"]}
+    assert steps == {("kd", 5): 4, ("kd-perturb", 5): 4, ("2ndmatch", 5): 2, ("kd", 6): 4, ("kd-perturb", 6): 4,
+                     ("2ndmatch", 6): 2}
+    for key in ("paired", "paired_fidelity"):
+        d = stored["equal_compute"][key]["kd_minus_2ndmatch"]
+        assert set(d) == {"n", "mean", "std", "t", "p_one_sided", "p_two_sided", "p_wilcoxon", "wins", "ci95"}
+        runs = {(r["strategy"], r["seed"]): r[{"paired": "fid", "paired_fidelity": "fidelity"}[key]]
+                for r in stored["equal_compute"]["runs"]}
+        assert d["mean"] == pytest.approx(np.mean([runs[("kd", s)] - runs[("2ndmatch", s)] for s in (5, 6)]))
+    # the 2ndmatch run at equal compute is the equal-steps one (same steps): not trained twice
+    assert [r for r in stored["equal_compute"]["runs"] if r["strategy"] == "2ndmatch"] == \
+        [r for r in stored["equal_steps"]["runs"] if r["strategy"] == "2ndmatch"]
+    assert stored["teacher_sha256"] and stored["cpu"] and all(r["commit"] for r in stored["equal_steps"]["runs"])
+    assert results["equal_compute"]["strategies"]["kd"]["steps"] == 4
