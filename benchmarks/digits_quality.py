@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           "--finetuners)")
     p.add_argument("--cost", default=str(RESULTS / "run_cost.json"), help="equal-compute: run_cost.py's JSON")
     p.add_argument("--eval-noise-draws", type=int, default=0, help="also measure digits-FID's own noise: the "
-                   "dense teacher's digits-FID over this many sample-noise draws")
+                   "first seed's equal-steps models scored on this many other sample-noise draws")
     p.add_argument("--baseline", action="append", default=[],
                    help="a results JSON whose runs of the same seed and steps are reused: dsm and kd, and 2ndmatch "
                         "too where its Jacobian options match (the other settings must match, except --seeds and "
@@ -213,13 +213,19 @@ class Benchmark:
         samples = ddim_sample(model.eval(), self.noise, self.args.ddim_steps)
         return {"fid": self.fid(samples), "fidelity": fidelity(samples, self.teacher_samples)}
 
-    def evaluation_noise(self, draws: int) -> dict:
-        """The dense teacher's digits-FID over ``draws`` other sample-noise draws: the evaluation's own spread."""
-        size = self.teacher.resolution
-        fids = [self.fid(ddim_sample(self.teacher.model, torch.randn(self.args.samples, 1, size, size,
-                                     generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED + 1 + i)),
-                                     self.args.ddim_steps)) for i in range(draws)]
-        return {"samples": self.args.samples, "draws": draws, "fid": fids, "std": statistics.stdev(fids)}
+    def evaluation_noise(self, name: str, model) -> None:
+        """The evaluation's own spread: ``model`` scored on ``--eval-noise-draws`` other sample-noise
+        draws; the std of its digits-FID, and of kd's minus it, draw by draw."""
+        size, draws = self.teacher.resolution, self.args.eval_noise_draws
+        section = self.results.setdefault("evaluation_noise", {"samples": self.args.samples, "draws": draws,
+                                                                "fid": {}})
+        section["fid"][name] = [self.fid(ddim_sample(model, torch.randn(
+            self.args.samples, 1, size, size, generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED + 1 + i)),
+            self.args.ddim_steps)) for i in range(draws)]
+        fids = section["fid"]
+        section["std"] = {n: statistics.stdev(v) for n, v in fids.items()}
+        section["std_kd_minus"] = {n: statistics.stdev(a - b for a, b in zip(fids["kd"], v))
+                                   for n, v in fids.items() if n != "kd" and "kd" in fids}
 
     def run(self, budget: str, name: str, seed: int, steps: int) -> dict:
         done = self.results.setdefault(budget, {}).setdefault("runs", [])
@@ -239,8 +245,12 @@ class Benchmark:
                                self.teacher.train, config, tmp, progress=True).student
         row = {"strategy": name, "seed": seed, "steps": steps, "seconds": time.perf_counter() - start,
                **self.evaluate(trained), "commit": self.commit}
-        if name == "2ndmatch" and seed == int(self.args.seeds.split(",")[0]) and budget == "equal_steps":
-            self.results["sensitivity_profile"]["2ndmatch"] = sensitivity_profile(trained, self.x0, PROFILE_TIMESTEPS)
+        if seed == int(self.args.seeds.split(",")[0]) and budget == "equal_steps":
+            if name == "2ndmatch":
+                self.results["sensitivity_profile"]["2ndmatch"] = sensitivity_profile(trained, self.x0,
+                                                                                       PROFILE_TIMESTEPS)
+            if self.args.eval_noise_draws > 1:
+                self.evaluation_noise(name, trained)
         return self.record(budget, row)
 
     def record(self, budget: str, row: dict) -> dict:
@@ -290,8 +300,9 @@ def write(results: dict, out: Path) -> None:
              f"{results['pruned']['fid']:.3f} (MACs ratio {results['pruned']['macs_ratio']:.3f})", ""]
     if "evaluation_noise" in results:
         noise = results["evaluation_noise"]
-        lines += [f"digits-FID's own noise (the dense teacher, {noise['draws']} sample-noise draws of "
-                  f"{noise['samples']}): std {noise['std']:.3f}", ""]
+        lines += [f"digits-FID's own noise (the first seed's models, {noise['draws']} sample-noise draws of "
+                  f"{noise['samples']}): std " + ", ".join(f"{n} {v:.3f}" for n, v in noise["std"].items())
+                  + "; of kd minus " + ", ".join(f"{n} {v:.3f}" for n, v in noise["std_kd_minus"].items()), ""]
     for budget in ("equal_steps", *BUDGET_KEYS.values()):
         table = results.get(budget, {}).get("strategies", {})
         if not table:
@@ -327,8 +338,6 @@ def main(args: argparse.Namespace) -> dict:
     results.update(settings=settings, command="python benchmarks/digits_quality.py " + " ".join(sys.argv[1:]),
                    **provenance(), teacher_sha256=teacher.weights_sha256)
     bench = Benchmark(args, teacher, results, reusable)
-    if args.eval_noise_draws > 1 and results.get("evaluation_noise", {}).get("draws") != args.eval_noise_draws:
-        results["evaluation_noise"] = bench.evaluation_noise(args.eval_noise_draws)
     results["sensitivity_profile"] = {**results.get("sensitivity_profile", {}), "timesteps": PROFILE_TIMESTEPS,
                                       "teacher": sensitivity_profile(teacher.model, bench.x0, PROFILE_TIMESTEPS),
                                       "pruned": sensitivity_profile(bench.student0, bench.x0, PROFILE_TIMESTEPS)}

@@ -90,7 +90,7 @@ def test_digits_quality_at_equal_compute_writes_budget_ratios_and_paired_statist
     cost = _cost(tmp_path, {"kd": 1.0, "kd-perturb": 1.1, "2ndmatch": 2.0})
     argv = ["--steps", "2", "--batch-size", "2", "--seeds", "5,6", "--samples", "16", "--ddim-steps", "2",
             "--finetuners", "kd,2ndmatch", "--budget", "equal-compute", "--compute-arms", "kd,kd-perturb,2ndmatch",
-            "--cost", str(cost), "--threads", "1", "--out", str(tmp_path / "q.json")]
+            "--cost", str(cost), "--threads", "1", "--eval-noise-draws", "2", "--out", str(tmp_path / "q.json")]
     monkeypatch.setattr(sys, "argv", ["digits_quality.py", *argv])
     results = digits_quality.main(digits_quality.parse_args(argv))
     stored = json.loads((tmp_path / "q.json").read_text())
@@ -110,3 +110,50 @@ def test_digits_quality_at_equal_compute_writes_budget_ratios_and_paired_statist
         [r for r in stored["equal_steps"]["runs"] if r["strategy"] == "2ndmatch"]
     assert stored["teacher_sha256"] and stored["cpu"] and all(r["commit"] for r in stored["equal_steps"]["runs"])
     assert results["equal_compute"]["strategies"]["kd"]["steps"] == 4
+    noise = stored["evaluation_noise"]
+    assert set(noise["fid"]) == {"kd", "2ndmatch"} and len(noise["fid"]["kd"]) == 2
+    assert noise["std_kd_minus"]["2ndmatch"] == pytest.approx(abs(np.subtract(*noise["fid"]["kd"]) - np.subtract(
+        *noise["fid"]["2ndmatch"])) / math.sqrt(2))
+
+
+def _teacher_json(path, seeds, gains, commit="c0"):
+    """A digits_quality.py equal-compute JSON whose arms beat kd by ``gains`` (+ seeded noise)."""
+    rng = np.random.default_rng(len(seeds))
+    steps = {"kd": 600, "kd-perturb": 580, "2ndmatch": 300, "2ndmatch-every8": 500}
+    runs = {"equal_steps": [], "equal_compute": []}
+    for s in seeds:
+        kd = 20 + rng.normal()
+        runs["equal_steps"] += [{"strategy": "kd", "seed": s, "fid": kd + 1, "fidelity": 0.2, "commit": commit},
+                                {"strategy": "2ndmatch", "seed": s, "fid": kd, "fidelity": 0.1, "commit": commit}]
+        runs["equal_compute"] += [{"strategy": name, "seed": s, "fid": kd - gains.get(name, 0.0) + 0.3 * rng.normal(),
+                                   "fidelity": 0.2 - 0.01 * gains.get(name, 0.0), "commit": commit} for name in steps]
+    path.write_text(json.dumps({"settings": {"seeds": ",".join(map(str, seeds)), "budget": {"steps": steps},
+                                             "cost_ratio": {"kd": 1.0}}, "teacher_sha256": "x",
+                                **{budget: {"runs": rows} for budget, rows in runs.items()}}))
+    return str(path)
+
+
+def test_the_verdict_applies_the_committed_rule(tmp_path):
+    from benchmarks import equal_compute_verdict as verdict
+
+    gains = {"kd-perturb": 2.0, "2ndmatch": 0.5}
+    files = [_teacher_json(tmp_path / f"{name}.json", range(100, 100 + n), gains)
+             for name, n in (("digits", 12), ("dequantized", 12), ("mnist", 8))]
+    got = verdict.main(verdict.parse_args([*files, "--commit", "c0", "--out", str(tmp_path / "v.json")]))
+    d = got["decisions"]
+    assert d["kd-perturb"]["recommended_over_kd"] and got["recommended"] == "kd-perturb"
+    assert not d["2ndmatch"]["recommended_over_kd"]  # significant, perhaps, but under the 1.0 gain
+    assert not d["2ndmatch-every8"]["recommended_over_kd"] and d["2ndmatch-every8"]["not_worse_than_kd"]
+    assert set(got["equal_compute"]["paired"]["kd_minus_kd-perturb"]["strata"]) == {"digits", "dequantized", "mnist"}
+    raw = {k: got["equal_compute"]["paired"][f"kd_minus_{k}"]["p_one_sided"] for k in d}
+    assert {k: v["p_one_sided_holm"] for k, v in d.items()} == pytest.approx(holm(raw))
+    # a gain on two teachers only is not recommended, however large
+    files[2] = _teacher_json(tmp_path / "mnist.json", range(100, 108), {"kd-perturb": -1.0})
+    got = verdict.main(verdict.parse_args([*files, "--commit", "c0", "--out", str(tmp_path / "v.json")]))
+    assert got["recommended"] == "kd" and not got["decisions"]["kd-perturb"]["positive_on_every_teacher"]
+    # runs of another commit, or too few seeds, are refused
+    with pytest.raises(SystemExit, match="not c1"):
+        verdict.main(verdict.parse_args([*files, "--commit", "c1", "--out", str(tmp_path / "v.json")]))
+    files[0] = _teacher_json(tmp_path / "digits.json", range(100, 110), gains)
+    with pytest.raises(SystemExit, match="10 seeds; the rule asks for at least 12"):
+        verdict.main(verdict.parse_args([*files, "--commit", "c0", "--out", str(tmp_path / "v.json")]))

@@ -1,0 +1,122 @@
+"""The equal-compute experiment's verdict, by the rule committed in docs/results.md before the runs.
+
+    python benchmarks/equal_compute_verdict.py --commit PINNED \
+        benchmarks/results/equal_compute/digits.json benchmarks/results/equal_compute/digits_dequantized.json \
+        benchmarks/results/equal_compute/mnist.json
+
+Each input is one teacher's ``digits_quality.py --budget equal-compute`` JSON. For every setting run
+at equal compute beside kd, the seed-paired differences kd minus setting (digits-FID and fidelity;
+positive: the setting is better) are pooled over the teachers with the teacher as a stratum
+(paired_stats.stratified), and the one-sided p-values of the settings are Holm-adjusted. The rule:
+a setting is recommended over kd only if its pooled gain in digits-FID is significant (adjusted
+one-sided p < 0.05), at least ``--min-gain`` (1.0) and positive on every teacher; it is "not worse"
+than kd if the pooled 95% interval lies above ``-margin`` (1.0). Runs of another commit than
+``--commit``, or missing runs, are an error: the verdict is of one pinned commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.paired_stats import holm, stratified  # noqa: E402
+from nni_2ndmatch.files import write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "equal_compute"
+ALPHA = 0.05
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="one digits_quality.py JSON per teacher")
+    p.add_argument("--commit", required=True, help="the pinned commit every run must come from")
+    p.add_argument("--min-gain", type=float, default=1.0, help="digits-FID a recommended setting gains at least")
+    p.add_argument("--margin", type=float, default=1.0, help="digits-FID of the 'not worse' margin")
+    p.add_argument("--min-seeds", default="12,12,8", help="at least this many seeds per input, in order")
+    p.add_argument("--out", default=str(RESULTS / "verdict.json"))
+    return p.parse_args(argv)
+
+
+def seed_differences(runs: list[dict], base: str, name: str, key: str) -> list[float]:
+    by = {(r["strategy"], r["seed"]): r[key] for r in runs}
+    return [by[(base, s)] - by[(name, s)] for (n, s) in sorted(by) if n == base and (name, s) in by]
+
+
+def load(path: str, commit: str, min_seeds: int) -> tuple[str, dict]:
+    results = json.loads(Path(path).read_text())
+    seeds = [int(s) for s in results["settings"]["seeds"].split(",")]
+    if len(seeds) < min_seeds:
+        sys.exit(f"{path}: {len(seeds)} seeds; the rule asks for at least {min_seeds}")
+    arms = {*results["settings"]["budget"]["steps"], "kd", "2ndmatch"}
+    for budget in ("equal_steps", "equal_compute"):
+        runs = results.get(budget, {}).get("runs", [])
+        wrong = sorted({r.get("commit") for r in runs} - {commit})
+        if wrong:
+            sys.exit(f"{path}: {budget} has runs of commit(s) {', '.join(map(str, wrong))}, not {commit}")
+        have = {(r["strategy"], r["seed"]) for r in runs}
+        want = {(a, s) for a in (arms if budget == "equal_compute" else ("kd", "2ndmatch")) for s in seeds}
+        if want - have:
+            sys.exit(f"{path}: {budget} lacks {len(want - have)} run(s), e.g. {sorted(want - have)[0]}")
+    return Path(path).stem, results
+
+
+def main(args: argparse.Namespace) -> dict:
+    minimum = [int(x) for x in args.min_seeds.split(",")]
+    teachers = dict(load(path, args.commit, minimum[min(i, len(minimum) - 1)]) for i, path in enumerate(args.results))
+    settings = sorted(set.intersection(*(set(r["settings"]["budget"]["steps"]) for r in teachers.values())) - {"kd"})
+    verdict: dict = {"command": "python benchmarks/equal_compute_verdict.py " + " ".join(sys.argv[1:]),
+                     "commit": args.commit, "rule": {"alpha": ALPHA, "min_gain": args.min_gain, "margin": args.margin,
+                                                     "correction": f"Holm over {len(settings)} settings"},
+                     "teachers": {name: {"teacher_sha256": r["teacher_sha256"], "cost_ratio": r["settings"]["cost_ratio"],
+                                         "steps": r["settings"]["budget"]["steps"]} for name, r in teachers.items()}}
+    for budget, pairs in (("equal_steps", ["2ndmatch"]), ("equal_compute", settings)):
+        section = verdict.setdefault(budget, {})
+        for key, field in (("paired", "fid"), ("paired_fidelity", "fidelity")):
+            section[key] = {f"kd_minus_{name}": stratified({t: seed_differences(r[budget]["runs"], "kd", name, field)
+                                                            for t, r in teachers.items()}) for name in pairs}
+    pooled = verdict["equal_compute"]["paired"]
+    adjusted = holm({name: pooled[f"kd_minus_{name}"]["p_one_sided"] for name in settings})
+    decisions = {}
+    for name in settings:
+        d = pooled[f"kd_minus_{name}"]
+        every_teacher = all(s["mean"] > 0 for s in d["strata"].values())
+        decisions[name] = {"p_one_sided_holm": adjusted[name], "gain": d["mean"], "ci95": d["ci95"],
+                           "positive_on_every_teacher": every_teacher,
+                           "recommended_over_kd": adjusted[name] < ALPHA and d["mean"] >= args.min_gain and every_teacher,
+                           "not_worse_than_kd": d["ci95"][0] > -args.margin}
+    verdict["decisions"] = decisions
+    recommended = [n for n, d in decisions.items() if d["recommended_over_kd"]]
+    verdict["recommended"] = max(recommended, key=lambda n: decisions[n]["gain"]) if recommended else "kd"
+    write_results(Path(args.out), verdict, render(verdict))
+    print(render(verdict))
+    return verdict
+
+
+def render(verdict: dict) -> str:
+    lines = ["# Equal compute: the verdict", "", f"Command: `{verdict['command']}`", "",
+             f"Rule: {verdict['rule']['correction']}; recommended over kd if the adjusted one-sided p < "
+             f"{verdict['rule']['alpha']}, the pooled gain >= {verdict['rule']['min_gain']} digits-FID and positive on "
+             f"every teacher; not worse if the pooled 95% interval is above -{verdict['rule']['margin']}.", "",
+             "| budget | kd minus | teacher | n | digits-FID gain | 95% CI | p one-sided | fidelity gain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for budget in ("equal_steps", "equal_compute"):
+        for pair, d in verdict[budget]["paired"].items():
+            fidelity = verdict[budget]["paired_fidelity"][pair]
+            rows = [("pooled", d, fidelity)] + [(t, s, fidelity["strata"][t]) for t, s in d["strata"].items()]
+            lines += [f"| {budget.replace('_', ' ')} | {pair.removeprefix('kd_minus_')} | {t} | {s['n']} | "
+                      f"{s['mean']:+.2f} | [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}] | {s['p_one_sided']:.3g} | "
+                      f"{f['mean']:+.4f} |" for t, s, f in rows]
+    lines += ["", "| setting | Holm p | gain | positive on every teacher | recommended over kd | not worse |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {d['p_one_sided_holm']:.3g} | {d['gain']:+.2f} | {d['positive_on_every_teacher']} | "
+              f"{d['recommended_over_kd']} | {d['not_worse_than_kd']} |" for n, d in verdict["decisions"].items()]
+    lines += ["", f"Recommended: **{verdict['recommended']}**", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(parse_args())
