@@ -22,15 +22,18 @@ from torch import Tensor, nn
 from .method import (
     DEFAULT_FD_STEP,
     JAC_MATCHES,
+    JAC_WEIGHTINGS,
     MODES,
     PREDICTION_TYPES,
     add_noise,
     default_scheduler,
     dsm_term,
-    jacobian_match_per_sample,
     jacobian_safe,
+    jacobian_term,
+    jacobian_weight,
     kd_term,
     model_output,
+    noise_scale,
     output_and_sensitivity,
     sample_directions,
     student_and_teacher_products,
@@ -234,7 +237,7 @@ class SecondMatchOptions(TeacherOptions):
     num_projections: int = Field(1, ge=1, description="directions v per sample")
     jac_fraction: float = Field(1.0, gt=0, le=1, description="share of the batch that gets the Jacobian term")
     fd_step: float = Field(DEFAULT_FD_STEP, gt=0, lt=1, description="step of the central difference (mode fd)")
-    jac_weighting: Literal["none", "noise", "x0"] = "none"
+    jac_weighting: Literal[JAC_WEIGHTINGS] = "none"  # type: ignore[valid-type]
     jac_reference_dims: int | None = Field(None, ge=1, description="image size C*H*W at which lambda_jac is "
                                            "balanced (3072: the paper's 32x32x3); null: the raw term")
     jac_match: Literal[JAC_MATCHES] = Field("norm", description="norm (the paper), vector or log")
@@ -282,7 +285,7 @@ class KD(Finetuner):
         if self.kd_perturb == "none":
             return kd_terms(student, teacher, x_t, target, timesteps, **model_kwargs)
         batch = x_t.shape[0]
-        scale = self.noise_scale(timesteps).to(x_t.device, x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        scale = noise_scale(timesteps, self.scheduler).to(x_t.device, x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         step = scale * torch.randn_like(x_t)
         x_pair, t_pair = torch.cat([x_t + step, x_t - step]), timesteps.repeat(2)
         with torch.no_grad():
@@ -290,10 +293,6 @@ class KD(Finetuner):
         eps_s = model_output(student, torch.cat([x_t, x_pair]), timesteps.repeat(3),
                              **_split_kwargs(model_kwargs, batch, slice(None), 3))
         return {"dsm": dsm_term(eps_s[:batch], target), "kd": kd_term(eps_s[batch:], eps_t)}  # mean over the pair
-
-    def noise_scale(self, timesteps: Tensor) -> Tensor:
-        """s_t = sqrt(1 - abar_t) per sample (float64): the standard deviation of the noise in x_t."""
-        return (1.0 - self.scheduler.alphas_cumprod.double()[timesteps.long().cpu()]).sqrt()
 
 
 @register_finetuner("2ndmatch")
@@ -373,25 +372,14 @@ class SecondMatch(KD):
                 eps_t_r = model_output(teacher, x_t[rest], timesteps[rest], **kw_r)
             eps_s_r = model_output(student, x_t[rest], timesteps[rest], **kw_r)
             eps_s, eps_t = torch.cat([eps_s, eps_s_r]), torch.cat([eps_t, eps_t_r])
-        if self.jac_weighting != "none":
-            scale = self.jacobian_scale(t_j).to(u_s.device, u_s.dtype).view(-1, *([1] * (u_s.dim() - 1)))
-            u_s, u_t = scale * u_s, scale * u_t
-        per_sample = jacobian_match_per_sample(u_s, u_t, self.jac_match)
-        if self.jac_min_timestep:
-            per_sample = torch.where(t_j.to(per_sample.device) >= self.jac_min_timestep, per_sample, 0.0)
-        jac = per_sample.mean()
-        if self.jac_reference_dims is not None:
-            jac = jac * (x_t[0].numel() / self.jac_reference_dims)
+        jac = jacobian_term(u_s, u_t, t_j, match=self.jac_match, weighting=self.jac_weighting,
+                            scheduler=self.scheduler, prediction_type=self.prediction_type,
+                            min_timestep=self.jac_min_timestep, reference_dims=self.jac_reference_dims)
         return {"dsm": dsm_term(eps_s, target), "kd": kd_term(eps_s, eps_t), "jac": jac * self.jac_every}
 
     def jacobian_scale(self, timesteps: Tensor) -> Tensor:
         """c(t) of ``jac_weighting`` per sample (float64), the factor on both Jacobians."""
-        abar = self.scheduler.alphas_cumprod.double()[timesteps.long().cpu()]
-        if self.jac_weighting == "noise" or (self.jac_weighting == "x0" and self.prediction_type == "v_prediction"):
-            return (1.0 - abar).sqrt()
-        if self.jac_weighting == "x0":
-            return ((1.0 - abar) / abar).sqrt()
-        return torch.ones_like(abar)
+        return jacobian_weight(timesteps, self.jac_weighting, self.scheduler, self.prediction_type)
 
 
 #: ``mode: auto`` takes ``fd`` where a forward pass has at least this many attention-score entries

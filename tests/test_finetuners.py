@@ -232,6 +232,10 @@ def test_jac_match_weighting_and_floor_match_explicit_jacobians(mode, match, wei
              "x0": ((1 - abar) / abar).sqrt()}[weighting]
     per_sample = _explicit_match(student, teacher, x_t, t.double(), v, mode, match, scale) * (t >= floor)
     assert terms["jac"] == pytest.approx(per_sample.mean().item(), rel=1e-9)
+    # the functional API writes every form of the term the strategy does
+    functional = second_match_loss(student, teacher, x_t, t, v=v, mode=mode, match=match, weighting=weighting,
+                                   scheduler=ft.scheduler, min_timestep=floor, reference_dims=3)
+    assert functional.item() == pytest.approx(per_sample.mean().item() * 6 / 3, rel=1e-9)
     assert (per_sample > 0).sum() == (4 if floor == 0 else 2)
 
 

@@ -15,7 +15,7 @@ from ..compat import at_end_of_backward, current_sdpa_backends
 from ..scoped import rng_replay
 from ..utils import requires_grad
 from .precision import fp32_precision, precision_state, restored_precision
-from .terms import jacobian_match_term, model_output, sample_directions, squared_norm
+from .terms import jacobian_term, model_output, sample_directions, squared_norm
 
 #: The estimators of the Jacobian product, defined here once: ``vjp`` (reverse mode, J^T v, the
 #: default everywhere), ``jvp`` (forward mode, J v, the paper's form) and ``fd`` (central difference).
@@ -195,8 +195,14 @@ def jacobian_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tens
 
 def second_match_loss(student: Callable[..., Any], teacher: Callable[..., Any], x_t: Tensor, timesteps: Tensor,
                       v: Tensor | None = None, mode: Mode = DEFAULT_MODE, *, fd_step: float = DEFAULT_FD_STEP,
-                      generator: torch.Generator | None = None, **model_kwargs: Any) -> Tensor:
-    """The 2ndMatch term: mean over the batch of (||J_S v||^2 - sg(||J_T v||^2))^2, a scalar.
+                      generator: torch.Generator | None = None, match: str = "norm", weighting: str = "none",
+                      scheduler: Any = None, prediction_type: str = "epsilon", min_timestep: int = 0,
+                      reference_dims: int | None = None, **model_kwargs: Any) -> Tensor:
+    """The 2ndMatch term, a scalar: by default the paper's, the batch mean of
+    (||J_S v||^2 - sg(||J_T v||^2))^2; ``match``, ``weighting`` (with the ``scheduler`` and its
+    ``prediction_type``), ``min_timestep`` and ``reference_dims`` give the other forms of
+    :func:`jacobian_term` (the measured variant: ``match="vector", weighting="noise",
+    reference_dims=1``).
 
     The same v serves student and teacher; when not given it is drawn as one random unit direction
     per sample. The teacher is evaluated without a graph: it contributes a target only and its
@@ -204,9 +210,10 @@ def second_match_loss(student: Callable[..., Any], teacher: Callable[..., Any], 
     """
     if v is None:
         v = sample_directions(x_t, generator)
-    _, s_student, _, s_teacher = student_and_teacher_sensitivity(student, teacher, x_t, timesteps, v, mode,
-                                                                 fd_step=fd_step, **model_kwargs)
-    return jacobian_match_term(s_student, s_teacher)
+    _, u_student, _, u_teacher = student_and_teacher_products(student, teacher, x_t, timesteps, v, mode,
+                                                              fd_step=fd_step, **model_kwargs)
+    return jacobian_term(u_student, u_teacher, timesteps, match=match, weighting=weighting, scheduler=scheduler,
+                         prediction_type=prediction_type, min_timestep=min_timestep, reference_dims=reference_dims)
 
 
 def student_and_teacher_products(student: Callable[..., Any], teacher: Callable[..., Any], x_t: Tensor,

@@ -32,3 +32,9 @@ def sample_timesteps(batch: int, num_train_timesteps: int, antithetic: bool,
         return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
     t = torch.randint(0, num_train_timesteps, ((batch + 1) // 2,), generator=generator)
     return torch.cat([t, num_train_timesteps - 1 - t])[:batch]
+
+
+def noise_scale(timesteps: Tensor, scheduler: Any = None) -> Tensor:
+    """s_t = sqrt(1 - abar_t) per sample (float64, on the CPU): the standard deviation of the noise in x_t."""
+    scheduler = scheduler if scheduler is not None else default_scheduler()
+    return (1.0 - scheduler.alphas_cumprod.double()[timesteps.long().cpu()]).sqrt()

@@ -77,6 +77,49 @@ def jacobian_match_per_sample(u_student: Tensor, u_teacher: Tensor, match: str =
     raise ValueError(f"match={match!r} is not allowed; allowed: {', '.join(JAC_MATCHES)}")
 
 
+#: Per-timestep scales c(t) on both Jacobians before they are compared.
+JAC_WEIGHTINGS = ("none", "noise", "x0")
+
+
+def jacobian_weight(timesteps: Tensor, weighting: str, scheduler: Any = None,
+                    prediction_type: str = "epsilon") -> Tensor:
+    """c(t) per sample (float64, on the CPU): ``none`` 1; ``noise`` sqrt(1 - abar_t), the Jacobian
+    of the noise component of x_t; ``x0`` the scale at which an error in the prediction reaches
+    the predicted clean image, sqrt((1 - abar_t) / abar_t) under epsilon prediction and
+    sqrt(1 - abar_t) under v_prediction."""
+    from .schedule import noise_scale
+
+    if weighting not in JAC_WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r} is not allowed; allowed: {', '.join(JAC_WEIGHTINGS)}")
+    if weighting == "none":
+        return torch.ones(timesteps.shape, dtype=torch.float64)
+    s = noise_scale(timesteps, scheduler)
+    if weighting == "noise" or prediction_type == "v_prediction":
+        return s
+    return s / (1.0 - s.pow(2)).sqrt()
+
+
+def jacobian_term(u_student: Tensor, u_teacher: Tensor, timesteps: Tensor, *, match: str = "norm",
+                  weighting: str = "none", scheduler: Any = None, prediction_type: str = "epsilon",
+                  min_timestep: int = 0, reference_dims: int | None = None) -> Tensor:
+    """The 2ndMatch term from both models' Jacobian products u [B, ...] at ``timesteps`` [B]: each
+    product scaled by c(t) (``jacobian_weight``), compared per sample by ``match``
+    (``jacobian_match_per_sample``), zero for samples with t below ``min_timestep``, averaged over
+    the batch, and multiplied by d / ``reference_dims`` (d = the entries of one sample) when given.
+    The defaults are the paper's term."""
+    if weighting != "none":
+        scale = jacobian_weight(timesteps, weighting, scheduler, prediction_type)
+        scale = scale.to(u_student.device, u_student.dtype).view(-1, *([1] * (u_student.dim() - 1)))
+        u_student, u_teacher = scale * u_student, scale * u_teacher
+    per_sample = jacobian_match_per_sample(u_student, u_teacher, match)
+    if min_timestep:
+        per_sample = torch.where(timesteps.to(per_sample.device) >= min_timestep, per_sample, 0.0)
+    term = per_sample.mean()
+    if reference_dims is not None:
+        term = term * (u_student[0].numel() / reference_dims)
+    return term
+
+
 def sample_directions(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One random unit direction per sample: v = g / ||g||, g ~ N(0, I) over all C*H*W entries."""
     g = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
