@@ -297,7 +297,8 @@ def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.u
         train_config=section.train_config().model_dump(), steps=result.step, seconds=result.seconds,
         final=result.history[-1] if result.history else {},
         teacher_params=count_params(teacher), student_params=count_params(result.student),
-        processes=runtime.world_size, pipeline_dir=PIPELINE_DIR if parts is not None else None,
+        processes=runtime.world_size, loss_weights=finetuner.weights(),
+        pipeline_dir=PIPELINE_DIR if parts is not None else None,
         schedule={k: finetuner.scheduler.config[k] for k in ("beta_schedule", "prediction_type")} if parts else None)
     if runtime.is_main:
         save_model(result.student, out / STUDENT_DIR)

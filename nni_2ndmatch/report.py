@@ -19,7 +19,6 @@ from .deploy.bench import write_reports
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .job.results import Evaluation, Latency, RunSummary
 from .layout import METRICS_FILE, REPORT_DIR, REPORT_FILE, RESULTS_FILE
-from .utils import is_number
 
 MULTI_SEED_BENCHMARK = "benchmarks/digits_quality.py"
 LOSS_TERMS = ("dsm", "kd", "jac")
@@ -60,12 +59,6 @@ def save_grid(images: Tensor, path: Path, columns: int = 10, scale: int = 4) -> 
 
 # --- plots ---------------------------------------------------------------------------------------
 
-def loss_weights(finetuner_options: dict[str, Any]) -> dict[str, float]:
-    """{term: weight} from a finetuner's options: ``lambda_jac=0.001`` -> {"jac": 0.001}."""
-    return {key.removeprefix("lambda_"): float(value) for key, value in finetuner_options.items()
-            if key.startswith("lambda_") and is_number(value)}
-
-
 def weighted_loss_series(records: list[dict[str, Any]],
                          weights: dict[str, float]) -> dict[str, list[tuple[int, float]]]:
     """{label: [(step, value)]} of the total and of each term as it enters it (weight x term,
@@ -85,7 +78,7 @@ def weighted_loss_series(records: list[dict[str, Any]],
 
 def save_loss_curves(metrics_file: Path, path: Path, weights: dict[str, float] | None = None) -> None:
     """The total loss of ``metrics.jsonl`` and each term weighted as it enters it, against the
-    step (log scale). ``weights``: {term: lambda} (see ``loss_weights``); none: the raw terms."""
+    step (log scale). ``weights``: {term: lambda} (a finetuner's ``weights()``); none: the raw terms."""
     plt = _pyplot()
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -251,7 +244,7 @@ def write_run_report(out: Path, summary: RunSummary, *, pruning: dict[str, Any] 
     if pruning is not None:
         results["pruning"] = {k: v for k, v in pruning.items() if k != "groups"}
     if (out / METRICS_FILE).is_file():
-        save_loss_curves(out / METRICS_FILE, folder / "loss_curves.png", loss_weights(summary.finetuner_options))
+        save_loss_curves(out / METRICS_FILE, folder / "loss_curves.png", summary.loss_weights)
     if evaluation is not None:
         comparison = evaluation.comparison
         run = comparison.row("run")

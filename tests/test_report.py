@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 
+from nni_2ndmatch import get_finetuner
 from nni_2ndmatch.config import ConfigError, validate_config
-from nni_2ndmatch.report import loss_weights, shift_headings, weighted_loss_series
+from nni_2ndmatch.report import shift_headings, weighted_loss_series
 
 
 def small_config(compare, finetuner="2ndmatch"):
@@ -42,7 +43,7 @@ def test_bad_compare_is_a_config_error_naming_the_value(compare, finetuner, expe
 
 
 def test_loss_series_weighs_each_term_as_in_the_total():
-    weights = loss_weights({"lambda_dsm": 1.0, "lambda_kd": 0.5, "lambda_jac": 0.001, "mode": "vjp"})
+    weights = get_finetuner("2ndmatch", lambda_kd=0.5, lambda_jac=0.001).weights()
     assert weights == {"dsm": 1.0, "kd": 0.5, "jac": 0.001}
     records = [{"step": s, "lr": 1e-3, "dsm": 2.0 * s, "kd": 4.0, "jac": 1.8e4} for s in (1, 2)]
     for r in records:

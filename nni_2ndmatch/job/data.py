@@ -156,7 +156,8 @@ def plan_data(config: Config, teacher: nn.Module, parts: PipelineParts | None) -
         elif model_conditioning is not None:
             what = "a data set" if table_files(data.path) is not None else "an image folder"
             raise ValueError(f"path={data.path!r}: {what} carries no {model_conditioning[0]}, which the teacher "
-                             f"({type(teacher).__name__}) needs; allowed: builtin: digits or mnist, or an unconditional model")
+                             f"({type(teacher).__name__}) needs; allowed: builtin: digits or mnist, or an "
+                             "unconditional model")
         else:
             source = image_source(config, channels)
         return DataPlan(source, None, None, source[0], None)

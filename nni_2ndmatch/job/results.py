@@ -13,8 +13,8 @@ from ..layout import STUDENT_DIR
 
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
-    """A finetune as ``summary.json`` records it: the strategy and its options as used, the loop's
-    options, the steps and seconds (every part of a resumed run counted), the last logged terms,
+    """A finetune as ``summary.json`` records it: the strategy, its options as used and its terms'
+    weights, the loop's options, the steps and seconds (every part of a resumed run counted), the last logged terms,
     the models' sizes, the number of processes, and where the student (and pipeline) went."""
 
     finetuner: str
@@ -26,6 +26,7 @@ class RunSummary:
     teacher_params: int
     student_params: int
     processes: int
+    loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)  # the finetuner's {term: weight}
     student_dir: str = STUDENT_DIR
     pipeline_dir: str | None = None  # a pipeline teacher: its pipeline, with the student in it
     schedule: dict[str, Any] | None = None  # a pipeline teacher: the schedule trained on
