@@ -17,6 +17,7 @@ The ``finetune`` section holds the loop's options (TrainConfig) and the chosen s
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -33,11 +34,11 @@ from pydantic import (
 
 from .data import BUILTIN_DATA
 from .errors import ConfigError
-from .finetuners import available_finetuners, finetuner_class
+from .finetuners import FinetunerOptions, available_finetuners, finetuner_class, option_problems
 from .models import BUILTIN_MODELS, BUILTIN_PIPELINES
 from .nni import PRUNER_REGISTRY, check_config_list, check_config_list_pruner
 from .training import TrainConfig
-from .utils import did_you_mean, validation_errors
+from .utils import did_you_mean
 
 CONFIG_VERSION = 1
 
@@ -160,9 +161,15 @@ class FinetuneSection(TrainConfig):
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{k: getattr(self, k) for k in TrainConfig.model_fields})
 
+    @functools.cached_property
+    def options(self) -> FinetunerOptions:
+        """The strategy's typed options (its ``Options`` model, every default filled in), which the
+        finetuner takes as they are; ``validate_config`` reported whatever would not validate."""
+        return finetuner_class(self.finetuner).Options(**(self.model_extra or {}))
+
     def finetuner_kwargs(self) -> dict[str, Any]:
-        """The strategy's options, every default filled in (its typed ``Options`` model)."""
-        return finetuner_class(self.finetuner).Options(**(self.model_extra or {})).model_dump()
+        """The strategy's options as plain values."""
+        return self.options.model_dump()
 
 
 class EvaluateSection(_Section):
@@ -334,20 +341,9 @@ def validate_config(raw: Any, source: str = "config") -> Config:
         problems.append(f"finetune.finetuner: value {name!r} is not allowed; available: "
                         f"{', '.join(available_finetuners())}")
     else:
-        options = finetuner_class(name).Options
         extras = {k: v for k, v in section.items() if k not in FinetuneSection.model_fields}
-        try:
-            options(**extras)
-        except ValidationError as e:
-            valid = sorted(set(options.model_fields) | set(FinetuneSection.model_fields))
-            for key, kind, value, message in validation_errors(e):
-                if key is None:
-                    problems.append(f"finetune: {message}")
-                elif kind == "extra_forbidden":
-                    problems.append(f"finetune.{key}: unknown key for finetuner {name!r}{did_you_mean(key, valid)} "
-                                    f"(allowed: {', '.join(valid)})")
-                else:
-                    problems.append(f"finetune.{key}: value {value!r} is not allowed: {message}")
+        problems += option_problems(name, finetuner_class(name).Options, extras, "finetune",
+                                    FinetuneSection.model_fields)[1]
     if problems:
         raise ConfigError(problems, source)
     assert config is not None

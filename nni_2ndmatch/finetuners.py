@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 from importlib.metadata import entry_points
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -55,7 +55,7 @@ def register_finetuner(name: str) -> Callable[[type["Finetuner"]], type["Finetun
     def decorate(cls: type[Finetuner]) -> type[Finetuner]:
         params = inspect.signature(cls.__init__).parameters
         undeclared = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY
-                      and p != "scheduler" and p not in cls.Options.model_fields]
+                      and p not in ("scheduler", "options") and p not in cls.Options.model_fields]
         if undeclared:
             raise TypeError(f"{cls.__qualname__}: {', '.join(undeclared)} are keyword arguments of __init__ but not "
                             "fields of its Options model, so they would be neither validated nor recorded; declare "
@@ -113,22 +113,40 @@ class FinetunerOptions(BaseModel):
     lambda_dsm: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of ||eps_S - eps||^2")
 
 
-def validate_options(name: str, options_model: type[FinetunerOptions], options: dict[str, Any]) -> FinetunerOptions:
-    """The strategy's typed options, or one ValueError naming each bad option, its value and what is allowed."""
+def option_problems(name: str, options_model: type[FinetunerOptions], options: dict[str, Any],
+                    section: str | None = None, section_keys: Iterable[str] = ()) -> tuple[FinetunerOptions | None,
+                                                                                       list[str]]:
+    """The strategy's typed options and, when they do not validate, one line per bad option naming
+    it, its value and what is allowed: ``key=value ...`` for the Python API, ``section.key: value
+    ...`` for a config file's section (``section``, e.g. "finetune", whose own ``section_keys``
+    are allowed too)."""
     try:
-        return options_model(**options)
+        return options_model(**options), []
     except ValidationError as e:
         allowed = list(options_model.model_fields)
+        if section is not None:
+            allowed = sorted({*allowed, *section_keys})
         problems = []
         for key, kind, value, message in validation_errors(e):
+            where = f"{section}.{key}: " if section is not None else ""
             if key is None:
-                problems.append(message)
+                problems.append(f"{section}: {message}" if section is not None else message)
             elif kind == "extra_forbidden":
-                problems.append(f"finetuner {name!r} has no option {key!r}{did_you_mean(key, allowed)} "
-                                f"(allowed: {', '.join(allowed)})")
+                what = f"unknown key for finetuner {name!r}" if section is not None else \
+                    f"finetuner {name!r} has no option {key!r}"
+                problems.append(f"{where}{what}{did_you_mean(key, allowed)} (allowed: {', '.join(allowed)})")
             else:
-                problems.append(f"{key}={value!r} is not allowed: {message}")
-        raise ValueError("; ".join(problems)) from None
+                problems.append(f"{where}value {value!r} is not allowed: {message}" if section is not None
+                                else f"{key}={value!r} is not allowed: {message}")
+        return None, problems
+
+
+def validate_options(name: str, options_model: type[FinetunerOptions], options: dict[str, Any]) -> FinetunerOptions:
+    """The strategy's typed options, or one ValueError naming each bad option, its value and what is allowed."""
+    opts, problems = option_problems(name, options_model, options)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return opts
 
 
 def _split_kwargs(kwargs: dict[str, Any], batch: int, index: slice, repeats: int = 1) -> dict[str, Any]:
@@ -158,8 +176,13 @@ class Finetuner:
     #: steps only (2ndmatch's ``jac_every``); ``finetune`` and the NNI distiller set it each step.
     step: int | None = None
 
-    def __init__(self, *, scheduler: Any = None, **options: Any) -> None:
-        self.opts = validate_options(self.name or type(self).__name__, self.Options, options)
+    def __init__(self, *, scheduler: Any = None, options: FinetunerOptions | None = None, **kwargs: Any) -> None:
+        if options is not None:  # already validated (a config section's): taken as it is
+            if kwargs or not isinstance(options, self.Options):
+                raise TypeError(f"options: give a {self.Options.__name__} alone, or the options as keywords")
+            self.opts = options
+        else:
+            self.opts = validate_options(self.name or type(self).__name__, self.Options, kwargs)
         for key, value in self.opts:
             setattr(self, key, value)
         self.scheduler = scheduler if scheduler is not None else default_scheduler()

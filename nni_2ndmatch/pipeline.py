@@ -20,7 +20,7 @@ from .data import collate
 from .errors import UserError, user_errors
 from .evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from .files import atomic_write_json, atomic_write_text
-from .finetuners import Finetuner, get_finetuner
+from .finetuners import Finetuner, finetuner_class
 from .job.data import DataPlan, TrainingData, check_resume, open_data, plan_data
 from .job.evaluate import evaluate_models
 from .job.export import export_and_benchmark
@@ -272,8 +272,7 @@ def saved_pruned_student(out: Path) -> nn.Module:
 def make_finetuner(config: Config, parts: PipelineParts | None = None) -> Finetuner:
     """The config's strategy with its options, on the teacher pipeline's schedule when there is one."""
     section = config.finetune
-    return get_finetuner(section.finetuner, scheduler=parts.scheduler if parts else None,
-                         **section.finetuner_kwargs())
+    return finetuner_class(section.finetuner)(scheduler=parts.scheduler if parts else None, options=section.options)
 
 
 def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,

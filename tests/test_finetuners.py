@@ -434,3 +434,19 @@ def test_kd_perturb_pays_what_the_vector_noise_variant_adds():
     jac = sum(variant.loss(student, teacher, x0, noise, t)[1]["jac"] for _ in range(draws)) / draws
     assert perturbed - plain == pytest.approx(expected_extra, rel=0.05)
     assert jac == pytest.approx(expected_extra, rel=0.05)
+
+
+def test_a_config_sections_options_are_validated_once_and_taken_as_they_are(tmp_path):
+    from nni_2ndmatch.config import validate_config
+    from nni_2ndmatch.pipeline import make_finetuner
+
+    config = validate_config({"model": {"teacher": {"builtin": "tiny-unet"}}, "pruning": {"pruner": "magnitude"},
+                              "finetune": {"finetuner": "2ndmatch", "jac_every": 4, "lambda_jac": 0.5},
+                              "output_dir": str(tmp_path)})
+    ft = make_finetuner(config)
+    assert ft.opts is config.finetune.options and (ft.jac_every, ft.lambda_jac) == (4, 0.5)
+    assert config.finetune.finetuner_kwargs() == ft.options()
+    with pytest.raises(TypeError, match="give a SecondMatchOptions alone, or the options as keywords"):
+        F.SecondMatch(options=F.KDOptions())
+    with pytest.raises(TypeError, match="give a KDOptions alone"):
+        F.KD(options=F.KDOptions(), lambda_kd=2.0)

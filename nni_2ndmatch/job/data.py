@@ -79,7 +79,8 @@ def data_channels(config: Config, teacher: nn.Module, parts: PipelineParts | Non
     data, latent = config.data, parts is not None and parts.latent
     if data.builtin is not None:
         if data.channels not in (None, 1):
-            raise UserError(f"data: channels={data.channels}: the {data.builtin} digits are greyscale; allowed: 1")
+            raise UserError(f"data: channels={data.channels}: the {'MNIST ' * (data.builtin == 'mnist')}digits are "
+                            "greyscale; allowed: 1")
         return 1
     model, what = (parts.vae, "the pipeline's VAE") if latent else (teacher, "the teacher")
     want = getattr(getattr(model, "config", None), "in_channels", None)
