@@ -21,6 +21,7 @@ from .errors import UserError, user_errors
 from .evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from .files import atomic_write_json, atomic_write_text
 from .finetuners import Finetuner, finetuner_class
+from .job.card import write_model_cards
 from .job.data import DataPlan, TrainingData, check_resume, open_data, plan_data
 from .job.evaluate import evaluate_models
 from .job.export import export_and_benchmark
@@ -382,6 +383,8 @@ def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, pro
     result = summary.to_json()
     if runtime.is_main and command == "run" and (config.evaluate is not None or config.export is not None):
         result["report"] = str(report_stages(config, out, inputs, student, data, summary, start, progress))
+    if runtime.is_main:
+        write_model_cards(config, out, summary, reported="report" in result)
     return result
 
 

@@ -80,6 +80,9 @@ def test_a_pipeline_teacher_gives_its_pipeline_with_the_student_in_it(tmp_path):
     assert summary["student_params"] == sum(p.numel() for p in pipe.unet.parameters()) < summary["teacher_params"]
     images = pipe(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 8, 8, 1)
+    card = (out / "README.md").read_text()  # the model card, with the pipeline's loading code
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "a local folder (`teacher`)" in card
+    assert 'DiffusionPipeline.from_pretrained("pipeline", use_safetensors=True)' in card
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -273,3 +276,38 @@ def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert re.search(expected, r.stderr), r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_student_gets_a_model_card_with_the_runs_figures(tmp_path):
+    def evaluate(raw):
+        raw["evaluate"] = {"samples": 8, "ddim_steps": 2}
+
+    result = cli_here("run", write_config(tmp_path, evaluate), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "run"
+    text = (out / "student" / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    front = yaml.safe_load(front)
+    assert front["library_name"] == "diffusers" and {"pruned", "distillation", "2ndmatch"} <= set(front["tags"])
+    assert "base_model" not in front  # the teacher is not from the Hub
+    pruning = json.loads((out / "pruning_report.json").read_text())
+    quality = json.loads((out / "report" / "results.json").read_text())["quality"]
+    assert f"| parameters | {pruning['params_before']:,} | {pruning['params_after']:,} |" in body
+    assert f"| digits-FID | {quality['digits_fid_teacher']:.3f} | {quality['digits_fid_student']:.3f} |" in body
+    assert '"jac_match": "vector"' in body and "3 steps of batch 4" in body
+    assert 'load_pruned("student")' in body and not (out / "pipeline").exists()
+
+
+def test_a_hub_teachers_card_names_it_as_the_base_model(tmp_path):
+    from nni_2ndmatch.config import validate_config
+    from nni_2ndmatch.job.card import model_card
+    from nni_2ndmatch.job.results import RunSummary
+
+    config = validate_config({"model": {"teacher": {"hub": "google/ddpm-cifar10-32"}}, "output_dir": str(tmp_path),
+                              "pruning": {"pruner": "magnitude"}, "finetune": {"finetuner": "dsm"}})
+    summary = RunSummary(finetuner="dsm", finetuner_options={"lambda_dsm": 1.0},
+                         train_config=config.finetune.train_config().model_dump(), steps=5, seconds=1.0, final={},
+                         teacher_params=10, student_params=5, processes=1)
+    front = yaml.safe_load(model_card(config, summary, None, None, pipeline=False).split("---\n")[1])
+    assert front == {"library_name": "diffusers", "base_model": "google/ddpm-cifar10-32",
+                     "tags": ["nni-2ndmatch", "pruned", "dsm"]}

@@ -1,0 +1,93 @@
+"""The model card of a run: ``README.md`` in ``output_dir/student`` and ``output_dir/pipeline``, in the
+Hugging Face Hub's format (YAML front matter, then what a reader of a model page needs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config
+from ..files import atomic_write_text
+from ..layout import PIPELINE_DIR, PRUNING_REPORT, REPORT_DIR, RESULTS_FILE, STUDENT_DIR
+from .results import RunSummary
+
+CARD_FILE = "README.md"
+
+
+def _source(spec: Any) -> str:
+    """How a config names a model or data set, without the machine's folders."""
+    if spec.builtin is not None:
+        return f"the built-in `{spec.builtin}`"
+    if getattr(spec, "hub", None):
+        return f"[{spec.hub}](https://huggingface.co/{spec.hub})"
+    return f"a local folder (`{Path(spec.path).name}`)"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def model_card(config: Config, summary: RunSummary, pruning: dict[str, Any] | None,
+               results: dict[str, Any] | None, *, pipeline: bool) -> str:
+    """The card's text for the student folder (``pipeline=False``) or the pipeline folder."""
+    teacher = config.model.teacher
+    front: dict[str, Any] = {"library_name": "diffusers"}
+    if getattr(teacher, "hub", None):
+        front["base_model"] = teacher.hub
+    front["tags"] = ["nni-2ndmatch", "pruned", *(["distillation"] if summary.finetuner != "dsm" else []),
+                     summary.finetuner]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# A pruned {'pipeline' if pipeline else 'denoiser'} finetuned with {summary.finetuner}", "",
+             (f"The teacher pipeline, {_source(teacher)}, with its denoiser made physically smaller " if pipeline
+              else f"The teacher, {_source(teacher)}, made physically smaller ")
+             + (f"by `{pruning['pruner']}` at sparse ratio {pruning['sparse_ratio']:g}" if pruning else
+                "(a given student)")
+             + f", then finetuned with `{summary.finetuner}` by nni-2ndmatch.", ""]
+    if pruning:
+        lines += ["## Size", "", "| | teacher | student | ratio |", "|---|---:|---:|---:|",
+                  f"| parameters | {pruning['params_before']:,} | {pruning['params_after']:,} | "
+                  f"{pruning['params_ratio']:.3f} |",
+                  f"| MACs per sample | {pruning['macs_before']:,.0f} | {pruning['macs_after']:,.0f} | "
+                  f"{pruning['macs_ratio']:.3f} |", ""]
+    loop = summary.train_config
+    lines += ["## Finetuning", "", f"- finetuner: `{summary.finetuner}`, options "
+              f"`{json.dumps(summary.finetuner_options, sort_keys=True)}`",
+              f"- {summary.steps} steps of batch {loop['batch_size']}, lr {loop['lr']:g} ({loop['lr_schedule']}), "
+              f"seed {loop['seed']}, {summary.processes} process(es), {summary.seconds:.0f} s",
+              f"- data: {_source(config.data)} at {config.data.resolution}x{config.data.resolution}", ""]
+    quality = (results or {}).get("quality")
+    if quality:
+        lines += [f"## Quality ({quality['samples']} samples each from the same noise, {quality['ddim_steps']} DDIM "
+                  "steps)", "", "| score | teacher | student |", "|---|---:|---:|"]
+        for key, label in (("digits_fid", "digits-FID"), ("fid", "FID"), ("clip_score", "CLIP score")):
+            if f"{key}_student" in quality:
+                lines.append(f"| {label} | {quality[f'{key}_teacher']:.3f} | {quality[f'{key}_student']:.3f} |")
+        lines += [f"| fidelity (RMS from the teacher's samples) | 0 | {quality['fidelity']:.4f} |", ""]
+    latency = (results or {}).get("latency")
+    if latency:
+        lines += ["## Latency (student vs teacher, measured by the run)", "", "| backend | batch | speed-up |",
+                  "|---|---:|---:|"]
+        lines += [f"| {row['variant']} | {row['batch']} | {row['speedup']:.2f}x |" for row in latency["rows"]]
+        lines.append("")
+    folder = PIPELINE_DIR if pipeline else STUDENT_DIR
+    load = ("import nni_2ndmatch  # registers the pruned model class\nfrom diffusers import DiffusionPipeline\n\n"
+            f'pipe = DiffusionPipeline.from_pretrained("{folder}", use_safetensors=True)') if pipeline else \
+        f'from nni_2ndmatch import load_pruned\n\nstudent = load_pruned("{folder}")'
+    lines += ["## How to load", "", "With nni-2ndmatch installed (from its repository):", "", "```python", load,
+              "```", "", "Without nni-2ndmatch this folder does not load yet: the pruned model's class lives in "
+              "the package.", ""]
+    return "\n".join(lines)
+
+
+def write_model_cards(config: Config, out: Path, summary: RunSummary, *, reported: bool) -> None:
+    """README.md in the student folder and, for a pipeline teacher, in the pipeline folder, from the
+    run's pruning report and, when this run ``reported``, its report's results."""
+    pruning = _read_json(out / PRUNING_REPORT)
+    results = _read_json(out / REPORT_DIR / RESULTS_FILE) if reported else None
+    atomic_write_text(out / STUDENT_DIR / CARD_FILE, model_card(config, summary, pruning, results, pipeline=False))
+    if summary.pipeline_dir is not None:
+        atomic_write_text(out / summary.pipeline_dir / CARD_FILE,
+                          model_card(config, summary, pruning, results, pipeline=True))
