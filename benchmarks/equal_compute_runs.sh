@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Start, or resume, one teacher's runs of the equal-compute experiment (docs/results.md) from a git
+# worktree of its pinned commit, so that later commits cannot change them mid-run; 1 thread.
+#
+#   bash benchmarks/equal_compute_runs.sh digits|digits_dequantized|mnist   # two at a time at most
+#
+# The JSON goes to the worktree's benchmarks/results/equal_compute/TEACHER.json; a JSON that this
+# checkout holds (committed runs of an earlier session) is copied there first when the worktree has
+# none, so the runs continue where they stopped. Files the pinned commit predates (the MNIST teacher
+# and its cost file) are copied in as untracked inputs, identified in the JSON by their sha256.
+set -euo pipefail
+PINNED=f80f8394a63868fd1d50793ac0ca76c00fd69400
+teacher=${1:?"give digits, digits_dequantized or mnist"}
+case "$teacher" in digits|digits_dequantized|mnist) ;;
+  *) echo "unknown teacher $teacher; allowed: digits, digits_dequantized, mnist" >&2; exit 2 ;;
+esac
+root=$(git rev-parse --show-toplevel)
+tree="$root/../nni-2ndmatch-equal-compute"
+[ -d "$tree" ] || git -C "$root" worktree add --detach "$tree" "$PINNED"
+[ "$(git -C "$tree" rev-parse HEAD)" = "$PINNED" ] || { echo "$tree is not at $PINNED" >&2; exit 1; }
+out=benchmarks/results/equal_compute/$teacher.json
+mkdir -p "$tree/benchmarks/results/equal_compute"
+for f in "$out" "${out%.json}.md"; do
+  [ -f "$tree/$f" ] || [ ! -f "$root/$f" ] || cp "$root/$f" "$tree/$f"
+done
+seeds=100,101,102,103,104,105,106,107,108,109,110,111
+case "$teacher" in
+  digits) args=(--data digits --samples 8000 --cost benchmarks/results/run_cost_digits.json) ;;
+  digits_dequantized) args=(--data digits --samples 8000 --cost benchmarks/results/run_cost_digits.json
+                            --teacher benchmarks/teachers/digits_dequantized --dequantize) ;;
+  mnist) seeds=100,101,102,103,104,105,106,107
+         args=(--data mnist --samples "${MNIST_SAMPLES:?set MNIST_SAMPLES as docs/results.md says}"
+               --cost benchmarks/results/run_cost_mnist.json)
+         for f in nni_2ndmatch/assets/mnist_teacher nni_2ndmatch/assets/mnist_teacher.json \
+                  benchmarks/results/run_cost_mnist.json; do
+           [ -e "$tree/$f" ] || cp -r "$root/$f" "$tree/$f"
+         done ;;
+esac
+python=${PYTHON:-$root/.venv/bin/python}
+cd "$tree"
+OMP_NUM_THREADS=1 exec "$python" benchmarks/digits_quality.py "${args[@]}" --seeds "$seeds" --ratio 0.3 \
+  --steps 3000 --batch-size 2 --lr 2e-4 --ema-decay 0.9983 --dropout 0.1 --threads 1 --eval-noise-draws 4 \
+  --finetuners kd,2ndmatch --budget equal-compute --compute-arms kd,kd-perturb,2ndmatch,2ndmatch-every8 \
+  --lambda-jac 1.0 --jac-reference-dims 1 --jac-match vector --jac-weighting noise --out "$out"
