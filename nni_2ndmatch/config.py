@@ -157,6 +157,17 @@ class FinetuneSection(TrainConfig):
     device: str = "cpu"
     process_timeout_s: float = Field(1800, gt=0, description="multi-process runs: how long a process waits for "
                                      "the others (the main one prunes and saves while they wait)")
+    report_to: str | list[str] = Field("none", description="experiment trackers, as diffusers' --report_to: none, "
+                                       "tensorboard, wandb, trackio, mlflow, comet_ml, or a list; logs in "
+                                       "output_dir/logs")
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed_trackers(cls, value: str | list[str]) -> str | list[str]:
+        from .training.trackers import tracker_names
+
+        tracker_names(value)
+        return value
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{k: getattr(self, k) for k in TrainConfig.model_fields})

@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
-
 import torch.nn.functional as F
+from torch import Tensor
 
 from .data import DigitsDataset, MnistDataset
 from .method import (

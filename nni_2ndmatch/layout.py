@@ -6,6 +6,7 @@ PRUNING_REPORT = "pruning_report.json"
 CHECKPOINT_DIR = "checkpoints"  # step-NNNNNNN/{CHECKPOINT_TENSORS, CHECKPOINT_META} and a `latest` pointer
 CHECKPOINT_TENSORS, CHECKPOINT_META = "state.safetensors", "state.json"
 METRICS_FILE = "metrics.jsonl"  # one line per logged step
+LOGS_DIR = "logs"  # the trackers' (finetune.report_to), e.g. TensorBoard's event files
 STUDENT_DIR = "student"  # the finetuned student
 PIPELINE_DIR = "pipeline"  # the teacher's pipeline with the student in it
 SUMMARY_FILE = "summary.json"

@@ -29,6 +29,7 @@ from .job.results import RunSummary
 from .layout import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    LOGS_DIR,
     METRICS_FILE,
     PIPELINE_DIR,
     PRUNED_DIR,
@@ -62,6 +63,7 @@ from .report import save_sample_grids, write_run_report
 from .scoped import torch_threads
 from .training import Runtime, check_batch, finetune
 from .training.accelerate import AccelerateRuntime, launched_distributed
+from .training.trackers import Trackers, tracker_names
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +177,7 @@ def _check_free_space(out: Path, student: nn.Module, config: Config) -> None:
 RESUME_FREE = {"output_dir", "threads", "evaluate", "export", "finetune.log_every", "finetune.checkpoint_every",
                "finetune.keep_checkpoints", "finetune.process_timeout_s", "finetune.device",
                "finetune.gradient_accumulation_steps", "finetune.max_nonfinite_steps",
-               "finetune.gradient_checkpointing"}
+               "finetune.gradient_checkpointing", "finetune.report_to"}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -218,7 +220,7 @@ def prepare_output_dir(config: Config, command: str, resume: bool, overwrite: bo
         raise UserError(f"--resume: output_dir {str(out)!r} holds no checkpoint to resume from")
     if overwrite and not resume:  # `finetune` keeps the pruned student it starts from
         keep_pruned = command == "finetune" and config.model.student is None
-        for name in (CHECKPOINT_DIR, STUDENT_DIR, PIPELINE_DIR, *(() if keep_pruned else (PRUNED_DIR,))):
+        for name in (CHECKPOINT_DIR, STUDENT_DIR, PIPELINE_DIR, LOGS_DIR, *(() if keep_pruned else (PRUNED_DIR,))):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (SUMMARY_FILE, METRICS_FILE, CONFIG_FILE, *(() if keep_pruned else (PRUNING_REPORT,))):
             (out / name).unlink(missing_ok=True)
@@ -289,9 +291,17 @@ def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.u
         _check_free_space(out, student, config)
     section = config.finetune
     finetuner = finetuner or make_finetuner(config, parts)
-    with user_errors("finetune"):  # e.g. a batch size the processes cannot share
-        result = finetune(student, teacher, finetuner, dataset, section.train_config(), out, resume=resume,
-                          runtime=runtime, progress=progress)
+    names = tracker_names(section.report_to) if runtime.is_main else []
+    trackers = Trackers(names, out / LOGS_DIR, out.name, {**config.model_dump(mode="json"), "finetune": {
+        **section.model_dump(mode="json"), **finetuner.options()}}, finetuner.weights(), section.batch_size) \
+        if names else None
+    try:
+        with user_errors("finetune"):  # e.g. a batch size the processes cannot share
+            result = finetune(student, teacher, finetuner, dataset, section.train_config(), out, resume=resume,
+                              runtime=runtime, progress=progress, on_log=trackers.log if trackers else None)
+    finally:
+        if trackers is not None:
+            trackers.finish()
     summary = RunSummary(
         finetuner=finetuner.name, finetuner_options=finetuner.options(),
         train_config=section.train_config().model_dump(), steps=result.step, seconds=result.seconds,

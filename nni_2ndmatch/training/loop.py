@@ -138,7 +138,8 @@ def optimization_step(net: nn.Module, teacher: Any, finetuner: Finetuner, datase
                       micro_batches: list[tuple[Tensor, dict[str, Tensor]]], positions: list[Tensor],
                       state: TrainState, config: TrainConfig, runtime: Runtime) -> tuple[dict[str, float], StepDraws]:
     """One step: the loss of every micro-batch, backward, and (when the loss is finite) the
-    clipped update and the EMA. Returns the step's terms, averaged over processes, and its draws."""
+    clipped update and the EMA. Returns the step's terms, averaged over processes, with the
+    gradient's norm (before clipping) when the step was applied, and its draws."""
     draws = draw_step(state.generator, config, micro_batches[0][0].shape[1:], finetuner.num_train_timesteps,
                       getattr(dataset, "caption_dropout", 0.0))
     finetuner.step = state.step  # what jac_every reads: a function of the step, so resumes are exact
@@ -165,8 +166,11 @@ def optimization_step(net: nn.Module, teacher: Any, finetuner: Finetuner, datase
     # averaged over processes: every process takes the same decision below
     terms = dict(zip(sums, runtime.mean(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
     if math.isfinite(terms["loss"]):
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(state.params, config.grad_clip)
+        if config.grad_clip is not None:  # the norm before clipping
+            norm = torch.nn.utils.clip_grad_norm_(state.params, config.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in state.params if p.grad is not None])
+        terms["grad_norm"] = float(norm)
         state.optimizer.step()
         if state.ema is not None:
             state.ema.step(state.params, state.step)

@@ -1,0 +1,71 @@
+"""finetune.report_to: the run's figures in TensorBoard (read back from its event files), a missing
+tracker refused before any work, a tracker that fails mid-run reported once while training goes on."""
+
+import json
+import logging
+
+import pytest
+from helpers.cli import cli_here, write_config
+
+from nni_2ndmatch.training import trackers as trackers_module
+
+
+def _tensorboard(raw):
+    raw["finetune"].update(report_to="tensorboard", steps=6, log_every=2, lambda_kd=0.5)
+
+
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [EventAccumulator(str(p.parent)).Reload() for p in folder.rglob("events.out.tfevents.*")]
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for acc in runs for tag in acc.Tags()["scalars"]}
+
+
+def test_a_run_sends_each_logged_step_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    result = cli_here("run", write_config(tmp_path, _tensorboard), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "run"
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    scalars = _scalars(out / "logs")
+    assert [s for s, _ in scalars["loss"]] == [2, 4, 6]
+    for tag, key, weight in (("loss", "loss", 1.0), ("lr", "lr", 1.0), ("grad_norm", "grad_norm", 1.0),
+                             ("loss/jac", "jac", 1.0), ("loss/kd", "kd", 0.5), ("loss/dsm", "dsm", 1.0)):
+        assert [v for _, v in scalars[tag]] == pytest.approx([weight * m[key] for m in metrics], rel=1e-6), tag
+    seconds = [(b["seconds"] - a["seconds"]) / 2 for a, b in zip(metrics, metrics[1:])]
+    assert [v for _, v in scalars["seconds_per_step"]] == pytest.approx(seconds, rel=1e-5)
+    assert [v for _, v in scalars["samples_per_second"]] == pytest.approx([4 / s for s in seconds], rel=1e-5)
+    hparams = next((out / "logs").rglob("hparams.yml")).read_text()
+    assert "finetune.jac_match: vector" in hparams and "finetune.report_to: tensorboard" in hparams
+
+
+def test_a_tracker_that_is_not_installed_or_not_known_is_refused_before_any_work(tmp_path, monkeypatch):
+    real = trackers_module.importlib.util.find_spec
+    monkeypatch.setattr(trackers_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    for value, expected in (("wandb", "'wandb' needs the wandb package, which is not installed: pip install "
+                                      "'nni-2ndmatch[wandb]'"),
+                            (["tensorboard", "neptune"], "'neptune' is not a tracker; allowed: none, tensorboard")):
+        result = cli_here("run", write_config(tmp_path, lambda raw: raw["finetune"].update(report_to=value)))
+        assert result.returncode == 2 and expected in result.stderr and "finetune.report_to" in result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_tracker_failing_mid_run_is_reported_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("tensorboard")
+    from accelerate.tracking import TensorBoardTracker
+
+    calls = []
+
+    def full_disk(self, values, step=None, **kwargs):
+        calls.append(step)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(TensorBoardTracker, "log", full_disk)
+    with caplog.at_level(logging.WARNING, logger="nni_2ndmatch.training.trackers"):
+        result = cli_here("run", write_config(tmp_path, _tensorboard), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert calls == [2]  # dropped after its first failure
+    warnings = [r.getMessage() for r in caplog.records if "tracker tensorboard failed" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
