@@ -161,6 +161,19 @@ class FinetuneSection(TrainConfig):
                                        "tensorboard, wandb, trackio, mlflow, comet_ml, or a list; logs in "
                                        "output_dir/logs")
 
+    validation_every: int = Field(0, ge=0, description="steps between validation grids of the EMA student "
+                                  "(output_dir/samples); 0: none")
+    validation_images: int = Field(4, ge=1, le=64, description="images in each validation grid")
+    validation_prompts: list[str] | None = Field(None, min_length=1, description="text-to-image pipelines: the "
+                                                 "validation grid's prompts (default: the data's first captions)")
+
+    @model_validator(mode="after")
+    def _prompts_need_validation(self) -> "FinetuneSection":
+        if self.validation_prompts is not None and not self.validation_every:
+            raise ValueError("validation_prompts are given but validation_every is 0 (no validation grids); give "
+                             "validation_every > 0 or leave validation_prompts out")
+        return self
+
     @field_validator("report_to")
     @classmethod
     def _installed_trackers(cls, value: str | list[str]) -> str | list[str]:

@@ -7,6 +7,7 @@ CHECKPOINT_DIR = "checkpoints"  # step-NNNNNNN/{CHECKPOINT_TENSORS, CHECKPOINT_M
 CHECKPOINT_TENSORS, CHECKPOINT_META = "state.safetensors", "state.json"
 METRICS_FILE = "metrics.jsonl"  # one line per logged step
 LOGS_DIR = "logs"  # the trackers' (finetune.report_to), e.g. TensorBoard's event files
+SAMPLES_DIR = "samples"  # validation grids during training: teacher.png, step-NNNNNN.png
 STUDENT_DIR = "student"  # the finetuned student
 PIPELINE_DIR = "pipeline"  # the teacher's pipeline with the student in it
 SUMMARY_FILE = "summary.json"

@@ -26,6 +26,7 @@ from .job.data import DataPlan, TrainingData, check_resume, open_data, plan_data
 from .job.evaluate import evaluate_models
 from .job.export import export_and_benchmark
 from .job.results import RunSummary
+from .job.validation import make_validation
 from .layout import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -34,6 +35,7 @@ from .layout import (
     PIPELINE_DIR,
     PRUNED_DIR,
     PRUNING_REPORT,
+    SAMPLES_DIR,
     STUDENT_DIR,
     SUMMARY_FILE,
 )
@@ -177,7 +179,8 @@ def _check_free_space(out: Path, student: nn.Module, config: Config) -> None:
 RESUME_FREE = {"output_dir", "threads", "evaluate", "export", "finetune.log_every", "finetune.checkpoint_every",
                "finetune.keep_checkpoints", "finetune.process_timeout_s", "finetune.device",
                "finetune.gradient_accumulation_steps", "finetune.max_nonfinite_steps",
-               "finetune.gradient_checkpointing", "finetune.report_to"}
+               "finetune.gradient_checkpointing", "finetune.report_to", "finetune.validation_every",
+               "finetune.validation_images", "finetune.validation_prompts"}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -220,7 +223,8 @@ def prepare_output_dir(config: Config, command: str, resume: bool, overwrite: bo
         raise UserError(f"--resume: output_dir {str(out)!r} holds no checkpoint to resume from")
     if overwrite and not resume:  # `finetune` keeps the pruned student it starts from
         keep_pruned = command == "finetune" and config.model.student is None
-        for name in (CHECKPOINT_DIR, STUDENT_DIR, PIPELINE_DIR, LOGS_DIR, *(() if keep_pruned else (PRUNED_DIR,))):
+        for name in (CHECKPOINT_DIR, STUDENT_DIR, PIPELINE_DIR, LOGS_DIR, SAMPLES_DIR,
+                     *(() if keep_pruned else (PRUNED_DIR,))):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (SUMMARY_FILE, METRICS_FILE, CONFIG_FILE, *(() if keep_pruned else (PRUNING_REPORT,))):
             (out / name).unlink(missing_ok=True)
@@ -278,7 +282,7 @@ def make_finetuner(config: Config, parts: PipelineParts | None = None) -> Finetu
     return finetuner_class(section.finetuner)(scheduler=parts.scheduler if parts else None, options=section.options)
 
 
-def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.utils.data.Dataset,
+def run_finetune(config: Config, out: Path, teacher: nn.Module, data: TrainingData,
                  student: nn.Module, *, resume: bool = False, progress: bool = True,
                  runtime: Runtime | None = None, parts: PipelineParts | None = None,
                  finetuner: Finetuner | None = None) -> tuple[RunSummary, nn.Module]:
@@ -295,10 +299,12 @@ def run_finetune(config: Config, out: Path, teacher: nn.Module, dataset: torch.u
     trackers = Trackers(names, out / LOGS_DIR, out.name, {**config.model_dump(mode="json"), "finetune": {
         **section.model_dump(mode="json"), **finetuner.options()}}, finetuner.weights(), section.batch_size) \
         if names else None
+    validation = make_validation(config, out, teacher, data, parts, trackers) if runtime.is_main else None
     try:
         with user_errors("finetune"):  # e.g. a batch size the processes cannot share
-            result = finetune(student, teacher, finetuner, dataset, section.train_config(), out, resume=resume,
-                              runtime=runtime, progress=progress, on_log=trackers.log if trackers else None)
+            result = finetune(student, teacher, finetuner, data.dataset, section.train_config(), out, resume=resume,
+                              runtime=runtime, progress=progress, on_log=trackers.log if trackers else None,
+                              validation=validation)
     finally:
         if trackers is not None:
             trackers.finish()
@@ -345,6 +351,9 @@ def check_inputs(config: Config, resume: bool, runtime: Runtime) -> JobInputs:
         raise UserError(f"pruning.pruner: value {config.pruning.pruner!r} is not allowed: it scores channels by the "
                         "gradients of the noise-prediction loss, and the pipeline predicts "
                         f"{parts.scheduler.config.prediction_type}; allowed: {', '.join(allowed)}")
+    if config.finetune.validation_prompts is not None and (parts is None or parts.text_encoder is None):
+        raise UserError(f"finetune.validation_prompts: value {config.finetune.validation_prompts!r} is not allowed: "
+                        "the teacher takes no text prompts (only a text-to-image pipeline does); leave it out")
     plan = plan_data(config, teacher, parts)
     if resume:
         check_resume(config, plan)
@@ -387,7 +396,7 @@ def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, pro
         _preflight({"student": student}, inputs.data.example)
     compare = command == "run" and config.evaluate is not None and config.evaluate.compare
     start = copy.deepcopy(student) if compare and runtime.is_main else None  # the baselines start here too
-    summary, student = run_finetune(config, out, inputs.teacher, data.dataset, student, resume=resume,
+    summary, student = run_finetune(config, out, inputs.teacher, data, student, resume=resume,
                                     progress=progress, runtime=runtime, parts=inputs.parts,
                                     finetuner=inputs.finetuner)
     result = summary.to_json()

@@ -69,3 +69,76 @@ def test_a_tracker_failing_mid_run_is_reported_once_and_training_goes_on(tmp_pat
     warnings = [r.getMessage() for r in caplog.records if "tracker tensorboard failed" in r.getMessage()]
     assert len(warnings) == 1 and "No space left on device" in warnings[0]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def _validation(raw):
+    raw["finetune"].update(steps=5, checkpoint_every=2, log_every=1, validation_every=2,
+                           validation_images=3, report_to="tensorboard")
+
+
+def test_validation_grids_of_the_ema_student_leave_training_as_it_was(tmp_path):
+    pytest.importorskip("tensorboard")
+    import torch
+    from PIL import Image
+
+    from nni_2ndmatch import load_pruned
+    from nni_2ndmatch.data import DigitsDataset
+    from nni_2ndmatch.job.evaluate import Evaluator
+    from nni_2ndmatch.report import save_grid
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    with_grids = cli_here("run", write_config(tmp_path / "a", _validation), "--no-progress")
+    assert with_grids.returncode == 0, with_grids.stderr
+    out = tmp_path / "a" / "run"
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step-000002.png", "step-000004.png", "step-000005.png", "teacher.png"]
+    # the last grid is the finetuned (EMA) student's samples from the evaluator's fixed noise
+    student = load_pruned(out / "student")
+    from nni_2ndmatch.models import build_builtin
+
+    sampler = Evaluator(build_builtin("tiny-unet"), DigitsDataset(16), samples=3, ddim_steps=25, seed=0, digits=None)
+    save_grid(sampler.sample(student), tmp_path / "expected.png", columns=3)
+    got, want = (Image.open(p).convert("L") for p in (out / "samples" / "step-000005.png", tmp_path / "expected.png"))
+    assert got.size == want.size and got.tobytes() == want.tobytes()
+    # drawing the grids changed nothing in training
+    plain = cli_here("run", write_config(tmp_path / "b", lambda raw: (_validation(raw), raw["finetune"].update(
+        validation_every=0, report_to="none"))), "--no-progress")
+    assert plain.returncode == 0, plain.stderr
+    other = load_pruned(tmp_path / "b" / "run" / "student")
+    assert all(torch.equal(p, q) for p, q in zip(student.state_dict().values(), other.state_dict().values()))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in (out / "logs").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent)).Reload()
+        if "samples/student" in acc.Tags()["images"]:
+            steps += [e.step for e in acc.Images("samples/student")]
+    assert sorted(steps) == [2, 4, 5]
+
+
+def test_a_resumed_run_continues_the_grid_series_without_duplicates(tmp_path):
+    import os
+
+    first = cli_here("run", write_config(tmp_path, lambda raw: (_validation(raw), raw["finetune"].update(
+        steps=4, report_to="none"))), "--no-progress")
+    assert first.returncode == 0, first.stderr
+    samples = tmp_path / "run" / "samples"
+    before = {p.name: os.stat(p).st_mtime_ns for p in samples.iterdir()}
+    resumed = cli_here("run", write_config(tmp_path, lambda raw: (_validation(raw), raw["finetune"].update(
+        steps=6, report_to="none"))), "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    after = {p.name: os.stat(p).st_mtime_ns for p in samples.iterdir()}
+    assert sorted(after) == ["step-000002.png", "step-000004.png", "step-000006.png", "teacher.png"]
+    assert all(after[name] == stamp for name, stamp in before.items())  # nothing drawn twice
+
+
+def test_validation_options_nobody_would_use_are_refused(tmp_path):
+    prompts = cli_here("run", write_config(tmp_path, lambda raw: raw["finetune"].update(
+        validation_prompts=["a digit"])))
+    assert prompts.returncode == 2 and "validation_prompts are given but validation_every is 0" in prompts.stderr
+    not_text = cli_here("run", write_config(tmp_path, lambda raw: raw["finetune"].update(
+        validation_prompts=["a digit"], validation_every=2)))
+    assert not_text.returncode == 2 and "finetune.validation_prompts: value ['a digit'] is not allowed: the " \
+        "teacher takes no text prompts" in not_text.stderr
+    assert not (tmp_path / "run").exists()

@@ -107,12 +107,12 @@ class PipelineEvaluator(Scores):
     """A latent pipeline's evaluation: every denoiser samples through the teacher's pipeline (its
     VAE decodes; the conditions are those of the first data items: prompts for its text encoder,
     or class labels for a DiT), with DDIM on the pipeline's schedule, the same seeded initial
-    latents per sample and ``guidance_scale``. Scores as :class:`Scores` (FID against the data's
-    images, CLIP score against the prompts)."""
+    latents per sample and ``guidance_scale``; ``prompts`` replace the data's captions. Scores as
+    :class:`Scores` (FID against the data's images, CLIP score against the prompts)."""
 
     def __init__(self, parts: PipelineParts, teacher: nn.Module, data: TrainingData, *, samples: int,
                  ddim_steps: int, seed: int, guidance_scale: float, resolution: int, fid_features: str | None = None,
-                 clip_model: str | None = None) -> None:
+                 clip_model: str | None = None, prompts: list[str] | None = None) -> None:
         from diffusers import DDIMScheduler, DiffusionPipeline
 
         from ..models.pipelines import pipeline_components
@@ -125,7 +125,7 @@ class PipelineEvaluator(Scores):
         self.pipe.set_progress_bar_config(disable=True)
         self.denoiser, self.seed, self.resolution = parts.denoiser, seed, resolution
         self.ddim_steps, self.guidance_scale = ddim_steps, guidance_scale
-        conditions = data.captions if data.captions is not None else data.labels
+        conditions = prompts or (data.captions if data.captions is not None else data.labels)
         self.conditions = [conditions[i % len(conditions)] for i in range(samples)]
         self.text = data.captions is not None
         self.setup_metrics(fid_features, clip_model, data.source, resolution, self.conditions if self.text else None)

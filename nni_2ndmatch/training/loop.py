@@ -41,6 +41,14 @@ from .state import TrainState
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """What the loop calls every ``every`` steps (and after the last): ``call(step, student)``."""
+
+    every: int
+    call: Callable[[int, nn.Module], None]
+
+
 @dataclasses.dataclass
 class FinetuneResult:
     student: nn.Module  # the trained student, EMA weights loaded when EMA is on
@@ -195,7 +203,8 @@ def _output_dir(output_dir: str | os.PathLike | None, config: TrainConfig, resum
 def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: Finetuner, dataset: Dataset,
              config: TrainConfig, output_dir: str | os.PathLike | None = None, *, resume: bool = False,
              overwrite: bool = False, runtime: Runtime | None = None, progress: bool = True,
-             on_log: Callable[[dict[str, float]], None] | None = None) -> FinetuneResult:
+             on_log: Callable[[dict[str, float]], None] | None = None,
+             validation: Validation | None = None) -> FinetuneResult:
     """Finetune ``student`` against a frozen ``teacher`` with ``finetuner`` on ``dataset``.
 
     Dataset items are image tensors [C, H, W] in [-1, 1], or dicts holding the image under
@@ -211,6 +220,10 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     uninterrupted run, and ``seconds`` counts the time of every part. An ``output_dir`` that already
     holds a run is an error unless ``resume`` or ``overwrite`` (which deletes its checkpoints and
     metrics first). The teacher is put in eval mode and never receives gradients.
+
+    ``validation``: every ``validation.every`` steps and after the last, the main process calls
+    ``validation.call(step, student)`` with the EMA weights in the student (eval mode; the trained
+    weights and train mode are back afterwards). It draws no random number of the loop's.
     """
     runtime = runtime or Runtime()
     check_run(student, teacher, finetuner, dataset, config, runtime)
@@ -259,6 +272,13 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()}, refresh=False)
+            if validation is not None and runtime.is_main and (done % validation.every == 0 or done == config.steps):
+                with state.ema.applied(params) if state.ema is not None else contextlib.nullcontext():
+                    state.model.eval()
+                    try:
+                        validation.call(done, state.model)
+                    finally:
+                        state.model.train()
             if ckpts is not None and runtime.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
                 _checkpoint(ckpts, out, state, done, time.perf_counter() - began, finetuner, config)
     if state.ema is not None:

@@ -4,7 +4,8 @@ optimizer, the EMA of the weights, the loop's random generator, the step and the
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,19 @@ class EMA:
     def copy_to(self, parameters: Iterable[Tensor]) -> None:
         for p, e in zip(parameters, self.shadow):
             p.copy_(e)
+
+    @contextlib.contextmanager
+    def applied(self, parameters: list[Tensor]) -> Iterator[None]:
+        """The EMA weights in ``parameters`` for the block; the trained ones back afterwards."""
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in parameters]
+            self.copy_to(parameters)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(parameters, trained):
+                    p.copy_(t)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"ema.{i}": e for i, e in enumerate(self.shadow)}

@@ -100,6 +100,13 @@ class Trackers:
         for tracker in list(self.trackers):
             self._call(tracker, tracker.log, values, step=int(record["step"]))
 
+    def log_images(self, images: dict[str, Any], step: int) -> None:
+        """Image batches [N, C, H, W] in [-1, 1], each sent as one grid-like batch in [0, 1]."""
+        values = {k: (v.clamp(-1, 1) * 0.5 + 0.5).numpy() for k, v in images.items()}
+        for tracker in list(self.trackers):
+            if hasattr(tracker, "log_images"):
+                self._call(tracker, tracker.log_images, values, step=step)
+
     def finish(self) -> None:
         for tracker in list(self.trackers):
             self._call(tracker, tracker.finish)
