@@ -1,6 +1,12 @@
 """Export a pruned student or a diffusers model folder to ONNX, checked against PyTorch.
 
     python export/to_onnx.py --model DIR --out student.onnx [--opset 20] [--batch-dynamic] [--fp16]
+    python export/to_onnx.py --pipeline OUT/pipeline --out DIR [--opset 20] [--fp16]
+
+With --pipeline, a Stable Diffusion text-to-image pipeline folder (e.g. a run's OUT/pipeline) becomes
+the folder diffusers' OnnxStableDiffusionPipeline loads: text_encoder/, unet/, vae_encoder/,
+vae_decoder/ (each model.onnx checked against PyTorch), the tokenizer, the scheduler and
+model_index.json (--fp16: the U-Net in float16).
 
 Inputs: sample [B,C,H,W] float32, timestep [B] float32 (+ encoder_hidden_states float32 or
 class_labels int64); output: out. The graph runs in onnxruntime on fresh random inputs at batch 1
@@ -16,8 +22,11 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="pruned-student folder or diffusers folder (save_pretrained)")
-    p.add_argument("--out", required=True, help="ONNX file to write (its report: OUT.json)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="pruned-student folder or diffusers folder (save_pretrained)")
+    source.add_argument("--pipeline", help="a Stable Diffusion pipeline folder: the whole pipeline, for "
+                                           "OnnxStableDiffusionPipeline")
+    p.add_argument("--out", required=True, help="ONNX file to write (its report: OUT.json); with --pipeline, a folder")
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20, which TensorRT 10 parses)")
     p.add_argument("--batch-dynamic", action=argparse.BooleanOptionalAction, default=True,
                    help="one dynamic batch axis (default); --no-batch-dynamic fixes the batch at 1")
@@ -33,6 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy import export_onnx, load_model
     from nni_2ndmatch.deploy.onnx_export import sidecar_path
+
+    if args.pipeline:
+        from nni_2ndmatch.deploy.onnx_pipeline import export_onnx_pipeline
+
+        report = export_onnx_pipeline(args.pipeline, args.out, opset=args.opset, fp16=args.fp16)
+        for name, part in report["parts"].items():
+            print(f"{part['file']}: onnxruntime vs PyTorch max rel {part['parity']['max_rel_error']:.3g}")
+        print(f"wrote {args.out} (load it with diffusers' OnnxStableDiffusionPipeline.from_pretrained)")
+        return 0
 
     model, info = load_model(args.model)
     report = export_onnx(model, args.out, opset=args.opset, fp16=args.fp16, batch_dynamic=args.batch_dynamic,

@@ -449,3 +449,34 @@ def test_bench_script_refuses_a_folder_that_is_not_a_model(tmp_path):
     r = script("bench.py", "--teacher", empty, "--student", empty, "--out", tmp_path / "r.json")
     assert r.returncode == 2 and "has no config.json" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_torch(tmp_path):
+    import numpy as np
+    from diffusers import DiffusionPipeline, OnnxStableDiffusionPipeline
+
+    from nni_2ndmatch import prune_diffusers
+    from nni_2ndmatch.models.pipelines import write_tiny_sd
+    from nni_2ndmatch.pruning.component import save_pipeline
+
+    teacher = write_tiny_sd(tmp_path / "teacher")
+    unet = DiffusionPipeline.from_pretrained(teacher, use_safetensors=True).unet
+    student, _ = prune_diffusers(unet, "magnitude", 0.3, round_to=None)
+    save_pipeline(student, teacher, tmp_path / "pipeline")
+    r = script("to_onnx.py", "--pipeline", tmp_path / "pipeline", "--out", tmp_path / "onnx")
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in (tmp_path / "onnx").iterdir()} >= {"text_encoder", "unet", "vae_encoder", "vae_decoder",
+                                                                 "tokenizer", "scheduler", "model_index.json"}
+    report = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert all(part["parity"]["passed"] and part["parity"]["max_rel_error"] < 1e-4 for part in report["parts"].values())
+    torch_pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline", use_safetensors=True)
+    onnx_pipe = OnnxStableDiffusionPipeline.from_pretrained(tmp_path / "onnx")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a handwritten digit 3", "a handwritten digit 7"]
+    want = torch_pipe(prompts, num_inference_steps=3, guidance_scale=1.0, latents=latents, output_type="np",
+                      height=16, width=16).images
+    # the ONNX pipeline reads the latent size as height / 8 (SD's VAE); the tiny VAE upsamples 2x
+    got = onnx_pipe(prompts, num_inference_steps=3, guidance_scale=1.0, latents=latents.numpy(), output_type="np",
+                    height=64, width=64).images
+    assert got.shape == want.shape == (2, 16, 16, 3) and np.abs(got - want).max() < 1e-4
+    assert np.abs(want[0] - want[1]).max() > 1e-3  # the prompts and latents matter: the comparison can fail

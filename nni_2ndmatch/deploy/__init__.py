@@ -2,6 +2,7 @@
 
     model_io     the input contract (sample, timestep [B] float32, conditioning) and model loading
     onnx_export  PyTorch -> ONNX, checked against PyTorch in onnxruntime
+    onnx_pipeline  a Stable Diffusion pipeline -> the folder of diffusers' OnnxStableDiffusionPipeline
     aoti         PyTorch -> AOTInductor package (.pt2), checked against PyTorch
     tensorrt     ONNX -> TensorRT engine (TensorRT 10+, imported lazily) and running one
     bench        teacher vs student latency on torch, torch.compile, AOTInductor, onnxruntime and TensorRT
