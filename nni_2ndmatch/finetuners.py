@@ -59,7 +59,8 @@ def register_finetuner(name: str) -> Callable[[type["Finetuner"]], type["Finetun
         if undeclared:
             raise TypeError(f"{cls.__qualname__}: {', '.join(undeclared)} are keyword arguments of __init__ but not "
                             "fields of its Options model, so they would be neither validated nor recorded; declare "
-                            "them in a FinetunerOptions subclass set as Options (docs/development.md: adding a strategy)")
+                            "them in a FinetunerOptions subclass set as Options (docs/development.md: adding a "
+                            "strategy)")
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"finetuner {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         cls.name = name

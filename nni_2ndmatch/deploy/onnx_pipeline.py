@@ -105,10 +105,11 @@ def export_onnx_pipeline(pipeline: str | os.PathLike, out: str | os.PathLike, *,
         pipe = DiffusionPipeline.from_pretrained(pipeline, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise DeployError(f"cannot load the pipeline {str(pipeline)!r}: {e}") from None
-    missing = [k for k in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if getattr(pipe, k, None) is None]
+    needed = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+    missing = [k for k in needed if getattr(pipe, k, None) is None]
     if missing:
-        raise DeployError(f"{str(pipeline)!r} is not a text-to-image pipeline of the Stable Diffusion layout: it has no "
-                          f"{', '.join(missing)}; allowed: a pipeline with text_encoder, tokenizer, unet, vae, scheduler")
+        raise DeployError(f"{str(pipeline)!r} is not a text-to-image pipeline of the Stable Diffusion layout: it has "
+                          f"no {', '.join(missing)}; allowed: a pipeline with {', '.join(needed)}")
     g = torch.Generator().manual_seed(seed)
     seq, size = pipe.tokenizer.model_max_length, pipe.unet.config.sample_size
     image = size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
