@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.arms import ARM_HELP, arm, load_teacher, parse_arms, provenance  # noqa: E402
-from benchmarks.paired_stats import paired  # noqa: E402
+from benchmarks.paired_stats import paired, seed_differences  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.evaluation import ddim_sample, fidelity, frechet_distance, sensitivity_profile  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
@@ -265,13 +265,6 @@ def summarize(runs: list[dict], key: str) -> dict[str, float]:
     return {f"{key}_mean": statistics.fmean(values), f"{key}_std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def paired_against(runs: list[dict], base: str, name: str, key: str) -> dict:
-    """``base`` minus ``name`` in ``key``, seed by seed (positive: ``name`` is better)."""
-    by_seed = {(r["strategy"], r["seed"]): r[key] for r in runs}
-    seeds = sorted(s for (n, s) in by_seed if n == base and (name, s) in by_seed)
-    return paired([by_seed[(base, s)] - by_seed[(name, s)] for s in seeds])
-
-
 def summarize_budget(results: dict, budget: str) -> None:
     section = results[budget]
     names = list(dict.fromkeys(r["strategy"] for r in section["runs"]))
@@ -289,7 +282,7 @@ def summarize_budget(results: dict, budget: str) -> None:
     pairs = [(base, name) for base in ("kd", "dsm") if base in table for name in table
              if name not in ("kd", "dsm") and (base == "kd" or name == "2ndmatch")]
     for key, field in (("paired", "fid"), ("paired_fidelity", "fidelity")):
-        section[key] = {f"{base}_minus_{name}": paired_against(section["runs"], base, name, field)
+        section[key] = {f"{base}_minus_{name}": paired(seed_differences(section["runs"], base, name, field))
                         for base, name in pairs}
 
 

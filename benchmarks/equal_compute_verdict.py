@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.paired_stats import holm, stratified  # noqa: E402
+from benchmarks.paired_stats import holm, seed_differences, stratified  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "equal_compute"
@@ -39,11 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-seeds", default="12,12,8", help="at least this many seeds per input, in order")
     p.add_argument("--out", default=str(RESULTS / "verdict.json"))
     return p.parse_args(argv)
-
-
-def seed_differences(runs: list[dict], base: str, name: str, key: str) -> list[float]:
-    by = {(r["strategy"], r["seed"]): r[key] for r in runs}
-    return [by[(base, s)] - by[(name, s)] for (n, s) in sorted(by) if n == base and (name, s) in by]
 
 
 def load(path: str, commit: str, min_seeds: int) -> tuple[str, dict]:
@@ -71,7 +66,8 @@ def main(args: argparse.Namespace) -> dict:
     verdict: dict = {"command": "python benchmarks/equal_compute_verdict.py " + " ".join(sys.argv[1:]),
                      "commit": args.commit, "rule": {"alpha": ALPHA, "min_gain": args.min_gain, "margin": args.margin,
                                                      "correction": f"Holm over {len(settings)} settings"},
-                     "teachers": {name: {"teacher_sha256": r["teacher_sha256"], "cost_ratio": r["settings"]["cost_ratio"],
+                     "teachers": {name: {"teacher_sha256": r["teacher_sha256"],
+                                         "cost_ratio": r["settings"]["cost_ratio"],
                                          "steps": r["settings"]["budget"]["steps"]} for name, r in teachers.items()}}
     for budget, pairs in (("equal_steps", ["2ndmatch"]), ("equal_compute", settings)):
         section = verdict.setdefault(budget, {})
@@ -86,7 +82,8 @@ def main(args: argparse.Namespace) -> dict:
         every_teacher = all(s["mean"] > 0 for s in d["strata"].values())
         decisions[name] = {"p_one_sided_holm": adjusted[name], "gain": d["mean"], "ci95": d["ci95"],
                            "positive_on_every_teacher": every_teacher,
-                           "recommended_over_kd": adjusted[name] < ALPHA and d["mean"] >= args.min_gain and every_teacher,
+                           "recommended_over_kd": (adjusted[name] < ALPHA and d["mean"] >= args.min_gain
+                                                   and every_teacher),
                            "not_worse_than_kd": d["ci95"][0] > -args.margin}
     verdict["decisions"] = decisions
     recommended = [n for n, d in decisions.items() if d["recommended_over_kd"]]

@@ -11,6 +11,13 @@ import math
 import statistics
 
 
+def seed_differences(runs: list[dict], base: str, name: str, key: str) -> list[float]:
+    """``base`` minus ``name`` in ``key``, seed by seed over the runs (dicts with strategy, seed, key)
+    both arms have, in seed order."""
+    by = {(r["strategy"], r["seed"]): r[key] for r in runs}
+    return [by[(base, s)] - by[(name, s)] for (n, s) in sorted(by) if n == base and (name, s) in by]
+
+
 def paired(diffs: list[float]) -> dict[str, float]:
     """n, mean, std, paired t with one- and two-sided p, the one-sided Wilcoxon signed-rank p,
     wins (diffs > 0) and the 95% t interval of the mean."""
