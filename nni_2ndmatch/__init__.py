@@ -36,7 +36,7 @@ from .nni import (
     dsm_training_step,
     prune_diffusers,
 )
-from .pruning import as_component, load_pruned, masks_to_student, pruned_class, save_pruned
+from .pruning import as_component, load_pipeline, load_pruned, masks_to_student, pruned_class, save_pruned
 from .pruning.component import dense_of
 from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
 
@@ -58,7 +58,7 @@ def __getattr__(name: str):
 __all__ = [
     "add_noise", "as_component", "available_finetuners", "build_builtin", "default_scheduler", "diffusion_evaluator",
     "dsm_training_step", "example_conditioning", "finetune", "Finetuner", "FinetunerOptions", "finetuner_options",
-    "FinetuneResult", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pruned",
+    "FinetuneResult", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pipeline", "load_pruned",
     "masks_to_student", "NoisyBatches", "NonFiniteLossError", "prune_diffusers", "pruned_class", "register_finetuner",
     "Runtime", "sample_directions", "save_pruned", "second_match_loss", "SecondMatchDistiller", "TrainConfig",
 ]

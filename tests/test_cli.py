@@ -73,7 +73,8 @@ def test_a_pipeline_teacher_gives_its_pipeline_with_the_student_in_it(tmp_path):
     assert json.loads((out / "model_index.json").read_text())["unet"] == ["nni_2ndmatch", "PrunedUNet2DModel"]
     assert (out / "scheduler" / "scheduler_config.json").read_bytes() == \
         (tmp_path / "teacher" / "scheduler" / "scheduler_config.json").read_bytes()
-    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)  # diffusers alone
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)  # the class from unet/nni_2ndmatch.py
+    assert type(pipe.unet).__module__.startswith("diffusers_modules")
     student = load_pruned(tmp_path / "run" / "student")
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 700])
     assert torch.equal(pipe.unet(x, t).sample, student(x, t).sample)
@@ -82,7 +83,8 @@ def test_a_pipeline_teacher_gives_its_pipeline_with_the_student_in_it(tmp_path):
     assert images.shape == (1, 8, 8, 1)
     card = (out / "README.md").read_text()  # the model card, with the pipeline's loading code
     assert card.startswith("---\nlibrary_name: diffusers\n") and "a local folder (`teacher`)" in card
-    assert 'DiffusionPipeline.from_pretrained("pipeline", use_safetensors=True)' in card
+    assert 'DiffusionPipeline.from_pretrained("pipeline", trust_remote_code=True)' in card
+    assert 'pipe = load_pipeline("pipeline")' in card
 
 
 @pytest.mark.parametrize("edit, expected", [

@@ -455,7 +455,7 @@ def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_t
     import numpy as np
     from diffusers import DiffusionPipeline, OnnxStableDiffusionPipeline
 
-    from nni_2ndmatch import prune_diffusers
+    from nni_2ndmatch import load_pipeline, prune_diffusers
     from nni_2ndmatch.models.pipelines import write_tiny_sd
     from nni_2ndmatch.pruning.component import save_pipeline
 
@@ -469,7 +469,7 @@ def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_t
                                                                  "tokenizer", "scheduler", "model_index.json"}
     report = json.loads((tmp_path / "onnx" / "export.json").read_text())
     assert all(part["parity"]["passed"] and part["parity"]["max_rel_error"] < 1e-4 for part in report["parts"].values())
-    torch_pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline", use_safetensors=True)
+    torch_pipe = load_pipeline(tmp_path / "pipeline")
     onnx_pipe = OnnxStableDiffusionPipeline.from_pretrained(tmp_path / "onnx")
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     prompts = ["a handwritten digit 3", "a handwritten digit 7"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import BUILDERS
 
-from nni_2ndmatch import load_pruned, prune_diffusers, save_pruned
+from nni_2ndmatch import load_pruned, prune_diffusers, pruned_class, save_pruned
 from nni_2ndmatch.config import ConfigError, validate_config
 from nni_2ndmatch.models import default_example_inputs
 from nni_2ndmatch.models.builtin import ddpm_cifar10, tiny_unet
@@ -46,7 +46,7 @@ def test_each_family_gets_a_smaller_working_student_and_the_teacher_is_untouched
 
     save_pruned(student, tmp_path / "student")
     assert sorted(p.name for p in (tmp_path / "student").iterdir()) == \
-        ["config.json", "diffusion_pytorch_model.safetensors"]
+        ["config.json", "diffusion_pytorch_model.safetensors", "nni_2ndmatch.py"]
     loaded = load_pruned(tmp_path / "student")
     for (k, a), b in zip(student.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
@@ -93,6 +93,90 @@ def test_a_pipeline_with_a_pruned_student_loads_and_samples_with_diffusers_alone
     assert torch.equal(pipe.unet(x, t).sample, student(x, t).sample)
     images = pipe(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 8, 8, 1) and ((0 <= images) & (images <= 1)).all()
+
+
+PORTABLE_LOAD = """
+import sys
+sys.modules["nni_2ndmatch"] = None  # the package cannot be imported here
+import torch
+from diffusers import AutoModel, DiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+out, inputs = {}, load_file(sys.argv[1] + "/inputs.safetensors")
+for kind in sys.argv[2:]:
+    model = AutoModel.from_pretrained(sys.argv[1] + "/" + kind, trust_remote_code=True)
+    assert type(model).__module__.endswith("nni_2ndmatch"), type(model).__module__
+    x = {k.split("/")[1]: v for k, v in inputs.items() if k.startswith(kind + "/")}
+    out[kind] = model(**x).sample
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1] + "/pipeline", trust_remote_code=True)
+out["images"] = torch.from_numpy(pipe(num_inference_steps=3, output_type="np",
+                                      generator=torch.Generator().manual_seed(0)).images)
+save_file(out, sys.argv[1] + "/outputs.safetensors")
+"""
+
+
+def test_students_and_a_pipeline_load_and_sample_with_diffusers_alone_where_the_package_is_missing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from safetensors.torch import load_file, save_file
+
+    from nni_2ndmatch import load_pipeline
+    from nni_2ndmatch.pruning import save_pipeline
+
+    students, inputs = {}, {}
+    for kind, builder in BUILDERS.items():
+        teacher = builder().eval()
+        students[kind], _ = _prune(teacher)
+        save_pruned(students[kind], tmp_path / kind)
+        inputs.update({f"{kind}/{k}": v for k, v in default_example_inputs(teacher, 2).items()})
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    DDPMPipeline(unet=BUILDERS["unet2d"]().eval(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "dense")
+    save_pipeline(students["unet2d"], tmp_path / "dense", tmp_path / "pipeline")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    subprocess.run([sys.executable, "-c", PORTABLE_LOAD, str(tmp_path), *BUILDERS], check=True, env=env,
+                   cwd=tmp_path, timeout=300)
+    got = load_file(tmp_path / "outputs.safetensors")
+    for kind, student in students.items():  # the same function as the package's student, bit for bit
+        x = {k.split("/")[1]: v for k, v in inputs.items() if k.startswith(kind + "/")}
+        assert torch.equal(got[kind], student(**x).sample), kind
+    pipe = load_pipeline(tmp_path / "pipeline")  # with the package: the same images
+    assert type(pipe.unet).__module__ == "nni_2ndmatch"
+    images = pipe(num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(got["images"], torch.from_numpy(images), atol=1e-6, rtol=0)  # float32 rounding
+
+
+def test_the_package_never_runs_the_code_file_of_a_model_folder(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from nni_2ndmatch import load_pipeline
+    from nni_2ndmatch.pruning import load_model_folder, save_pipeline
+
+    student, _ = _prune(BUILDERS["unet2d"]().eval())
+    DDPMPipeline(unet=BUILDERS["unet2d"]().eval(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "dense")
+    save_pipeline(student, tmp_path / "dense", tmp_path / "pipeline")
+    marker = tmp_path / "ran"
+    (tmp_path / "pipeline" / "unet" / "nni_2ndmatch.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
+    for model in (load_pipeline(tmp_path / "pipeline").unet, load_model_folder(tmp_path / "pipeline"),
+                  load_pruned(tmp_path / "pipeline" / "unet")):
+        assert torch.equal(model(x, t).sample, student(x, t).sample)
+    assert not marker.exists()
+
+
+def test_a_pruned_structure_that_the_plan_does_not_give_is_a_clear_error(tmp_path):
+    student, _ = _prune(BUILDERS["unet2d"]().eval())
+    save_pruned(student, tmp_path / "s")
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    name, shape = next(iter(config["pruned_structure"]["shapes"].items()))
+    config["pruned_structure"]["shapes"][name] = [shape[0] + 1, *shape[1:]]
+    (tmp_path / "s" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"s/config.json: pruned_structure does not match what pruning_plan gives"):
+        load_pruned(tmp_path / "s")
+    with pytest.raises(ValueError, match=r"PrunedUNet2DModel config: pruned_structure does not match"):
+        pruned_class("UNet2DModel").from_pretrained(tmp_path / "s")  # diffusers' own loader
 
 
 def test_a_damaged_plan_in_a_pruned_class_config_is_a_clear_error(tmp_path):

@@ -154,10 +154,7 @@ def test_a_stable_diffusion_pipeline_in_gives_its_pipeline_out_evaluated_with_fi
     samples; teacher, starting student, a kd baseline and the student sample through the teacher's
     pipeline with the same prompts and seeds, scored with FID and CLIP score from local networks."""
     pytest.importorskip("torchmetrics")
-    from diffusers import DiffusionPipeline
-
-    import nni_2ndmatch  # noqa: F401  (diffusers finds the pruned class among imported libraries)
-    from nni_2ndmatch import load_pruned
+    from nni_2ndmatch import load_pipeline, load_pruned
     from nni_2ndmatch.pipeline import run_job
 
     raw = _config(tmp_path)
@@ -171,7 +168,7 @@ def test_a_stable_diffusion_pipeline_in_gives_its_pipeline_out_evaluated_with_fi
     for part in ("vae", "text_encoder", "tokenizer", "scheduler"):  # the frozen parts are the teacher's, unchanged
         for file in (teacher / part).iterdir():
             assert (out / part / file.name).read_bytes() == file.read_bytes()
-    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    pipe = load_pipeline(out)
     student = load_pruned(tmp_path / "run" / "student")
     x, t, emb = torch.randn(2, 2, 4, 4), torch.tensor([3, 900]), torch.randn(2, 5, 8)
     assert torch.equal(pipe.unet(x, t, encoder_hidden_states=emb).sample, student(x, t, emb).sample)
@@ -279,9 +276,7 @@ def _dit_config(tmp_path, **data):
 @pytest.mark.slow
 def test_a_latent_class_conditional_dit_pipeline_in_gives_its_pipeline_out_and_is_evaluated(tmp_path):
     pytest.importorskip("torchmetrics")
-    from diffusers import DiffusionPipeline
-
-    import nni_2ndmatch  # noqa: F401
+    from nni_2ndmatch import load_pipeline
     from nni_2ndmatch.pipeline import load_teacher, run_job
 
     raw = _dit_config(tmp_path)
@@ -295,7 +290,7 @@ def test_a_latent_class_conditional_dit_pipeline_in_gives_its_pipeline_out_and_i
     out = tmp_path / "run" / summary["pipeline_dir"]
     assert json.loads((out / "model_index.json").read_text())["transformer"] == \
         ["nni_2ndmatch", "PrunedDiTTransformer2DModel"]
-    pipe = DiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    pipe = load_pipeline(out)
     images = pipe(class_labels=[3], num_inference_steps=2, output_type="np", guidance_scale=1.0,
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 8, 8, 3) and np.isfinite(images).all()

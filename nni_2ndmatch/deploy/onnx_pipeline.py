@@ -96,13 +96,13 @@ def export_onnx_pipeline(pipeline: str | os.PathLike, out: str | os.PathLike, *,
     pipeline, its denoiser pruned or dense) as ONNX for ``OnnxStableDiffusionPipeline``. ``fp16``:
     the U-Net in float16 (float32 inputs and output); the text encoder and VAE stay float32.
     Written atomically; returns the report also written to ``out/export.json``."""
-    from diffusers import DiffusionPipeline
+    from ..pruning import load_pipeline
 
     pipeline, out = Path(pipeline), Path(out)
     if not (pipeline / "model_index.json").is_file():
         raise DeployError(f"--pipeline {str(pipeline)!r} is not a pipeline folder (no model_index.json)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(pipeline, use_safetensors=True)
+        pipe = load_pipeline(pipeline)
     except (OSError, ValueError) as e:
         raise DeployError(f"cannot load the pipeline {str(pipeline)!r}: {e}") from None
     needed = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")

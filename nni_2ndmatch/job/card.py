@@ -73,12 +73,17 @@ def model_card(config: Config, summary: RunSummary, pruning: dict[str, Any] | No
         lines += [f"| {row['variant']} | {row['batch']} | {row['speedup']:.2f}x |" for row in latency["rows"]]
         lines.append("")
     folder = PIPELINE_DIR if pipeline else STUDENT_DIR
-    load = ("import nni_2ndmatch  # registers the pruned model class\nfrom diffusers import DiffusionPipeline\n\n"
-            f'pipe = DiffusionPipeline.from_pretrained("{folder}", use_safetensors=True)') if pipeline else \
-        f'from nni_2ndmatch import load_pruned\n\nstudent = load_pruned("{folder}")'
-    lines += ["## How to load", "", "With nni-2ndmatch installed (from its repository):", "", "```python", load,
-              "```", "", "Without nni-2ndmatch this folder does not load yet: the pruned model's class lives in "
-              "the package.", ""]
+    with_package, without = (
+        (f'from nni_2ndmatch import load_pipeline\n\npipe = load_pipeline("{folder}")',
+         f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{folder}", '
+         'trust_remote_code=True)') if pipeline else
+        (f'from nni_2ndmatch import load_pruned\n\nstudent = load_pruned("{folder}")',
+         f'from diffusers import AutoModel\n\nstudent = AutoModel.from_pretrained("{folder}", trust_remote_code=True)'))
+    lines += ["## How to load", "", "With nni-2ndmatch installed (it rebuilds the pruned model from its config and "
+              "runs no code from the folder):", "", "```python", with_package, "```", "",
+              "With diffusers alone: the pruned model's class travels in its folder as `nni_2ndmatch.py` (it "
+              "imports only torch and diffusers), which diffusers runs when asked to:", "", "```python", without,
+              "```", ""]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from .storage import (
     PLAN_FILE,
     is_pruned_folder,
     load_model_folder,
+    load_pipeline,
     load_pruned,
     save_model,
     save_pruned,
@@ -28,7 +29,7 @@ from .surgery import (
 
 __all__ = [
     "OUTPUT_LAYERS", "PLAN_FILE", "apply_plan", "as_component", "calibration_items", "check_plan",
-    "default_example_inputs", "denoising_gradients", "is_pruned_folder", "load_model_folder", "load_pruned",
-    "macs_params", "magnitude_scores", "masks_to_student", "prune_with_scores", "pruned_class", "save_model",
-    "save_pipeline", "save_pruned", "taylor_scorer",
+    "default_example_inputs", "denoising_gradients", "is_pruned_folder", "load_model_folder", "load_pipeline",
+    "load_pruned", "macs_params", "magnitude_scores", "masks_to_student", "prune_with_scores", "pruned_class",
+    "save_model", "save_pipeline", "save_pruned", "taylor_scorer",
 ]

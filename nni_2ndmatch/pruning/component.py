@@ -1,18 +1,21 @@
 """Pruned students as diffusers model classes: ``PrunedUNet2DModel``, ``PrunedUNet2DConditionModel``
 and ``PrunedDiTTransformer2DModel``.
 
-Each subclasses its dense diffusers class and adds one config entry, ``pruning_plan`` (the
-channels each group keeps, see pruning.plan). Its constructor builds the dense layout from
-the config and applies the plan, so diffusers' own ``from_pretrained`` (also as a pipeline
-component, listed in model_index.json as ``["nni_2ndmatch", "PrunedUNet2DModel"]``) rebuilds the
-pruned architecture and loads its safetensors weights; ``save_pretrained`` writes config and
-weights like any diffusers model. Nothing but JSON and safetensors is read.
+Each subclasses its dense diffusers class and adds two config entries: ``pruning_plan`` (the
+channels each group keeps, see pruning.plan) and ``pruned_structure`` (the attributes and tensor
+shapes the plan changes, see portable.py). Its constructor builds the dense layout from the config,
+applies the plan and checks the result against the structure, so diffusers' own
+``from_pretrained`` rebuilds the pruned architecture and loads its safetensors weights;
+``save_pretrained`` writes config and weights like any diffusers model. Nothing but JSON and
+safetensors is read. The folders written here also carry portable.py as ``nni_2ndmatch.py``, the
+class for diffusers alone (``trust_remote_code=True``); this package never runs it from a folder.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,9 +27,12 @@ from ..compat import registered_config, restore_registered_config, retype
 from ..files import atomic_dir, atomic_write_json, read_json_object
 from ..models import SUPPORTED_CLASSES, diffusers_class_name, pipeline_denoiser
 from ..models.pipelines import PIPELINE_INDEX
+from . import portable
 from .plan import apply_checked_plan, check_plan
+from .portable import PLAN_KEY, STRUCTURE_KEY
 
 PREFIX = "Pruned"
+CODE_FILE = "nni_2ndmatch.py"  # model_index.json's library name + ".py": where diffusers looks for a component's code
 
 
 def dense_of(class_name: str) -> str | None:
@@ -35,7 +41,41 @@ def dense_of(class_name: str) -> str | None:
     return dense if class_name.startswith(PREFIX) and dense in SUPPORTED_CLASSES else None
 
 
-def _init(self, pruning_plan: dict[str, Any] | None = None, **config: Any) -> None:
+def _simple(value: Any) -> bool:
+    """A module attribute that the structure records: a number, string, None, or a tuple/list of them."""
+    if isinstance(value, (tuple, list)):
+        return all(_simple(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _attributes(module: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and _simple(v)}
+
+
+def pruned_structure(model: nn.Module) -> dict[str, Any]:
+    """What the pruned ``model`` changes in the dense model its config describes (built on the meta
+    device): the module attributes and the tensor shapes that differ. JSON; portable.py applies it."""
+    import diffusers
+    import torch
+
+    config = {k: v for k, v in model.config.items() if not k.startswith("_") and k not in (PLAN_KEY, STRUCTURE_KEY)}
+    with torch.device("meta"):
+        dense = getattr(diffusers, diffusers_class_name(model)).from_config(config)
+    ours, dense_modules = dict(model.named_modules()), dict(dense.named_modules())
+    attributes = {}
+    for name, module in ours.items():
+        new, old = _attributes(module), _attributes(dense_modules[name])
+        changed = {k: list(v) if isinstance(v, tuple) else v for k, v in new.items() if k not in old or old[k] != v}
+        if changed:
+            attributes[name] = changed
+    dense_shapes = {n: t.shape for n, t in [*dense.named_parameters(), *dense.named_buffers()]}
+    shapes = {n: list(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]
+              if t.shape != dense_shapes[n]}
+    return {"attributes": attributes, "shapes": shapes}
+
+
+def _init(self, pruning_plan: dict[str, Any] | None = None, pruned_structure: dict[str, Any] | None = None,
+          auto_map: Any = None, **config: Any) -> None:
     type(self).__mro__[1].__init__(self, **config)  # the dense class: registers the dense config
     if pruning_plan is not None:
         where = f"{type(self).__name__} config: pruning_plan"
@@ -43,12 +83,27 @@ def _init(self, pruning_plan: dict[str, Any] | None = None, **config: Any) -> No
         apply_checked_plan(self, pruning_plan, where)
     self.register_to_config(pruning_plan=pruning_plan)
     self.pruning_plan = pruning_plan
+    # (auto_map is diffusers' pointer to the folder's code file, written again on save from _auto_class)
+    check_structure(self, pruned_structure, f"{type(self).__name__} config")
+
+
+def _structure(model: nn.Module) -> dict[str, Any]:
+    """The structure as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(pruned_structure(model)))
+
+
+def check_structure(model: nn.Module, stored: Any, where: str) -> None:
+    """A stored ``pruned_structure`` (None: a folder written before it existed) is the one the
+    model, cut down by its plan, has; else a ValueError naming ``where``."""
+    if stored is not None and stored != _structure(model):
+        raise ValueError(f"{where}: {STRUCTURE_KEY} does not match what pruning_plan gives; the config was edited "
+                         "or damaged")
 
 
 def _init_keys(input_class: type) -> set[str]:
     if dense_of(input_class.__name__):
         dense = input_class.__mro__[1]
-        return set(inspect.signature(dense.__init__).parameters) | {"pruning_plan"}
+        return set(inspect.signature(dense.__init__).parameters) | {PLAN_KEY, STRUCTURE_KEY, "auto_map"}
     return set(inspect.signature(input_class.__init__).parameters)
 
 
@@ -73,7 +128,7 @@ def pruned_class(dense_name: str) -> type:
     name = PREFIX + dense_name
     cls = type(name, (dense,), {
         "__init__": _init, "_get_init_keys": staticmethod(_init_keys),
-        "from_pretrained": classmethod(_from_pretrained), "__module__": "nni_2ndmatch",
+        "from_pretrained": classmethod(_from_pretrained), "__module__": "nni_2ndmatch", "_auto_class": "AutoModel",
         "__doc__": f"A pruned {dense_name}: its dense config plus ``pruning_plan`` (see {__name__})."})
     return cls
 
@@ -85,14 +140,14 @@ def as_component(student: nn.Module) -> nn.Module:
     if plan is None:
         raise ValueError("the model has no pruning_plan: it is not a pruned student")
     retype(student, pruned_class(diffusers_class_name(student)))
-    student.register_to_config(pruning_plan=plan)
+    student.register_to_config(pruning_plan=plan, pruned_structure=_structure(student))
     return student
 
 
 def save_as_component(student: nn.Module, folder: str | os.PathLike) -> type:
     """``save_pretrained`` (safetensors) of ``student`` into ``folder``: a pruned student as its
-    pruned class (the plan in its config), another model as itself. ``student`` keeps its class
-    and config. Returns the class written."""
+    pruned class (the plan and the structure in its config, portable.py beside it as CODE_FILE),
+    another model as itself. ``student`` keeps its class and config. Returns the class written."""
     if getattr(student, "pruning_plan", None) is None:
         student.save_pretrained(folder, safe_serialization=True)
         return type(student)
@@ -100,6 +155,7 @@ def save_as_component(student: nn.Module, folder: str | os.PathLike) -> type:
     try:
         component = as_component(student)
         component.save_pretrained(folder, safe_serialization=True)
+        shutil.copyfile(portable.__file__, Path(folder) / CODE_FILE)
         return type(component)
     finally:
         retype(student, own_class)

@@ -21,9 +21,11 @@ from ..models import (
     pipeline_denoiser,
     save_diffusers_model,
 )
+from ..models.pipelines import DENOISERS, pipeline_components
 from ..utils import json_kind
-from .component import PREFIX, as_component, dense_of, save_as_component
+from .component import PREFIX, as_component, check_structure, dense_of, save_as_component
 from .plan import apply_checked_plan, check_plan
+from .portable import PLAN_KEY, STRUCTURE_KEY
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "diffusion_pytorch_model.safetensors"
 LEGACY_WEIGHTS_FILE, PLAN_FILE = "model.safetensors", "pruning_plan.json"  # the earlier format
@@ -106,11 +108,25 @@ def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None
     check_plan(plan, plan_source)
     import diffusers
 
-    dense_config = {k: v for k, v in config.items() if not k.startswith("_") and k != "pruning_plan"}
+    dense_config = {k: v for k, v in config.items()
+                    if not k.startswith("_") and k not in (PLAN_KEY, STRUCTURE_KEY, "auto_map")}
     model = getattr(diffusers, dense).from_config(dense_config).eval()
     apply_checked_plan(model, plan, plan_source, example_inputs)
     _load_weights(model, folder / (LEGACY_WEIGHTS_FILE if legacy else WEIGHTS_FILE), plan_source)
+    check_structure(model, config.get(STRUCTURE_KEY), str(folder / CONFIG_FILE))
     return as_component(model)
+
+
+def load_pipeline(folder: str | os.PathLike, **kwargs: Any) -> Any:
+    """A pipeline folder through diffusers' ``DiffusionPipeline.from_pretrained`` (safetensors), its
+    pruned denoiser rebuilt by this package from the config and the weights, so the code file in
+    its folder never runs and ``trust_remote_code`` is not needed. ``kwargs`` go to ``from_pretrained``."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(folder)
+    pruned = {name: load_pruned(folder / name) for name in pipeline_components(folder)
+              if name in DENOISERS and is_pruned_folder(folder / name)}
+    return DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **pruned, **kwargs)
 
 
 def save_model(model: nn.Module, folder: Path) -> None:
