@@ -1,15 +1,6 @@
 """nni-2ndmatch: second-order Jacobian matching (2ndMatch) for finetuning pruned diffusion models.
 
-Layers, lowest first (each imports only from those below it):
-    files, utils, errors     atomic writes and safetensors; small helpers; the error hierarchy
-    method/                  loss terms, Jacobian estimators, precision, noise schedule (no NNI)
-    data, models/            datasets; built-in architectures, digits assets, loading
-    finetuners               the strategies (dsm, kd, 2ndmatch) and their registry
-    pruning/                 surgery, torch-pruning importances, the save format
-    training/                the finetuning loop, runtimes, checkpoints
-    nni/                     pruners by name and the NNI distiller (the only place NNI is used)
-    evaluation, deploy/      sampling and metrics; ONNX, TensorRT, latency
-    config, pipeline, report, cli
+Its layers, each importing only from those below it, are drawn once, in docs/development.md.
 """
 
 from .finetuners import (

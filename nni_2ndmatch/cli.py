@@ -16,7 +16,7 @@ from . import __version__
 from .config import load_config
 from .errors import ERRORS, ConfigError, report
 from .finetuners import available_finetuners
-from .pipeline import run_job, summary_text
+from .job.run import run_job, summary_text
 from .training import CHECKPOINT_DIR
 
 

@@ -15,3 +15,8 @@ CACHE_DIR = "cache"  # a latent pipeline's encoded data (and a parquet source's 
 REPORT_DIR = "report"  # REPORT_FILE, RESULTS_FILE, the PNGs, BASELINES_DIR
 REPORT_FILE, RESULTS_FILE = "report.md", "results.json"
 BASELINES_DIR = "baselines"
+ONNX_DIR = "onnx"  # the run's export: teacher.onnx, student.onnx
+
+#: What a folder holds once a run has started in it: with any of them present, a new run must be
+#: told to resume or to overwrite (and an overwrite removes them).
+RUN_MARKERS = (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE)

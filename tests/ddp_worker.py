@@ -27,7 +27,7 @@ import nni_2ndmatch.training.checkpoints as checkpoints_module  # noqa: E402
 import nni_2ndmatch.training.loop as loop_module  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
-from nni_2ndmatch.pipeline import make_runtime  # noqa: E402
+from nni_2ndmatch.job.inputs import make_runtime  # noqa: E402
 
 
 def fixed_directions(like, generator=None):

@@ -26,7 +26,7 @@ def test_each_example_runs_prune_then_finetune_for_two_steps(example, tmp_path):
     """Every example config, as shipped, with only its length and output folder changed."""
     from nni_2ndmatch import load_pruned
     from nni_2ndmatch.config import validate_config
-    from nni_2ndmatch.pipeline import run_job
+    from nni_2ndmatch.job.run import run_job
 
     raw = yaml.safe_load((ROOT / "examples" / example).read_text())
     raw["finetune"].update(steps=2, batch_size=4, checkpoint_every=2, log_every=1)
@@ -65,7 +65,7 @@ def test_a_pipeline_teacher_gives_its_pipeline_with_the_student_in_it(tmp_path):
     from diffusers import DiffusionPipeline
 
     from nni_2ndmatch import load_pruned
-    from nni_2ndmatch.pipeline import run_job
+    from nni_2ndmatch.job.run import run_job
 
     raw = _ddpm_pipeline(tmp_path / "teacher")
     summary = run_job(validate_config(raw), "run", progress=False)

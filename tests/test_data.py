@@ -77,7 +77,7 @@ def _sd_config(tmp_path, data, **finetune):
 
 def _data(config):
     from nni_2ndmatch.job.data import open_data, plan_data
-    from nni_2ndmatch.pipeline import load_teacher
+    from nni_2ndmatch.job.inputs import load_teacher
     from nni_2ndmatch.training import Runtime
 
     teacher, parts = load_teacher(config.model.teacher, config.data.resolution)

@@ -173,7 +173,7 @@ def test_batch_size_must_split_evenly():
 ])
 def test_accelerate_settings_that_bypass_the_config_are_refused(monkeypatch, var, value, expected):
     from nni_2ndmatch.errors import UserError
-    from nni_2ndmatch.pipeline import make_runtime
+    from nni_2ndmatch.job.inputs import make_runtime
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv(var, value)

@@ -438,7 +438,7 @@ def test_kd_perturb_pays_what_the_vector_noise_variant_adds():
 
 def test_a_config_sections_options_are_validated_once_and_taken_as_they_are(tmp_path):
     from nni_2ndmatch.config import validate_config
-    from nni_2ndmatch.pipeline import make_finetuner
+    from nni_2ndmatch.job.finetune import make_finetuner
 
     config = validate_config({"model": {"teacher": {"builtin": "tiny-unet"}}, "pruning": {"pruner": "magnitude"},
                               "finetune": {"finetuner": "2ndmatch", "jac_every": 4, "lambda_jac": 0.5},

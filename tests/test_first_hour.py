@@ -120,11 +120,11 @@ def test_threads_from_the_config_and_the_command_line(tmp_path, monkeypatch):
     for bad in (0, "many"):
         with pytest.raises(ValueError, match="threads"):
             validate_config({**raw, "threads": bad})
-    from nni_2ndmatch import pipeline
+    from nni_2ndmatch.job import run
 
-    before, seen, prune = torch.get_num_threads(), [], pipeline.run_prune
-    monkeypatch.setattr(pipeline, "run_prune", lambda *a, **k: seen.append(torch.get_num_threads()) or prune(*a, **k))
-    pipeline.run_job(validate_config({**raw, "threads": 1}), "prune", progress=False)
+    before, seen, prune = torch.get_num_threads(), [], run.run_prune
+    monkeypatch.setattr(run, "run_prune", lambda *a, **k: seen.append(torch.get_num_threads()) or prune(*a, **k))
+    run.run_job(validate_config({**raw, "threads": 1}), "prune", progress=False)
     assert seen == [1] and torch.get_num_threads() == before  # the job's threads, then the caller's again
     r = cli_here("prune", write_config(tmp_path, name="t.yaml"), "--threads", "0", "--overwrite")
     assert r.returncode == 2 and "--threads: value 0 is not allowed" in r.stderr
@@ -181,7 +181,7 @@ def test_a_student_the_config_names_is_checked_before_output_dir_is_touched(tmp_
 
 def test_resume_allows_what_keeps_the_weights_and_refuses_a_schedule_change(tmp_path):
     from nni_2ndmatch.errors import UserError
-    from nni_2ndmatch.pipeline import write_config as write_run_config
+    from nni_2ndmatch.job.output import write_config as write_run_config
 
     raw = yaml.safe_load(write_config(tmp_path).read_text())
     (tmp_path / "run").mkdir()

@@ -26,7 +26,7 @@ LAYERS = [
     ("training",),
     ("nni",),
     ("evaluation", "deploy"),
-    ("config", "pipeline", "report", "cli", "job"),
+    ("config", "cli", "job"),
 ]
 
 

@@ -29,7 +29,7 @@ def test_there_is_a_recipe_per_setting_of_the_paper_and_each_is_valid():
 def test_each_recipe_runs_two_steps_on_tiny_models_of_its_families(recipe, tmp_path):
     from diffusers import UNet2DModel
 
-    from nni_2ndmatch.pipeline import run_job
+    from nni_2ndmatch.job.run import run_job
 
     raw = yaml.safe_load((ROOT / "examples" / "paper" / recipe).read_text())
     if "student" in raw["model"]:  # Stable Diffusion with a given UNet2DConditionModel student

@@ -88,14 +88,14 @@ def test_too_little_disk_space_is_refused_before_training_with_an_estimate_that_
 
     from nni_2ndmatch.config import load_config
     from nni_2ndmatch.errors import UserError
-    from nni_2ndmatch.pipeline import run_job
+    from nni_2ndmatch.job.run import run_job
 
     teacher = build_builtin("tiny-unet")
     student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
     save_pruned(student, tmp_path / "student")
     config = load_config(_config(tmp_path, "run", tmp_path / "student"))
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr("nni_2ndmatch.pipeline.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr("nni_2ndmatch.job.finetune.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(UserError, match=r"output_dir .*: 0.0 MiB free on its disk, but this finetune needs about"
                                         r" [\d.]+ MiB") as refused:
         run_job(config, "finetune", progress=False)

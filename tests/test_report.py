@@ -10,7 +10,7 @@ import torch
 
 from nni_2ndmatch import get_finetuner
 from nni_2ndmatch.config import ConfigError, validate_config
-from nni_2ndmatch.report import shift_headings, weighted_loss_series
+from nni_2ndmatch.job.report import shift_headings, weighted_loss_series
 
 
 def small_config(compare, finetuner="2ndmatch"):
@@ -75,7 +75,8 @@ def _differs(a, b):
 def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp_path):
     from nni_2ndmatch import finetune, get_finetuner, load_pruned
     from nni_2ndmatch.data import DigitsDataset
-    from nni_2ndmatch.pipeline import load_configured_model, run_job
+    from nni_2ndmatch.job.inputs import load_configured_model
+    from nni_2ndmatch.job.run import run_job
     from nni_2ndmatch.scoped import torch_threads
 
     raw = {"model": {"teacher": {"builtin": "digits-teacher"}}, "data": {"builtin": "digits", "resolution": 8},
@@ -125,7 +126,7 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
 def test_model_sizes_are_two_panels_with_each_models_size_and_the_ratio(tmp_path):
     from PIL import Image
 
-    from nni_2ndmatch.report import model_sizes_figure, save_model_sizes
+    from nni_2ndmatch.job.report import model_sizes_figure, save_model_sizes
 
     models = {"teacher": {"macs": 16.2e6, "params": 1.1e6}, "student": {"macs": 4.3e6, "params": 0.3e6}}
     fig = model_sizes_figure(models)
@@ -141,7 +142,7 @@ def test_model_sizes_are_two_panels_with_each_models_size_and_the_ratio(tmp_path
 
 
 def test_report_embeds_the_latency_document_as_an_h2_section(tmp_path):
-    from nni_2ndmatch.report import write_report
+    from nni_2ndmatch.job.report import write_report
 
     latency = {"markdown": "# Latency: dense teacher vs pruned student\n\n| a | b |\n", "rows": []}
     text = write_report(tmp_path, {"latency": latency}).read_text()
@@ -156,7 +157,7 @@ def test_fid_with_a_local_feature_network_is_reported_for_pixel_space_models_too
     from tiny_models import tiny_feature_onnx
 
     from nni_2ndmatch.config import validate_config
-    from nni_2ndmatch.pipeline import run_job
+    from nni_2ndmatch.job.run import run_job
 
     tiny_feature_onnx(tmp_path / "features.onnx")
     raw = {"version": 1, "model": {"teacher": {"builtin": "tiny-unet"}}, "data": {"builtin": "digits", "resolution": 8},

@@ -43,7 +43,7 @@ def test_latents_and_caption_embeddings_are_the_encoders_outputs_and_are_cached(
     from PIL import Image
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from nni_2ndmatch.pipeline import load_teacher
+    from nni_2ndmatch.job.inputs import load_teacher
 
     config = validate_config(_config(tmp_path))
     teacher, parts = load_teacher(config.model.teacher, 8)
@@ -72,7 +72,7 @@ def test_latents_and_caption_embeddings_are_the_encoders_outputs_and_are_cached(
 
 
 def test_caption_dropout_swaps_in_the_empty_prompt_and_the_loop_uses_it(tmp_path):
-    from nni_2ndmatch.pipeline import load_teacher
+    from nni_2ndmatch.job.inputs import load_teacher
 
     raw = _config(tmp_path)
     raw["data"]["caption_dropout"] = 0.5
@@ -132,7 +132,7 @@ def test_a_v_prediction_pipeline_trains_on_its_own_schedule_and_records_it(tmp_p
     """The same pipeline but for its prediction type, one step each: the summary records the
     schedule, and the trained students differ (the targets are velocities, not noise)."""
     from nni_2ndmatch import load_pruned
-    from nni_2ndmatch.pipeline import run_job
+    from nni_2ndmatch.job.run import run_job
 
     students = {}
     for prediction in ("epsilon", "v_prediction"):
@@ -155,7 +155,7 @@ def test_a_stable_diffusion_pipeline_in_gives_its_pipeline_out_evaluated_with_fi
     pipeline with the same prompts and seeds, scored with FID and CLIP score from local networks."""
     pytest.importorskip("torchmetrics")
     from nni_2ndmatch import load_pipeline, load_pruned
-    from nni_2ndmatch.pipeline import run_job
+    from nni_2ndmatch.job.run import run_job
 
     raw = _config(tmp_path)
     tiny_feature_onnx(tmp_path / "features.onnx")
@@ -277,7 +277,8 @@ def _dit_config(tmp_path, **data):
 def test_a_latent_class_conditional_dit_pipeline_in_gives_its_pipeline_out_and_is_evaluated(tmp_path):
     pytest.importorskip("torchmetrics")
     from nni_2ndmatch import load_pipeline
-    from nni_2ndmatch.pipeline import load_teacher, run_job
+    from nni_2ndmatch.job.inputs import load_teacher
+    from nni_2ndmatch.job.run import run_job
 
     raw = _dit_config(tmp_path)
     config = validate_config(raw)
@@ -320,7 +321,7 @@ def test_class_labels_a_dit_pipeline_cannot_use_are_clear_errors(metadata, expec
 def test_a_resume_after_the_data_changed_is_refused(tmp_path):
     from PIL import Image
 
-    from nni_2ndmatch.pipeline import run_job
+    from nni_2ndmatch.job.run import run_job
 
     raw = _config(tmp_path, finetuner="kd")
     run_job(validate_config(raw), "run", progress=False)

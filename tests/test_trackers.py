@@ -84,7 +84,7 @@ def test_validation_grids_of_the_ema_student_leave_training_as_it_was(tmp_path):
     from nni_2ndmatch import load_pruned
     from nni_2ndmatch.data import DigitsDataset
     from nni_2ndmatch.job.evaluate import Evaluator
-    from nni_2ndmatch.report import save_grid
+    from nni_2ndmatch.job.report import save_grid
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()

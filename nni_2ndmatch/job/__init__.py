@@ -1,2 +1,3 @@
-"""The stages of a job that ``pipeline`` runs beside pruning and finetuning: the data, the evaluation (with the
-baselines) and the export, and the typed results they hand to the report."""
+"""The job behind the command line, callable from Python (``job.run.run_job``): its inputs, the output
+folder, the prune and finetune stages, the data, the evaluation (with the baselines), the export, the
+report and the model cards."""

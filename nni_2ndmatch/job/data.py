@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -34,9 +33,9 @@ from ..data.encoded import (
     start_cache,
 )
 from ..errors import RunError, UserError, user_errors
-from ..layout import CACHE_DIR
 from ..models import PipelineParts, conditioning_of
 from ..training import Runtime
+from .output import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -195,10 +194,11 @@ def _plan_latent(config: Config, teacher: nn.Module, parts: PipelineParts, chann
 
 def check_resume(config: Config, plan: DataPlan) -> None:
     """``--resume`` trains on the data the run started with: an encoded cache of other data is refused."""
-    stored = cached_plan(Path(config.output_dir) / CACHE_DIR)
+    cache = RunFolder.of(config).cache
+    stored = cached_plan(cache)
     if plan.cache is not None and stored is not None and stored.fingerprint != plan.cache.fingerprint:
         raise UserError(f"--resume: the data or the pipeline's encoders changed since the run started (they no "
-                        f"longer match {Path(config.output_dir) / CACHE_DIR}); resume with the run's data, or start "
+                        f"longer match {cache}); resume with the run's data, or start "
                         "a new run (another output_dir, or --overwrite without --resume)")
 
 
@@ -206,7 +206,7 @@ def open_data(config: Config, plan: DataPlan, parts: PipelineParts | None, runti
               progress: bool = True) -> TrainingData:
     """What the run trains on: the images (parquet copied to a mapped Arrow file first), or the
     encoded cache, its missing shards encoded now by every process, each its share."""
-    root = Path(config.output_dir) / CACHE_DIR
+    root = RunFolder.of(config).cache
     source = plan.source
     if plan.cache is None:
         if isinstance(source, TableDataset):  # random access needs mapped Arrow: the main process writes it

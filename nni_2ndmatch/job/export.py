@@ -4,27 +4,28 @@ the backends of the config's ``export`` section. Returns :class:`Latency`; the r
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from torch import nn
 
 from ..config import ExportSection
 from ..deploy import export_onnx
 from ..deploy.bench import run_benchmark
+from .output import RunFolder
 from .results import Latency
 
 logger = logging.getLogger(__name__)
 
 
-def export_and_benchmark(section: ExportSection, out: Path, teacher: nn.Module, student: nn.Module) -> Latency:
-    """ONNX files of teacher and student under out/onnx, and their latency on the CPU."""
+def export_and_benchmark(section: ExportSection, out: RunFolder, teacher: nn.Module, student: nn.Module) -> Latency:
+    """ONNX files of teacher and student in ``out.onnx``, and their latency on the CPU."""
     onnx = {}
     for role, model in (("teacher", teacher), ("student", student)):
         logger.info("exporting the %s to ONNX (opset %d)", role, section.opset)
-        report = export_onnx(model.eval(), out / "onnx" / f"{role}.onnx", opset=section.opset)
-        onnx[role] = {"file": f"onnx/{role}.onnx", "max_rel_error": report["parity"]["max_rel_error"]}
+        file = out.onnx / f"{role}.onnx"
+        report = export_onnx(model.eval(), file, opset=section.opset)
+        onnx[role] = {"file": file.relative_to(out.root).as_posix(), "max_rel_error": report["parity"]["max_rel_error"]}
     logger.info("benchmarking teacher vs student on %s, batch %s", ", ".join(section.backends), section.batch)
     bench = run_benchmark(teacher, student, backends=section.backends, batches=section.batch, device="cpu",
                           threads=section.threads, repeats=section.repeats,
-                          onnx_files={role: out / info["file"] for role, info in onnx.items()})
+                          onnx_files={role: out.root / info["file"] for role, info in onnx.items()})
     return Latency(onnx=onnx, bench=bench)

@@ -10,17 +10,17 @@ from typing import Any
 from torch import nn
 
 from ..config import Config, EvaluateSection
-from ..layout import SAMPLES_DIR
 from ..models import PipelineParts
-from ..report import save_grid
 from ..training import Validation
 from .data import TrainingData
 from .evaluate import Evaluator, PipelineEvaluator, Scores
+from .report import save_grid
 
 
-def make_validation(config: Config, out: Path, teacher: nn.Module, data: TrainingData, parts: PipelineParts | None,
+def make_validation(config: Config, folder: Path, teacher: nn.Module, data: TrainingData, parts: PipelineParts | None,
                     trackers: Any = None) -> Validation | None:
-    """The loop's validation as the finetune section asks, or None when ``validation_every`` is 0.
+    """The loop's validation as the finetune section asks, its grids in ``folder``, or None when
+    ``validation_every`` is 0.
     Conditions: ``validation_prompts`` (else the data's first captions) for a text-to-image
     pipeline, the data's first labels for a class-conditional model."""
     section = config.finetune
@@ -34,7 +34,6 @@ def make_validation(config: Config, out: Path, teacher: nn.Module, data: Trainin
                                             prompts=section.validation_prompts)
     else:
         sampler = Evaluator(teacher, data.dataset, samples=n, ddim_steps=e.ddim_steps, seed=e.seed, digits=None)
-    folder = out / SAMPLES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "teacher.png").is_file():
         save_grid(sampler.teacher_samples, folder / "teacher.png", columns=min(n, 8))

@@ -30,7 +30,7 @@ from ..data import StepBatches, batch_loader, collate
 from ..errors import NonFiniteLossError
 from ..files import atomic_write_text, load_tensors
 from ..finetuners import Finetuner
-from ..layout import CHECKPOINT_DIR, CHECKPOINT_META, CHECKPOINT_TENSORS, METRICS_FILE
+from ..layout import CHECKPOINT_DIR, CHECKPOINT_META, CHECKPOINT_TENSORS, METRICS_FILE, RUN_MARKERS
 from ..method import checkpoint_as_forward, sample_timesteps
 from ..utils import requires_grad
 from .checkpoints import Checkpoints
@@ -193,7 +193,7 @@ def _output_dir(output_dir: str | os.PathLike | None, config: TrainConfig, resum
     if output_dir is None:
         return None, None, []
     out = Path(output_dir)
-    old = [p for p in (out / CHECKPOINT_DIR, out / METRICS_FILE) if p.exists()] if not resume else []
+    old = [out / name for name in RUN_MARKERS if (out / name).exists()] if not resume else []
     if old and not overwrite:
         raise FileExistsError(f"output_dir {str(out)!r} already holds a run ({', '.join(p.name for p in old)}); "
                               "pass resume=True to continue it or overwrite=True to replace it")
