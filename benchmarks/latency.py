@@ -21,7 +21,7 @@ import logging
 import warnings
 
 from nni_2ndmatch import prune_diffusers
-from nni_2ndmatch.deploy.bench import render_markdown, run_benchmark, write_reports
+from nni_2ndmatch.deploy.bench import Setup, render_markdown, run_benchmark, write_reports
 from nni_2ndmatch.models import build_builtin, default_example_inputs
 
 TARGET = 0.9
@@ -33,9 +33,10 @@ def main(args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore")  # the coarse-ratio warning: the achieved ratios are in the results
         student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher),
                                      round_to=args.round_to)
+    setup = Setup(backends=args.backends.split(","), batches=[int(b) for b in args.batches.split(",")],
+                  device=args.device, threads=args.threads, repeats=args.repeats, warmup=args.warmup)
     results = run_benchmark(
-        teacher, student, backends=args.backends.split(","), batches=[int(b) for b in args.batches.split(",")],
-        device=args.device, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
+        teacher, student, setup,
         teacher_info={"source": "build_builtin('ddpm-cifar10'), seed 0", "kind": "builtin", "class": "UNet2DModel"},
         student_info={"source": f"prune_diffusers(teacher, 'magnitude', 0.3), round_to={args.round_to}",
                       "kind": "pruned",

@@ -38,15 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy import load_model
-    from nni_2ndmatch.deploy.bench import render_markdown, run_benchmark, write_reports
+    from nni_2ndmatch.deploy.bench import Setup, render_markdown, run_benchmark, write_reports
 
     teacher, teacher_info = load_model(args.teacher)
     student, student_info = load_model(args.student)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    results = run_benchmark(teacher, student, backends=backends, batches=args.batch, device=args.device,
-                            threads=args.threads, repeats=args.repeats, warmup=args.warmup,
-                            trt_precision=args.trt_precision, seq_len=args.seq_len, exporter=args.exporter,
-                            teacher_info=teacher_info, student_info=student_info)
+    setup = Setup(backends=backends, batches=args.batch, device=args.device, threads=args.threads,
+                  repeats=args.repeats, warmup=args.warmup, trt_precision=args.trt_precision, seq_len=args.seq_len,
+                  exporter=args.exporter)
+    results = run_benchmark(teacher, student, setup, teacher_info=teacher_info, student_info=student_info)
     print(render_markdown(results))
     print("wrote " + ", ".join(map(str, write_reports(results, args.out))))
     return 0

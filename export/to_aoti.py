@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy import export_aoti, load_model
-    from nni_2ndmatch.deploy.onnx_export import sidecar_path
+    from nni_2ndmatch.deploy.artefact import sidecar_path
 
     model, info = load_model(args.model)
     report = export_aoti(model, args.out, device=args.device, batches=args.batch, fp16=args.fp16,

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy import export_onnx, load_model
-    from nni_2ndmatch.deploy.onnx_export import sidecar_path
+    from nni_2ndmatch.deploy.artefact import sidecar_path
 
     if args.pipeline:
         from nni_2ndmatch.deploy.onnx_pipeline import export_onnx_pipeline

@@ -260,7 +260,7 @@ class ExportSection(_Section):
     @field_validator("backends")
     @classmethod
     def _cpu_backends(cls, backends: list[str]) -> list[str]:
-        from .deploy.bench import backends_on
+        from .deploy.bench.variants import backends_on
 
         allowed = backends_on("cpu")
         for name in backends:

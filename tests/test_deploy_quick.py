@@ -85,9 +85,10 @@ def test_variants_come_from_one_registry_and_a_missing_provider_is_a_reason(monk
     from nni_2ndmatch.deploy import bench
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    variants, skipped = bench._variants(["onnxruntime", "torch"], "cuda", tmp_path, threads=1, seq_len=5,
-                                        trt_precision="fp16", batches=[1])
-    assert [v.name for v in variants] == ["torch-cuda-fp32", "torch-cuda-fp16-cudagraph", "onnxruntime-cuda",
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    variants, skipped = bench.select(bench.Setup(backends=["onnxruntime", "torch"], batches=[1], device="cuda",
+                                                 seq_len=5).on("cuda", tmp_path))
+    assert [v.name for v, _ in variants] == ["torch-cuda-fp32", "torch-cuda-fp16-cudagraph", "onnxruntime-cuda",
                                           "onnxruntime-cuda-fp16"]
     assert [s["variant"] for s in skipped] == ["onnxruntime-tensorrt"]
     assert "install onnxruntime-gpu" in skipped[0]["reason"]
@@ -101,15 +102,17 @@ def test_the_fp16_onnxruntime_variant_runs_the_fp16_export_in_a_cuda_graph(monke
     from nni_2ndmatch.deploy.model_io import input_specs
 
     exported, opened = [], []
-    monkeypatch.setattr(bench, "export_onnx", lambda model, path, fp16, **kw: exported.append((path.name, fp16)))
+    monkeypatch.setattr(bench.variants, "export_onnx",
+                        lambda model, path, fp16, **kw: exported.append((path.name, fp16)))
 
     class Session:
         def get_providers(self):
             return ["CPUExecutionProvider"]  # as onnxruntime does when it cannot start CUDA
 
-    monkeypatch.setattr(bench, "ort_session", lambda path, threads, providers: opened.append(providers) or Session())
+    monkeypatch.setattr(bench.variants, "ort_session",
+                        lambda path, threads, providers: opened.append(providers) or Session())
     model = tiny_dit(seed=1).eval()
-    prepare = bench.VARIANTS["onnxruntime-cuda-fp16"].make(bench.Setup(tmp_path, 1, 5, [1]))
+    prepare = bench.VARIANTS["onnxruntime-cuda-fp16"].make(bench.Setup(batches=[1], seq_len=5, workdir=tmp_path))
     with pytest.raises(bench.Unavailable, match="did not obtain CUDAExecutionProvider"):
         prepare(bench.Subject("student", model, input_specs(model, 5)), 1)
     assert exported == [("student-fp16.onnx", True)]

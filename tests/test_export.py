@@ -19,13 +19,23 @@ from tiny_models import BUILDERS
 from nni_2ndmatch import prune_diffusers, save_pruned
 from nni_2ndmatch.deploy import (
     DeployError,
+    ExportError,
     MissingBackendError,
     export_onnx,
     input_specs,
     load_model,
 )
-from nni_2ndmatch.deploy.bench import BenchResults, BenchRow, BenchSetup, LatencyStats, run_benchmark, write_reports
-from nni_2ndmatch.deploy.onnx_export import ort_session, sidecar_path
+from nni_2ndmatch.deploy.artefact import sidecar_path
+from nni_2ndmatch.deploy.bench import (
+    BenchResults,
+    BenchRow,
+    BenchSetup,
+    LatencyStats,
+    Setup,
+    run_benchmark,
+    write_reports,
+)
+from nni_2ndmatch.deploy.onnx_export import ort_session
 from nni_2ndmatch.deploy.tensorrt import check_compatible, parse_batches, require_tensorrt
 from nni_2ndmatch.models import save_diffusers_model
 from nni_2ndmatch.pruning import default_example_inputs
@@ -152,19 +162,19 @@ def _scaled_output(model):
     return model
 
 
-@pytest.mark.parametrize("slim", ["changes outputs", "not installed"])
-def test_graph_is_kept_as_exported_unless_simplifying_leaves_outputs_identical(slim, families, tmp_path,
-                                                                              monkeypatch):
-    fake = None
-    if slim == "changes outputs":
-        fake = type(sys)("onnxslim")
-        fake.slim = _scaled_output
-    monkeypatch.setitem(sys.modules, "onnxslim", fake)  # None: the import fails
+def test_graph_is_kept_as_exported_unless_simplifying_leaves_outputs_identical(families, tmp_path, monkeypatch):
+    fake = type(sys)("onnxslim")
+    fake.slim = _scaled_output
+    monkeypatch.setitem(sys.modules, "onnxslim", fake)
     _, student = families["dit"]
     report = export_onnx(student, tmp_path / "s.onnx", exporter="torchscript")
     assert not report["simplified"] and report["parity"]["passed"]
-    assert ("changed the outputs" if fake else "onnxslim is not installed") in report["simplify_note"]
+    assert "changed the outputs" in report["simplify_note"]
     assert "out_before" not in {o for n in onnx.load(str(tmp_path / "s.onnx")).graph.node for o in n.output}
+    monkeypatch.setitem(sys.modules, "onnxslim", None)  # a required package missing: an error, nothing written
+    with pytest.raises(ExportError, match="onnxslim, a dependency of nni-2ndmatch, is not installed"):
+        export_onnx(student, tmp_path / "t.onnx", exporter="torchscript")
+    assert not (tmp_path / "t.onnx").exists()
 
 
 def test_external_data_export_loads_and_matches(families, tmp_path):
@@ -228,12 +238,8 @@ def test_benchmark_writes_every_documented_key(families, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(results))
     table = (tmp_path / "r.md").read_text()
     assert "| onnxruntime-cpu | 2 |" in table and "| torch-cpu-fp32 | 1 |" in table
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert len(paths) == 2
-    else:
-        assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths == [tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"]
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_benchmark_refuses_bad_options(families):
@@ -244,6 +250,8 @@ def test_benchmark_refuses_bad_options(families):
         run_benchmark(teacher, student, threads=0)
     with pytest.raises(DeployError, match="different inputs"):
         run_benchmark(teacher, families["dit"][1], repeats=1)
+    with pytest.raises(DeployError, match="give a Setup or its fields, not both"):
+        run_benchmark(teacher, student, Setup(), repeats=1)
 
 
 # --- TensorRT ------------------------------------------------------------------------------------
@@ -306,7 +314,7 @@ def trt_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_engine_matches_pytorch_and_refuses_another_gpu(precision, trt_gpu, families, tmp_path):
-    from nni_2ndmatch.deploy.tensorrt import build_engine, load_engine, metadata_path, needs_fp16_onnx
+    from nni_2ndmatch.deploy.tensorrt import build_engine, load_engine, needs_fp16_onnx
 
     _, student = families["unet2d"]
     onnx_path = tmp_path / "s.onnx"
@@ -322,7 +330,7 @@ def test_tensorrt_engine_matches_pytorch_and_refuses_another_gpu(precision, trt_
     assert np.abs(got - want).max() / np.abs(want).max() < (1e-3 if precision == "fp32" else 2e-2)
     assert build_engine(onnx_path, plan, precision=precision, batches=(1, 2, 4),
                         timing_cache=cache)["timing_cache_reused"]
-    meta_file = metadata_path(plan)
+    meta_file = sidecar_path(plan)
     meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "gpu": "Some Other GPU"}))
     with pytest.raises(DeployError, match="Some Other GPU.*rebuild"):
         load_engine(plan)

@@ -33,11 +33,12 @@ from torch import Tensor, nn
 
 from ..compat import batch_independent
 from ..errors import MissingBackendError
-from ..files import atomic_write_json, load_tensors, save_tensors
+from ..files import load_tensors, save_tensors
 from ..utils import is_integer
-from .errors import DeployError, ExportError, ParityError
+from .artefact import publish
+from .errors import DeployError, ExportError
 from .model_io import DEFAULT_SEQ_LEN, OUTPUT_NAME, InputSpec, input_specs, random_inputs, wrap
-from .onnx_export import errors_against, quiet_exporter, sidecar_path, versions
+from .onnx_export import errors_against, quiet_exporter, versions
 
 DEVICES = ("cpu", "cuda")
 DEFAULT_BATCHES = (1, 16, 64)
@@ -175,14 +176,7 @@ def export_aoti(model: nn.Module, out: str | os.PathLike, *, device: str = "cpu"
             "usage": f"torch._inductor.aoti_load_package({out.name!r})({usage})",
             "compile_seconds": seconds, "parity": parity, "versions": versions(),
         }
-        if not parity["passed"]:
-            raise ParityError(f"AOTInductor package of {type(model).__name__} ({device}, {precision}) does not "
-                              f"match PyTorch: max relative error {parity['max_rel_error']:.3g} > tolerance "
-                              f"{tolerance:.3g} (max abs {parity['max_abs_error']:.3g}); nothing was written")
-        with open(tmp / out.name, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp / out.name, out)
-        atomic_write_json(sidecar_path(out), report)
+        publish(tmp, out, report, f"AOTInductor package of {type(model).__name__} ({device}, {precision})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

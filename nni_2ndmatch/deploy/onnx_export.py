@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_write_json
 from ..utils import is_integer
-from .errors import DeployError, ExportError, ParityError
+from .artefact import publish
+from .errors import DeployError, ExportError
 from .model_io import (
     DEFAULT_SEQ_LEN,
     OUTPUT_NAME,
@@ -45,13 +45,6 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 CHECK_BATCHES = (1, 3)
 #: Protobuf caps a serialized model at 2 GiB; keep room for the graph itself.
 EXTERNAL_DATA_BYTES = 2**31 - 2**27
-SIDECAR_SUFFIX = ".json"
-
-
-def sidecar_path(onnx_path: str | os.PathLike) -> Path:
-    path = Path(onnx_path)
-    return path.with_name(path.name + SIDECAR_SUFFIX)
-
 
 def _check_options(opset: int, exporter: str, tolerance: float | None) -> None:
     import onnx
@@ -159,9 +152,10 @@ def _slim(proto, specs: list[InputSpec], checks: dict[int, list[torch.Tensor]]) 
     """onnxslim's graph where its outputs equal the original's bit for bit; else the original."""
     try:
         import onnxslim
-    except ImportError:
-        logger.info("onnxslim is not installed: the graph is not simplified (pip install onnxslim)")
-        return proto, "not simplified: onnxslim is not installed"
+    except ImportError:  # a dependency: its absence is a broken install, not a reason to skip a step
+        raise ExportError("onnxslim, a dependency of nni-2ndmatch, is not installed: pip install onnxslim "
+                          "(or export with simplify=False)") from None
+
     before = len(proto.graph.node)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -218,17 +212,6 @@ def _save(proto, path: Path, external: bool) -> None:
                         location=path.name + ".data", size_threshold=1024)
     else:
         path.write_bytes(proto.SerializeToString())
-
-
-def _move_into_place(tmp: Path, out: Path, external: bool) -> None:
-    """Data file first, then the graph; a stale data file of an earlier export is removed."""
-    data = out.with_name(out.name + ".data")
-    for src, dst in ([(tmp / data.name, data)] if external else []) + [(tmp / out.name, out)]:
-        with open(src, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(src, dst)
-    if not external and data.exists():
-        data.unlink()
 
 
 def package_version(name: str) -> str | None:
@@ -295,12 +278,11 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, opset: int = DEFAUL
             "nodes": len(proto.graph.node), "simplified": note.startswith("simplified"), "simplify_note": note,
             "parity": parity, "versions": versions(),
         }
-        if not parity["passed"]:
-            raise ParityError(f"ONNX export of {type(model).__name__} ({precision}) does not match PyTorch: "
-                              f"max relative error {parity['max_rel_error']:.3g} > tolerance {tolerance:.3g} "
-                              f"(max abs {parity['max_abs_error']:.3g}); nothing was written")
-        _move_into_place(tmp, out, external)
-        atomic_write_json(sidecar_path(out), report)
+        data = out.with_name(out.name + ".data")
+        publish(tmp, out, report, f"ONNX export of {type(model).__name__} ({precision})",
+                companions=(data.name,) if external else ())
+        if not external:  # a stale data file of an earlier export
+            data.unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

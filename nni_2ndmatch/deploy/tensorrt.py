@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes, atomic_write_json
+from .artefact import sidecar_path
 from .errors import DeployError, EngineMismatchError, ExportError, MissingBackendError
 
 logger = logging.getLogger(__name__)
@@ -25,12 +26,6 @@ PRECISIONS = ("fp16", "fp32")
 INSTALL_HINT = ("install TensorRT 10 or newer for your CUDA version (pip install tensorrt, or the "
                 "nni-2ndmatch[trt] extra; NVIDIA's wheels download from pypi.nvidia.com), on a machine "
                 "with an NVIDIA GPU and driver")
-METADATA_SUFFIX = ".json"
-
-
-def metadata_path(plan: str | os.PathLike) -> Path:
-    plan = Path(plan)
-    return plan.with_name(plan.name + METADATA_SUFFIX)
 
 
 def require_tensorrt():
@@ -189,7 +184,7 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precis
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_bytes(out, plan)
-    atomic_write_json(metadata_path(out), metadata)
+    atomic_write_json(sidecar_path(out), metadata)
     return metadata
 
 
@@ -210,7 +205,7 @@ def load_engine(plan: str | os.PathLike) -> TrtRunner:
     if not plan.is_file():
         raise DeployError(f"engine file {str(plan)!r} does not exist")
     trt = require_tensorrt()
-    meta_file = metadata_path(plan)
+    meta_file = sidecar_path(plan)
     if meta_file.is_file():
         import json
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ExportSection
 from ..deploy import export_onnx
-from ..deploy.bench import run_benchmark
+from ..deploy.bench import Setup, run_benchmark
 from .output import RunFolder
 from .results import Latency
 
@@ -25,7 +25,7 @@ def export_and_benchmark(section: ExportSection, out: RunFolder, teacher: nn.Mod
         report = export_onnx(model.eval(), file, opset=section.opset)
         onnx[role] = {"file": file.relative_to(out.root).as_posix(), "max_rel_error": report["parity"]["max_rel_error"]}
     logger.info("benchmarking teacher vs student on %s, batch %s", ", ".join(section.backends), section.batch)
-    bench = run_benchmark(teacher, student, backends=section.backends, batches=section.batch, device="cpu",
-                          threads=section.threads, repeats=section.repeats,
-                          onnx_files={role: out.root / info["file"] for role, info in onnx.items()})
-    return Latency(onnx=onnx, bench=bench)
+    setup = Setup(backends=section.backends, batches=section.batch, device="cpu", threads=section.threads,
+                  repeats=section.repeats)
+    files = {role: out.root / info["file"] for role, info in onnx.items()}
+    return Latency(onnx=onnx, bench=run_benchmark(teacher, student, setup, onnx_files=files))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..deploy.bench import write_reports
+from ..deploy.bench.report import write_reports
 from ..files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..layout import METRICS_FILE, REPORT_DIR, REPORT_FILE, RESULTS_FILE
 from .results import Evaluation, Latency, RunSummary

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..deploy.bench import BenchResults
+from ..deploy.bench.results import BenchResults
 from ..layout import STUDENT_DIR
 
 
