@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import tiny_unet2d  # noqa: E402
+from helpers.tiny_models import tiny_unet2d  # noqa: E402
 
 import nni_2ndmatch.files as io_module  # noqa: E402
 import nni_2ndmatch.finetuners as finetuners_module  # noqa: E402

@@ -9,15 +9,9 @@ import torch
 import yaml
 from helpers.cli import ROOT, cli, cli_here, write_config
 
-from nni_2ndmatch.config import ConfigError, load_config, validate_config
+from nni_2ndmatch.config import validate_config
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
-
-
-def test_examples_are_valid_configs():
-    assert EXAMPLES
-    for path in EXAMPLES:
-        load_config(path)
 
 
 @pytest.mark.slow
@@ -52,7 +46,7 @@ def test_each_example_runs_prune_then_finetune_for_two_steps(example, tmp_path):
 
 def _ddpm_pipeline(folder):
     from diffusers import DDPMPipeline, DDPMScheduler
-    from tiny_models import tiny_unet2d
+    from helpers.tiny_models import tiny_unet2d
 
     DDPMPipeline(unet=tiny_unet2d(), scheduler=DDPMScheduler()).save_pretrained(folder)
     return {"version": 1, "model": {"teacher": {"path": str(folder)}}, "data": {"builtin": "digits", "resolution": 8},
@@ -165,17 +159,6 @@ def test_bad_input_is_one_clear_message_exit_2_nothing_written(tmp_path, edit, e
 
     assert re.search(expected, r.stderr), r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_every_problem_is_reported_at_once():
-    raw = yaml.safe_load((ROOT / "examples" / "tiny_finetune.yaml").read_text())
-    raw["finetune"].update(lr=5, batch_size=0)
-    raw["outputdir"] = raw.pop("output_dir")
-    with pytest.raises(ConfigError) as e:
-        validate_config(raw)
-    text = "\n".join(e.value.problems)
-    assert "finetune.lr" in text and "finetune.batch_size" in text and "outputdir" in text
-    assert "output_dir: required field is missing" in text
 
 
 def test_malformed_yaml_and_missing_file(tmp_path):

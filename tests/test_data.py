@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from helpers.cli import cli_here, write_config
-from tiny_models import captioned_images, tiny_sd_pipeline
+from helpers.tiny_models import captioned_images, tiny_sd_pipeline
 
 from nni_2ndmatch.config import validate_config
 from nni_2ndmatch.data import DigitsDataset, ImageFolderDataset, ItemKey, Reads, TableDataset

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_dit
+from helpers.tiny_models import tiny_dit
 
 ROOT = Path(__file__).resolve().parent.parent
 

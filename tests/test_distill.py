@@ -6,9 +6,9 @@ import nni
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tiny_models import tiny_unet2d
 from nni.compression import TorchEvaluator
 from nni.compression.pruning import L1NormPruner, TaylorPruner
-from tiny_models import tiny_unet2d
 from torch.utils.data import DataLoader
 
 from nni_2ndmatch import (

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers.cli import cli_here
-from tiny_models import tiny_unet2d
+from helpers.tiny_models import tiny_unet2d
 
 from nni_2ndmatch.files import load_tensors
 
@@ -183,8 +183,8 @@ def test_accelerate_settings_that_bypass_the_config_are_refused(monkeypatch, var
 
 def test_each_process_encodes_its_share_of_the_cache_and_no_process_all_of_it(tmp_path):
     pytest.importorskip("transformers")
+    from helpers.tiny_models import captioned_images, tiny_sd_pipeline
     from safetensors import safe_open
-    from tiny_models import captioned_images, tiny_sd_pipeline
 
     raw = {"version": 1, "model": {"teacher": {"path": str(tiny_sd_pipeline(tmp_path / "sd"))}},
            "data": {"path": str(captioned_images(tmp_path / "images")), "resolution": 8},

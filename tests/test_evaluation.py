@@ -142,7 +142,7 @@ def test_dequantised_digits_tile_each_grey_level_afresh_on_every_read():
 @pytest.mark.slow
 def test_fid_through_torchmetrics_with_an_onnx_feature_network_equals_scipys(tmp_path):
     """FID of two image sets with a small local feature network, against numpy/scipy (sqrtm)."""
-    from tiny_models import tiny_feature_onnx
+    from helpers.tiny_models import tiny_feature_onnx
 
     from nni_2ndmatch.evaluation import OnnxFeatures, fid_score, to_uint8
 
@@ -171,7 +171,7 @@ def test_a_feature_network_without_fids_interface_is_refused(tmp_path):
 def test_clip_score_through_torchmetrics_equals_the_cosine_of_the_models_own_embeddings(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("torchmetrics")
-    from tiny_models import tiny_clip
+    from helpers.tiny_models import tiny_clip
 
     from nni_2ndmatch.evaluation import clip_score, load_clip, to_uint8
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_models import BUILDERS
+from helpers.tiny_models import BUILDERS
 
 from nni_2ndmatch import prune_diffusers, save_pruned
 from nni_2ndmatch.deploy import (

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import TinyNet
-from tiny_models import BUILDERS, example_inputs
+from helpers.nets import TinyNet
+from helpers.tiny_models import BUILDERS, example_inputs
 
 import nni_2ndmatch.finetuners as F
 from nni_2ndmatch import (
@@ -200,7 +200,7 @@ def test_jac_reference_dims_scales_the_term_by_image_size_over_the_reference():
 
 def _explicit_match(student, teacher, x_t, t, v, mode, match, scale):
     """The Jacobian term from explicit float64 Jacobians: products u = J v (jvp) or J^T v (vjp)."""
-    from conftest import explicit_jacobians
+    from helpers.jacobians import explicit_jacobians
 
     vf = v.flatten(1)
     u = {}
@@ -416,7 +416,7 @@ def test_kd_perturb_pays_what_the_vector_noise_variant_adds():
     """For linear models the pair's kd is exactly kd(x_t) + s_t^2 ||dA g||^2: in expectation over g,
     kd at x_t plus (1 - abar_t) ||J_S - J_T||_F^2, the expected term of 2ndmatch's vector matching
     with noise weighting at lambda_jac 1 and jac_reference_dims 1 (J from explicit Jacobians)."""
-    from conftest import explicit_jacobians
+    from helpers.jacobians import explicit_jacobians
 
     student, teacher = _Linear(1), _Linear(2)
     x0, noise = torch.randn(1, 1, 2, 3).double(), torch.randn(1, 1, 2, 3).double()
@@ -436,17 +436,3 @@ def test_kd_perturb_pays_what_the_vector_noise_variant_adds():
     assert jac == pytest.approx(expected_extra, rel=0.05)
 
 
-def test_a_config_sections_options_are_validated_once_and_taken_as_they_are(tmp_path):
-    from nni_2ndmatch.config import validate_config
-    from nni_2ndmatch.job.finetune import make_finetuner
-
-    config = validate_config({"model": {"teacher": {"builtin": "tiny-unet"}}, "pruning": {"pruner": "magnitude"},
-                              "finetune": {"finetuner": "2ndmatch", "jac_every": 4, "lambda_jac": 0.5},
-                              "output_dir": str(tmp_path)})
-    ft = make_finetuner(config)
-    assert ft.opts is config.finetune.options and (ft.jac_every, ft.lambda_jac) == (4, 0.5)
-    assert config.finetune.finetuner_kwargs() == ft.options()
-    with pytest.raises(TypeError, match="give a SecondMatchOptions alone, or the options as keywords"):
-        F.SecondMatch(options=F.KDOptions())
-    with pytest.raises(TypeError, match="give a KDOptions alone"):
-        F.KD(options=F.KDOptions(), lambda_kd=2.0)

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 from helpers.cli import cli, cli_here, write_config
+from helpers.tiny_models import tiny_unet2d
 from helpers.training import Images, run_tiny
-from tiny_models import tiny_unet2d
 
 from nni_2ndmatch import TrainConfig, __version__, finetune, get_finetuner
 from nni_2ndmatch.config import validate_config

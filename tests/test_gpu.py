@@ -8,7 +8,7 @@ jvp/vjp on the GPU (which the first test ties to the explicit Jacobians).
 import pytest
 import torch
 from helpers.jacobians import reference_products, rel_error
-from tiny_models import BUILDERS, example_inputs
+from helpers.tiny_models import BUILDERS, example_inputs
 
 from nni_2ndmatch import jacobian_sensitivity, sample_directions, second_match_loss
 from nni_2ndmatch.method import DEFAULT_FD_STEP, fp32_precision, precision_state, squared_norm

@@ -5,9 +5,9 @@ import functools
 
 import pytest
 import torch
-from conftest import SymmetricNet, TinyNet, explicit_jacobians
-from helpers.jacobians import reference_products, rel_error
-from tiny_models import BUILDERS, example_inputs
+from helpers.jacobians import explicit_jacobians, reference_products, rel_error
+from helpers.nets import SymmetricNet, TinyNet
+from helpers.tiny_models import BUILDERS, example_inputs
 
 from nni_2ndmatch import jacobian_sensitivity, sample_directions, second_match_loss
 from nni_2ndmatch.method import DEFAULT_FD_STEP, fp32_precision, precision_state

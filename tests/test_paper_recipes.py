@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_models import captioned_images, tiny_sd_pipeline, tiny_unet2d_condition
+from helpers.tiny_models import captioned_images, tiny_sd_pipeline, tiny_unet2d_condition
 
 from nni_2ndmatch.config import validate_config
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import BUILDERS
+from helpers.tiny_models import BUILDERS
 
 from nni_2ndmatch import load_pruned, prune_diffusers, pruned_class, save_pruned
 from nni_2ndmatch.config import ConfigError, validate_config

@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 from helpers.cli import cli_here
-from tiny_models import captioned_images
+from helpers.tiny_models import captioned_images
 
 from nni_2ndmatch import load_pruned, prune_diffusers, save_pruned
 from nni_2ndmatch.files import load_tensors

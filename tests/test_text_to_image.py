@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from helpers.cli import cli_here
-from tiny_models import captioned_images, tiny_clip, tiny_dit_pipeline, tiny_feature_onnx, tiny_sd_pipeline
+from helpers.tiny_models import captioned_images, tiny_clip, tiny_dit_pipeline, tiny_feature_onnx, tiny_sd_pipeline
 
 from nni_2ndmatch.config import validate_config
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from helpers.tiny_models import tiny_unet2d
 from helpers.training import Images, run_tiny
 from pydantic import ValidationError
-from tiny_models import tiny_unet2d
 
 from nni_2ndmatch import NonFiniteLossError, TrainConfig, finetune, get_finetuner
 from nni_2ndmatch.data import batch_indices
@@ -119,7 +119,7 @@ def test_bad_train_config_names_the_field():
 
 
 def test_conditional_data_items_pass_their_conditioning_to_the_models(tmp_path):
-    from tiny_models import tiny_dit
+    from helpers.tiny_models import tiny_dit
 
     class Labelled(torch.utils.data.Dataset):
         def __len__(self):
@@ -229,7 +229,7 @@ def test_dropout_applies_to_the_residual_blocks_during_the_run_only(tmp_path):
 def test_gradient_checkpointing_gives_the_unchecked_gradient_of_the_jacobian_term(kind, mode, monkeypatch):
     import copy
 
-    from tiny_models import BUILDERS, example_inputs
+    from helpers.tiny_models import BUILDERS, example_inputs
 
     import nni_2ndmatch.method.jacobian as jacobian
 

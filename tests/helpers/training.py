@@ -1,8 +1,8 @@
 """A small finetune on random images, for the loop's tests."""
 
 import torch
-from tiny_models import tiny_unet2d
 
+from helpers.tiny_models import tiny_unet2d
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner
 
 
