@@ -71,14 +71,17 @@ def seconds_per_step(student, teacher, folder: Path, steps: int, warmup: int, wo
     return (times[steps] - times[warmup]) / (steps - warmup)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--width", type=float, default=0.125, help="channel multiplier of the DDPM-CIFAR10 layout")
     p.add_argument("--out", default="benchmarks/results/data_loading.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     teacher = build_builtin("ddpm-cifar10", width=args.width)
     student, _ = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name}: {times[name][-1]:.4f} s/step", flush=True)
     medians = {name: statistics.median(v) for name, v in times.items()}
     base = medians["pre-resized 32px PNG"]
-    results = {"command": "python benchmarks/data_loading.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+    results = {"command": "python benchmarks/data_loading.py" + "".join(f" {a}" for a in sys.argv[1:]),
                "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
                "auto_workers": workers, "width": args.width, "batch": 16, "resolution": RESOLUTION, "images": COUNT,
                "seconds_per_step": times, "median_seconds_per_step": medians,
@@ -110,4 +113,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -169,13 +169,16 @@ def plot(runs: dict, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="300,3000,30000")
     p.add_argument("--repeats", type=int, default=3, help="runs of each size but the largest, interleaved (the "
                                                           "peak of a run varies by tens of MiB)")
     p.add_argument("--out", default="benchmarks/results/data_scale.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
     sizes = [int(s) for s in args.sizes.split(",")]
     order = [n for _ in range(args.repeats) for n in sizes[:-1]] + sizes[-1:]
     measured: dict[int, list[dict]] = {n: [] for n in sizes}
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     growth = [{"from": a, "to": b, "kib_per_pair": (runs[str(b)]["peak_anon_mib"] -
                                                     runs[str(a)]["peak_anon_mib"]) * 1024 / (b - a)}
               for a, b in zip(sizes, sizes[1:])]
-    results = {"command": "python benchmarks/data_scale.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+    results = {"command": "python benchmarks/data_scale.py" + "".join(f" {a}" for a in sys.argv[1:]),
                "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
                "caption": [TOKENS, WIDTH], "runs": runs, "growth": growth,
                "kib_per_pair": (last["peak_anon_mib"] - first["peak_anon_mib"]) * 1024 / (sizes[-1] - sizes[0])}
@@ -233,4 +236,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -51,12 +51,15 @@ def seconds_per_step(student, teacher, data, kind: str, options: dict, steps: in
     return (times[-1] - times[SKIP - 1]) / (steps - SKIP)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/ablation/digits_step_time.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     teacher = load_digits_teacher()
     student, _ = prune_diffusers(teacher, "magnitude", 0.3, round_to=None)
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name].append(seconds_per_step(student, teacher, data, kind, options, args.steps))
             print(f"{name}: {runs[name][-1] * 1e3:.1f} ms/step", flush=True)
     median = {name: statistics.median(v) for name, v in runs.items()}
-    results = {"command": "python benchmarks/digits_step_time.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+    results = {"command": "python benchmarks/digits_step_time.py" + "".join(f" {a}" for a in sys.argv[1:]),
                "platform": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
                "variants": {name: {"finetuner": VARIANTS[name][0], "options": VARIANTS[name][1],
                                    "seconds_per_step": median[name], "runs": runs[name],
@@ -82,4 +85,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -98,7 +98,7 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--layout", choices=list(LAYOUTS), default="ddpm-cifar10")
@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.steps <= args.warmup + 1:
         p.error(f"--steps={args.steps} must exceed --warmup + 1 ({args.warmup + 1})")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     teacher = LAYOUTS[args.layout](args.width).eval()
     with warnings.catch_warnings():
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"device": device_name(device), "torch": torch.__version__, "layout": args.layout, "batch": args.batch,
                "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "width": args.width,
                "macs_ratio": report["macs_ratio"],
-               "command": "python benchmarks/finetune_step_time.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "command": "python benchmarks/finetune_step_time.py " + " ".joinsys.argv[1:],
                "rows": rows}
     suffix = "" if args.layout == "ddpm-cifar10" else f"_{args.layout}"
     out = Path(args.out or f"benchmarks/results/finetune_step_time_{device.type}{suffix}.json")
@@ -151,4 +155,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

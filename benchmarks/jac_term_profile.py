@@ -81,13 +81,16 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratio", type=float, default=0.5, help="channel share pruned (the paper's: 0.3)")
     p.add_argument("--teacher", help="a diffusers folder to profile instead of the shipped teacher")
     p.add_argument("--dequantize", action="store_true", help="dequantised digits (for a teacher trained on them)")
     p.add_argument("--out", default="benchmarks/results/ablation/jac_term_profile.json")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     results = profile(ratio=args.ratio, teacher_dir=args.teacher, dequantize=args.dequantize)
     markdown = render(results)
@@ -96,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

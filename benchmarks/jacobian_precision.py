@@ -42,12 +42,15 @@ def unguarded_fd(model, x, t, v, h=DEFAULT_FD_STEP):
         return squared_norm((model_output(model, x + h * v, t) - model_output(model, x - h * v, t)) / (2 * h))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     model = build_builtin("ddpm-cifar10").to(device).eval()
     model64 = build_builtin("ddpm-cifar10").double().to(device).eval()
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(rows[-1], flush=True)
     results = {"device": device_name(device), "torch": torch.__version__, "batch": args.batch,
                "fd_step": DEFAULT_FD_STEP, "timesteps": t.tolist(),
-               "command": "python benchmarks/jacobian_precision.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "command": "python benchmarks/jacobian_precision.py " + " ".joinsys.argv[1:],
                "rows": rows}
     lines = ["# fp32 Jacobian estimators against float64, DDPM-CIFAR10 layout", "",
              f"Device: {results['device']}; torch {results['torch']}; batch {args.batch}; fd step {DEFAULT_FD_STEP}. "
@@ -89,4 +92,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

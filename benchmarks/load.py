@@ -125,15 +125,18 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--images", type=int, default=10000)
     p.add_argument("--out", default="benchmarks/results/load.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"command": "python benchmarks/load.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+        results = {"command": "python benchmarks/load.py" + "".join(f" {a}" for a in sys.argv[1:]),
                    "platform": f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
                    "long_finetune": long_finetune(args.steps, Path(tmp)),
                    "big_folder": big_folder([100, args.images], Path(tmp))}
@@ -146,4 +149,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -51,7 +51,7 @@ ASSET_SETS = {
 }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--what", choices=["classifier", "teacher"], required=True)
     parser.add_argument("--data", choices=list(ASSET_SETS), default="digits",
@@ -62,7 +62,14 @@ def main() -> None:
     parser.add_argument("--dequantize", action="store_true", help="teacher: train on dequantised digits (uniform "
                         "noise within each grey level); written to --out, not to the shipped assets")
     parser.add_argument("--out", help="teacher: the folder to write it to (default: the shipped asset)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.dequantize and (not args.out or args.data != "digits"):
+        parser.error("--dequantize goes with --data digits and needs --out (the shipped teacher is trained on the "
+                     "digits as they are)")
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     ASSETS.mkdir(parents=True, exist_ok=True)
@@ -79,9 +86,6 @@ def main() -> None:
         return
     recipe = {**TEACHER_RECIPE, "steps": args.steps or assets["steps"]}
     work = Path(args.work)
-    if args.dequantize and (not args.out or args.data != "digits"):
-        parser.error("--dequantize goes with --data digits and needs --out (the shipped teacher is trained on the "
-                     "digits as they are)")
     out = Path(args.out) if args.out else assets["teacher"]
     result = finetune(assets["unet"](), None, get_finetuner("dsm"), assets["data"]("train", args.dequantize),
                       TrainConfig(**recipe), work, resume=(work / "checkpoints").exists())
@@ -94,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())
