@@ -36,6 +36,7 @@ from nni_2ndmatch.data import ImageFolderDataset, auto_workers  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 from nni_2ndmatch.models import build_builtin  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
+from nni_2ndmatch.training import Watch  # noqa: E402
 
 SIZE, RESOLUTION, COUNT = 384, 32, 512
 
@@ -66,8 +67,8 @@ def seconds_per_step(student, teacher, folder: Path, steps: int, warmup: int, wo
     data = ImageFolderDataset(folder, RESOLUTION, channels=3)
     times: dict[int, float] = {}
     config = TrainConfig(steps=steps, batch_size=16, seed=0, num_workers=workers, log_every=1, ema_decay=None)
-    finetune(copy.deepcopy(student), teacher, get_finetuner("kd"), data, config, progress=False,
-             on_log=lambda record: times.setdefault(int(record["step"]), time.perf_counter()))
+    finetune(copy.deepcopy(student), teacher, get_finetuner("kd"), data, config, watch=Watch(progress=False,
+             on_log=lambda record: times.setdefault(int(record["step"]), time.perf_counter())))
     return (times[steps] - times[warmup]) / (steps - warmup)
 
 

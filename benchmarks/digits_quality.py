@@ -51,6 +51,7 @@ from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  
 from nni_2ndmatch.evaluation import ddim_sample, fidelity, frechet_distance, sensitivity_profile  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
+from nni_2ndmatch.training import Watch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILE_TIMESTEPS = [0, 50, 100, 200, 400, 600, 800, 999]
@@ -242,7 +243,7 @@ class Benchmark:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             trained = finetune(copy.deepcopy(self.student0), self.teacher.model, get_finetuner(finetuner, **options),
-                               self.teacher.train, config, tmp, progress=True).student
+                               self.teacher.train, config, tmp, watch=Watch(progress=True)).student
         row = {"strategy": name, "seed": seed, "steps": steps, "seconds": time.perf_counter() - start,
                **self.evaluate(trained), "commit": self.commit}
         if seed == int(self.args.seeds.split(",")[0]) and budget == "equal_steps":

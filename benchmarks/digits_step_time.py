@@ -27,6 +27,7 @@ from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 from nni_2ndmatch.models.digits import RESOLUTION, load_digits_teacher  # noqa: E402
+from nni_2ndmatch.training import Watch  # noqa: E402
 
 BALANCED = {"lambda_jac": 0.1, "jac_reference_dims": 3072}
 VARIANTS = {
@@ -46,8 +47,8 @@ def seconds_per_step(student, teacher, data, kind: str, options: dict, steps: in
     times: list[float] = []
     config = TrainConfig(steps=steps, batch_size=2, lr=2e-4, ema_decay=0.9983, grad_clip=1.0, dropout=0.1,
                          log_every=1, checkpoint_every=10**9, seed=0)
-    finetune(copy.deepcopy(student), teacher, get_finetuner(kind, **options), data, config, progress=False,
-             on_log=lambda record: times.append(time.perf_counter()))
+    finetune(copy.deepcopy(student), teacher, get_finetuner(kind, **options), data, config, watch=Watch(progress=False,
+             on_log=lambda record: times.append(time.perf_counter())))
     return (times[-1] - times[SKIP - 1]) / (steps - SKIP)
 
 

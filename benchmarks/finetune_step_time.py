@@ -32,6 +32,7 @@ from benchmarks.step_cost import LAYOUTS  # noqa: E402
 from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 from nni_2ndmatch.models import default_example_inputs, example_conditioning  # noqa: E402
+from nni_2ndmatch.training import Watch  # noqa: E402
 
 VARIANTS = {
     "dsm": ("dsm", {}, "no"),
@@ -79,9 +80,8 @@ def time_variant(name: str, teacher, student, data, args) -> tuple[list[float], 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     seconds: list[float] = []
-    finetune(student, teacher, get_finetuner(kind, **options), data, config, progress=False,
-             runtime=Runtime(device),
-             on_log=lambda record: seconds.append(record["seconds"]))
+    finetune(student, teacher, get_finetuner(kind, **options), data, config, runtime=Runtime(device),
+             watch=Watch(progress=False, on_log=lambda record: seconds.append(record["seconds"])))
     per_step = [b - a for a, b in zip(seconds, seconds[1:])][args.warmup:]
     return per_step, torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 

@@ -34,7 +34,7 @@ from nni_2ndmatch.data import DigitsDataset
 from nni_2ndmatch.files import write_results
 from nni_2ndmatch.models import build_builtin
 from nni_2ndmatch.pruning import default_example_inputs
-from nni_2ndmatch.training import TrainConfig
+from nni_2ndmatch.training import TrainConfig, Watch
 
 MIB = 2**20
 
@@ -51,7 +51,7 @@ def long_finetune(steps: int, work: Path) -> dict:
     samples: list[tuple[int, float]] = []
     began = time.perf_counter()
     finetune(student, teacher, get_finetuner("2ndmatch"), DigitsDataset(16), config, work / "long",
-             progress=False, on_log=lambda rec: samples.append((int(rec["step"]), rss_bytes() / MIB)))
+             watch=Watch(progress=False, on_log=lambda rec: samples.append((int(rec["step"]), rss_bytes() / MIB))))
     return {"steps": steps, "seconds": time.perf_counter() - began, **summarise(dict(samples), steps)}
 
 

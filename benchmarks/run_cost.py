@@ -28,6 +28,7 @@ from benchmarks.arms import REFERENCE_LOOP, REFERENCE_RATIO, VARIANT, arm, load_
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
+from nni_2ndmatch.training import Watch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,7 +52,8 @@ def run_seconds(student, teacher, data, name: str, steps: int) -> float:
     finetuner, options = arm(name, VARIANT)
     config = TrainConfig(steps=steps, seed=0, checkpoint_every=10**9, log_every=steps, **REFERENCE_LOOP)
     start = time.perf_counter()
-    finetune(copy.deepcopy(student), teacher, get_finetuner(finetuner, **options), data, config, progress=False)
+    finetune(copy.deepcopy(student), teacher, get_finetuner(finetuner, **options), data, config,
+             watch=Watch(progress=False))
     return time.perf_counter() - start
 
 

@@ -12,6 +12,7 @@ from .finetuners import (
     register_finetuner,
 )
 from .method import (
+    TermForm,
     add_noise,
     default_scheduler,
     jacobian_safe,
@@ -47,9 +48,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "add_noise", "as_component", "available_finetuners", "build_builtin", "default_scheduler", "diffusion_evaluator",
-    "dsm_training_step", "example_conditioning", "finetune", "Finetuner", "FinetunerOptions", "finetuner_options",
-    "FinetuneResult", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pipeline", "load_pruned",
-    "masks_to_student", "NoisyBatches", "NonFiniteLossError", "prune_diffusers", "pruned_class", "register_finetuner",
-    "Runtime", "sample_directions", "save_pruned", "second_match_loss", "SecondMatchDistiller", "TrainConfig",
+    "TermForm", "add_noise", "as_component", "available_finetuners", "build_builtin", "default_scheduler",
+    "diffusion_evaluator", "dsm_training_step", "example_conditioning", "finetune", "Finetuner", "FinetunerOptions",
+    "finetuner_options", "FinetuneResult", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pipeline",
+    "load_pruned", "masks_to_student", "NoisyBatches", "NonFiniteLossError", "prune_diffusers", "pruned_class",
+    "register_finetuner", "Runtime", "sample_directions", "save_pruned", "second_match_loss", "SecondMatchDistiller",
+    "TrainConfig",
 ]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .method import (
     DEFAULT_FD_STEP,
+    FLOW,
     JAC_MATCHES,
     JAC_WEIGHTINGS,
     MODES,
@@ -33,8 +34,10 @@ from .method import (
     jacobian_weight,
     kd_term,
     model_output,
+    model_timesteps,
     noise_scale,
     output_and_sensitivity,
+    prediction_of,
     sample_directions,
     student_and_teacher_products,
 )
@@ -187,8 +190,8 @@ class Finetuner:
         for key, value in self.opts:
             setattr(self, key, value)
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
-        self.prediction_type = getattr(getattr(self.scheduler, "config", None), "prediction_type", "epsilon")
-        if self.prediction_type not in PREDICTION_TYPES:
+        self.prediction_type = prediction_of(self.scheduler)
+        if self.prediction_type not in (*PREDICTION_TYPES, FLOW):
             raise ValueError(f"scheduler prediction_type={self.prediction_type!r} is not supported; allowed: "
                              + ", ".join(map(repr, PREDICTION_TYPES)))
 
@@ -213,14 +216,19 @@ class Finetuner:
     def loss(self, student: Callable[..., Any], teacher: Callable[..., Any] | None, x0: Tensor, noise: Tensor,
              timesteps: Tensor, **model_kwargs: Any) -> tuple[Tensor, dict[str, float]]:
         """Total loss of one step and its terms as detached floats (``loss`` included). The terms get
-        the network's regression target: ``noise`` (epsilon prediction) or, under the scheduler's
-        ``v_prediction``, the velocity sqrt(abar_t) noise - sqrt(1 - abar_t) x0."""
+        the network's regression target: ``noise`` (epsilon prediction), under the scheduler's
+        ``v_prediction`` the velocity sqrt(abar_t) noise - sqrt(1 - abar_t) x0, under flow matching
+        the velocity noise - x0; and the network's timesteps (``model_timesteps``)."""
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x0.shape[0])
         x_t = self.add_noise(x0, noise, timesteps)
-        target = noise if self.prediction_type == "epsilon" else \
-            self.scheduler.get_velocity(x0, noise, timesteps.to(x0.device))
-        terms = self.terms(student, teacher, x_t, target, timesteps, **model_kwargs)
+        if self.prediction_type == FLOW:
+            target = noise - x0
+        elif self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(x0, noise, timesteps.to(x0.device))
+        else:
+            target = noise
+        terms = self.terms(student, teacher, x_t, target, model_timesteps(timesteps, self.scheduler), **model_kwargs)
         weights = self.weights()
         total = sum((w * terms[k] for k, w in weights.items() if k in terms), torch.zeros((), device=x0.device))
         logged = {k: float(v.detach()) for k, v in terms.items()}

@@ -28,6 +28,7 @@ import nni_2ndmatch.training.loop as loop_module  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
 from nni_2ndmatch.job.inputs import make_runtime  # noqa: E402
+from nni_2ndmatch.training import Watch  # noqa: E402
 
 
 def fixed_directions(like, generator=None):
@@ -53,7 +54,8 @@ def main(specs_path: str) -> None:
         config = TrainConfig(steps=spec["steps"], batch_size=spec["batch_size"], ema_decay=None, checkpoint_every=2,
                              gradient_accumulation_steps=spec.get("gradient_accumulation_steps", 1), seed=5)
         result = finetune(student, teacher, get_finetuner(spec["finetuner"], **spec.get("options", {})),
-                          DigitsDataset(8), config, spec.get("output_dir"), runtime=runtime, progress=False)
+                          DigitsDataset(8), config, spec.get("output_dir"), runtime=runtime,
+                          watch=Watch(progress=False))
         out = Path(spec["result"])
         Path(f"{out}.writes-{runtime.rank}.json").write_text(json.dumps(writes))
         if runtime.is_main:

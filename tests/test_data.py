@@ -16,6 +16,7 @@ from helpers.tiny_models import captioned_images, tiny_sd_pipeline
 
 from nni_2ndmatch.config import validate_config
 from nni_2ndmatch.data import DigitsDataset, ImageFolderDataset, ItemKey, Reads, TableDataset
+from nni_2ndmatch.training import Watch
 
 
 def _tables(images, folder):
@@ -217,7 +218,7 @@ def test_the_order_and_results_do_not_depend_on_the_number_of_workers(tmp_path):
     for workers in (0, 2):
         config = TrainConfig(steps=4, batch_size=4, seed=2, num_workers=workers, hflip=True)
         trained = finetune(copy.deepcopy(student), teacher, get_finetuner("kd"), data, config,
-                           progress=False).student
+                           watch=Watch(progress=False)).student
         weights.append(trained.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 

@@ -15,6 +15,7 @@ from helpers.cli import cli_here
 from helpers.tiny_models import tiny_unet2d
 
 from nni_2ndmatch.files import load_tensors
+from nni_2ndmatch.training import Watch
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -162,7 +163,8 @@ def test_batch_size_must_split_evenly():
     with pytest.raises(ValueError, match=r"batch_size=6 is not allowed: it must be a multiple of the number of "
                                          r"processes \(2\) x gradient_accumulation_steps \(2\)"):
         finetune(tiny_unet2d(), tiny_unet2d(), get_finetuner("dsm"), DigitsDataset(8),
-                 TrainConfig(steps=1, batch_size=6, gradient_accumulation_steps=2), runtime=Two(), progress=False)
+                 TrainConfig(steps=1, batch_size=6, gradient_accumulation_steps=2), runtime=Two(),
+                 watch=Watch(progress=False))
 
 
 @pytest.mark.parametrize("var, value, expected", [

@@ -177,11 +177,13 @@ def test_graph_is_kept_as_exported_unless_simplifying_leaves_outputs_identical(f
     assert not (tmp_path / "t.onnx").exists()
 
 
-def test_external_data_export_loads_and_matches(families, tmp_path):
+def test_external_data_export_loads_and_matches(families, tmp_path, monkeypatch):
+    from nni_2ndmatch.deploy import onnx_export
+
     _, student = families["dit"]
     path = tmp_path / "big.onnx"
-    # as if the weights were over 2 GB (the legacy exporter, faster: saving is the same for both)
-    report = export_onnx(student, path, external_data_bytes=0, exporter="torchscript")
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the weights were over 2 GB
+    report = export_onnx(student, path, exporter="torchscript")  # (the legacy exporter, faster; saving is the same)
     assert report["external_data"] == "big.onnx.data" and (tmp_path / "big.onnx.data").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "big.onnx.json"]
     x, t, kw, feeds = _fresh_inputs(student, 2, seed=3)

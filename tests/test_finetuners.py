@@ -8,6 +8,7 @@ from helpers.tiny_models import BUILDERS, example_inputs
 import nni_2ndmatch.finetuners as F
 from nni_2ndmatch import (
     Finetuner,
+    TermForm,
     available_finetuners,
     get_finetuner,
     register_finetuner,
@@ -233,8 +234,8 @@ def test_jac_match_weighting_and_floor_match_explicit_jacobians(mode, match, wei
     per_sample = _explicit_match(student, teacher, x_t, t.double(), v, mode, match, scale) * (t >= floor)
     assert terms["jac"] == pytest.approx(per_sample.mean().item(), rel=1e-9)
     # the functional API writes every form of the term the strategy does
-    functional = second_match_loss(student, teacher, x_t, t, v=v, mode=mode, match=match, weighting=weighting,
-                                   scheduler=ft.scheduler, min_timestep=floor, reference_dims=3)
+    form = TermForm(match=match, weighting=weighting, min_timestep=floor, reference_dims=3)
+    functional = second_match_loss(student, teacher, x_t, t, v=v, mode=mode, form=form, scheduler=ft.scheduler)
     assert functional.item() == pytest.approx(per_sample.mean().item() * 6 / 3, rel=1e-9)
     assert (per_sample > 0).sum() == (4 if floor == 0 else 2)
 
@@ -436,3 +437,75 @@ def test_kd_perturb_pays_what_the_vector_noise_variant_adds():
     assert jac == pytest.approx(expected_extra, rel=0.05)
 
 
+
+
+# --- flow matching -------------------------------------------------------------------------------
+
+def _flow_scheduler(shift=3.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+def _shifted_sigma(t, shift=3.0, n=1000):
+    """SD3's training sigma of timestep index t (noise growing with t), written out: s = (t + 1) / T,
+    shifted to shift s / (1 + (shift - 1) s)."""
+    s = (t.double() + 1) / n
+    return shift * s / (1 + (shift - 1) * s)
+
+
+class _Recorder(torch.nn.Module):
+    """TinyNet that keeps the inputs it was called with."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.net, self.calls = TinyNet(seed=seed).double(), []
+
+    def forward(self, x, t):
+        self.calls.append((x.detach().clone(), t.detach().clone()))
+        return self.net(x, t)
+
+
+def test_flow_matching_noises_linearly_and_regresses_the_velocity_at_the_networks_timestep():
+    x0, noise, _ = (a.double() if a.is_floating_point() else a for a in _inputs())
+    t = torch.tensor([0, 10, 500, 999])
+    sigma = _shifted_sigma(t).view(-1, 1, 1, 1)
+    for name in ("dsm", "kd"):
+        student, teacher = _Recorder(1), _Recorder(2)
+        _, terms = get_finetuner(name, scheduler=_flow_scheduler()).loss(student, teacher, x0, noise, t)
+        x_t, model_t = student.calls[0]
+        assert torch.allclose(x_t, (1 - sigma) * x0 + sigma * noise, rtol=1e-6, atol=1e-7)  # (float32 sigmas)
+        assert torch.allclose(model_t.double(), sigma.flatten() * 1000, rtol=1e-6)  # sigma * T, as SD3 trains
+        v_student = student.net(x_t, model_t)
+        want = {"dsm": (v_student - (noise - x0)), "kd": (v_student - teacher.net(x_t, model_t))}[name]
+        assert terms[name] == pytest.approx(want.pow(2).flatten(1).sum(1).mean().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "vjp"])
+@pytest.mark.parametrize("match, weighting", [("norm", "none"), ("vector", "noise"), ("vector", "x0")])
+def test_the_jacobian_term_of_a_velocity_field_matches_explicit_jacobians(mode, match, weighting):
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, noise, _ = (a.double() if a.is_floating_point() else a for a in _inputs())
+    t = torch.tensor([0, 10, 500, 999])
+    ft = get_finetuner("2ndmatch", mode=mode, jac_match=match, jac_weighting=weighting, scheduler=_flow_scheduler())
+    torch.manual_seed(3)
+    _, terms = ft.loss(student, teacher, x0, noise, t)
+    torch.manual_seed(3)
+    x_t = ft.add_noise(x0, noise, t)
+    v = sample_directions(x_t)
+    sigma = _shifted_sigma(t)  # both weightings: x_t's noise is sigma e, and x0 = x_t - sigma v
+    scale = torch.ones(4, dtype=torch.float64) if weighting == "none" else sigma
+    per_sample = _explicit_match(student, teacher, x_t, (sigma * 1000).float().double(), v, mode, match, scale)
+    assert terms["jac"] == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    form = TermForm(match=match, weighting=weighting)
+    functional = second_match_loss(student, teacher, x_t, (sigma * 1000).float(), v=v, mode=mode, form=form,
+                                   scheduler=ft.scheduler)
+    assert functional.item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
+
+
+def test_kd_at_perturbed_inputs_uses_sigma_under_flow_matching():
+    from nni_2ndmatch.method import noise_scale
+
+    t = torch.tensor([0, 500, 999])
+    got = noise_scale((_shifted_sigma(t) * 1000).float(), _flow_scheduler())
+    assert torch.allclose(got, _shifted_sigma(t), rtol=1e-6)

@@ -16,6 +16,7 @@ from helpers.training import Images, run_tiny
 
 from nni_2ndmatch import TrainConfig, __version__, finetune, get_finetuner
 from nni_2ndmatch.config import validate_config
+from nni_2ndmatch.training import Watch
 
 
 @pytest.mark.slow
@@ -138,7 +139,7 @@ def test_the_python_finetune_refuses_a_folder_that_holds_a_run(tmp_path):
     assert len(metrics.read_text().splitlines()) == 2  # untouched
     student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
     finetune(student, teacher, get_finetuner("dsm"), Images(), TrainConfig(steps=1, batch_size=4, log_every=1),
-             tmp_path, overwrite=True, progress=False)
+             tmp_path, overwrite=True, watch=Watch(progress=False))
     assert len(metrics.read_text().splitlines()) == 1
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-0000001"]
 
@@ -158,7 +159,8 @@ def test_overwrite_keeps_the_old_run_when_the_new_settings_are_refused(tmp_path)
     student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
     bad = TrainConfig(steps=1, batch_size=3, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="batch_size=3 is not allowed"):
-        finetune(student, teacher, get_finetuner("dsm"), Images(), bad, tmp_path, overwrite=True, progress=False)
+        finetune(student, teacher, get_finetuner("dsm"), Images(), bad, tmp_path, overwrite=True,
+                 watch=Watch(progress=False))
     assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "checkpoints" / "latest").is_file()
 
 

@@ -10,6 +10,7 @@ import torch
 from nni_2ndmatch import get_finetuner
 from nni_2ndmatch.config import validate_config
 from nni_2ndmatch.job.report import shift_headings, weighted_loss_series
+from nni_2ndmatch.training import Watch
 
 
 def test_loss_series_weighs_each_term_as_in_the_total():
@@ -80,7 +81,7 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
     teacher = load_configured_model(config.model.teacher, "teacher")
     with torch_threads(config.resolved_threads()):  # float sums depend on the thread count
         again = finetune(load_pruned(out / "pruned"), teacher, get_finetuner("kd", lambda_dsm=1.0, lambda_kd=0.5),
-                         DigitsDataset(8), config.finetune.train_config(), None, progress=False).student
+                         DigitsDataset(8), config.finetune.train_config(), None, watch=Watch(progress=False)).student
     assert not _differs(_params(again), kd)
     assert not (report / "baselines" / "kd" / "checkpoints").exists()
 

@@ -12,6 +12,7 @@ from helpers.cli import cli_here
 from helpers.tiny_models import captioned_images, tiny_clip, tiny_dit_pipeline, tiny_feature_onnx, tiny_sd_pipeline
 
 from nni_2ndmatch.config import validate_config
+from nni_2ndmatch.training import Watch
 
 pytest.importorskip("transformers")
 
@@ -97,7 +98,7 @@ def test_caption_dropout_swaps_in_the_empty_prompt_and_the_loop_uses_it(tmp_path
 
         student = copy.deepcopy(teacher).requires_grad_(True)
         finetune(student, teacher, get_finetuner("dsm"), data, TrainConfig(steps=3, batch_size=4), tmp_path / "ft",
-                 progress=False)
+                 watch=Watch(progress=False))
     finally:
         type(data).drop_captions = original
     assert len(seen) == 3 and 0 < torch.stack(seen).float().mean() < 1
@@ -211,6 +212,21 @@ def test_a_pipeline_or_data_the_run_cannot_use_is_one_clear_error(edit, expected
     r = cli_here("run", tmp_path / "cfg.yaml")
     assert r.returncode == 2 and re.search(expected, r.stderr), r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("class_name, family", [
+    ("StableDiffusionXLPipeline", "SDXL"), ("StableDiffusionXLImg2ImgPipeline", "an SDXL refiner"),
+    ("StableDiffusion3Pipeline", "SD3"), ("FluxPipeline", "Flux"), ("UnCLIPPipeline", "unCLIP"),
+    ("StableCascadeCombinedPipeline", "Stable Cascade"), ("StableVideoDiffusionPipeline", "video"),
+])
+def test_a_pipeline_family_not_supported_yet_is_refused_by_name_listing_those_that_are(class_name, family, tmp_path):
+    from nni_2ndmatch.models import pipeline_denoiser
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name,
+                                                           "unet": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(ValueError, match=rf"model_index.json: _class_name {class_name} is {family}.*not supported "
+                                         r"yet; supported: Stable Diffusion 1.x/2.x .*DiT .*DDPM"):
+        pipeline_denoiser(tmp_path)
 
 
 @pytest.mark.parametrize("section, key, value, expected", [

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from nni_2ndmatch import NonFiniteLossError, TrainConfig, finetune, get_finetuner
 from nni_2ndmatch.data import batch_indices
 from nni_2ndmatch.method import sample_timesteps
+from nni_2ndmatch.training import Watch
 
 
 def test_same_seed_same_weights_and_teacher_untouched(tmp_path):
@@ -85,7 +86,7 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path):
     before = [p.clone() for p in student.parameters()]
     config = TrainConfig(steps=10, batch_size=4, max_nonfinite_steps=3)
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps.*term\\(s\\) dsm.*timesteps"):
-        finetune(student, None, get_finetuner("dsm"), Images(), config, tmp_path, progress=False)
+        finetune(student, None, get_finetuner("dsm"), Images(), config, tmp_path, watch=Watch(progress=False))
     assert all(torch.equal(p, q) for p, q in zip(before, student.parameters()))
     assert not (tmp_path / "checkpoints" / "latest").exists()
 
@@ -94,7 +95,7 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path):
 def test_training_reduces_the_loss(tmp_path):
     student = tiny_unet2d(seed=1)
     config = TrainConfig(steps=60, batch_size=8, lr=2e-3, ema_decay=None, log_every=10, antithetic=False)
-    res = finetune(student, None, get_finetuner("dsm"), Images(), config, progress=False)
+    res = finetune(student, None, get_finetuner("dsm"), Images(), config, watch=Watch(progress=False))
     assert res.history[-1]["loss"] < 0.7 * res.history[0]["loss"]
 
 
@@ -133,7 +134,8 @@ def test_conditional_data_items_pass_their_conditioning_to_the_models(tmp_path):
     student, teacher = tiny_dit(seed=1), tiny_dit(seed=2)
     teacher.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["class_labels"].tolist()), with_kwargs=True)
     config = TrainConfig(steps=2, batch_size=4, seed=3)
-    res = finetune(student, teacher, get_finetuner("2ndmatch", mode="vjp"), Labelled(), config, progress=False)
+    res = finetune(student, teacher, get_finetuner("2ndmatch", mode="vjp"), Labelled(), config,
+                   watch=Watch(progress=False))
     expected = [sorted(batch_indices(s, 8, 4, seed=3).tolist()) for s in range(2)]
     assert [sorted(x) for x in seen] == expected
     assert res.history[-1]["jac"] >= 0
@@ -177,7 +179,7 @@ def test_the_loops_random_stream_does_not_depend_on_how_the_batch_is_split(tmp_p
         finetuner.tag = tag
         config = TrainConfig(steps=3, batch_size=6, seed=11, hflip=True, gradient_accumulation_steps=accumulation)
         finetune(tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2), finetuner, Images(), config, runtime=runtime,
-                 progress=False)
+                 watch=Watch(progress=False))
     whole, halves = seen["whole"], seen["accumulated"]
     assert len(whole) == 3 and len(halves) == 6 and len(seen["process 0"]) == 3
     for step, (noise, timesteps) in enumerate(whole):
@@ -196,7 +198,8 @@ def test_2ndmatch_with_no_jacobian_weight_trains_exactly_like_kd(tmp_path, mode)
     whose rounding noise Adam turns into whole steps."""
     def weights(finetuner):
         config = TrainConfig(steps=4, batch_size=4, seed=3, hflip=True)
-        res = finetune(tiny_unet2d(seed=1), tiny_unet2d(seed=2), finetuner, Images(), config, progress=False)
+        res = finetune(tiny_unet2d(seed=1), tiny_unet2d(seed=2), finetuner, Images(), config,
+                       watch=Watch(progress=False))
         return res.student.state_dict()
 
     kd, second = weights(get_finetuner("kd")), weights(get_finetuner("2ndmatch", lambda_jac=0.0, mode=mode))
@@ -210,7 +213,7 @@ def test_dropout_applies_to_the_residual_blocks_during_the_run_only(tmp_path):
         if name.endswith("resnets.0.dropout"):
             m.register_forward_hook(lambda mod, args, out: seen.append(mod.p))
     config = TrainConfig(steps=2, batch_size=4, seed=3, dropout=0.1, ema_decay=None)
-    finetune(student, teacher, get_finetuner("kd"), Images(), config, progress=False)
+    finetune(student, teacher, get_finetuner("kd"), Images(), config, watch=Watch(progress=False))
     assert seen and set(seen) == {0.1}
     assert {m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}  # restored
     a, _ = run_tiny(tmp_path / "a", 2, finetuner="kd", dropout=0.1)
@@ -221,7 +224,7 @@ def test_dropout_applies_to_the_residual_blocks_during_the_run_only(tmp_path):
     assert all(same) and not all(differ)
     with pytest.raises(ValueError, match="dropout=0.1 is not allowed for this student"):
         finetune(torch.nn.Conv2d(1, 1, 3, padding=1), teacher, get_finetuner("dsm"), Images(), config,
-                 progress=False)
+                 watch=Watch(progress=False))
 
 
 @pytest.mark.parametrize("kind", ["unet2d", "unet2d_condition", "dit"])
@@ -269,7 +272,7 @@ def test_finetune_with_gradient_checkpointing_trains_the_same_and_refuses_forwar
     student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
     config = TrainConfig(steps=2, batch_size=4, gradient_checkpointing=True)
     with pytest.raises(ValueError, match="gradient_checkpointing=True is not allowed with mode 'jvp'"):
-        finetune(student, teacher, get_finetuner("2ndmatch", mode="jvp"), Images(), config, progress=False)
+        finetune(student, teacher, get_finetuner("2ndmatch", mode="jvp"), Images(), config, watch=Watch(progress=False))
     with pytest.raises(ValueError, match="gradient_checkpointing=True is not allowed for Conv2d"):
         finetune(torch.nn.Conv2d(1, 1, 3, padding=1), teacher, get_finetuner("dsm"), Images(), config,
-                 progress=False)
+                 watch=Watch(progress=False))

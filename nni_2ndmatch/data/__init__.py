@@ -11,16 +11,13 @@ from .batches import (
     collate,
     epoch_permutation,
 )
+from .builtin import BUILTIN_DATA, DigitsDataset, MnistDataset, digit_captions
 from .encoded import EncodedDataset
 from .sources import (
-    BUILTIN_DATA,
     IMAGE_SUFFIXES,
     METADATA_FILE,
-    DigitsDataset,
     ImageFolderDataset,
-    MnistDataset,
     TableDataset,
-    digit_captions,
     image_problem,
     image_tensor,
     read_metadata,

@@ -18,6 +18,7 @@ is encoded again, so a run killed while encoding continues from the shards it fi
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -269,12 +270,24 @@ def start_cache(root: Path, plan: CachePlan) -> None:
     atomic_write_json(root / MANIFEST, plan.to_json())
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    """How the images are read and encoded: ``batch_size`` items per VAE or text-encoder call, a
+    DataLoader of ``num_workers`` processes, 1-channel images expanded to the VAE's 3 when
+    ``expand_greyscale``, on ``device``."""
+
+    batch_size: int = 16
+    num_workers: int = 0
+    expand_greyscale: bool = False
+    device: str | torch.device = "cpu"
+
+
 def encode_shards(root: Path, plan: CachePlan, parts: Any, data: Dataset, captions: list[str] | None,
-                  labels: list[int] | None, *, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                  batch_size: int = 16, num_workers: int = 0, expand_greyscale: bool = False,
+                  labels: list[int] | None, *, encoding: Encoding = Encoding(), rank: int = 0, world_size: int = 1,
                   progress: bool = True) -> int:
     """Encode this process's share of the shards (shard k of all, counted latents first, when
     k mod ``world_size`` == ``rank``) that are not already complete; returns how many it wrote."""
+    batch_size, num_workers, expand_greyscale = encoding.batch_size, encoding.num_workers, encoding.expand_greyscale
     jobs = [(kind, k) for kind in ("latents", "captions") for k in range(plan.shards(kind))]
     mine = [job for n, job in enumerate(jobs) if n % world_size == rank]
     todo = []
@@ -289,9 +302,9 @@ def encode_shards(root: Path, plan: CachePlan, parts: Any, data: Dataset, captio
     texts = distinct_texts(captions) if captions is not None else []
     index = {t: i for i, t in enumerate(texts)}
     dtype = DTYPES[plan.dtype]
-    parts.vae.to(device)
+    parts.vae.to(encoding.device)
     if parts.text_encoder is not None:
-        parts.text_encoder.to(device)
+        parts.text_encoder.to(encoding.device)
     began = time.perf_counter()
     bar = None
     if progress:

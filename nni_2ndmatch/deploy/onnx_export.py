@@ -232,9 +232,8 @@ def versions() -> dict[str, str | None]:
 
 def export_onnx(model: nn.Module, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
                 batch_dynamic: bool = True, exporter: str = "dynamo", simplify: bool = True,
-                tolerance: float | None = None, seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0,
-                source: dict[str, Any] | None = None,
-                external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:
+                tolerance: float | None = None, seq_len: int = DEFAULT_SEQ_LEN,
+                source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export ``model`` (a diffusers UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel) to
     ``out`` and return the report also written to ``<out>.json``.
 
@@ -251,9 +250,9 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, opset: int = DEFAUL
     target = wrap(copy.deepcopy(model).half(), specs, half=True) if fp16 else reference
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    external = _weight_bytes(model, fp16) > external_data_bytes
+    external = _weight_bytes(model, fp16) > EXTERNAL_DATA_BYTES
     batches = CHECK_BATCHES if batch_dynamic else (1,)
-    checks = {b: random_inputs(specs, b, seed=seed + 1 + b) for b in batches}  # not the export's inputs
+    checks = {b: random_inputs(specs, b, seed=1 + b) for b in batches}  # not the export's inputs
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         proto = _export(target, specs, opset, exporter, batch_dynamic, tmp)

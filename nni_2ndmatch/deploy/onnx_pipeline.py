@@ -138,7 +138,7 @@ def export_onnx_pipeline(pipeline: str | os.PathLike, out: str | os.PathLike, *,
                                                  opset, TOLERANCE["fp32"])
         with tempfile.TemporaryDirectory() as work:
             unet = export_onnx(pipe.unet.eval(), Path(work) / "model.onnx", opset=opset, fp16=fp16, seq_len=seq,
-                               seed=seed, source={"class": type(pipe.unet).__name__})
+                               source={"class": type(pipe.unet).__name__})
             (tmp / "unet").mkdir()
             shutil.copy2(Path(work) / "model.onnx", tmp / "unet" / "model.onnx")
         report["parts"]["unet"] = {"file": "unet/model.onnx", "inputs": [i["name"] for i in unet["inputs"]],

@@ -25,6 +25,7 @@ from ..data import (
 )
 from ..data.encoded import (
     CachePlan,
+    Encoding,
     cached_plan,
     encode_shards,
     fingerprint,
@@ -218,10 +219,10 @@ def open_data(config: Config, plan: DataPlan, parts: PipelineParts | None, runti
     if runtime.is_main:
         start_cache(root, plan.cache)
     runtime.barrier()
-    written = encode_shards(root, plan.cache, parts, source, plan.captions, plan.labels, rank=runtime.rank,
-                            world_size=runtime.world_size, device=runtime.device,
-                            batch_size=config.data.encode_batch_size, num_workers=auto_workers(source),
-                            expand_greyscale=config.data.builtin is not None, progress=progress and runtime.is_main)
+    encoding = Encoding(config.data.encode_batch_size, auto_workers(source), config.data.builtin is not None,
+                        runtime.device)
+    written = encode_shards(root, plan.cache, parts, source, plan.captions, plan.labels, encoding=encoding,
+                            rank=runtime.rank, world_size=runtime.world_size, progress=progress and runtime.is_main)
     runtime.barrier()
     missing = incomplete_shards(root, plan.cache)
     if missing:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import Config, EvaluateSection
 from ..data import collate
 from ..evaluation import FID, FID_DATA, OnnxFeatures, clip_score, ddim_sample, digits_fid, fidelity, load_clip
 from ..finetuners import finetuner_options, get_finetuner
@@ -24,7 +24,7 @@ from ..layout import BASELINES_DIR, REPORT_DIR
 from ..models import PipelineParts
 from ..pruning import save_model
 from ..scoped import seeded_generator
-from ..training import Runtime, finetune
+from ..training import Runtime, Watch, finetune
 from .data import TrainingData
 from .results import Comparison, Evaluation, RunSummary
 
@@ -107,12 +107,12 @@ class PipelineEvaluator(Scores):
     """A latent pipeline's evaluation: every denoiser samples through the teacher's pipeline (its
     VAE decodes; the conditions are those of the first data items: prompts for its text encoder,
     or class labels for a DiT), with DDIM on the pipeline's schedule, the same seeded initial
-    latents per sample and ``guidance_scale``; ``prompts`` replace the data's captions. Scores as
-    :class:`Scores` (FID against the data's images, CLIP score against the prompts)."""
+    latents per sample and ``guidance_scale``, as the ``section`` says; ``prompts`` replace the
+    data's captions. Scores as :class:`Scores` (FID against the data's images, CLIP score against
+    the prompts)."""
 
-    def __init__(self, parts: PipelineParts, teacher: nn.Module, data: TrainingData, *, samples: int,
-                 ddim_steps: int, seed: int, guidance_scale: float, resolution: int, fid_features: str | None = None,
-                 clip_model: str | None = None, prompts: list[str] | None = None) -> None:
+    def __init__(self, parts: PipelineParts, teacher: nn.Module, data: TrainingData, section: EvaluateSection,
+                 resolution: int, prompts: list[str] | None = None) -> None:
         from diffusers import DDIMScheduler, DiffusionPipeline
 
         from ..models.pipelines import pipeline_components
@@ -123,12 +123,13 @@ class PipelineEvaluator(Scores):
         self.pipe = DiffusionPipeline.from_pretrained(parts.path, use_safetensors=True, scheduler=scheduler,
                                                       **{parts.denoiser: teacher}, **frozen, **others)
         self.pipe.set_progress_bar_config(disable=True)
-        self.denoiser, self.seed, self.resolution = parts.denoiser, seed, resolution
-        self.ddim_steps, self.guidance_scale = ddim_steps, guidance_scale
+        self.denoiser, self.seed, self.resolution = parts.denoiser, section.seed, resolution
+        self.ddim_steps, self.guidance_scale = section.ddim_steps, section.guidance_scale
         conditions = prompts or (data.captions if data.captions is not None else data.labels)
-        self.conditions = [conditions[i % len(conditions)] for i in range(samples)]
+        self.conditions = [conditions[i % len(conditions)] for i in range(section.samples)]
         self.text = data.captions is not None
-        self.setup_metrics(fid_features, clip_model, data.source, resolution, self.conditions if self.text else None)
+        self.setup_metrics(section.fid_features, section.clip_model, data.source, resolution,
+                           self.conditions if self.text else None)
         self.teacher_samples = self.sample(teacher)
 
     @torch.no_grad()
@@ -167,7 +168,7 @@ def finetune_baseline(name: str, start: nn.Module, teacher: nn.Module, dataset: 
         train = train.model_copy(update={"steps": steps})
     logger.info("finetuning the baseline %r from the same starting student (%d steps)", name, train.steps)
     result = finetune(copy.deepcopy(start), teacher, finetuner, dataset, train, None,
-                      runtime=Runtime(config.finetune.device), progress=progress)
+                      runtime=Runtime(config.finetune.device), watch=Watch(progress=progress))
     info = {"finetuner": name, "finetuner_options": finetuner.options(), "steps": result.step,
             "seconds": result.seconds, "final": result.history[-1] if result.history else {}}
     return result.student, info
@@ -187,10 +188,7 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
     e = config.evaluate
     logger.info("evaluating teacher and student: %d samples each, %d DDIM steps", e.samples, e.ddim_steps)
     if parts is not None and parts.latent:
-        evaluator: Scores = PipelineEvaluator(parts, teacher, data, samples=e.samples, ddim_steps=e.ddim_steps,
-                                              seed=e.seed, guidance_scale=e.guidance_scale,
-                                              resolution=config.data.resolution, fid_features=e.fid_features,
-                                              clip_model=e.clip_model)
+        evaluator: Scores = PipelineEvaluator(parts, teacher, data, e, config.data.resolution)
     else:
         evaluator = Evaluator(teacher, data.dataset, samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed,
                               digits=config.data.builtin, fid_features=e.fid_features)

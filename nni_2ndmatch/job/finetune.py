@@ -14,7 +14,7 @@ from ..files import atomic_write_json
 from ..finetuners import Finetuner, finetuner_class
 from ..models import PipelineParts, count_params
 from ..pruning import save_model, save_pipeline
-from ..training import Runtime, finetune
+from ..training import Runtime, Watch, finetune
 from ..training.trackers import Trackers, tracker_names
 from .data import TrainingData
 from .output import RunFolder
@@ -69,8 +69,8 @@ def run_finetune(config: Config, out: RunFolder, teacher: nn.Module, data: Train
     try:
         with user_errors("finetune"):  # e.g. a batch size the processes cannot share
             result = finetune(student, teacher, finetuner, data.dataset, section.train_config(), out.root,
-                              resume=resume, runtime=runtime, progress=progress,
-                              on_log=trackers.log if trackers else None, validation=validation)
+                              resume=resume, runtime=runtime, watch=Watch(progress, trackers.log if trackers else None,
+                                                                          validation))
     finally:
         if trackers is not None:
             trackers.finish()

@@ -29,8 +29,8 @@ def make_validation(config: Config, folder: Path, teacher: nn.Module, data: Trai
     e = config.evaluate or EvaluateSection()
     n = section.validation_images
     if parts is not None and parts.latent:
-        sampler: Scores = PipelineEvaluator(parts, teacher, data, samples=n, ddim_steps=e.ddim_steps, seed=e.seed,
-                                            guidance_scale=e.guidance_scale, resolution=config.data.resolution,
+        grid = e.model_copy(update={"samples": n, "fid_features": None, "clip_model": None})  # sampling only
+        sampler: Scores = PipelineEvaluator(parts, teacher, data, grid, config.data.resolution,
                                             prompts=section.validation_prompts)
     else:
         sampler = Evaluator(teacher, data.dataset, samples=n, ddim_steps=e.ddim_steps, seed=e.seed, digits=None)

@@ -16,10 +16,21 @@ from .jacobian import (
     student_and_teacher_sensitivity,
 )
 from .precision import fp32_precision, precision_state
-from .schedule import PREDICTION_TYPES, add_noise, default_scheduler, noise_scale, sample_timesteps
+from .schedule import (
+    FLOW,
+    PREDICTION_TYPES,
+    add_noise,
+    default_scheduler,
+    is_flow_matching,
+    model_timesteps,
+    noise_scale,
+    prediction_of,
+    sample_timesteps,
+)
 from .terms import (
     JAC_MATCHES,
     JAC_WEIGHTINGS,
+    TermForm,
     dsm_term,
     jacobian_match_per_sample,
     jacobian_match_term,
@@ -32,10 +43,11 @@ from .terms import (
 )
 
 __all__ = [
-    "DEFAULT_FD_STEP", "DEFAULT_MODE", "JAC_MATCHES", "JAC_WEIGHTINGS", "MODES", "Mode", "PREDICTION_TYPES",
-    "add_noise", "checkpoint_as_forward", "default_scheduler", "dsm_term", "fp32_precision",
-    "jacobian_match_per_sample", "jacobian_match_term", "jacobian_safe", "jacobian_sensitivity", "jacobian_term",
-    "jacobian_weight", "kd_term", "model_output", "noise_scale", "output_and_product", "output_and_sensitivity",
-    "precision_state", "sample_directions", "sample_timesteps", "second_match_loss", "squared_norm",
-    "student_and_teacher_products", "student_and_teacher_sensitivity",
+    "DEFAULT_FD_STEP", "DEFAULT_MODE", "FLOW", "JAC_MATCHES", "JAC_WEIGHTINGS", "MODES", "Mode", "PREDICTION_TYPES",
+    "TermForm", "add_noise", "checkpoint_as_forward", "is_flow_matching", "model_timesteps", "prediction_of",
+    "default_scheduler", "dsm_term", "fp32_precision", "jacobian_match_per_sample", "jacobian_match_term",
+    "jacobian_safe", "jacobian_sensitivity", "jacobian_term", "jacobian_weight", "kd_term", "model_output",
+    "noise_scale", "output_and_product", "output_and_sensitivity", "precision_state", "sample_directions",
+    "sample_timesteps", "second_match_loss", "squared_norm", "student_and_teacher_products",
+    "student_and_teacher_sensitivity",
 ]

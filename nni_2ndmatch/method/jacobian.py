@@ -15,7 +15,8 @@ from ..compat import at_end_of_backward, current_sdpa_backends
 from ..scoped import rng_replay
 from ..utils import requires_grad
 from .precision import fp32_precision, precision_state, restored_precision
-from .terms import jacobian_term, model_output, sample_directions, squared_norm
+from .schedule import prediction_of
+from .terms import TermForm, jacobian_term, model_output, sample_directions, squared_norm
 
 #: The estimators of the Jacobian product, defined here once: ``vjp`` (reverse mode, J^T v, the
 #: default everywhere), ``jvp`` (forward mode, J v, the paper's form) and ``fd`` (central difference).
@@ -195,14 +196,12 @@ def jacobian_sensitivity(model: Callable[..., Any], x_t: Tensor, timesteps: Tens
 
 def second_match_loss(student: Callable[..., Any], teacher: Callable[..., Any], x_t: Tensor, timesteps: Tensor,
                       v: Tensor | None = None, mode: Mode = DEFAULT_MODE, *, fd_step: float = DEFAULT_FD_STEP,
-                      generator: torch.Generator | None = None, match: str = "norm", weighting: str = "none",
-                      scheduler: Any = None, prediction_type: str = "epsilon", min_timestep: int = 0,
-                      reference_dims: int | None = None, **model_kwargs: Any) -> Tensor:
+                      generator: torch.Generator | None = None, form: TermForm = TermForm(),
+                      scheduler: Any = None, **model_kwargs: Any) -> Tensor:
     """The 2ndMatch term, a scalar: by default the paper's, the batch mean of
-    (||J_S v||^2 - sg(||J_T v||^2))^2; ``match``, ``weighting`` (with the ``scheduler`` and its
-    ``prediction_type``), ``min_timestep`` and ``reference_dims`` give the other forms of
-    :func:`jacobian_term` (the measured variant: ``match="vector", weighting="noise",
-    reference_dims=1``).
+    (||J_S v||^2 - sg(||J_T v||^2))^2; ``form`` (a :class:`TermForm`) gives the other forms of
+    :func:`jacobian_term`, a timestep weighting on the ``scheduler``'s schedule and prediction type
+    (the measured variant: ``form=TermForm(match="vector", weighting="noise", reference_dims=1)``).
 
     The same v serves student and teacher; when not given it is drawn as one random unit direction
     per sample. The teacher is evaluated without a graph: it contributes a target only and its
@@ -212,8 +211,9 @@ def second_match_loss(student: Callable[..., Any], teacher: Callable[..., Any], 
         v = sample_directions(x_t, generator)
     _, u_student, _, u_teacher = student_and_teacher_products(student, teacher, x_t, timesteps, v, mode,
                                                               fd_step=fd_step, **model_kwargs)
-    return jacobian_term(u_student, u_teacher, timesteps, match=match, weighting=weighting, scheduler=scheduler,
-                         prediction_type=prediction_type, min_timestep=min_timestep, reference_dims=reference_dims)
+    return jacobian_term(u_student, u_teacher, timesteps, match=form.match, weighting=form.weighting,
+                         scheduler=scheduler, prediction_type=prediction_of(scheduler), min_timestep=form.min_timestep,
+                         reference_dims=form.reference_dims)
 
 
 def student_and_teacher_products(student: Callable[..., Any], teacher: Callable[..., Any], x_t: Tensor,

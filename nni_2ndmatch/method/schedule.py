@@ -1,8 +1,15 @@
-"""The noise schedule of training: the reference DDPM schedule, noising, and timestep draws.
+"""The noise schedule of training: the reference DDPM schedule, noising, and timestep draws; and
+flow matching (``FlowMatchEulerDiscreteScheduler``, SD3's and Flux's): x_t = (1 - sigma) x0 + sigma e,
+the network predicting the velocity e - x0 and taking sigma * T as its timestep.
+
+A training timestep is an index t in 0..T-1, noise growing with t. Under flow matching its sigma
+is the scheduler's own training sigma of that rank (its ``shift`` applied), and the network is
+called with sigma * T (:func:`model_timesteps`), as diffusers' training scripts do.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -10,6 +17,41 @@ from torch import Tensor
 
 #: The scheduler prediction types the finetuning trains (the DSM target: the noise, or the velocity).
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: The prediction of a flow-matching network (the velocity e - x0), implied by its scheduler.
+FLOW = "flow"
+
+
+def is_flow_matching(scheduler: Any) -> bool:
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def prediction_of(scheduler: Any) -> str:
+    """What the network predicts under ``scheduler``: its config's ``prediction_type`` (default
+    epsilon), or under flow matching :data:`FLOW`."""
+    if is_flow_matching(scheduler):
+        return FLOW
+    return getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+
+
+_SIGMAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # scheduler -> its flow_sigmas
+
+
+def flow_sigmas(scheduler: Any) -> Tensor:
+    """sigma of each training timestep t = 0..T-1 (ascending; float64): the training sigmas of a
+    fresh scheduler of the same config (``set_timesteps`` for sampling replaces the scheduler's own)."""
+    if scheduler not in _SIGMAS:
+        fresh = type(scheduler).from_config(scheduler.config)
+        _SIGMAS[scheduler] = fresh.sigmas.double().flip(0)[:int(fresh.config.num_train_timesteps)].cpu()
+    return _SIGMAS[scheduler]
+
+
+def model_timesteps(timesteps: Tensor, scheduler: Any = None) -> Tensor:
+    """What the network takes as its timestep for training timesteps t: t itself, or under flow
+    matching sigma_t * T (float32)."""
+    if scheduler is None or not is_flow_matching(scheduler):
+        return timesteps
+    sigma = flow_sigmas(scheduler)[timesteps.long().cpu()]
+    return (sigma * scheduler.config.num_train_timesteps).float().to(timesteps.device)
 
 
 def default_scheduler() -> Any:
@@ -20,8 +62,13 @@ def default_scheduler() -> Any:
 
 
 def add_noise(x0: Tensor, noise: Tensor, timesteps: Tensor, scheduler: Any = None) -> Tensor:
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise under ``scheduler`` (default: ``default_scheduler()``)."""
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise under ``scheduler`` (default: ``default_scheduler()``);
+    under flow matching x_t = (1 - sigma_t) x0 + sigma_t noise."""
     scheduler = scheduler if scheduler is not None else default_scheduler()
+    if is_flow_matching(scheduler):
+        sigma = flow_sigmas(scheduler)[timesteps.long().cpu()].to(x0.device, x0.dtype)
+        sigma = sigma.view(-1, *([1] * (x0.dim() - 1)))
+        return (1.0 - sigma) * x0 + sigma * noise
     return scheduler.add_noise(x0, noise, timesteps.to(x0.device))
 
 
@@ -35,6 +82,10 @@ def sample_timesteps(batch: int, num_train_timesteps: int, antithetic: bool,
 
 
 def noise_scale(timesteps: Tensor, scheduler: Any = None) -> Tensor:
-    """s_t = sqrt(1 - abar_t) per sample (float64, on the CPU): the standard deviation of the noise in x_t."""
+    """s_t = sqrt(1 - abar_t) per sample (float64, on the CPU): the standard deviation of the noise in
+    x_t. Under flow matching ``timesteps`` are the network's (sigma * T, :func:`model_timesteps`)
+    and s_t = sigma."""
     scheduler = scheduler if scheduler is not None else default_scheduler()
+    if is_flow_matching(scheduler):
+        return timesteps.double().cpu() / float(scheduler.config.num_train_timesteps)
     return (1.0 - scheduler.alphas_cumprod.double()[timesteps.long().cpu()]).sqrt()

@@ -7,6 +7,7 @@ lambda_dsm = 1, lambda_kd = 1, lambda_jac = 0.1 (docs/method.md).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -81,20 +82,34 @@ def jacobian_match_per_sample(u_student: Tensor, u_teacher: Tensor, match: str =
 JAC_WEIGHTINGS = ("none", "noise", "x0")
 
 
+@dataclasses.dataclass(frozen=True)
+class TermForm:
+    """Which form of the 2ndMatch term :func:`jacobian_term` computes: ``match`` (norm, vector,
+    log), ``weighting`` c(t) (none, noise, x0), samples with t below ``min_timestep`` left out, and
+    the scale d / ``reference_dims``. The defaults are the paper's term; the measured variant is
+    ``TermForm(match="vector", weighting="noise", reference_dims=1)``."""
+
+    match: str = "norm"
+    weighting: str = "none"
+    min_timestep: int = 0
+    reference_dims: int | None = None
+
+
 def jacobian_weight(timesteps: Tensor, weighting: str, scheduler: Any = None,
                     prediction_type: str = "epsilon") -> Tensor:
     """c(t) per sample (float64, on the CPU): ``none`` 1; ``noise`` sqrt(1 - abar_t), the Jacobian
     of the noise component of x_t; ``x0`` the scale at which an error in the prediction reaches
     the predicted clean image, sqrt((1 - abar_t) / abar_t) under epsilon prediction and
-    sqrt(1 - abar_t) under v_prediction."""
-    from .schedule import noise_scale
+    sqrt(1 - abar_t) under v_prediction. Under flow matching both are sigma_t (x_t's noise is
+    sigma e, and x0 = x_t - sigma v)."""
+    from .schedule import FLOW, noise_scale
 
     if weighting not in JAC_WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r} is not allowed; allowed: {', '.join(JAC_WEIGHTINGS)}")
     if weighting == "none":
         return torch.ones(timesteps.shape, dtype=torch.float64)
     s = noise_scale(timesteps, scheduler)
-    if weighting == "noise" or prediction_type == "v_prediction":
+    if weighting == "noise" or prediction_type in ("v_prediction", FLOW):
         return s
     return s / (1.0 - s.pow(2)).sqrt()
 

@@ -24,6 +24,19 @@ DENOISERS = ("unet", "transformer")
 #: The components a run loads besides the denoiser, and the classes allowed for each.
 FROZEN_PARTS = {"vae": ("AutoencoderKL",), "text_encoder": ("CLIPTextModel",),
                 "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast")}
+#: Pipeline families refused by name (model_index.json's ``_class_name`` starts with the key), before
+#: their components are looked at. The refiner is listed before the SDXL family it belongs to.
+UNSUPPORTED_FAMILIES = {
+    "StableDiffusionXLImg2Img": "an SDXL refiner", "StableDiffusionXL": "SDXL", "StableDiffusion3": "SD3",
+    "Flux": "Flux", "UnCLIP": "unCLIP", "StableUnCLIP": "unCLIP", "Kandinsky": "Kandinsky (a prior cascade)",
+    "Wuerstchen": "Wuerstchen (a cascade)", "StableCascade": "Stable Cascade (a cascade)",
+    "IF": "DeepFloyd IF (a cascade)", "TextToVideo": "video", "VideoToVideo": "video",
+    "StableVideoDiffusion": "video", "AnimateDiff": "video", "I2VGen": "video", "CogVideoX": "video",
+    "LTX": "video", "HunyuanVideo": "video", "Wan": "video", "Mochi": "video", "PixArt": "PixArt (a T5 text encoder)",
+    "Sana": "Sana", "AuraFlow": "AuraFlow", "Lumina": "Lumina", "Kolors": "Kolors",
+}
+SUPPORTED_FAMILIES = ("Stable Diffusion 1.x/2.x (StableDiffusionPipeline and its img2img/inpaint kin)",
+                      "DiT (DiTPipeline)", "pixel-space DDPM/DDIM pipelines (DDPMPipeline, DDIMPipeline)")
 #: Components of pipelines whose conditioning the finetuning does not provide (SDXL, SD3, unCLIP, LDM's VQ-VAE).
 UNSUPPORTED_PARTS = ("text_encoder_2", "text_encoder_3", "tokenizer_2", "tokenizer_3", "vqvae", "image_encoder",
                      "prior", "image_noising_scheduler")
@@ -47,6 +60,11 @@ def pipeline_denoiser(path: str | os.PathLike) -> str:
     Otherwise a ValueError naming the file, the entry and what is allowed."""
     path = Path(path)
     index_file = path / PIPELINE_INDEX
+    class_name = str(read_json_object(index_file).get("_class_name", ""))
+    family = next((f for prefix, f in UNSUPPORTED_FAMILIES.items() if class_name.startswith(prefix)), None)
+    if family is not None:
+        raise ValueError(f"{index_file}: _class_name {class_name} is {family}, which is not supported yet; "
+                         f"supported: {'; '.join(SUPPORTED_FAMILIES)}")
     components = pipeline_components(path)
     denoisers = [k for k in DENOISERS if k in components]
     if not denoisers:

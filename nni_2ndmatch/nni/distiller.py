@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..data import collate
 from ..finetuners import finetuner_class, get_finetuner
-from ..method import default_scheduler, dsm_term, model_output, sample_timesteps
+from ..method import default_scheduler, dsm_term, model_output, prediction_of, sample_timesteps
 from ..scoped import seeded_generator
 
 BATCH_KEYS = ("x_t", "timesteps", "noise")
@@ -38,7 +38,7 @@ class NoisyBatches:
 
     def __init__(self, scheduler: Any = None, seed: int = 0, antithetic: bool = False) -> None:
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
-        prediction = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        prediction = prediction_of(self.scheduler)
         if prediction != "epsilon":  # its DSM step regresses the noise
             raise ValueError(f"scheduler prediction_type={prediction!r} is not supported by the distiller's batches; "
                              "allowed: 'epsilon'")

@@ -49,6 +49,16 @@ class Validation:
     call: Callable[[int, nn.Module], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Watch:
+    """What follows a run as it goes, in the main process: a progress bar, ``on_log`` called with
+    each logged record (the line metrics.jsonl gets), and ``validation``."""
+
+    progress: bool = True
+    on_log: Callable[[dict[str, float]], None] | None = None
+    validation: Validation | None = None
+
+
 @dataclasses.dataclass
 class FinetuneResult:
     student: nn.Module  # the trained student, EMA weights loaded when EMA is on
@@ -202,9 +212,7 @@ def _output_dir(output_dir: str | os.PathLike | None, config: TrainConfig, resum
 
 def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: Finetuner, dataset: Dataset,
              config: TrainConfig, output_dir: str | os.PathLike | None = None, *, resume: bool = False,
-             overwrite: bool = False, runtime: Runtime | None = None, progress: bool = True,
-             on_log: Callable[[dict[str, float]], None] | None = None,
-             validation: Validation | None = None) -> FinetuneResult:
+             overwrite: bool = False, runtime: Runtime | None = None, watch: Watch = Watch()) -> FinetuneResult:
     """Finetune ``student`` against a frozen ``teacher`` with ``finetuner`` on ``dataset``.
 
     Dataset items are image tensors [C, H, W] in [-1, 1], or dicts holding the image under
@@ -218,10 +226,10 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     the end, and ``metrics.jsonl`` (one line per logged step, each loss term). ``resume=True``
     continues from the last complete checkpoint there; with the same seed the result equals an
     uninterrupted run, and ``seconds`` counts the time of every part. An ``output_dir`` that already
-    holds a run is an error unless ``resume`` or ``overwrite`` (which deletes its checkpoints and
-    metrics first). The teacher is put in eval mode and never receives gradients.
+    holds a run is an error unless ``resume`` or ``overwrite`` (which deletes its checkpoints,
+    metrics and summary first). The teacher is put in eval mode and never receives gradients.
 
-    ``validation``: every ``validation.every`` steps and after the last, the main process calls
+    ``watch.validation``: every ``validation.every`` steps and after the last, the main process calls
     ``validation.call(step, student)`` with the EMA weights in the student (eval mode; the trained
     weights and train mode are back afterwards). It draws no random number of the loop's.
     """
@@ -238,19 +246,15 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     net = runtime.prepare(student, teacher)  # what the loop calls: the student, or its DDP wrapper
     state.model = runtime.unwrap(net)
     if resume:
-        latest = ckpts.latest() if ckpts is not None else None
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {out / CHECKPOINT_DIR if out else None}")
-        meta = json.loads((latest / CHECKPOINT_META).read_text())
-        state.load_state_dict(load_tensors(latest / CHECKPOINT_TENSORS), meta)
-        logger.info("resumed from %s at step %d", latest, state.step)
+        _resume(state, ckpts, out)
     positions = runtime.local_positions(config.batch_size).split(
         config.batch_size // runtime.world_size // config.gradient_accumulation_steps)
     loader = batch_loader(dataset, StepBatches(len(dataset), config.batch_size, config.seed, state.step, config.steps,
                                                list(positions)),
                           config.seed, config.num_workers, pin_memory=runtime.device.type == "cuda")
     began = time.perf_counter() - state.seconds  # the wall time of the parts before a resume counts
-    bar = _progress_bar(finetuner, config, state.step) if progress and runtime.is_main else None
+    bar = _progress_bar(finetuner, config, state.step) if watch.progress and runtime.is_main else None
+    on_log, validation = watch.on_log, watch.validation
     nonfinite = 0
     with run_settings(student, teacher, config), contextlib.closing(bar) if bar else contextlib.nullcontext():
         batches = iter(loader)
@@ -285,6 +289,16 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
         state.ema.copy_to(params)
     return FinetuneResult(student=state.model, step=config.steps, history=state.history,
                           seconds=time.perf_counter() - began)
+
+
+def _resume(state: TrainState, ckpts: Checkpoints | None, out: Path | None) -> None:
+    """Load the last complete checkpoint into ``state``."""
+    latest = ckpts.latest() if ckpts is not None else None
+    if latest is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {out / CHECKPOINT_DIR if out else None}")
+    meta = json.loads((latest / CHECKPOINT_META).read_text())
+    state.load_state_dict(load_tensors(latest / CHECKPOINT_TENSORS), meta)
+    logger.info("resumed from %s at step %d", latest, state.step)
 
 
 def _skipped(step: int, terms: dict[str, float], draws: StepDraws, count: int, limit: int) -> None:

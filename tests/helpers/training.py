@@ -4,6 +4,7 @@ import torch
 
 from helpers.tiny_models import tiny_unet2d
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner
+from nni_2ndmatch.training import Watch
 
 
 class Images(torch.utils.data.Dataset):
@@ -23,5 +24,5 @@ def run_tiny(tmp_path, steps, resume=False, finetuner="2ndmatch", options=None, 
     student, teacher = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2)
     config = TrainConfig(steps=steps, batch_size=4, checkpoint_every=3, log_every=1, seed=11, hflip=True, **cfg)
     res = finetune(student, teacher, get_finetuner(finetuner, **(options or {})), Images(), config, tmp_path,
-                   resume=resume, progress=False)
+                   resume=resume, watch=Watch(progress=False))
     return res, teacher
