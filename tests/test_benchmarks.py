@@ -133,6 +133,7 @@ def _teacher_json(path, seeds, gains, commit="c0"):
     return str(path)
 
 
+@pytest.mark.slow
 def test_the_verdict_applies_the_committed_rule(tmp_path):
     from benchmarks import equal_compute_verdict as verdict
 

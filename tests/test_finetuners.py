@@ -413,6 +413,7 @@ class _Linear(torch.nn.Module):
         return (x.flatten(1) @ self.a.T).view_as(x)
 
 
+@pytest.mark.slow
 def test_kd_perturb_pays_what_the_vector_noise_variant_adds():
     """For linear models the pair's kd is exactly kd(x_t) + s_t^2 ||dA g||^2: in expectation over g,
     kd at x_t plus (1 - abar_t) ||J_S - J_T||_F^2, the expected term of 2ndmatch's vector matching

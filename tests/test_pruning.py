@@ -115,6 +115,7 @@ save_file(out, sys.argv[1] + "/outputs.safetensors")
 """
 
 
+@pytest.mark.slow
 def test_students_and_a_pipeline_load_and_sample_with_diffusers_alone_where_the_package_is_missing(tmp_path):
     import os
     import subprocess

@@ -39,6 +39,7 @@ def _shard_times(run):
     return {p.name: p.stat().st_mtime_ns for p in (run / "cache").glob("*.safetensors")}
 
 
+@pytest.mark.slow
 def test_latents_and_caption_embeddings_are_the_encoders_outputs_and_are_cached(tmp_path):
     from diffusers import AutoencoderKL
     from PIL import Image
@@ -72,6 +73,7 @@ def test_latents_and_caption_embeddings_are_the_encoders_outputs_and_are_cached(
     assert torch.equal(changed[4]["sample"], data[4]["sample"])
 
 
+@pytest.mark.slow
 def test_caption_dropout_swaps_in_the_empty_prompt_and_the_loop_uses_it(tmp_path):
     from nni_2ndmatch.job.inputs import load_teacher
 
@@ -334,6 +336,7 @@ def test_class_labels_a_dit_pipeline_cannot_use_are_clear_errors(metadata, expec
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_resume_after_the_data_changed_is_refused(tmp_path):
     from PIL import Image
 

@@ -76,6 +76,7 @@ def _validation(raw):
                            validation_images=3, report_to="tensorboard")
 
 
+@pytest.mark.slow
 def test_validation_grids_of_the_ema_student_leave_training_as_it_was(tmp_path):
     pytest.importorskip("tensorboard")
     import torch
@@ -117,6 +118,7 @@ def test_validation_grids_of_the_ema_student_leave_training_as_it_was(tmp_path):
     assert sorted(steps) == [2, 4, 5]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_grid_series_without_duplicates(tmp_path):
     import os
 
