@@ -140,9 +140,10 @@ def test_students_and_a_pipeline_load_and_sample_with_diffusers_alone_where_the_
     subprocess.run([sys.executable, "-c", PORTABLE_LOAD, str(tmp_path), *BUILDERS], check=True, env=env,
                    cwd=tmp_path, timeout=300)
     got = load_file(tmp_path / "outputs.safetensors")
-    for kind, student in students.items():  # the same function as the package's student, bit for bit
-        x = {k.split("/")[1]: v for k, v in inputs.items() if k.startswith(kind + "/")}
-        assert torch.equal(got[kind], student(**x).sample), kind
+    for kind, student in students.items():  # the same function as the package's student (another process:
+        x = {k.split("/")[1]: v for k, v in inputs.items() if k.startswith(kind + "/")}  # float32 rounding)
+        with torch.no_grad():
+            torch.testing.assert_close(got[kind], student(**x).sample, rtol=1e-5, atol=1e-6, msg=kind)
     pipe = load_pipeline(tmp_path / "pipeline")  # with the package: the same images
     assert type(pipe.unet).__module__ == "nni_2ndmatch"
     images = pipe(num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
