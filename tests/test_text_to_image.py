@@ -146,8 +146,8 @@ def test_a_v_prediction_pipeline_trains_on_its_own_schedule_and_records_it(tmp_p
         assert json.loads((tmp_path / prediction / "run" / "pipeline" / "scheduler" / "scheduler_config.json")
                           .read_text())["prediction_type"] == prediction
     pruned = load_pruned(tmp_path / "epsilon" / "run" / "pruned").state_dict()
-    assert all(torch.equal(pruned[k], load_pruned(tmp_path / "v_prediction" / "run" / "pruned").state_dict()[k])
-               for k in pruned)  # the same start
+    other = load_pruned(tmp_path / "v_prediction" / "run" / "pruned").state_dict()
+    assert all(torch.equal(pruned[k], other[k]) for k in pruned)  # the same start
     assert any(not torch.equal(students["epsilon"][k], students["v_prediction"][k]) for k in pruned)
 
 

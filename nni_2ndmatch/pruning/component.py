@@ -81,10 +81,10 @@ def _init(self, pruning_plan: dict[str, Any] | None = None, pruned_structure: di
         where = f"{type(self).__name__} config: pruning_plan"
         check_plan(pruning_plan, where)
         apply_checked_plan(self, pruning_plan, where)
-    self.register_to_config(pruning_plan=pruning_plan)
     self.pruning_plan = pruning_plan
     # (auto_map is diffusers' pointer to the folder's code file, written again on save from _auto_class)
-    check_structure(self, pruned_structure, f"{type(self).__name__} config")
+    structure = check_structure(self, pruned_structure, f"{type(self).__name__} config") if pruning_plan else None
+    self.register_to_config(pruning_plan=pruning_plan, pruned_structure=structure)
 
 
 def _structure(model: nn.Module) -> dict[str, Any]:
@@ -92,12 +92,14 @@ def _structure(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(pruned_structure(model)))
 
 
-def check_structure(model: nn.Module, stored: Any, where: str) -> None:
-    """A stored ``pruned_structure`` (None: a folder written before it existed) is the one the
-    model, cut down by its plan, has; else a ValueError naming ``where``."""
-    if stored is not None and stored != _structure(model):
+def check_structure(model: nn.Module, stored: Any, where: str) -> dict[str, Any]:
+    """The model's structure (cut down by its plan), checked against a stored ``pruned_structure``
+    (None: a folder written before it existed); a mismatch is a ValueError naming ``where``."""
+    structure = _structure(model)
+    if stored is not None and stored != structure:
         raise ValueError(f"{where}: {STRUCTURE_KEY} does not match what pruning_plan gives; the config was edited "
                          "or damaged")
+    return structure
 
 
 def _init_keys(input_class: type) -> set[str]:
@@ -133,14 +135,16 @@ def pruned_class(dense_name: str) -> type:
     return cls
 
 
-def as_component(student: nn.Module) -> nn.Module:
+def as_component(student: nn.Module, structure: dict[str, Any] | None = None) -> nn.Module:
     """``student`` (a pruned diffusers model with its ``pruning_plan``) as an instance of its
-    pruned class, in place: same modules and weights, the plan in its config."""
+    pruned class, in place: same modules and weights, the plan and the structure (computed when not
+    given) in its config."""
     plan = getattr(student, "pruning_plan", None)
     if plan is None:
         raise ValueError("the model has no pruning_plan: it is not a pruned student")
+    structure = structure if structure is not None else _structure(student)
     retype(student, pruned_class(diffusers_class_name(student)))
-    student.register_to_config(pruning_plan=plan, pruned_structure=_structure(student))
+    student.register_to_config(pruning_plan=plan, pruned_structure=structure)
     return student
 
 

@@ -113,8 +113,7 @@ def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None
     model = getattr(diffusers, dense).from_config(dense_config).eval()
     apply_checked_plan(model, plan, plan_source, example_inputs)
     _load_weights(model, folder / (LEGACY_WEIGHTS_FILE if legacy else WEIGHTS_FILE), plan_source)
-    check_structure(model, config.get(STRUCTURE_KEY), str(folder / CONFIG_FILE))
-    return as_component(model)
+    return as_component(model, check_structure(model, config.get(STRUCTURE_KEY), str(folder / CONFIG_FILE)))
 
 
 def load_pipeline(folder: str | os.PathLike, **kwargs: Any) -> Any:
