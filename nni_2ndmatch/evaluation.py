@@ -9,6 +9,7 @@ features on MNIST. It is not comparable to Inception FID.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -91,7 +92,13 @@ def digits_fid(samples: Tensor, classifier: torch.nn.Module | None = None, data:
         mode = "area" if samples.shape[-1] > size else "bilinear"
         samples = F.interpolate(samples.float(), size=(size, size), mode=mode)
     classifier = classifier if classifier is not None else load()
-    return frechet_distance(digits_features(samples, classifier), digits_features(reference(), classifier))
+    known = _REFERENCE_FEATURES.setdefault(classifier, {})
+    if data not in known:  # the held-out images' features, once per classifier (it is frozen)
+        known[data] = digits_features(reference(), classifier)
+    return frechet_distance(digits_features(samples, classifier), known[data])
+
+
+_REFERENCE_FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # classifier -> {data: features}
 
 
 def fidelity(student_samples: Tensor, teacher_samples: Tensor) -> float:
