@@ -29,7 +29,7 @@ from ..models import SUPPORTED_CLASSES, diffusers_class_name, pipeline_denoiser
 from ..models.pipelines import PIPELINE_INDEX
 from . import portable
 from .plan import apply_checked_plan, check_plan
-from .portable import PLAN_KEY, STRUCTURE_KEY
+from .portable import PRUNED_KEYS, STRUCTURE_KEY
 
 PREFIX = "Pruned"
 CODE_FILE = "nni_2ndmatch.py"  # model_index.json's library name + ".py": where diffusers looks for a component's code
@@ -58,7 +58,7 @@ def pruned_structure(model: nn.Module) -> dict[str, Any]:
     import diffusers
     import torch
 
-    config = {k: v for k, v in model.config.items() if not k.startswith("_") and k not in (PLAN_KEY, STRUCTURE_KEY)}
+    config = {k: v for k, v in model.config.items() if not k.startswith("_") and k not in PRUNED_KEYS}
     with torch.device("meta"):
         dense = getattr(diffusers, diffusers_class_name(model)).from_config(config)
     ours, dense_modules = dict(model.named_modules()), dict(dense.named_modules())
@@ -82,7 +82,6 @@ def _init(self, pruning_plan: dict[str, Any] | None = None, pruned_structure: di
         check_plan(pruning_plan, where)
         apply_checked_plan(self, pruning_plan, where)
     self.pruning_plan = pruning_plan
-    # (auto_map is diffusers' pointer to the folder's code file, written again on save from _auto_class)
     structure = check_structure(self, pruned_structure, f"{type(self).__name__} config") if pruning_plan else None
     self.register_to_config(pruning_plan=pruning_plan, pruned_structure=structure)
 
@@ -105,7 +104,7 @@ def check_structure(model: nn.Module, stored: Any, where: str) -> dict[str, Any]
 def _init_keys(input_class: type) -> set[str]:
     if dense_of(input_class.__name__):
         dense = input_class.__mro__[1]
-        return set(inspect.signature(dense.__init__).parameters) | {PLAN_KEY, STRUCTURE_KEY, "auto_map"}
+        return set(inspect.signature(dense.__init__).parameters) | set(PRUNED_KEYS)
     return set(inspect.signature(input_class.__init__).parameters)
 
 

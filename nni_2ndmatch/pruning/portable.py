@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 STRUCTURE_KEY, PLAN_KEY = "pruned_structure", "pruning_plan"
+#: The config entries a pruned class adds to its dense class's (auto_map: diffusers' pointer to this
+#: file, written again on save from ``_auto_class``).
+PRUNED_KEYS = (STRUCTURE_KEY, PLAN_KEY, "auto_map")
 
 
 def apply_structure(model: nn.Module, structure: dict) -> None:
@@ -57,7 +60,7 @@ def _pruned(dense: type) -> type:
 
     def _get_init_keys(input_class: type) -> set:
         if input_class.__name__ == "Pruned" + dense.__name__:
-            return set(inspect.signature(dense.__init__).parameters) | {STRUCTURE_KEY, PLAN_KEY, "auto_map"}
+            return set(inspect.signature(dense.__init__).parameters) | set(PRUNED_KEYS)
         return set(inspect.signature(input_class.__init__).parameters)
 
     @classmethod

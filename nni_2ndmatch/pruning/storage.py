@@ -25,7 +25,7 @@ from ..models.pipelines import DENOISERS, pipeline_components
 from ..utils import json_kind
 from .component import PREFIX, as_component, check_structure, dense_of, save_as_component
 from .plan import apply_checked_plan, check_plan
-from .portable import PLAN_KEY, STRUCTURE_KEY
+from .portable import PRUNED_KEYS, STRUCTURE_KEY
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "diffusion_pytorch_model.safetensors"
 LEGACY_WEIGHTS_FILE, PLAN_FILE = "model.safetensors", "pruning_plan.json"  # the earlier format
@@ -109,7 +109,7 @@ def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None
     import diffusers
 
     dense_config = {k: v for k, v in config.items()
-                    if not k.startswith("_") and k not in (PLAN_KEY, STRUCTURE_KEY, "auto_map")}
+                    if not k.startswith("_") and k not in PRUNED_KEYS}
     model = getattr(diffusers, dense).from_config(dense_config).eval()
     apply_checked_plan(model, plan, plan_source, example_inputs)
     _load_weights(model, folder / (LEGACY_WEIGHTS_FILE if legacy else WEIGHTS_FILE), plan_source)

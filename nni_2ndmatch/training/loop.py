@@ -51,8 +51,8 @@ class Validation:
 
 @dataclasses.dataclass(frozen=True)
 class Watch:
-    """What follows a run as it goes, in the main process: a progress bar, ``on_log`` called with
-    each logged record (the line metrics.jsonl gets), and ``validation``."""
+    """What follows a run as it goes: a progress bar and ``validation`` in the main process, and
+    ``on_log`` called in every process with each logged record (the line metrics.jsonl gets)."""
 
     progress: bool = True
     on_log: Callable[[dict[str, float]], None] | None = None
