@@ -49,7 +49,7 @@ def write_pipeline(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from nni_2ndmatch.models.pipelines import _byte_vocabulary
+    from nni_2ndmatch.models.tiny_pipelines import _byte_vocabulary
 
     vocab = _byte_vocabulary()
     (folder / "tokenizer").mkdir(parents=True)

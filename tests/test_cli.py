@@ -11,7 +11,9 @@ from helpers.cli import ROOT, cli, cli_here, write_config
 
 from nni_2ndmatch.config import validate_config
 
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+#: Examples with an end-to-end test of their own, which checks more than this file's (not run twice).
+OWN_TESTS = {"tiny_sdxl.yaml": "tests/test_sdxl.py"}
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if p.name not in OWN_TESTS)
 
 
 @pytest.mark.slow

@@ -466,7 +466,7 @@ def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_t
     from diffusers import DiffusionPipeline, OnnxStableDiffusionPipeline
 
     from nni_2ndmatch import load_pipeline, prune_diffusers
-    from nni_2ndmatch.models.pipelines import write_tiny_sd
+    from nni_2ndmatch.models import write_tiny_sd
     from nni_2ndmatch.pruning.component import save_pipeline
 
     teacher = write_tiny_sd(tmp_path / "teacher")

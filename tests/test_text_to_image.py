@@ -202,8 +202,10 @@ def _edit(path, **changes):
      r"data: .*metadata.jsonl: 7 image\(s\) have no entry: 1.png"),
     (lambda d: (d / "images" / "metadata.jsonl").write_text('{"file_name": "0.png"}\n'),
      r"data: .*metadata.jsonl line 1: \"text\" is None; each image needs a caption"),
+    (lambda d: _edit(d / "teacher" / "pipeline" / "model_index.json", text_encoder_3=["transformers", "T5Encoder"]),
+     r"model.teacher: .*model_index.json: the pipeline has text_encoder_3"),
     (lambda d: _edit(d / "teacher" / "pipeline" / "model_index.json", text_encoder_2=["transformers", "CLIPTextModel"]),
-     r"model.teacher: .*model_index.json: the pipeline has text_encoder_2"),
+     r"model.teacher: .*model_index.json: text_encoder_2 is CLIPTextModel; allowed: CLIPTextModelWithProjection"),
     (lambda d: _edit(d / "teacher" / "pipeline" / "scheduler" / "scheduler_config.json", prediction_type="sample"),
      r"model.teacher: .*scheduler_config.json: prediction_type='sample' is not supported; allowed: epsilon, "),
 ])
@@ -217,7 +219,7 @@ def test_a_pipeline_or_data_the_run_cannot_use_is_one_clear_error(edit, expected
 
 
 @pytest.mark.parametrize("class_name, family", [
-    ("StableDiffusionXLPipeline", "SDXL"), ("StableDiffusionXLImg2ImgPipeline", "an SDXL refiner"),
+    ("StableDiffusionXLImg2ImgPipeline", "an SDXL refiner"), ("StableDiffusionXLControlNetPipeline", "an SDXL variant"),
     ("StableDiffusion3Pipeline", "SD3"), ("FluxPipeline", "Flux"), ("UnCLIPPipeline", "unCLIP"),
     ("StableCascadeCombinedPipeline", "Stable Cascade"), ("StableVideoDiffusionPipeline", "video"),
 ])

@@ -4,8 +4,12 @@ from there one item at a time (memory-mapped), so a run's memory does not grow w
 
 A latent is the mean of the VAE's posterior, shifted and scaled as diffusers' pipelines expect
 ((z - shift_factor) * scaling_factor); a caption's embedding is the text encoder's last hidden
-state over the tokenizer's full context, as Stable Diffusion conditions on. Captions are encoded
-once per distinct text (the empty prompt, for ``caption_dropout``, always the last).
+state over the tokenizer's full context, as Stable Diffusion conditions on. SDXL, as its pipeline
+does: both text encoders' penultimate hidden states concatenated, the second's pooled embedding
+(``text_embeds``), the empty prompt as zeros where the pipeline says ``force_zeros_for_empty_prompt``,
+and per image the six micro-conditioning numbers (``time_ids``: the original height and width, the
+crop's top-left corner in the resized image, and the target size). Captions are encoded once per
+distinct text (the empty prompt, for ``caption_dropout``, always the last).
 
 The cache is ``manifest.json`` (what it holds: the fingerprint of the encoders and the data, the
 number of items and captions, the shard sizes) and shards ``latents-NNNNN.safetensors`` (latents
@@ -55,6 +59,8 @@ class CachePlan:
     labels: bool
     dtype: str
     format: str = FORMAT
+    pooled: int = 0  # the width of a caption's pooled embedding (SDXL's text_embeds); 0 without
+    time_ids: bool = False  # each latent has its micro-conditioning (SDXL)
 
     def per_shard(self, kind: str) -> int:
         shape = self.latent_shape if kind == "latents" else self.text_shape
@@ -158,22 +164,33 @@ class EncodedDataset(Dataset):
     def caption_embedding(self, text_index: int) -> Tensor:
         return self._read("captions", text_index, "embeddings").float()
 
+    def caption(self, text_index: int) -> dict[str, Tensor]:
+        """A caption's conditioning: its embedding, and (SDXL) its pooled embedding."""
+        out = {"encoder_hidden_states": self.caption_embedding(text_index)}
+        if self.plan.pooled:
+            out["text_embeds"] = self._read("captions", text_index, "pooled").float()
+        return out
+
     def __getitem__(self, index: int) -> Tensor | dict[str, Tensor]:
         latent = self._read("latents", index, "latents").float()
         if self.plan.labels:
             return {"sample": latent, "class_labels": self._read("latents", index, "labels")}
         if not self.plan.texts:
             return latent
-        text = int(self._read("latents", index, "caption_index"))
-        return {"sample": latent, "encoder_hidden_states": self.caption_embedding(text)}
+        item = {"sample": latent, **self.caption(int(self._read("latents", index, "caption_index")))}
+        if self.plan.time_ids:
+            item["time_ids"] = self._read("latents", index, "time_ids")
+        return item
 
     def drop_captions(self, model_kwargs: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
-        """``model_kwargs`` with the caption embedding of each sample where ``drop`` is True
-        replaced by the empty prompt's."""
-        states = model_kwargs["encoder_hidden_states"]
-        empty = self.caption_embedding(self.plan.texts - 1).to(states.device, states.dtype)
-        return {**model_kwargs, "encoder_hidden_states": torch.where(drop.view(-1, 1, 1).to(states.device),
-                                                                      empty, states)}
+        """``model_kwargs`` with the caption conditioning (embedding, and SDXL's pooled one) of each
+        sample where ``drop`` is True replaced by the empty prompt's."""
+        out = dict(model_kwargs)
+        for key, empty in self.caption(self.plan.texts - 1).items():
+            value = model_kwargs[key]
+            where = drop.view(-1, *[1] * (value.dim() - 1)).to(value.device)
+            out[key] = torch.where(where, empty.to(value.device, value.dtype), value)
+        return out
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -192,17 +209,15 @@ def fingerprint(parts: Any, data: Dataset, captions: list[str] | None, labels: l
     bytes), the images (their files' bytes, or the image tensors of in-memory data), their size,
     the captions, the class labels and the cache's dtype."""
     digest = hashlib.sha256(f"nni-2ndmatch encoded data {FORMAT}\0".encode())
-    for name in ("vae", "text_encoder", "tokenizer"):
-        folder = parts.path / name
-        if getattr(parts, name) is not None:
-            _hash_files(digest, sorted(p for p in folder.rglob("*") if p.is_file()))
+    for name in parts.frozen:
+        _hash_files(digest, sorted(p for p in (parts.path / name).rglob("*") if p.is_file()))
     files = getattr(data, "source_files", None)
     if files is not None:
         _hash_files(digest, files())
         digest.update(json.dumps([data.resolution, data.channels, len(data)]).encode())
     else:
         digest.update(data.images.numpy().tobytes())
-    digest.update(json.dumps([captions, labels, dtype]).encode())
+    digest.update(json.dumps([captions, labels, dtype, parts.zero_empty_prompt]).encode())
     return digest.hexdigest()
 
 
@@ -221,18 +236,45 @@ def encode_images(vae: Any, images: Tensor, expand_greyscale: bool = False) -> T
     return (vae.encode(images.to(device)).latent_dist.mean - shift) * scale
 
 
-@torch.no_grad()
-def encode_texts(parts: Any, texts: list[str]) -> Tensor:
-    """The text encoder's last hidden state for each text over the tokenizer's full context."""
-    tokenizer = parts.tokenizer
+def _token_ids(tokenizer: Any, texts: list[str], device: torch.device) -> Tensor:
+    """The texts' token ids over the tokenizer's full context (a warning names what is cut)."""
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     cut = [t for t, n in zip(texts, map(len, tokenizer(texts).input_ids)) if n > tokenizer.model_max_length]
     if cut:
         logger.warning("%d caption(s) are longer than the text encoder's %d tokens and were cut to that length, "
                        "e.g. %r", len(cut), tokenizer.model_max_length, cut[0])
+    return ids.to(device)
+
+
+@torch.no_grad()
+def encode_texts(parts: Any, texts: list[str]) -> dict[str, Tensor]:
+    """Each text's conditioning as the pipeline computes it: ``embeddings``, the text encoder's last
+    hidden state over the tokenizer's full context; SDXL (``parts.text_encoder_2``): both encoders'
+    penultimate hidden states concatenated, and ``pooled``, the second's projected pooled output,
+    both zeros for the empty prompt where ``parts.zero_empty_prompt``."""
     device = next(parts.text_encoder.parameters()).device
-    return parts.text_encoder(ids.to(device))[0]
+    if parts.text_encoder_2 is None:
+        return {"embeddings": parts.text_encoder(_token_ids(parts.tokenizer, texts, device))[0]}
+    first = parts.text_encoder(_token_ids(parts.tokenizer, texts, device), output_hidden_states=True)
+    second = parts.text_encoder_2(_token_ids(parts.tokenizer_2, texts, device), output_hidden_states=True)
+    out = {"embeddings": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
+           "pooled": second.text_embeds}
+    if parts.zero_empty_prompt:
+        keep = torch.tensor([t != "" for t in texts], device=device)
+        out = {k: v * keep.view(-1, *[1] * (v.dim() - 1)) for k, v in out.items()}
+    return out
+
+
+def micro_conditioning(data: Dataset, index: int, resolution: int) -> list[float]:
+    """SDXL's six numbers for item ``index``: its original (height, width) where the data know it
+    (an image folder's file; otherwise the resolution), the top-left corner of the central square
+    crop in the image resized to ``resolution`` on its short side, and the target size."""
+    size = getattr(data, "original_size", None)
+    height, width = size(index) if size is not None else (resolution, resolution)
+    side = min(height, width)
+    top, left = (height - side) // 2 * resolution / side, (width - side) // 2 * resolution / side
+    return [float(height), float(width), float(round(top)), float(round(left)), float(resolution), float(resolution)]
 
 
 def plan_cache(parts: Any, data: Dataset, key: str, captions: list[str] | None, labels: list[int] | None,
@@ -241,15 +283,25 @@ def plan_cache(parts: Any, data: Dataset, key: str, captions: list[str] | None, 
     latent = encode_images(parts.vae, data[0][None], expand_greyscale)[0].cpu()
     item: dict[str, Tensor] = {"sample": latent}
     text_shape: tuple[int, ...] = ()
+    pooled = 0
     if captions is not None:
-        item["encoder_hidden_states"] = encode_texts(parts, [captions[0]])[0].cpu()
-        text_shape = tuple(item["encoder_hidden_states"].shape)
+        text = {k: v[0].cpu() for k, v in encode_texts(parts, [captions[0]]).items()}
+        item["encoder_hidden_states"] = text["embeddings"]
+        text_shape = tuple(text["embeddings"].shape)
+        if "pooled" in text:
+            item["text_embeds"], pooled = text["pooled"], text["pooled"].shape[-1]
+            item["time_ids"] = torch.tensor(micro_conditioning(data, 0, latent_resolution(parts, latent)))
     if labels is not None:
         item["class_labels"] = torch.tensor(labels[0])
     plan = CachePlan(fingerprint=key, items=len(data), latent_shape=tuple(latent.shape),
                      texts=len(distinct_texts(captions)) if captions is not None else 0, text_shape=text_shape,
-                     labels=labels is not None, dtype=dtype)
+                     labels=labels is not None, dtype=dtype, pooled=pooled, time_ids=bool(pooled))
     return plan, item
+
+
+def latent_resolution(parts: Any, latent: Tensor) -> int:
+    """The image resolution a latent decodes to (its side times the VAE's downsampling)."""
+    return latent.shape[-1] * 2 ** (len(parts.vae.config.block_out_channels) - 1)
 
 
 def cached_plan(root: Path) -> CachePlan | None:
@@ -302,9 +354,9 @@ def encode_shards(root: Path, plan: CachePlan, parts: Any, data: Dataset, captio
     texts = distinct_texts(captions) if captions is not None else []
     index = {t: i for i, t in enumerate(texts)}
     dtype = DTYPES[plan.dtype]
-    parts.vae.to(encoding.device)
-    if parts.text_encoder is not None:
-        parts.text_encoder.to(encoding.device)
+    for model in parts.frozen.values():
+        if isinstance(model, torch.nn.Module):
+            model.to(encoding.device)
     began = time.perf_counter()
     bar = None
     if progress:
@@ -325,15 +377,20 @@ def encode_shards(root: Path, plan: CachePlan, parts: Any, data: Dataset, captio
                 tensors["caption_index"] = torch.tensor([index[captions[i]] for i in rows], dtype=torch.int64)
             if labels is not None:
                 tensors["labels"] = torch.tensor([labels[i] for i in rows], dtype=torch.int64)
+            if plan.time_ids:
+                resolution = latent_resolution(parts, latents)
+                tensors["time_ids"] = torch.tensor([micro_conditioning(data, i, resolution) for i in rows])
             _write_shard(root, "latents", k, tensors, meta)
         for k in (k for kind, k in todo if kind == "captions"):
             rows = plan.rows("captions", k)
-            embeddings = torch.empty(len(rows), *plan.text_shape, dtype=dtype)
+            shapes = {"embeddings": plan.text_shape, **({"pooled": (plan.pooled,)} if plan.pooled else {})}
+            encoded = {key: torch.empty(len(rows), *shape, dtype=dtype) for key, shape in shapes.items()}
             for start in range(0, len(rows), batch_size):
                 chunk = texts[rows.start + start:rows.start + min(start + batch_size, len(rows))]
-                embeddings[start:start + len(chunk)] = encode_texts(parts, chunk)
+                for key, value in encode_texts(parts, chunk).items():
+                    encoded[key][start:start + len(chunk)] = value
                 tick(len(chunk))
-            _write_shard(root, "captions", k, {"embeddings": embeddings}, meta)
+            _write_shard(root, "captions", k, encoded, meta)
     finally:
         if bar is not None:
             bar.close()

@@ -116,6 +116,13 @@ class ImageFolderDataset(Dataset):
         """The files the items are read from (for the fingerprint of encoded data)."""
         return list(self.files)
 
+    def original_size(self, index: int) -> tuple[int, int]:
+        """Image ``index``'s (height, width) in its file (read from the header; SDXL's micro-conditioning)."""
+        from PIL import Image
+
+        with Image.open(self.files[index]) as img:
+            return img.height, img.width
+
     def captions(self) -> list[str]:
         """Each image's caption: "text" in metadata.jsonl."""
         return read_metadata(self.root, self.files, "text")

@@ -4,7 +4,8 @@ wrapper whose positional forward gives every backend the same stable input names
 Contract: ``sample`` [B, C, H, W] float32, ``timestep`` [B] float32 (one value per sample, sharing
 the batch axis: a Python-number timestep would be baked into an exported graph as a constant),
 then the conditioning inputs of conditional models: ``encoder_hidden_states`` [B, S, D] float32,
-``class_labels`` [B] int64. One output, ``out``: the model's full prediction (for DiT with learned
+``class_labels`` [B] int64, and for an SDXL U-Net ``text_embeds`` [B, P] and ``time_ids`` [B, 6]
+float32 (its ``added_cond_kwargs``). One output, ``out``: the model's full prediction (for DiT with learned
 variance, 2*C channels; epsilon is the first C), always float32.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..method import forward_kwargs
 from ..models import diffusers_class_name, is_dit
 from ..pruning import is_pruned_folder, load_model_folder
 from ..pruning import macs_params as model_macs_params
@@ -67,13 +69,17 @@ def input_specs(model: nn.Module, seq_len: int = DEFAULT_SEQ_LEN) -> list[InputS
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     hw = (size, size) if isinstance(size, int) else size
     specs = [InputSpec("sample", "float32", (cfg.in_channels, *hw)), InputSpec("timestep", "float32", ())]
+    sdxl = getattr(cfg, "addition_embed_type", None) == "text_time"
     for key in ("addition_embed_type", "encoder_hid_dim_type", "class_embed_type"):
-        if getattr(cfg, key, None) is not None:
+        if getattr(cfg, key, None) is not None and not (sdxl and key == "addition_embed_type"):
             raise DeployError(f"{name} with {key}={getattr(cfg, key)!r} is not supported for export; "
-                              f"allowed: {key}=None")
+                              f"allowed: {key}=None{' or text_time' if key == 'addition_embed_type' else ''}")
     if name == "UNet2DConditionModel":
         dim = cfg.cross_attention_dim
         specs.append(InputSpec("encoder_hidden_states", "float32", (seq_len, dim if isinstance(dim, int) else dim[0])))
+    if sdxl:
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        specs += [InputSpec("text_embeds", "float32", (pooled,)), InputSpec("time_ids", "float32", (6,))]
     if is_dit(model) and cfg.num_embeds_ada_norm:
         specs.append(InputSpec("class_labels", "int64", (), high=int(cfg.num_embeds_ada_norm)))
     elif getattr(cfg, "num_class_embeds", None):
@@ -95,7 +101,7 @@ class ExportWrapper(nn.Module):
         if self.half:
             sample = sample.half()
             cond = tuple(c.half() if c.is_floating_point() else c for c in cond)
-        kwargs = dict(zip(self.cond_names, cond))
+        kwargs = forward_kwargs(dict(zip(self.cond_names, cond)))
         out = self.model(**{self.first: sample}, timestep=timestep, **kwargs, return_dict=False)[0]
         return out.float()
 
@@ -115,11 +121,16 @@ class _TwoConditions(ExportWrapper):
         return self.call(sample, timestep, cond_a, cond_b)
 
 
+class _ThreeConditions(ExportWrapper):
+    def forward(self, sample: Tensor, timestep: Tensor, cond_a: Tensor, cond_b: Tensor, cond_c: Tensor) -> Tensor:
+        return self.call(sample, timestep, cond_a, cond_b, cond_c)
+
+
 def wrap(model: nn.Module, specs: list[InputSpec], half: bool = False) -> ExportWrapper:
     """The positional wrapper for ``model`` taking ``specs`` (an explicit signature per arity, so
     that exporters see plain positional tensors)."""
     cond = [s.name for s in specs[2:]]
-    cls = (_Unconditional, _OneCondition, _TwoConditions)[len(cond)]
+    cls = (_Unconditional, _OneCondition, _TwoConditions, _ThreeConditions)[len(cond)]
     return cls(model, cond, half).eval()
 
 

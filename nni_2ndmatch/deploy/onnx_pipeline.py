@@ -105,6 +105,11 @@ def export_onnx_pipeline(pipeline: str | os.PathLike, out: str | os.PathLike, *,
         pipe = load_pipeline(pipeline)
     except (OSError, ValueError) as e:
         raise DeployError(f"cannot load the pipeline {str(pipeline)!r}: {e}") from None
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise DeployError(f"{str(pipeline)!r} is an SDXL pipeline ({type(pipe).__name__}), whose whole-pipeline ONNX "
+                          "layout (diffusers' OnnxStableDiffusionPipeline) does not exist; allowed: a Stable Diffusion "
+                          "1.x/2.x pipeline. Export its U-Net alone: "
+                          "python export/to_onnx.py --model PIPELINE/unet --out unet.onnx")
     needed = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
     missing = [k for k in needed if getattr(pipe, k, None) is None]
     if missing:

@@ -168,7 +168,9 @@ def _plan_latent(config: Config, teacher: nn.Module, parts: PipelineParts, chann
     data, text = config.data, parts.text_encoder is not None
     model_conditioning = conditioning_of(teacher)
     if text:
-        gives = ("encoder_hidden_states", parts.text_encoder.config.hidden_size)
+        encoders = [m for m in (parts.text_encoder, parts.text_encoder_2) if m is not None]
+        gives = ("encoder_hidden_states", sum(m.config.hidden_size for m in encoders))
+        check_added_conditioning(teacher, parts)
     else:
         gives = model_conditioning if model_conditioning is not None and model_conditioning[0] == "class_labels" \
             else None
@@ -191,6 +193,27 @@ def _plan_latent(config: Config, teacher: nn.Module, parts: PipelineParts, chann
     plan, example = plan_cache(parts, source, key, captions, labels, dtype,
                                expand_greyscale=data.builtin is not None)
     return DataPlan(source, captions, labels, example, plan)
+
+
+def check_added_conditioning(teacher: nn.Module, parts: PipelineParts) -> None:
+    """An SDXL pipeline's U-Net takes the pooled text embedding and the micro-conditioning
+    (``addition_embed_type: text_time``) of the widths its second text encoder gives; other
+    text-to-image U-Nets take neither."""
+    config = teacher.config
+    takes = getattr(config, "addition_embed_type", None) == "text_time"
+    if parts.text_encoder_2 is None:
+        if takes:
+            raise UserError("model.teacher: the U-Net takes SDXL's pooled text embedding and micro-conditioning "
+                            "(addition_embed_type text_time) but the pipeline has no text_encoder_2; allowed: an "
+                            "SDXL pipeline (text_encoder_2 and tokenizer_2)")
+        return
+    pooled = parts.text_encoder_2.config.projection_dim
+    wanted = pooled + 6 * (config.addition_time_embed_dim or 0)
+    if not takes or config.projection_class_embeddings_input_dim != wanted:
+        raise UserError(f"model.teacher: an SDXL pipeline's U-Net needs addition_embed_type text_time with "
+                        f"projection_class_embeddings_input_dim {wanted} (text_encoder_2's {pooled} + 6 x "
+                        f"addition_time_embed_dim); it has {getattr(config, 'addition_embed_type', None)} and "
+                        f"{getattr(config, 'projection_class_embeddings_input_dim', None)}")
 
 
 def check_resume(config: Config, plan: DataPlan) -> None:

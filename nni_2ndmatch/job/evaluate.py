@@ -117,7 +117,7 @@ class PipelineEvaluator(Scores):
 
         from ..models.pipelines import pipeline_components
 
-        frozen = {"vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": parts.tokenizer}
+        frozen = parts.frozen
         others = {k: None for k in pipeline_components(parts.path) if k not in (*frozen, parts.denoiser, "scheduler")}
         scheduler = DDIMScheduler.from_config(parts.scheduler.config, clip_sample=False)  # latents are not in [-1, 1]
         self.pipe = DiffusionPipeline.from_pretrained(parts.path, use_safetensors=True, scheduler=scheduler,

@@ -18,13 +18,13 @@ from ..finetuners import Finetuner
 from ..method import default_scheduler, model_output
 from ..models import (
     BUILTIN_PIPELINES,
+    TINY_PIPELINES,
     PipelineParts,
     build_builtin,
     conditioning_of,
     is_pipeline_folder,
     load_hub_model,
     load_pipeline_parts,
-    write_tiny_sd,
 )
 from ..nni import PRUNER_REGISTRY, pruner_spec
 from ..pruning import load_model_folder
@@ -60,7 +60,8 @@ def load_teacher(spec: ModelSpec, resolution: int) -> tuple[nn.Module, PipelineP
     with user_errors("model.teacher", OSError):
         if spec.builtin in BUILTIN_PIPELINES:
             folder = tempfile.TemporaryDirectory(prefix=f"nni-2ndmatch-{spec.builtin}-")
-            parts = load_pipeline_parts(write_tiny_sd(folder.name, seed=spec.seed, resolution=resolution))
+            write = TINY_PIPELINES[spec.builtin]
+            parts = load_pipeline_parts(write(folder.name, seed=spec.seed, resolution=resolution))
             parts.keep = folder
         elif spec.path is not None and is_pipeline_folder(spec.path):
             parts = load_pipeline_parts(spec.path)

@@ -28,10 +28,12 @@ from .schedule import (
     sample_timesteps,
 )
 from .terms import (
+    ADDED_CONDITIONS,
     JAC_MATCHES,
     JAC_WEIGHTINGS,
     TermForm,
     dsm_term,
+    forward_kwargs,
     jacobian_match_per_sample,
     jacobian_match_term,
     jacobian_term,
@@ -43,9 +45,10 @@ from .terms import (
 )
 
 __all__ = [
-    "DEFAULT_FD_STEP", "DEFAULT_MODE", "FLOW", "JAC_MATCHES", "JAC_WEIGHTINGS", "MODES", "Mode", "PREDICTION_TYPES",
-    "TermForm", "add_noise", "checkpoint_as_forward", "is_flow_matching", "model_timesteps", "prediction_of",
-    "default_scheduler", "dsm_term", "fp32_precision", "jacobian_match_per_sample", "jacobian_match_term",
+    "ADDED_CONDITIONS", "DEFAULT_FD_STEP", "DEFAULT_MODE", "FLOW", "JAC_MATCHES", "JAC_WEIGHTINGS", "MODES", "Mode",
+    "PREDICTION_TYPES", "TermForm", "add_noise", "checkpoint_as_forward", "is_flow_matching", "model_timesteps",
+    "prediction_of", "default_scheduler", "dsm_term", "forward_kwargs", "fp32_precision", "jacobian_match_per_sample",
+    "jacobian_match_term",
     "jacobian_safe", "jacobian_sensitivity", "jacobian_term", "jacobian_weight", "kd_term", "model_output",
     "noise_scale", "output_and_product", "output_and_sensitivity", "precision_state", "sample_directions",
     "sample_timesteps", "second_match_loss", "squared_norm", "student_and_teacher_products",

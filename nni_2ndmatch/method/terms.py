@@ -13,15 +13,30 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+#: Conditioning that diffusers' SDXL U-Net takes inside ``added_cond_kwargs`` (the pooled text
+#: embedding and the six micro-conditioning numbers). The package carries it as flat keyword
+#: arguments, one tensor per sample like the others (sliced, repeated, collated and cached alike),
+#: and nests it only where a model is called: ``forward_kwargs``.
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
+
+
+def forward_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a diffusers model is called with: ``model_kwargs`` with the
+    ADDED_CONDITIONS among them moved into ``added_cond_kwargs``."""
+    added = {k: v for k, v in model_kwargs.items() if k in ADDED_CONDITIONS}
+    if not added:
+        return model_kwargs
+    return {**{k: v for k, v in model_kwargs.items() if k not in ADDED_CONDITIONS}, "added_cond_kwargs": added}
+
 
 def model_output(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, **model_kwargs: Any) -> Tensor:
     """Call a noise-prediction model and return its epsilon prediction as a tensor shaped like x_t.
 
     Accepts modules or callables returning a Tensor, a tuple (first element) or an object with
     ``.sample`` (diffusers). A model predicting 2*C channels (learned variance, as DiT) returns the
-    first C channels, which are epsilon.
+    first C channels, which are epsilon. ``model_kwargs`` are flat (``forward_kwargs``).
     """
-    out = model(x_t, timesteps, **model_kwargs)
+    out = model(x_t, timesteps, **forward_kwargs(model_kwargs))
     if hasattr(out, "sample"):
         out = out.sample
     elif isinstance(out, (tuple, list)):

@@ -91,8 +91,8 @@ def mnist_teacher(width: float = 1.0) -> nn.Module:
 BUILTIN_MODELS: dict[str, Callable[[float], nn.Module]] = {
     "digits-teacher": digits_teacher, "mnist-teacher": mnist_teacher, "tiny-unet": tiny_unet,
     "tiny-unet-cond": tiny_unet_cond, "tiny-dit": tiny_dit, "ddpm-cifar10": ddpm_cifar10}
-#: Built-in pipelines (models.pipelines.write_tiny_sd): a teacher with its VAE, text encoder and schedule.
-BUILTIN_PIPELINES = ("tiny-sd",)
+#: Built-in pipelines (models.tiny_pipelines): a teacher with its VAE, text encoders and schedule.
+BUILTIN_PIPELINES = ("tiny-sd", "tiny-sdxl")
 
 
 def diffusers_class_name(model: nn.Module) -> str:
@@ -122,7 +122,8 @@ def conditioning_of(model: nn.Module) -> tuple[str, int] | None:
 def example_conditioning(model: nn.Module, batch: int, seed: int = 0) -> dict[str, Tensor]:
     """Seeded stand-in conditioning of the kind ``model`` takes, as keyword arguments for a batch
     of ``batch``: {} for an unconditional model, random ``class_labels`` for a class-conditional
-    DiT, 4 random token embeddings as ``encoder_hidden_states`` for a cross-attention U-Net."""
+    DiT, 4 random token embeddings as ``encoder_hidden_states`` for a cross-attention U-Net (with
+    SDXL's ``text_embeds`` and ``time_ids`` where it takes them)."""
     kind = conditioning_of(model)
     if kind is None:
         return {}
@@ -130,7 +131,18 @@ def example_conditioning(model: nn.Module, batch: int, seed: int = 0) -> dict[st
     key, size = kind
     if key == "class_labels":
         return {key: torch.randint(0, size, (batch,), generator=g)}
-    return {key: torch.randn(batch, 4, size, generator=g)}
+    return {key: torch.randn(batch, 4, size, generator=g), **added_conditions(model.config, batch, g)}
+
+
+def added_conditions(config: Any, batch: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Stand-ins for SDXL's ``text_embeds`` (random) and ``time_ids`` (a square image at the
+    model's sample size, uncropped) where the U-Net takes them (``addition_embed_type: text_time``); else {}."""
+    if getattr(config, "addition_embed_type", None) != "text_time":
+        return {}
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    size = 8.0 * (config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0])
+    return {"text_embeds": torch.randn(batch, pooled, generator=generator),
+            "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]] * batch)}
 
 
 def build_builtin(name: str, width: float = 1.0, seed: int = 0) -> nn.Module:
@@ -142,7 +154,8 @@ def build_builtin(name: str, width: float = 1.0, seed: int = 0) -> nn.Module:
 
 
 def default_example_inputs(model: nn.Module, batch: int = 1) -> dict[str, Any]:
-    """Forward arguments of the right shapes for a diffusers model, built from its config."""
+    """Forward arguments of the right shapes for a diffusers model, built from its config (flat:
+    an SDXL U-Net's ``text_embeds`` and ``time_ids`` beside the others, see ``method.forward_kwargs``)."""
     cfg = model.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     first = "hidden_states" if is_dit(model) else "sample"
@@ -153,4 +166,5 @@ def default_example_inputs(model: nn.Module, batch: int = 1) -> dict[str, Any]:
         inputs["encoder_hidden_states"] = torch.randn(batch, 4, dim if isinstance(dim, int) else dim[0])
     if is_dit(model):
         inputs["class_labels"] = torch.zeros(batch, dtype=torch.long)
+    inputs.update(added_conditions(cfg, batch))
     return inputs

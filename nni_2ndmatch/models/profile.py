@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..method.terms import forward_kwargs
+
 
 @dataclass(frozen=True)
 class ForwardProfile:
@@ -23,8 +25,9 @@ class ForwardProfile:
 
 
 def forward_profile(model: nn.Module, *args: Any, **kwargs: Any) -> ForwardProfile:
-    """Run ``model(*args, **kwargs)`` once without gradients and count, per sample of the batch,
-    what :class:`ForwardProfile` holds; every diffusers ``Attention`` module is counted."""
+    """Run ``model(*args, **kwargs)`` (flat kwargs, see ``method.forward_kwargs``) once without
+    gradients and count, per sample of the batch, what :class:`ForwardProfile` holds; every
+    diffusers ``Attention`` module is counted."""
     from diffusers.models.attention_processor import Attention
 
     counts = {"macs": 0, "scores": 0}
@@ -49,7 +52,7 @@ def forward_profile(model: nn.Module, *args: Any, **kwargs: Any) -> ForwardProfi
               if isinstance(m, Attention)]
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            model(*args, **forward_kwargs(kwargs))
     finally:
         for hook in hooks:
             hook.remove()

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..method import forward_kwargs
 from ..models import default_example_inputs
 from ..utils import is_number, requires_grad
 
@@ -64,7 +65,7 @@ def dependency_graph(model: nn.Module, example_inputs: dict[str, Any]):
     # torch-pruning silently prunes nothing where parameters do not require grad.
     with requires_grad(model, True), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=forward_kwargs(example_inputs))
 
 
 def _groups(model: nn.Module, graph) -> list:
@@ -199,7 +200,7 @@ def macs_params(model: nn.Module, example_inputs: dict[str, Any]) -> tuple[float
            for k, v in example_inputs.items()}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # it prints warnings
         warnings.simplefilter("ignore")
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs=one)
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs=forward_kwargs(one))
     return float(macs), int(params)
 
 
