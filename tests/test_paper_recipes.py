@@ -11,13 +11,14 @@ import yaml
 from helpers.tiny_models import captioned_images, tiny_sd_pipeline, tiny_unet2d_condition
 
 from nni_2ndmatch.config import validate_config
+from nni_2ndmatch.models import write_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "examples" / "paper").glob("*.yaml"))
 
 
 def test_there_is_a_recipe_per_setting_of_the_paper_and_each_is_valid():
-    assert [p.stem for p in RECIPES] == ["cifar10_ddpm", "lsun_church_ddpm", "sd_bk_sdm_coco"]
+    assert [p.stem for p in RECIPES] == ["cifar10_ddpm", "lsun_church_ddpm", "sd_bk_sdm_coco", "sdxl_ssd1b_style"]
     for path in RECIPES:
         raw = yaml.safe_load(path.read_text())
         assert raw["finetune"]["finetuner"] == "2ndmatch" and raw["finetune"]["lambda_jac"] == 0.1
@@ -32,7 +33,10 @@ def test_each_recipe_runs_two_steps_on_tiny_models_of_its_families(recipe, tmp_p
     from nni_2ndmatch.job.run import run_job
 
     raw = yaml.safe_load((ROOT / "examples" / "paper" / recipe).read_text())
-    if "student" in raw["model"]:  # Stable Diffusion with a given UNet2DConditionModel student
+    if "sdxl" in recipe:  # SDXL with a given student of its U-Net's family
+        raw["model"]["teacher"] = {"path": str(write_tiny_sdxl(tmp_path / "sdxl", resolution=8))}
+        raw["model"]["student"] = {"path": str(write_tiny_sdxl(tmp_path / "student", seed=1, resolution=8) / "unet")}
+    elif "student" in raw["model"]:  # Stable Diffusion with a given UNet2DConditionModel student
         raw["model"]["teacher"] = {"path": str(tiny_sd_pipeline(tmp_path / "sd"))}
         tiny_unet2d_condition(seed=1).save_pretrained(tmp_path / "student")
         raw["model"]["student"] = {"path": str(tmp_path / "student")}
