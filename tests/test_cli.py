@@ -12,7 +12,7 @@ from helpers.cli import ROOT, cli, cli_here, write_config
 from nni_2ndmatch.config import validate_config
 
 #: Examples with an end-to-end test of their own, which checks more than this file's (not run twice).
-OWN_TESTS = {"tiny_sdxl.yaml": "tests/test_sdxl.py"}
+OWN_TESTS = {"tiny_sdxl.yaml": "tests/test_sdxl.py", "tiny_sd3.yaml": "tests/test_sd3.py"}
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if p.name not in OWN_TESTS)
 
 

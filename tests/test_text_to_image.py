@@ -202,8 +202,8 @@ def _edit(path, **changes):
      r"data: .*metadata.jsonl: 7 image\(s\) have no entry: 1.png"),
     (lambda d: (d / "images" / "metadata.jsonl").write_text('{"file_name": "0.png"}\n'),
      r"data: .*metadata.jsonl line 1: \"text\" is None; each image needs a caption"),
-    (lambda d: _edit(d / "teacher" / "pipeline" / "model_index.json", text_encoder_3=["transformers", "T5Encoder"]),
-     r"model.teacher: .*model_index.json: the pipeline has text_encoder_3"),
+    (lambda d: _edit(d / "teacher" / "pipeline" / "model_index.json", text_encoder_3=["transformers", "T5EncoderModel"]),
+     r"model.teacher: .*model_index.json: text_encoder_3 without text_encoder_2 is not a layout the run knows"),
     (lambda d: _edit(d / "teacher" / "pipeline" / "model_index.json", text_encoder_2=["transformers", "CLIPTextModel"]),
      r"model.teacher: .*model_index.json: text_encoder_2 is CLIPTextModel; allowed: CLIPTextModelWithProjection"),
     (lambda d: _edit(d / "teacher" / "pipeline" / "scheduler" / "scheduler_config.json", prediction_type="sample"),
@@ -220,7 +220,7 @@ def test_a_pipeline_or_data_the_run_cannot_use_is_one_clear_error(edit, expected
 
 @pytest.mark.parametrize("class_name, family", [
     ("StableDiffusionXLImg2ImgPipeline", "an SDXL refiner"), ("StableDiffusionXLControlNetPipeline", "an SDXL variant"),
-    ("StableDiffusion3Pipeline", "SD3"), ("FluxPipeline", "Flux"), ("UnCLIPPipeline", "unCLIP"),
+    ("StableDiffusion3InpaintPipeline", "an SD3 variant"), ("FluxPipeline", "Flux"), ("UnCLIPPipeline", "unCLIP"),
     ("StableCascadeCombinedPipeline", "Stable Cascade"), ("StableVideoDiffusionPipeline", "video"),
 ])
 def test_a_pipeline_family_not_supported_yet_is_refused_by_name_listing_those_that_are(class_name, family, tmp_path):

@@ -4,8 +4,10 @@ from there one item at a time (memory-mapped), so a run's memory does not grow w
 
 A latent is the mean of the VAE's posterior, shifted and scaled as diffusers' pipelines expect
 ((z - shift_factor) * scaling_factor); a caption's embedding is the text encoder's last hidden
-state over the tokenizer's full context, as Stable Diffusion conditions on. SDXL, as its pipeline
-does: both text encoders' penultimate hidden states concatenated, the second's pooled embedding
+state over the tokenizer's full context, as Stable Diffusion conditions on. SD3: both CLIP
+encoders' penultimate states concatenated, zero-padded to the transformer's width and followed by
+T5's tokens (zeros without T5), and both pooled embeddings (``pooled_projections``). SDXL, as its
+pipeline does: both text encoders' penultimate hidden states concatenated, the second's pooled embedding
 (``text_embeds``), the empty prompt as zeros where the pipeline says ``force_zeros_for_empty_prompt``,
 and per image the six micro-conditioning numbers (``time_ids``: the original height and width, the
 crop's top-left corner in the resized image, and the target size). Captions are encoded once per
@@ -59,7 +61,8 @@ class CachePlan:
     labels: bool
     dtype: str
     format: str = FORMAT
-    pooled: int = 0  # the width of a caption's pooled embedding (SDXL's text_embeds); 0 without
+    pooled: int = 0  # the width of a caption's pooled embedding; 0 without
+    pooled_key: str = ""  # the keyword it is the model's input under (SDXL's text_embeds, SD3's pooled_projections)
     time_ids: bool = False  # each latent has its micro-conditioning (SDXL)
 
     def per_shard(self, kind: str) -> int:
@@ -168,7 +171,7 @@ class EncodedDataset(Dataset):
         """A caption's conditioning: its embedding, and (SDXL) its pooled embedding."""
         out = {"encoder_hidden_states": self.caption_embedding(text_index)}
         if self.plan.pooled:
-            out["text_embeds"] = self._read("captions", text_index, "pooled").float()
+            out[self.plan.pooled_key] = self._read("captions", text_index, "pooled").float()
         return out
 
     def __getitem__(self, index: int) -> Tensor | dict[str, Tensor]:
@@ -236,14 +239,15 @@ def encode_images(vae: Any, images: Tensor, expand_greyscale: bool = False) -> T
     return (vae.encode(images.to(device)).latent_dist.mean - shift) * scale
 
 
-def _token_ids(tokenizer: Any, texts: list[str], device: torch.device) -> Tensor:
-    """The texts' token ids over the tokenizer's full context (a warning names what is cut)."""
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    cut = [t for t, n in zip(texts, map(len, tokenizer(texts).input_ids)) if n > tokenizer.model_max_length]
+def _token_ids(tokenizer: Any, texts: list[str], device: torch.device, length: int | None = None) -> Tensor:
+    """The texts' token ids over ``length`` tokens (the tokenizer's full context unless given; a
+    warning names what is cut)."""
+    length = length or tokenizer.model_max_length
+    ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    cut = [t for t, n in zip(texts, map(len, tokenizer(texts).input_ids)) if n > length]
     if cut:
         logger.warning("%d caption(s) are longer than the text encoder's %d tokens and were cut to that length, "
-                       "e.g. %r", len(cut), tokenizer.model_max_length, cut[0])
+                       "e.g. %r", len(cut), length, cut[0])
     return ids.to(device)
 
 
@@ -258,12 +262,28 @@ def encode_texts(parts: Any, texts: list[str]) -> dict[str, Tensor]:
         return {"embeddings": parts.text_encoder(_token_ids(parts.tokenizer, texts, device))[0]}
     first = parts.text_encoder(_token_ids(parts.tokenizer, texts, device), output_hidden_states=True)
     second = parts.text_encoder_2(_token_ids(parts.tokenizer_2, texts, device), output_hidden_states=True)
-    out = {"embeddings": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
-           "pooled": second.text_embeds}
+    clip = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    if parts.pooled_key == "pooled_projections":
+        return _sd3_conditioning(parts, texts, clip, torch.cat([first.text_embeds, second.text_embeds], dim=-1))
+    out = {"embeddings": clip, "pooled": second.text_embeds}
     if parts.zero_empty_prompt:
         keep = torch.tensor([t != "" for t in texts], device=device)
         out = {k: v * keep.view(-1, *[1] * (v.dim() - 1)) for k, v in out.items()}
     return out
+
+
+def _sd3_conditioning(parts: Any, texts: list[str], clip: Tensor, pooled: Tensor) -> dict[str, Tensor]:
+    """SD3's: the CLIP tokens zero-padded to the transformer's width, followed by T5's SD3_T5_TOKENS
+    tokens (zeros without T5); the pooled embedding of both CLIP encoders."""
+    from ..models.pipelines import SD3_T5_TOKENS
+
+    if parts.text_encoder_3 is None:
+        t5 = clip.new_zeros(len(texts), SD3_T5_TOKENS, parts.joint_width)
+    else:
+        ids = _token_ids(parts.tokenizer_3, texts, clip.device, SD3_T5_TOKENS)
+        t5 = parts.text_encoder_3(ids)[0]
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return {"embeddings": torch.cat([clip, t5], dim=-2), "pooled": pooled}
 
 
 def micro_conditioning(data: Dataset, index: int, resolution: int) -> list[float]:
@@ -289,13 +309,15 @@ def plan_cache(parts: Any, data: Dataset, key: str, captions: list[str] | None, 
         item["encoder_hidden_states"] = text["embeddings"]
         text_shape = tuple(text["embeddings"].shape)
         if "pooled" in text:
-            item["text_embeds"], pooled = text["pooled"], text["pooled"].shape[-1]
+            item[parts.pooled_key], pooled = text["pooled"], text["pooled"].shape[-1]
+        if parts.pooled_key == "text_embeds":
             item["time_ids"] = torch.tensor(micro_conditioning(data, 0, latent_resolution(parts, latent)))
     if labels is not None:
         item["class_labels"] = torch.tensor(labels[0])
     plan = CachePlan(fingerprint=key, items=len(data), latent_shape=tuple(latent.shape),
                      texts=len(distinct_texts(captions)) if captions is not None else 0, text_shape=text_shape,
-                     labels=labels is not None, dtype=dtype, pooled=pooled, time_ids=bool(pooled))
+                     labels=labels is not None, dtype=dtype, pooled=pooled, pooled_key=parts.pooled_key or "",
+                     time_ids="time_ids" in item)
     return plan, item
 
 

@@ -4,9 +4,10 @@ wrapper whose positional forward gives every backend the same stable input names
 Contract: ``sample`` [B, C, H, W] float32, ``timestep`` [B] float32 (one value per sample, sharing
 the batch axis: a Python-number timestep would be baked into an exported graph as a constant),
 then the conditioning inputs of conditional models: ``encoder_hidden_states`` [B, S, D] float32,
-``class_labels`` [B] int64, and for an SDXL U-Net ``text_embeds`` [B, P] and ``time_ids`` [B, 6]
-float32 (its ``added_cond_kwargs``). One output, ``out``: the model's full prediction (for DiT with learned
-variance, 2*C channels; epsilon is the first C), always float32.
+``class_labels`` [B] int64, for an SDXL U-Net ``text_embeds`` [B, P] and ``time_ids`` [B, 6]
+float32 (its ``added_cond_kwargs``), for SD3's transformer ``pooled_projections`` [B, P] float32.
+One output, ``out``: the model's full prediction (for DiT with learned variance, 2*C channels;
+epsilon is the first C; for SD3 the velocity), always float32.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..method import forward_kwargs
-from ..models import diffusers_class_name, is_dit
+from ..models import conditioning_of, diffusers_class_name, first_input, is_dit, is_sd3
 from ..pruning import is_pruned_folder, load_model_folder
 from ..pruning import macs_params as model_macs_params
 from ..scoped import seeded_generator
@@ -74,9 +75,11 @@ def input_specs(model: nn.Module, seq_len: int = DEFAULT_SEQ_LEN) -> list[InputS
         if getattr(cfg, key, None) is not None and not (sdxl and key == "addition_embed_type"):
             raise DeployError(f"{name} with {key}={getattr(cfg, key)!r} is not supported for export; "
                               f"allowed: {key}=None{' or text_time' if key == 'addition_embed_type' else ''}")
-    if name == "UNet2DConditionModel":
-        dim = cfg.cross_attention_dim
-        specs.append(InputSpec("encoder_hidden_states", "float32", (seq_len, dim if isinstance(dim, int) else dim[0])))
+    kind = conditioning_of(model)
+    if kind is not None and kind[0] == "encoder_hidden_states":
+        specs.append(InputSpec("encoder_hidden_states", "float32", (seq_len, kind[1])))
+    if is_sd3(model):
+        specs.append(InputSpec("pooled_projections", "float32", (cfg.pooled_projection_dim,)))
     if sdxl:
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         specs += [InputSpec("text_embeds", "float32", (pooled,)), InputSpec("time_ids", "float32", (6,))]
@@ -95,7 +98,7 @@ class ExportWrapper(nn.Module):
     def __init__(self, model: nn.Module, cond_names: list[str], half: bool = False):
         super().__init__()
         self.model, self.cond_names, self.half = model, list(cond_names), half
-        self.first = "hidden_states" if is_dit(model) else "sample"
+        self.first = first_input(model)
 
     def call(self, sample: Tensor, timestep: Tensor, *cond: Tensor) -> Tensor:
         if self.half:
@@ -153,5 +156,5 @@ def random_inputs(specs: list[InputSpec], batch: int, seed: int = 0,
 def macs_params(model: nn.Module, specs: list[InputSpec]) -> tuple[float, int]:
     """MACs of one sample with the deployed input shapes, and parameters."""
     inputs = random_inputs(specs, 1)
-    kwargs = {("hidden_states" if is_dit(model) and s.name == "sample" else s.name): t for s, t in zip(specs, inputs)}
+    kwargs = {(first_input(model) if s.name == "sample" else s.name): t for s, t in zip(specs, inputs)}
     return model_macs_params(model, kwargs)

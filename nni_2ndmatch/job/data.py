@@ -170,6 +170,9 @@ def _plan_latent(config: Config, teacher: nn.Module, parts: PipelineParts, chann
     if text:
         encoders = [m for m in (parts.text_encoder, parts.text_encoder_2) if m is not None]
         gives = ("encoder_hidden_states", sum(m.config.hidden_size for m in encoders))
+        if parts.pooled_key == "pooled_projections":  # SD3: CLIP padded to T5's width (the transformer's without T5)
+            t5 = parts.text_encoder_3
+            gives = ("encoder_hidden_states", t5.config.d_model if t5 is not None else parts.joint_width)
         check_added_conditioning(teacher, parts)
     else:
         gives = model_conditioning if model_conditioning is not None and model_conditioning[0] == "class_labels" \
@@ -197,9 +200,19 @@ def _plan_latent(config: Config, teacher: nn.Module, parts: PipelineParts, chann
 
 def check_added_conditioning(teacher: nn.Module, parts: PipelineParts) -> None:
     """An SDXL pipeline's U-Net takes the pooled text embedding and the micro-conditioning
-    (``addition_embed_type: text_time``) of the widths its second text encoder gives; other
-    text-to-image U-Nets take neither."""
+    (``addition_embed_type: text_time``) of the widths its second text encoder gives, an SD3
+    pipeline's transformer both CLIP encoders' pooled projections; other text-to-image U-Nets take
+    neither."""
     config = teacher.config
+    if parts.pooled_key == "pooled_projections":
+        pooled = parts.text_encoder.config.projection_dim + parts.text_encoder_2.config.projection_dim
+        clip = parts.text_encoder.config.hidden_size + parts.text_encoder_2.config.hidden_size
+        if getattr(config, "pooled_projection_dim", None) != pooled or clip > config.joint_attention_dim:
+            raise UserError(f"model.teacher: an SD3 pipeline's transformer needs pooled_projection_dim {pooled} (the "
+                            f"two CLIP encoders' projections) and joint_attention_dim >= {clip} (their widths); it has "
+                            f"{getattr(config, 'pooled_projection_dim', None)} and "
+                            f"{getattr(config, 'joint_attention_dim', None)}")
+        return
     takes = getattr(config, "addition_embed_type", None) == "text_time"
     if parts.text_encoder_2 is None:
         if takes:

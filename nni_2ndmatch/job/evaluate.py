@@ -21,6 +21,7 @@ from ..data import collate
 from ..evaluation import FID, FID_DATA, OnnxFeatures, clip_score, ddim_sample, digits_fid, fidelity, load_clip
 from ..finetuners import finetuner_options, get_finetuner
 from ..layout import BASELINES_DIR, REPORT_DIR
+from ..method import is_flow_matching
 from ..models import PipelineParts
 from ..pruning import save_model
 from ..scoped import seeded_generator
@@ -106,7 +107,8 @@ REAL_IMAGES = 10000  # at most this many data images are FID's reference set
 class PipelineEvaluator(Scores):
     """A latent pipeline's evaluation: every denoiser samples through the teacher's pipeline (its
     VAE decodes; the conditions are those of the first data items: prompts for its text encoder,
-    or class labels for a DiT), with DDIM on the pipeline's schedule, the same seeded initial
+    or class labels for a DiT), with DDIM on the pipeline's schedule (a flow-matching pipeline: its
+    own Euler sampler, deterministic), the same seeded initial
     latents per sample and ``guidance_scale``, as the ``section`` says; ``prompts`` replace the
     data's captions. Scores as :class:`Scores` (FID against the data's images, CLIP score against
     the prompts)."""
@@ -115,11 +117,15 @@ class PipelineEvaluator(Scores):
                  resolution: int, prompts: list[str] | None = None) -> None:
         from diffusers import DDIMScheduler, DiffusionPipeline
 
-        from ..models.pipelines import pipeline_components
+        from ..models.pipelines import null_components, pipeline_components
 
         frozen = parts.frozen
         others = {k: None for k in pipeline_components(parts.path) if k not in (*frozen, parts.denoiser, "scheduler")}
-        scheduler = DDIMScheduler.from_config(parts.scheduler.config, clip_sample=False)  # latents are not in [-1, 1]
+        others.update(null_components(parts.path))
+        if is_flow_matching(parts.scheduler):  # deterministic already: the pipeline's flow-matching Euler
+            scheduler = type(parts.scheduler).from_config(parts.scheduler.config)
+        else:
+            scheduler = DDIMScheduler.from_config(parts.scheduler.config, clip_sample=False)  # latents: not in [-1, 1]
         self.pipe = DiffusionPipeline.from_pretrained(parts.path, use_safetensors=True, scheduler=scheduler,
                                                       **{parts.denoiser: teacher}, **frozen, **others)
         self.pipe.set_progress_bar_config(disable=True)

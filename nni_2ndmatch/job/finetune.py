@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from typing import Any
 
 from torch import nn
 
@@ -12,6 +13,7 @@ from ..config import Config
 from ..errors import UserError, user_errors
 from ..files import atomic_write_json
 from ..finetuners import Finetuner, finetuner_class
+from ..method import FLOW, is_flow_matching
 from ..models import PipelineParts, count_params
 from ..pruning import save_model, save_pipeline
 from ..training import Runtime, Watch, finetune
@@ -22,6 +24,14 @@ from .results import RunSummary
 from .validation import make_validation
 
 logger = logging.getLogger(__name__)
+
+
+def schedule_summary(scheduler: Any) -> dict[str, Any]:
+    """What the summary records of a pipeline's training schedule: its betas and prediction type,
+    or under flow matching its class and shift."""
+    if is_flow_matching(scheduler):
+        return {"flow_matching": type(scheduler).__name__, "shift": scheduler.config.shift, "prediction_type": FLOW}
+    return {k: scheduler.config[k] for k in ("beta_schedule", "prediction_type")}
 
 
 def _check_free_space(out: RunFolder, student: nn.Module, config: Config) -> None:
@@ -81,7 +91,7 @@ def run_finetune(config: Config, out: RunFolder, teacher: nn.Module, data: Train
         teacher_params=count_params(teacher), student_params=count_params(result.student),
         processes=runtime.world_size, loss_weights=finetuner.weights(),
         pipeline_dir=out.pipeline.name if parts is not None else None,
-        schedule={k: finetuner.scheduler.config[k] for k in ("beta_schedule", "prediction_type")} if parts else None)
+        schedule=schedule_summary(finetuner.scheduler) if parts else None)
     if runtime.is_main:
         save_model(result.student, out.student)
         if parts is not None:

@@ -15,7 +15,7 @@ from ..data import collate
 from ..errors import UserError, user_errors
 from ..evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from ..finetuners import Finetuner
-from ..method import default_scheduler, model_output
+from ..method import default_scheduler, model_output, prediction_of
 from ..models import (
     BUILTIN_PIPELINES,
     TINY_PIPELINES,
@@ -139,11 +139,11 @@ def check_inputs(config: Config, resume: bool, runtime: Runtime) -> JobInputs:
     if config.evaluate is not None:
         check_evaluate(config, teacher, parts)
     if parts is not None and config.pruning is not None and pruner_spec(config.pruning.pruner).needs_gradients \
-            and parts.scheduler.config.prediction_type != "epsilon":
+            and prediction_of(parts.scheduler) != "epsilon":
         allowed = [name for name, spec in PRUNER_REGISTRY.items() if not spec.needs_gradients]
         raise UserError(f"pruning.pruner: value {config.pruning.pruner!r} is not allowed: it scores channels by the "
                         "gradients of the noise-prediction loss, and the pipeline predicts "
-                        f"{parts.scheduler.config.prediction_type}; allowed: {', '.join(allowed)}")
+                        f"{prediction_of(parts.scheduler)}; allowed: {', '.join(allowed)}")
     if config.finetune.validation_prompts is not None and (parts is None or parts.text_encoder is None):
         raise UserError(f"finetune.validation_prompts: value {config.finetune.validation_prompts!r} is not allowed: "
                         "the teacher takes no text prompts (only a text-to-image pipeline does); leave it out")

@@ -29,6 +29,20 @@ def forward_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in model_kwargs.items() if k not in ADDED_CONDITIONS}, "added_cond_kwargs": added}
 
 
+#: Conditioning of models whose second positional argument is not the timestep (SD3's transformer:
+#: ``forward(hidden_states, encoder_hidden_states, pooled_projections, timestep)``).
+TIMESTEP_BY_KEYWORD = ("pooled_projections",)
+
+
+def call_model(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, model_kwargs: dict[str, Any]) -> Any:
+    """``model`` at (x_t, timesteps) with the flat conditioning ``model_kwargs`` (``forward_kwargs``):
+    the timestep positional, or by keyword for the models of TIMESTEP_BY_KEYWORD."""
+    kwargs = forward_kwargs(model_kwargs)
+    if any(k in kwargs for k in TIMESTEP_BY_KEYWORD):
+        return model(x_t, timestep=timesteps, **kwargs)
+    return model(x_t, timesteps, **kwargs)
+
+
 def model_output(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, **model_kwargs: Any) -> Tensor:
     """Call a noise-prediction model and return its epsilon prediction as a tensor shaped like x_t.
 
@@ -36,7 +50,7 @@ def model_output(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor, **mo
     ``.sample`` (diffusers). A model predicting 2*C channels (learned variance, as DiT) returns the
     first C channels, which are epsilon. ``model_kwargs`` are flat (``forward_kwargs``).
     """
-    out = model(x_t, timesteps, **forward_kwargs(model_kwargs))
+    out = call_model(model, x_t, timesteps, model_kwargs)
     if hasattr(out, "sample"):
         out = out.sample
     elif isinstance(out, (tuple, list)):

@@ -9,7 +9,9 @@ from .builtin import (
     diffusers_class_name,
     digits_unet,
     example_conditioning,
+    first_input,
     is_dit,
+    is_sd3,
     tiny_dit,
     tiny_unet,
     tiny_unet_cond,
@@ -29,12 +31,13 @@ from .pipelines import (
     pipeline_denoiser,
     training_scheduler,
 )
-from .tiny_pipelines import TINY_PIPELINES, write_tiny_sd, write_tiny_sdxl
+from .tiny_pipelines import TINY_PIPELINES, write_tiny_sd, write_tiny_sd3, write_tiny_sdxl
 
 __all__ = [
     "BUILTIN_MODELS", "BUILTIN_PIPELINES", "PipelineParts", "SUPPORTED_CLASSES", "build_builtin", "conditioning_of",
-    "count_params", "default_example_inputs", "diffusers_class_name", "digits_unet", "example_conditioning", "is_dit",
-    "is_pipeline_folder", "load_diffusers_model", "load_hub_model", "load_pipeline_parts", "model_class",
+    "count_params", "default_example_inputs", "diffusers_class_name", "digits_unet", "example_conditioning",
+    "first_input", "is_dit", "is_sd3", "is_pipeline_folder", "load_diffusers_model", "load_hub_model",
+    "load_pipeline_parts", "model_class",
     "pipeline_denoiser", "save_diffusers_model", "tiny_dit", "tiny_unet", "tiny_unet_cond", "training_scheduler",
-    "TINY_PIPELINES", "write_tiny_sd", "write_tiny_sdxl",
+    "TINY_PIPELINES", "write_tiny_sd", "write_tiny_sd3", "write_tiny_sdxl",
 ]

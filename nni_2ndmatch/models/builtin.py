@@ -92,7 +92,7 @@ BUILTIN_MODELS: dict[str, Callable[[float], nn.Module]] = {
     "digits-teacher": digits_teacher, "mnist-teacher": mnist_teacher, "tiny-unet": tiny_unet,
     "tiny-unet-cond": tiny_unet_cond, "tiny-dit": tiny_dit, "ddpm-cifar10": ddpm_cifar10}
 #: Built-in pipelines (models.tiny_pipelines): a teacher with its VAE, text encoders and schedule.
-BUILTIN_PIPELINES = ("tiny-sd", "tiny-sdxl")
+BUILTIN_PIPELINES = ("tiny-sd", "tiny-sdxl", "tiny-sd3")
 
 
 def diffusers_class_name(model: nn.Module) -> str:
@@ -106,13 +106,26 @@ def is_dit(model: nn.Module) -> bool:
     return diffusers_class_name(model) == "DiTTransformer2DModel"
 
 
+def is_sd3(model: nn.Module) -> bool:
+    """SD3's joint (MMDiT) transformer: its input is ``hidden_states``, and it is conditioned on
+    text tokens (``encoder_hidden_states``) and a pooled text embedding (``pooled_projections``)."""
+    return diffusers_class_name(model) == "SD3Transformer2DModel"
+
+
+def first_input(model: nn.Module) -> str:
+    """The keyword of a diffusers model's noisy input: ``hidden_states`` (transformers) or ``sample``."""
+    return "hidden_states" if is_dit(model) or is_sd3(model) else "sample"
+
+
 def conditioning_of(model: nn.Module) -> tuple[str, int] | None:
     """What a model is conditioned on besides the timestep: ("class_labels", number of classes)
     for a class-conditional DiT, ("encoder_hidden_states", embedding width) for a cross-attention
-    U-Net, None for an unconditional model."""
+    U-Net or SD3's transformer, None for an unconditional model."""
     config = getattr(model, "config", None)
     if is_dit(model):
         return "class_labels", int(config.num_embeds_ada_norm)
+    if is_sd3(model):
+        return "encoder_hidden_states", int(config.joint_attention_dim)
     dim = getattr(config, "cross_attention_dim", None)
     if dim:
         return "encoder_hidden_states", int(dim if isinstance(dim, int) else dim[0])
@@ -122,8 +135,8 @@ def conditioning_of(model: nn.Module) -> tuple[str, int] | None:
 def example_conditioning(model: nn.Module, batch: int, seed: int = 0) -> dict[str, Tensor]:
     """Seeded stand-in conditioning of the kind ``model`` takes, as keyword arguments for a batch
     of ``batch``: {} for an unconditional model, random ``class_labels`` for a class-conditional
-    DiT, 4 random token embeddings as ``encoder_hidden_states`` for a cross-attention U-Net (with
-    SDXL's ``text_embeds`` and ``time_ids`` where it takes them)."""
+    DiT, 4 random token embeddings as ``encoder_hidden_states`` for a cross-attention U-Net or SD3
+    (with SDXL's ``text_embeds`` and ``time_ids``, SD3's ``pooled_projections``)."""
     kind = conditioning_of(model)
     if kind is None:
         return {}
@@ -135,8 +148,11 @@ def example_conditioning(model: nn.Module, batch: int, seed: int = 0) -> dict[st
 
 
 def added_conditions(config: Any, batch: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Stand-ins for SDXL's ``text_embeds`` (random) and ``time_ids`` (a square image at the
-    model's sample size, uncropped) where the U-Net takes them (``addition_embed_type: text_time``); else {}."""
+    """Stand-ins for the pooled text conditioning: SDXL's ``text_embeds`` (random) and ``time_ids``
+    (a square image at the model's sample size, uncropped) where the U-Net takes them
+    (``addition_embed_type: text_time``), SD3's ``pooled_projections`` (random); else {}."""
+    if getattr(config, "pooled_projection_dim", None) and getattr(config, "joint_attention_dim", None):
+        return {"pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=generator)}
     if getattr(config, "addition_embed_type", None) != "text_time":
         return {}
     pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
@@ -158,12 +174,11 @@ def default_example_inputs(model: nn.Module, batch: int = 1) -> dict[str, Any]:
     an SDXL U-Net's ``text_embeds`` and ``time_ids`` beside the others, see ``method.forward_kwargs``)."""
     cfg = model.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    first = "hidden_states" if is_dit(model) else "sample"
-    inputs: dict[str, Any] = {first: torch.randn(batch, cfg.in_channels, size, size),
+    inputs: dict[str, Any] = {first_input(model): torch.randn(batch, cfg.in_channels, size, size),
                               "timestep": torch.ones(batch)}
-    if getattr(cfg, "cross_attention_dim", None):
-        dim = cfg.cross_attention_dim
-        inputs["encoder_hidden_states"] = torch.randn(batch, 4, dim if isinstance(dim, int) else dim[0])
+    kind = conditioning_of(model)
+    if kind is not None and kind[0] == "encoder_hidden_states":
+        inputs["encoder_hidden_states"] = torch.randn(batch, 4, kind[1])
     if is_dit(model):
         inputs["class_labels"] = torch.zeros(batch, dtype=torch.long)
     inputs.update(added_conditions(cfg, batch))

@@ -14,7 +14,7 @@ from torch import nn
 from ..files import atomic_dir
 
 # Model classes a folder may name in its config.json; nothing else is ever instantiated.
-SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "SD3Transformer2DModel")
 
 
 def model_class(path: str | os.PathLike) -> str:

@@ -15,22 +15,28 @@ from typing import Any
 from torch import nn
 
 from ..files import read_json_object
-from ..method.schedule import PREDICTION_TYPES
+from ..method.schedule import PREDICTION_TYPES, is_flow_matching
 
 PIPELINE_INDEX = "model_index.json"
 DENOISERS = ("unet", "transformer")
 #: The components a run loads besides the denoiser, and the classes allowed for each.
-FROZEN_PARTS = {"vae": ("AutoencoderKL",), "text_encoder": ("CLIPTextModel",),
+FROZEN_PARTS = {"vae": ("AutoencoderKL",), "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
                 "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"), "text_encoder_2": ("CLIPTextModelWithProjection",),
-                "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast")}
-#: The pipeline classes of the SDXL family a run takes (the others of that family are refused by name).
-SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
+                "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"), "text_encoder_3": ("T5EncoderModel",),
+                "tokenizer_3": ("T5Tokenizer", "T5TokenizerFast")}
+#: Pipeline classes of the SDXL and SD3 families a run takes, and the keyword their denoiser takes
+#: the pooled text embedding as (the others of these families are refused by name).
+POOLED_PIPELINES = {"StableDiffusionXLPipeline": "text_embeds", "StableDiffusion3Pipeline": "pooled_projections"}
+#: SD3's T5 context at sampling (its pipeline's default max_sequence_length), zeros without T5.
+SD3_T5_TOKENS = 256
 #: Pipeline families refused by name (model_index.json's ``_class_name`` starts with the key), before
-#: their components are looked at. SDXL's text-to-image pipeline is taken (SDXL_PIPELINES); its kin are not.
+#: their components are looked at. SDXL's and SD3's text-to-image pipelines are taken (POOLED_PIPELINES); their kin
+#: are not.
 UNSUPPORTED_FAMILIES = {
     "StableDiffusionXLImg2Img": "an SDXL refiner or img2img pipeline",
     "StableDiffusionXLInpaint": "SDXL inpainting (a 9-channel U-Net)",
-    "StableDiffusionXL": "an SDXL variant other than StableDiffusionXLPipeline", "StableDiffusion3": "SD3",
+    "StableDiffusionXL": "an SDXL variant other than StableDiffusionXLPipeline",
+    "StableDiffusion3": "an SD3 variant other than StableDiffusion3Pipeline",
     "Flux": "Flux", "UnCLIP": "unCLIP", "StableUnCLIP": "unCLIP", "Kandinsky": "Kandinsky (a prior cascade)",
     "Wuerstchen": "Wuerstchen (a cascade)", "StableCascade": "Stable Cascade (a cascade)",
     "IF": "DeepFloyd IF (a cascade)", "TextToVideo": "video", "VideoToVideo": "video",
@@ -39,10 +45,10 @@ UNSUPPORTED_FAMILIES = {
     "Sana": "Sana", "AuraFlow": "AuraFlow", "Lumina": "Lumina", "Kolors": "Kolors",
 }
 SUPPORTED_FAMILIES = ("Stable Diffusion 1.x/2.x (StableDiffusionPipeline and its img2img/inpaint kin)",
-                      "SDXL (StableDiffusionXLPipeline)",
+                      "SDXL (StableDiffusionXLPipeline)", "SD3 (StableDiffusion3Pipeline, T5 optional)",
                       "DiT (DiTPipeline)", "pixel-space DDPM/DDIM pipelines (DDPMPipeline, DDIMPipeline)")
-#: Components of pipelines whose conditioning the finetuning does not provide (SD3, unCLIP, LDM's VQ-VAE).
-UNSUPPORTED_PARTS = ("text_encoder_3", "tokenizer_3", "vqvae", "image_encoder", "prior", "image_noising_scheduler")
+#: Components of pipelines whose conditioning the finetuning does not provide (unCLIP, LDM's VQ-VAE, IP-Adapters).
+UNSUPPORTED_PARTS = ("vqvae", "image_encoder", "prior", "image_noising_scheduler")
 
 
 def is_pipeline_folder(path: str | os.PathLike) -> bool:
@@ -56,6 +62,14 @@ def pipeline_components(path: str | os.PathLike) -> dict[str, str]:
             if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
 
 
+def null_components(path: str | os.PathLike) -> dict[str, None]:
+    """The components a pipeline folder's model_index.json saves as [null, null], as None: what
+    ``from_pretrained`` must be given explicitly where the pipeline class does not list them as
+    optional (SD3 without T5: text_encoder_3, tokenizer_3)."""
+    index = read_json_object(Path(path) / PIPELINE_INDEX)
+    return {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], (None, None))}
+
+
 def pipeline_denoiser(path: str | os.PathLike) -> str:
     """The component name of a pipeline's denoiser ("unet" or "transformer"), after checking that
     the run can train it: a VAE only of the AutoencoderKL kind, text encoders only CLIP ones with
@@ -66,7 +80,7 @@ def pipeline_denoiser(path: str | os.PathLike) -> str:
     index_file = path / PIPELINE_INDEX
     class_name = str(read_json_object(index_file).get("_class_name", ""))
     family = next((f for prefix, f in UNSUPPORTED_FAMILIES.items() if class_name.startswith(prefix)), None) \
-        if class_name not in SDXL_PIPELINES else None
+        if class_name not in POOLED_PIPELINES else None
     if family is not None:
         raise ValueError(f"{index_file}: _class_name {class_name} is {family}, which is not supported yet; "
                          f"supported: {'; '.join(SUPPORTED_FAMILIES)}")
@@ -90,19 +104,34 @@ def pipeline_denoiser(path: str | os.PathLike) -> str:
     if "text_encoder_2" in components and "text_encoder" not in components:
         raise ValueError(f"{index_file}: text_encoder_2 without text_encoder is an SDXL refiner, which is not "
                          "supported; allowed: the SDXL base layout (text_encoder and text_encoder_2)")
-    for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+    if "text_encoder_3" in components and "text_encoder_2" not in components:
+        raise ValueError(f"{index_file}: text_encoder_3 without text_encoder_2 is not a layout the run knows; "
+                         "allowed: SD3's (text_encoder, text_encoder_2, and optionally text_encoder_3)")
+    for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"),
+                               ("text_encoder_3", "tokenizer_3")):
         if (encoder in components) != (tokenizer in components):
             raise ValueError(f"{index_file}: a {encoder} needs its {tokenizer} and a {tokenizer} its {encoder}; "
                              f"components: {', '.join(components)}")
-    training_scheduler(path)  # the schedule is readable and its prediction type supported
+    scheduler = training_scheduler(path)  # the schedule is readable and its prediction type supported
+    flow = is_flow_matching(scheduler)
+    if (components[denoisers[0]] in FLOW_DENOISERS) != flow:
+        raise ValueError(f"{index_file}: the scheduler ({type(scheduler).__name__}) does not match the objective "
+                         f"{components[denoisers[0]]} was trained with; allowed: a flow-matching scheduler "
+                         f"(FlowMatchEulerDiscreteScheduler) for {', '.join(FLOW_DENOISERS)}, a DDPM-family one "
+                         "(with betas) for the others")
     return denoisers[0]
 
 
+#: Denoisers trained by flow matching (their pipelines' scheduler: FlowMatchEulerDiscreteScheduler).
+FLOW_DENOISERS = ("SD3Transformer2DModel",)
+
+
 def training_scheduler(path: str | os.PathLike) -> Any:
-    """The DDPM training schedule of a pipeline: its scheduler's betas, number of steps and
-    prediction type (``DDPMScheduler.from_config``, as diffusers' training scripts do), or the
-    default schedule when the pipeline has no scheduler config."""
-    from diffusers import DDPMScheduler
+    """The training schedule of a pipeline: its scheduler's betas, number of steps and prediction
+    type (``DDPMScheduler.from_config``, as diffusers' training scripts do), or a flow-matching
+    scheduler of its config (SD3's; its ``shift`` applies), or the default schedule when the
+    pipeline has no scheduler config."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from ..method import default_scheduler
 
@@ -110,9 +139,15 @@ def training_scheduler(path: str | os.PathLike) -> Any:
     if not file.is_file():
         return default_scheduler()
     config = read_json_object(file)
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+        if config.get("use_dynamic_shifting"):
+            raise ValueError(f"{file}: use_dynamic_shifting=true (a shift that depends on the image size, as Flux's) "
+                             "is not supported; allowed: a fixed shift (SD3's)")
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     if "beta_schedule" not in config and config.get("trained_betas") is None:
         raise ValueError(f"{file}: {config.get('_class_name')} has no beta schedule; allowed: the DDPM family "
-                         "(DDPM, DDIM, PNDM, Euler, DPM-Solver ... schedulers with betas), not flow matching")
+                         "(DDPM, DDIM, PNDM, Euler, DPM-Solver ... schedulers with betas), or flow matching "
+                         "(FlowMatchEulerDiscreteScheduler)")
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"{file}: prediction_type={prediction!r} is not supported; allowed: "
@@ -127,7 +162,8 @@ def training_scheduler(path: str | os.PathLike) -> Any:
 class PipelineParts:
     """What a run takes from a pipeline folder besides the denoiser. ``vae`` is None for a
     pixel-space pipeline; ``text_encoder`` and ``tokenizer`` are None without text conditioning,
-    ``text_encoder_2`` and ``tokenizer_2`` but for SDXL. ``zero_empty_prompt``: the pipeline's
+    ``text_encoder_2`` and ``tokenizer_2`` but for SDXL and SD3, ``text_encoder_3`` and
+    ``tokenizer_3`` but for SD3 with T5. ``zero_empty_prompt``: the pipeline's
     unconditional embedding (guidance's, and a dropped caption's) is zeros, not the empty prompt's
     (SDXL's ``force_zeros_for_empty_prompt``)."""
 
@@ -139,7 +175,11 @@ class PipelineParts:
     tokenizer: Any = None
     text_encoder_2: nn.Module | None = None
     tokenizer_2: Any = None
+    text_encoder_3: nn.Module | None = None
+    tokenizer_3: Any = None
     zero_empty_prompt: bool = False
+    pooled_key: str | None = None  # the keyword of the pooled text embedding (POOLED_PIPELINES), or None
+    joint_width: int = 0  # SD3: the transformer's joint_attention_dim (the text tokens' width)
     keep: Any = None  # what must live as long as the parts (the temporary folder of a builtin pipeline)
 
     @property
@@ -167,22 +207,26 @@ def load_pipeline_parts(path: str | os.PathLike) -> PipelineParts:
     path = Path(path)
     denoiser = pipeline_denoiser(path)
     components = pipeline_components(path)
-    zero_empty = bool(read_json_object(path / PIPELINE_INDEX).get("force_zeros_for_empty_prompt",
-                                                                  "text_encoder_2" in components))  # SDXL's default
-    parts = PipelineParts(path, denoiser, training_scheduler(path), zero_empty_prompt=zero_empty)
+    index = read_json_object(path / PIPELINE_INDEX)
+    pooled_key = POOLED_PIPELINES.get(str(index.get("_class_name")))
+    zero_empty = bool(index.get("force_zeros_for_empty_prompt", pooled_key == "text_embeds"))  # SDXL's default
+    parts = PipelineParts(path, denoiser, training_scheduler(path), zero_empty_prompt=zero_empty,
+                          pooled_key=pooled_key)
+    if pooled_key == "pooled_projections":
+        parts.joint_width = int(read_json_object(path / denoiser / "config.json").get("joint_attention_dim", 0))
     if "vae" in components:
         from diffusers import AutoencoderKL
 
         parts.vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
-    if "text_encoder" in components:
-        transformers = needs_transformers(f"{path / 'text_encoder'}")
-        parts.text_encoder = transformers.CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True)
-        parts.tokenizer = transformers.CLIPTokenizer.from_pretrained(path / "tokenizer")
-    if "text_encoder_2" in components:
-        parts.text_encoder_2 = transformers.CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2",
-                                                                                       use_safetensors=True)
-        parts.tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(path / "tokenizer_2")
-    for model in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+    for suffix in ("", "_2", "_3"):
+        if "text_encoder" + suffix in components:
+            transformers = needs_transformers(f"{path / ('text_encoder' + suffix)}")
+            encoder = getattr(transformers, components["text_encoder" + suffix])  # a class FROZEN_PARTS allows
+            setattr(parts, "text_encoder" + suffix, encoder.from_pretrained(path / ("text_encoder" + suffix),
+                                                                            use_safetensors=True))
+            tokenizer = getattr(transformers, components["tokenizer" + suffix])
+            setattr(parts, "tokenizer" + suffix, tokenizer.from_pretrained(path / ("tokenizer" + suffix)))
+    for model in (parts.vae, parts.text_encoder, parts.text_encoder_2, parts.text_encoder_3):
         if model is not None:
             model.eval().requires_grad_(False)
     return parts

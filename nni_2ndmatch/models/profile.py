@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..method.terms import forward_kwargs
+from ..method.terms import call_model
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,9 @@ class ForwardProfile:
         return self.attention_scores / max(self.macs, 1)
 
 
-def forward_profile(model: nn.Module, *args: Any, **kwargs: Any) -> ForwardProfile:
-    """Run ``model(*args, **kwargs)`` (flat kwargs, see ``method.forward_kwargs``) once without
-    gradients and count, per sample of the batch, what :class:`ForwardProfile` holds; every
+def forward_profile(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> ForwardProfile:
+    """Run the denoiser at (x, t) with the flat conditioning ``kwargs`` (``method.call_model``) once
+    without gradients and count, per sample of the batch, what :class:`ForwardProfile` holds; every
     diffusers ``Attention`` module is counted."""
     from diffusers.models.attention_processor import Attention
 
@@ -52,7 +52,7 @@ def forward_profile(model: nn.Module, *args: Any, **kwargs: Any) -> ForwardProfi
               if isinstance(m, Attention)]
     try:
         with torch.no_grad():
-            model(*args, **forward_kwargs(kwargs))
+            call_model(model, x, t, kwargs)
     finally:
         for hook in hooks:
             hook.remove()

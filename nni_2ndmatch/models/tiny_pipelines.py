@@ -1,4 +1,5 @@
-"""The built-in pipelines: ``tiny-sd`` (Stable Diffusion 1.x layout) and ``tiny-sdxl`` (SDXL layout),
+"""The built-in pipelines: ``tiny-sd`` (Stable Diffusion 1.x layout), ``tiny-sdxl`` (SDXL layout) and
+``tiny-sd3`` (SD3 layout, flow matching),
 pipeline folders of seeded random components written on demand, with local byte-level tokenizers:
 no download, a run in seconds anywhere."""
 
@@ -47,12 +48,12 @@ def _text_encoder(cls_name: str, **extra: Any) -> Any:
     return getattr(transformers, cls_name)(config)
 
 
-def _vae(resolution: int) -> Any:
+def _vae(resolution: int, **extra: Any) -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=8, layers_per_block=1, sample_size=resolution)
+                         norm_num_groups=8, layers_per_block=1, sample_size=resolution, **extra)
 
 
 def _unet(resolution: int, cross_attention_dim: int, **extra: Any) -> Any:
@@ -114,5 +115,31 @@ def write_tiny_sdxl(folder: str | os.PathLike, seed: int = 0, resolution: int = 
     return folder
 
 
+def write_tiny_sd3(folder: str | os.PathLike, seed: int = 0, resolution: int = 16) -> Path:
+    """Write ``tiny-sd3``: a StableDiffusion3Pipeline folder of seeded random components in SD3's
+    layout: a 2-block joint (MMDiT) SD3Transformer2DModel, two CLIP text encoders with projections
+    (their penultimate states concatenated as the text tokens, their pooled projections as
+    ``pooled_projections``), T5 left out as SD3 allows (its tokens are zeros), an AutoencoderKL
+    with a shift factor, and SD3's flow-matching schedule (FlowMatchEulerDiscreteScheduler, shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    folder = Path(folder)
+    with seeded(seed):
+        vae = _vae(resolution, shift_factor=0.1, scaling_factor=1.5)
+        transformer = SD3Transformer2DModel(sample_size=resolution // 2, patch_size=2, in_channels=4, out_channels=4,
+                                            num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                            joint_attention_dim=2 * TEXT_WIDTH, caption_projection_dim=32,
+                                            pooled_projection_dim=2 * TEXT_WIDTH, pos_embed_max_size=resolution // 2)
+        text_encoder = _text_encoder("CLIPTextModelWithProjection", projection_dim=TEXT_WIDTH)
+        text_encoder_2 = _text_encoder("CLIPTextModelWithProjection", projection_dim=TEXT_WIDTH)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(folder / "tokenizer"),
+                                    text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer(folder / "tokenizer_2"),
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 #: The built-in pipelines by name, each written by ``writer(folder, seed=, resolution=)``.
-TINY_PIPELINES: dict[str, Callable[..., Path]] = {"tiny-sd": write_tiny_sd, "tiny-sdxl": write_tiny_sdxl}
+TINY_PIPELINES: dict[str, Callable[..., Path]] = {"tiny-sd": write_tiny_sd, "tiny-sdxl": write_tiny_sdxl,
+                                                  "tiny-sd3": write_tiny_sd3}

@@ -81,3 +81,4 @@ def _pruned(dense: type) -> type:
 PrunedUNet2DModel = _pruned(diffusers.UNet2DModel)
 PrunedUNet2DConditionModel = _pruned(diffusers.UNet2DConditionModel)
 PrunedDiTTransformer2DModel = _pruned(diffusers.DiTTransformer2DModel)
+PrunedSD3Transformer2DModel = _pruned(diffusers.SD3Transformer2DModel)

@@ -21,7 +21,7 @@ from ..models import (
     pipeline_denoiser,
     save_diffusers_model,
 )
-from ..models.pipelines import DENOISERS, pipeline_components
+from ..models.pipelines import DENOISERS, null_components, pipeline_components
 from ..utils import json_kind
 from .component import PREFIX, as_component, check_structure, dense_of, save_as_component
 from .plan import apply_checked_plan, check_plan
@@ -119,13 +119,15 @@ def load_pruned(folder: str | os.PathLike, example_inputs: dict[str, Any] | None
 def load_pipeline(folder: str | os.PathLike, **kwargs: Any) -> Any:
     """A pipeline folder through diffusers' ``DiffusionPipeline.from_pretrained`` (safetensors), its
     pruned denoiser rebuilt by this package from the config and the weights, so the code file in
-    its folder never runs and ``trust_remote_code`` is not needed. ``kwargs`` go to ``from_pretrained``."""
+    its folder never runs and ``trust_remote_code`` is not needed; components saved as null (SD3
+    without T5) are passed as None. ``kwargs`` go to ``from_pretrained``."""
     from diffusers import DiffusionPipeline
 
     folder = Path(folder)
     pruned = {name: load_pruned(folder / name) for name in pipeline_components(folder)
               if name in DENOISERS and is_pruned_folder(folder / name)}
-    return DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **pruned, **kwargs)
+    return DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **pruned,
+                                             **{**null_components(folder), **kwargs})
 
 
 def save_model(model: nn.Module, folder: Path) -> None:

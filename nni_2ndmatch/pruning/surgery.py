@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..method import forward_kwargs
-from ..models import default_example_inputs
+from ..models import default_example_inputs, diffusers_class_name
 from ..utils import is_number, requires_grad
 
 logger = logging.getLogger(__name__)
@@ -39,13 +39,28 @@ OUTPUT_LAYERS = ("conv_out", "proj_out", "proj_out_2")
 GroupScorer = Callable[[Any, dict[nn.Module, str]], tuple[Tensor, float]]
 
 
+#: Layers of a joint (MMDiT) transformer whose outputs are the text stream's residual width.
+TEXT_STREAM_LAYERS = ("context_embedder",)
+
+
 def _fixed_layers(model: nn.Module) -> list[nn.Module]:
-    """Layers whose output channels never change: the output layers, and patch embeddings (their
-    fixed sin-cos position table spans the transformer's residual width)."""
+    """Layers whose output channels never change: the output layers, patch embeddings (their
+    fixed sin-cos position table spans the transformer's residual width), and in a joint
+    transformer (SD3) the text stream's embedding and the adaptive norms' modulation layers (their
+    output is a stack of shifts, scales and gates of a residual width; the widths stay, the
+    attention and MLP inner widths are pruned)."""
+    from diffusers.models import normalization
     from diffusers.models.embeddings import PatchEmbed
 
-    fixed = [m for name, m in model.named_modules() if name in OUTPUT_LAYERS]
+    modulated = tuple(getattr(normalization, n) for n in ("AdaLayerNormZero", "AdaLayerNormContinuous",
+                                                          "SD35AdaLayerNormZeroX") if hasattr(normalization, n))
+    fixed = [m for name, m in model.named_modules() if name in OUTPUT_LAYERS + TEXT_STREAM_LAYERS]
+    fixed += [m.linear for m in model.modules() if isinstance(m, modulated) and diffusers_class_name(model) in JOINT]
     return fixed + [m.proj for m in model.modules() if isinstance(m, PatchEmbed)]
+
+
+#: Joint-attention transformers: image and text tokens attend together.
+JOINT = ("SD3Transformer2DModel",)
 
 
 def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
@@ -54,8 +69,9 @@ def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     heads = {}
     for m in model.modules():
         if isinstance(m, Attention):
-            for layer in (m.to_q, m.to_k, m.to_v):
-                heads[layer] = m.heads
+            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+                if isinstance(getattr(m, name, None), nn.Linear):
+                    heads[getattr(m, name)] = m.heads
     return heads
 
 

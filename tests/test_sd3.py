@@ -1,0 +1,181 @@
+"""SD3 pipelines in and out, trained by flow matching: the cached conditioning is the one
+StableDiffusion3Pipeline computes, pruning its joint transformer removes the same channels from the
+image and the text streams, and the pruned transformer goes back into a pipeline that diffusers
+samples with and without the package."""
+
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers.cli import cli_here
+from helpers.tiny_models import captioned_images
+from torch import nn
+
+from nni_2ndmatch.config import validate_config
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(tmp_path, **data):
+    from nni_2ndmatch.models import write_tiny_sd3
+
+    teacher = write_tiny_sd3(tmp_path / "teacher", resolution=8)
+    return {"version": 1, "model": {"teacher": {"path": str(teacher)}},
+            "data": {"path": str(captioned_images(tmp_path / "images")), "resolution": 8, "channels": 3, **data},
+            "pruning": {"pruner": "L1NormPruner", "sparse_ratio": 0.3},
+            "finetune": {"finetuner": "2ndmatch", "steps": 2, "batch_size": 4},
+            "output_dir": str(tmp_path / "run")}
+
+
+def test_the_cached_conditioning_is_what_the_sd3_pipeline_computes(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from nni_2ndmatch.job.data import open_data, plan_data
+    from nni_2ndmatch.job.inputs import load_teacher
+    from nni_2ndmatch.training import Runtime
+
+    config = validate_config(_config(tmp_path, caption_dropout=0.5))
+    teacher, parts = load_teacher(config.model.teacher, 8)
+    data = open_data(config, plan_data(config, teacher, parts), parts, Runtime(), progress=False).dataset
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "teacher", text_encoder_3=None, tokenizer_3=None)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt("picture 2", None, None,
+                                                                   do_classifier_free_guidance=True)
+    item = data[5]  # "picture 2"
+    assert set(item) == {"sample", "encoder_hidden_states", "pooled_projections"}
+    torch.testing.assert_close(item["encoder_hidden_states"], embeds[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(item["pooled_projections"], pooled[0], rtol=1e-5, atol=1e-6)
+    kwargs = {k: torch.stack([data[i][k] for i in range(2)]) for k in ("encoder_hidden_states", "pooled_projections")}
+    dropped = data.drop_captions(kwargs, torch.tensor([True, False]))  # the pipeline's empty negative prompt
+    torch.testing.assert_close(dropped["encoder_hidden_states"][0], negative[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dropped["pooled_projections"][0], negative_pooled[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(dropped["pooled_projections"][1], kwargs["pooled_projections"][1])
+
+
+def _kept_rows(small: nn.Linear, big: nn.Linear) -> list[int]:
+    """Which of ``big``'s outputs ``small`` kept (found by their biases: random, so unique)."""
+    return [int((big.bias == b).nonzero()[0]) for b in small.bias]
+
+
+def test_pruning_the_joint_transformer_equals_masking_the_same_channels_of_both_streams():
+    """Independent of how the surgery groups channels: the student must compute what the teacher
+    computes with the removed q/k/v and MLP channels zeroed (q rescaled for the smaller heads'
+    1/sqrt(head_dim)). Image and text queries, keys and values meet in one attention, so a stream
+    pruned at other positions than the other would not."""
+    from nni_2ndmatch.models import default_example_inputs, write_tiny_sd3
+    from nni_2ndmatch.nni import prune_diffusers
+    from nni_2ndmatch.pruning import load_model_folder
+
+    teacher = load_model_folder(write_tiny_sd3(Path(os.environ.get("TMPDIR", "/tmp")) / "sd3-prune")
+                                / "transformer").eval()
+    student, report = prune_diffusers(teacher, "L1NormPruner", 0.3)
+    assert report["params_after"] < report["params_before"]
+    masked = copy.deepcopy(teacher)
+    pruned_out = []
+    for name, layer in student.named_modules():
+        dense = masked.get_submodule(name)
+        if isinstance(layer, nn.Linear) and layer.out_features < dense.out_features:
+            pruned_out.append(name)
+            keep = torch.zeros(dense.out_features, dtype=torch.bool)
+            keep[_kept_rows(layer, teacher.get_submodule(name))] = True
+            with torch.no_grad():
+                dense.weight[~keep] = 0
+                dense.bias[~keep] = 0
+    # the attention and MLP widths, and the conditioning embedding's; no residual width
+    assert {n.rsplit(".", 1)[-1] for n in pruned_out} == {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                          "add_v_proj", "proj", "linear_1", "linear_2"}
+    for name, attn in student.named_modules():
+        if type(attn).__name__ == "Attention":
+            ratio = teacher.get_submodule(name).to_q.out_features / attn.to_q.out_features
+            for q in ("to_q", "add_q_proj"):
+                with torch.no_grad():
+                    masked.get_submodule(f"{name}.{q}").weight.mul_(math.sqrt(ratio))
+                    masked.get_submodule(f"{name}.{q}").bias.mul_(math.sqrt(ratio))
+    inputs = default_example_inputs(teacher, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(student(**inputs).sample, masked(**inputs).sample, rtol=1e-4, atol=1e-5)
+
+
+PORTABLE_SAMPLE = """
+import sys
+sys.modules["nni_2ndmatch"] = None  # the package is missing
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True, text_encoder_3=None, tokenizer_3=None)
+images = pipe(["a handwritten digit 3"] * 2, height=16, width=16, num_inference_steps=3, output_type="np",
+              generator=torch.Generator().manual_seed(0)).images
+save_file({"images": torch.from_numpy(images)}, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_the_tiny_sd3_example_gives_a_pipeline_diffusers_samples_with_and_without_the_package(tmp_path):
+    from safetensors.torch import load_file
+
+    from nni_2ndmatch import load_pipeline
+    from nni_2ndmatch.job.run import run_job
+
+    raw = yaml.safe_load((ROOT / "examples" / "tiny_sd3.yaml").read_text())
+    raw["finetune"].update(steps=2, batch_size=4)
+    raw["evaluate"].update(samples=4, ddim_steps=3)
+    raw["export"].update(repeats=3)
+    raw["output_dir"] = str(tmp_path / "run")
+    summary = run_job(validate_config(raw), "run", progress=False)
+    assert summary["schedule"] == {"flow_matching": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+                                   "prediction_type": "flow"}
+    assert summary["student_params"] < summary["teacher_params"] and math.isfinite(summary["final"]["jac"])
+    exported = json.loads((tmp_path / "run" / "onnx" / "student.onnx.json").read_text())
+    assert exported["parity"]["passed"] and [i["name"] for i in exported["inputs"]] == \
+        ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]
+    results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
+    assert results["quality"]["fidelity"] > 0
+    pipe = load_pipeline(tmp_path / "run" / "pipeline")
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and type(pipe.transformer).__module__ == "nni_2ndmatch"
+    images = pipe(["a handwritten digit 3"] * 2, height=16, width=16, num_inference_steps=3, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    subprocess.run([sys.executable, "-c", PORTABLE_SAMPLE, str(tmp_path / "run" / "pipeline"),
+                    str(tmp_path / "images.safetensors")], check=True, env=env, cwd=tmp_path, timeout=300)
+    got = load_file(tmp_path / "images.safetensors")["images"]
+    torch.testing.assert_close(got, torch.from_numpy(images), atol=1e-5, rtol=0)  # another process: float32 rounding
+
+
+def _edit(path, **entries):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: _edit(d / "scheduler" / "scheduler_config.json", _class_name="EulerDiscreteScheduler",
+                     beta_schedule="scaled_linear"),
+     r"model_index.json: the scheduler \(DDPMScheduler\) does not match the objective SD3Transformer2DModel was "
+     r"trained with; allowed: a flow-matching scheduler"),
+    (lambda d: _edit(d / "scheduler" / "scheduler_config.json", use_dynamic_shifting=True),
+     r"scheduler_config.json: use_dynamic_shifting=true .* is not supported; allowed: a fixed shift"),
+    (lambda d: _edit(d / "model_index.json", _class_name="StableDiffusion3Img2ImgPipeline"),
+     r"_class_name StableDiffusion3Img2ImgPipeline is an SD3 variant other than StableDiffusion3Pipeline"),
+])
+def test_an_sd3_layout_or_schedule_the_run_cannot_train_is_one_clear_error(edit, expected, tmp_path):
+    raw = _config(tmp_path)
+    edit(tmp_path / "teacher")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and re.search(expected, r.stderr), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_gradient_pruner_is_refused_for_a_flow_matching_pipeline(tmp_path):
+    raw = _config(tmp_path)
+    raw["pruning"]["pruner"] = "taylor"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and "pruning.pruner: value 'taylor' is not allowed" in r.stderr, r.stderr
+    assert "the pipeline predicts flow" in r.stderr
