@@ -5,11 +5,17 @@ An arm is a finetuner with its options, by name:
     kd-perturb              kd with ``kd_perturb: noise`` (kd at x_t +/- s_t g: the control)
     2ndmatch                2ndmatch with the benchmark's Jacobian options
     2ndmatch-every<K>       the same with ``jac_every: K``
+    2ndmatch-paper          2ndmatch in the paper's form (PAPER), whatever the benchmark's options
+
+A teacher folder may hold a ``scheduler_config.json`` (a flow-matching teacher,
+train_digits_assets.py --objective flow): its training objective, which the arms and the sampling
+then follow.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import re
 import subprocess
@@ -25,8 +31,11 @@ VARIANT = {"jac_match": "vector", "jac_weighting": "noise", "lambda_jac": 1.0, "
 #: the reference regime (the authors' training script, docs/results.md): pruning ratio and loop options
 REFERENCE_RATIO = 0.3
 REFERENCE_LOOP = {"batch_size": 2, "lr": 2e-4, "grad_clip": 1.0, "ema_decay": 0.9983, "dropout": 0.1}
-FIXED_ARMS = {"dsm": ("dsm", {}), "kd": ("kd", {}), "kd-perturb": ("kd", {"kd_perturb": "noise"})}
-ARM_HELP = "dsm, kd, kd-perturb, 2ndmatch, 2ndmatch-every<K>"
+#: the paper's term (norm matching, no weighting), its lambda_jac 0.1 balanced from 32x32x3 (docs/results.md)
+PAPER = {"jac_match": "norm", "jac_weighting": "none", "lambda_jac": 0.1, "jac_reference_dims": 3072}
+FIXED_ARMS = {"dsm": ("dsm", {}), "kd": ("kd", {}), "kd-perturb": ("kd", {"kd_perturb": "noise"}),
+              "2ndmatch-paper": ("2ndmatch", PAPER)}
+ARM_HELP = "dsm, kd, kd-perturb, 2ndmatch, 2ndmatch-every<K>, 2ndmatch-paper"
 
 
 def arm(name: str, jac_options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -60,6 +69,7 @@ class Teacher:
     classifier: nn.Module
     resolution: int
     weights_sha256: str
+    scheduler: Any = None  # the training objective's scheduler; None: the reference DDPM schedule
 
 
 def load_teacher(data: str, folder: str | None = None, dequantize: bool = False) -> Teacher:
@@ -90,7 +100,23 @@ def load_teacher(data: str, folder: str | None = None, dequantize: bool = False)
     if not weights.is_file():
         raise ValueError(f"{path}: no {weights.name} there (a diffusers model folder is needed)")
     return Teacher(data if not folder else f"{data}:{path.name}", load_diffusers_model(path).eval(), train,
-                   test.images, classifier, resolution, hashlib.sha256(weights.read_bytes()).hexdigest())
+                   test.images, classifier, resolution, hashlib.sha256(weights.read_bytes()).hexdigest(),
+                   teacher_scheduler(path))
+
+
+def teacher_scheduler(folder: Path) -> Any:
+    """The flow-matching scheduler a teacher folder's ``scheduler_config.json`` describes, or None
+    (no such file: the reference DDPM schedule)."""
+    file = folder / "scheduler_config.json"
+    if not file.is_file():
+        return None
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = json.loads(file.read_text())
+    if not str(config.get("_class_name", "")).startswith("FlowMatch"):
+        raise ValueError(f"{file}: _class_name {config.get('_class_name')!r}; allowed: a flow-matching scheduler "
+                         "(FlowMatchEulerDiscreteScheduler), or no file for the reference DDPM schedule")
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
 
 
 def provenance() -> dict[str, str]:

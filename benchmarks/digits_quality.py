@@ -6,9 +6,11 @@ worth its price?
         --dropout 0.1 --no-wallclock --threads 1    # the committed figures (about 4 hours, 1 idle thread)
 
 The dense teacher (``--data digits``: the shipped one for scikit-learn's 8x8 digits, or ``--data
-mnist``: the shipped MNIST one; ``--teacher`` another diffusers folder trained on that data) is
+mnist``: the shipped MNIST one; ``--teacher`` another diffusers folder trained on that data, a
+flow-matching one when it holds a ``scheduler_config.json``: every arm then trains on its objective) is
 pruned once (torch-pruning magnitude, ``--ratio``); the same pruned student is finetuned by each
-arm of ``--finetuners`` (benchmarks/arms.py: dsm, kd, kd-perturb, 2ndmatch, 2ndmatch-every<K>)
+arm of ``--finetuners`` (benchmarks/arms.py: dsm, kd, kd-perturb, 2ndmatch, 2ndmatch-every<K>,
+2ndmatch-paper)
 for the same number of steps, for each seed. Then one more budget (``--budget``):
 
 - ``equal-wallclock`` (the default unless ``--no-wallclock``): each arm gets the 2ndmatch run's
@@ -18,7 +20,8 @@ for the same number of steps, for each seed. Then one more budget (``--budget``)
   measured idle before the runs); the ratios and steps are stored as ``settings.cost_ratio`` and
   ``settings.budget``, never taken from the runs' own clocks.
 
-Every model samples from the same noise with the same deterministic DDIM sampler; we report
+Every model samples from the same noise with the same deterministic sampler (DDIM; Euler on the
+velocity for a flow-matching teacher); we report
 digits-FID (mean, std over seeds), fidelity to the teacher's samples (RMS, lower is closer),
 gap_closed = (FID_dsm - FID_2ndmatch) / (FID_dsm - FID_dense) and, per budget, paired statistics of
 kd minus each other arm (``paired`` for digits-FID, ``paired_fidelity``; benchmarks/paired_stats.py).
@@ -48,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.arms import ARM_HELP, arm, load_teacher, parse_arms, provenance  # noqa: E402
 from benchmarks.paired_stats import paired, seed_differences  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
-from nni_2ndmatch.evaluation import ddim_sample, fidelity, frechet_distance, sensitivity_profile  # noqa: E402
+from nni_2ndmatch.evaluation import fidelity, frechet_distance, sample, sensitivity_profile  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
 from nni_2ndmatch.training import Watch  # noqa: E402
@@ -72,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--samples", type=int, default=1000, help="samples per model for digits-FID")
-    p.add_argument("--ddim-steps", type=int, default=25)
+    p.add_argument("--ddim-steps", type=int, default=25, help="sampling steps: DDIM's, or Euler's for a "
+                                                              "flow-matching teacher (the same noise for every model)")
     p.add_argument("--lambda-jac", type=float, default=0.1)
     p.add_argument("--jac-weighting", default="none", choices=["none", "noise", "x0"])
     p.add_argument("--jac-reference-dims", type=int, help="scale the Jacobian term by d / this (3072: lambda_jac "
@@ -196,7 +200,7 @@ class Benchmark:
         size = teacher.resolution
         self.noise = torch.randn(args.samples, 1, size, size,
                                  generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED))
-        self.teacher_samples = ddim_sample(teacher.model, self.noise, args.ddim_steps)
+        self.teacher_samples = self.sample(teacher.model, self.noise)
         with torch.no_grad():
             self.reference_features = teacher.classifier.features(teacher.test_images)
         results["dense"] = {"fid_mean": self.fid(self.teacher_samples)}
@@ -210,8 +214,12 @@ class Benchmark:
     def fid(self, samples) -> float:
         return frechet_distance(self.teacher.classifier.features(samples), self.reference_features)
 
+    def sample(self, model, noise):
+        """Deterministic samples: DDIM, or Euler for a flow-matching teacher's objective."""
+        return sample(model, noise, self.args.ddim_steps, self.teacher.scheduler)
+
     def evaluate(self, model) -> dict[str, float]:
-        samples = ddim_sample(model.eval(), self.noise, self.args.ddim_steps)
+        samples = self.sample(model.eval(), self.noise)
         return {"fid": self.fid(samples), "fidelity": fidelity(samples, self.teacher_samples)}
 
     def evaluation_noise(self, name: str, model) -> None:
@@ -220,9 +228,9 @@ class Benchmark:
         size, draws = self.teacher.resolution, self.args.eval_noise_draws
         section = self.results.setdefault("evaluation_noise", {"samples": self.args.samples, "draws": draws,
                                                                 "fid": {}})
-        section["fid"][name] = [self.fid(ddim_sample(model, torch.randn(
-            self.args.samples, 1, size, size, generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED + 1 + i)),
-            self.args.ddim_steps)) for i in range(draws)]
+        section["fid"][name] = [self.fid(self.sample(model, torch.randn(
+            self.args.samples, 1, size, size, generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED + 1 + i))))
+            for i in range(draws)]
         fids = section["fid"]
         section["std"] = {n: statistics.stdev(v) for n, v in fids.items()}
         section["std_kd_minus"] = {n: statistics.stdev(a - b for a, b in zip(fids["kd"], v))
@@ -242,14 +250,15 @@ class Benchmark:
                              checkpoint_every=10**9, log_every=max(1, steps // 10))
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            trained = finetune(copy.deepcopy(self.student0), self.teacher.model, get_finetuner(finetuner, **options),
-                               self.teacher.train, config, tmp, watch=Watch(progress=True)).student
+            strategy = get_finetuner(finetuner, scheduler=self.teacher.scheduler, **options)
+            trained = finetune(copy.deepcopy(self.student0), self.teacher.model, strategy, self.teacher.train, config,
+                               tmp, watch=Watch(progress=True)).student
         row = {"strategy": name, "seed": seed, "steps": steps, "seconds": time.perf_counter() - start,
                **self.evaluate(trained), "commit": self.commit}
         if seed == int(self.args.seeds.split(",")[0]) and budget == "equal_steps":
             if name == "2ndmatch":
-                self.results["sensitivity_profile"]["2ndmatch"] = sensitivity_profile(trained, self.x0,
-                                                                                       PROFILE_TIMESTEPS)
+                self.results["sensitivity_profile"]["2ndmatch"] = sensitivity_profile(
+                    trained, self.x0, PROFILE_TIMESTEPS, scheduler=self.teacher.scheduler)
             if self.args.eval_noise_draws > 1:
                 self.evaluation_noise(name, trained)
         return self.record(budget, row)
@@ -332,9 +341,10 @@ def main(args: argparse.Namespace) -> dict:
     results.update(settings=settings, command="python benchmarks/digits_quality.py " + " ".join(sys.argv[1:]),
                    **provenance(), teacher_sha256=teacher.weights_sha256)
     bench = Benchmark(args, teacher, results, reusable)
+    profile = {name: sensitivity_profile(model, bench.x0, PROFILE_TIMESTEPS, scheduler=teacher.scheduler)
+               for name, model in (("teacher", teacher.model), ("pruned", bench.student0))}
     results["sensitivity_profile"] = {**results.get("sensitivity_profile", {}), "timesteps": PROFILE_TIMESTEPS,
-                                      "teacher": sensitivity_profile(teacher.model, bench.x0, PROFILE_TIMESTEPS),
-                                      "pruned": sensitivity_profile(bench.student0, bench.x0, PROFILE_TIMESTEPS)}
+                                      **profile}
     if base_profile:  # the baseline's first 2ndmatch run is this one's (same settings and seed)
         results["sensitivity_profile"].setdefault("2ndmatch", base_profile)
     write(results, out)

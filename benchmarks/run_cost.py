@@ -40,20 +40,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher", help="a diffusers folder trained on --data (one data set) instead of the shipped "
+                                     "teacher, e.g. a flow-matching one (its objective is then trained)")
     p.add_argument("--out", default=str(RESULTS / "run_cost.json"))
     args = p.parse_args(argv)
+    if args.teacher and "," in args.data:
+        p.error("--teacher goes with one --data set")
     args.arms = parse_arms(args.arms)
     if "kd" not in args.arms:
         p.error("--arms: kd is the reference of every ratio; list it")
     return args
 
 
-def run_seconds(student, teacher, data, name: str, steps: int) -> float:
+def run_seconds(student, teacher, name: str, steps: int) -> float:
     finetuner, options = arm(name, VARIANT)
     config = TrainConfig(steps=steps, seed=0, checkpoint_every=10**9, log_every=steps, **REFERENCE_LOOP)
     start = time.perf_counter()
-    finetune(copy.deepcopy(student), teacher, get_finetuner(finetuner, **options), data, config,
-             watch=Watch(progress=False))
+    finetune(copy.deepcopy(student), teacher.model, get_finetuner(finetuner, scheduler=teacher.scheduler, **options),
+             teacher.train, config, watch=Watch(progress=False))
     return time.perf_counter() - start
 
 
@@ -66,13 +70,13 @@ def main(args: argparse.Namespace) -> dict:
              f"Command: `{results['command']}`; commit {results['commit']}; {results['cpu']}, "
              f"{args.threads} thread(s)", ""]
     for data in args.data.split(","):
-        teacher = load_teacher(data)
+        teacher = load_teacher(data, args.teacher)
         student, _ = prune_diffusers(teacher.model, "magnitude", REFERENCE_RATIO,
                                      example_inputs=default_example_inputs(teacher.model), round_to=None)
         runs: dict[str, list[float]] = {name: [] for name in args.arms}
         for _ in range(args.rounds):
             for name in args.arms:
-                runs[name].append(run_seconds(student, teacher.model, teacher.train, name, args.steps))
+                runs[name].append(run_seconds(student, teacher, name, args.steps))
                 print(f"{data} {name}: {runs[name][-1]:.1f} s", flush=True)
         median = {name: statistics.median(v) for name, v in runs.items()}
         results["data"][data] = {"teacher_sha256": teacher.weights_sha256, "arms": {

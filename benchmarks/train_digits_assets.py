@@ -4,10 +4,15 @@
     python benchmarks/train_digits_assets.py --what teacher --work runs/digits_teacher   # resumable
     python benchmarks/train_digits_assets.py --data mnist --what classifier --threads 1
     python benchmarks/train_digits_assets.py --data mnist --what teacher --work runs/mnist_teacher --threads 1
+    python benchmarks/train_digits_assets.py --what teacher --objective flow --out benchmarks/teachers/digits_flow \
+        --work runs/digits_flow_teacher --threads 1
 
 The teacher is a DDPM (epsilon prediction, linear betas 1e-4..0.02, 1000 steps) trained with the
-package's own loop (the ``dsm`` strategy, no teacher), EMA weights shipped. Seeds are fixed, so
-the command reproduces the files on the same software stack.
+package's own loop (the ``dsm`` strategy, no teacher), EMA weights shipped. ``--objective flow``
+trains the same network by flow matching instead (FlowMatchEulerDiscreteScheduler with ``--shift``:
+x_t = (1 - sigma) x0 + sigma e, the velocity e - x0 regressed) and writes the scheduler's config
+into the teacher folder, which the benchmarks read as its objective. Seeds are fixed, so the
+command reproduces the files on the same software stack.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset, MnistDataset  # noqa: E402
-from nni_2ndmatch.files import atomic_write_json, save_tensors  # noqa: E402
-from nni_2ndmatch.models import digits_unet, save_diffusers_model  # noqa: E402
+from nni_2ndmatch.files import atomic_dir, atomic_write_json, save_tensors  # noqa: E402
+from nni_2ndmatch.models import digits_unet  # noqa: E402
 from nni_2ndmatch.models.builtin import mnist_unet  # noqa: E402
 from nni_2ndmatch.models.digits import (  # noqa: E402
     ASSETS,
@@ -62,7 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dequantize", action="store_true", help="teacher: train on dequantised digits (uniform "
                         "noise within each grey level); written to --out, not to the shipped assets")
     parser.add_argument("--out", help="teacher: the folder to write it to (default: the shipped asset)")
+    parser.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm",
+                        help="teacher: DDPM (epsilon) or flow matching (velocity); flow needs --out")
+    parser.add_argument("--shift", type=float, default=1.0, help="teacher, flow: the scheduler's timestep shift "
+                        "(SD3's 3.0 is for 1024px latents; 1.0: sigma uniform)")
     args = parser.parse_args(argv)
+    if args.objective == "flow" and not args.out:
+        parser.error("--objective flow needs --out (the shipped teachers are DDPMs)")
     if args.dequantize and (not args.out or args.data != "digits"):
         parser.error("--dequantize goes with --data digits and needs --out (the shipped teacher is trained on the "
                      "digits as they are)")
@@ -87,13 +98,23 @@ def main(args: argparse.Namespace) -> None:
     recipe = {**TEACHER_RECIPE, "steps": args.steps or assets["steps"]}
     work = Path(args.work)
     out = Path(args.out) if args.out else assets["teacher"]
-    result = finetune(assets["unet"](), None, get_finetuner("dsm"), assets["data"]("train", args.dequantize),
-                      TrainConfig(**recipe), work, resume=(work / "checkpoints").exists())
-    save_diffusers_model(result.student, out)
+    scheduler = None
+    if args.objective == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.shift)
+    result = finetune(assets["unet"](), None, get_finetuner("dsm", scheduler=scheduler),
+                      assets["data"]("train", args.dequantize), TrainConfig(**recipe), work,
+                      resume=(work / "checkpoints").exists())
+    with atomic_dir(out) as tmp:  # the weights and the objective, written together
+        result.student.save_pretrained(tmp, safe_serialization=True)
+        if scheduler is not None:
+            scheduler.save_config(tmp)  # scheduler_config.json
     final = result.history[-1] if result.history else {}
     atomic_write_json(out.parent / f"{out.name}.json",
                       {"recipe": recipe, "steps": result.step, "final": final, "resolution": assets["resolution"],
-                       "data": args.data, "dequantize": args.dequantize, "command": command})
+                       "data": args.data, "dequantize": args.dequantize, "command": command,
+                       **({"objective": "flow", "shift": args.shift} if scheduler is not None else {})})
     print(json.dumps(final))
 
 

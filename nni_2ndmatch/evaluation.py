@@ -18,9 +18,11 @@ from torch import Tensor
 
 from .data import DigitsDataset, MnistDataset
 from .method import (
-    default_scheduler,
+    add_noise,
+    is_flow_matching,
     jacobian_sensitivity,
     model_output,
+    model_timesteps,
     sample_directions,
 )
 from .models.digits import MNIST_RESOLUTION, RESOLUTION, load_digits_classifier, load_mnist_classifier
@@ -54,6 +56,36 @@ def ddim_sample(model: Callable[..., Any], noise: Tensor, num_steps: int = 50, b
             x = scheduler.step(eps, t, x).prev_sample
         outputs.append(x.clamp(-1.0, 1.0))
     return torch.cat(outputs)
+
+
+@torch.no_grad()
+def flow_sample(model: Callable[..., Any], noise: Tensor, scheduler: Any, num_steps: int = 50,
+                batch_size: int = 256, **conditioning: Tensor) -> Tensor:
+    """Samples of a flow-matching ``model`` (predicting the velocity e - x0) from ``noise``: Euler
+    steps x += (sigma_next - sigma) v(x, sigma * T) on the sigmas the ``scheduler``'s config gives
+    for ``num_steps`` sampling steps (its shift applied; the last sigma 0), as its pipeline samples."""
+    sampling = type(scheduler).from_config(scheduler.config)
+    sampling.set_timesteps(num_steps)
+    sigmas, scale = sampling.sigmas.double().tolist(), float(scheduler.config.num_train_timesteps)
+    outputs = []
+    for start in range(0, noise.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        x = noise[rows].clone()
+        cond = {k: v[rows] for k, v in conditioning.items()}
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            v = model_output(model, x, torch.full((x.shape[0],), sigma * scale, device=x.device), **cond)
+            x = x + (sigma_next - sigma) * v
+        outputs.append(x.clamp(-1.0, 1.0))
+    return torch.cat(outputs)
+
+
+def sample(model: Callable[..., Any], noise: Tensor, num_steps: int, scheduler: Any = None,
+           **conditioning: Tensor) -> Tensor:
+    """Deterministic samples from ``noise``: :func:`flow_sample` under a flow-matching ``scheduler``,
+    otherwise :func:`ddim_sample` (the reference DDPM schedule)."""
+    if scheduler is not None and is_flow_matching(scheduler):
+        return flow_sample(model, noise, scheduler, num_steps, **conditioning)
+    return ddim_sample(model, noise, num_steps, **conditioning)
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -109,18 +141,19 @@ def fidelity(student_samples: Tensor, teacher_samples: Tensor) -> float:
 
 
 def sensitivity_profile(model: Callable[..., Any], x0: Tensor, timesteps: list[int], seed: int = 0,
-                        **conditioning: Tensor) -> list[float]:
-    """Mean ||J v||^2 over x0's samples at each timestep (unit random v, exact jvp): how strongly
-    the model amplifies a perturbation of its noisy input, the paper's FTLE-like diagnostic."""
-    scheduler = default_scheduler()
+                        scheduler: Any = None, **conditioning: Tensor) -> list[float]:
+    """Mean ||J v||^2 over x0's samples at each training timestep (unit random v, exact jvp): how
+    strongly the model amplifies a perturbation of its noisy input, the paper's FTLE-like
+    diagnostic; x_t noised by ``scheduler`` (default: the reference DDPM schedule)."""
     g = seeded_generator(seed)
     profile = []
     for t in timesteps:
         noise = torch.randn(x0.shape, generator=g)
         steps = torch.full((x0.shape[0],), t)
-        x_t = scheduler.add_noise(x0, noise, steps)
+        x_t = add_noise(x0, noise, steps, scheduler)
         v = sample_directions(x_t, generator=g)
-        profile.append(float(jacobian_sensitivity(model, x_t, steps.float(), v, mode="jvp", **conditioning).mean()))
+        at = model_timesteps(steps, scheduler).float()
+        profile.append(float(jacobian_sensitivity(model, x_t, at, v, mode="jvp", **conditioning).mean()))
     return profile
 
 

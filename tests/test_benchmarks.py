@@ -7,9 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
-from benchmarks.arms import arm, parse_arms
+from benchmarks.arms import PAPER, arm, parse_arms
 from benchmarks.paired_stats import holm, paired, stratified
 
 DIFFS = [1.2, -0.4, 2.5, 0.9, 1.7, -0.1, 0.6, 3.0]
@@ -55,6 +56,7 @@ def test_arms_by_name():
     assert arm("kd-perturb", {}) == ("kd", {"kd_perturb": "noise"})
     assert arm("2ndmatch-every4", {"lambda_jac": 1.0}) == ("2ndmatch", {"lambda_jac": 1.0, "jac_every": 4})
     assert arm("2ndmatch", {"lambda_jac": 1.0}) == ("2ndmatch", {"lambda_jac": 1.0})
+    assert arm("2ndmatch-paper", {"lambda_jac": 1.0, "jac_match": "vector"}) == ("2ndmatch", PAPER)
     for bad in ("2ndmatch-every0", "kd-perturbed", "2ndmatch-every"):
         with pytest.raises(ValueError, match=rf"arm '{bad}' is unknown; allowed: dsm, kd, kd-perturb"):
             arm(bad, {})
@@ -158,3 +160,50 @@ def test_the_verdict_applies_the_committed_rule(tmp_path):
     files[0] = _teacher_json(tmp_path / "digits.json", range(100, 110), gains)
     with pytest.raises(SystemExit, match="10 seeds; the rule asks for at least 12"):
         verdict.main(verdict.parse_args([*files, "--commit", "c0", "--out", str(tmp_path / "v.json")]))
+
+
+def _flow_teacher(folder, class_name="FlowMatchEulerDiscreteScheduler"):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from nni_2ndmatch.models import digits_unet
+
+    torch.manual_seed(0)
+    digits_unet().save_pretrained(folder, safe_serialization=True)
+    config = {**FlowMatchEulerDiscreteScheduler(shift=1.0).config, "_class_name": class_name}
+    (folder / "scheduler_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_teacher_folder_with_a_scheduler_config_is_a_flow_matching_teacher(tmp_path):
+    from benchmarks.arms import load_teacher
+
+    teacher = load_teacher("digits", str(_flow_teacher(tmp_path / "flow")))
+    assert type(teacher.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and teacher.scheduler.config.shift == 1
+    assert load_teacher("digits").scheduler is None  # the shipped one: the reference DDPM schedule
+    with pytest.raises(ValueError, match=r"scheduler_config.json: _class_name 'DDIMScheduler'; allowed: a flow"):
+        load_teacher("digits", str(_flow_teacher(tmp_path / "ddim", "DDIMScheduler")))
+
+
+@pytest.mark.slow
+def test_digits_quality_trains_and_samples_a_flow_matching_teacher_by_its_objective(tmp_path, monkeypatch):
+    """Every arm gets the teacher's flow-matching scheduler, the paper's arm its own options, and
+    the models are sampled by the Euler flow sampler."""
+    from benchmarks import digits_quality
+
+    built, sampled = [], []
+    real_get, real_sample = digits_quality.get_finetuner, digits_quality.sample
+    monkeypatch.setattr(digits_quality, "get_finetuner", lambda name, **kw: built.append((name, kw)) or real_get(
+        name, **kw))
+    monkeypatch.setattr(digits_quality, "sample", lambda *a: sampled.append(a[3]) or real_sample(*a))
+    argv = ["--teacher", str(_flow_teacher(tmp_path / "flow")), "--steps", "2", "--batch-size", "2", "--seeds", "5",
+            "--samples", "16", "--ddim-steps", "2", "--finetuners", "kd,2ndmatch-paper,2ndmatch", "--no-wallclock",
+            "--lambda-jac", "1.0", "--jac-match", "vector", "--threads", "1", "--out", str(tmp_path / "q.json")]
+    monkeypatch.setattr(sys, "argv", ["digits_quality.py", *argv])
+    digits_quality.main(digits_quality.parse_args(argv))
+    stored = json.loads((tmp_path / "q.json").read_text())
+    assert {r["strategy"] for r in stored["equal_steps"]["runs"]} == {"kd", "2ndmatch-paper", "2ndmatch"}
+    assert [name for name, _ in built] == ["kd", "2ndmatch", "2ndmatch"]
+    assert all(type(kw["scheduler"]).__name__ == "FlowMatchEulerDiscreteScheduler" for _, kw in built)
+    assert {k: built[1][1][k] for k in PAPER} == PAPER and built[2][1]["jac_match"] == "vector"
+    assert sampled and all(type(s).__name__ == "FlowMatchEulerDiscreteScheduler" for s in sampled)
+    assert stored["settings"]["teacher_sha256"] and "kd_minus_2ndmatch-paper" in stored["equal_steps"]["paired"]

@@ -10,9 +10,17 @@ from nni_2ndmatch.evaluation import (
     ddim_scheduler,
     digits_fid,
     fidelity,
+    flow_sample,
     frechet_distance,
+    sample,
     sensitivity_profile,
 )
+
+
+def _flow_scheduler(shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
@@ -53,6 +61,38 @@ def test_ddim_with_the_exact_noise_predictor_of_one_image_returns_that_image():
     torch.testing.assert_close(ddim_sample(exact, noise, num_steps=10), out)  # deterministic, batch-independent
 
 
+def test_flow_sampling_with_the_exact_velocity_of_one_image_returns_that_image():
+    """For data = one image x0, x_t = (1 - s) x0 + s e gives the exact velocity
+    v*(x_t, s) = e - x0 = (x_t - x0) / s; its paths are straight, so Euler lands on x0 exactly."""
+    x0 = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+
+    def exact(x_t, t):
+        return (x_t - x0) / (t.view(-1, 1, 1, 1) / 1000)
+
+    noise = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = flow_sample(exact, noise, _flow_scheduler(3.0), num_steps=7, batch_size=2)
+    torch.testing.assert_close(out, x0.expand(5, -1, -1, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sample(exact, noise, 7, _flow_scheduler(3.0)), out)  # batch-independent
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_sampling_is_diffusers_own_euler_loop(shift):
+    """The sampler steps as FlowMatchEulerDiscreteScheduler.step does (the pipeline's sampler),
+    on a velocity field whose paths are not straight."""
+    scheduler = _flow_scheduler(shift)
+
+    def field(x, t):
+        return torch.tanh(x) * (t.view(-1, 1, 1, 1) / 1000) + 0.3
+
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2)) * 0.3
+    reference = _flow_scheduler(shift)
+    reference.set_timesteps(6)
+    x = noise.clone()
+    for t in reference.timesteps:
+        x = reference.step(field(x, t.expand(3)), t, x).prev_sample
+    torch.testing.assert_close(flow_sample(field, noise, scheduler, num_steps=6), x.clamp(-1, 1), atol=1e-6, rtol=0)
+
+
 def test_fidelity_is_the_mean_per_sample_rms_difference():
     a = torch.zeros(2, 1, 2, 2)
     b = torch.stack([torch.full((1, 2, 2), 0.5), torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])])
@@ -76,6 +116,14 @@ def test_sensitivity_profile_of_a_linear_model_is_the_mean_of_squared_projection
         v = v / v.norm(dim=1, keepdim=True)
         expected = ((v @ A.T) * (1 + t / 1000)).pow(2).sum(1).mean()
         assert value == pytest.approx(float(expected), rel=1e-10)
+    # under flow matching the model is called with sigma_t * 1000 (shift 3: sigma_500 = 0.75)
+    profile = sensitivity_profile(linear, x0, [500], seed=4, scheduler=_flow_scheduler(3.0))
+    g = torch.Generator().manual_seed(4)
+    torch.randn(x0.shape, generator=g)
+    v = torch.randn(x0.shape, generator=g, dtype=torch.float64).flatten(1)
+    v = v / v.norm(dim=1, keepdim=True)
+    sigma = 3 * 0.501 / (1 + 2 * 0.501)  # the training sigma of rank 500: 501/1000, shifted
+    assert profile[0] == pytest.approx(float(((v @ A.T) * (1 + sigma)).pow(2).sum(1).mean()), rel=1e-6)
 
 
 def test_shipped_classifier_recognises_held_out_digits_and_fid_separates_real_from_noise():
