@@ -10,8 +10,10 @@ positive: the setting is better) are pooled over the teachers with the teacher a
 (paired_stats.stratified), and the one-sided p-values of the settings are Holm-adjusted. The rule:
 a setting is recommended over kd only if its pooled gain in digits-FID is significant (adjusted
 one-sided p < 0.05), at least ``--min-gain`` (1.0) and positive on every teacher; it is "not worse"
-than kd if the pooled 95% interval lies above ``-margin`` (1.0). Runs of another commit than
-``--commit``, or missing runs, are an error: the verdict is of one pinned commit.
+than kd if the pooled 95% interval lies above ``-margin`` (1.0). At equal steps, kd minus each arm
+run beside it (the variant, and the paper's form where it ran) is reported the same way, Holm-adjusted
+within the budget, deciding nothing. Runs of another commit than ``--commit``, or missing runs, are
+an error: the verdict is of one pinned commit.
 """
 
 from __future__ import annotations
@@ -46,34 +48,46 @@ def load(path: str, commit: str, min_seeds: int) -> tuple[str, dict]:
     seeds = [int(s) for s in results["settings"]["seeds"].split(",")]
     if len(seeds) < min_seeds:
         sys.exit(f"{path}: {len(seeds)} seeds; the rule asks for at least {min_seeds}")
-    arms = {*results["settings"]["budget"]["steps"], "kd", "2ndmatch"}
     for budget in ("equal_steps", "equal_compute"):
         runs = results.get(budget, {}).get("runs", [])
         wrong = sorted({r.get("commit") for r in runs} - {commit})
         if wrong:
             sys.exit(f"{path}: {budget} has runs of commit(s) {', '.join(map(str, wrong))}, not {commit}")
         have = {(r["strategy"], r["seed"]) for r in runs}
-        want = {(a, s) for a in (arms if budget == "equal_compute" else ("kd", "2ndmatch")) for s in seeds}
+        want = {(a, s) for a in arms_of(results, budget) for s in seeds}
         if want - have:
             sys.exit(f"{path}: {budget} lacks {len(want - have)} run(s), e.g. {sorted(want - have)[0]}")
     return Path(path).stem, results
 
 
+def arms_of(results: dict, budget: str) -> set[str]:
+    """The arms of a budget: at equal compute those of its budget, at equal steps kd and those run
+    beside it (the variant; the paper's form too where it ran)."""
+    if budget == "equal_compute":
+        return {*results["settings"]["budget"]["steps"], "kd"}
+    return {"kd", "2ndmatch", *(r["strategy"] for r in results.get("equal_steps", {}).get("runs", []))}
+
+
 def main(args: argparse.Namespace) -> dict:
     minimum = [int(x) for x in args.min_seeds.split(",")]
     teachers = dict(load(path, args.commit, minimum[min(i, len(minimum) - 1)]) for i, path in enumerate(args.results))
-    settings = sorted(set.intersection(*(set(r["settings"]["budget"]["steps"]) for r in teachers.values())) - {"kd"})
+    common = {budget: sorted(set.intersection(*(arms_of(r, budget) for r in teachers.values())) - {"kd"})
+              for budget in ("equal_steps", "equal_compute")}
+    settings = common["equal_compute"]
     verdict: dict = {"command": "python benchmarks/equal_compute_verdict.py " + " ".join(sys.argv[1:]),
                      "commit": args.commit, "rule": {"alpha": ALPHA, "min_gain": args.min_gain, "margin": args.margin,
                                                      "correction": f"Holm over {len(settings)} settings"},
                      "teachers": {name: {"teacher_sha256": r["teacher_sha256"],
                                          "cost_ratio": r["settings"]["cost_ratio"],
                                          "steps": r["settings"]["budget"]["steps"]} for name, r in teachers.items()}}
-    for budget, pairs in (("equal_steps", ["2ndmatch"]), ("equal_compute", settings)):
+    for budget, pairs in common.items():
         section = verdict.setdefault(budget, {})
         for key, field in (("paired", "fid"), ("paired_fidelity", "fidelity")):
             section[key] = {f"kd_minus_{name}": stratified({t: seed_differences(r[budget]["runs"], "kd", name, field)
                                                             for t, r in teachers.items()}) for name in pairs}
+        # reported, deciding nothing at equal steps: the one-sided p-values Holm-adjusted within the budget
+        section["p_one_sided_holm"] = holm({name: section["paired"][f"kd_minus_{name}"]["p_one_sided"]
+                                            for name in pairs})
     pooled = verdict["equal_compute"]["paired"]
     adjusted = holm({name: pooled[f"kd_minus_{name}"]["p_one_sided"] for name in settings})
     decisions = {}
@@ -103,10 +117,11 @@ def render(verdict: dict) -> str:
     for budget in ("equal_steps", "equal_compute"):
         for pair, d in verdict[budget]["paired"].items():
             fidelity = verdict[budget]["paired_fidelity"][pair]
+            holm_p = verdict[budget]["p_one_sided_holm"][pair.removeprefix("kd_minus_")]
             rows = [("pooled", d, fidelity)] + [(t, s, fidelity["strata"][t]) for t, s in d["strata"].items()]
             lines += [f"| {budget.replace('_', ' ')} | {pair.removeprefix('kd_minus_')} | {t} | {s['n']} | "
-                      f"{s['mean']:+.2f} | [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}] | {s['p_one_sided']:.3g} | "
-                      f"{f['mean']:+.4f} |" for t, s, f in rows]
+                      f"{s['mean']:+.2f} | [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}] | {s['p_one_sided']:.3g}"
+                      f"{f' (Holm {holm_p:.3g})' if t == 'pooled' else ''} | {f['mean']:+.4f} |" for t, s, f in rows]
     lines += ["", "| setting | Holm p | gain | positive on every teacher | recommended over kd | not worse |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {d['p_one_sided_holm']:.3g} | {d['gain']:+.2f} | {d['positive_on_every_teacher']} | "

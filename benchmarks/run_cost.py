@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     results = {"command": "python benchmarks/run_cost.py " + " ".join(sys.argv[1:]), **provenance(),
                "torch": torch.__version__, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
-               "variant": VARIANT, "data": {}}
+               "variant": VARIANT, "data": {}, **({"teacher": args.teacher} if args.teacher else {})}
     lines = ["# Whole-run cost per arm (idle, interleaved, median of rounds)", "",
              f"Command: `{results['command']}`; commit {results['commit']}; {results['cpu']}, "
              f"{args.threads} thread(s)", ""]

@@ -118,8 +118,9 @@ def test_digits_quality_at_equal_compute_writes_budget_ratios_and_paired_statist
         *noise["fid"]["2ndmatch"])) / math.sqrt(2))
 
 
-def _teacher_json(path, seeds, gains, commit="c0"):
-    """A digits_quality.py equal-compute JSON whose arms beat kd by ``gains`` (+ seeded noise)."""
+def _teacher_json(path, seeds, gains, commit="c0", paper=False):
+    """A digits_quality.py equal-compute JSON whose arms beat kd by ``gains`` (+ seeded noise);
+    ``paper``: 2ndmatch-paper beside them at equal steps, worse than kd there by 0.5."""
     rng = np.random.default_rng(len(seeds))
     steps = {"kd": 600, "kd-perturb": 580, "2ndmatch": 300, "2ndmatch-every8": 500}
     runs = {"equal_steps": [], "equal_compute": []}
@@ -127,6 +128,9 @@ def _teacher_json(path, seeds, gains, commit="c0"):
         kd = 20 + rng.normal()
         runs["equal_steps"] += [{"strategy": "kd", "seed": s, "fid": kd + 1, "fidelity": 0.2, "commit": commit},
                                 {"strategy": "2ndmatch", "seed": s, "fid": kd, "fidelity": 0.1, "commit": commit}]
+        if paper:
+            runs["equal_steps"].append({"strategy": "2ndmatch-paper", "seed": s, "fid": kd + 1.5 + 0.3 * rng.normal(),
+                                        "fidelity": 0.2, "commit": commit})
         runs["equal_compute"] += [{"strategy": name, "seed": s, "fid": kd - gains.get(name, 0.0) + 0.3 * rng.normal(),
                                    "fidelity": 0.2 - 0.01 * gains.get(name, 0.0), "commit": commit} for name in steps]
     path.write_text(json.dumps({"settings": {"seeds": ",".join(map(str, seeds)), "budget": {"steps": steps},
@@ -160,6 +164,15 @@ def test_the_verdict_applies_the_committed_rule(tmp_path):
     files[0] = _teacher_json(tmp_path / "digits.json", range(100, 110), gains)
     with pytest.raises(SystemExit, match="10 seeds; the rule asks for at least 12"):
         verdict.main(verdict.parse_args([*files, "--commit", "c0", "--out", str(tmp_path / "v.json")]))
+    # one teacher with the paper's form beside the variant at equal steps: both reported, Holm over the two
+    one = _teacher_json(tmp_path / "flow.json", range(200, 210), gains, paper=True)
+    got = verdict.main(verdict.parse_args([one, "--commit", "c0", "--min-seeds", "10",
+                                           "--out", str(tmp_path / "f.json")]))
+    steps = got["equal_steps"]
+    assert set(steps["paired"]) == {"kd_minus_2ndmatch", "kd_minus_2ndmatch-paper"}
+    assert steps["paired"]["kd_minus_2ndmatch-paper"]["mean"] < 0 < steps["paired"]["kd_minus_2ndmatch"]["mean"]
+    assert steps["p_one_sided_holm"] == pytest.approx(holm({k.removeprefix("kd_minus_"): v["p_one_sided"]
+                                                            for k, v in steps["paired"].items()}))
 
 
 def _flow_teacher(folder, class_name="FlowMatchEulerDiscreteScheduler"):
