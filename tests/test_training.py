@@ -108,6 +108,40 @@ def test_data_order_and_timesteps():
     assert torch.equal(t[:3] + t[3:], torch.full((3,), 999))
 
 
+@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (0.7, 0.5)])
+def test_logit_normal_timesteps_are_the_ones_sd3s_training_scripts_draw(mean, std):
+    """SD3's scripts draw u = sigmoid(N(mean, std)) and train at the flow scheduler's
+    timesteps[floor(u T)]; the drawn ranks give exactly those sigmas, and logit(1 - sigma) (shift 1)
+    is N(mean, std) by a Kolmogorov-Smirnov test against scipy's normal."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from scipy import stats
+
+    from nni_2ndmatch.method import model_timesteps
+
+    t = sample_timesteps(4000, 1000, antithetic=False, generator=torch.Generator().manual_seed(3),
+                         density="logit_normal", logit_mean=mean, logit_std=std)
+    z = torch.randn(4000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    u = torch.sigmoid(mean + std * z)
+    for shift in (1.0, 3.0):
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        expected = scheduler.timesteps[(u * 1000).long()]
+        torch.testing.assert_close(model_timesteps(t, scheduler), expected.float(), rtol=1e-6, atol=1e-3)
+    sigma = (t.double() + 1) / 1000  # shift 1
+    logits = torch.log((1 - sigma + 1e-3 / 2) / (sigma - 1e-3 / 2)).numpy()  # the rank's midpoint
+    assert stats.kstest(logits, stats.norm(mean, std).cdf).pvalue > 0.01
+    pairs = sample_timesteps(6, 1000, antithetic=True, generator=torch.Generator().manual_seed(0),
+                             density="logit_normal")  # antithetic: z and -z, so u and 1 - u at mean 0
+    assert (pairs[:3] + pairs[3:] - 998).abs().max() <= 1
+
+
+def test_logit_options_without_their_density_are_an_error():
+    with pytest.raises(ValidationError, match="logit_std given with timestep_density='uniform'"):
+        TrainConfig(logit_std=2.0)
+    with pytest.raises(ValidationError, match="timestep_density"):
+        TrainConfig(timestep_density="lognormal")
+    assert TrainConfig(timestep_density="logit_normal", logit_mean=0.5).logit_mean == 0.5
+
+
 def test_bad_train_config_names_the_field():
     with pytest.raises(ValidationError, match="lr"):
         TrainConfig(lr=-1)

@@ -72,9 +72,25 @@ def add_noise(x0: Tensor, noise: Tensor, timesteps: Tensor, scheduler: Any = Non
     return scheduler.add_noise(x0, noise, timesteps.to(x0.device))
 
 
+#: How training timesteps are drawn: uniformly over the T ranks, or logit-normal (SD3's training).
+TIMESTEP_DENSITIES = ("uniform", "logit_normal")
+
+
 def sample_timesteps(batch: int, num_train_timesteps: int, antithetic: bool,
-                     generator: torch.Generator | None = None) -> Tensor:
-    """``batch`` training timesteps, uniform on 0..T-1; ``antithetic``: in pairs t, T-1-t."""
+                     generator: torch.Generator | None = None, density: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0) -> Tensor:
+    """``batch`` training timesteps in 0..T-1, uniform; ``antithetic``: in pairs t, T-1-t.
+
+    ``density="logit_normal"``: u = sigmoid(logit_mean + logit_std z), z standard normal (pairs z,
+    -z when antithetic), and t = T-1-floor(u T), so that a flow-matching scheduler's sigma of t is
+    its training timesteps[floor(u T)] / T, the index diffusers' SD3 training scripts draw."""
+    if density == "logit_normal":
+        z = torch.randn((batch + 1) // 2 if antithetic else batch, generator=generator, dtype=torch.float64)
+        z = torch.cat([z, -z])[:batch] if antithetic else z
+        u = torch.sigmoid(logit_mean + logit_std * z)
+        return (num_train_timesteps - 1 - (u * num_train_timesteps).long()).clamp(0, num_train_timesteps - 1)
+    if density != "uniform":
+        raise ValueError(f"density={density!r}; allowed: {', '.join(TIMESTEP_DENSITIES)}")
     if not antithetic:
         return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
     t = torch.randint(0, num_train_timesteps, ((batch + 1) // 2,), generator=generator)

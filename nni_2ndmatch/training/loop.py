@@ -148,7 +148,8 @@ def draw_step(generator: torch.Generator, config: TrainConfig, image_shape: torc
     flip = torch.rand(batch, generator=generator) < 0.5 if config.hflip else None
     drop = torch.rand(batch, generator=generator) < caption_dropout if caption_dropout else None
     noise = torch.randn(batch, *image_shape, generator=generator)
-    timesteps = sample_timesteps(batch, num_train_timesteps, config.antithetic, generator)
+    timesteps = sample_timesteps(batch, num_train_timesteps, config.antithetic, generator, config.timestep_density,
+                                 config.logit_mean, config.logit_std)
     return StepDraws(flip, drop, noise, timesteps)
 
 

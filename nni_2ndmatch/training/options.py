@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -29,6 +29,11 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null: no clipping")
     ema_decay: float | None = Field(0.9999, gt=0, lt=1, description="min(ema_decay, (1+s)/(10+s)); null: no EMA")
     antithetic: bool = True  # timesteps t and T-1-t in pairs
+    timestep_density: Literal["uniform", "logit_normal"] = Field(
+        "uniform", description="how training timesteps are drawn: uniform over the schedule's ranks, or logit-normal "
+        "(SD3's training: sigma = sigmoid(N(logit_mean, logit_std)) before the scheduler's shift)")
+    logit_mean: float = Field(0.0, allow_inf_nan=False, description="timestep_density logit_normal: its mean")
+    logit_std: float = Field(1.0, gt=0, allow_inf_nan=False, description="timestep_density logit_normal: its std")
     hflip: bool = False  # random horizontal flips
     dropout: float | None = Field(None, ge=0, lt=1, description="p of the student's residual-block dropout (nn.Dropout "
                                   "modules named 'dropout', as in diffusers' ResnetBlock2D) during the run; the "
@@ -44,6 +49,14 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
     max_nonfinite_steps: int = Field(10, ge=1, description="consecutive skipped steps before the run stops")
+
+    @model_validator(mode="after")
+    def _logit_options_need_their_density(self) -> "TrainConfig":
+        given = sorted({"logit_mean", "logit_std"} & self.model_fields_set)
+        if given and self.timestep_density != "logit_normal":
+            raise ValueError(f"{' and '.join(given)} given with timestep_density={self.timestep_density!r}; they "
+                             "shape the logit_normal density only: set timestep_density: logit_normal or remove them")
+        return self
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
