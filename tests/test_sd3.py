@@ -60,16 +60,19 @@ def test_the_cached_conditioning_is_what_the_sd3_pipeline_computes(tmp_path):
     assert torch.equal(dropped["pooled_projections"][1], kwargs["pooled_projections"][1])
 
 
-def _kept_rows(small: nn.Linear, big: nn.Linear) -> list[int]:
-    """Which of ``big``'s outputs ``small`` kept (found by their biases: random, so unique)."""
-    return [int((big.bias == b).nonzero()[0]) for b in small.bias]
+def _kept_rows(small: nn.Linear, big: nn.Linear, scale: float = 1.0) -> list[int]:
+    """Which of ``big``'s outputs ``small`` kept (found by their biases, random, so unique; ``small``'s
+    scaled by ``scale``)."""
+    rows = [int((big.bias - b / scale).abs().argmin()) for b in small.bias]
+    torch.testing.assert_close(small.bias, big.bias[rows] * scale)
+    return rows
 
 
 def test_pruning_the_joint_transformer_equals_masking_the_same_channels_of_both_streams():
     """Independent of how the surgery groups channels: the student must compute what the teacher
-    computes with the removed q/k/v and MLP channels zeroed (q rescaled for the smaller heads'
-    1/sqrt(head_dim)). Image and text queries, keys and values meet in one attention, so a stream
-    pruned at other positions than the other would not."""
+    computes with the removed q/k/v and MLP channels zeroed, the heads' logits included (their
+    1/sqrt(head_dim) is the dense one's). Image and text queries, keys and values meet in one
+    attention, so a stream pruned at other positions than the other would not."""
     from nni_2ndmatch.models import default_example_inputs, write_tiny_sd3
     from nni_2ndmatch.nni import prune_diffusers
     from nni_2ndmatch.pruning import load_model_folder
@@ -85,20 +88,15 @@ def test_pruning_the_joint_transformer_equals_masking_the_same_channels_of_both_
         if isinstance(layer, nn.Linear) and layer.out_features < dense.out_features:
             pruned_out.append(name)
             keep = torch.zeros(dense.out_features, dtype=torch.bool)
-            keep[_kept_rows(layer, teacher.get_submodule(name))] = True
+            query = name.rsplit(".", 1)[-1] in ("to_q", "add_q_proj")  # scaled by sqrt(d' / d)
+            scale = math.sqrt(layer.out_features / dense.out_features) if query else 1.0
+            keep[_kept_rows(layer, teacher.get_submodule(name), scale)] = True
             with torch.no_grad():
                 dense.weight[~keep] = 0
                 dense.bias[~keep] = 0
     # the attention and MLP widths, and the conditioning embedding's; no residual width
     assert {n.rsplit(".", 1)[-1] for n in pruned_out} == {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
                                                           "add_v_proj", "proj", "linear_1", "linear_2"}
-    for name, attn in student.named_modules():
-        if type(attn).__name__ == "Attention":
-            ratio = teacher.get_submodule(name).to_q.out_features / attn.to_q.out_features
-            for q in ("to_q", "add_q_proj"):
-                with torch.no_grad():
-                    masked.get_submodule(f"{name}.{q}").weight.mul_(math.sqrt(ratio))
-                    masked.get_submodule(f"{name}.{q}").bias.mul_(math.sqrt(ratio))
     inputs = default_example_inputs(teacher, 3)
     with torch.no_grad():
         torch.testing.assert_close(student(**inputs).sample, masked(**inputs).sample, rtol=1e-4, atol=1e-5)
@@ -123,6 +121,7 @@ def test_the_tiny_sd3_example_gives_a_pipeline_diffusers_samples_with_and_withou
 
     from nni_2ndmatch import load_pipeline
     from nni_2ndmatch.job.run import run_job
+    from nni_2ndmatch.models import pipeline_denoiser
 
     raw = yaml.safe_load((ROOT / "examples" / "tiny_sd3.yaml").read_text())
     raw["finetune"].update(steps=2, batch_size=4)
@@ -136,10 +135,15 @@ def test_the_tiny_sd3_example_gives_a_pipeline_diffusers_samples_with_and_withou
     exported = json.loads((tmp_path / "run" / "onnx" / "student.onnx.json").read_text())
     assert exported["parity"]["passed"] and [i["name"] for i in exported["inputs"]] == \
         ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]
+    text = next(i for i in exported["inputs"] if i["name"] == "encoder_hidden_states")
     results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
     assert results["quality"]["fidelity"] > 0
     pipe = load_pipeline(tmp_path / "run" / "pipeline")
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and type(pipe.transformer).__module__ == "nni_2ndmatch"
+    # the exported transformer takes the pipeline's text tokens: CLIP's, then T5's 256
+    assert pipeline_denoiser(tmp_path / "run" / "pipeline") == "transformer"  # the output is an input too
+    tokens = pipe.tokenizer.model_max_length + 256
+    assert text["shape"] == ["batch", tokens, pipe.transformer.config.joint_attention_dim]
     images = pipe(["a handwritten digit 3"] * 2, height=16, width=16, num_inference_steps=3, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
@@ -156,8 +160,10 @@ def _edit(path, **entries):
 @pytest.mark.parametrize("edit, expected", [
     (lambda d: _edit(d / "scheduler" / "scheduler_config.json", _class_name="EulerDiscreteScheduler",
                      beta_schedule="scaled_linear"),
-     r"model_index.json: the scheduler \(DDPMScheduler\) does not match the objective SD3Transformer2DModel was "
-     r"trained with; allowed: a flow-matching scheduler"),
+     r"model_index.json: the scheduler \(EulerDiscreteScheduler\) does not match the objective "
+     r"SD3Transformer2DModel was trained with; allowed: a flow-matching scheduler"),
+    (lambda d: _edit(d / "model_index.json", text_encoder=["transformers", "CLIPTextModel"]),
+     r"model_index.json: text_encoder is CLIPTextModel; allowed: CLIPTextModelWithProjection"),
     (lambda d: _edit(d / "scheduler" / "scheduler_config.json", use_dynamic_shifting=True),
      r"scheduler_config.json: use_dynamic_shifting=true .* is not supported; allowed: a fixed shift"),
     (lambda d: _edit(d / "model_index.json", _class_name="StableDiffusion3Img2ImgPipeline"),
@@ -179,3 +185,20 @@ def test_a_gradient_pruner_is_refused_for_a_flow_matching_pipeline(tmp_path):
     r = cli_here("run", tmp_path / "cfg.yaml")
     assert r.returncode == 2 and "pruning.pruner: value 'taylor' is not allowed" in r.stderr, r.stderr
     assert "the pipeline predicts flow" in r.stderr
+
+
+def test_sd35s_per_head_query_key_norms_are_refused_by_the_pruning():
+    """SD3.5 normalises queries and keys per head with one weight shared by every head; pruning
+    channels within heads would give heads the wrong gains, so it is an error naming the layer."""
+    from diffusers import SD3Transformer2DModel
+
+    from nni_2ndmatch.models import default_example_inputs
+    from nni_2ndmatch.nni import prune_diffusers
+
+    model = SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4, qk_norm="rms_norm")
+    with pytest.raises(ValueError, match=r"attention transformer_blocks.0.attn normalises queries and keys per "
+                                         r"head \(qk_norm, as SD3.5 and Flux do; 1 such layers\).*allowed: attention "
+                                         "without qk_norm"):
+        prune_diffusers(model, "L1NormPruner", 0.3, example_inputs=default_example_inputs(model, 2))

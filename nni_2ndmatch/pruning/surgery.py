@@ -14,6 +14,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import warnings
 from typing import Any, Callable
 
@@ -63,16 +64,51 @@ def _fixed_layers(model: nn.Module) -> list[nn.Module]:
 JOINT = ("SD3Transformer2DModel",)
 
 
-def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+def _attentions(model: nn.Module) -> list[nn.Module]:
     from diffusers.models.attention_processor import Attention
 
+    return [m for m in model.modules() if isinstance(m, Attention) and isinstance(getattr(m, "to_q", None), nn.Linear)]
+
+
+def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     heads = {}
-    for m in model.modules():
-        if isinstance(m, Attention):
-            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-                if isinstance(getattr(m, name, None), nn.Linear):
-                    heads[getattr(m, name)] = m.heads
+    for m in _attentions(model):
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            if isinstance(getattr(m, name, None), nn.Linear):
+                heads[getattr(m, name)] = m.heads
     return heads
+
+
+def refuse_per_head_norms(model: nn.Module) -> None:
+    """Attention with per-head query/key norms (``qk_norm``: SD3.5's, Flux's) shares one norm weight
+    over every head's channels, which pruning channels within heads would mismatch: refused."""
+    names = _module_names(model)
+    normed = [names[a] for a in _attentions(model) if getattr(a, "norm_q", None) is not None]
+    if normed:
+        raise ValueError(f"{type(model).__name__}: attention {normed[0]} normalises queries and keys per head "
+                         f"(qk_norm, as SD3.5 and Flux do; {len(normed)} such layers), which the pruning surgery does "
+                         "not support yet; allowed: attention without qk_norm (SD 1.x/2.x, SDXL, SD3, DiT)")
+
+
+def _keep_attention_logits(head_widths: dict[nn.Module, int]) -> None:
+    """Heads cut from d to d' channels keep the dense model's logits q.k / sqrt(d): attention divides
+    by the square root of the width it is given (scaled_dot_product_attention's default; ``attn.scale``
+    for diffusers' other processors), which would otherwise sharpen every head by sqrt(d / d'). The
+    queries (image and text streams) are scaled by sqrt(d' / d) and ``attn.scale`` set to d'^-1/2,
+    so the pruned model computes what the dense one computes with those channels zeroed."""
+    for attn, before in head_widths.items():
+        after = attn.to_q.out_features // attn.heads
+        if after == before or not getattr(attn, "scale_qk", True):
+            continue
+        factor = math.sqrt(after / before)
+        with torch.no_grad():
+            for name in ("to_q", "add_q_proj"):
+                layer = getattr(attn, name, None)
+                if isinstance(layer, nn.Linear):
+                    layer.weight.mul_(factor)
+                    if layer.bias is not None:
+                        layer.bias.mul_(factor)
+        attn.scale = after ** -0.5
 
 
 def dependency_graph(model: nn.Module, example_inputs: dict[str, Any]):
@@ -159,6 +195,7 @@ def apply_plan(model: nn.Module, graph, plan: list[dict[str, Any]]) -> None:
     """Prune ``model`` in place: for each plan entry, keep the listed channels of its root layer."""
     import torch_pruning as tp
 
+    head_widths = {attn: attn.to_q.out_features // attn.heads for attn in _attentions(model)}
     for entry in plan:
         module = model.get_submodule(entry["root"])
         total = out_width(module)
@@ -171,6 +208,7 @@ def apply_plan(model: nn.Module, graph, plan: list[dict[str, Any]]) -> None:
         now = out_width(module)
         if now != len(keep):
             raise RuntimeError(f"{entry['root']}: pruning left {now} channels, the plan keeps {len(keep)}")
+    _keep_attention_logits(head_widths)
     _fix_attributes(model)
 
 
@@ -231,6 +269,7 @@ def prune_with_scores(teacher: nn.Module, scorer: GroupScorer, example_inputs: d
     coupled group of the copy, which channels to prefer and what share to prune."""
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to={round_to!r} is not allowed; it must be an integer >= 1 or None")
+    refuse_per_head_norms(teacher)
     student = copy.deepcopy(teacher).eval()
     before = macs_params(student, example_inputs)
     graph = dependency_graph(student, example_inputs)
