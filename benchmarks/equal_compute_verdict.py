@@ -11,9 +11,9 @@ positive: the setting is better) are pooled over the teachers with the teacher a
 a setting is recommended over kd only if its pooled gain in digits-FID is significant (adjusted
 one-sided p < 0.05), at least ``--min-gain`` (1.0) and positive on every teacher; it is "not worse"
 than kd if the pooled 95% interval lies above ``-margin`` (1.0). At equal steps, kd minus each arm
-run beside it (the variant, and the paper's form where it ran) is reported the same way, Holm-adjusted
-within the budget, deciding nothing. Runs of another commit than ``--commit``, or missing runs, are
-an error: the verdict is of one pinned commit.
+of ``--equal-steps-arms`` (the variant; the paper's form too in the flow-matching runs) is reported
+the same way, Holm-adjusted within the budget, deciding nothing. Runs of another commit than
+``--commit``, or missing runs, are an error: the verdict is of one pinned commit.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-gain", type=float, default=1.0, help="digits-FID a recommended setting gains at least")
     p.add_argument("--margin", type=float, default=1.0, help="digits-FID of the 'not worse' margin")
     p.add_argument("--min-seeds", default="12,12,8", help="at least this many seeds per input, in order")
+    p.add_argument("--equal-steps-arms", default="2ndmatch", help="the arms run beside kd at equal steps, each "
+                   "required in every input (the flow-matching runs: 2ndmatch,2ndmatch-paper)")
     p.add_argument("--out", default=str(RESULTS / "verdict.json"))
     return p.parse_args(argv)
 
 
-def load(path: str, commit: str, min_seeds: int) -> tuple[str, dict]:
+def load(path: str, commit: str, min_seeds: int, equal_steps: list[str]) -> tuple[str, dict]:
     results = json.loads(Path(path).read_text())
     seeds = [int(s) for s in results["settings"]["seeds"].split(",")]
     if len(seeds) < min_seeds:
@@ -54,26 +56,20 @@ def load(path: str, commit: str, min_seeds: int) -> tuple[str, dict]:
         if wrong:
             sys.exit(f"{path}: {budget} has runs of commit(s) {', '.join(map(str, wrong))}, not {commit}")
         have = {(r["strategy"], r["seed"]) for r in runs}
-        want = {(a, s) for a in arms_of(results, budget) for s in seeds}
+        arms = {*results["settings"]["budget"]["steps"], "kd"} if budget == "equal_compute" else {"kd", *equal_steps}
+        want = {(a, s) for a in arms for s in seeds}
         if want - have:
             sys.exit(f"{path}: {budget} lacks {len(want - have)} run(s), e.g. {sorted(want - have)[0]}")
     return Path(path).stem, results
 
 
-def arms_of(results: dict, budget: str) -> set[str]:
-    """The arms of a budget: at equal compute those of its budget, at equal steps kd and those run
-    beside it (the variant; the paper's form too where it ran)."""
-    if budget == "equal_compute":
-        return {*results["settings"]["budget"]["steps"], "kd"}
-    return {"kd", "2ndmatch", *(r["strategy"] for r in results.get("equal_steps", {}).get("runs", []))}
-
-
 def main(args: argparse.Namespace) -> dict:
     minimum = [int(x) for x in args.min_seeds.split(",")]
-    teachers = dict(load(path, args.commit, minimum[min(i, len(minimum) - 1)]) for i, path in enumerate(args.results))
-    common = {budget: sorted(set.intersection(*(arms_of(r, budget) for r in teachers.values())) - {"kd"})
-              for budget in ("equal_steps", "equal_compute")}
-    settings = common["equal_compute"]
+    equal_steps = [a.strip() for a in args.equal_steps_arms.split(",") if a.strip()]
+    teachers = dict(load(path, args.commit, minimum[min(i, len(minimum) - 1)], equal_steps)
+                    for i, path in enumerate(args.results))
+    settings = sorted(set.intersection(*(set(r["settings"]["budget"]["steps"]) for r in teachers.values())) - {"kd"})
+    common = {"equal_steps": equal_steps, "equal_compute": settings}
     verdict: dict = {"command": "python benchmarks/equal_compute_verdict.py " + " ".join(sys.argv[1:]),
                      "commit": args.commit, "rule": {"alpha": ALPHA, "min_gain": args.min_gain, "margin": args.margin,
                                                      "correction": f"Holm over {len(settings)} settings"},

@@ -166,8 +166,11 @@ def test_the_verdict_applies_the_committed_rule(tmp_path):
         verdict.main(verdict.parse_args([*files, "--commit", "c0", "--out", str(tmp_path / "v.json")]))
     # one teacher with the paper's form beside the variant at equal steps: both reported, Holm over the two
     one = _teacher_json(tmp_path / "flow.json", range(200, 210), gains, paper=True)
-    got = verdict.main(verdict.parse_args([one, "--commit", "c0", "--min-seeds", "10",
-                                           "--out", str(tmp_path / "f.json")]))
+    args = [one, "--commit", "c0", "--min-seeds", "10", "--out", str(tmp_path / "f.json")]
+    with pytest.raises(SystemExit, match=r"equal_steps lacks 10 run\(s\), e.g. \('2ndmatch-paper', 200\)"):
+        verdict.main(verdict.parse_args([_teacher_json(tmp_path / "no_paper.json", range(200, 210), gains), *args[1:],
+                                         "--equal-steps-arms", "2ndmatch,2ndmatch-paper"]))
+    got = verdict.main(verdict.parse_args([*args, "--equal-steps-arms", "2ndmatch,2ndmatch-paper"]))
     steps = got["equal_steps"]
     assert set(steps["paired"]) == {"kd_minus_2ndmatch", "kd_minus_2ndmatch-paper"}
     assert steps["paired"]["kd_minus_2ndmatch-paper"]["mean"] < 0 < steps["paired"]["kd_minus_2ndmatch"]["mean"]

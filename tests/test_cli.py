@@ -212,7 +212,8 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize("case", ["truncated pruned weights", "truncated diffusers weights", "not a model folder",
-                                  "empty image folder", "conditional teacher with an image folder"])
+                                  "empty image folder", "conditional teacher with an image folder",
+                                  "a model folder with a flow-matching schedule"])
 def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):
     from nni_2ndmatch import prune_diffusers, save_pruned
     from nni_2ndmatch.models import build_builtin, save_diffusers_model
@@ -234,6 +235,13 @@ def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):
         folder.mkdir()
         (folder / "notes.txt").write_text("hello")
         expected = "model.student: model path .* has no config.json; expected a diffusers model folder"
+    elif case == "a model folder with a flow-matching schedule":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        save_diffusers_model(teacher, folder)
+        FlowMatchEulerDiscreteScheduler().save_config(folder)
+        expected = (r"model.student: .*scheduler_config.json gives the model its own schedule "
+                    r"\(FlowMatchEulerDiscreteScheduler\), which a model folder's run does not train on")
     elif case == "empty image folder":
         save_diffusers_model(teacher, folder)
         (tmp_path / "images").mkdir()

@@ -140,6 +140,11 @@ def test_logit_options_without_their_density_are_an_error():
     with pytest.raises(ValidationError, match="timestep_density"):
         TrainConfig(timestep_density="lognormal")
     assert TrainConfig(timestep_density="logit_normal", logit_mean=0.5).logit_mean == 0.5
+    # every field given explicitly (as the config file's section rebuilds it) is no error at the defaults
+    assert TrainConfig(**TrainConfig().model_dump()) == TrainConfig()
+    from nni_2ndmatch.config import FinetuneSection
+
+    assert FinetuneSection().train_config().timestep_density == "uniform"
 
 
 def test_bad_train_config_names_the_field():

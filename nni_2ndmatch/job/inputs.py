@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from ..config import Config, ModelSpec
 from ..data import collate
 from ..errors import UserError, user_errors
 from ..evaluation import OnnxFeatures, load_clip, needs_torchmetrics
+from ..files import read_json_object
 from ..finetuners import Finetuner
 from ..method import default_scheduler, model_output, prediction_of
 from ..models import (
@@ -50,7 +52,25 @@ def load_configured_model(spec: ModelSpec, role: str) -> nn.Module:
             return build_builtin(spec.builtin, width=spec.width, seed=spec.seed)
         if spec.hub is not None:
             return load_hub_model(spec.hub, spec.subfolder)
+        check_folder_schedule(spec.path, role)
         return load_model_folder(spec.path)
+
+
+def check_folder_schedule(folder: str, role: str) -> None:
+    """A model folder is trained on the reference DDPM schedule; one that carries a
+    scheduler_config.json of another schedule (flow matching, other betas or prediction) is an
+    error rather than a run on the wrong objective."""
+    file = Path(folder) / "scheduler_config.json"
+    if is_pipeline_folder(folder) or not file.is_file():
+        return
+    config, default = read_json_object(file), default_scheduler().config
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+    if str(config.get("_class_name", "")).startswith("FlowMatch") or any(
+            k in config and config[k] != default[k] for k in keys):
+        raise UserError(f"model.{role}: {file} gives the model its own schedule ({config.get('_class_name')}), which "
+                        "a model folder's run does not train on (it uses the reference DDPM schedule); allowed: the "
+                        "model inside a pipeline folder (model_index.json, scheduler/), whose schedule the run takes, "
+                        "or a folder without it")
 
 
 def load_teacher(spec: ModelSpec, resolution: int) -> tuple[nn.Module, PipelineParts | None]:

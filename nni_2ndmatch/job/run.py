@@ -77,9 +77,17 @@ def report_stages(config: Config, out: RunFolder, inputs: JobInputs, student: nn
                                      parts=inputs.parts, progress=progress)
         save_sample_grids(out.root, evaluation)
     if config.export is not None:
-        latency = export_and_benchmark(config.export, out, inputs.teacher, student)
+        latency = export_and_benchmark(config.export, out, inputs.teacher, student, **text_tokens(data.dataset))
     pruning = json.loads(out.pruning_report.read_text()) if out.pruning_report.is_file() else None
     return write_run_report(out.root, summary, pruning=pruning, evaluation=evaluation, latency=latency)
+
+
+def text_tokens(dataset: Any) -> dict[str, int]:
+    """``{"seq_len": n}``: the tokens of the run's caption embeddings (what the export's text input
+    must take), or nothing for data without captions."""
+    item = dataset[0]
+    text = item.get("encoder_hidden_states") if isinstance(item, dict) else None
+    return {"seq_len": int(text.shape[-2])} if text is not None else {}
 
 
 def summary_text(summary: dict[str, Any]) -> str:

@@ -94,8 +94,11 @@ def pipeline_denoiser(path: str | os.PathLike) -> str:
         raise ValueError(f"{index_file}: the pipeline has {', '.join(unsupported)}, whose conditioning the finetuning "
                          "does not provide; allowed: a denoiser with a scheduler, and optionally vae (AutoencoderKL), "
                          "text_encoder (CLIPTextModel) and tokenizer, text_encoder_2 (CLIPTextModelWithProjection) and "
-                         "tokenizer_2 (Stable Diffusion 1.x/2.x, SDXL and DiT layouts)")
+                         "tokenizer_2, text_encoder_3 (T5EncoderModel) and tokenizer_3 (Stable Diffusion 1.x/2.x, "
+                         "SDXL, SD3 and DiT layouts)")
     for name, allowed in FROZEN_PARTS.items():
+        if class_name == "StableDiffusion3Pipeline" and name == "text_encoder":
+            allowed = ("CLIPTextModelWithProjection",)  # SD3 pools both CLIP encoders' projections
         if name in components and components[name] not in allowed:
             raise ValueError(f"{index_file}: {name} is {components[name]}; allowed: {', '.join(allowed)}")
     if "text_encoder" in components and "vae" not in components:
@@ -112,11 +115,13 @@ def pipeline_denoiser(path: str | os.PathLike) -> str:
         if (encoder in components) != (tokenizer in components):
             raise ValueError(f"{index_file}: a {encoder} needs its {tokenizer} and a {tokenizer} its {encoder}; "
                              f"components: {', '.join(components)}")
-    scheduler = training_scheduler(path)  # the schedule is readable and its prediction type supported
-    flow = is_flow_matching(scheduler)
-    if (components[denoisers[0]] in FLOW_DENOISERS) != flow:
-        raise ValueError(f"{index_file}: the scheduler ({type(scheduler).__name__}) does not match the objective "
-                         f"{components[denoisers[0]]} was trained with; allowed: a flow-matching scheduler "
+    flow = is_flow_matching(training_scheduler(path))  # the schedule is readable, its prediction type supported
+    denoiser = components[denoisers[0]].removeprefix("Pruned")  # a pruned student is its dense class's kind
+    if (denoiser in FLOW_DENOISERS) != flow:
+        file = path / "scheduler" / "scheduler_config.json"
+        scheduler = read_json_object(file).get("_class_name") if file.is_file() else "none: the default DDPM one"
+        raise ValueError(f"{index_file}: the scheduler ({scheduler}) does not match the objective "
+                         f"{denoiser} was trained with; allowed: a flow-matching scheduler "
                          f"(FlowMatchEulerDiscreteScheduler) for {', '.join(FLOW_DENOISERS)}, a DDPM-family one "
                          "(with betas) for the others")
     return denoisers[0]

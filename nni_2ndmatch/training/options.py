@@ -31,7 +31,8 @@ class TrainConfig(BaseModel):
     antithetic: bool = True  # timesteps t and T-1-t in pairs
     timestep_density: Literal["uniform", "logit_normal"] = Field(
         "uniform", description="how training timesteps are drawn: uniform over the schedule's ranks, or logit-normal "
-        "(SD3's training: sigma = sigmoid(N(logit_mean, logit_std)) before the scheduler's shift)")
+        "as diffusers' SD3 scripts draw them: u = sigmoid(N(logit_mean, logit_std)) and sigma = 1 - u before the "
+        "scheduler's shift (so a positive logit_mean favours less noise, the reverse of the SD3 paper's sign)")
     logit_mean: float = Field(0.0, allow_inf_nan=False, description="timestep_density logit_normal: its mean")
     logit_std: float = Field(1.0, gt=0, allow_inf_nan=False, description="timestep_density logit_normal: its std")
     hflip: bool = False  # random horizontal flips
@@ -52,7 +53,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _logit_options_need_their_density(self) -> "TrainConfig":
-        given = sorted({"logit_mean", "logit_std"} & self.model_fields_set)
+        defaults = {name: type(self).model_fields[name].default for name in ("logit_mean", "logit_std")}
+        given = [name for name, default in defaults.items() if getattr(self, name) != default]
         if given and self.timestep_density != "logit_normal":
             raise ValueError(f"{' and '.join(given)} given with timestep_density={self.timestep_density!r}; they "
                              "shape the logit_normal density only: set timestep_density: logit_normal or remove them")
