@@ -115,16 +115,42 @@ def write_tiny_sdxl(folder: str | os.PathLike, seed: int = 0, resolution: int = 
     return folder
 
 
-def write_tiny_sd3(folder: str | os.PathLike, seed: int = 0, resolution: int = 16) -> Path:
+def _t5_tokenizer(folder: Path) -> Any:
+    """A character-level T5 tokenizer (a Unigram over the printable ASCII characters) written to
+    ``folder`` and read back."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    transformers = needs_transformers("a builtin pipeline")
+    pieces = ["\u2581", *(c for c in string.printable if c not in "\t\n\r\x0b\x0c")]
+    tokenizer = Tokenizer(models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((c, -1.0) for c in pieces)],
+                                         unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    transformers.T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                 extra_ids=0, model_max_length=512).save_pretrained(folder)
+    return transformers.T5TokenizerFast.from_pretrained(folder)
+
+
+def write_tiny_sd3(folder: str | os.PathLike, seed: int = 0, resolution: int = 16, t5: bool = False) -> Path:
     """Write ``tiny-sd3``: a StableDiffusion3Pipeline folder of seeded random components in SD3's
     layout: a 2-block joint (MMDiT) SD3Transformer2DModel, two CLIP text encoders with projections
     (their penultimate states concatenated as the text tokens, their pooled projections as
-    ``pooled_projections``), T5 left out as SD3 allows (its tokens are zeros), an AutoencoderKL
-    with a shift factor, and SD3's flow-matching schedule (FlowMatchEulerDiscreteScheduler, shift 3)."""
+    ``pooled_projections``), T5 left out as SD3 allows (its tokens are zeros; ``t5``: a 1-layer
+    T5 encoder with a character-level tokenizer), an AutoencoderKL with a shift factor, and SD3's
+    flow-matching schedule (FlowMatchEulerDiscreteScheduler, shift 3)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     folder = Path(folder)
+    text_encoder_3 = tokenizer_3 = None
     with seeded(seed):
+        if t5:
+            transformers = needs_transformers("a builtin pipeline")
+            tokenizer_3 = _t5_tokenizer(folder / "tokenizer_3")
+            text_encoder_3 = transformers.T5EncoderModel(transformers.T5Config(
+                vocab_size=len(tokenizer_3), d_model=2 * TEXT_WIDTH, d_kv=8, d_ff=2 * TEXT_WIDTH, num_layers=1,
+                num_heads=4, pad_token_id=0, eos_token_id=1))
         vae = _vae(resolution, shift_factor=0.1, scaling_factor=1.5)
         transformer = SD3Transformer2DModel(sample_size=resolution // 2, patch_size=2, in_channels=4, out_channels=4,
                                             num_layers=2, attention_head_dim=8, num_attention_heads=4,
@@ -135,7 +161,7 @@ def write_tiny_sd3(folder: str | os.PathLike, seed: int = 0, resolution: int = 1
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(folder / "tokenizer"),
                                     text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer(folder / "tokenizer_2"),
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
