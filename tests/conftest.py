@@ -1,7 +1,16 @@
 """Fixtures only; the helpers the test modules share are in helpers/."""
 
+import os
+
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest -n's workers: one thread each, its subprocesses too
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

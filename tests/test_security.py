@@ -35,7 +35,8 @@ def _problems(source: str) -> list[str]:
                 value = keywords["trust_remote_code"]
                 if not (isinstance(value, ast.Constant) and value.value is False):
                     problems.append(f"line {node.lineno}: {name} with trust_remote_code")
-            tokenizer = name.split(".")[-2].endswith(("Tokenizer", "TokenizerFast", "Processor")) if "." in name else False
+            tokenizer = name.split(".")[-2].lower().endswith(("tokenizer", "tokenizerfast", "processor")) \
+                if "." in name else False
             # (a tokenizer or processor reads its vocabulary and settings as JSON and text; there are no weights)
             if name.endswith("from_pretrained") and keywords.get("use_safetensors") is None and not tokenizer:
                 problems.append(f"line {node.lineno}: {name} without use_safetensors=True")
