@@ -38,3 +38,14 @@ def write_config(tmp_path, edit=None, name="cfg.yaml"):
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def assert_refused(raw, tmp_path, expected):
+    """``nni-2ndmatch run`` of the config ``raw`` exits 2 with one message matching ``expected``,
+    no traceback, and writes no run folder."""
+    import re
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and re.search(expected, r.stderr), r.stderr
+    assert "Traceback" not in r.stderr and not Path(raw["output_dir"]).exists()
