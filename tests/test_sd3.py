@@ -60,6 +60,8 @@ def test_the_cached_conditioning_is_what_the_sd3_pipeline_computes(tmp_path, t5)
         assert got[clip:].abs().max() > 0.1 if t5 else not got[clip:].any()
 
     same_tokens(item["encoder_hidden_states"], embeds[0])
+    # stored: T5's tokens where there is a T5; without, its 256 zeros are added on reading, not stored
+    assert (data.plan.text_shape[0], data.plan.zero_tokens) == ((clip + 256, 0) if t5 else (clip, 256))
     torch.testing.assert_close(item["pooled_projections"], pooled[0], rtol=1e-5, atol=1e-6)
     kwargs = {k: torch.stack([data[i][k] for i in range(2)]) for k in ("encoder_hidden_states", "pooled_projections")}
     dropped = data.drop_captions(kwargs, torch.tensor([True, False]))  # the pipeline's empty negative prompt

@@ -64,6 +64,7 @@ class CachePlan:
     pooled: int = 0  # the width of a caption's pooled embedding; 0 without
     pooled_key: str = ""  # the keyword it is the model's input under (SDXL's text_embeds, SD3's pooled_projections)
     time_ids: bool = False  # each latent has its micro-conditioning (SDXL)
+    zero_tokens: int = 0  # trailing zero tokens of every caption embedding, not stored (SD3 without T5)
 
     def per_shard(self, kind: str) -> int:
         shape = self.latent_shape if kind == "latents" else self.text_shape
@@ -165,7 +166,8 @@ class EncodedDataset(Dataset):
         return f.get_slice(name)[row:row + 1][0].clone()  # a copy, not a view of the mapped file
 
     def caption_embedding(self, text_index: int) -> Tensor:
-        return self._read("captions", text_index, "embeddings").float()
+        stored = self._read("captions", text_index, "embeddings").float()
+        return torch.nn.functional.pad(stored, (0, 0, 0, self.plan.zero_tokens)) if self.plan.zero_tokens else stored
 
     def caption(self, text_index: int) -> dict[str, Tensor]:
         """A caption's conditioning: its embedding, and (SDXL) its pooled embedding."""
@@ -302,12 +304,15 @@ def plan_cache(parts: Any, data: Dataset, key: str, captions: list[str] | None, 
     """The cache's plan, from the first item encoded (returned too: what the models are checked on)."""
     latent = encode_images(parts.vae, data[0][None], expand_greyscale)[0].cpu()
     item: dict[str, Tensor] = {"sample": latent}
+    from ..models.pipelines import SD3_T5_TOKENS
+
     text_shape: tuple[int, ...] = ()
-    pooled = 0
+    pooled = zero_tokens = 0
     if captions is not None:
         text = {k: v[0].cpu() for k, v in encode_texts(parts, [captions[0]]).items()}
         item["encoder_hidden_states"] = text["embeddings"]
-        text_shape = tuple(text["embeddings"].shape)
+        zero_tokens = SD3_T5_TOKENS if parts.pooled_key == "pooled_projections" and parts.text_encoder_3 is None else 0
+        text_shape = (text["embeddings"].shape[0] - zero_tokens, *text["embeddings"].shape[1:])
         if "pooled" in text:
             item[parts.pooled_key], pooled = text["pooled"], text["pooled"].shape[-1]
         if parts.pooled_key == "text_embeds":
@@ -317,7 +322,7 @@ def plan_cache(parts: Any, data: Dataset, key: str, captions: list[str] | None, 
     plan = CachePlan(fingerprint=key, items=len(data), latent_shape=tuple(latent.shape),
                      texts=len(distinct_texts(captions)) if captions is not None else 0, text_shape=text_shape,
                      labels=labels is not None, dtype=dtype, pooled=pooled, pooled_key=parts.pooled_key or "",
-                     time_ids="time_ids" in item)
+                     time_ids="time_ids" in item, zero_tokens=zero_tokens)
     return plan, item
 
 
@@ -409,8 +414,8 @@ def encode_shards(root: Path, plan: CachePlan, parts: Any, data: Dataset, captio
             encoded = {key: torch.empty(len(rows), *shape, dtype=dtype) for key, shape in shapes.items()}
             for start in range(0, len(rows), batch_size):
                 chunk = texts[rows.start + start:rows.start + min(start + batch_size, len(rows))]
-                for key, value in encode_texts(parts, chunk).items():
-                    encoded[key][start:start + len(chunk)] = value
+                for key, value in encode_texts(parts, chunk).items():  # zero tokens not stored (plan.zero_tokens)
+                    encoded[key][start:start + len(chunk)] = value[:, :shapes[key][0]] if key == "embeddings" else value
                 tick(len(chunk))
             _write_shard(root, "captions", k, encoded, meta)
     finally:
