@@ -185,6 +185,7 @@ class PipelineParts:
     zero_empty_prompt: bool = False
     pooled_key: str | None = None  # the keyword of the pooled text embedding (POOLED_PIPELINES), or None
     joint_width: int = 0  # SD3: the transformer's joint_attention_dim (the text tokens' width)
+    t5_tokens: int = 0  # SD3: T5's tokens after the CLIP ones (SD3_T5_TOKENS; zeros without T5)
     keep: Any = None  # what must live as long as the parts (the temporary folder of a builtin pipeline)
 
     @property
@@ -219,6 +220,7 @@ def load_pipeline_parts(path: str | os.PathLike) -> PipelineParts:
                           pooled_key=pooled_key)
     if pooled_key == "pooled_projections":
         parts.joint_width = int(read_json_object(path / denoiser / "config.json").get("joint_attention_dim", 0))
+        parts.t5_tokens = SD3_T5_TOKENS
     if "vae" in components:
         from diffusers import AutoencoderKL
 
