@@ -200,7 +200,7 @@ class Benchmark:
         size = teacher.resolution
         self.noise = torch.randn(args.samples, 1, size, size,
                                  generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED))
-        self.teacher_samples = self.sample(teacher.model, self.noise)
+        self.teacher_samples = self.samples_of(teacher.model, self.noise)
         with torch.no_grad():
             self.reference_features = teacher.classifier.features(teacher.test_images)
         results["dense"] = {"fid_mean": self.fid(self.teacher_samples)}
@@ -214,12 +214,12 @@ class Benchmark:
     def fid(self, samples) -> float:
         return frechet_distance(self.teacher.classifier.features(samples), self.reference_features)
 
-    def sample(self, model, noise):
+    def samples_of(self, model, noise):
         """Deterministic samples: DDIM, or Euler for a flow-matching teacher's objective."""
         return sample(model, noise, self.args.ddim_steps, self.teacher.scheduler)
 
     def evaluate(self, model) -> dict[str, float]:
-        samples = self.sample(model.eval(), self.noise)
+        samples = self.samples_of(model.eval(), self.noise)
         return {"fid": self.fid(samples), "fidelity": fidelity(samples, self.teacher_samples)}
 
     def evaluation_noise(self, name: str, model) -> None:
@@ -228,7 +228,7 @@ class Benchmark:
         size, draws = self.teacher.resolution, self.args.eval_noise_draws
         section = self.results.setdefault("evaluation_noise", {"samples": self.args.samples, "draws": draws,
                                                                 "fid": {}})
-        section["fid"][name] = [self.fid(self.sample(model, torch.randn(
+        section["fid"][name] = [self.fid(self.samples_of(model, torch.randn(
             self.args.samples, 1, size, size, generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED + 1 + i))))
             for i in range(draws)]
         fids = section["fid"]

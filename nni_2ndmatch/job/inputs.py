@@ -56,6 +56,14 @@ def load_configured_model(spec: ModelSpec, role: str) -> nn.Module:
         return load_model_folder(spec.path)
 
 
+def own_schedule(config: Any) -> bool:
+    """Whether a scheduler config's training schedule (steps, betas, prediction type) differs from
+    the reference DDPM schedule in an entry it gives."""
+    default = default_scheduler().config
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "trained_betas")
+    return any(k in config and config[k] != default[k] for k in keys)
+
+
 def check_folder_schedule(folder: str, role: str) -> None:
     """A model folder is trained on the reference DDPM schedule; one that carries a
     scheduler_config.json of another schedule (flow matching, other betas or prediction) is an
@@ -63,10 +71,8 @@ def check_folder_schedule(folder: str, role: str) -> None:
     file = Path(folder) / "scheduler_config.json"
     if is_pipeline_folder(folder) or not file.is_file():
         return
-    config, default = read_json_object(file), default_scheduler().config
-    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
-    if str(config.get("_class_name", "")).startswith("FlowMatch") or any(
-            k in config and config[k] != default[k] for k in keys):
+    config = read_json_object(file)
+    if str(config.get("_class_name", "")).startswith("FlowMatch") or own_schedule(config):
         raise UserError(f"model.{role}: {file} gives the model its own schedule ({config.get('_class_name')}), which "
                         "a model folder's run does not train on (it uses the reference DDPM schedule); allowed: the "
                         "model inside a pipeline folder (model_index.json, scheduler/), whose schedule the run takes, "
@@ -101,9 +107,7 @@ def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | No
         raise UserError(f"evaluate: the pipeline ({parts.path}) is latent and unconditional, which the "
                         "evaluation does not sample yet; remove the evaluate section")
     if parts is not None and not parts.latent:
-        default = default_scheduler().config
-        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "trained_betas")
-        if any(parts.scheduler.config[k] != default[k] for k in keys):
+        if own_schedule(parts.scheduler.config):
             raise UserError(f"evaluate: the pipeline ({parts.path}) has its own schedule, which the pixel-space "
                             "evaluation does not sample with yet; remove the evaluate section and sample "
                             "output_dir/pipeline with diffusers")

@@ -56,7 +56,8 @@ def _fixed_layers(model: nn.Module) -> list[nn.Module]:
     modulated = tuple(getattr(normalization, n) for n in ("AdaLayerNormZero", "AdaLayerNormContinuous",
                                                           "SD35AdaLayerNormZeroX") if hasattr(normalization, n))
     fixed = [m for name, m in model.named_modules() if name in OUTPUT_LAYERS + TEXT_STREAM_LAYERS]
-    fixed += [m.linear for m in model.modules() if isinstance(m, modulated) and diffusers_class_name(model) in JOINT]
+    if diffusers_class_name(model) in JOINT:
+        fixed += [m.linear for m in model.modules() if isinstance(m, modulated)]
     return fixed + [m.proj for m in model.modules() if isinstance(m, PatchEmbed)]
 
 
