@@ -28,8 +28,10 @@ kd minus each other arm (``paired`` for digits-FID, ``paired_fidelity``; benchma
 
 Results go to --out (+ .md), rewritten after every run; a run already in the JSON with the same
 settings is not repeated (so the script resumes after a crash); a JSON of other settings is left
-alone unless --overwrite. Each run records the git commit that made it; the JSON the CPU and the
-teacher's sha256.
+alone unless --overwrite. So that a restart loses little, ``<out>.cache/`` keeps (as safetensors,
+with the settings that made them) the teacher's samples and each trained model until its run is
+recorded, and the evaluation-noise draws are recorded one by one. Each run records the git commit
+that made it; the JSON the CPU and the teacher's sha256.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from benchmarks.arms import ARM_HELP, arm, load_teacher, parse_arms, provenance 
 from benchmarks.paired_stats import paired, seed_differences  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.evaluation import fidelity, frechet_distance, sample, sensitivity_profile  # noqa: E402
-from nni_2ndmatch.files import write_results  # noqa: E402
+from nni_2ndmatch.files import save_tensors, write_results  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
 from nni_2ndmatch.training import Watch  # noqa: E402
 
@@ -160,6 +162,35 @@ def settings_of(args: argparse.Namespace, teacher_sha256: str) -> dict:
     return settings
 
 
+class Cache:
+    """Work a restart need not redo, in ``<out>.cache/``: tensors saved with the settings that made
+    them, and loaded only by a run of the same settings."""
+
+    def __init__(self, out: Path, settings: dict) -> None:
+        self.folder, self.key = out.with_suffix(".cache"), json.dumps(settings, sort_keys=True)
+
+    def load(self, name: str) -> tuple[dict, dict] | None:
+        """(tensors, metadata) of ``name``, or None when it is missing, unreadable or of other settings."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.folder / f"{name}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                return ({k: f.get_tensor(k) for k in f.keys()}, meta) if meta.get("settings") == self.key else None
+        except (OSError, SafetensorError):
+            return None
+
+    def save(self, name: str, tensors: dict, **metadata: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.folder / f"{name}.safetensors", tensors, {"settings": self.key, **metadata})
+
+    def drop(self, name: str) -> None:
+        (self.folder / f"{name}.safetensors").unlink(missing_ok=True)
+
+
 def reusable_runs(args: argparse.Namespace, settings: dict) -> tuple[list[dict], dict | None]:
     """Runs of the ``--baseline`` JSONs that this one may reuse, and their 2ndmatch sensitivity profile."""
     reusable, profile = [], None
@@ -196,18 +227,23 @@ class Benchmark:
     def __init__(self, args: argparse.Namespace, teacher, results: dict, reusable: list[dict]) -> None:
         self.args, self.teacher, self.results, self.reusable = args, teacher, results, reusable
         self.out = Path(args.out)
+        self.cache = Cache(self.out, results["settings"])
         self.commit = provenance()["commit"]
         size = teacher.resolution
         self.noise = torch.randn(args.samples, 1, size, size,
                                  generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED))
-        self.teacher_samples = self.samples_of(teacher.model, self.noise)
+        cached = self.cache.load("teacher_samples")
+        self.teacher_samples = cached[0]["samples"] if cached else self.samples_of(teacher.model, self.noise)
+        if not cached:
+            self.cache.save("teacher_samples", {"samples": self.teacher_samples})
         with torch.no_grad():
             self.reference_features = teacher.classifier.features(teacher.test_images)
         results["dense"] = {"fid_mean": self.fid(self.teacher_samples)}
         self.student0, report = prune_diffusers(teacher.model, "magnitude", args.ratio,
                                                 example_inputs=default_example_inputs(teacher.model), round_to=None)
-        results["pruned"] = {**self.evaluate(copy.deepcopy(self.student0)), "macs_ratio": report["macs_ratio"],
-                             "params_ratio": report["params_ratio"]}
+        if "pruned" not in results:  # a resumed JSON holds it (same settings, deterministic)
+            results["pruned"] = {**self.evaluate(copy.deepcopy(self.student0)), "macs_ratio": report["macs_ratio"],
+                                 "params_ratio": report["params_ratio"]}
         self.x0 = teacher.train.images[:64]
 
     @torch.no_grad()
@@ -224,17 +260,20 @@ class Benchmark:
 
     def evaluation_noise(self, name: str, model) -> None:
         """The evaluation's own spread: ``model`` scored on ``--eval-noise-draws`` other sample-noise
-        draws; the std of its digits-FID, and of kd's minus it, draw by draw."""
+        draws; the std of its digits-FID, and of kd's minus it, draw by draw. Each draw is written
+        as it is scored; the draws already in the JSON are not redone."""
         size, draws = self.teacher.resolution, self.args.eval_noise_draws
         section = self.results.setdefault("evaluation_noise", {"samples": self.args.samples, "draws": draws,
                                                                 "fid": {}})
-        section["fid"][name] = [self.fid(self.samples_of(model, torch.randn(
-            self.args.samples, 1, size, size, generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED + 1 + i))))
-            for i in range(draws)]
         fids = section["fid"]
-        section["std"] = {n: statistics.stdev(v) for n, v in fids.items()}
-        section["std_kd_minus"] = {n: statistics.stdev(a - b for a, b in zip(fids["kd"], v))
-                                   for n, v in fids.items() if n != "kd" and "kd" in fids}
+        for i in range(len(fids.setdefault(name, [])), draws):
+            fids[name].append(self.fid(self.samples_of(model, torch.randn(
+                self.args.samples, 1, size, size, generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED + 1 + i)))))
+            section["std"] = {n: statistics.stdev(v) for n, v in fids.items() if len(v) > 1}
+            kd = fids.get("kd", [])
+            section["std_kd_minus"] = {n: statistics.stdev(a - b for a, b in zip(kd, v))
+                                       for n, v in fids.items() if n != "kd" and min(len(v), len(kd)) > 1}
+            write(self.results, self.out)
 
     def run(self, budget: str, name: str, seed: int, steps: int) -> dict:
         done = self.results.setdefault(budget, {}).setdefault("runs", [])
@@ -244,6 +283,29 @@ class Benchmark:
         for r in [*self.results.get("equal_steps", {}).get("runs", []), *self.reusable]:  # deterministic: reuse
             if (r["strategy"], r["seed"], r["steps"]) == (name, seed, steps):
                 return self.record(budget, dict(r))
+        tag = f"{budget}-{name}-{seed}-{steps}"
+        cached = self.cache.load(tag)
+        if cached:  # trained before a restart: only its evaluation is redone
+            trained = copy.deepcopy(self.student0)
+            trained.load_state_dict(cached[0])
+            seconds = float(cached[1]["seconds"])
+        else:
+            trained, seconds = self.train(name, seed, steps)
+            self.cache.save(tag, trained.state_dict(), seconds=repr(seconds))
+        row = {"strategy": name, "seed": seed, "steps": steps, "seconds": seconds, **self.evaluate(trained),
+               "commit": self.commit}
+        if seed == int(self.args.seeds.split(",")[0]) and budget == "equal_steps":
+            if name == "2ndmatch":
+                self.results["sensitivity_profile"]["2ndmatch"] = sensitivity_profile(
+                    trained, self.x0, PROFILE_TIMESTEPS, scheduler=self.teacher.scheduler)
+            if self.args.eval_noise_draws > 1:
+                self.evaluation_noise(name, trained)
+        self.record(budget, row)
+        self.cache.drop(tag)
+        return row
+
+    def train(self, name: str, seed: int, steps: int) -> tuple[torch.nn.Module, float]:
+        """The pruned student finetuned by arm ``name``, and the seconds it took."""
         finetuner, options = arm(name, jac_options(self.args))
         config = TrainConfig(steps=steps, batch_size=self.args.batch_size, lr=self.args.lr, seed=seed,
                              ema_decay=self.args.ema_decay, grad_clip=self.args.grad_clip, dropout=self.args.dropout,
@@ -253,15 +315,7 @@ class Benchmark:
             strategy = get_finetuner(finetuner, scheduler=self.teacher.scheduler, **options)
             trained = finetune(copy.deepcopy(self.student0), self.teacher.model, strategy, self.teacher.train, config,
                                tmp, watch=Watch(progress=True)).student
-        row = {"strategy": name, "seed": seed, "steps": steps, "seconds": time.perf_counter() - start,
-               **self.evaluate(trained), "commit": self.commit}
-        if seed == int(self.args.seeds.split(",")[0]) and budget == "equal_steps":
-            if name == "2ndmatch":
-                self.results["sensitivity_profile"]["2ndmatch"] = sensitivity_profile(
-                    trained, self.x0, PROFILE_TIMESTEPS, scheduler=self.teacher.scheduler)
-            if self.args.eval_noise_draws > 1:
-                self.evaluation_noise(name, trained)
-        return self.record(budget, row)
+        return trained, time.perf_counter() - start
 
     def record(self, budget: str, row: dict) -> dict:
         self.results[budget]["runs"].append(row)
@@ -341,10 +395,10 @@ def main(args: argparse.Namespace) -> dict:
     results.update(settings=settings, command="python benchmarks/digits_quality.py " + " ".join(sys.argv[1:]),
                    **provenance(), teacher_sha256=teacher.weights_sha256)
     bench = Benchmark(args, teacher, results, reusable)
+    stored = results.get("sensitivity_profile", {})
     profile = {name: sensitivity_profile(model, bench.x0, PROFILE_TIMESTEPS, scheduler=teacher.scheduler)
-               for name, model in (("teacher", teacher.model), ("pruned", bench.student0))}
-    results["sensitivity_profile"] = {**results.get("sensitivity_profile", {}), "timesteps": PROFILE_TIMESTEPS,
-                                      **profile}
+               for name, model in (("teacher", teacher.model), ("pruned", bench.student0)) if name not in stored}
+    results["sensitivity_profile"] = {**stored, "timesteps": PROFILE_TIMESTEPS, **profile}
     if base_profile:  # the baseline's first 2ndmatch run is this one's (same settings and seed)
         results["sensitivity_profile"].setdefault("2ndmatch", base_profile)
     write(results, out)

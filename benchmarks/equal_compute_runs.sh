@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start, or resume, one teacher's runs of the equal-compute experiment (docs/results.md) from a git
 # worktree of its pinned commit, so that later commits cannot change them mid-run; 1 thread.
+# mnist: its own pinned commit (the amendment in docs/results.md: runs that survive a restart);
 # digits_flow: the flow-matching experiment (docs/results.md, its own rule and pinned commit).
 #
 #   bash benchmarks/equal_compute_runs.sh digits|digits_dequantized|mnist|digits_flow   # two at a time at most
@@ -8,18 +9,18 @@
 # The JSON goes to the worktree's benchmarks/results/equal_compute/TEACHER.json (digits_flow:
 # benchmarks/results/flow_matching/digits_flow.json); a JSON that this
 # checkout holds (committed runs of an earlier session) is copied there first when the worktree has
-# none, so the runs continue where they stopped. Files the pinned commit predates (the MNIST teacher
-# and its cost file) are copied in as untracked inputs, identified in the JSON by their sha256.
+# none, so the runs continue where they stopped.
 set -euo pipefail
 PINNED=f80f8394a63868fd1d50793ac0ca76c00fd69400
-experiment=equal_compute
+experiment=equal_compute tree_name=equal-compute
 teacher=${1:?"give digits, digits_dequantized, mnist or digits_flow"}
-case "$teacher" in digits|digits_dequantized|mnist) ;;
-  digits_flow) PINNED=6c16d840575114294256ff1b8e86c75cbe00854a experiment=flow_matching ;;
+case "$teacher" in digits|digits_dequantized) ;;
+  mnist) PINNED=MNIST_PINNED tree_name=equal-compute-mnist ;;
+  digits_flow) PINNED=6c16d840575114294256ff1b8e86c75cbe00854a experiment=flow_matching tree_name=flow-matching ;;
   *) echo "unknown teacher $teacher; allowed: digits, digits_dequantized, mnist, digits_flow" >&2; exit 2 ;;
 esac
 root=$(git rev-parse --show-toplevel)
-tree="$root/../nni-2ndmatch-${experiment//_/-}"
+tree="$root/../nni-2ndmatch-$tree_name"
 [ -d "$tree" ] || git -C "$root" worktree add --detach "$tree" "$PINNED"
 [ "$(git -C "$tree" rev-parse HEAD)" = "$PINNED" ] || { echo "$tree is not at $PINNED" >&2; exit 1; }
 out=benchmarks/results/$experiment/$teacher.json
@@ -34,12 +35,7 @@ case "$teacher" in
   digits_dequantized) args=(--data digits --samples 8000 --cost benchmarks/results/run_cost_digits.json
                             --teacher benchmarks/teachers/digits_dequantized --dequantize) ;;
   mnist) seeds=100,101,102,103,104,105,106,107
-         args=(--data mnist --samples "${MNIST_SAMPLES:?set MNIST_SAMPLES as docs/results.md says}"
-               --cost benchmarks/results/run_cost_mnist.json)
-         for f in nni_2ndmatch/assets/mnist_teacher nni_2ndmatch/assets/mnist_teacher.json \
-                  benchmarks/results/run_cost_mnist.json; do
-           [ -e "$tree/$f" ] || cp -r "$root/$f" "$tree/$f"
-         done ;;
+         args=(--data mnist --samples 8000 --cost benchmarks/results/run_cost_mnist.json) ;;
   digits_flow) seeds=200,201,202,203,204,205,206,207,208,209
                finetuners=kd,2ndmatch-paper,2ndmatch compute=kd,2ndmatch-paper,2ndmatch
                args=(--data digits --samples 8000 --teacher benchmarks/teachers/digits_flow

@@ -13,7 +13,9 @@ one-sided p < 0.05), at least ``--min-gain`` (1.0) and positive on every teacher
 than kd if the pooled 95% interval lies above ``-margin`` (1.0). At equal steps, kd minus each arm
 of ``--equal-steps-arms`` (the variant; the paper's form too in the flow-matching runs) is reported
 the same way, Holm-adjusted within the budget, deciding nothing. Runs of another commit than
-``--commit``, or missing runs, are an error: the verdict is of one pinned commit.
+``--commit``, or missing runs, are an error: the verdict is of pinned code. ``--commit
+TEACHER=SHA`` pins one teacher's runs (the input named TEACHER.json) to another commit (MNIST's
+runs: docs/results.md).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ ALPHA = 0.05
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="one digits_quality.py JSON per teacher")
-    p.add_argument("--commit", required=True, help="the pinned commit every run must come from")
+    p.add_argument("--commit", action="append", required=True,
+                   help="the pinned commit every run must come from; TEACHER=SHA: that teacher's (repeatable)")
     p.add_argument("--min-gain", type=float, default=1.0, help="digits-FID a recommended setting gains at least")
     p.add_argument("--margin", type=float, default=1.0, help="digits-FID of the 'not worse' margin")
     p.add_argument("--min-seeds", default="12,12,8", help="at least this many seeds per input, in order")
@@ -63,15 +66,29 @@ def load(path: str, commit: str, min_seeds: int, equal_steps: list[str]) -> tupl
     return Path(path).stem, results
 
 
+def pinned_commits(given: list[str], paths: list[str]) -> dict[str, str]:
+    """Each input's pinned commit from ``--commit`` SHA (every input) and TEACHER=SHA (one)."""
+    default = [c for c in given if "=" not in c]
+    named = dict(c.split("=", 1) for c in given if "=" in c)
+    stems = [Path(p).stem for p in paths]
+    if len(default) > 1 or set(named) - set(stems):
+        sys.exit(f"--commit {' '.join(given)}: give one SHA for every input and TEACHER=SHA for any other, "
+                 f"TEACHER among {', '.join(stems)}")
+    if not default and set(stems) - set(named):
+        sys.exit(f"--commit: no commit for {', '.join(sorted(set(stems) - set(named)))}")
+    return {stem: named.get(stem, default[0] if default else "") for stem in stems}
+
+
 def main(args: argparse.Namespace) -> dict:
     minimum = [int(x) for x in args.min_seeds.split(",")]
     equal_steps = [a.strip() for a in args.equal_steps_arms.split(",") if a.strip()]
-    teachers = dict(load(path, args.commit, minimum[min(i, len(minimum) - 1)], equal_steps)
+    commits = pinned_commits(args.commit, args.results)
+    teachers = dict(load(path, commits[Path(path).stem], minimum[min(i, len(minimum) - 1)], equal_steps)
                     for i, path in enumerate(args.results))
     settings = sorted(set.intersection(*(set(r["settings"]["budget"]["steps"]) for r in teachers.values())) - {"kd"})
     common = {"equal_steps": equal_steps, "equal_compute": settings}
     verdict: dict = {"command": "python benchmarks/equal_compute_verdict.py " + " ".join(sys.argv[1:]),
-                     "commit": args.commit, "rule": {"alpha": ALPHA, "min_gain": args.min_gain, "margin": args.margin,
+                     "commits": commits, "rule": {"alpha": ALPHA, "min_gain": args.min_gain, "margin": args.margin,
                                                      "correction": f"Holm over {len(settings)} settings"},
                      "teachers": {name: {"teacher_sha256": r["teacher_sha256"],
                                          "cost_ratio": r["settings"]["cost_ratio"],

@@ -161,6 +161,17 @@ def test_the_verdict_applies_the_committed_rule(tmp_path):
     # runs of another commit, or too few seeds, are refused
     with pytest.raises(SystemExit, match="not c1"):
         verdict.main(verdict.parse_args([*files, "--commit", "c1", "--out", str(tmp_path / "v.json")]))
+    # one teacher pinned at its own commit
+    files[2] = _teacher_json(tmp_path / "mnist.json", range(100, 108), gains, commit="c2")
+    with pytest.raises(SystemExit, match="mnist.json: equal_steps has runs of commit.s. c2, not c0"):
+        verdict.main(verdict.parse_args([*files, "--commit", "c0", "--out", str(tmp_path / "v.json")]))
+    got = verdict.main(verdict.parse_args([*files, "--commit", "c0", "--commit", "mnist=c2",
+                                           "--out", str(tmp_path / "v.json")]))
+    assert got["commits"] == {"digits": "c0", "dequantized": "c0", "mnist": "c2"}
+    with pytest.raises(SystemExit, match="TEACHER among digits, dequantized, mnist"):
+        verdict.main(verdict.parse_args([*files, "--commit", "c0", "--commit", "cifar=c2"]))
+    with pytest.raises(SystemExit, match="no commit for dequantized, digits"):
+        verdict.main(verdict.parse_args([*files, "--commit", "mnist=c2"]))
     files[0] = _teacher_json(tmp_path / "digits.json", range(100, 110), gains)
     with pytest.raises(SystemExit, match="10 seeds; the rule asks for at least 12"):
         verdict.main(verdict.parse_args([*files, "--commit", "c0", "--out", str(tmp_path / "v.json")]))
@@ -223,3 +234,63 @@ def test_digits_quality_trains_and_samples_a_flow_matching_teacher_by_its_object
     assert {k: built[1][1][k] for k in PAPER} == PAPER and built[2][1]["jac_match"] == "vector"
     assert sampled and all(type(s).__name__ == "FlowMatchEulerDiscreteScheduler" for s in sampled)
     assert stored["settings"]["teacher_sha256"] and "kd_minus_2ndmatch-paper" in stored["equal_steps"]["paired"]
+
+
+@pytest.mark.slow
+def test_digits_quality_resumes_a_run_cut_short_without_redoing_its_work(tmp_path, monkeypatch):
+    """Cut short during the first seed's evaluation-noise draws, a rerun takes the teacher's samples,
+    the pruned student's scores and the trained model from where the first run left them, and ends
+    with the JSON an uninterrupted run writes."""
+    from benchmarks import digits_quality
+
+    def main(out):
+        argv = ["--steps", "2", "--batch-size", "2", "--seeds", "5", "--samples", "16", "--ddim-steps", "2",
+                "--finetuners", "kd,2ndmatch", "--no-wallclock", "--threads", "1", "--eval-noise-draws", "2",
+                "--out", str(out)]
+        monkeypatch.setattr(sys, "argv", ["digits_quality.py", *argv])
+        return digits_quality.main(digits_quality.parse_args(argv))
+
+    whole = main(tmp_path / "whole.json")
+    assert [p.name for p in (tmp_path / "whole.cache").iterdir()] == ["teacher_samples.safetensors"]
+
+    calls = {"fid": 0, "train": [], "sampled": 0}
+    real_fid, real_train, real_sample = (digits_quality.Benchmark.fid, digits_quality.Benchmark.train,
+                                         digits_quality.sample)
+
+    def fid(self, samples):  # dense, pruned, kd, kd's first draw, then cut short at kd's second draw
+        calls["fid"] += 1
+        if calls["fid"] == 5:
+            raise KeyboardInterrupt
+        return real_fid(self, samples)
+
+    monkeypatch.setattr(digits_quality.Benchmark, "fid", fid)
+    with pytest.raises(KeyboardInterrupt):
+        main(tmp_path / "cut.json")
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert not cut["equal_steps"]["runs"] and len(cut["evaluation_noise"]["fid"]["kd"]) == 1
+    assert (tmp_path / "cut.cache" / "equal_steps-kd-5-2.safetensors").is_file()
+
+    monkeypatch.setattr(digits_quality.Benchmark, "fid", real_fid)
+    monkeypatch.setattr(digits_quality.Benchmark, "train",
+                        lambda self, name, *a: calls["train"].append(name) or real_train(self, name, *a))
+    monkeypatch.setattr(digits_quality, "sample", lambda *a: calls.__setitem__("sampled", calls["sampled"] + 1)
+                        or real_sample(*a))
+    resumed = main(tmp_path / "cut.json")
+    # kd only evaluated and drawn once more; 2ndmatch trained, evaluated and drawn twice; no teacher or pruned
+    assert calls["train"] == ["2ndmatch"] and calls["sampled"] == 2 + 3
+    for key in ("dense", "pruned", "evaluation_noise"):
+        assert resumed[key] == whole[key]
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in whole["equal_steps"]["runs"]]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed["equal_steps"]["runs"]] == strip
+    assert [p.name for p in (tmp_path / "cut.cache").iterdir()] == ["teacher_samples.safetensors"]
+
+
+def test_the_benchmark_cache_serves_only_the_settings_that_wrote_it(tmp_path):
+    from benchmarks.digits_quality import Cache
+
+    Cache(tmp_path / "q.json", {"steps": 2}).save("x", {"t": torch.arange(3.0)}, seconds="1.5")
+    tensors, meta = Cache(tmp_path / "q.json", {"steps": 2}).load("x")
+    assert torch.equal(tensors["t"], torch.arange(3.0)) and meta["seconds"] == "1.5"
+    assert Cache(tmp_path / "q.json", {"steps": 3}).load("x") is None
+    (tmp_path / "q.cache" / "x.safetensors").write_bytes(b"cut short")
+    assert Cache(tmp_path / "q.json", {"steps": 2}).load("x") is None
