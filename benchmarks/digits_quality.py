@@ -63,7 +63,7 @@ PROFILE_TIMESTEPS = [0, 50, 100, 200, 400, 600, 800, 999]
 SAMPLE_NOISE_SEED = 1234
 #: options absent from the settings at their default (JSONs written before they existed lack them)
 ABSENT_AT_DEFAULT = {"teacher": None, "dequantize": False, "jac_match": "norm", "jac_min_timestep": 0,
-                     "data": "digits", "budget": "equal-wallclock", "compute_arms": None}
+                     "data": "digits", "budget": "equal-wallclock", "compute_arms": None, "sample_batch": 256}
 NOT_SETTINGS = ("out", "baseline", "overwrite", "finetuners", "cost", "eval_noise_draws")
 BUDGET_KEYS = {"equal-wallclock": "equal_wallclock", "equal-compute": "equal_compute"}
 
@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1000, help="samples per model for digits-FID")
     p.add_argument("--ddim-steps", type=int, default=25, help="sampling steps: DDIM's, or Euler's for a "
                                                               "flow-matching teacher (the same noise for every model)")
+    p.add_argument("--sample-batch", type=int, default=256, help="samples drawn at a time (28x28 on one thread: "
+                   "64 is about 1.4x faster than 256, with the same floats)")
     p.add_argument("--lambda-jac", type=float, default=0.1)
     p.add_argument("--jac-weighting", default="none", choices=["none", "noise", "x0"])
     p.add_argument("--jac-reference-dims", type=int, help="scale the Jacobian term by d / this (3072: lambda_jac "
@@ -252,7 +254,7 @@ class Benchmark:
 
     def samples_of(self, model, noise):
         """Deterministic samples: DDIM, or Euler for a flow-matching teacher's objective."""
-        return sample(model, noise, self.args.ddim_steps, self.teacher.scheduler)
+        return sample(model, noise, self.args.ddim_steps, self.teacher.scheduler, self.args.sample_batch)
 
     def evaluate(self, model) -> dict[str, float]:
         samples = self.samples_of(model.eval(), self.noise)

@@ -35,7 +35,7 @@ case "$teacher" in
   digits_dequantized) args=(--data digits --samples 8000 --cost benchmarks/results/run_cost_digits.json
                             --teacher benchmarks/teachers/digits_dequantized --dequantize) ;;
   mnist) seeds=100,101,102,103,104,105,106,107
-         args=(--data mnist --samples 8000 --cost benchmarks/results/run_cost_mnist.json) ;;
+         args=(--data mnist --samples 8000 --sample-batch 64 --cost benchmarks/results/run_cost_mnist.json) ;;
   digits_flow) seeds=200,201,202,203,204,205,206,207,208,209
                finetuners=kd,2ndmatch-paper,2ndmatch compute=kd,2ndmatch-paper,2ndmatch
                args=(--data digits --samples 8000 --teacher benchmarks/teachers/digits_flow

@@ -80,12 +80,12 @@ def flow_sample(model: Callable[..., Any], noise: Tensor, scheduler: Any, num_st
 
 
 def sample(model: Callable[..., Any], noise: Tensor, num_steps: int, scheduler: Any = None,
-           **conditioning: Tensor) -> Tensor:
-    """Deterministic samples from ``noise``: :func:`flow_sample` under a flow-matching ``scheduler``,
-    otherwise :func:`ddim_sample` (the reference DDPM schedule)."""
+           batch_size: int = 256, **conditioning: Tensor) -> Tensor:
+    """Deterministic samples from ``noise``, ``batch_size`` at a time: :func:`flow_sample` under a
+    flow-matching ``scheduler``, otherwise :func:`ddim_sample` (the reference DDPM schedule)."""
     if scheduler is not None and is_flow_matching(scheduler):
-        return flow_sample(model, noise, scheduler, num_steps, **conditioning)
-    return ddim_sample(model, noise, num_steps, **conditioning)
+        return flow_sample(model, noise, scheduler, num_steps, batch_size, **conditioning)
+    return ddim_sample(model, noise, num_steps, batch_size, **conditioning)
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:

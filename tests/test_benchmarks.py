@@ -246,7 +246,7 @@ def test_digits_quality_resumes_a_run_cut_short_without_redoing_its_work(tmp_pat
     def main(out):
         argv = ["--steps", "2", "--batch-size", "2", "--seeds", "5", "--samples", "16", "--ddim-steps", "2",
                 "--finetuners", "kd,2ndmatch", "--no-wallclock", "--threads", "1", "--eval-noise-draws", "2",
-                "--out", str(out)]
+                "--sample-batch", "5", "--out", str(out)]
         monkeypatch.setattr(sys, "argv", ["digits_quality.py", *argv])
         return digits_quality.main(digits_quality.parse_args(argv))
 

@@ -75,6 +75,21 @@ def test_flow_sampling_with_the_exact_velocity_of_one_image_returns_that_image()
     torch.testing.assert_close(sample(exact, noise, 7, _flow_scheduler(3.0)), out)  # batch-independent
 
 
+@pytest.mark.parametrize("scheduler", [None, _flow_scheduler(1.0)], ids=["ddim", "flow"])
+def test_sample_draws_batch_size_samples_at_a_time_with_the_same_result(scheduler):
+    rows = []
+
+    def field(x, t):
+        rows.append(x.shape[0])
+        return torch.tanh(x) * 0.5
+
+    noise = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    whole = sample(field, noise, 3, scheduler)
+    rows.clear()
+    torch.testing.assert_close(sample(field, noise, 3, scheduler, batch_size=2), whole, atol=1e-6, rtol=0)
+    assert rows == [2] * 3 + [2] * 3 + [1] * 3
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_sampling_is_diffusers_own_euler_loop(shift):
     """The sampler steps as FlowMatchEulerDiscreteScheduler.step does (the pipeline's sampler),
