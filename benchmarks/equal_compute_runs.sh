@@ -15,7 +15,7 @@ PINNED=f80f8394a63868fd1d50793ac0ca76c00fd69400
 experiment=equal_compute tree_name=equal-compute
 teacher=${1:?"give digits, digits_dequantized, mnist or digits_flow"}
 case "$teacher" in digits|digits_dequantized) ;;
-  mnist) PINNED=765d4ea723369ea832666707b4cff5452ca26796 tree_name=equal-compute-mnist ;;
+  mnist) PINNED=f5d202bd09e1abf86aba808245568d44cdb14fdf tree_name=equal-compute-mnist ;;
   digits_flow) PINNED=6c16d840575114294256ff1b8e86c75cbe00854a experiment=flow_matching tree_name=flow-matching ;;
   *) echo "unknown teacher $teacher; allowed: digits, digits_dequantized, mnist, digits_flow" >&2; exit 2 ;;
 esac
