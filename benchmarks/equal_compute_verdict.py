@@ -12,7 +12,10 @@ a setting is recommended over kd only if its pooled gain in digits-FID is signif
 one-sided p < 0.05), at least ``--min-gain`` (1.0) and positive on every teacher; it is "not worse"
 than kd if the pooled 95% interval lies above ``-margin`` (1.0). At equal steps, kd minus each arm
 of ``--equal-steps-arms`` (the variant; the paper's form too in the flow-matching runs) is reported
-the same way, Holm-adjusted within the budget, deciding nothing. Runs of another commit than
+the same way, Holm-adjusted within the budget (``significant``: adjusted one-sided p < 0.05), which
+decides nothing in the equal-compute experiment and is the flow-matching rule's "helps on a velocity
+field"; with one teacher the verdict's "recommended" reads "better than kd on this teacher", which
+changes nothing the package recommends. Runs of another commit than
 ``--commit``, or missing runs, are an error: the verdict is of pinned code. ``--commit
 TEACHER=SHA`` pins one teacher's runs (the input named TEACHER.json) to another commit (MNIST's
 runs: docs/results.md).
@@ -58,11 +61,18 @@ def load(path: str, commit: str, min_seeds: int, equal_steps: list[str]) -> tupl
         wrong = sorted({r.get("commit") for r in runs} - {commit})
         if wrong:
             sys.exit(f"{path}: {budget} has runs of commit(s) {', '.join(map(str, wrong))}, not {commit}")
-        have = {(r["strategy"], r["seed"]) for r in runs}
-        arms = {*results["settings"]["budget"]["steps"], "kd"} if budget == "equal_compute" else {"kd", *equal_steps}
+        have = [(r["strategy"], r["seed"]) for r in runs]
+        if len(set(have)) < len(have):
+            sys.exit(f"{path}: {budget} holds a run twice, e.g. {next(k for k in have if have.count(k) > 1)}")
+        steps = results["settings"]["budget"]["steps"] if budget == "equal_compute" else {}
+        odd = [r for r in runs if r["steps"] != steps.get(r["strategy"], results["settings"]["steps"])]
+        if odd:
+            sys.exit(f"{path}: {budget} run {odd[0]['strategy']} seed {odd[0]['seed']} has {odd[0]['steps']} steps, "
+                     "not its budget's")
+        arms = {*steps, "kd"} if budget == "equal_compute" else {"kd", *equal_steps}
         want = {(a, s) for a in arms for s in seeds}
-        if want - have:
-            sys.exit(f"{path}: {budget} lacks {len(want - have)} run(s), e.g. {sorted(want - have)[0]}")
+        if want - set(have):
+            sys.exit(f"{path}: {budget} lacks {len(want - set(have))} run(s), e.g. {sorted(want - set(have))[0]}")
     return Path(path).stem, results
 
 
@@ -85,7 +95,11 @@ def main(args: argparse.Namespace) -> dict:
     commits = pinned_commits(args.commit, args.results)
     teachers = dict(load(path, commits[Path(path).stem], minimum[min(i, len(minimum) - 1)], equal_steps)
                     for i, path in enumerate(args.results))
-    settings = sorted(set.intersection(*(set(r["settings"]["budget"]["steps"]) for r in teachers.values())) - {"kd"})
+    arms = {name: set(r["settings"]["budget"]["steps"]) for name, r in teachers.items()}
+    if len({frozenset(a) for a in arms.values()}) > 1:
+        sys.exit("the teachers ran different arms at equal compute: " + "; ".join(
+            f"{name}: {', '.join(sorted(a))}" for name, a in arms.items()))
+    settings = sorted(next(iter(arms.values())) - {"kd"})
     common = {"equal_steps": equal_steps, "equal_compute": settings}
     verdict: dict = {"command": "python benchmarks/equal_compute_verdict.py " + " ".join(sys.argv[1:]),
                      "commits": commits, "rule": {"alpha": ALPHA, "min_gain": args.min_gain, "margin": args.margin,
@@ -101,6 +115,7 @@ def main(args: argparse.Namespace) -> dict:
         # reported, deciding nothing at equal steps: the one-sided p-values Holm-adjusted within the budget
         section["p_one_sided_holm"] = holm({name: section["paired"][f"kd_minus_{name}"]["p_one_sided"]
                                             for name in pairs})
+        section["significant"] = [name for name, p in section["p_one_sided_holm"].items() if p < ALPHA]
     pooled = verdict["equal_compute"]["paired"]
     adjusted = holm({name: pooled[f"kd_minus_{name}"]["p_one_sided"] for name in settings})
     decisions = {}
@@ -139,7 +154,16 @@ def render(verdict: dict) -> str:
               "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {d['p_one_sided_holm']:.3g} | {d['gain']:+.2f} | {d['positive_on_every_teacher']} | "
               f"{d['recommended_over_kd']} | {d['not_worse_than_kd']} |" for n, d in verdict["decisions"].items()]
-    lines += ["", f"Recommended: **{verdict['recommended']}**", ""]
+    steps = verdict["equal_steps"]["significant"]
+    lines += ["", "At equal steps, better than kd (Holm-adjusted one-sided p < "
+              f"{verdict['rule']['alpha']}): {', '.join(steps) or 'none'}", ""]
+    if len(verdict["teachers"]) == 1:
+        better = verdict["recommended"]
+        lines.append(f"Better than kd at equal compute on this one teacher: **{'none' if better == 'kd' else better}** "
+                     "(one teacher changes nothing the package recommends)")
+    else:
+        lines.append(f"Recommended: **{verdict['recommended']}**")
+    lines.append("")
     return "\n".join(lines)
 
 

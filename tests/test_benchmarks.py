@@ -127,14 +127,19 @@ def _teacher_json(path, seeds, gains, commit="c0", paper=False):
     for s in seeds:
         kd = 20 + rng.normal()
         runs["equal_steps"] += [{"strategy": "kd", "seed": s, "fid": kd + 1, "fidelity": 0.2, "commit": commit},
-                                {"strategy": "2ndmatch", "seed": s, "fid": kd, "fidelity": 0.1, "commit": commit}]
+                                {"strategy": "2ndmatch", "seed": s, "fid": kd + 0.2 * rng.normal(), "fidelity": 0.1,
+                                 "commit": commit}]
         if paper:
             runs["equal_steps"].append({"strategy": "2ndmatch-paper", "seed": s, "fid": kd + 1.5 + 0.3 * rng.normal(),
                                         "fidelity": 0.2, "commit": commit})
         runs["equal_compute"] += [{"strategy": name, "seed": s, "fid": kd - gains.get(name, 0.0) + 0.3 * rng.normal(),
-                                   "fidelity": 0.2 - 0.01 * gains.get(name, 0.0), "commit": commit} for name in steps]
-    path.write_text(json.dumps({"settings": {"seeds": ",".join(map(str, seeds)), "budget": {"steps": steps},
-                                             "cost_ratio": {"kd": 1.0}}, "teacher_sha256": "x",
+                                   "fidelity": 0.2 - 0.01 * gains.get(name, 0.0), "commit": commit, "steps": n}
+                                  for name, n in steps.items()]
+    for row in runs["equal_steps"]:
+        row["steps"] = 300
+    path.write_text(json.dumps({"settings": {"seeds": ",".join(map(str, seeds)), "steps": 300,
+                                             "budget": {"steps": steps}, "cost_ratio": {"kd": 1.0}},
+                                "teacher_sha256": "x",
                                 **{budget: {"runs": rows} for budget, rows in runs.items()}}))
     return str(path)
 
@@ -161,6 +166,23 @@ def test_the_verdict_applies_the_committed_rule(tmp_path):
     # runs of another commit, or too few seeds, are refused
     with pytest.raises(SystemExit, match="not c1"):
         verdict.main(verdict.parse_args([*files, "--commit", "c1", "--out", str(tmp_path / "v.json")]))
+    # a run recorded twice, a run of other steps than its budget's, teachers of different arms: refused
+    rows = json.loads(open(files[1]).read())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for change, message in ((lambda r: r["equal_compute"]["runs"].append(r["equal_compute"]["runs"][0]),
+                             r"equal_compute holds a run twice, e.g. \('kd', 100\)"),
+                            (lambda r: r["equal_steps"]["runs"][0].update(steps=7),
+                             "equal_steps run kd seed 100 has 7 steps, not its budget's"),
+                            (lambda r: r["settings"]["budget"]["steps"].pop("kd-perturb") and r["equal_compute"].update(
+                                runs=[x for x in r["equal_compute"]["runs"] if x["strategy"] != "kd-perturb"]),
+                             "the teachers ran different arms at equal compute")):
+        edited = json.loads(json.dumps(rows))
+        change(edited)
+        (bad / "dequantized.json").write_text(json.dumps(edited))
+        with pytest.raises(SystemExit, match=message):
+            verdict.main(verdict.parse_args([files[0], str(bad / "dequantized.json"), files[2], "--commit", "c0",
+                                             "--out", str(tmp_path / "v.json")]))
     # one teacher pinned at its own commit
     files[2] = _teacher_json(tmp_path / "mnist.json", range(100, 108), gains, commit="c2")
     with pytest.raises(SystemExit, match="mnist.json: equal_steps has runs of commit.s. c2, not c0"):
@@ -183,6 +205,8 @@ def test_the_verdict_applies_the_committed_rule(tmp_path):
                                          "--equal-steps-arms", "2ndmatch,2ndmatch-paper"]))
     got = verdict.main(verdict.parse_args([*args, "--equal-steps-arms", "2ndmatch,2ndmatch-paper"]))
     steps = got["equal_steps"]
+    assert steps["significant"] == ["2ndmatch"]  # the paper's form is worse than kd here
+    assert "on this one teacher: **kd-perturb**" in (tmp_path / "f.md").read_text()
     assert set(steps["paired"]) == {"kd_minus_2ndmatch", "kd_minus_2ndmatch-paper"}
     assert steps["paired"]["kd_minus_2ndmatch-paper"]["mean"] < 0 < steps["paired"]["kd_minus_2ndmatch"]["mean"]
     assert steps["p_one_sided_holm"] == pytest.approx(holm({k.removeprefix("kd_minus_"): v["p_one_sided"]
