@@ -59,7 +59,9 @@ def stratified(strata: dict[str, list[float]]) -> dict[str, object]:
 
 
 def holm(pvalues: dict[str, float]) -> dict[str, float]:
-    """Holm's step-down adjustment of a family of p-values (each <= 1, monotone in the raw order)."""
+    """Holm's step-down adjustment of a family of p-values (each <= 1, monotone in the raw order); a
+    p-value that could not be computed (NaN) counts as 1."""
+    pvalues = {k: 1.0 if math.isnan(p) else p for k, p in pvalues.items()}
     order = sorted(pvalues, key=pvalues.get)
     adjusted, running = {}, 0.0
     for i, key in enumerate(order):

@@ -50,6 +50,8 @@ def test_stratified_pools_strata_by_their_pairs_and_their_own_variances():
 def test_holm_steps_down():
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
     assert holm({"a": 0.6, "b": 0.5}) == {"a": 1.0, "b": 1.0}
+    for family in ({"a": math.nan, "b": 0.01, "c": 0.02}, {"b": 0.01, "c": 0.02, "a": math.nan}):  # in any order
+        assert holm(family) == pytest.approx({"a": 1.0, "b": 0.03, "c": 0.04})
 
 
 def test_arms_by_name():
