@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from nni_2ndmatch.files import atomic_dir, atomic_write_bytes, load_tensors, save_tensors
 
@@ -36,8 +37,11 @@ def test_files_and_folders_get_the_permissions_of_the_umask(tmp_path):
         atomic_write_bytes(tmp_path / "f", b"x")
         with atomic_dir(tmp_path / "d") as d:
             save_tensors(d / "w.safetensors", {})
+        save_tensors(tmp_path / "t.safetensors", {"a": torch.zeros(2)})  # safetensors writes a file of its own
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "t.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d" / "w.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
     assert load_tensors(tmp_path / "d" / "w.safetensors") == {}
