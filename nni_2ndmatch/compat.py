@@ -60,8 +60,9 @@ def retype(obj: nn.Module, cls: type) -> None:
 def _upsample_forward(self: nn.Module, hidden_states: Tensor, output_size: Any = None, *args: Any,
                       **kwargs: Any) -> Tensor:
     """diffusers' Upsample2D.forward (diffusers 0.42) without its batch-size branch (a memory-layout
-    workaround for batches >= 64 that leaves the values unchanged); the same ops in the same order
-    otherwise."""
+    workaround for batches >= 64: a channels-last input is made contiguous, which can move the
+    convolution's results by float rounding); the same ops in the same order otherwise, so
+    below 64 the results are bit for bit diffusers'."""
     if self.norm is not None:
         hidden_states = self.norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     if self.use_conv_transpose:

@@ -381,12 +381,17 @@ def test_diffusers_upsampling_does_not_split_the_traced_batch_axis_at_64(familie
         torch.export.export(wrapper, args, dynamic_shapes=shapes)
     with batch_independent(student), torch.no_grad():
         program = torch.export.export(wrapper, args, dynamic_shapes=shapes)
-        inputs = random_inputs(specs, 70, seed=3)
-        replaced = wrapper(*inputs)
+        replaced = {n: wrapper(*random_inputs(specs, n, seed=3)) for n in (63, 70)}
     assert [(r.lower, r.upper) for r in program.range_constraints.values()] == [(1, 128)]
     with torch.no_grad():
-        assert torch.equal(wrapper(*inputs), replaced)  # the same values as diffusers' own forward
-        assert torch.equal(program.module()(*inputs), replaced)
+        for n, out in replaced.items():
+            inputs = random_inputs(specs, n, seed=3)
+            assert torch.equal(program.module()(*inputs), out)
+            own = wrapper(*inputs)  # diffusers' own forward: from 64 on, its conv runs on a contiguous copy
+            if n < 64:
+                assert torch.equal(own, out)
+            else:  # which moves the values by float rounding at most (the export's parity check allows it)
+                torch.testing.assert_close(own, out, rtol=1e-5, atol=1e-6)
 
 
 def test_aoti_package_above_tolerance_is_not_written(families, aoti_dit, tmp_path, monkeypatch):

@@ -303,8 +303,10 @@ def test_finetune_with_gradient_checkpointing_trains_the_same_and_refuses_forwar
                         calls.append(1) or _f(*a, **k))
     b, _ = run_tiny(tmp_path / "b", 2, gradient_checkpointing=True)
     assert calls and not b.student.is_gradient_checkpointing  # used, and for the run only
-    first = [{k: v for k, v in r.history[0].items() if k != "seconds"} for r in (a, b)]
-    assert first[0] == first[1]  # the same first step
+    first = [{k: v for k, v in r.history[0].items() if k not in ("seconds", "grad_norm")} for r in (a, b)]
+    assert first[0] == first[1]  # the same first step: the forward is recomputed bit for bit
+    # the backward's sums may run in another order (float64 test above: the same gradient to 1e-10)
+    assert a.history[0]["grad_norm"] == pytest.approx(b.history[0]["grad_norm"], rel=1e-5)
     # Adam's first updates are about lr * sign(grad): fp32 rounding can move a weight by up to 2 lr a step
     for p, q in zip(a.student.parameters(), b.student.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=2 * 2 * 2e-4)
