@@ -352,7 +352,8 @@ class SecondMatch(KD):
         sampler's image estimate. A ``norm`` term scales by c^4, a ``vector`` term by c^2; it
         changes the term's size: retune lambda_jac.
       jac_min_timestep: samples with t below it contribute no Jacobian term (their DSM and KD
-        terms stay); the term is still averaged over the whole Jacobian batch.
+        terms stay); the term is still averaged over the whole Jacobian batch. Under flow
+        matching t is the network's timestep sigma * T, not the training rank.
       jac_every: the Jacobian term on every k-th optimisation step only (steps k, 2k, ... counted
         from 1, read from ``step``), multiplied by k so that its expected contribution per step is
         the every-step term's; the steps between are kd steps, and log no ``jac``. A function of the

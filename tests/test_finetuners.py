@@ -504,6 +504,25 @@ def test_the_jacobian_term_of_a_velocity_field_matches_explicit_jacobians(mode, 
     assert functional.item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
 
 
+def test_the_jacobian_floor_under_flow_matching_is_on_the_networks_timestep():
+    # at shift 3, ranks 16 and 17 straddle sigma * T = 50 (49.3 and 52.1): jac_min_timestep 50 reads
+    # the timestep the network is given (diffusers' SD3 timesteps), not the rank (which keeps 50 up)
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, noise, _ = (a.double() if a.is_floating_point() else a for a in _inputs())
+    t = torch.tensor([5, 16, 17, 100])
+    ft = get_finetuner("2ndmatch", mode="jvp", jac_min_timestep=50, scheduler=_flow_scheduler())
+    torch.manual_seed(3)
+    _, terms = ft.loss(student, teacher, x0, noise, t)
+    torch.manual_seed(3)
+    x_t = ft.add_noise(x0, noise, t)
+    model_t = (_shifted_sigma(t) * 1000).float().double()
+    per_sample = _explicit_match(student, teacher, x_t, model_t, sample_directions(x_t), "jvp", "norm",
+                                 torch.ones(4, dtype=torch.float64))
+    kept = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    assert per_sample[:2].min() > 0  # the floor is what makes them zero
+    assert terms["jac"] == pytest.approx((per_sample * kept).mean().item(), rel=1e-6)
+
+
 def test_kd_at_perturbed_inputs_uses_sigma_under_flow_matching():
     from nni_2ndmatch.method import noise_scale
 
