@@ -159,6 +159,8 @@ def _edit(path, **entries):
      r"model_index.json: text_encoder is CLIPTextModel; allowed: CLIPTextModelWithProjection"),
     (lambda d: _edit(d / "scheduler" / "scheduler_config.json", use_dynamic_shifting=True),
      r"scheduler_config.json: use_dynamic_shifting=true .* is not supported; allowed: a fixed shift"),
+    (lambda d: _edit(d / "model_index.json", text_encoder_2=[None, None], tokenizer_2=[None, None]),
+     r"model_index.json: StableDiffusion3Pipeline has no text_encoder_2; it conditions on both CLIP encoders"),
     (lambda d: _edit(d / "model_index.json", _class_name="StableDiffusion3Img2ImgPipeline"),
      r"_class_name StableDiffusion3Img2ImgPipeline is an SD3 variant other than StableDiffusion3Pipeline"),
 ])

@@ -100,6 +100,8 @@ def _edit(path, **entries):
 @pytest.mark.parametrize("edit, expected", [
     (lambda d: _edit(d / "model_index.json", text_encoder=None, tokenizer=None),
      r"model_index.json: text_encoder_2 without text_encoder is an SDXL refiner, which is not supported"),
+    (lambda d: _edit(d / "model_index.json", text_encoder_2=None, tokenizer_2=None),
+     r"model_index.json: StableDiffusionXLPipeline has no text_encoder_2; it conditions on both CLIP encoders"),
     (lambda d: _edit(d / "model_index.json", tokenizer_2=None),
      r"model_index.json: a text_encoder_2 needs its tokenizer_2"),
     (lambda d: _edit(d / "model_index.json", _class_name="StableDiffusionXLInpaintPipeline"),
