@@ -293,30 +293,52 @@ def _calibration(n=6, seed=0):
     return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def _loss(model, x0, t, noise):
+#: the reference DDPM schedule, written out, and SD's and SDXL's
+SCHEDULES = {"reference": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+             "sdxl": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)}
+
+
+def _loss(model, x0, t, noise, schedule="reference"):
     from diffusers import DDPMScheduler
 
     from nni_2ndmatch.method import model_output
 
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    sched = DDPMScheduler(num_train_timesteps=1000, **SCHEDULES[schedule])
     return (model_output(model, sched.add_noise(x0, noise, t), t.float()) - noise).pow(2).flatten(1).sum(1).mean()
 
 
-def _explicit_gradients(model, x0, t, noise):
+def _explicit_gradients(model, x0, t, noise, schedule="reference"):
     model = copy.deepcopy(model)
-    loss = _loss(model, x0, t, noise)
+    loss = _loss(model, x0, t, noise, schedule)
     return dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
 
 
-def test_taylor_gradients_are_those_of_the_denoising_loss():
+@pytest.mark.parametrize("schedule", ["reference", "sdxl"])
+def test_taylor_gradients_are_those_of_the_denoising_loss_on_the_teachers_schedule(schedule):
+    from diffusers import DDPMScheduler
+
     teacher, x0 = BUILDERS["unet2d"]().eval(), _calibration()
-    grads, used = denoising_gradients(teacher, "taylor", x0, default_example_inputs(teacher), 3, 0.05, 20)
+    given = None if schedule == "reference" else DDPMScheduler(num_train_timesteps=1000, **SCHEDULES[schedule])
+    grads, used = denoising_gradients(teacher, "taylor", x0, default_example_inputs(teacher), 3, 0.05, 20, given)
     g = torch.Generator().manual_seed(3)
     t = torch.randint(0, 1000, (6,), generator=g)
-    ref = _explicit_gradients(teacher, x0, t, torch.randn(x0.shape, generator=g))
+    noise = torch.randn(x0.shape, generator=g)
+    ref = _explicit_gradients(teacher, x0, t, noise, schedule)
     assert used == t.tolist() and set(grads) == set(ref)
     for name in ref:
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6)
+    other = _explicit_gradients(teacher, x0, t, noise, "sdxl" if schedule == "reference" else "reference")
+    assert any(not torch.allclose(grads[n], other[n], rtol=1e-2, atol=1e-4) for n in ref)  # the schedule matters
+
+
+def test_the_gradient_pruners_refuse_a_schedule_that_does_not_predict_the_noise():
+    from diffusers import DDPMScheduler
+
+    teacher, x0 = BUILDERS["unet2d"]().eval(), _calibration()
+    with pytest.raises(ValueError, match="pruner='taylor' scores channels by the gradients of the noise-prediction "
+                                         "loss; the scheduler's prediction_type is 'v_prediction'; allowed: 'epsilon'"):
+        denoising_gradients(teacher, "taylor", x0, default_example_inputs(teacher), 0, 0.05, 20,
+                            DDPMScheduler(prediction_type="v_prediction"))
 
 
 def test_diff_pruning_sums_gradients_over_timesteps_until_the_loss_falls_below_the_threshold():

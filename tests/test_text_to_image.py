@@ -359,3 +359,33 @@ def test_gradient_pruners_are_refused_for_a_v_prediction_pipeline(tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     r = cli_here("run", tmp_path / "cfg.yaml")
     assert r.returncode == 2 and "pruning.pruner: value 'taylor' is not allowed" in r.stderr, r.stderr
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner", ["taylor", "TaylorPruner"])
+def test_gradient_pruners_noise_a_pipelines_data_by_its_own_schedule(pruner, tmp_path, monkeypatch):
+    """The tiny SD pipeline trains on scaled_linear betas (SD's and SDXL's), not the reference
+    linear ones: the pruning's calibration batches are noised by the pipeline's schedule."""
+    from nni_2ndmatch.job.run import run_job
+    from nni_2ndmatch.nni import distiller, pruners
+
+    seen = []
+    if pruner == "TaylorPruner":
+        batches = distiller.NoisyBatches.__call__
+
+        def spy(self, items):
+            seen.append(self.scheduler.config)
+            return batches(self, items)
+        monkeypatch.setattr(distiller.NoisyBatches, "__call__", spy)
+    else:
+        gradients = pruners.denoising_gradients
+
+        def spy(*args):  # called as (teacher, name, data, inputs, seed, threshold, timesteps, scheduler)
+            seen.append(args[7].config)
+            return gradients(*args)
+        monkeypatch.setattr(pruners, "denoising_gradients", spy)
+    raw = _config(tmp_path)
+    raw["pruning"]["pruner"] = pruner
+    run_job(validate_config(raw), "prune", progress=False)
+    assert seen and {(c.beta_schedule, c.beta_start, c.beta_end) for c in seen} == {("scaled_linear", 0.00085, 0.012)}

@@ -32,8 +32,10 @@ def _example_inputs(teacher: nn.Module, item: Any) -> dict[str, Any]:
 
 
 def run_prune(config: Config, folder: RunFolder, teacher: nn.Module, dataset: torch.utils.data.Dataset,
-              runtime: Runtime | None = None) -> tuple[nn.Module, dict[str, Any]]:
+              runtime: Runtime | None = None, scheduler: Any = None) -> tuple[nn.Module, dict[str, Any]]:
     """Make the student from the teacher as the pruning section says; save it in ``folder.pruned``.
+    ``scheduler``: the teacher's training schedule (a pipeline's), by which gradient pruners noise
+    the data; None: the reference DDPM one.
     With several processes the main one prunes and the others load what it saved."""
     runtime = runtime or Runtime()
     if not runtime.is_main:
@@ -43,7 +45,8 @@ def run_prune(config: Config, folder: RunFolder, teacher: nn.Module, dataset: to
     with user_errors("pruning"):  # e.g. a config_list NNI refuses
         student, report = prune_diffusers(teacher, p.pruner, p.sparse_ratio, round_to=p.round_to,
                                           example_inputs=_example_inputs(teacher, dataset[0]),
-                                          config_list=p.config_list, data=dataset, seed=config.finetune.seed)
+                                          config_list=p.config_list, data=dataset, seed=config.finetune.seed,
+                                          scheduler=scheduler)
     save_pruned(student, folder.pruned)
     atomic_write_json(folder.pruning_report, report)
     logger.info("pruned: MACs %.3g -> %.3g (%.2fx), params %d -> %d; saved to %s", report["macs_before"],

@@ -45,6 +45,7 @@ class PruneRequest:
     seed: int
     diff_threshold: float
     diff_timesteps: int
+    scheduler: Any = None  # the training schedule the gradient pruners noise the data with; None: the reference
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def _magnitude(r: PruneRequest) -> tuple[nn.Module, dict[str, Any]]:
 def _gradient_pruner(name: str) -> Callable[[PruneRequest], tuple[nn.Module, dict[str, Any]]]:
     def run(r: PruneRequest) -> tuple[nn.Module, dict[str, Any]]:
         gradients, timesteps = denoising_gradients(r.teacher, name, r.data, r.example_inputs, r.seed,
-                                                    r.diff_threshold, r.diff_timesteps)
+                                                    r.diff_threshold, r.diff_timesteps, r.scheduler)
         student, report = prune_with_scores(r.teacher, taylor_scorer(gradients, r.sparse_ratio), r.example_inputs,
                                             r.round_to)
         report["calibration_timesteps"] = timesteps
@@ -107,7 +108,7 @@ def _nni_pruner(name: str) -> Callable[[PruneRequest], tuple[nn.Module, dict[str
     def run(r: PruneRequest) -> tuple[nn.Module, dict[str, Any]]:
         config_list = (float_thresholds(r.config_list) if r.config_list is not None
                        else default_config_list(r.teacher, r.sparse_ratio))
-        masks = nni_masks(r.teacher, name, config_list, r.data, r.seed)
+        masks = nni_masks(r.teacher, name, config_list, r.data, r.seed, r.scheduler)
         return masks_to_student(r.teacher, masks, r.example_inputs, r.round_to)
     return run
 
@@ -129,11 +130,12 @@ PRUNERS = tuple(PRUNER_REGISTRY)
 
 
 def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
-              data: Any = None, seed: int = 0) -> dict[str, dict[str, Tensor]]:
+              data: Any = None, seed: int = 0, scheduler: Any = None) -> dict[str, dict[str, Tensor]]:
     """Masks from an NNI pruner named by its class (run on a copy; the model is not modified).
 
     TaylorPruner scores channels by |weight * gradient| of the denoising loss on ``data``; its
-    evaluator's optimizer has lr=0, so the weights it scores are the model's own.
+    evaluator's optimizer has lr=0, so the weights it scores are the model's own; ``data`` is
+    noised by ``scheduler`` (default: the reference DDPM schedule).
     """
     import nni.compression.pruning as nni_pruning
 
@@ -150,7 +152,7 @@ def nni_masks(model: nn.Module, pruner: str, config_list: list[dict[str, Any]],
         from torch.utils.data import DataLoader
 
         items = calibration_items(data, pruner, default_example_inputs(model))
-        loader = DataLoader(items, batch_size=len(items), collate_fn=NoisyBatches(seed=seed))
+        loader = DataLoader(items, batch_size=len(items), collate_fn=NoisyBatches(scheduler, seed=seed))
         optimizer = nni.trace(torch.optim.SGD)(work.parameters(), lr=0.0)
         with requires_grad(work, True):
             nni_pruner = cls(work, config_list, diffusion_evaluator(work, loader, optimizer=optimizer, progress=False),
@@ -182,7 +184,8 @@ def _check_config_list_use(pruner: str, config_list: Any, model: nn.Module) -> N
 def prune_diffusers(teacher: nn.Module, pruner: str = "magnitude", sparse_ratio: float = 0.3, *,
                     example_inputs: dict[str, Any] | None = None, data: Any = None, round_to: int | None = 8,
                     config_list: list[dict[str, Any]] | None = None, seed: int = 0,
-                    diff_threshold: float = 0.05, diff_timesteps: int = 20) -> tuple[nn.Module, dict[str, Any]]:
+                    diff_threshold: float = 0.05, diff_timesteps: int = 20,
+                    scheduler: Any = None) -> tuple[nn.Module, dict[str, Any]]:
     """Prune a diffusers model into a physically smaller student; the teacher is not modified.
 
     ``pruner``: a torch-pruning importance (``magnitude``, ``taylor``, ``diff-pruning``) or an NNI
@@ -190,7 +193,9 @@ def prune_diffusers(teacher: nn.Module, pruner: str = "magnitude", sparse_ratio:
     ``config_list`` (default: every Conv2d and Linear at ``sparse_ratio``, output layers excluded;
     a given one replaces ``sparse_ratio`` and is checked against the model first).
     ``data`` (clean samples: a tensor or a dataset) is needed by the gradient importances only;
-    ``diff_threshold`` and ``diff_timesteps`` tune ``diff-pruning`` (see ``denoising_gradients``).
+    ``diff_threshold`` and ``diff_timesteps`` tune ``diff-pruning`` (see ``denoising_gradients``);
+    ``scheduler``: the teacher's training schedule, by which the gradient pruners noise ``data``
+    (default: the reference DDPM one; a pipeline's own, as a job passes it, for a pipeline's denoiser).
     ``example_inputs``: the model's forward arguments for tracing (default: ``default_example_inputs``).
     Deterministic for a ``seed``. The report records what was asked: ``pruner``, ``sparse_ratio``
     (None when a ``config_list`` decides) and ``config_list`` (None when not given).
@@ -205,7 +210,7 @@ def prune_diffusers(teacher: nn.Module, pruner: str = "magnitude", sparse_ratio:
     spec = pruner_spec(pruner)
     _check_config_list_use(pruner, config_list, teacher)
     student, report = spec.run(PruneRequest(teacher, sparse_ratio, example_inputs, data, round_to, config_list, seed,
-                                            diff_threshold, diff_timesteps))
+                                            diff_threshold, diff_timesteps, scheduler))
     report.update(pruner=pruner, sparse_ratio=None if config_list is not None else sparse_ratio,
                   config_list=copy.deepcopy(config_list))
     return student, report

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import collate
-from ..method import default_scheduler, dsm_term, model_output
+from ..method import default_scheduler, dsm_term, model_output, prediction_of
 from ..scoped import seeded_generator
 from ..utils import requires_grad
 from .surgery import GroupScorer
@@ -41,16 +41,22 @@ def calibration_items(data: Any, pruner: str, example_inputs: dict[str, Any]) ->
 
 
 def denoising_gradients(teacher: nn.Module, pruner: str, data: Any, example_inputs: dict[str, Any], seed: int,
-                         threshold: float, num_timesteps: int) -> tuple[dict[str, Tensor], list[int]]:
+                         threshold: float, num_timesteps: int,
+                         scheduler: Any = None) -> tuple[dict[str, Tensor], list[int]]:
     """Gradients of the denoising loss w.r.t. every parameter, by name (on a copy of the teacher),
     and the timesteps they were summed over (for ``taylor``: random, one per sample).
 
     ``taylor``: one batch of data at random timesteps. ``diff-pruning``: summed over timesteps
     0..T-1 (``num_timesteps`` evenly spaced, in that order) until the loss falls below
     ``threshold`` times the largest loss seen, as in Diff-Pruning (Fang et al., 2023).
+    The data are noised by ``scheduler``, the teacher's training schedule (default: the reference
+    DDPM one), which must predict the noise.
     """
+    scheduler = scheduler if scheduler is not None else default_scheduler()
+    if prediction_of(scheduler) != "epsilon":
+        raise ValueError(f"pruner={pruner!r} scores channels by the gradients of the noise-prediction loss; the "
+                         f"scheduler's prediction_type is {prediction_of(scheduler)!r}; allowed: 'epsilon'")
     x0, conditioning = collate(calibration_items(data, pruner, example_inputs), torch.device("cpu"))
-    scheduler = default_scheduler()
     steps = int(scheduler.config.num_train_timesteps)
     g = seeded_generator(seed)
     work = copy.deepcopy(teacher).eval()
