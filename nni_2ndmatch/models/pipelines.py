@@ -104,10 +104,9 @@ def pipeline_denoiser(path: str | os.PathLike) -> str:
     if "text_encoder" in components and "vae" not in components:
         raise ValueError(f"{index_file}: a text_encoder without a vae (a pixel-space text-to-image pipeline) is not "
                          "supported; allowed: Stable Diffusion layouts (vae, text_encoder, tokenizer)")
-    missing = [k for k in ("text_encoder", "text_encoder_2") if k not in components]
-    if class_name in POOLED_PIPELINES and "text_encoder" in components and missing:
-        raise ValueError(f"{index_file}: {class_name} has no {missing[0]}; it conditions on both CLIP encoders' "
-                         "states and pools the second's; allowed: text_encoder and text_encoder_2 with their tokenizers")
+    if class_name in POOLED_PIPELINES and "text_encoder" in components and "text_encoder_2" not in components:
+        raise ValueError(f"{index_file}: {class_name} has no text_encoder_2; it conditions on both CLIP encoders' "
+                         "states and pools the second's; allowed: text_encoder and text_encoder_2 with tokenizers")
     if "text_encoder_2" in components and "text_encoder" not in components:
         raise ValueError(f"{index_file}: text_encoder_2 without text_encoder is an SDXL refiner, which is not "
                          "supported; allowed: the SDXL base layout (text_encoder and text_encoder_2)")
