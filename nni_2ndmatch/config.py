@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -27,6 +28,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -41,6 +43,15 @@ from .training import TrainConfig
 from .utils import did_you_mean
 
 CONFIG_VERSION = 1
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading exponents without a dot (1e-3, 5E+2) as numbers, as YAML 1.2
+    and JSON do: YAML 1.1 wants 1.0e-3 and would give strict options the text '1e-3'."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 
@@ -66,6 +77,10 @@ class ModelSpec(_Section):
             raise ValueError("give exactly one of 'builtin', 'path' or 'hub'")
         if self.subfolder is not None and self.hub is None:
             raise ValueError("'subfolder' goes with 'hub' only")
+        for key in ("width", "seed"):  # they make a builtin; a saved model has its own
+            if key in self.model_fields_set and self.builtin is None:
+                raise ValueError(f"'{key}' goes with 'builtin' only (it sets how a builtin model is made; a model "
+                                 "from 'path' or 'hub' has its own); leave it out")
         known = (*BUILTIN_MODELS, *BUILTIN_PIPELINES)
         if self.builtin is not None and self.builtin not in known:
             raise ValueError(f"builtin={self.builtin!r} is unknown; available: {', '.join(known)}")
@@ -155,8 +170,8 @@ class FinetuneSection(TrainConfig):
 
     finetuner: str = "2ndmatch"
     device: str = "cpu"
-    process_timeout_s: float = Field(1800, gt=0, description="multi-process runs: how long a process waits for "
-                                     "the others (the main one prunes and saves while they wait)")
+    process_timeout_s: float = Field(1800, gt=0, allow_inf_nan=False, description="multi-process runs: how long "
+                                     "a process waits for the others (the main one prunes and saves while they wait)")
     report_to: str | list[str] = Field("none", description="experiment trackers, as diffusers' --report_to: none, "
                                        "tensorboard, wandb, trackio, mlflow, comet_ml, or a list; logs in "
                                        "output_dir/logs")
@@ -169,10 +184,22 @@ class FinetuneSection(TrainConfig):
 
     @model_validator(mode="after")
     def _prompts_need_validation(self) -> "FinetuneSection":
-        if self.validation_prompts is not None and not self.validation_every:
-            raise ValueError("validation_prompts are given but validation_every is 0 (no validation grids); give "
-                             "validation_every > 0 or leave validation_prompts out")
+        for key in ("validation_prompts", "validation_images"):
+            if key in self.model_fields_set and not self.validation_every:
+                raise ValueError(f"{key} is given but validation_every is 0 (no validation grids); give "
+                                 f"validation_every > 0 or leave {key} out")
         return self
+
+    @field_validator("device")
+    @classmethod
+    def _a_torch_device(cls, value: str) -> str:
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError):
+            raise ValueError("not a torch device; allowed: cpu, cuda, cuda:N (N an index), mps") from None
+        return value
 
     @field_validator("report_to")
     @classmethod
@@ -240,6 +267,13 @@ class EvaluateSection(_Section):
             raise ValueError(f"{repeated[0]!r} is listed more than once; list each finetuner once")
         return names
 
+    @model_validator(mode="after")
+    def _wallclock_needs_baselines(self) -> "EvaluateSection":
+        if self.equal_wallclock and not self.compare:
+            raise ValueError("equal_wallclock is true but compare lists no baseline to train for the run's wall-clock "
+                             "time; list one in compare (e.g. [kd]) or leave equal_wallclock out")
+        return self
+
     def check_baselines(self, run_finetuner: str) -> None:
         """The run's own finetuner is always in the report: listing it as a baseline is an error."""
         if run_finetuner in self.compare:
@@ -252,7 +286,8 @@ class ExportSection(_Section):
     """ONNX export of teacher and student (parity-checked), and their latency on these backends."""
 
     opset: int = Field(20, ge=17, le=23)
-    backends: list[str] = Field(["onnxruntime"], description="the benchmark's backends that run on the CPU")
+    backends: list[str] = Field(["onnxruntime"], min_length=1, description="the benchmark's backends that run on "
+                                "the CPU")
     batch: list[int] = Field([1, 16], min_length=1)
     repeats: int = Field(10, ge=3, le=1000)
     threads: int = Field(1, ge=1, le=256)
@@ -284,8 +319,8 @@ class Config(_Section):
     finetune: FinetuneSection = FinetuneSection()
     evaluate: EvaluateSection | None = None  # after `run`: quality of teacher vs student
     export: ExportSection | None = None  # after `run`: ONNX export and latency
-    output_dir: str
-    threads: int | Literal["auto"] = Field("auto", description="CPU threads for torch; auto: OMP_NUM_THREADS when "
+    output_dir: str = Field(min_length=1)
+    threads: StrictInt | Literal["auto"] = Field("auto", description="CPU threads for torch; auto: OMP_NUM_THREADS when "
                                            "set, else half the CPUs this process may use (at least 1)")
 
     @field_validator("threads")
@@ -332,8 +367,14 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
+#: the names pydantic gives the members of a union in an error's location ("threads.int"): not keys
+_UNION_MEMBER = re.compile(r"(int|float|str|bool|none|(list|dict|literal|function-\w+|is-instance)\[.*\]|"
+                           r"constrained-\w+)")
+
+
 def _describe(error: dict[str, Any]) -> str:
-    loc = tuple(p for p in error["loc"] if isinstance(p, (str, int)))
+    loc = tuple(p for p in error["loc"]
+                if isinstance(p, int) or (isinstance(p, str) and not _UNION_MEMBER.fullmatch(p)))
     path = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         hint = did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))
@@ -346,6 +387,8 @@ def _describe(error: dict[str, Any]) -> str:
         return "\n".join(f"{parent}.{line}" for line in msg.splitlines())
     if error["type"] == "missing":
         return f"{path}: required field is missing"
+    if isinstance(error.get("input"), dict) and error["type"] == "value_error":  # a rule across a section's fields
+        return f"{path}: {msg}"
     return f"{path}: value {error.get('input')!r} is not allowed: {msg}"
 
 
@@ -358,20 +401,61 @@ def validate_config(raw: Any, source: str = "config") -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as e:
-        problems += [line for err in e.errors() for line in _describe(err).splitlines()]
+        for line in (line for err in e.errors() for line in _describe(err).splitlines()):
+            same = next((i for i, p in enumerate(problems) if p.split(": ", 1)[0] == line.split(": ", 1)[0]
+                         and " is not allowed: " in p and " is not allowed: " in line), None)
+            if same is None:
+                problems.append(line)
+            elif line not in problems:  # another member of a union refused it too: one line, both reasons
+                problems[same] += "; or " + line.split(" is not allowed: ", 1)[1]
+    for key in ("pruning", "evaluate", "export"):
+        if key in raw and raw[key] is None:
+            problems.append(f"{key}: the section is empty (null), which would leave it out; write '{key}: {{}}' "
+                            "for its defaults, or remove the line")
     section = raw.get("finetune") if isinstance(raw.get("finetune"), dict) else {}
+    problems += [f"finetune: key {k!r} is not allowed: an option's name is text; allowed: the loop's and the "
+                 "finetuner's option names" for k in section if not isinstance(k, str)]
     name = section.get("finetuner", "2ndmatch")
     if name not in available_finetuners():
         problems.append(f"finetune.finetuner: value {name!r} is not allowed; available: "
                         f"{', '.join(available_finetuners())}")
     else:
-        extras = {k: v for k, v in section.items() if k not in FinetuneSection.model_fields}
+        extras = {k: v for k, v in section.items() if isinstance(k, str) and k not in FinetuneSection.model_fields}
         problems += option_problems(name, finetuner_class(name).Options, extras, "finetune",
                                     FinetuneSection.model_fields)[1]
+    if config is not None and not problems:
+        problems += _finetune_problems(config.finetune)
     if problems:
         raise ConfigError(problems, source)
     assert config is not None
     return config
+
+
+def _finetune_problems(section: FinetuneSection) -> list[str]:
+    """Options of the finetune section that would do nothing, or nothing useful, with the others."""
+    opts, given, problems = section.options, set(section.model_extra or {}), []
+    weights = {k: getattr(opts, k) for k in ("lambda_dsm", "lambda_kd", "lambda_jac") if hasattr(opts, k)}
+    mode = getattr(opts, "mode", None)
+    if weights and not any(weights.values()):
+        problems.append(f"finetune: every loss weight is 0 ({', '.join(weights)}): the loss would be zero and the "
+                        "student would not change; allowed: at least one weight > 0")
+    elif weights.get("lambda_jac") == 0:
+        problems.append(f"finetune.lambda_jac: value 0 is not allowed with finetuner {section.finetuner!r}: the "
+                        "Jacobian term would still be computed every step, at full cost, and weigh nothing; "
+                        "allowed: lambda_jac > 0, or finetuner: kd (the same loss without the term)")
+    if "fd_step" in given and mode in ("vjp", "jvp"):
+        problems.append(f"finetune.fd_step: value {opts.fd_step!r} is not allowed with mode {mode!r}: it is the "
+                        "step of mode fd (and of auto where auto takes fd); leave it out or use mode fd or auto")
+    if getattr(opts, "jac_every", 1) > section.steps:
+        problems.append(f"finetune.jac_every: value {opts.jac_every!r} is not allowed with steps {section.steps}: "
+                        f"the Jacobian term would never be computed; allowed: 1 to {section.steps}")
+    if section.gradient_checkpointing and mode == "jvp":
+        problems.append("finetune.gradient_checkpointing: value True is not allowed with mode 'jvp' (forward mode "
+                        "cannot go through a recomputation); use mode vjp or fd, or leave it out")
+    if section.warmup_steps > section.steps:
+        problems.append(f"finetune.warmup_steps: value {section.warmup_steps} is not allowed with steps "
+                        f"{section.steps}: the learning rate would never reach lr; allowed: 0 to {section.steps}")
+    return problems
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -379,7 +463,7 @@ def load_config(path: str | os.PathLike) -> Config:
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError([f"malformed YAML: {e}"], str(path)) from None
     return validate_config(raw, str(path))

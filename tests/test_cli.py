@@ -163,6 +163,25 @@ def test_bad_input_is_one_clear_message_exit_2_nothing_written(tmp_path, edit, e
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("edit, expected", [
+    (lambda r: r["finetune"].update(device="cuda:99"),
+     r"finetune.device: value 'cuda:99' is not allowed: this machine's torch \(.*\) has no such device; "
+     r"allowed here: cpu"),
+    (lambda r: r["data"].update(cache_dtype="float16"),
+     r"data.cache_dtype: value 'float16' is not allowed: it sets the encoded latent cache, and this teacher trains on "
+     r"pixels"),
+    (lambda r: r["finetune"].update(jac_min_timestep=1000),
+     r"finetune.jac_min_timestep: value 1000 is not allowed: .* allowed: 0 to 999"),
+    (lambda r: (r["model"].update(teacher={"builtin": "tiny-dit"}), r["finetune"].update(dropout=0.1)),
+     r"finetune: dropout=0.1 is not allowed for this student: it has no residual-block dropout"),
+])
+def test_an_option_the_run_cannot_honour_is_refused_before_anything_is_written(tmp_path, edit, expected):
+    r = cli_here("run", write_config(tmp_path, edit), "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(expected, r.stderr), r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_malformed_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
@@ -183,7 +202,7 @@ def test_a_hub_model_that_cannot_be_downloaded_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_prune_then_finetune_as_separate_commands(tmp_path):
+def test_prune_then_finetune_as_separate_commands(tmp_path, caplog):
     cfg = write_config(tmp_path)
     early = cli_here("finetune", cfg, "--no-progress")
     assert early.returncode == 2 and "run 'nni-2ndmatch prune'" in early.stderr
@@ -191,7 +210,11 @@ def test_prune_then_finetune_as_separate_commands(tmp_path):
     assert pruned.returncode == 0, pruned.stderr
     assert "pruning_plan" in json.loads((tmp_path / "run" / "pruned" / "config.json").read_text())
     assert not (tmp_path / "run" / "checkpoints").exists()
-    assert cli_here("finetune", cfg, "--no-progress").returncode == 0
+    with_export = write_config(tmp_path, lambda raw: raw.update(export={}), name="export.yaml")
+    with caplog.at_level("WARNING", logger="nni_2ndmatch"):
+        assert cli_here("finetune", with_export, "--no-progress").returncode == 0
+    assert "the config's export section runs after 'nni-2ndmatch run' only; this 'finetune' leaves it out" \
+        in caplog.text
 
 
 @pytest.mark.slow

@@ -72,3 +72,58 @@ def test_a_config_sections_options_are_validated_once_and_taken_as_they_are(tmp_
         F.SecondMatch(options=F.KDOptions())
     with pytest.raises(TypeError, match="give a KDOptions alone"):
         F.KD(options=F.KDOptions(), lambda_kd=2.0)
+
+
+def _tiny(**sections):
+    raw = {"model": {"teacher": {"builtin": "tiny-unet"}}, "pruning": {"pruner": "magnitude"},
+           "finetune": {"finetuner": "2ndmatch", "steps": 10}, "output_dir": "unused"}
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) and value is not None else value
+    return raw
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({"model": {"teacher": {"path": "some/model", "width": 0.5}}},
+     r"model.teacher: 'width' goes with 'builtin' only"),
+    ({"model": {"teacher": {"hub": "org/model", "seed": 3}}}, r"model.teacher: 'seed' goes with 'builtin' only"),
+    ({"finetune": {"validation_images": 8}}, r"finetune: validation_images is given but validation_every is 0"),
+    ({"finetune": {"device": "tpu"}}, r"finetune.device: value 'tpu' is not allowed: not a torch device; allowed: "
+                                      r"cpu, cuda, cuda:N \(N an index\), mps"),
+    ({"evaluate": {"equal_wallclock": True}}, r"evaluate: equal_wallclock is true but compare lists no baseline"),
+    ({"export": {"backends": []}}, r"export.backends: value \[\] is not allowed"),
+    ({"output_dir": ""}, r"output_dir: value '' is not allowed"),
+    ({"evaluate": None}, r"evaluate: the section is empty \(null\), which would leave it out; write 'evaluate: \{\}'"),
+    ({"export": None}, r"export: the section is empty \(null\)"),
+    ({"finetune": {1: 2}}, r"finetune: key 1 is not allowed: an option's name is text"),
+    ({"finetune": {"lambda_jac": 0.0}}, r"finetune.lambda_jac: value 0 is not allowed with finetuner '2ndmatch'.*"
+                                        r"finetuner: kd"),
+    ({"finetune": {"finetuner": "kd", "lambda_dsm": 0.0, "lambda_kd": 0.0}},
+     r"finetune: every loss weight is 0 \(lambda_dsm, lambda_kd\)"),
+    ({"finetune": {"mode": "vjp", "fd_step": 0.01}}, r"finetune.fd_step: value 0.01 is not allowed with mode 'vjp'"),
+    ({"finetune": {"jac_every": 50}}, r"finetune.jac_every: value 50 is not allowed with steps 10: the Jacobian term "
+                                      r"would never be computed; allowed: 1 to 10"),
+    ({"finetune": {"mode": "jvp", "gradient_checkpointing": True}},
+     r"finetune.gradient_checkpointing: value True is not allowed with mode 'jvp'"),
+    ({"finetune": {"warmup_steps": 11}}, r"finetune.warmup_steps: value 11 is not allowed with steps 10"),
+])
+def test_an_option_that_would_do_nothing_is_an_error_naming_it(sections, expected):
+    with pytest.raises(ConfigError) as caught:
+        validate_config(_tiny(**sections))
+    assert any(re.search(expected, p) for p in caught.value.problems), caught.value.problems
+
+
+def test_the_same_options_where_they_act_are_accepted():
+    config = validate_config(_tiny(finetune={"validation_every": 5, "validation_images": 8, "mode": "fd",
+                                             "fd_step": 0.01, "jac_every": 10, "warmup_steps": 10, "device": "cuda:1"},
+                                   evaluate={"compare": ["kd"], "equal_wallclock": True}, export={}))
+    assert config.evaluate.equal_wallclock and config.export.backends == ["onnxruntime"]
+    assert config.finetune.options.fd_step == 0.01
+    assert validate_config(_tiny(finetune={"mode": "auto", "fd_step": 0.01})).finetune.options.fd_step == 0.01
+
+
+def test_exponents_without_a_dot_are_numbers_in_a_config_file(tmp_path):
+    raw = _tiny(finetune={"mode": "fd"})
+    text = yaml.safe_dump(raw).replace("steps: 10", "steps: 10\n  lr: 1e-4\n  fd_step: 1e-3\n  lambda_jac: 5E-2")
+    (tmp_path / "c.yaml").write_text(text)
+    options = load_config(tmp_path / "c.yaml").finetune
+    assert (options.lr, options.options.fd_step, options.options.lambda_jac) == (1e-4, 1e-3, 5e-2)

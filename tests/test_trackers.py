@@ -45,7 +45,8 @@ def test_a_tracker_that_is_not_installed_or_not_known_is_refused_before_any_work
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     for value, expected in (("wandb", "'wandb' needs the wandb package, which is not installed: pip install "
                                       "'nni-2ndmatch[wandb]'"),
-                            (["tensorboard", "neptune"], "'neptune' is not a tracker; allowed: none, tensorboard")):
+                            (["tensorboard", "neptune"], "'neptune' is not a tracker; allowed: none, tensorboard"),
+                            (["none", "tensorboard"], "'none' is not allowed in a list of trackers")):
         result = cli_here("run", write_config(tmp_path, lambda raw: raw["finetune"].update(report_to=value)))
         assert result.returncode == 2 and expected in result.stderr and "finetune.report_to" in result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
@@ -138,7 +139,7 @@ def test_a_resumed_run_continues_the_grid_series_without_duplicates(tmp_path):
 def test_validation_options_nobody_would_use_are_refused(tmp_path):
     prompts = cli_here("run", write_config(tmp_path, lambda raw: raw["finetune"].update(
         validation_prompts=["a digit"])))
-    assert prompts.returncode == 2 and "validation_prompts are given but validation_every is 0" in prompts.stderr
+    assert prompts.returncode == 2 and "validation_prompts is given but validation_every is 0" in prompts.stderr
     not_text = cli_here("run", write_config(tmp_path, lambda raw: raw["finetune"].update(
         validation_prompts=["a digit"], validation_every=2)))
     assert not_text.returncode == 2 and "finetune.validation_prompts: value ['a digit'] is not allowed: the " \

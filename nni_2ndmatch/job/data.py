@@ -136,20 +136,24 @@ def plan_data(config: Config, teacher: nn.Module, parts: PipelineParts | None) -
     """Check the data section against the teacher and read what the run needs before anything is
     written: every image decodes, the conditioning the teacher takes is there, and (latent
     pipelines) the first item encodes."""
-    data = config.data
+    data, latent = config.data, parts is not None and parts.latent
     text = parts is not None and parts.text_encoder is not None
     if data.caption_dropout and not text:
         raise UserError(f"data.caption_dropout: value {data.caption_dropout!r} is not allowed: it needs a "
                         "text-to-image pipeline teacher (one with a text_encoder); allowed here: 0")
     for key in TABLE_COLUMNS[1:]:  # a column whose values the run would not use
-        wanted = {"caption_column": text, "label_column": parts is not None and parts.latent and not text}[key]
+        wanted = {"caption_column": text, "label_column": latent and not text}[key]
         if getattr(data, key) is not None and not wanted:
             raise UserError(f"data.{key}: value {getattr(data, key)!r} is not allowed: the teacher takes no "
                             f"{'captions' if key == 'caption_column' else 'class labels'} from the data; "
                             "allowed here: null")
+    for key in ("cache_dtype", "encode_batch_size"):  # options of the encoded cache, which only latents have
+        if key in data.model_fields_set and not latent:
+            raise UserError(f"data.{key}: value {getattr(data, key)!r} is not allowed: it sets the encoded latent "
+                            "cache, and this teacher trains on pixels (no VAE); leave it out")
     channels = data_channels(config, teacher, parts)
     with user_errors("data", OSError):
-        if parts is not None and parts.latent:
+        if latent:
             return _plan_latent(config, teacher, parts, channels)
         model_conditioning = conditioning_of(teacher)
         if data.builtin is not None:

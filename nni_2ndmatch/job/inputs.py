@@ -30,7 +30,7 @@ from ..models import (
 )
 from ..nni import PRUNER_REGISTRY, pruner_spec
 from ..pruning import load_model_folder
-from ..training import Runtime, check_batch
+from ..training import Runtime, check_batch, check_student_options
 from ..training.accelerate import AccelerateRuntime, launched_distributed
 from .data import DataPlan, check_resume, plan_data
 from .finetune import make_finetuner
@@ -39,10 +39,22 @@ from .finetune import make_finetuner
 def make_runtime(device: str, timeout_s: float) -> Runtime:
     """The multi-process runtime (Accelerate, DDP) when a launcher started several processes;
     else the single-process one on ``device``. ``timeout_s``: how long a process waits for the others."""
+    check_device(device)
     if not launched_distributed():
         return Runtime(device)
     with user_errors("finetune"):
         return AccelerateRuntime(device, timeout_s)
+
+
+def check_device(device: str) -> None:
+    """The config's device is one this machine's torch has: an error naming it before any work, not
+    a traceback once the pruning is done."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = ["cpu", *(["cuda", *(f"cuda:{i}" for i in range(count))] if count else []),
+            *(["mps"] if torch.backends.mps.is_available() else [])]
+    if device not in here:
+        raise UserError(f"finetune.device: value {device!r} is not allowed: this machine's torch "
+                        f"({torch.__version__}) has no such device; allowed here: {', '.join(here)}")
 
 
 def load_configured_model(spec: ModelSpec, role: str) -> nn.Module:
@@ -178,6 +190,11 @@ def check_inputs(config: Config, resume: bool, runtime: Runtime) -> JobInputs:
     preflight({"teacher": teacher} if student is None else {"teacher": teacher, "student": student}, plan.example)
     with user_errors("finetune"):
         check_batch(config.finetune.train_config(), plan.items, runtime.world_size)
+        check_student_options(student if student is not None else teacher, config.finetune.train_config())
     finetuner = make_finetuner(config, parts)
+    floor, steps = getattr(finetuner.opts, "jac_min_timestep", 0), int(finetuner.scheduler.config.num_train_timesteps)
+    if floor >= steps:
+        raise UserError(f"finetune.jac_min_timestep: value {floor} is not allowed: the teacher's schedule has "
+                        f"timesteps below {steps}, so no sample would get the Jacobian term; allowed: 0 to {steps - 1}")
     finetuner.resolve(teacher, tuple(collate([plan.example])[0].shape[1:]))  # e.g. mode: auto
     return JobInputs(teacher, parts, plan, student, finetuner)

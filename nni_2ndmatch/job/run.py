@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from .output import RunFolder, write_config
 from .prune import run_prune, saved_pruned_student
 from .report import save_sample_grids, write_run_report
 from .results import RunSummary
+
+logger = logging.getLogger(__name__)
 
 
 def run_job(config: Config, command: str, *, resume: bool = False, overwrite: bool = False,
@@ -61,7 +64,12 @@ def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, pro
                                     progress=progress, runtime=runtime, parts=inputs.parts,
                                     finetuner=inputs.finetuner)
     result = summary.to_json()
-    if runtime.is_main and command == "run" and (config.evaluate is not None or config.export is not None):
+    skipped = [k for k in ("evaluate", "export") if getattr(config, k) is not None]
+    if runtime.is_main and command != "run" and skipped:
+        logger.warning("the config's %s section%s run%s after 'nni-2ndmatch run' only; this '%s' leaves %s out",
+                       " and ".join(skipped), "s" if len(skipped) > 1 else "", "" if len(skipped) > 1 else "s",
+                       command, "them" if len(skipped) > 1 else "it")
+    elif runtime.is_main and skipped:
         result["report"] = str(report_stages(config, out, inputs, student, data, summary, start, progress))
     if runtime.is_main:
         write_model_cards(config, out.root, summary, reported="report" in result)

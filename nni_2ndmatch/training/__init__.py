@@ -2,10 +2,20 @@
 checkpoints, and ``finetune`` itself."""
 
 from ..errors import NonFiniteLossError
-from .loop import CHECKPOINT_DIR, METRICS_FILE, FinetuneResult, Validation, Watch, check_batch, finetune
+from .loop import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    FinetuneResult,
+    Validation,
+    Watch,
+    check_batch,
+    check_student_options,
+    finetune,
+)
 from .options import TrainConfig
 from .runtime import Runtime
 from .state import EMA, TrainState
 
 __all__ = ["CHECKPOINT_DIR", "EMA", "METRICS_FILE", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig",
-           "TrainState", "Validation", "Watch", "check_batch", "finetune"]
+           "TrainState", "Validation", "Watch", "check_batch", "check_student_options",
+           "finetune"]

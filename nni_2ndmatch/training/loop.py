@@ -89,6 +89,15 @@ def run_dropouts(student: nn.Module, config: TrainConfig) -> list[nn.Dropout]:
     return dropouts
 
 
+def check_student_options(student: nn.Module, config: TrainConfig) -> None:
+    """The loop options that need something of the student's class: dropout layers for ``dropout``,
+    gradient checkpointing for ``gradient_checkpointing`` (a pruned student has its teacher's)."""
+    run_dropouts(student, config)
+    if config.gradient_checkpointing and not supports_gradient_checkpointing(student):
+        raise ValueError(f"gradient_checkpointing=True is not allowed for {type(student).__name__}: it has no "
+                         "gradient checkpointing; use false")
+
+
 def check_run(student: nn.Module, teacher: Any, finetuner: Finetuner, dataset: Dataset, config: TrainConfig,
               runtime: Runtime) -> None:
     """Everything a finetune needs, checked before anything is written or deleted."""
@@ -101,14 +110,10 @@ def check_run(student: nn.Module, teacher: Any, finetuner: Finetuner, dataset: D
                          "DistributedDataParallel); allowed: vjp (the default), fd")
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError("the student has no trainable parameters (requires_grad=False everywhere)")
-    run_dropouts(student, config)
-    if config.gradient_checkpointing:
-        if not supports_gradient_checkpointing(student):
-            raise ValueError(f"gradient_checkpointing=True is not allowed for {type(student).__name__}: it has no "
-                             "gradient checkpointing; use false")
-        if mode == "jvp":
-            raise ValueError("gradient_checkpointing=True is not allowed with mode 'jvp' (forward mode cannot go "
-                             "through a recomputation); use mode vjp or fd")
+    check_student_options(student, config)
+    if config.gradient_checkpointing and mode == "jvp":
+        raise ValueError("gradient_checkpointing=True is not allowed with mode 'jvp' (forward mode cannot go "
+                         "through a recomputation); use mode vjp or fd")
 
 
 @contextlib.contextmanager

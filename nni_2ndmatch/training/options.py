@@ -16,7 +16,7 @@ class TrainConfig(BaseModel):
     ``pydantic.ValidationError`` (a ValueError) naming the field, the value and the allowed range.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # a bool is no number, "3" no integer
 
     steps: int = Field(200, ge=1, description="optimisation steps")
     batch_size: int = Field(16, ge=1, description="global batch size (all processes, all accumulation steps)")

@@ -28,6 +28,9 @@ def tracker_names(report_to: str | list[str]) -> list[str]:
         return []
     allowed = ", ".join(["none", *TRACKERS])
     for name in names:
+        if name == "none":
+            raise ValueError(f"'none' is not allowed in a list of trackers ({names!r}): it means no tracker, so "
+                             f"give it alone; allowed in a list: {', '.join(TRACKERS)}")
         if name not in TRACKERS:
             raise ValueError(f"{name!r} is not a tracker; allowed: {allowed} (or a list of them; none alone)")
         module, extra = TRACKERS[name]
