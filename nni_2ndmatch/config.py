@@ -320,8 +320,8 @@ class Config(_Section):
     evaluate: EvaluateSection | None = None  # after `run`: quality of teacher vs student
     export: ExportSection | None = None  # after `run`: ONNX export and latency
     output_dir: str = Field(min_length=1)
-    threads: StrictInt | Literal["auto"] = Field("auto", description="CPU threads for torch; auto: OMP_NUM_THREADS when "
-                                           "set, else half the CPUs this process may use (at least 1)")
+    threads: StrictInt | Literal["auto"] = Field("auto", description="CPU threads for torch; auto: OMP_NUM_THREADS "
+                                                 "when set, else half the CPUs this process may use (at least 1)")
 
     @field_validator("threads")
     @classmethod

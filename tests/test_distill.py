@@ -184,8 +184,11 @@ def test_strategy_errors_are_clear():
         SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, finetuner="dsm")
     with pytest.raises(ValueError, match="lambda_dsm is not an option of the distiller"):
         SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, lambda_dsm=1.0)
-    with pytest.raises(ValueError, match="has no option 'lamda_jac'.*did you mean 'lambda_jac'"):
+    with pytest.raises(ValueError, match="has no option 'lamda_jac'.*did you mean 'lambda_jac'") as caught:
         SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, lamda_jac=1.0)
+    assert "lambda_dsm" not in str(caught.value)  # what the distiller refuses is not offered
+    with pytest.raises(ValueError, match=r"finetuner 'kd' has no option 'lamda_kd'.*allowed: lambda_kd, kd_perturb\)"):
+        SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, finetuner="kd", lamda_kd=1.0)
     with pytest.raises(ValueError, match=r"jac_every=0 is not allowed: .*greater than or equal to 1"):
         SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, jac_every=0)
     with pytest.raises(KeyError, match="the batch has no x_t, timesteps, noise"):

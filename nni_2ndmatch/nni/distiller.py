@@ -24,6 +24,7 @@ from ..data import collate
 from ..finetuners import finetuner_class, get_finetuner
 from ..method import default_scheduler, dsm_term, model_output, prediction_of, sample_timesteps
 from ..scoped import seeded_generator
+from ..utils import did_you_mean
 
 BATCH_KEYS = ("x_t", "timesteps", "noise")
 
@@ -203,6 +204,11 @@ def _strategy(name: str, options: dict[str, Any]) -> Any:
     if "lambda_dsm" in options:
         raise ValueError("lambda_dsm is not an option of the distiller: the evaluator's loss is the DSM term, "
                          "weighted by origin_loss_lambda")
+    allowed = [key for key in cls.Options.model_fields if key != "lambda_dsm"]
+    unknown = [key for key in options if key not in allowed]
+    if unknown:
+        raise ValueError(f"finetuner {name!r} has no option {unknown[0]!r}{did_you_mean(unknown[0], allowed)} "
+                         f"(allowed: {', '.join(allowed)})")
     return get_finetuner(name, **options)
 
 
