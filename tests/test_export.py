@@ -495,3 +495,29 @@ def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_t
                     height=64, width=64).images
     assert got.shape == want.shape == (2, 16, 16, 3) and np.abs(got - want).max() < 1e-4
     assert np.abs(want[0] - want[1]).max() > 1e-3  # the prompts and latents matter: the comparison can fail
+
+
+@pytest.mark.slow
+def test_a_pipeline_export_whose_unet_needs_external_data_ships_that_data(tmp_path, monkeypatch):
+    """A U-Net over ONNX's 2 GB limit (any fp32 SD U-Net) is saved as model.onnx + model.onnx.data;
+    both go into the pipeline's unet/, which then runs from wherever the folder is moved."""
+    import numpy as np
+    from diffusers import DiffusionPipeline, OnnxStableDiffusionPipeline
+
+    from nni_2ndmatch.deploy import onnx_export
+    from nni_2ndmatch.deploy.onnx_pipeline import export_onnx_pipeline
+    from nni_2ndmatch.models import write_tiny_sd
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # the tiny U-Net's weights go to the data file
+    teacher = write_tiny_sd(tmp_path / "teacher")
+    export_onnx_pipeline(teacher, tmp_path / "onnx")
+    assert sorted(p.name for p in (tmp_path / "onnx" / "unet").iterdir()) == ["model.onnx", "model.onnx.data"]
+    (tmp_path / "onnx").rename(tmp_path / "moved")
+    onnx_pipe = OnnxStableDiffusionPipeline.from_pretrained(tmp_path / "moved")
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = DiffusionPipeline.from_pretrained(teacher, use_safetensors=True)(
+        "a digit", num_inference_steps=2, guidance_scale=1.0, latents=latents, output_type="np", height=16,
+        width=16).images
+    got = onnx_pipe("a digit", num_inference_steps=2, guidance_scale=1.0, latents=latents.numpy(), output_type="np",
+                    height=64, width=64).images
+    assert np.abs(got - want).max() < 1e-4

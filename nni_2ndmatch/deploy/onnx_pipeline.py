@@ -145,7 +145,9 @@ def export_onnx_pipeline(pipeline: str | os.PathLike, out: str | os.PathLike, *,
             unet = export_onnx(pipe.unet.eval(), Path(work) / "model.onnx", opset=opset, fp16=fp16, seq_len=seq,
                                source={"class": type(pipe.unet).__name__})
             (tmp / "unet").mkdir()
-            shutil.copy2(Path(work) / "model.onnx", tmp / "unet" / "model.onnx")
+            for name in ("model.onnx", unet["external_data"]):  # a U-Net over 2 GB keeps its weights beside
+                if name is not None:
+                    shutil.copy2(Path(work) / name, tmp / "unet" / name)
         report["parts"]["unet"] = {"file": "unet/model.onnx", "inputs": [i["name"] for i in unet["inputs"]],
                                    "nodes": unet["nodes"], "parity": unet["parity"]}
         pipe.tokenizer.save_pretrained(tmp / "tokenizer")
