@@ -168,6 +168,29 @@ def test_the_package_never_runs_the_code_file_of_a_model_folder(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("kwargs", [{"dtype": torch.bfloat16}, {"torch_dtype": torch.bfloat16},
+                                    {"dtype": {"unet": torch.bfloat16, "text_encoder": torch.bfloat16,
+                                               "vae": torch.bfloat16, "default": torch.float32}}])
+def test_load_pipeline_gives_the_pruned_denoiser_the_dtype_asked_for(tmp_path, kwargs):
+    """diffusers casts the components it loads, not one it is given: load_pipeline casts the pruned
+    denoiser it rebuilds the same way, so the pipeline samples."""
+    from diffusers import DiffusionPipeline
+
+    from nni_2ndmatch import load_pipeline
+    from nni_2ndmatch.models import write_tiny_sd
+    from nni_2ndmatch.pruning import save_pipeline
+
+    teacher = write_tiny_sd(tmp_path / "teacher")
+    student, _ = prune_diffusers(DiffusionPipeline.from_pretrained(teacher, use_safetensors=True).unet, "magnitude",
+                                 0.3, round_to=None)
+    save_pipeline(student, teacher, tmp_path / "pipeline")
+    pipe = load_pipeline(tmp_path / "pipeline", **kwargs)
+    assert {pipe.unet.dtype, pipe.vae.dtype} == {torch.bfloat16}
+    images = pipe("a digit", num_inference_steps=2, guidance_scale=1.0, output_type="np", height=16, width=16,
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3)
+
+
 def test_a_pruned_structure_that_the_plan_does_not_give_is_a_clear_error(tmp_path):
     student, _ = _prune(BUILDERS["unet2d"]().eval())
     save_pruned(student, tmp_path / "s")

@@ -120,12 +120,20 @@ def load_pipeline(folder: str | os.PathLike, **kwargs: Any) -> Any:
     """A pipeline folder through diffusers' ``DiffusionPipeline.from_pretrained`` (safetensors), its
     pruned denoiser rebuilt by this package from the config and the weights, so the code file in
     its folder never runs and ``trust_remote_code`` is not needed; components saved as null (SD3
-    without T5) are passed as None. ``kwargs`` go to ``from_pretrained``."""
+    without T5) are passed as None. ``kwargs`` go to ``from_pretrained``; its ``dtype`` (or
+    ``torch_dtype``, a dtype or diffusers' per-component mapping) applies to the pruned denoiser too,
+    which diffusers would leave as it was given."""
+    import torch
     from diffusers import DiffusionPipeline
 
     folder = Path(folder)
     pruned = {name: load_pruned(folder / name) for name in pipeline_components(folder)
               if name in DENOISERS and is_pruned_folder(folder / name)}
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    for name, model in pruned.items():
+        wanted = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
+        if isinstance(wanted, torch.dtype):
+            model.to(wanted)
     return DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **pruned,
                                              **{**null_components(folder), **kwargs})
 
