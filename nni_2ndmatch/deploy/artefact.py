@@ -1,5 +1,6 @@
-"""The end of every export (ONNX, AOTInductor, TensorRT): the artefact moves into place only when
-its parity check passed, synced and atomically, and its report is written beside it as JSON."""
+"""The end of the ONNX and AOTInductor exports: the artefact moves into place only when its parity
+check passed, synced and atomically, and its report is written beside it as JSON. A TensorRT engine
+is written atomically too, but with no parity check (docs/deployment.md)."""
 
 from __future__ import annotations
 
