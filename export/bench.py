@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--trt-precision", default="fp16", help="TensorRT engine precision: fp16 (default) or fp32")
-    p.add_argument("--seq-len", type=int, default=77, help="text length of encoder_hidden_states (default 77)")
+    p.add_argument("--seq-len", type=int, default=None, help="text length of encoder_hidden_states (default: what "
+                   "the model's pipeline feeds: 333 for SD3, else 77)")
     p.add_argument("--exporter", default="dynamo", help="ONNX exporter: dynamo (default) or torchscript")
     return p.parse_args(argv)
 

@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp16", action="store_true", help="float16 weights and compute (cuda); float32 inputs and output")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max relative error vs PyTorch (default 1e-4 on cpu, 1e-2 on cuda: TF32 or fp16)")
-    p.add_argument("--seq-len", type=int, default=77, help="text length of encoder_hidden_states (default 77)")
+    p.add_argument("--seq-len", type=int, default=None, help="text length of encoder_hidden_states (default: what "
+                   "the model's pipeline feeds: 333 for SD3, else 77)")
     return p.parse_args(argv)
 
 

@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", default="1,16,64", help="min,opt,max batch of the engine (default 1,16,64)")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache: reused if present, then updated")
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit (GiB)")
-    p.add_argument("--seq-len", type=int, default=77, help="with --model: text length of encoder_hidden_states")
+    p.add_argument("--seq-len", type=int, default=None, help="with --model: text length of encoder_hidden_states "
+                   "(default: what the model's pipeline feeds: 333 for SD3, else 77)")
     return p.parse_args(argv)
 
 

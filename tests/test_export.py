@@ -521,3 +521,15 @@ def test_a_pipeline_export_whose_unet_needs_external_data_ships_that_data(tmp_pa
     got = onnx_pipe("a digit", num_inference_steps=2, guidance_scale=1.0, latents=latents.numpy(), output_type="np",
                     height=64, width=64).images
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_the_text_length_defaults_to_what_the_models_pipeline_feeds():
+    from diffusers import SD3Transformer2DModel
+
+    sd3 = SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=4)
+    text = {m: next(s for s in input_specs(m) if s.name == "encoder_hidden_states")
+            for m in (sd3, BUILDERS["unet2d_condition"]())}
+    assert [s.shape[0] for s in text.values()] == [77 + 256, 77]  # SD3: CLIP's 77 tokens then T5's 256; SD: CLIP's
+    assert next(s for s in input_specs(sd3, 12) if s.name == "encoder_hidden_states").shape[0] == 12

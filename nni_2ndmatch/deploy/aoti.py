@@ -37,7 +37,7 @@ from ..files import load_tensors, save_tensors
 from ..utils import is_integer
 from .artefact import publish
 from .errors import DeployError, ExportError
-from .model_io import DEFAULT_SEQ_LEN, OUTPUT_NAME, InputSpec, input_specs, random_inputs, wrap
+from .model_io import OUTPUT_NAME, InputSpec, input_specs, random_inputs, wrap
 from .onnx_export import errors_against, quiet_exporter, versions
 
 DEVICES = ("cpu", "cuda")
@@ -134,7 +134,7 @@ def _parity(path: Path, reference: nn.Module, specs: list[InputSpec], device: st
 
 def export_aoti(model: nn.Module, out: str | os.PathLike, *, device: str = "cpu",
                 batches: tuple[int, ...] | list[int] = DEFAULT_BATCHES, fp16: bool = False,
-                tolerance: float | None = None, seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0,
+                tolerance: float | None = None, seq_len: int | None = None, seed: int = 0,
                 source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile ``model`` (a diffusers UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel)
     into an AOTInductor package at ``out`` for ``device``; return the report also written to

@@ -31,8 +31,10 @@ from .errors import DeployError
 OUTPUT_NAME = "out"
 #: Timesteps are drawn from [0, NUM_TIMESTEPS) for random inputs.
 NUM_TIMESTEPS = 1000
-#: Text length of ``encoder_hidden_states`` unless told otherwise (CLIP's 77 tokens).
+#: Text length of ``encoder_hidden_states`` unless told otherwise: CLIP's 77 tokens (SD 1.x/2.x, SDXL)
 DEFAULT_SEQ_LEN = 77
+#: ... and SD3's: 77 CLIP tokens, then 256 of T5 (zeros without T5), as StableDiffusion3Pipeline feeds
+SD3_SEQ_LEN = 77 + 256
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,12 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), {"source": str(path), "kind": kind, "class": type(model).__name__}
 
 
-def input_specs(model: nn.Module, seq_len: int = DEFAULT_SEQ_LEN) -> list[InputSpec]:
-    """The inputs ``model`` is deployed with, in order (see the module docstring)."""
+def input_specs(model: nn.Module, seq_len: int | None = None) -> list[InputSpec]:
+    """The inputs ``model`` is deployed with, in order (see the module docstring). ``seq_len``: the
+    text tokens of ``encoder_hidden_states``; None: what the model's pipeline feeds (SD3's 333,
+    else 77)."""
+    if seq_len is None:
+        seq_len = SD3_SEQ_LEN if is_sd3(model) else DEFAULT_SEQ_LEN
     if not is_integer(seq_len) or seq_len < 1:
         raise DeployError(f"seq_len={seq_len!r} is not allowed; it must be an integer >= 1")
     cfg = model.config

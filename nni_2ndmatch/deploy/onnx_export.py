@@ -28,7 +28,6 @@ from ..utils import is_integer
 from .artefact import publish
 from .errors import DeployError, ExportError
 from .model_io import (
-    DEFAULT_SEQ_LEN,
     OUTPUT_NAME,
     InputSpec,
     input_specs,
@@ -232,7 +231,7 @@ def versions() -> dict[str, str | None]:
 
 def export_onnx(model: nn.Module, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
                 batch_dynamic: bool = True, exporter: str = "dynamo", simplify: bool = True,
-                tolerance: float | None = None, seq_len: int = DEFAULT_SEQ_LEN,
+                tolerance: float | None = None, seq_len: int | None = None,
                 source: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export ``model`` (a diffusers UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel) to
     ``out`` and return the report also written to ``<out>.json``.

@@ -10,7 +10,6 @@ from torch import nn
 from ..config import ExportSection
 from ..deploy import export_onnx
 from ..deploy.bench import Setup, run_benchmark
-from ..deploy.model_io import DEFAULT_SEQ_LEN
 from .output import RunFolder
 from .results import Latency
 
@@ -18,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 def export_and_benchmark(section: ExportSection, out: RunFolder, teacher: nn.Module, student: nn.Module,
-                         seq_len: int = DEFAULT_SEQ_LEN) -> Latency:
+                         seq_len: int | None = None) -> Latency:
     """ONNX files of teacher and student in ``out.onnx``, and their latency on the CPU; ``seq_len``:
     the text tokens of a conditioned model's input (the run's captions': SD3's 77 CLIP + 256 T5)."""
     onnx = {}

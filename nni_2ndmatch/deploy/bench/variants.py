@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ...utils import add_unique, is_integer
 from ..aoti import export_aoti
 from ..errors import DeployError, MissingBackendError
-from ..model_io import DEFAULT_SEQ_LEN, OUTPUT_NAME, InputSpec, random_inputs, wrap
+from ..model_io import OUTPUT_NAME, InputSpec, random_inputs, wrap
 from ..onnx_export import export_onnx, ort_session
 from ..tensorrt import build_engine, load_engine, needs_fp16_onnx, require_tensorrt
 from .results import DEVICES, BenchSetup, Skipped
@@ -61,7 +61,7 @@ class Setup:
     threads: int = 1
     repeats: int = 20
     warmup: int = 3
-    seq_len: int = DEFAULT_SEQ_LEN
+    seq_len: int | None = None
     trt_precision: str = "fp16"
     seed: int = 0
     exporter: str = "dynamo"
