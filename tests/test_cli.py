@@ -218,6 +218,17 @@ def test_prune_then_finetune_as_separate_commands(tmp_path, caplog):
 
 
 @pytest.mark.slow
+def test_a_given_students_card_does_not_describe_an_earlier_pruning_in_the_same_folder(tmp_path):
+    assert cli_here("prune", write_config(tmp_path), "--no-progress").returncode == 0
+    given = write_config(tmp_path, lambda raw: (raw.pop("pruning"), raw["model"].update(
+        student={"builtin": "tiny-unet", "width": 0.5})), name="given.yaml")
+    r = cli_here("finetune", given, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    card = (tmp_path / "run" / "student" / "README.md").read_text()
+    assert "(a given student)" in card and "## Size" not in card and "L1NormPruner" not in card
+
+
+@pytest.mark.slow
 def test_list_finetuners():
     r = cli("finetuners")
     assert r.returncode == 0 and r.stdout.split() == ["2ndmatch", "dsm", "kd"]

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,11 @@ def test_the_tiny_sd3_example_gives_a_pipeline_diffusers_samples_with_and_withou
         ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]
     text = next(i for i in exported["inputs"] if i["name"] == "encoder_hidden_states")
     results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
-    assert results["quality"]["fidelity"] > 0
+    assert results["quality"]["fidelity"] > 0 and results["quality"]["sampler"] == "flow-matching Euler"
+    card = (tmp_path / "run" / "pipeline" / "README.md").read_text()
+    assert "3 flow-matching Euler steps" in card and "DDIM" not in card
+    assert re.search(r'from_pretrained\("pipeline", trust_remote_code=True, .*text_encoder_3=None, tokenizer_3=None\)',
+                     card)  # diffusers refuses the folder without them
     pipe = load_pipeline(tmp_path / "run" / "pipeline")
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and type(pipe.transformer).__module__ == "nni_2ndmatch"
     assert pipeline_denoiser(tmp_path / "run" / "pipeline") == "transformer"  # the output is an input too

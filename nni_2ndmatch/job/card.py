@@ -12,6 +12,7 @@ import yaml
 from ..config import Config
 from ..files import atomic_write_text
 from ..layout import PIPELINE_DIR, PRUNING_REPORT, REPORT_DIR, RESULTS_FILE, STUDENT_DIR
+from ..models.pipelines import null_components
 from .results import RunSummary
 
 CARD_FILE = "README.md"
@@ -31,8 +32,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def model_card(config: Config, summary: RunSummary, pruning: dict[str, Any] | None,
-               results: dict[str, Any] | None, *, pipeline: bool) -> str:
-    """The card's text for the student folder (``pipeline=False``) or the pipeline folder."""
+               results: dict[str, Any] | None, *, pipeline: bool, nulls: tuple[str, ...] = ()) -> str:
+    """The card's text for the student folder (``pipeline=False``) or the pipeline folder, whose
+    components saved as null (``nulls``: SD3 without T5) diffusers must be given as None."""
     teacher = config.model.teacher
     front: dict[str, Any] = {"library_name": "diffusers"}
     if getattr(teacher, "hub", None):
@@ -60,8 +62,8 @@ def model_card(config: Config, summary: RunSummary, pruning: dict[str, Any] | No
               f"- data: {_source(config.data)} at {config.data.resolution}x{config.data.resolution}", ""]
     quality = (results or {}).get("quality")
     if quality:
-        lines += [f"## Quality ({quality['samples']} samples each from the same noise, {quality['ddim_steps']} DDIM "
-                  "steps)", "", "| score | teacher | student |", "|---|---:|---:|"]
+        lines += [f"## Quality ({quality['samples']} samples each from the same noise, {quality['ddim_steps']} "
+                  f"{quality.get('sampler', 'DDIM')} steps)", "", "| score | teacher | student |", "|---|---:|---:|"]
         for key, label in (("digits_fid", "digits-FID"), ("fid", "FID"), ("clip_score", "CLIP score")):
             if f"{key}_student" in quality:
                 lines.append(f"| {label} | {quality[f'{key}_teacher']:.3f} | {quality[f'{key}_student']:.3f} |")
@@ -76,7 +78,7 @@ def model_card(config: Config, summary: RunSummary, pruning: dict[str, Any] | No
     with_package, without = (
         (f'from nni_2ndmatch import load_pipeline\n\npipe = load_pipeline("{folder}")',
          f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{folder}", '
-         'trust_remote_code=True)') if pipeline else
+         f'trust_remote_code=True{"".join(f", {name}=None" for name in nulls)})') if pipeline else
         (f'from nni_2ndmatch import load_pruned\n\nstudent = load_pruned("{folder}")',
          f'from diffusers import AutoModel\n\nstudent = AutoModel.from_pretrained("{folder}", trust_remote_code=True)'))
     lines += ["## How to load", "", "With nni-2ndmatch installed (it rebuilds the pruned model from its config and "
@@ -89,10 +91,12 @@ def model_card(config: Config, summary: RunSummary, pruning: dict[str, Any] | No
 
 def write_model_cards(config: Config, out: Path, summary: RunSummary, *, reported: bool) -> None:
     """README.md in the student folder and, for a pipeline teacher, in the pipeline folder, from the
-    run's pruning report and, when this run ``reported``, its report's results."""
-    pruning = _read_json(out / PRUNING_REPORT)
+    run's pruning report (when its config prunes: a given student is not the one an earlier
+    ``prune`` reported) and, when this run ``reported``, its report's results."""
+    pruning = _read_json(out / PRUNING_REPORT) if config.pruning is not None else None
     results = _read_json(out / REPORT_DIR / RESULTS_FILE) if reported else None
     atomic_write_text(out / STUDENT_DIR / CARD_FILE, model_card(config, summary, pruning, results, pipeline=False))
     if summary.pipeline_dir is not None:
+        nulls = tuple(null_components(out / summary.pipeline_dir))
         atomic_write_text(out / summary.pipeline_dir / CARD_FILE,
-                          model_card(config, summary, pruning, results, pipeline=True))
+                          model_card(config, summary, pruning, results, pipeline=True, nulls=nulls))

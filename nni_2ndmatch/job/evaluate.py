@@ -192,7 +192,8 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
     ``equal_wallclock``), the run's student. ``start``: where the baselines start (None: they are
     skipped, with a note). The baselines' students go to out/report/baselines/NAME/student."""
     e = config.evaluate
-    logger.info("evaluating teacher and student: %d samples each, %d DDIM steps", e.samples, e.ddim_steps)
+    sampler = "flow-matching Euler" if parts is not None and is_flow_matching(parts.scheduler) else "DDIM"
+    logger.info("evaluating teacher and student: %d samples each, %d %s steps", e.samples, e.ddim_steps, sampler)
     if parts is not None and parts.latent:
         evaluator: Scores = PipelineEvaluator(parts, teacher, data, e, config.data.resolution)
     else:
@@ -243,7 +244,8 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
     comparison = Comparison(rows=rows, start=None if start is None else
                             ("model.student" if config.model.student is not None else "pruned/"),
                             finetune_seed=config.finetune.seed, baselines=baselines, notes=notes)
-    return Evaluation(samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed, comparison=comparison, grids=grids)
+    return Evaluation(samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed, comparison=comparison, grids=grids,
+                      sampler=sampler)
 
 
 def _save_baseline(model: nn.Module, out: Path, name: str) -> str:

@@ -170,8 +170,9 @@ def shift_headings(markdown: str, top: int) -> str:
 
 
 def quality_lines(quality: dict[str, Any], comparison: dict[str, Any]) -> list[str]:
-    lines = ["## Quality (same noise, deterministic DDIM)", "",
-             f"{quality['samples']} samples per model, {quality['ddim_steps']} DDIM steps, noise seed "
+    sampler = quality.get("sampler", "DDIM")
+    lines = [f"## Quality (same noise, deterministic {sampler})", "",
+             f"{quality['samples']} samples per model, {quality['ddim_steps']} {sampler} steps, noise seed "
              f"{quality['seed']}; every finetune from the same starting student with seed "
              f"{comparison['finetune_seed']}.", "",
              ]

@@ -63,11 +63,12 @@ class Evaluation:
     seed: int
     comparison: Comparison
     grids: dict[str, Tensor]
+    sampler: str = "DDIM"  # the deterministic sampler of every model's samples; flow matching: Euler
 
     def quality(self) -> dict[str, Any]:
         """The run's student against the teacher: fidelity, and each score measured for both."""
         teacher, run = self.comparison.row("teacher"), self.comparison.row("run")
-        quality = {"samples": self.samples, "ddim_steps": self.ddim_steps, "seed": self.seed,
+        quality = {"samples": self.samples, "ddim_steps": self.ddim_steps, "sampler": self.sampler, "seed": self.seed,
                    "fidelity": run["fidelity"]}
         for key in ("digits_fid", "fid", "clip_score"):
             if run.get(key) is not None:

@@ -87,7 +87,8 @@ def report_stages(config: Config, out: RunFolder, inputs: JobInputs, student: nn
         save_sample_grids(out.root, evaluation)
     if config.export is not None:
         latency = export_and_benchmark(config.export, out, inputs.teacher, student, **text_tokens(data.dataset))
-    pruning = json.loads(out.pruning_report.read_text()) if out.pruning_report.is_file() else None
+    pruning = json.loads(out.pruning_report.read_text()) \
+        if config.pruning is not None and out.pruning_report.is_file() else None  # else: a given student
     return write_run_report(out.root, summary, pruning=pruning, evaluation=evaluation, latency=latency)
 
 
