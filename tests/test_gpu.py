@@ -106,3 +106,22 @@ def test_second_match_loss_gradient_on_the_gpu_matches_the_cpu(mode):
     # CPU and CUDA: the float64 gradients differ by up to 3.5e-6 of the largest entry (measured on
     # an H200), far above float64 round-off; a wrong term would differ by O(1) of it
     assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=5e-5 * scale)
+
+
+def test_a_finetune_on_the_gpu_with_ema_matches_the_cpus(tmp_path):
+    """The student starts on the CPU and the runtime moves it: its EMA goes with it."""
+    from helpers.tiny_models import tiny_unet2d
+    from helpers.training import Images
+
+    from nni_2ndmatch import TrainConfig, finetune, get_finetuner
+    from nni_2ndmatch.training import Runtime, Watch
+
+    config = TrainConfig(steps=3, batch_size=4, ema_decay=0.9, checkpoint_every=100, log_every=1, seed=1)
+    results = {}
+    for device in ("cpu", "cuda"):
+        with fp32_precision("ieee"):
+            results[device] = finetune(tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2), get_finetuner("kd"),
+                                       Images(), config, runtime=Runtime(device), watch=Watch(progress=False)).student
+    for p, q in zip(results["cpu"].parameters(), results["cuda"].parameters()):
+        assert q.device.type == "cuda"
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-3, atol=1e-5)  # fp32 kernels of two devices

@@ -317,3 +317,31 @@ def test_finetune_with_gradient_checkpointing_trains_the_same_and_refuses_forwar
     with pytest.raises(ValueError, match="gradient_checkpointing=True is not allowed for Conv2d"):
         finetune(torch.nn.Conv2d(1, 1, 3, padding=1), teacher, get_finetuner("dsm"), Images(), config,
                  watch=Watch(progress=False))
+
+
+def test_the_ema_follows_its_parameters_where_the_runtime_moves_them(tmp_path):
+    """The student's EMA is taken before the runtime moves the student (to a GPU, or another dtype
+    here, which a CPU can show): the shadow goes with it, and the run trains."""
+    from nni_2ndmatch.training import EMA, Runtime
+
+    params = [torch.ones(3), torch.zeros(2, 2)]
+    ema = EMA(params, 0.9)
+    moved = [p.double() for p in params]
+    ema.follow(moved)
+    assert [e.dtype for e in ema.shadow] == [torch.float64] * 2
+    ema.step([p + 1 for p in moved], step=100)
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 1.1, dtype=torch.float64))
+
+    class Widening(Runtime):  # prepare moves both models to float64 (and the batches with them)
+        def prepare(self, student, teacher):
+            student.double(), teacher.double()
+            return student
+
+    class Doubles(Images):
+        def __getitem__(self, i):
+            return super().__getitem__(i).double()
+
+    config = TrainConfig(steps=2, batch_size=4, ema_decay=0.9, checkpoint_every=100, log_every=1)
+    result = finetune(tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2), get_finetuner("kd"), Doubles(), config,
+                      runtime=Widening(), watch=Watch(progress=False))
+    assert {p.dtype for p in result.student.parameters()} == {torch.float64}

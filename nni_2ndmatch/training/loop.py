@@ -251,6 +251,8 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     state = TrainState(student, params, config)  # the optimizer holds the parameters DDP is given next
     net = runtime.prepare(student, teacher)  # what the loop calls: the student, or its DDP wrapper
     state.model = runtime.unwrap(net)
+    if state.ema is not None:  # cloned where the student was; prepare may have moved it (to a GPU)
+        state.ema.follow(params)
     if resume:
         _resume(state, ckpts, out)
     positions = runtime.local_positions(config.batch_size).split(

@@ -25,6 +25,11 @@ class EMA:
         self.decay = decay
         self.shadow = [p.detach().clone() for p in parameters]
 
+    @torch.no_grad()
+    def follow(self, parameters: Iterable[Tensor]) -> None:
+        """The shadow on its parameters' devices and dtypes (after a runtime moved them)."""
+        self.shadow = [e.to(p) for e, p in zip(self.shadow, parameters)]
+
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step))
 
