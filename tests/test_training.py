@@ -91,6 +91,23 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path):
     assert not (tmp_path / "checkpoints" / "latest").exists()
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_too(tmp_path):
+    class Kinked(torch.nn.Module):  # d sqrt(a) / da at a = 0 is inf: the loss is finite, its gradient not
+        def __init__(self):
+            super().__init__()
+            self.inner, self.a = tiny_unet2d(seed=1), torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t):
+            return self.inner(x, t).sample + self.a.sqrt()
+
+    student = Kinked()
+    before = [p.clone() for p in student.parameters()]
+    config = TrainConfig(steps=10, batch_size=4, max_nonfinite_steps=3)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps with a non-finite loss or gradient.*grad_norm"):
+        finetune(student, None, get_finetuner("dsm"), Images(), config, tmp_path, watch=Watch(progress=False))
+    assert all(torch.equal(p, q) for p, q in zip(before, student.parameters()))  # no NaN reached the weights
+
+
 @pytest.mark.slow
 def test_training_reduces_the_loss(tmp_path):
     student = tiny_unet2d(seed=1)

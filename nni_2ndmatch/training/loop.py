@@ -189,12 +189,12 @@ def optimization_step(net: nn.Module, teacher: Any, finetuner: Finetuner, datase
             sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
     # averaged over processes: every process takes the same decision below
     terms = dict(zip(sums, runtime.mean(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
-    if math.isfinite(terms["loss"]):
-        if config.grad_clip is not None:  # the norm before clipping
-            norm = torch.nn.utils.clip_grad_norm_(state.params, config.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in state.params if p.grad is not None])
+    if math.isfinite(terms["loss"]):  # the norm before clipping (synchronised gradients: the same everywhere)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in state.params if p.grad is not None])
         terms["grad_norm"] = float(norm)
+    if math.isfinite(terms["loss"]) and math.isfinite(terms["grad_norm"]):
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(state.params, config.grad_clip, norm)
         state.optimizer.step()
         if state.ema is not None:
             state.ema.step(state.params, state.step)
@@ -271,7 +271,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             micro_batches = [next(batches) for _ in positions]
             terms, draws = optimization_step(net, teacher, finetuner, dataset, micro_batches, list(positions), state,
                                              config, runtime)
-            nonfinite = 0 if math.isfinite(terms["loss"]) else nonfinite + 1
+            nonfinite = 0 if math.isfinite(terms["loss"]) and math.isfinite(terms["grad_norm"]) else nonfinite + 1
             if nonfinite:
                 _skipped(step, terms, draws, nonfinite, config.max_nonfinite_steps)
                 continue
@@ -310,12 +310,13 @@ def _resume(state: TrainState, ckpts: Checkpoints | None, out: Path | None) -> N
 
 
 def _skipped(step: int, terms: dict[str, float], draws: StepDraws, count: int, limit: int) -> None:
-    """A step skipped for a non-finite loss: a warning, or after ``limit`` in a row, the error."""
+    """A step skipped for a non-finite loss or gradient: a warning, or after ``limit`` in a row, the error."""
     bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(v)]
-    logger.warning("step %d: non-finite loss terms %s at timesteps %s; step skipped", step, bad,
+    logger.warning("step %d: non-finite %s at timesteps %s; step skipped", step, ", ".join(bad),
                    draws.timesteps.tolist())
     if count >= limit:
-        raise NonFiniteLossError(f"{count} consecutive steps with a non-finite loss; last at step {step}, term(s) "
+        raise NonFiniteLossError(f"{count} consecutive steps with a non-finite loss or gradient; last at step {step}, "
+                                 f"term(s) "
                                  f"{', '.join(bad)}, timesteps {draws.timesteps.tolist()}; the last good checkpoint "
                                  "is kept")
 
