@@ -282,3 +282,29 @@ def test_a_run_finetunes_on_the_builtin_mnist(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [("jac" in x) for x in lines] == [False, True, False]
+
+
+def test_the_cache_fingerprint_knows_which_column_and_which_named_files_a_tables_images_are(tmp_path):
+    from types import SimpleNamespace
+
+    from nni_2ndmatch.data.encoded import fingerprint
+
+    datasets = pytest.importorskip("datasets")
+    images = captioned_images(tmp_path / "images", n=4)
+    files = sorted(images.glob("*.png"))
+    table = datasets.Dataset.from_dict({
+        "image": [{"bytes": f.read_bytes(), "path": None} for f in files],
+        "edited": [{"bytes": f.read_bytes(), "path": None} for f in reversed(files)],
+        "named": [{"bytes": None, "path": f"images/{f.name}"} for f in files],  # relative to the table
+    }).cast_column("image", datasets.Image(decode=False))
+    table.to_parquet(str(tmp_path / "t.parquet"))
+    parts = SimpleNamespace(frozen=(), path=tmp_path, zero_empty_prompt=True)
+
+    def key(column):
+        data = TableDataset(tmp_path / "t.parquet", 8, 3, image_column=column)
+        return fingerprint(parts, data, None, None, "float32")
+
+    assert key("image") != key("edited")  # the same file, other pictures
+    before = key("named")
+    files[0].write_bytes(files[1].read_bytes())  # a picture the table names by path changes
+    assert key("named") != before

@@ -206,15 +206,17 @@ def _hash_files(digest: Any, files: Iterable[Path]) -> None:
 def fingerprint(parts: Any, data: Dataset, captions: list[str] | None, labels: list[int] | None,
                 dtype: str) -> str:
     """What the encoded data depend on: the VAE, text encoder and tokenizer folders (every file's
-    bytes), the images (their files' bytes, or the image tensors of in-memory data), their size,
-    the captions, the class labels and the cache's dtype."""
+    bytes), the images (their files' bytes, a table's column read, or the image tensors of in-memory
+    data), their size, the captions, the class labels and the cache's dtype."""
     digest = hashlib.sha256(f"nni-2ndmatch encoded data {FORMAT}\0".encode())
     for name in parts.frozen:
         _hash_files(digest, sorted(p for p in (parts.path / name).rglob("*") if p.is_file()))
     files = getattr(data, "source_files", None)
     if files is not None:
         _hash_files(digest, files())
-        digest.update(json.dumps([data.resolution, data.channels, len(data)]).encode())
+        read = [data.resolution, data.channels, len(data)]
+        column = getattr(data, "image_column", None)  # a table: which of its columns the images are
+        digest.update(json.dumps(read if column is None else [*read, column]).encode())
     else:
         digest.update(data.images.numpy().tobytes())
     digest.update(json.dumps([captions, labels, dtype, parts.zero_empty_prompt]).encode())

@@ -348,7 +348,9 @@ class TableDataset(Dataset):
         return values
 
     def source_files(self) -> list[Path]:
-        return list(self.files)
+        """The table's files, then the image files its cells name by path (for the fingerprint)."""
+        named = (self._image_file(cell) for cell in self._stream(self.image_column))
+        return [*self.files, *dict.fromkeys(f for f in named if isinstance(f, Path) and f.is_file())]
 
     def mapped(self, folder: Path) -> "TableDataset":
         """This data set reading from memory-mapped Arrow: itself for a ``save_to_disk`` folder; for
