@@ -215,6 +215,10 @@ def test_prune_then_finetune_as_separate_commands(tmp_path, caplog):
         assert cli_here("finetune", with_export, "--no-progress").returncode == 0
     assert "the config's export section runs after 'nni-2ndmatch run' only; this 'finetune' leaves it out" \
         in caplog.text
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "config.yaml"}
+    again = cli_here("prune", cfg, "--resume", "--no-progress")  # pruned already: nothing to do, no finetune
+    assert again.returncode == 0 and json.loads(again.stdout)["pruning"]["pruner"] == "L1NormPruner", again.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 @pytest.mark.slow

@@ -50,11 +50,13 @@ def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, pro
     runtime.barrier()
     data = open_data(config, inputs.data, inputs.parts, runtime, progress)
     if command in ("prune", "run") and config.pruning is not None:
-        if not (resume and is_pruned_folder(out.pruned)):
+        if resume and is_pruned_folder(out.pruned):  # pruned already: a resumed `prune` has nothing to do
+            report = json.loads(out.pruning_report.read_text()) if command == "prune" else None
+        else:
             student, report = run_prune(config, out, inputs.teacher, data.dataset, runtime,
                                         inputs.parts.scheduler if inputs.parts is not None else None)
-            if command == "prune":
-                return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
+        if command == "prune":
+            return {"pruning": {k: v for k, v in report.items() if k != "groups"}}
     if student is None:  # `finetune` after a `prune`, or a resumed `run`
         student = saved_pruned_student(out)
         preflight({"student": student}, inputs.data.example)
