@@ -107,7 +107,7 @@ def check_run(student: nn.Module, teacher: Any, finetuner: Finetuner, dataset: D
     mode = getattr(getattr(finetuner, "opts", None), "mode", None)
     if runtime.world_size > 1 and mode == "jvp":
         raise ValueError("mode='jvp' is not allowed with several processes (torch.func.jvp cannot run through "
-                         "DistributedDataParallel); allowed: vjp (the default), fd")
+                         "DistributedDataParallel); allowed: auto (the default), vjp, fd")
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError("the student has no trainable parameters (requires_grad=False everywhere)")
     check_student_options(student, config)
