@@ -108,6 +108,23 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_too(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(before, student.parameters()))  # no NaN reached the weights
 
 
+def test_a_skipped_last_step_still_ends_the_run_with_its_checkpoint(tmp_path):
+    class LastStepFails(torch.nn.Module):  # dsm calls the student once a step: the 3rd call is the last step
+        def __init__(self):
+            super().__init__()
+            self.inner, self.calls = tiny_unet2d(seed=1), 0
+
+        def forward(self, x, t):
+            self.calls += 1
+            return self.inner(x, t).sample * (float("nan") if self.calls == 3 else 1.0)
+
+    config = TrainConfig(steps=3, batch_size=4, checkpoint_every=2, log_every=1)
+    result = finetune(LastStepFails(), None, get_finetuner("dsm"), Images(), config, tmp_path,
+                      watch=Watch(progress=False))
+    assert [h["step"] for h in result.history] == [1, 2]  # the skipped step logs nothing
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+
+
 @pytest.mark.slow
 def test_training_reduces_the_loss(tmp_path):
     student = tiny_unet2d(seed=1)
@@ -362,3 +379,13 @@ def test_the_ema_follows_its_parameters_where_the_runtime_moves_them(tmp_path):
     result = finetune(tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2), get_finetuner("kd"), Doubles(), config,
                       runtime=Widening(), watch=Watch(progress=False))
     assert {p.dtype for p in result.student.parameters()} == {torch.float64}
+
+
+def test_a_finetune_leaves_torchs_global_random_stream_alone(tmp_path):
+    student, teacher, data = tiny_unet2d(seed=1, width=0.5), tiny_unet2d(seed=2), Images()  # (these seed it)
+    config = TrainConfig(steps=2, batch_size=4, checkpoint_every=3, log_every=1, seed=11, hflip=True)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    finetune(student, teacher, get_finetuner("2ndmatch"), data, config, tmp_path, watch=Watch(progress=False))
+    assert torch.equal(torch.rand(3), expected)

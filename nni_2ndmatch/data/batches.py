@@ -120,4 +120,4 @@ def batch_loader(dataset: Dataset, sampler: StepBatches, seed: int, num_workers:
     ``num_workers`` processes decode ahead (two micro-batches each)."""
     workers = auto_workers(dataset) if num_workers == "auto" else int(num_workers)
     return DataLoader(Reads(dataset, seed), batch_sampler=sampler, collate_fn=collate, pin_memory=pin_memory,
-                      **worker_options(workers))
+                      generator=seeded_generator(seed), **worker_options(workers))  # global stream left alone

@@ -272,11 +272,12 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             terms, draws = optimization_step(net, teacher, finetuner, dataset, micro_batches, list(positions), state,
                                              config, runtime)
             nonfinite = 0 if math.isfinite(terms["loss"]) and math.isfinite(terms["grad_norm"]) else nonfinite + 1
+            done = step + 1
             if nonfinite:
                 _skipped(step, terms, draws, nonfinite, config.max_nonfinite_steps)
-                continue
-            done = step + 1
-            if done % config.log_every == 0 or done == config.steps:
+                if done < config.steps:
+                    continue  # the last step, skipped or not, gets the run's final validation and checkpoint
+            elif done % config.log_every == 0 or done == config.steps:
                 record = {"step": done, "lr": config.lr_at(step), "seconds": time.perf_counter() - began, **terms}
                 state.history.append(record)
                 if on_log is not None:
