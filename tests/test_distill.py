@@ -177,6 +177,23 @@ def _half_rows(weight):
     return mask
 
 
+def test_the_distillers_strategy_reads_the_schedule_its_batches_were_noised_by():
+    from diffusers import DDPMScheduler
+
+    teacher, student = tiny_unet2d(0), tiny_unet2d(1)
+    sd = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([100, 500, 900])
+    scales = {}
+    for name, scheduler in (("reference", None), ("sd", sd)):
+        distiller = SecondMatchDistiller(student, [], diffusion_evaluator(student, _loader()), teacher_model=teacher,
+                                         jac_weighting="x0", scheduler=scheduler)
+        scales[name] = distiller.strategy.jacobian_scale(t)
+        distiller.unwrap_model()
+    abar = sd.alphas_cumprod.double()[t]
+    torch.testing.assert_close(scales["sd"], ((1 - abar) / abar).sqrt())  # c(t) of x0 weighting, SD's schedule
+    assert not torch.allclose(scales["sd"], scales["reference"])
+
+
 def test_strategy_errors_are_clear():
     teacher, student = tiny_unet2d(0), tiny_unet2d(1)
     evaluator = diffusion_evaluator(student, _loader())

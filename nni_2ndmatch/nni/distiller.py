@@ -4,7 +4,8 @@
     pruner = TaylorPruner(student, config_list, evaluator, training_steps=20)
     distiller = SecondMatchDistiller.from_compressor(pruner, [], teacher_model=teacher, lambda_jac=0.1)
     distiller.compress(max_steps=1000, max_epochs=None)
-    masks = pruner.get_masks()        # then masks_to_student(model, masks) for a physical student
+    masks = pruner.get_masks()
+    distiller.unwrap_model()          # then masks_to_student(student, masks) for a physical student
 
 The training step of the evaluator returns the denoising (DSM) loss; the distiller adds the
 strategy's teacher terms (``kd``, and ``jac`` for 2ndmatch) and the layer-wise targets of its
@@ -142,8 +143,8 @@ def _make_distiller_class() -> type:
         def __init__(self, model: nn.Module, config_list: list[dict], evaluator: Any, teacher_model: nn.Module,
                      teacher_predict: Callable[[Any, nn.Module], Any] = teacher_forward,
                      origin_loss_lambda: float = 1.0, existed_wrappers: dict | None = None, *,
-                     finetuner: str = "2ndmatch", **options: Any) -> None:
-            self.strategy = _strategy(finetuner, options)
+                     finetuner: str = "2ndmatch", scheduler: Any = None, **options: Any) -> None:
+            self.strategy = _strategy(finetuner, options, scheduler)
             self.last_terms: dict[str, float] = {}
             self.steps = 0  # loss patches so far: the strategy's step (jac_every)
             self._layerwise = bool(config_list)
@@ -154,14 +155,14 @@ def _make_distiller_class() -> type:
         def from_compressor(cls, compressor: Any, new_config_list: list[dict], teacher_model: nn.Module,
                             teacher_predict: Callable[[Any, nn.Module], Any] = teacher_forward,
                             origin_loss_lambda: float = 1.0, evaluator: Any = None, *,
-                            finetuner: str = "2ndmatch", **options: Any) -> Any:
+                            finetuner: str = "2ndmatch", scheduler: Any = None, **options: Any) -> Any:
             """Fuse with ``compressor`` (e.g. a pruner): its model, wrappers and evaluator are shared."""
             from nni.compression.base.compressor import Compressor
 
             return Compressor.from_compressor.__func__(
                 cls, compressor, new_config_list, evaluator=evaluator, teacher_model=teacher_model,
                 teacher_predict=teacher_predict, origin_loss_lambda=origin_loss_lambda, finetuner=finetuner,
-                **options)
+                scheduler=scheduler, **options)
 
         def _register_loss_patch(self, evaluator: Any) -> None:
             def loss_patch(original_loss: Tensor, batch: dict[str, Tensor]) -> Tensor:
@@ -196,7 +197,7 @@ def _make_distiller_class() -> type:
     return SecondMatchDistiller
 
 
-def _strategy(name: str, options: dict[str, Any]) -> Any:
+def _strategy(name: str, options: dict[str, Any], scheduler: Any = None) -> Any:
     cls = finetuner_class(name)
     if not cls.uses_teacher:
         raise ValueError(f"finetuner={name!r} uses no teacher, so it is no distiller; allowed: a strategy with a "
@@ -209,7 +210,7 @@ def _strategy(name: str, options: dict[str, Any]) -> Any:
     if unknown:
         raise ValueError(f"finetuner {name!r} has no option {unknown[0]!r}{did_you_mean(unknown[0], allowed)} "
                          f"(allowed: {', '.join(allowed)})")
-    return get_finetuner(name, **options)
+    return get_finetuner(name, scheduler=scheduler, **options)
 
 
 _DOC = """2ndMatch (or any teacher-based strategy, e.g. ``finetuner="kd"``) as an NNI distiller.
@@ -221,7 +222,9 @@ _DOC = """2ndMatch (or any teacher-based strategy, e.g. ``finetuner="kd"``) as a
     terms of the last step are in ``last_terms``. ``options`` are the strategy's own (``lambda_kd``,
     ``lambda_jac``, ``mode``, ``num_projections``, ``jac_fraction``, ``jac_every``, ...; kd's
     ``kd_perturb``); each loss patch is one step (``jac_every`` counts them); ``config_list`` may be
-    empty. Batches must carry ``x_t``, ``timesteps``, ``noise`` (see ``NoisyBatches``).
+    empty. Batches must carry ``x_t``, ``timesteps``, ``noise`` (see ``NoisyBatches``);
+    ``scheduler``: the schedule they were noised by, the one given to ``NoisyBatches`` (default:
+    the reference DDPM one), which the strategy's weightings and ``kd_perturb`` read.
     """
 
 
