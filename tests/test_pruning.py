@@ -684,3 +684,22 @@ def _check_the_registered_pruner(raw, run, asked):
     shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
     assert shapes(ours) == shapes(magnitude)  # the same widths, other channels kept
     assert any(not torch.equal(a, b) for a, b in zip(ours.state_dict().values(), magnitude.state_dict().values()))
+
+
+def test_masks_the_student_cannot_apply_are_named_not_dropped_silently(caplog):
+    """NNI masks what a config_list selects; masks of the residual width (a DiT's patch embedding,
+    attention output and MLP output) have no group the surgery may cut: the report names them."""
+    from nni_2ndmatch import masks_to_student
+
+    teacher = BUILDERS["dit"]().eval()
+    residual = ["pos_embed.proj", "transformer_blocks.0.attn1.to_out.0", "transformer_blocks.0.ff.net.2"]
+    masks = nni_masks(teacher, "L1NormPruner", [{"op_names": residual, "sparse_ratio": 0.5}])
+    assert all((masks[name]["weight"] == 0).any() for name in residual)  # NNI did mask them
+    with caplog.at_level("WARNING", logger="nni_2ndmatch"):
+        student, report = masks_to_student(teacher, masks, default_example_inputs(teacher, 2), round_to=None)
+    assert report["masks_not_applied"] == sorted(residual) and report["groups"] == []
+    assert "the masks of 3 layer(s) prune nothing in the student" in caplog.text
+    applied = nni_masks(teacher, "L1NormPruner", default_config_list(teacher, 0.5))
+    _, report = masks_to_student(teacher, {"transformer_blocks.0.ff.net.0.proj": applied[
+        "transformer_blocks.0.ff.net.0.proj"]}, default_example_inputs(teacher, 2), round_to=None)
+    assert report["masks_not_applied"] == [] and report["groups"]

@@ -296,9 +296,11 @@ def _out_pruning_fns():
     return (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 
 
-def _mask_keep(masks: dict[str, dict[str, Tensor]], group, names: dict[nn.Module, str]) -> tuple[Tensor, Tensor]:
+def _mask_keep(masks: dict[str, dict[str, Tensor]], group, names: dict[nn.Module, str],
+               used: set[str]) -> tuple[Tensor, Tensor]:
     """Per root channel: how many masked layers of the group keep it, and how many masked layers
-    cover it (NNI masks: {module name: {"weight": mask}}, a zero output row = a pruned channel)."""
+    cover it (NNI masks: {module name: {"weight": mask}}, a zero output row = a pruned channel).
+    The names of the masked layers read are added to ``used``."""
     root, _ = _root(group)
     width = out_width(root)
     kept, covered = torch.zeros(width), torch.zeros(width)
@@ -307,6 +309,7 @@ def _mask_keep(masks: dict[str, dict[str, Tensor]], group, names: dict[nn.Module
         name = names.get(dep.target.module)
         if dep.handler not in out_fns or name not in masks or "weight" not in masks[name]:
             continue
+        used.add(name)
         keep = (masks[name]["weight"].detach().flatten(1).abs().sum(1) > 0).float().cpu()
         root_idxs = torch.tensor([int(r) for r in group[i].root_idxs])
         local = torch.tensor([int(j) for j in idxs])
@@ -326,13 +329,22 @@ def masks_to_student(teacher: nn.Module, masks: dict[str, dict[str, Tensor]],
     move a group's count a little from the masks' (the report says by how much).
     """
     inputs = example_inputs if example_inputs is not None else default_example_inputs(teacher)
+    used: set[str] = set()
 
     def scorer(group, names: dict[nn.Module, str]) -> tuple[Tensor, float]:
-        kept, covered = _mask_keep(masks, group, names)
+        kept, covered = _mask_keep(masks, group, names, used)
         if covered.sum() == 0:  # no masked layer in the group: NNI prunes none of it
             return kept, 0.0
         magnitude = magnitude_scores(group).float().cpu()
         scores = kept / covered.clamp_min(1) + 1e-3 * magnitude / magnitude.max().clamp_min(1e-12)
         return scores, float(1.0 - kept.sum() / covered.sum())
 
-    return prune_with_scores(teacher, scorer, inputs, round_to)
+    student, report = prune_with_scores(teacher, scorer, inputs, round_to)
+    ignored = sorted(name for name, parts in masks.items() if name not in used
+                     and any(bool((m == 0).any()) for m in parts.values() if isinstance(m, Tensor)))
+    report["masks_not_applied"] = ignored
+    if ignored:
+        logger.warning("masks_to_student: the masks of %d layer(s) prune nothing in the student (%s%s): their "
+                       "channels are the residual width, a fixed layer's, or not output channels of a weight",
+                       len(ignored), ", ".join(ignored[:5]), ", ..." if len(ignored) > 5 else "")
+    return student, report
