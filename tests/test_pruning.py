@@ -599,6 +599,11 @@ def test_the_accepted_keys_are_nni_3_pruning_keys():
     ({"op_names_re": ["encoder\\..*"], "sparse_ratio": 0.3},
      r"config_list\[0\].op_names_re: 'encoder\\\\..\*' matches no module name of this UNet2DModel"),
     ({"op_types": ["Conv2d"], "sparse_ratio": 1.5}, r"config_list\[0\].sparse_ratio: value 1.5 is not allowed"),
+    ({"op_types": ["GroupNorm"], "sparse_ratio": 0.3},  # NNI would stop on an AssertionError
+     r"config_list\[0\].op_types: 'GroupNorm' is not allowed: the student loses output channels of Conv2d and "
+     r"Linear layers only; allowed: Conv2d, Linear"),
+    ({"op_names": ["down_blocks.0.resnets.0.norm1"], "sparse_ratio": 0.3},
+     r"config_list\[0\].op_names: 'down_blocks.0.resnets.0.norm1' is a GroupNorm, which is not allowed"),
 ])
 def test_prune_diffusers_checks_the_config_list_against_the_model(entry, expected):
     teacher = BUILDERS["unet2d"]().eval()

@@ -160,7 +160,11 @@ def check_config_list(config_list: Any) -> None:
         raise ValueError("\n".join(problems))
 
 
-def _selector_problems(entry: dict[str, Any], where: str, names: list[str], types: list[str],
+#: The layer types whose output channels a student loses (what an NNI mask can become)
+PRUNABLE_TYPES = ("Conv2d", "Linear")
+
+
+def _selector_problems(entry: dict[str, Any], where: str, names: dict[str, str], types: list[str],
                        model_name: str) -> list[str]:
     problems = []
     for key in ("op_types", "exclude_op_types"):
@@ -168,10 +172,17 @@ def _selector_problems(entry: dict[str, Any], where: str, names: list[str], type
             if value not in types:
                 problems.append(f"{where}.{key}: {value!r} is not a layer type of this {model_name}"
                                 f"{did_you_mean(value, types)} (types present: {', '.join(types)})")
+            elif key == "op_types" and value not in PRUNABLE_TYPES:
+                problems.append(f"{where}.op_types: {value!r} is not allowed: the student loses output channels "
+                                f"of {' and '.join(PRUNABLE_TYPES)} layers only; allowed: {', '.join(PRUNABLE_TYPES)}")
+    for value in entry.get("op_names", []):
+        if names.get(value, PRUNABLE_TYPES[0]) not in PRUNABLE_TYPES:
+            problems.append(f"{where}.op_names: {value!r} is a {names[value]}, which is not allowed: the student loses "
+                            f"output channels of {' and '.join(PRUNABLE_TYPES)} layers only")
     for key in ("op_names", "exclude_op_names"):
         for value in entry.get(key, []):
             if value not in names:
-                hint = did_you_mean(value, names, n=3) or f"; module names are like {names[-1]!r}"
+                hint = did_you_mean(value, list(names), n=3) or f"; module names are like {list(names)[-1]!r}"
                 problems.append(f"{where}.{key}: {value!r} is not a module of this {model_name}{hint}")
     for pattern in entry.get("op_names_re", []):
         if not any(re.match(pattern, name) for name in names):
@@ -181,7 +192,7 @@ def _selector_problems(entry: dict[str, Any], where: str, names: list[str], type
 
 def check_config_list_model(config_list: list[dict[str, Any]], model: nn.Module) -> None:
     """The layer types and names a (well-formed) config_list names exist in ``model``: a ValueError if not."""
-    names = [name for name, _ in model.named_modules() if name]
+    names = {name: type(module).__name__ for name, module in model.named_modules() if name}
     types = sorted({type(m).__name__ for m in model.modules()})
     problems = [p for i, entry in enumerate(config_list)
                 for p in _selector_problems(entry, f"config_list[{i}]", names, types, type(model).__name__)]
