@@ -194,6 +194,21 @@ def test_the_distillers_strategy_reads_the_schedule_its_batches_were_noised_by()
     assert not torch.allclose(scales["sd"], scales["reference"])
 
 
+def test_the_evaluators_loop_stops_at_whichever_limit_comes_first():
+    teacher, student = tiny_unet2d(0), tiny_unet2d(1)
+    distiller = SecondMatchDistiller(student, [], diffusion_evaluator(student, _loader(n=8, batch=4),
+                                                                     progress=False), teacher_model=teacher)
+    distiller.compress(max_steps=10, max_epochs=1)  # one epoch is 2 batches
+    assert distiller.steps == 2
+    distiller.unwrap_model()
+    empty = DataLoader([], batch_size=4, collate_fn=NoisyBatches())
+    distiller = SecondMatchDistiller(student, [], diffusion_evaluator(student, empty, progress=False),
+                                     teacher_model=teacher)
+    with pytest.raises(ValueError, match="the evaluator's dataloader gave no batch"):
+        distiller.compress(max_steps=3, max_epochs=None)
+    distiller.unwrap_model()
+
+
 def test_strategy_errors_are_clear():
     teacher, student = tiny_unet2d(0), tiny_unet2d(1)
     evaluator = diffusion_evaluator(student, _loader())

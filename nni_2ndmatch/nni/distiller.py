@@ -88,8 +88,9 @@ def diffusion_evaluator(model: nn.Module, dataloader: Iterable[dict[str, Tensor]
     ``NoisyBatches``) with ``training_step`` (DSM by default) and AdamW traced by ``nni.trace`` (NNI
     rebuilds the optimizer for the wrapped model, so it must be traced; pass your own the same way).
 
-    The loop runs ``max_steps`` optimizer steps, or ``max_epochs`` passes, or one pass when neither
-    is given; batches follow the model's device. ``progress``: a progress bar with the loss.
+    The loop stops at ``max_steps`` optimizer steps or ``max_epochs`` passes, whichever comes first,
+    or after one pass when neither is given; batches follow the model's device; an empty loader is
+    a ValueError. ``progress``: a progress bar with the loss.
     """
     import nni
     from nni.compression import TorchEvaluator
@@ -107,7 +108,9 @@ def diffusion_evaluator(model: nn.Module, dataloader: Iterable[dict[str, Tensor]
             total = (max_epochs or 1) * len(dataloader)
         bar = tqdm(total=total, desc="nni training", dynamic_ncols=True, disable=not progress)
         while True:
+            batches = 0
             for batch in dataloader:
+                batches += 1
                 loss = step_fn(_to(batch, device), model)
                 for opt in optimizers:
                     opt.zero_grad()
@@ -125,7 +128,11 @@ def diffusion_evaluator(model: nn.Module, dataloader: Iterable[dict[str, Tensor]
                     bar.close()
                     return
             epochs += 1
-            if max_steps is None and (max_epochs is None or epochs >= max_epochs):
+            if not batches:
+                bar.close()
+                raise ValueError("the evaluator's dataloader gave no batch; give it data")
+            # NNI's contract: stop at whichever of max_steps and max_epochs comes first (one epoch without either)
+            if (max_epochs is not None and epochs >= max_epochs) or (max_steps is None and max_epochs is None):
                 bar.close()
                 return
 
