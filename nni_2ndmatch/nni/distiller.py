@@ -155,6 +155,7 @@ def _make_distiller_class() -> type:
             self.last_terms: dict[str, float] = {}
             self.steps = 0  # loss patches so far: the strategy's step (jac_every)
             self._layerwise = bool(config_list)
+            teacher_model.eval()  # its dropout off: the targets and the Jacobian term are deterministic
             super().__init__(model, config_list, evaluator, teacher_model, teacher_predict,
                              origin_loss_lambda=origin_loss_lambda, existed_wrappers=existed_wrappers)
 
@@ -230,7 +231,7 @@ _DOC = """2ndMatch (or any teacher-based strategy, e.g. ``finetuner="kd"``) as a
     ``lambda_jac``, ``mode``, ``num_projections``, ``jac_fraction``, ``jac_every``, ...; kd's
     ``kd_perturb``); each loss patch is one step (``jac_every`` counts them); ``config_list`` may be
     empty. Batches must carry ``x_t``, ``timesteps``, ``noise`` (see ``NoisyBatches``);
-    ``scheduler``: the schedule they were noised by, the one given to ``NoisyBatches`` (default:
+    The teacher is put in eval mode. ``scheduler``: the schedule they were noised by, the one given to ``NoisyBatches`` (default:
     the reference DDPM one), which the strategy's weightings and ``kd_perturb`` read.
     """
 
