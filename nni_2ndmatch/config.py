@@ -54,7 +54,6 @@ _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
                                   re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
