@@ -250,6 +250,8 @@ def test_benchmark_refuses_bad_options(families):
         run_benchmark(teacher, student, backends=["tvm"])
     with pytest.raises(DeployError, match="threads=0"):
         run_benchmark(teacher, student, threads=0)
+    with pytest.raises(DeployError, match="warmup=0 is not allowed; it must be an integer >= 1"):  # compile in timing
+        run_benchmark(teacher, student, warmup=0)
     with pytest.raises(DeployError, match="different inputs"):
         run_benchmark(teacher, families["dit"][1], repeats=1)
     with pytest.raises(DeployError, match="give a Setup or its fields, not both"):

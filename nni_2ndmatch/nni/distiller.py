@@ -231,8 +231,9 @@ _DOC = """2ndMatch (or any teacher-based strategy, e.g. ``finetuner="kd"``) as a
     ``lambda_jac``, ``mode``, ``num_projections``, ``jac_fraction``, ``jac_every``, ...; kd's
     ``kd_perturb``); each loss patch is one step (``jac_every`` counts them); ``config_list`` may be
     empty. Batches must carry ``x_t``, ``timesteps``, ``noise`` (see ``NoisyBatches``);
-    The teacher is put in eval mode. ``scheduler``: the schedule they were noised by, the one given to ``NoisyBatches`` (default:
-    the reference DDPM one), which the strategy's weightings and ``kd_perturb`` read.
+    ``scheduler``: the schedule they were noised by, the one given to ``NoisyBatches`` (default:
+    the reference DDPM one), which the strategy's weightings and ``kd_perturb`` read. The teacher
+    is put in eval mode.
     """
 
 

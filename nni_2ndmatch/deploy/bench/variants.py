@@ -79,10 +79,10 @@ class Setup:
             raise DeployError(f"device={self.device!r} is unknown; allowed: {', '.join(DEVICES)}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise MissingBackendError("device=cuda, but no CUDA GPU is visible (torch.cuda.is_available() is False)")
-        for name in ("threads", "repeats", "warmup"):
-            value, low = getattr(self, name), 0 if name == "warmup" else 1
-            if not is_integer(value) or value < low:
-                raise DeployError(f"{name}={value!r} is not allowed; it must be an integer >= {low}")
+        for name in ("threads", "repeats", "warmup"):  # warmup >= 1: compiled variants compile on their first call
+            value = getattr(self, name)
+            if not is_integer(value) or value < 1:
+                raise DeployError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
         object.__setattr__(self, "backends", backends)
         object.__setattr__(self, "batches", tuple(sorted(set(batches))))
 
