@@ -107,27 +107,35 @@ def digits_features(images: Tensor, classifier: torch.nn.Module | None = None) -
     return classifier.features(images.float().clamp(-1, 1))
 
 
-#: the data sets digits-FID is defined for: (resolution, test images, classifier)
-FID_DATA = {"digits": (RESOLUTION, lambda: DigitsDataset(RESOLUTION, "test").images, load_digits_classifier),
-            "mnist": (MNIST_RESOLUTION, lambda: MnistDataset(MNIST_RESOLUTION, "test").images, load_mnist_classifier)}
+#: the data sets digits-FID is defined for: (the classifier's resolution, the test images at a
+#: resolution, as the built-in data give them, the classifier)
+FID_DATA = {"digits": (RESOLUTION, lambda r: DigitsDataset(r, "test").images, load_digits_classifier),
+            "mnist": (MNIST_RESOLUTION, lambda r: MnistDataset(r, "test").images, load_mnist_classifier)}
+
+
+def _to_size(images: Tensor, size: int) -> Tensor:
+    """Images resized to ``size`` (area when shrinking, bilinear when growing)."""
+    if images.shape[-1] == size:
+        return images.float()
+    return F.interpolate(images.float(), size=(size, size), mode="area" if images.shape[-1] > size else "bilinear")
 
 
 def digits_fid(samples: Tensor, classifier: torch.nn.Module | None = None, data: str = "digits") -> float:
     """digits-FID of 1xRxR samples in [-1, 1] against the held-out real images of ``data`` (the
-    digits' test split at 8x8, or MNIST's test set at 28x28); samples of another size are resized
-    to the classifier's (area when shrinking, bilinear when growing). ``classifier``: default the
-    built-in one of ``data``."""
+    digits' test split, or MNIST's test set). Samples of another size than the classifier's (8x8,
+    28x28) are resized to it (area when shrinking, bilinear when growing), and so are the held-out
+    images, taken at the samples' resolution as the built-in data give them: real images score
+    the same at any resolution (a resize of the samples alone costs a perfect model about 84).
+    ``classifier``: default the built-in one of ``data``."""
     if data not in FID_DATA:
         raise ValueError(f"data={data!r} has no digits-FID; allowed: {', '.join(FID_DATA)}")
     size, reference, load = FID_DATA[data]
-    if samples.shape[-1] != size:
-        mode = "area" if samples.shape[-1] > size else "bilinear"
-        samples = F.interpolate(samples.float(), size=(size, size), mode=mode)
+    resolution = samples.shape[-1]
     classifier = classifier if classifier is not None else load()
     known = _REFERENCE_FEATURES.setdefault(classifier, {})
-    if data not in known:  # the held-out images' features, once per classifier (it is frozen)
-        known[data] = digits_features(reference(), classifier)
-    return frechet_distance(digits_features(samples, classifier), known[data])
+    if (data, resolution) not in known:  # the held-out images' features, once per classifier (it is frozen)
+        known[data, resolution] = digits_features(_to_size(reference(resolution), size), classifier)
+    return frechet_distance(digits_features(_to_size(samples, size), classifier), known[data, resolution])
 
 
 _REFERENCE_FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # classifier -> {data: features}
