@@ -62,13 +62,17 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
     report = out / "report"
     results = json.loads((report / "results.json").read_text())
     comparison = results["comparison"]
-    kd_steps = round(results["finetune"]["seconds"] / (comparison["baselines"]["kd"]["seconds"] / 2))
+    run = results["finetune"]  # the run's seconds less its checkpoints' (the baselines write none)
+    training = run["seconds"] - run["overhead_seconds"]
+    assert 0 < run["overhead_seconds"] < run["seconds"]
+    kd_steps = round(training / (comparison["baselines"]["kd"]["seconds"] / 2))
     assert [row["model"] for row in comparison["rows"]] == [
         "teacher", "pruned, before finetuning", "kd (baseline)",
         f"kd (baseline, {kd_steps} steps: the run's wall clock)", "2ndmatch (this run)"]
     assert comparison["baselines"]["kd-wallclock"]["steps"] == kd_steps > 2  # kd's step is the cheaper
     rows = {row["role"]: row for row in comparison["rows"]}
     assert rows["baseline"]["finetuner"] == "kd" and rows["baseline"]["finetune_seconds"] > 0
+    assert rows["run"]["finetune_seconds"] == pytest.approx(training)
     assert math.isfinite(rows["baseline"]["digits_fid"]) and rows["baseline"]["fidelity"] > 0
     assert rows["teacher"]["fidelity"] == 0 and rows["run"]["fidelity"] == results["quality"]["fidelity"]
     assert comparison["baselines"]["kd"]["finetuner_options"]["lambda_kd"] == 0.5  # the run's lambda_kd

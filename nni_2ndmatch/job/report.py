@@ -241,7 +241,8 @@ def write_run_report(out: Path, summary: RunSummary, *, pruning: dict[str, Any] 
     Returns the path of report.md."""
     folder = out / REPORT_DIR
     results: dict[str, Any] = {"finetune": {"finetuner": summary.finetuner, "steps": summary.steps,
-                                            "seconds": summary.seconds, "final": summary.final}}
+                                            "seconds": summary.seconds, "overhead_seconds": summary.overhead_seconds,
+                                            "final": summary.final}}
     if pruning is not None:
         results["pruning"] = {k: v for k, v in pruning.items() if k != "groups"}
     if (out / METRICS_FILE).is_file():

@@ -30,6 +30,7 @@ class RunSummary:
     student_dir: str = STUDENT_DIR
     pipeline_dir: str | None = None  # a pipeline teacher: its pipeline, with the student in it
     schedule: dict[str, Any] | None = None  # a pipeline teacher: the schedule trained on
+    overhead_seconds: float = 0.0  # of ``seconds``: validation grids and checkpoints
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -65,6 +65,7 @@ class FinetuneResult:
     step: int
     history: list[dict[str, float]]
     seconds: float
+    overhead_seconds: float = 0.0  # of ``seconds``: validation grids and checkpoints (what training alone does not do)
 
 
 def check_batch(config: TrainConfig, num_items: int, world_size: int) -> None:
@@ -285,6 +286,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()}, refresh=False)
+            aside = time.perf_counter()
             if validation is not None and runtime.is_main and (done % validation.every == 0 or done == config.steps):
                 with state.ema.applied(params) if state.ema is not None else contextlib.nullcontext():
                     state.model.eval()
@@ -292,12 +294,15 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
                         validation.call(done, state.model)
                     finally:
                         state.model.train()
+            state.overhead += time.perf_counter() - aside
             if ckpts is not None and runtime.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
+                aside = time.perf_counter()
                 _checkpoint(ckpts, out, state, done, time.perf_counter() - began, finetuner, config)
+                state.overhead += time.perf_counter() - aside
     if state.ema is not None:
         state.ema.copy_to(params)
     return FinetuneResult(student=state.model, step=config.steps, history=state.history,
-                          seconds=time.perf_counter() - began)
+                          seconds=time.perf_counter() - began, overhead_seconds=state.overhead)
 
 
 def _resume(state: TrainState, ckpts: Checkpoints | None, out: Path | None) -> None:

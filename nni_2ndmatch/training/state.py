@@ -68,14 +68,15 @@ class TrainState:
     """The state of a finetune: ``model`` (the student, unwrapped) and its trainable ``params``,
     AdamW over them, their EMA (when ``config.ema_decay``), the generator every random draw of the
     loop comes from (seeded with ``config.seed``), the number of steps done, the logged history
-    and the seconds spent before this process started (a resumed run counts every part)."""
+    and the seconds spent before this process started (a resumed run counts every part), of which
+    ``overhead`` went to validation grids and checkpoints."""
 
     def __init__(self, model: nn.Module, params: list[Tensor], config: TrainConfig) -> None:
         self.model, self.params = model, params
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.ema = EMA(params, config.ema_decay) if config.ema_decay else None
         self.generator = seeded_generator(config.seed)
-        self.step, self.history, self.seconds = 0, [], 0.0
+        self.step, self.history, self.seconds, self.overhead = 0, [], 0.0, 0.0
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """(tensors, JSON-able values) of a checkpoint."""
@@ -84,7 +85,8 @@ class TrainState:
         opt_tensors, opt_meta = optimizer_state(self.optimizer)
         tensors.update(opt_tensors)
         tensors["rng.loop"] = self.generator.get_state()
-        return tensors, {"step": self.step, "seconds": self.seconds, "optimizer": opt_meta, "history": self.history}
+        return tensors, {"step": self.step, "seconds": self.seconds, "overhead_seconds": self.overhead,
+                         "optimizer": opt_meta, "history": self.history}
 
     def load_state_dict(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.model.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
@@ -95,3 +97,4 @@ class TrainState:
         self.step = meta["step"]
         self.history = [h for h in meta["history"] if h["step"] <= self.step]
         self.seconds = meta.get("seconds", self.history[-1]["seconds"] if self.history else 0.0)
+        self.overhead = meta.get("overhead_seconds", 0.0)
