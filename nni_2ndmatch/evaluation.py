@@ -269,8 +269,8 @@ class _TensorFeatures(torch.nn.Module):
 
 
 def clip_score(images: Tensor, prompts: list[str], clip: tuple[Any, Any], batch_size: int = 64) -> float:
-    """CLIP score (torchmetrics' CLIPScore: 100 x the mean of max(cosine(image, text), 0)) of images
-    in [-1, 1] against their prompts."""
+    """CLIP score (torchmetrics' CLIPScore: max(100 x the mean cosine(image, text), 0)) of images in
+    [-1, 1] against their prompts."""
     needs_torchmetrics()
     from torchmetrics.multimodal.clip_score import CLIPScore
 
