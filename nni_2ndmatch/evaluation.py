@@ -205,6 +205,14 @@ class OnnxFeatures(torch.nn.Module):
             raise ValueError(f"{self.path}: the feature network takes {self.size[0]}x{self.size[1]} images, the "
                              f"samples are {height}x{width}; export it with dynamic H and W")
 
+    def resolve_width(self, height: int, width: int) -> int:
+        """D, as the export fixed it or, where it left it dynamic, from one call at this image size
+        (torchmetrics' FID needs it before the first images)."""
+        self.check_size(height, width)
+        if self.num_features is None:
+            self.num_features = int(self.forward(torch.zeros(1, 3, height, width, dtype=torch.uint8)).shape[1])
+        return self.num_features
+
     def forward(self, images: Tensor) -> Tensor:
         self.check_size(*images.shape[2:])
         return torch.from_numpy(self.session.run(None, {self.input_name: images.cpu().numpy()})[0])
@@ -225,6 +233,8 @@ class FID:
         needs_torchmetrics()
         from torchmetrics.image.fid import FrechetInceptionDistance
 
+        if isinstance(features, OnnxFeatures):
+            features.resolve_width(*size)
         self.metric = FrechetInceptionDistance(feature=features, reset_real_features=False, input_img_size=(3, *size))
         for batch in real:
             self.metric.update(to_uint8(batch), real=True)

@@ -208,6 +208,12 @@ def test_dequantised_digits_tile_each_grey_level_afresh_on_every_read():
 
 
 @pytest.mark.slow
+def _scipy_fid(a, b):
+    """FID of two feature sets [N, D] by numpy and scipy's sqrtm (float64)."""
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+
+
 def test_fid_through_torchmetrics_with_an_onnx_feature_network_equals_scipys(tmp_path):
     """FID of two image sets with a small local feature network, against numpy/scipy (sqrtm)."""
     from helpers.tiny_models import tiny_feature_onnx
@@ -220,10 +226,22 @@ def test_fid_through_torchmetrics_with_an_onnx_feature_network_equals_scipys(tmp
     real, fake = torch.rand(40, 3, 8, 8, generator=g) * 2 - 1, (torch.rand(30, 3, 8, 8, generator=g) * 2 - 1) * 0.5
     with torch.no_grad():
         a, b = net(to_uint8(real)).double().numpy(), net(to_uint8(fake)).double().numpy()
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    expected = _scipy_fid(a, b)
     assert fid_score(real, fake, OnnxFeatures(tmp_path / "features.onnx")) == pytest.approx(expected, rel=1e-4)
     assert fid_score(real, real, OnnxFeatures(tmp_path / "features.onnx")) == pytest.approx(0, abs=1e-6)
+    # a network whose feature width the export left dynamic (here: one feature per image row)
+    class Rows(torch.nn.Module):
+        def forward(self, x):
+            return x.float().mean((1, 3)) / 255
+
+    torch.onnx.export(Rows(), (torch.zeros(2, 3, 8, 8, dtype=torch.uint8),), str(tmp_path / "rows.onnx"),
+                      input_names=["images"], dynamic_shapes={"x": {0: torch.export.Dim("n"), 2: torch.export.Dim("h"),
+                                                                    3: torch.export.Dim("w")}}, dynamo=True)
+    rows = OnnxFeatures(tmp_path / "rows.onnx")
+    assert rows.num_features is None  # torchmetrics' FID needs it: learnt from one call
+    a, b = (Rows()(to_uint8(x)).double().numpy() for x in (real, fake))
+    expected = _scipy_fid(a, b)
+    assert fid_score(real, fake, rows) == pytest.approx(expected, rel=1e-4) and rows.num_features == 8
 
 
 @pytest.mark.slow

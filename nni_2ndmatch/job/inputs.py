@@ -126,7 +126,7 @@ def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | No
     if e.fid_features is not None:
         try:
             needs_torchmetrics()
-            OnnxFeatures(e.fid_features).check_size(config.data.resolution, config.data.resolution)
+            OnnxFeatures(e.fid_features).resolve_width(config.data.resolution, config.data.resolution)
         except Exception as err:  # onnxruntime raises its own types for files that are not ONNX models
             raise UserError(f"evaluate.fid_features: {str(err).splitlines()[0]}") from None
     if e.clip_model is not None and text:
