@@ -77,7 +77,7 @@ class ModelSpec(_Section):
         if self.subfolder is not None and self.hub is None:
             raise ValueError("'subfolder' goes with 'hub' only")
         for key in ("width", "seed"):  # they make a builtin; a saved model has its own
-            if key in self.model_fields_set and self.builtin is None:
+            if getattr(self, key) != type(self).model_fields[key].default and self.builtin is None:
                 raise ValueError(f"'{key}' goes with 'builtin' only (it sets how a builtin model is made; a model "
                                  "from 'path' or 'hub' has its own); leave it out")
         known = (*BUILTIN_MODELS, *BUILTIN_PIPELINES)
@@ -184,7 +184,7 @@ class FinetuneSection(TrainConfig):
     @model_validator(mode="after")
     def _prompts_need_validation(self) -> "FinetuneSection":
         for key in ("validation_prompts", "validation_images"):
-            if key in self.model_fields_set and not self.validation_every:
+            if getattr(self, key) != type(self).model_fields[key].default and not self.validation_every:
                 raise ValueError(f"{key} is given but validation_every is 0 (no validation grids); give "
                                  f"validation_every > 0 or leave {key} out")
         return self
@@ -432,7 +432,7 @@ def validate_config(raw: Any, source: str = "config") -> Config:
 
 def _finetune_problems(section: FinetuneSection) -> list[str]:
     """Options of the finetune section that would do nothing, or nothing useful, with the others."""
-    opts, given, problems = section.options, set(section.model_extra or {}), []
+    opts, problems = section.options, []
     weights = {k: getattr(opts, k) for k in ("lambda_dsm", "lambda_kd", "lambda_jac") if hasattr(opts, k)}
     mode = getattr(opts, "mode", None)
     if weights and not any(weights.values()):
@@ -442,7 +442,7 @@ def _finetune_problems(section: FinetuneSection) -> list[str]:
         problems.append(f"finetune.lambda_jac: value 0 is not allowed with finetuner {section.finetuner!r}: the "
                         "Jacobian term would still be computed every step, at full cost, and weigh nothing; "
                         "allowed: lambda_jac > 0, or finetuner: kd (the same loss without the term)")
-    if "fd_step" in given and mode in ("vjp", "jvp"):
+    if mode in ("vjp", "jvp") and opts.fd_step != type(opts).model_fields["fd_step"].default:
         problems.append(f"finetune.fd_step: value {opts.fd_step!r} is not allowed with mode {mode!r}: it is the "
                         "step of mode fd (and of auto where auto takes fd); leave it out or use mode fd or auto")
     if getattr(opts, "jac_every", 1) > section.steps:

@@ -99,7 +99,7 @@ def _tiny(**sections):
                                         r"finetuner: kd"),
     ({"finetune": {"finetuner": "kd", "lambda_dsm": 0.0, "lambda_kd": 0.0}},
      r"finetune: every loss weight is 0 \(lambda_dsm, lambda_kd\)"),
-    ({"finetune": {"mode": "vjp", "fd_step": 0.01}}, r"finetune.fd_step: value 0.01 is not allowed with mode 'vjp'"),
+    ({"finetune": {"mode": "vjp", "fd_step": 0.005}}, r"finetune.fd_step: value 0.005 is not allowed with mode 'vjp'"),
     ({"finetune": {"jac_every": 50}}, r"finetune.jac_every: value 50 is not allowed with steps 10: the Jacobian term "
                                       r"would never be computed; allowed: 1 to 10"),
     ({"finetune": {"mode": "jvp", "gradient_checkpointing": True}},

@@ -107,7 +107,7 @@ def write_config(config: Config, resume: bool, finetuner_options: dict[str, Any]
     ``resume``: the config of the run being resumed must agree with it on every field that changes
     the weights."""
     path = RunFolder.of(config).config
-    resolved = config.model_dump(mode="json")
+    resolved = {k: v for k, v in config.model_dump(mode="json").items() if v is not None}  # no empty sections
     resolved["finetune"].update(finetuner_options or config.finetune.finetuner_kwargs())  # the strategy's defaults
     if resume and path.is_file():
         before = _flatten(yaml.safe_load(path.read_text()))
