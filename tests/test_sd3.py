@@ -35,6 +35,7 @@ def _config(tmp_path, t5=False, **data):
             "output_dir": str(tmp_path / "run")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t5", [False, True])
 def test_the_cached_conditioning_is_what_the_sd3_pipeline_computes(tmp_path, t5):
     from diffusers import StableDiffusion3Pipeline

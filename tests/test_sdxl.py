@@ -38,6 +38,7 @@ def _cached_data(config):
     return open_data(config, plan_data(config, teacher, parts), parts, Runtime(), progress=False).dataset, parts
 
 
+@pytest.mark.slow
 def test_the_cached_conditioning_is_what_the_sdxl_pipeline_computes(tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image
