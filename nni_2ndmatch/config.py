@@ -40,7 +40,7 @@ from .finetuners import FinetunerOptions, available_finetuners, finetuner_class,
 from .models import BUILTIN_MODELS, BUILTIN_PIPELINES
 from .nni import PRUNER_REGISTRY, check_config_list, check_config_list_pruner
 from .training import TrainConfig
-from .utils import did_you_mean
+from .utils import did_you_mean, differs_from_default
 
 CONFIG_VERSION = 1
 
@@ -77,7 +77,7 @@ class ModelSpec(_Section):
         if self.subfolder is not None and self.hub is None:
             raise ValueError("'subfolder' goes with 'hub' only")
         for key in ("width", "seed"):  # they make a builtin; a saved model has its own
-            if getattr(self, key) != type(self).model_fields[key].default and self.builtin is None:
+            if differs_from_default(self, key) and self.builtin is None:
                 raise ValueError(f"'{key}' goes with 'builtin' only (it sets how a builtin model is made; a model "
                                  "from 'path' or 'hub' has its own); leave it out")
         known = (*BUILTIN_MODELS, *BUILTIN_PIPELINES)
@@ -184,7 +184,7 @@ class FinetuneSection(TrainConfig):
     @model_validator(mode="after")
     def _prompts_need_validation(self) -> "FinetuneSection":
         for key in ("validation_prompts", "validation_images"):
-            if getattr(self, key) != type(self).model_fields[key].default and not self.validation_every:
+            if differs_from_default(self, key) and not self.validation_every:
                 raise ValueError(f"{key} is given but validation_every is 0 (no validation grids); give "
                                  f"validation_every > 0 or leave {key} out")
         return self
@@ -442,7 +442,7 @@ def _finetune_problems(section: FinetuneSection) -> list[str]:
         problems.append(f"finetune.lambda_jac: value 0 is not allowed with finetuner {section.finetuner!r}: the "
                         "Jacobian term would still be computed every step, at full cost, and weigh nothing; "
                         "allowed: lambda_jac > 0, or finetuner: kd (the same loss without the term)")
-    if mode in ("vjp", "jvp") and opts.fd_step != type(opts).model_fields["fd_step"].default:
+    if mode in ("vjp", "jvp") and differs_from_default(opts, "fd_step"):
         problems.append(f"finetune.fd_step: value {opts.fd_step!r} is not allowed with mode {mode!r}: it is the "
                         "step of mode fd (and of auto where auto takes fd); leave it out or use mode fd or auto")
     if getattr(opts, "jac_every", 1) > section.steps:

@@ -39,6 +39,12 @@ def did_you_mean(value: Any, choices: list[str], n: int = 1) -> str:
     return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
+def differs_from_default(model: Any, key: str) -> bool:
+    """Whether a pydantic model's field ``key`` holds another value than its default: what a user
+    set (a written-out config repeats the defaults, so "given" alone cannot tell)."""
+    return getattr(model, key) != type(model).model_fields[key].default
+
+
 def json_kind(value: Any) -> str:
     """What a parsed JSON or YAML value is, in words: 'an object', 'a list', ..."""
     if isinstance(value, bool):

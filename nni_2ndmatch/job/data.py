@@ -36,6 +36,7 @@ from ..data.encoded import (
 from ..errors import RunError, UserError, user_errors
 from ..models import PipelineParts, conditioning_of
 from ..training import Runtime
+from ..utils import differs_from_default
 from .output import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def plan_data(config: Config, teacher: nn.Module, parts: PipelineParts | None) -
                             f"{'captions' if key == 'caption_column' else 'class labels'} from the data; "
                             "allowed here: null")
     for key in ("cache_dtype", "encode_batch_size"):  # options of the encoded cache, which only latents have
-        if getattr(data, key) != type(data).model_fields[key].default and not latent:
+        if differs_from_default(data, key) and not latent:
             raise UserError(f"data.{key}: value {getattr(data, key)!r} is not allowed: it sets the encoded latent "
                             "cache, and this teacher trains on pixels (no VAE); leave it out")
     channels = data_channels(config, teacher, parts)

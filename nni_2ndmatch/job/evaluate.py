@@ -231,15 +231,14 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
                 f"samples_baseline_{_safe_name(name)}.png")
             baselines[name] = {**info, "student_dir": _save_baseline(baseline, out, name)}
             if e.equal_wallclock:  # as many steps as fit in the run's training seconds
-                training = summary.seconds - summary.overhead_seconds  # (the baselines write no grid or checkpoint)
-                steps = max(1, round(training / (info["seconds"] / info["steps"])))
+                steps = max(1, round(summary.training_seconds / (info["seconds"] / info["steps"])))
                 baseline, info = run(steps=steps)
                 add(f"{name} (baseline, {steps} steps: the run's wall clock)", "baseline-wallclock", name, baseline,
                     info["seconds"], f"samples_baseline_{_safe_name(name)}_wallclock.png")
                 baselines[f"{name}-wallclock"] = {**info,
                                                   "student_dir": _save_baseline(baseline, out, f"{name}-wallclock")}
-    training = summary.seconds - summary.overhead_seconds  # as the baselines' seconds: no grids, no checkpoints
-    add(f"{summary.finetuner} (this run)", "run", summary.finetuner, student, training, "samples_student.png")
+    add(f"{summary.finetuner} (this run)", "run", summary.finetuner, student, summary.training_seconds,
+        "samples_student.png")
     if baselines and summary.processes > 1:
         notes.append(f"The run finetuned on {summary.processes} processes, the baselines on one: their "
                      "finetune seconds are not comparable.")

@@ -32,6 +32,12 @@ class RunSummary:
     schedule: dict[str, Any] | None = None  # a pipeline teacher: the schedule trained on
     overhead_seconds: float = 0.0  # of ``seconds``: validation grids and checkpoints
 
+    @property
+    def training_seconds(self) -> float:
+        """``seconds`` less the validation grids and checkpoints: what a baseline, which writes
+        neither, is timed on too."""
+        return self.seconds - self.overhead_seconds
+
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 

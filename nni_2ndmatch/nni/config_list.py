@@ -176,7 +176,7 @@ def _selector_problems(entry: dict[str, Any], where: str, names: dict[str, str],
                 problems.append(f"{where}.op_types: {value!r} is not allowed: the student loses output channels "
                                 f"of {' and '.join(PRUNABLE_TYPES)} layers only; allowed: {', '.join(PRUNABLE_TYPES)}")
     for value in entry.get("op_names", []):
-        if names.get(value, PRUNABLE_TYPES[0]) not in PRUNABLE_TYPES:
+        if value in names and names[value] not in PRUNABLE_TYPES:  # (an unknown name: below)
             problems.append(f"{where}.op_names: {value!r} is a {names[value]}, which is not allowed: the student loses "
                             f"output channels of {' and '.join(PRUNABLE_TYPES)} layers only")
     for key in ("op_names", "exclude_op_names"):

@@ -322,9 +322,8 @@ def _skipped(step: int, terms: dict[str, float], draws: StepDraws, count: int, l
                    draws.timesteps.tolist())
     if count >= limit:
         raise NonFiniteLossError(f"{count} consecutive steps with a non-finite loss or gradient; last at step {step}, "
-                                 f"term(s) "
-                                 f"{', '.join(bad)}, timesteps {draws.timesteps.tolist()}; the last good checkpoint "
-                                 "is kept")
+                                 f"term(s) {', '.join(bad)}, timesteps {draws.timesteps.tolist()}; the last good "
+                                 "checkpoint is kept")
 
 
 def _progress_bar(finetuner: Finetuner, config: TrainConfig, start: int) -> Any:
