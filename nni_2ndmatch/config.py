@@ -39,7 +39,7 @@ from .errors import ConfigError
 from .finetuners import FinetunerOptions, available_finetuners, finetuner_class, option_problems
 from .models import BUILTIN_MODELS, BUILTIN_PIPELINES
 from .nni import PRUNER_REGISTRY, check_config_list, check_config_list_pruner
-from .training import TrainConfig
+from .training.options import TrainConfig, checkpointing_refusal
 from .utils import did_you_mean, differs_from_default
 
 CONFIG_VERSION = 1
@@ -448,9 +448,9 @@ def _finetune_problems(section: FinetuneSection) -> list[str]:
     if getattr(opts, "jac_every", 1) > section.steps:
         problems.append(f"finetune.jac_every: value {opts.jac_every!r} is not allowed with steps {section.steps}: "
                         f"the Jacobian term would never be computed; allowed: 1 to {section.steps}")
-    if section.gradient_checkpointing and mode == "jvp":
-        problems.append("finetune.gradient_checkpointing: value True is not allowed with mode 'jvp' (forward mode "
-                        "cannot go through a recomputation); use mode vjp or fd, or leave it out")
+    refusal = checkpointing_refusal(section.gradient_checkpointing, mode)
+    if refusal:
+        problems.append(f"finetune.gradient_checkpointing: value True is not allowed {refusal}, or leave it out")
     if section.warmup_steps > section.steps:
         problems.append(f"finetune.warmup_steps: value {section.warmup_steps} is not allowed with steps "
                         f"{section.steps}: the learning rate would never reach lr; allowed: 0 to {section.steps}")

@@ -194,6 +194,15 @@ def test_the_distillers_strategy_reads_the_schedule_its_batches_were_noised_by()
     assert not torch.allclose(scales["sd"], scales["reference"])
 
 
+def test_the_distillers_batches_refuse_a_schedule_that_does_not_predict_the_noise():
+    from diffusers import DDPMScheduler
+
+    NoisyBatches(DDPMScheduler(prediction_type="epsilon"))
+    with pytest.raises(ValueError, match="the distiller's batches need a noise-predicting network .*; the scheduler's "
+                                         "prediction_type is 'v_prediction'; allowed: 'epsilon'"):
+        NoisyBatches(DDPMScheduler(prediction_type="v_prediction"))
+
+
 def test_the_evaluators_loop_stops_at_whichever_limit_comes_first():
     teacher, student = tiny_unet2d(0).train(), tiny_unet2d(1)
     distiller = SecondMatchDistiller(student, [], diffusion_evaluator(student, _loader(n=8, batch=4),

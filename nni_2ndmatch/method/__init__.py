@@ -25,6 +25,7 @@ from .schedule import (
     model_timesteps,
     noise_scale,
     prediction_of,
+    require_epsilon,
     sample_timesteps,
 )
 from .terms import (
@@ -50,7 +51,8 @@ __all__ = [
     "prediction_of", "default_scheduler", "dsm_term", "forward_kwargs", "fp32_precision", "jacobian_match_per_sample",
     "jacobian_match_term",
     "jacobian_safe", "jacobian_sensitivity", "jacobian_term", "jacobian_weight", "kd_term", "model_output",
-    "noise_scale", "output_and_product", "output_and_sensitivity", "precision_state", "sample_directions",
+    "noise_scale", "output_and_product", "output_and_sensitivity", "precision_state", "require_epsilon",
+    "sample_directions",
     "sample_timesteps", "second_match_loss", "squared_norm", "student_and_teacher_products",
     "student_and_teacher_sensitivity",
 ]

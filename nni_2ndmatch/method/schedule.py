@@ -33,6 +33,14 @@ def prediction_of(scheduler: Any) -> str:
     return getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
 
 
+def require_epsilon(scheduler: Any, what: str) -> None:
+    """Raise a ValueError unless the network predicts the noise under ``scheduler``; ``what`` names
+    what needs it, and why."""
+    prediction = prediction_of(scheduler)
+    if prediction != "epsilon":
+        raise ValueError(f"{what}; the scheduler's prediction_type is {prediction!r}; allowed: 'epsilon'")
+
+
 _SIGMAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # scheduler -> its flow_sigmas
 
 

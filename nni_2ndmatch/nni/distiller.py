@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..data import collate
 from ..finetuners import finetuner_class, get_finetuner
-from ..method import default_scheduler, dsm_term, model_output, prediction_of, sample_timesteps
+from ..method import default_scheduler, dsm_term, model_output, require_epsilon, sample_timesteps
 from ..scoped import seeded_generator
 from ..utils import did_you_mean
 
@@ -40,10 +40,8 @@ class NoisyBatches:
 
     def __init__(self, scheduler: Any = None, seed: int = 0, antithetic: bool = False) -> None:
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
-        prediction = prediction_of(self.scheduler)
-        if prediction != "epsilon":  # its DSM step regresses the noise
-            raise ValueError(f"scheduler prediction_type={prediction!r} is not supported by the distiller's batches; "
-                             "allowed: 'epsilon'")
+        require_epsilon(self.scheduler, "the distiller's batches need a noise-predicting network (its DSM step "
+                        "regresses the noise)")
         self.antithetic = antithetic
         self.generator = seeded_generator(seed)
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import collate
-from ..method import default_scheduler, dsm_term, model_output, prediction_of
+from ..method import default_scheduler, dsm_term, model_output, require_epsilon
 from ..scoped import seeded_generator
 from ..utils import requires_grad
 from .surgery import GroupScorer
@@ -53,9 +53,7 @@ def denoising_gradients(teacher: nn.Module, pruner: str, data: Any, example_inpu
     DDPM one), which must predict the noise.
     """
     scheduler = scheduler if scheduler is not None else default_scheduler()
-    if prediction_of(scheduler) != "epsilon":
-        raise ValueError(f"pruner={pruner!r} scores channels by the gradients of the noise-prediction loss; the "
-                         f"scheduler's prediction_type is {prediction_of(scheduler)!r}; allowed: 'epsilon'")
+    require_epsilon(scheduler, f"pruner={pruner!r} scores channels by the gradients of the noise-prediction loss")
     x0, conditioning = collate(calibration_items(data, pruner, example_inputs), torch.device("cpu"))
     steps = int(scheduler.config.num_train_timesteps)
     g = seeded_generator(seed)

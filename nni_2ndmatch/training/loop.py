@@ -34,7 +34,7 @@ from ..layout import CHECKPOINT_DIR, CHECKPOINT_META, CHECKPOINT_TENSORS, METRIC
 from ..method import checkpoint_as_forward, sample_timesteps
 from ..utils import requires_grad
 from .checkpoints import Checkpoints
-from .options import TrainConfig
+from .options import TrainConfig, checkpointing_refusal
 from .runtime import Runtime, finetuner_rng
 from .state import TrainState
 
@@ -112,9 +112,9 @@ def check_run(student: nn.Module, teacher: Any, finetuner: Finetuner, dataset: D
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError("the student has no trainable parameters (requires_grad=False everywhere)")
     check_student_options(student, config)
-    if config.gradient_checkpointing and mode == "jvp":
-        raise ValueError("gradient_checkpointing=True is not allowed with mode 'jvp' (forward mode cannot go "
-                         "through a recomputation); use mode vjp or fd")
+    refusal = checkpointing_refusal(config.gradient_checkpointing, mode)
+    if refusal:
+        raise ValueError(f"gradient_checkpointing=True is not allowed {refusal}")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+def checkpointing_refusal(gradient_checkpointing: bool, mode: str | None) -> str | None:
+    """Why ``gradient_checkpointing`` is refused with the Jacobian term's ``mode``, or None: the one
+    rule behind the config file's check and the Python API's."""
+    if gradient_checkpointing and mode == "jvp":
+        return "with mode 'jvp' (forward mode cannot go through a recomputation); use mode vjp or fd"
+    return None
+
+
 class TrainConfig(BaseModel):
     """Options of the finetuning loop (reference recipe: Adam lr 2e-4, constant, clip 1.0, EMA 0.9999).
 
