@@ -300,6 +300,53 @@ def test_masks_without_pruned_channels_leave_the_model_whole():
     assert report["params_after"] == report["params_before"] and student.pruning_plan["groups"] == []
 
 
+def _row_mask(layer, keep):
+    mask = torch.zeros_like(layer.weight)
+    mask[keep] = 1
+    return {"weight": mask}
+
+
+def test_the_report_says_how_far_the_student_keeps_what_the_masks_keep(caplog):
+    """conv_in shares its channels with the first resnet's conv2 (the residual sum), in 8 GroupNorm
+    groups of 4 that must each keep the same count. Masks that keep disjoint halves agree with any
+    choice on half of it; a coupled layer without a mask is named; a mask the groups cannot follow
+    (the first 16 channels) shows as low agreement."""
+    teacher = tiny_unet().eval()
+    conv_in, conv2 = teacher.conv_in, teacher.down_blocks[0].resnets[0].conv2
+    width = conv_in.out_channels
+    first, second = [i for i in range(width) if i % 4 < 2], [i for i in range(width) if i % 4 >= 2]
+    halves = {"conv_in": _row_mask(conv_in, first), "down_blocks.0.resnets.0.conv2": _row_mask(conv2, second)}
+    _, report = masks_to_student(teacher, halves, round_to=None)
+    (group,) = report["groups"]
+    assert group["root"] == "conv_in" and group["kept"] == width // 2 and group["chunks"] == 8
+    assert group["mask_agreement"] == 0.5 and report["mask_agreement"] == 0.5
+    assert group["pruned_without_mask"] == []
+
+    with caplog.at_level("WARNING", logger="nni_2ndmatch"):
+        student, report = masks_to_student(teacher, {"conv_in": halves["conv_in"]}, round_to=None)
+    (group,) = report["groups"]
+    assert group["mask_agreement"] == 1.0 and group["pruned_without_mask"] == ["down_blocks.0.resnets.0.conv2"]
+    assert student.pruning_plan["groups"][0]["keep"] == first
+    assert student.down_blocks[0].resnets[0].conv2.out_channels == width // 2  # coupled: it loses them too
+    assert "1 layer(s) without a mask lose output channels, coupled to masked layers" in caplog.text
+    assert "down_blocks.0.resnets.0.conv2" in caplog.text
+
+    _, report = masks_to_student(teacher, {"conv_in": _row_mask(conv_in, slice(0, width // 2))}, round_to=None)
+    assert report["groups"][0]["mask_agreement"] == 0.5  # 2 of each group's 4, but NNI kept 4 or 0
+
+
+def test_an_nni_pruners_masks_agree_with_the_student_where_one_layer_decides():
+    teacher = tiny_unet().eval()
+    masks = nni_masks(teacher, "L1NormPruner", default_config_list(teacher, 0.3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, report = masks_to_student(teacher, masks, round_to=None)
+    groups = {g["root"]: g for g in report["groups"]}
+    assert groups["time_embedding.linear_1"]["mask_agreement"] == 1.0
+    assert all(g["pruned_without_mask"] == [] for g in report["groups"])  # the default selects every layer
+    assert 0.5 < report["mask_agreement"] <= 1.0
+
+
 def test_an_unknown_nni_pruner_or_missing_data_is_a_clear_error():
     teacher = BUILDERS["unet2d"]().eval()
     inputs = default_example_inputs(teacher)

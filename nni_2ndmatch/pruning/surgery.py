@@ -297,17 +297,21 @@ def _out_pruning_fns():
 
 
 def _mask_keep(masks: dict[str, dict[str, Tensor]], group, names: dict[nn.Module, str],
-               used: set[str]) -> tuple[Tensor, Tensor]:
+               used: set[str]) -> tuple[Tensor, Tensor, list[str]]:
     """Per root channel: how many masked layers of the group keep it, and how many masked layers
-    cover it (NNI masks: {module name: {"weight": mask}}, a zero output row = a pruned channel).
-    The names of the masked layers read are added to ``used``."""
+    cover it (NNI masks: {module name: {"weight": mask}}, a zero output row = a pruned channel);
+    and the group's layers that lose output channels with it but have no mask. The names of the
+    masked layers read are added to ``used``."""
     root, _ = _root(group)
     width = out_width(root)
-    kept, covered = torch.zeros(width), torch.zeros(width)
+    kept, covered, unmasked = torch.zeros(width), torch.zeros(width), set()
     out_fns = _out_pruning_fns()
     for i, (dep, idxs) in enumerate(group):
+        if dep.handler not in out_fns:
+            continue
         name = names.get(dep.target.module)
-        if dep.handler not in out_fns or name not in masks or "weight" not in masks[name]:
+        if name not in masks or "weight" not in masks[name]:
+            unmasked.add(name)
             continue
         used.add(name)
         keep = (masks[name]["weight"].detach().flatten(1).abs().sum(1) > 0).float().cpu()
@@ -315,7 +319,7 @@ def _mask_keep(masks: dict[str, dict[str, Tensor]], group, names: dict[nn.Module
         local = torch.tensor([int(j) for j in idxs])
         kept.index_add_(0, root_idxs, keep[local])
         covered.index_add_(0, root_idxs, torch.ones(len(local)))
-    return kept, covered
+    return kept, covered, sorted(unmasked)
 
 
 def masks_to_student(teacher: nn.Module, masks: dict[str, dict[str, Tensor]],
@@ -330,9 +334,10 @@ def masks_to_student(teacher: nn.Module, masks: dict[str, dict[str, Tensor]],
     """
     inputs = example_inputs if example_inputs is not None else default_example_inputs(teacher)
     used: set[str] = set()
+    seen: dict[str, tuple[Tensor, Tensor, list[str]]] = {}  # root name -> _mask_keep's answer
 
     def scorer(group, names: dict[nn.Module, str]) -> tuple[Tensor, float]:
-        kept, covered = _mask_keep(masks, group, names, used)
+        kept, covered, unmasked = seen[names[_root(group)[0]]] = _mask_keep(masks, group, names, used)
         if covered.sum() == 0:  # no masked layer in the group: NNI prunes none of it
             return kept, 0.0
         magnitude = magnitude_scores(group).float().cpu()
@@ -340,6 +345,7 @@ def masks_to_student(teacher: nn.Module, masks: dict[str, dict[str, Tensor]],
         return scores, float(1.0 - kept.sum() / covered.sum())
 
     student, report = prune_with_scores(teacher, scorer, inputs, round_to)
+    _report_mask_agreement(report, student.pruning_plan["groups"], seen)
     ignored = sorted(name for name, parts in masks.items() if name not in used
                      and any(bool((m == 0).any()) for m in parts.values() if isinstance(m, Tensor)))
     report["masks_not_applied"] = ignored
@@ -348,3 +354,29 @@ def masks_to_student(teacher: nn.Module, masks: dict[str, dict[str, Tensor]],
                        "channels are the residual width, a fixed layer's, or not output channels of a weight",
                        len(ignored), ", ".join(ignored[:5]), ", ..." if len(ignored) > 5 else "")
     return student, report
+
+
+def _report_mask_agreement(report: dict[str, Any], plan: list[dict[str, Any]],
+                           seen: dict[str, tuple[Tensor, Tensor, list[str]]]) -> None:
+    """Add to each pruned group of ``report`` how far its kept channels are the ones NNI's masks
+    keep (``mask_agreement``: the masked layers' mean share, 1.0 = all of them), and which of its
+    layers lose output channels without a mask of their own (``pruned_without_mask``: a layer a
+    config_list excluded, or did not select, that is coupled to a masked one); the report's
+    ``mask_agreement`` is the mean over all kept channels. Such layers are also logged."""
+    keeps = {entry["root"]: entry["keep"] for entry in plan}
+    total, agreeing = 0, 0.0
+    for group in report["groups"]:
+        kept, covered, unmasked = seen[group["root"]]
+        keep = torch.tensor(keeps[group["root"]])
+        keep = keep[covered[keep] > 0]
+        share = kept[keep] / covered[keep]
+        group["mask_agreement"] = round(float(share.mean()), 4) if len(keep) else None
+        group["pruned_without_mask"] = unmasked
+        total, agreeing = total + len(keep), agreeing + float(share.sum())
+    report["mask_agreement"] = round(agreeing / total, 4) if total else None
+    coupled = sorted({name for group in report["groups"] for name in group["pruned_without_mask"]})
+    if coupled:
+        logger.warning("masks_to_student: %d layer(s) without a mask lose output channels, coupled to masked layers "
+                       "(a config_list that excludes or leaves out a layer cannot keep it whole if it shares "
+                       "channels with a pruned one): %s%s", len(coupled), ", ".join(coupled[:5]),
+                       ", ..." if len(coupled) > 5 else "")
