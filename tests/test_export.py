@@ -26,6 +26,7 @@ from nni_2ndmatch.deploy import (
     load_model,
 )
 from nni_2ndmatch.deploy.artefact import sidecar_path
+from nni_2ndmatch.deploy.model_io import random_inputs
 from nni_2ndmatch.deploy.bench import (
     BenchResults,
     BenchRow,
@@ -91,6 +92,7 @@ def _fresh_inputs(model, batch, seed):
         kw["encoder_hidden_states"] = torch.randn(batch, 5, cfg.cross_attention_dim, generator=g)
     if type(model).__name__ == "DiTTransformer2DModel":
         kw["class_labels"] = torch.randint(0, cfg.num_embeds_ada_norm, (batch,), generator=g)
+        kw["class_labels"][-1] = cfg.num_embeds_ada_norm  # the null class that guidance feeds
     feeds = {"sample": x.numpy(), "timestep": t.numpy(), **{k: v.numpy() for k, v in kw.items()}}
     return x, t, kw, feeds
 
@@ -116,6 +118,14 @@ def test_pruned_student_round_trips_through_onnx_and_matches_pytorch(kind, expor
     assert saved == json.loads(json.dumps(report))
     assert set(saved["parity"]["batches"]) == {"1", "3"} and saved["parity"]["passed"]
     assert 0 < saved["parity"]["max_rel_error"] <= 1e-4 and saved["precision"] == "fp32" and saved["opset"] == 20
+
+
+def test_a_dits_checks_feed_its_null_class():
+    dit = BUILDERS["dit"]().eval()
+    (labels,) = [s for s in input_specs(dit) if s.name == "class_labels"]
+    assert labels.high == dit.config.num_embeds_ada_norm + 1  # the table's extra row, for guidance
+    for batch in (1, 3):
+        assert random_inputs(input_specs(dit), batch, seed=batch)[-1][-1] == dit.config.num_embeds_ada_norm
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
@@ -372,7 +382,7 @@ def test_aoti_package_runs_without_the_model_code_at_any_batch_in_its_range(fami
 
 def test_diffusers_upsampling_does_not_split_the_traced_batch_axis_at_64(families):
     from nni_2ndmatch.deploy.aoti import batch_independent
-    from nni_2ndmatch.deploy.model_io import random_inputs, wrap
+    from nni_2ndmatch.deploy.model_io import wrap
 
     student = families["unet2d"][1]  # its Upsample2D branches on batch >= 64
     specs = input_specs(student)

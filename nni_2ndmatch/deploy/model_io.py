@@ -4,8 +4,9 @@ wrapper whose positional forward gives every backend the same stable input names
 Contract: ``sample`` [B, C, H, W] float32, ``timestep`` [B] float32 (one value per sample, sharing
 the batch axis: a Python-number timestep would be baked into an exported graph as a constant),
 then the conditioning inputs of conditional models: ``encoder_hidden_states`` [B, S, D] float32,
-``class_labels`` [B] int64, for an SDXL U-Net ``text_embeds`` [B, P] and ``time_ids`` [B, 6]
-float32 (its ``added_cond_kwargs``), for SD3's transformer ``pooled_projections`` [B, P] float32.
+``class_labels`` [B] int64 (for DiT up to its null class), for an SDXL U-Net ``text_embeds`` [B, P]
+and ``time_ids`` [B, 6] float32 (its ``added_cond_kwargs``), for SD3's transformer
+``pooled_projections`` [B, P] float32.
 One output, ``out``: the model's full prediction (for DiT with learned variance, 2*C channels;
 epsilon is the first C; for SD3 the velocity), always float32.
 """
@@ -89,8 +90,9 @@ def input_specs(model: nn.Module, seq_len: int | None = None) -> list[InputSpec]
     if sdxl:
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         specs += [InputSpec("text_embeds", "float32", (pooled,)), InputSpec("time_ids", "float32", (6,))]
-    if is_dit(model) and cfg.num_embeds_ada_norm:
-        specs.append(InputSpec("class_labels", "int64", (), high=int(cfg.num_embeds_ada_norm)))
+    if is_dit(model) and cfg.num_embeds_ada_norm:  # with the null class of guidance, where the table has it
+        table = next(m.embedding_table for m in model.modules() if type(m).__name__ == "LabelEmbedding")
+        specs.append(InputSpec("class_labels", "int64", (), high=int(table.num_embeddings)))
     elif getattr(cfg, "num_class_embeds", None):
         specs.append(InputSpec("class_labels", "int64", (), high=int(cfg.num_class_embeds)))
     return specs
@@ -145,7 +147,8 @@ def wrap(model: nn.Module, specs: list[InputSpec], half: bool = False) -> Export
 
 def random_inputs(specs: list[InputSpec], batch: int, seed: int = 0,
                   device: str | torch.device = "cpu") -> list[Tensor]:
-    """Random inputs of the contract (seeded), created on ``device``."""
+    """Random inputs of the contract (seeded), created on ``device``; an integer input's last item
+    is its largest value (a DiT's null class, which guidance feeds), so checks always meet it."""
     g = seeded_generator(seed)
     out = []
     for s in specs:
@@ -153,6 +156,7 @@ def random_inputs(specs: list[InputSpec], batch: int, seed: int = 0,
             t = torch.rand(batch, generator=g) * (NUM_TIMESTEPS - 1)
         elif s.dtype == "int64":
             t = torch.randint(0, s.high or 1, (batch, *s.shape), generator=g)
+            t[-1] = (s.high or 1) - 1
         else:
             t = torch.randn(batch, *s.shape, generator=g)
         out.append(t.to(device))
