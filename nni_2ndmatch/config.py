@@ -232,7 +232,8 @@ class EvaluateSection(_Section):
     seed: int = Field(0, ge=0)
     compare: list[str] = Field([], description="baseline finetuners to train and evaluate beside the run's")
     equal_wallclock: bool = Field(False, description="also train each baseline for the run's wall-clock time "
-                                  "(its steps from its own seconds per step), beside the equal-steps one")
+                                  "(its steps from its own seconds per step; on one process, for the run's "
+                                  "training time times its processes), beside the equal-steps one")
     fid_features: str | None = Field(None, description="an ONNX feature network (uint8 [N,3,H,W] -> [N,D]; FID's "
                                      "Inception network) for FID against the data's images")
     clip_model: str | None = Field(None, description="a local CLIP model folder (safetensors) for the CLIP score "

@@ -98,6 +98,22 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
         assert (report / png).stat().st_size > 1000, png
 
 
+@pytest.mark.parametrize("processes, steps", [(1, 16), (4, 64)])
+def test_a_wallclock_baseline_gets_the_runs_training_time_on_all_its_processes(processes, steps):
+    """A baseline trains on one process: at equal wall clock it gets the run's training seconds
+    (less checkpoints) times the run's processes, so that a run on 4 GPUs is not compared with a
+    baseline given a quarter of the hardware."""
+    from nni_2ndmatch.job.evaluate import _wallclock
+    from nni_2ndmatch.job.results import RunSummary
+
+    summary = RunSummary(finetuner="2ndmatch", finetuner_options={}, train_config={}, steps=10, seconds=10.0,
+                         final={}, teacher_params=2, student_params=1, processes=processes, overhead_seconds=2.0)
+    assert summary.equal_time_steps(0.5) == steps
+    assert summary.equal_time_steps(1e6) == 1  # never zero steps
+    assert _wallclock(processes) == ("the run's wall clock" if processes == 1 else
+                                     f"the run's wall clock x {processes} processes")
+
+
 def test_model_sizes_are_two_panels_with_each_models_size_and_the_ratio(tmp_path):
     from PIL import Image
 

@@ -230,23 +230,30 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
             add(f"{name} (baseline)", "baseline", name, baseline, info["seconds"],
                 f"samples_baseline_{_safe_name(name)}.png")
             baselines[name] = {**info, "student_dir": _save_baseline(baseline, out, name)}
-            if e.equal_wallclock:  # as many steps as fit in the run's training seconds
-                steps = max(1, round(summary.training_seconds / (info["seconds"] / info["steps"])))
+            if e.equal_wallclock:  # as many steps as fit in the run's training seconds (on all its processes)
+                steps = summary.equal_time_steps(info["seconds"] / info["steps"])
                 baseline, info = run(steps=steps)
-                add(f"{name} (baseline, {steps} steps: the run's wall clock)", "baseline-wallclock", name, baseline,
-                    info["seconds"], f"samples_baseline_{_safe_name(name)}_wallclock.png")
+                add(f"{name} (baseline, {steps} steps: {_wallclock(summary.processes)})", "baseline-wallclock", name,
+                    baseline, info["seconds"], f"samples_baseline_{_safe_name(name)}_wallclock.png")
                 baselines[f"{name}-wallclock"] = {**info,
                                                   "student_dir": _save_baseline(baseline, out, f"{name}-wallclock")}
     add(f"{summary.finetuner} (this run)", "run", summary.finetuner, student, summary.training_seconds,
         "samples_student.png")
     if baselines and summary.processes > 1:
         notes.append(f"The run finetuned on {summary.processes} processes, the baselines on one: their "
-                     "finetune seconds are not comparable.")
+                     "finetune seconds are not comparable."
+                     + (f" At equal wall clock a baseline trained for the run's training seconds times its "
+                        f"{summary.processes} processes (the same hardware time), which supposes that it would "
+                        "scale linearly over processes." if e.equal_wallclock else ""))
     comparison = Comparison(rows=rows, start=None if start is None else
                             ("model.student" if config.model.student is not None else "pruned/"),
                             finetune_seed=config.finetune.seed, baselines=baselines, notes=notes)
     return Evaluation(samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed, comparison=comparison, grids=grids,
                       sampler=sampler)
+
+
+def _wallclock(processes: int) -> str:
+    return "the run's wall clock" if processes == 1 else f"the run's wall clock x {processes} processes"
 
 
 def _save_baseline(model: nn.Module, out: Path, name: str) -> str:

@@ -38,6 +38,12 @@ class RunSummary:
         neither, is timed on too."""
         return self.seconds - self.overhead_seconds
 
+    def equal_time_steps(self, seconds_per_step: float) -> int:
+        """The steps a one-process run at ``seconds_per_step`` makes in this run's training time on
+        all its processes (process-seconds: the same hardware time, if training scaled linearly
+        over processes; on one process, the run's wall clock)."""
+        return max(1, round(self.training_seconds * self.processes / seconds_per_step))
+
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
