@@ -3,47 +3,45 @@
 Its layers, each importing only from those below it, are drawn once, in docs/development.md.
 """
 
-from .finetuners import (
-    Finetuner,
-    FinetunerOptions,
-    available_finetuners,
-    finetuner_options,
-    get_finetuner,
-    register_finetuner,
-)
-from .method import (
-    TermForm,
-    add_noise,
-    default_scheduler,
-    jacobian_safe,
-    jacobian_sensitivity,
-    sample_directions,
-    second_match_loss,
-)
-from .models import build_builtin, example_conditioning
-from .nni import (
-    NoisyBatches,
-    diffusion_evaluator,
-    distiller_class,
-    dsm_training_step,
-    prune_diffusers,
-)
-from .pruning import as_component, load_pipeline, load_pruned, masks_to_student, pruned_class, save_pruned
-from .pruning.component import dense_of
-from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
+#: The public names, each with the module that defines it: imported on first use, so that
+#: ``import nni_2ndmatch`` (the CLI's start, a data loader worker's) costs no diffusers import.
+_EXPORTS = {
+    **dict.fromkeys(["Finetuner", "FinetunerOptions", "available_finetuners", "finetuner_options", "get_finetuner",
+                     "register_finetuner"], ".finetuners"),
+    **dict.fromkeys(["TermForm", "add_noise", "default_scheduler", "jacobian_safe", "jacobian_sensitivity",
+                     "sample_directions", "second_match_loss"], ".method"),
+    **dict.fromkeys(["build_builtin", "example_conditioning"], ".models"),
+    **dict.fromkeys(["NoisyBatches", "diffusion_evaluator", "distiller_class", "dsm_training_step",
+                     "prune_diffusers"], ".nni"),
+    **dict.fromkeys(["as_component", "load_pipeline", "load_pruned", "masks_to_student", "pruned_class",
+                     "save_pruned"], ".pruning"),
+    "dense_of": ".pruning.component",
+    **dict.fromkeys(["FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig", "finetune"], ".training"),
+}
+_exported, _ = lazy_exports(__name__, _EXPORTS)
+
 
 def __getattr__(name: str):
+    if name in _EXPORTS:
+        return _exported(name)
     if name == "SecondMatchDistiller":  # built on first use: it subclasses an NNI class
+        from .nni import distiller_class
+
         return distiller_class()
-    if dense_of(name):  # a pruned class, built on first use
-        return pruned_class(dense_of(name))
     if name == "ModelMixin":  # diffusers looks up the base classes of a component in its library
         from diffusers import ModelMixin
 
         return ModelMixin
+    if name.startswith("Pruned"):  # a pruned class (PrunedUNet2DModel), built on first use
+        from .pruning import pruned_class
+        from .pruning.component import dense_of
+
+        if dense_of(name):
+            return pruned_class(dense_of(name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -55,3 +53,7 @@ __all__ = [
     "register_finetuner", "Runtime", "sample_directions", "save_pruned", "second_match_loss", "SecondMatchDistiller",
     "TrainConfig",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *__all__})

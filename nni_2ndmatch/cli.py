@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import load_config
 from .errors import ERRORS, ConfigError, report
-from .finetuners import available_finetuners
-from .job.run import run_job, summary_text
-from .training import CHECKPOINT_DIR
+from .layout import CHECKPOINT_DIR
+
+# The job's modules (torch, diffusers) are imported by the commands that need them, so that
+# --version, --help and argument errors answer at once.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "finetuners":
+        from .finetuners import available_finetuners
+
         print("\n".join(available_finetuners()))
         return 0
+    from .config import load_config
+    from .job.run import run_job, summary_text
+
     config = None
     try:
         config = load_config(args.config)

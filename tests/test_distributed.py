@@ -144,13 +144,16 @@ def test_a_killed_process_makes_the_run_fail_loudly_not_hang(tmp_path):
     assert "SIGKILL" in stderr or "Signal 9" in stderr, stderr[-3000:]
 
 
-def test_jvp_mode_is_refused_with_several_processes(tmp_path):
-    spec = {"steps": 1, "batch_size": 8, "finetuner": "2ndmatch", "options": {"mode": "jvp"},
-            "result": str(tmp_path / "r.safetensors")}
-    (tmp_path / "spec.json").write_text(json.dumps([spec]))
-    r = subprocess.run(torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path / "spec.json")), capture_output=True,
-                       text=True, timeout=600, env=ENV)
-    assert r.returncode != 0 and "mode='jvp' is not allowed with several processes" in r.stderr
+def test_jvp_mode_is_refused_with_several_processes():
+    from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner
+    from nni_2ndmatch.data import DigitsDataset
+
+    class Two(Runtime):  # what a launcher's two processes see, refused before any collective call
+        world_size = 2
+
+    with pytest.raises(ValueError, match="mode='jvp' is not allowed with several processes"):
+        finetune(tiny_unet2d(), tiny_unet2d(), get_finetuner("2ndmatch", mode="jvp"), DigitsDataset(8),
+                 TrainConfig(steps=1, batch_size=8), runtime=Two(), watch=Watch(progress=False))
 
 
 def test_batch_size_must_split_evenly():

@@ -10,18 +10,14 @@
 Command lines: export/to_onnx.py, export/to_aoti.py, export/to_trt.py, export/bench.py.
 """
 
-from .aoti import export_aoti
-from .errors import (
-    DeployError,
-    EngineMismatchError,
-    ExportError,
-    MissingBackendError,
-    ParityError,
-)
-from .model_io import InputSpec, input_specs, load_model, random_inputs, wrap
-from .onnx_export import export_onnx
+from ..lazy import lazy_exports
 
-__all__ = [
-    "DeployError", "EngineMismatchError", "ExportError", "InputSpec", "MissingBackendError", "ParityError",
-    "export_aoti", "export_onnx", "input_specs", "load_model", "random_inputs", "wrap",
-]
+_EXPORTS = {
+    "export_aoti": ".aoti",
+    **dict.fromkeys(["DeployError", "EngineMismatchError", "ExportError", "MissingBackendError", "ParityError"],
+                    ".errors"),
+    **dict.fromkeys(["InputSpec", "input_specs", "load_model", "random_inputs", "wrap"], ".model_io"),
+    "export_onnx": ".onnx_export",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -2,40 +2,23 @@
 pruners by name (NNI's and torch-pruning's) with config_list checks, and 2ndMatch as an NNI
 distiller."""
 
-from .config_list import (
-    check_config_list,
-    check_config_list_model,
-    config_list_problems,
-    default_config_list,
-)
-from .distiller import (
-    NoisyBatches,
-    diffusion_evaluator,
-    distiller_class,
-    dsm_training_step,
-)
-from .pruners import (
-    NNI_PRUNERS,
-    PRUNER_REGISTRY,
-    PRUNERS,
-    PruneRequest,
-    PrunerSpec,
-    check_config_list_pruner,
-    nni_masks,
-    prune_diffusers,
-    pruner_spec,
-    register_pruner,
-)
+from ..lazy import lazy_exports
 
-__all__ = [
-    "NNI_PRUNERS", "NoisyBatches", "PRUNERS", "PRUNER_REGISTRY", "PruneRequest", "PrunerSpec", "check_config_list",
-    "check_config_list_model", "check_config_list_pruner", "config_list_problems", "default_config_list",
-    "diffusion_evaluator", "distiller_class", "dsm_training_step", "nni_masks", "prune_diffusers", "pruner_spec",
-    "register_pruner",
-]
+_EXPORTS = {
+    **dict.fromkeys(["check_config_list", "check_config_list_model", "config_list_problems", "default_config_list"],
+                    ".config_list"),
+    **dict.fromkeys(["NoisyBatches", "diffusion_evaluator", "distiller_class", "dsm_training_step"], ".distiller"),
+    **dict.fromkeys(["NNI_PRUNERS", "PRUNER_REGISTRY", "PRUNERS", "PruneRequest", "PrunerSpec",
+                     "check_config_list_pruner", "nni_masks", "prune_diffusers", "pruner_spec", "register_pruner"],
+                    ".pruners"),
+}
+_exported, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name == "SecondMatchDistiller":  # built on first use: it subclasses an NNI class
+        from .distiller import distiller_class
+
         return distiller_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _exported(name)
