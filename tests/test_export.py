@@ -478,11 +478,26 @@ def test_bench_script_refuses_a_folder_that_is_not_a_model(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_torch(tmp_path):
+def _script_here(name, *args):
+    """export/NAME ARGS in this process (so that a test may patch the package): its exit code."""
+    import runpy
+
+    from nni_2ndmatch.deploy.script import run_main
+
+    module = runpy.run_path(str(ROOT / "export" / name))
+    arguments = module["parse_args"]([str(a) for a in args])
+    return run_main(lambda: module["main"](arguments))
+
+
+def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_torch(tmp_path, monkeypatch):
+    """export/to_onnx.py --pipeline on a pruned pipeline; its U-Net as over ONNX's 2 GB limit (any
+    fp32 SD U-Net): saved as model.onnx + model.onnx.data, both in the pipeline's unet/, which then
+    runs from wherever the folder is moved."""
     import numpy as np
     from diffusers import DiffusionPipeline, OnnxStableDiffusionPipeline
 
     from nni_2ndmatch import load_pipeline, prune_diffusers
+    from nni_2ndmatch.deploy import onnx_export
     from nni_2ndmatch.models import write_tiny_sd
     from nni_2ndmatch.pruning.component import save_pipeline
 
@@ -490,14 +505,16 @@ def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_t
     unet = DiffusionPipeline.from_pretrained(teacher, use_safetensors=True).unet
     student, _ = prune_diffusers(unet, "magnitude", 0.3, round_to=None)
     save_pipeline(student, teacher, tmp_path / "pipeline")
-    r = script("to_onnx.py", "--pipeline", tmp_path / "pipeline", "--out", tmp_path / "onnx")
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # the tiny U-Net's weights go to the data file
+    assert _script_here("to_onnx.py", "--pipeline", tmp_path / "pipeline", "--out", tmp_path / "onnx") == 0
     assert {p.name for p in (tmp_path / "onnx").iterdir()} >= {"text_encoder", "unet", "vae_encoder", "vae_decoder",
                                                                  "tokenizer", "scheduler", "model_index.json"}
+    assert sorted(p.name for p in (tmp_path / "onnx" / "unet").iterdir()) == ["model.onnx", "model.onnx.data"]
     report = json.loads((tmp_path / "onnx" / "export.json").read_text())
     assert all(part["parity"]["passed"] and part["parity"]["max_rel_error"] < 1e-4 for part in report["parts"].values())
+    (tmp_path / "onnx").rename(tmp_path / "moved")
     torch_pipe = load_pipeline(tmp_path / "pipeline")
-    onnx_pipe = OnnxStableDiffusionPipeline.from_pretrained(tmp_path / "onnx")
+    onnx_pipe = OnnxStableDiffusionPipeline.from_pretrained(tmp_path / "moved")
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     prompts = ["a handwritten digit 3", "a handwritten digit 7"]
     want = torch_pipe(prompts, num_inference_steps=3, guidance_scale=1.0, latents=latents, output_type="np",
@@ -507,32 +524,6 @@ def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_t
                     height=64, width=64).images
     assert got.shape == want.shape == (2, 16, 16, 3) and np.abs(got - want).max() < 1e-4
     assert np.abs(want[0] - want[1]).max() > 1e-3  # the prompts and latents matter: the comparison can fail
-
-
-@pytest.mark.slow
-def test_a_pipeline_export_whose_unet_needs_external_data_ships_that_data(tmp_path, monkeypatch):
-    """A U-Net over ONNX's 2 GB limit (any fp32 SD U-Net) is saved as model.onnx + model.onnx.data;
-    both go into the pipeline's unet/, which then runs from wherever the folder is moved."""
-    import numpy as np
-    from diffusers import DiffusionPipeline, OnnxStableDiffusionPipeline
-
-    from nni_2ndmatch.deploy import onnx_export
-    from nni_2ndmatch.deploy.onnx_pipeline import export_onnx_pipeline
-    from nni_2ndmatch.models import write_tiny_sd
-
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # the tiny U-Net's weights go to the data file
-    teacher = write_tiny_sd(tmp_path / "teacher")
-    export_onnx_pipeline(teacher, tmp_path / "onnx")
-    assert sorted(p.name for p in (tmp_path / "onnx" / "unet").iterdir()) == ["model.onnx", "model.onnx.data"]
-    (tmp_path / "onnx").rename(tmp_path / "moved")
-    onnx_pipe = OnnxStableDiffusionPipeline.from_pretrained(tmp_path / "moved")
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    want = DiffusionPipeline.from_pretrained(teacher, use_safetensors=True)(
-        "a digit", num_inference_steps=2, guidance_scale=1.0, latents=latents, output_type="np", height=16,
-        width=16).images
-    got = onnx_pipe("a digit", num_inference_steps=2, guidance_scale=1.0, latents=latents.numpy(), output_type="np",
-                    height=64, width=64).images
-    assert np.abs(got - want).max() < 1e-4
 
 
 def test_the_text_length_defaults_to_what_the_models_pipeline_feeds():
