@@ -26,7 +26,6 @@ from nni_2ndmatch.deploy import (
     load_model,
 )
 from nni_2ndmatch.deploy.artefact import sidecar_path
-from nni_2ndmatch.deploy.model_io import random_inputs
 from nni_2ndmatch.deploy.bench import (
     BenchResults,
     BenchRow,
@@ -36,6 +35,7 @@ from nni_2ndmatch.deploy.bench import (
     run_benchmark,
     write_reports,
 )
+from nni_2ndmatch.deploy.model_io import random_inputs
 from nni_2ndmatch.deploy.onnx_export import ort_session
 from nni_2ndmatch.deploy.tensorrt import check_compatible, parse_batches, require_tensorrt
 from nni_2ndmatch.models import save_diffusers_model
@@ -524,6 +524,34 @@ def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_t
                     height=64, width=64).images
     assert got.shape == want.shape == (2, 16, 16, 3) and np.abs(got - want).max() < 1e-4
     assert np.abs(want[0] - want[1]).max() > 1e-3  # the prompts and latents matter: the comparison can fail
+
+
+def test_a_pruned_sdxl_unet_exports_with_its_added_conditions(tmp_path):
+    """SDXL's U-Net takes the pooled text embedding and the six size/crop ids beside the text: they
+    become inputs text_embeds and time_ids, and the graph matches PyTorch at fresh inputs."""
+    import numpy as np
+    from diffusers import UNet2DConditionModel
+
+    from nni_2ndmatch.models import write_tiny_sdxl
+
+    write_tiny_sdxl(tmp_path / "sdxl")
+    student = _prune(UNet2DConditionModel.from_pretrained(tmp_path / "sdxl" / "unet"))
+    report = export_onnx(student, tmp_path / "u.onnx")
+    assert report["parity"]["passed"]
+    assert [i["name"] for i in report["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
+                                                     "time_ids"]
+    g, cfg = torch.Generator().manual_seed(5), student.config
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    x, t = torch.randn(3, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g), torch.tensor([5., 500, 990])
+    text, embeds = torch.randn(3, 77, cfg.cross_attention_dim, generator=g), torch.randn(3, pooled, generator=g)
+    ids = torch.tensor([[16., 16, 0, 0, 16, 16]] * 3)
+    with torch.no_grad():
+        want = student(x, t, encoder_hidden_states=text,
+                       added_cond_kwargs={"text_embeds": embeds, "time_ids": ids}).sample.numpy()
+    got = ort_session(tmp_path / "u.onnx").run(["out"], {"sample": x.numpy(), "timestep": t.numpy(),
+                                                         "encoder_hidden_states": text.numpy(),
+                                                         "text_embeds": embeds.numpy(), "time_ids": ids.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_the_text_length_defaults_to_what_the_models_pipeline_feeds():

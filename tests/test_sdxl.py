@@ -75,12 +75,10 @@ def test_the_tiny_sdxl_example_gives_a_pipeline_diffusers_samples_with_and_witho
     raw = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_sdxl.yaml")))
     raw["finetune"].update(steps=2, batch_size=4)
     raw["evaluate"].update(samples=4, ddim_steps=3)
-    raw["export"].update(repeats=3)
+    del raw["export"]  # two ONNX exports, most of this test's time: the SDXL U-Net's is tests/test_export.py's
     raw["output_dir"] = str(tmp_path / "run")
     summary = run_job(validate_config(raw), "run", progress=False)
     assert summary["student_params"] < summary["teacher_params"]
-    exported = json.loads((tmp_path / "run" / "onnx" / "student.onnx.json").read_text())
-    assert exported["parity"]["passed"] and [i["name"] for i in exported["inputs"]][-2:] == ["text_embeds", "time_ids"]
     pipe = load_pipeline(tmp_path / "run" / "pipeline")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline" and type(pipe.unet).__module__ == "nni_2ndmatch"
     assert sum(p.numel() for p in pipe.unet.parameters()) == summary["student_params"]
