@@ -144,6 +144,7 @@ def test_the_python_finetune_refuses_a_folder_that_holds_a_run(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-0000001"]
 
 
+@pytest.mark.slow  # runs of several steps: the full suite's
 def test_wall_time_is_carried_across_a_resume(tmp_path):
     part, _ = run_tiny(tmp_path, 4)
     state = json.loads((tmp_path / "checkpoints" / "step-0000004" / "state.json").read_text())

@@ -21,6 +21,7 @@ def _scalars(folder):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for acc in runs for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow  # runs of several steps: the full suite's
 def test_a_run_sends_each_logged_step_to_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     result = cli_here("run", write_config(tmp_path, _tensorboard), "--no-progress")
@@ -52,6 +53,7 @@ def test_a_tracker_that_is_not_installed_or_not_known_is_refused_before_any_work
         assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # runs of several steps: the full suite's
 def test_a_tracker_failing_mid_run_is_reported_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
     pytest.importorskip("tensorboard")
     from accelerate.tracking import TensorBoardTracker

@@ -14,6 +14,7 @@ from nni_2ndmatch.method import sample_timesteps
 from nni_2ndmatch.training import Watch
 
 
+@pytest.mark.slow  # runs of several steps: the full suite's
 def test_same_seed_same_weights_and_teacher_untouched(tmp_path):
     a, teacher = run_tiny(tmp_path / "a", 4)
     b, _ = run_tiny(tmp_path / "b", 4)
@@ -25,6 +26,7 @@ def test_same_seed_same_weights_and_teacher_untouched(tmp_path):
     assert {"dsm", "kd", "jac", "loss", "lr"} <= set(a.history[0])
 
 
+@pytest.mark.slow  # runs of several steps: the full suite's
 def test_resume_continues_bit_exactly(tmp_path):
     full, _ = run_tiny(tmp_path / "full", 7)
     run_tiny(tmp_path / "crash", 4)  # as if the run had died after step 4 (checkpoint at 3 and 4)
@@ -36,6 +38,7 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 8))
 
 
+@pytest.mark.slow  # runs of several steps: the full suite's
 def test_jac_every_resumed_between_two_term_steps_equals_an_uninterrupted_run(tmp_path):
     options = {"jac_every": 3}  # the term on steps 3 and 6 (counted from 1)
     full, _ = run_tiny(tmp_path / "full", 7, options=options)
@@ -50,6 +53,7 @@ def test_jac_every_resumed_between_two_term_steps_equals_an_uninterrupted_run(tm
                                                      every_step.student.state_dict().values()))
 
 
+@pytest.mark.slow  # runs of several steps: the full suite's
 def test_checkpoints_are_complete_and_pruned(tmp_path):
     run_tiny(tmp_path, 7)
     root = tmp_path / "checkpoints"
@@ -60,6 +64,7 @@ def test_checkpoints_are_complete_and_pruned(tmp_path):
     assert state["step"] == 7 and state["finetuner"] == "2ndmatch"
 
 
+@pytest.mark.slow  # runs of several steps: the full suite's
 def test_resume_ignores_an_incomplete_checkpoint(tmp_path):
     run_tiny(tmp_path, 3)
     (tmp_path / "checkpoints" / ".step-0000006.abc.tmp").mkdir()  # a crash in the middle of a write
@@ -229,6 +234,7 @@ def test_bf16_autocasts_the_network_passes_but_the_jacobian_evaluations_stay_fp3
         TrainConfig(mixed_precision="fp16")
 
 
+@pytest.mark.slow  # runs of several steps: the full suite's
 def test_the_loops_random_stream_does_not_depend_on_how_the_batch_is_split(tmp_path):
     """2ndmatch draws directions inside its loss, for the samples it is given; the noise and
     timesteps of every step must still be those of the global batch, whether it is split into
