@@ -22,7 +22,7 @@ _EXPORTS = {
     "dense_of": ".pruning.component",
     **dict.fromkeys(["FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig", "finetune"], ".training"),
 }
-_exported, _ = lazy_exports(__name__, _EXPORTS)
+_exported = lazy_exports(__name__, _EXPORTS)[0]
 
 
 def __getattr__(name: str):

@@ -124,8 +124,10 @@ def test_a_dits_checks_feed_its_null_class():
     dit = BUILDERS["dit"]().eval()
     (labels,) = [s for s in input_specs(dit) if s.name == "class_labels"]
     assert labels.high == dit.config.num_embeds_ada_norm + 1  # the table's extra row, for guidance
-    for batch in (1, 3):
+    for batch in (2, 3):
         assert random_inputs(input_specs(dit), batch, seed=batch)[-1][-1] == dit.config.num_embeds_ada_norm
+    labels = {int(random_inputs(input_specs(dit), 1, seed=seed)[-1]) for seed in range(20)}
+    assert labels - {dit.config.num_embeds_ada_norm}  # batch 1: a random label, not always the null one
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))

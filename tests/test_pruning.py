@@ -334,6 +334,12 @@ def test_the_report_says_how_far_the_student_keeps_what_the_masks_keep(caplog):
     _, report = masks_to_student(teacher, {"conv_in": _row_mask(conv_in, slice(0, width // 2))}, round_to=None)
     assert report["groups"][0]["mask_agreement"] == 0.5  # 2 of each group's 4, but NNI kept 4 or 0
 
+    caplog.clear()  # one channel masked: whole GroupNorm groups keep all 32, so nothing is lost
+    with caplog.at_level("WARNING", logger="nni_2ndmatch"):
+        student, report = masks_to_student(teacher, {"conv_in": _row_mask(conv_in, slice(1, None))}, round_to=None)
+    assert report["groups"][0]["kept"] == width and report["groups"][0]["pruned_without_mask"] == []
+    assert "without a mask lose output channels" not in caplog.text
+
 
 def test_an_nni_pruners_masks_agree_with_the_student_where_one_layer_decides():
     teacher = tiny_unet().eval()

@@ -91,8 +91,9 @@ def input_specs(model: nn.Module, seq_len: int | None = None) -> list[InputSpec]
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         specs += [InputSpec("text_embeds", "float32", (pooled,)), InputSpec("time_ids", "float32", (6,))]
     if is_dit(model) and cfg.num_embeds_ada_norm:  # with the null class of guidance, where the table has it
-        table = next(m.embedding_table for m in model.modules() if type(m).__name__ == "LabelEmbedding")
-        specs.append(InputSpec("class_labels", "int64", (), high=int(table.num_embeddings)))
+        table = next((m.embedding_table for m in model.modules() if type(m).__name__ == "LabelEmbedding"), None)
+        high = table.num_embeddings if table is not None else cfg.num_embeds_ada_norm
+        specs.append(InputSpec("class_labels", "int64", (), high=int(high)))
     elif getattr(cfg, "num_class_embeds", None):
         specs.append(InputSpec("class_labels", "int64", (), high=int(cfg.num_class_embeds)))
     return specs
@@ -147,8 +148,9 @@ def wrap(model: nn.Module, specs: list[InputSpec], half: bool = False) -> Export
 
 def random_inputs(specs: list[InputSpec], batch: int, seed: int = 0,
                   device: str | torch.device = "cpu") -> list[Tensor]:
-    """Random inputs of the contract (seeded), created on ``device``; an integer input's last item
-    is its largest value (a DiT's null class, which guidance feeds), so checks always meet it."""
+    """Random inputs of the contract (seeded), created on ``device``; in a batch of several, an
+    integer input's last item is its largest value (a DiT's null class, which guidance feeds), so
+    checks always meet it beside a random one."""
     g = seeded_generator(seed)
     out = []
     for s in specs:
@@ -156,7 +158,8 @@ def random_inputs(specs: list[InputSpec], batch: int, seed: int = 0,
             t = torch.rand(batch, generator=g) * (NUM_TIMESTEPS - 1)
         elif s.dtype == "int64":
             t = torch.randint(0, s.high or 1, (batch, *s.shape), generator=g)
-            t[-1] = (s.high or 1) - 1
+            if batch > 1:
+                t[-1] = (s.high or 1) - 1
         else:
             t = torch.randn(batch, *s.shape, generator=g)
         out.append(t.to(device))

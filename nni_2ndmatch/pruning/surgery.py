@@ -362,7 +362,8 @@ def _report_mask_agreement(report: dict[str, Any], plan: list[dict[str, Any]],
     keep (``mask_agreement``: the masked layers' mean share, 1.0 = all of them), and which of its
     layers lose output channels without a mask of their own (``pruned_without_mask``: a layer a
     config_list excluded, or did not select, that is coupled to a masked one); the report's
-    ``mask_agreement`` is the mean over all kept channels. Such layers are also logged."""
+    ``mask_agreement`` is the mean over all kept channels that a mask covers. Such layers are also
+    logged."""
     keeps = {entry["root"]: entry["keep"] for entry in plan}
     total, agreeing = 0, 0.0
     for group in report["groups"]:
@@ -371,7 +372,7 @@ def _report_mask_agreement(report: dict[str, Any], plan: list[dict[str, Any]],
         keep = keep[covered[keep] > 0]
         share = kept[keep] / covered[keep]
         group["mask_agreement"] = round(float(share.mean()), 4) if len(keep) else None
-        group["pruned_without_mask"] = unmasked
+        group["pruned_without_mask"] = unmasked if group["kept"] < group["channels"] else []  # rounding may keep all
         total, agreeing = total + len(keep), agreeing + float(share.sum())
     report["mask_agreement"] = round(agreeing / total, 4) if total else None
     coupled = sorted({name for group in report["groups"] for name in group["pruned_without_mask"]})
