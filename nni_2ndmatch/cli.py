@@ -58,15 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(available_finetuners()))
         return 0
     from .config import load_config
-    from .job.run import run_job, summary_text
 
     config = None
     try:
-        config = load_config(args.config)
+        config = load_config(args.config)  # a bad config answers before the job's imports (diffusers)
         if args.threads is not None:
             if args.threads < 1:
                 raise ConfigError([f"--threads: value {args.threads} is not allowed: it must be >= 1"], "command line")
             config = config.model_copy(update={"threads": args.threads})
+        from .job.run import run_job, summary_text
+
         summary = run_job(config, args.command, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.no_progress)
     except ERRORS as e:

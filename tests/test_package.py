@@ -5,13 +5,16 @@ import pytest
 
 
 @pytest.mark.slow
-def test_core_imports_without_nni_or_gpu_only_packages_and_the_cli_starts_without_torch():
-    """--version, --help and a data loader worker's start import no torch; a config file is checked
-    without the diffusers models (about 3 s of a 10 s start); the core needs no NNI or GPU-only
+def test_core_imports_without_nni_or_gpu_only_packages_and_the_cli_starts_without_torch(tmp_path):
+    """--version, --help and a data loader worker's start import no torch; a bad config file is
+    refused without the diffusers models (about 3 s of a 10 s start); the core needs no NNI or GPU-only
     package; every public name still resolves."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nmodel: {teacher: {builtin: digits-teacher}}\noutput_dir: out\nfinetune: {stpes: 3}\n")
     code = ("import sys, nni_2ndmatch, nni_2ndmatch.cli, nni_2ndmatch.deploy.errors; "
             "assert 'torch' not in sys.modules; "
-            "import nni_2ndmatch.config; assert 'diffusers' not in sys.modules; "
+            f"from nni_2ndmatch.cli import main; assert main(['run', {str(bad)!r}]) == 2; "
+            "assert 'diffusers' not in sys.modules; "
             "import nni_2ndmatch.training; "
             "bad = [m for m in ('nni', 'tensorrt', 'torch_pruning') if m in sys.modules]; assert not bad, bad; "
             "import nni_2ndmatch.deploy as d, nni_2ndmatch.nni as n, nni_2ndmatch.pruning as p; "
