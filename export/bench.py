@@ -39,10 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy import load_model
-    from nni_2ndmatch.deploy.bench import Setup, render_markdown, run_benchmark, write_reports
 
     teacher, teacher_info = load_model(args.teacher)
     student, student_info = load_model(args.student)
+    from nni_2ndmatch.deploy.bench import Setup, render_markdown, run_benchmark, write_reports
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     setup = Setup(backends=backends, batches=args.batch, device=args.device, threads=args.threads,
                   repeats=args.repeats, warmup=args.warmup, trt_precision=args.trt_precision, seq_len=args.seq_len,

@@ -6,21 +6,33 @@ import pytest
 
 @pytest.mark.slow
 def test_core_imports_without_nni_or_gpu_only_packages_and_the_cli_starts_without_torch(tmp_path):
-    """--version, --help and a data loader worker's start import no torch; a bad config file is
-    refused without the diffusers models (about 3 s of a 10 s start); the core needs no NNI or GPU-only
+    """--version, --help and a data loader worker's start import no torch; a bad config file, and a
+    folder that is no model given to an export script, are refused without the diffusers models
+    (about 3 s of a 10 s start); the core needs no NNI or GPU-only
     package; every public name still resolves."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nmodel: {teacher: {builtin: digits-teacher}}\noutput_dir: out\nfinetune: {stpes: 3}\n")
-    code = ("import sys, nni_2ndmatch, nni_2ndmatch.cli, nni_2ndmatch.deploy.errors; "
-            "assert 'torch' not in sys.modules; "
-            f"from nni_2ndmatch.cli import main; assert main(['run', {str(bad)!r}]) == 2; "
-            "assert 'diffusers' not in sys.modules; "
-            "import nni_2ndmatch.training; "
-            "bad = [m for m in ('nni', 'tensorrt', 'torch_pruning') if m in sys.modules]; assert not bad, bad; "
-            "import nni_2ndmatch.deploy as d, nni_2ndmatch.nni as n, nni_2ndmatch.pruning as p; "
-            "missing = [(m.__name__, a) for m in (nni_2ndmatch, d, n, p) for a in m.__all__ "
-            "if getattr(m, a, None) is None]; "
-            "assert not missing, missing; assert 'load_pruned' in dir(nni_2ndmatch); print('ok')")
+    code = f"""
+import sys, nni_2ndmatch, nni_2ndmatch.cli, nni_2ndmatch.deploy.errors
+assert 'torch' not in sys.modules
+from nni_2ndmatch.cli import main
+assert main(['run', {str(bad)!r}]) == 2
+from nni_2ndmatch.deploy import DeployError, load_model
+try:
+    load_model({str(tmp_path)!r})
+    raise AssertionError('loaded a folder without a model')
+except DeployError as e:
+    assert 'no config.json' in str(e)
+assert 'diffusers' not in sys.modules
+import nni_2ndmatch.training
+bad = [m for m in ('nni', 'tensorrt', 'torch_pruning') if m in sys.modules]
+assert not bad, bad
+import nni_2ndmatch.deploy as d, nni_2ndmatch.nni as n, nni_2ndmatch.pruning as p
+missing = [(m.__name__, a) for m in (nni_2ndmatch, d, n, p) for a in m.__all__ if getattr(m, a, None) is None]
+assert not missing, missing
+assert 'load_pruned' in dir(nni_2ndmatch)
+print('ok')
+"""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 

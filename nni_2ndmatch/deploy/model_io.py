@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from ..method import forward_kwargs
 from ..models import conditioning_of, diffusers_class_name, first_input, is_dit, is_sd3
-from ..pruning import is_pruned_folder, load_model_folder
 from ..pruning import macs_params as model_macs_params
 from ..scoped import seeded_generator
 from ..utils import is_integer
@@ -56,6 +55,11 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(path)
     if not path.is_dir():
         raise DeployError(f"model folder {str(path)!r} does not exist or is not a folder")
+    if not any((path / name).is_file() for name in ("config.json", "model_index.json")):  # before diffusers loads
+        raise DeployError(f"cannot load model folder {str(path)!r}: it has no config.json (a model folder) or "
+                          "model_index.json (a pipeline folder)")
+    from ..pruning.storage import is_pruned_folder, load_model_folder  # diffusers: only for a folder worth loading
+
     kind = "pruned" if is_pruned_folder(path) else "diffusers"
     try:
         model = load_model_folder(path)
