@@ -23,4 +23,3 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str],
         return sorted({*vars(sys.modules[package]), *exports})
 
     return __getattr__, __dir__
-
