@@ -98,7 +98,8 @@ def big_folder(counts: list[int], work: Path) -> dict:
     for count in counts:
         image_folder(work / f"images-{count}", count)
         raw = {"version": 1,
-               "model": {"teacher": {"builtin": "ddpm-cifar10", "width": 0.25}, "student": {"path": str(work / "student")}},
+               "model": {"teacher": {"builtin": "ddpm-cifar10", "width": 0.25},
+                         "student": {"path": str(work / "student")}},
                "data": {"path": str(work / f"images-{count}"), "resolution": 32, "channels": 3},
                "finetune": {"finetuner": "dsm", "steps": 20, "batch_size": 8, "checkpoint_every": 20},
                "output_dir": str(work / f"run-{count}")}
