@@ -15,23 +15,19 @@ _EXPORTS = {
     **dict.fromkeys(["TermForm", "add_noise", "default_scheduler", "jacobian_safe", "jacobian_sensitivity",
                      "sample_directions", "second_match_loss"], ".method"),
     **dict.fromkeys(["build_builtin", "example_conditioning"], ".models"),
-    **dict.fromkeys(["NoisyBatches", "diffusion_evaluator", "distiller_class", "dsm_training_step",
-                     "prune_diffusers"], ".nni"),
+    **dict.fromkeys(["NoisyBatches", "SecondMatchDistiller", "diffusion_evaluator", "distiller_class",
+                     "dsm_training_step", "prune_diffusers"], ".nni"),
     **dict.fromkeys(["as_component", "load_pipeline", "load_pruned", "masks_to_student", "pruned_class",
                      "save_pruned"], ".pruning"),
     "dense_of": ".pruning.component",
     **dict.fromkeys(["FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig", "finetune"], ".training"),
 }
-_exported = lazy_exports(__name__, _EXPORTS)[0]
+_exported, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return _exported(name)
-    if name == "SecondMatchDistiller":  # built on first use: it subclasses an NNI class
-        from .nni import distiller_class
-
-        return distiller_class()
     if name == "ModelMixin":  # diffusers looks up the base classes of a component in its library
         from diffusers import ModelMixin
 
@@ -53,7 +49,3 @@ __all__ = [
     "register_finetuner", "Runtime", "sample_directions", "save_pruned", "second_match_loss", "SecondMatchDistiller",
     "TrainConfig",
 ]
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *__all__})

@@ -7,18 +7,11 @@ from ..lazy import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(["check_config_list", "check_config_list_model", "config_list_problems", "default_config_list"],
                     ".config_list"),
-    **dict.fromkeys(["NoisyBatches", "diffusion_evaluator", "distiller_class", "dsm_training_step"], ".distiller"),
+    **dict.fromkeys(["NoisyBatches", "SecondMatchDistiller", "diffusion_evaluator", "distiller_class",
+                     "dsm_training_step"], ".distiller"),  # SecondMatchDistiller: built on first use (it imports NNI)
     **dict.fromkeys(["NNI_PRUNERS", "PRUNER_REGISTRY", "PRUNERS", "PruneRequest", "PrunerSpec",
                      "check_config_list_pruner", "nni_masks", "prune_diffusers", "pruner_spec", "register_pruner"],
                     ".pruners"),
 }
-_exported, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name == "SecondMatchDistiller":  # built on first use: it subclasses an NNI class
-        from .distiller import distiller_class
-
-        return distiller_class()
-    return _exported(name)
