@@ -43,7 +43,13 @@ def _differs(a, b):
 
 
 @pytest.mark.slow
-def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp_path):
+@pytest.mark.parametrize("processes", [1, 3])
+def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(processes, tmp_path, monkeypatch):
+    """processes: the run as if it had finetuned on that many processes (its summary says so), so
+    that the wall-clock baseline must get the run's training seconds on all of them."""
+    import dataclasses
+
+    import nni_2ndmatch.job.run as job_run
     from nni_2ndmatch import finetune, get_finetuner, load_pruned
     from nni_2ndmatch.data import DigitsDataset
     from nni_2ndmatch.job.inputs import load_configured_model
@@ -57,6 +63,9 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
            "evaluate": {"samples": 8, "ddim_steps": 2, "compare": ["kd"], "equal_wallclock": True},
            "output_dir": str(tmp_path / "run")}
     config = validate_config(raw)
+    evaluate_models = job_run.evaluate_models
+    monkeypatch.setattr(job_run, "evaluate_models", lambda *args, **kwargs: evaluate_models(
+        *args[:5], dataclasses.replace(args[5], processes=processes), **kwargs))
     run_job(config, "run", progress=False)
     out = tmp_path / "run"
     report = out / "report"
@@ -65,10 +74,12 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
     run = results["finetune"]  # the run's seconds less its checkpoints' (the baselines write none)
     training = run["seconds"] - run["overhead_seconds"]
     assert 0 < run["overhead_seconds"] < run["seconds"]
-    kd_steps = round(training / (comparison["baselines"]["kd"]["seconds"] / 2))
+    kd_steps = round(training * processes / (comparison["baselines"]["kd"]["seconds"] / 2))
+    wallclock = "the run's wall clock" + (f" x {processes} processes" if processes > 1 else "")
     assert [row["model"] for row in comparison["rows"]] == [
         "teacher", "pruned, before finetuning", "kd (baseline)",
-        f"kd (baseline, {kd_steps} steps: the run's wall clock)", "2ndmatch (this run)"]
+        f"kd (baseline, {kd_steps} steps: {wallclock})", "2ndmatch (this run)"]
+    assert any(f"times its {processes} processes" in note for note in comparison["notes"]) == (processes > 1)
     assert comparison["baselines"]["kd-wallclock"]["steps"] == kd_steps > 2  # kd's step is the cheaper
     rows = {row["role"]: row for row in comparison["rows"]}
     assert rows["baseline"]["finetuner"] == "kd" and rows["baseline"]["finetune_seconds"] > 0
@@ -92,7 +103,7 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(tmp
     text = (report / "report.md").read_text()
     assert [line for line in text.splitlines() if line.startswith("# ")] == ["# nni-2ndmatch run report"]
     assert "| kd (baseline) |" in text and "`2ndmatch` vs kd (baseline):" in text
-    assert f"`2ndmatch` vs kd (baseline, {kd_steps} steps: the run's wall clock):" in text
+    assert f"`2ndmatch` vs kd (baseline, {kd_steps} steps: {wallclock}):" in text
     assert "benchmarks/digits_quality.py" in text
     for png in ("loss_curves.png", "samples_pruned.png", "samples_baseline_kd.png", "samples_student.png"):
         assert (report / png).stat().st_size > 1000, png
