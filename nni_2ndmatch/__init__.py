@@ -3,30 +3,47 @@
 Its layers, each importing only from those below it, are drawn once, in docs/development.md.
 """
 
+from typing import TYPE_CHECKING
+
 from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-#: The public names, each with the module that defines it: imported on first use, so that
-#: ``import nni_2ndmatch`` (the CLI's start, a data loader worker's) costs no diffusers import.
-_EXPORTS = {
-    **dict.fromkeys(["Finetuner", "FinetunerOptions", "available_finetuners", "finetuner_options", "get_finetuner",
-                     "register_finetuner"], ".finetuners"),
-    **dict.fromkeys(["TermForm", "add_noise", "default_scheduler", "jacobian_safe", "jacobian_sensitivity",
-                     "sample_directions", "second_match_loss"], ".method"),
-    **dict.fromkeys(["build_builtin", "example_conditioning"], ".models"),
-    **dict.fromkeys(["NoisyBatches", "SecondMatchDistiller", "diffusion_evaluator", "distiller_class",
-                     "dsm_training_step", "prune_diffusers"], ".nni"),
-    **dict.fromkeys(["as_component", "load_pipeline", "load_pruned", "masks_to_student", "pruned_class",
-                     "save_pruned"], ".pruning"),
-    "dense_of": ".pruning.component",
-    **dict.fromkeys(["FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig", "finetune"], ".training"),
-}
-_exported, __dir__ = lazy_exports(__name__, _EXPORTS)
+if TYPE_CHECKING:  # the public names; at run time each is imported on first use (nni_2ndmatch.lazy)
+    from .finetuners import (
+        Finetuner,
+        FinetunerOptions,
+        available_finetuners,
+        finetuner_options,
+        get_finetuner,
+        register_finetuner,
+    )
+    from .method import (
+        TermForm,
+        add_noise,
+        default_scheduler,
+        jacobian_safe,
+        jacobian_sensitivity,
+        sample_directions,
+        second_match_loss,
+    )
+    from .models import build_builtin, example_conditioning
+    from .nni import (
+        NoisyBatches,
+        SecondMatchDistiller,
+        diffusion_evaluator,
+        distiller_class,
+        dsm_training_step,
+        prune_diffusers,
+    )
+    from .pruning import as_component, load_pipeline, load_pruned, masks_to_student, pruned_class, save_pruned
+    from .training import FinetuneResult, NonFiniteLossError, Runtime, TrainConfig, finetune
+
+_exported, __dir__, __all__ = lazy_exports(__name__)
 
 
 def __getattr__(name: str):
-    if name in _EXPORTS:
+    if name in __all__:
         return _exported(name)
     if name == "ModelMixin":  # diffusers looks up the base classes of a component in its library
         from diffusers import ModelMixin
@@ -40,12 +57,3 @@ def __getattr__(name: str):
             return pruned_class(dense_of(name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-__all__ = [
-    "TermForm", "add_noise", "as_component", "available_finetuners", "build_builtin", "default_scheduler",
-    "diffusion_evaluator", "dsm_training_step", "example_conditioning", "finetune", "Finetuner", "FinetunerOptions",
-    "finetuner_options", "FinetuneResult", "get_finetuner", "jacobian_safe", "jacobian_sensitivity", "load_pipeline",
-    "load_pruned", "masks_to_student", "NoisyBatches", "NonFiniteLossError", "prune_diffusers", "pruned_class",
-    "register_finetuner", "Runtime", "sample_directions", "save_pruned", "second_match_loss", "SecondMatchDistiller",
-    "TrainConfig",
-]

@@ -30,6 +30,8 @@ assert not bad, bad
 import nni_2ndmatch.deploy as d, nni_2ndmatch.nni as n, nni_2ndmatch.pruning as p
 missing = [(m.__name__, a) for m in (nni_2ndmatch, d, n, p) for a in m.__all__ if getattr(m, a, None) is None]
 assert not missing, missing
+assert {{'get_finetuner', 'SecondMatchDistiller', 'load_pipeline'}} <= set(nni_2ndmatch.__all__), nni_2ndmatch.__all__
+assert 'export_onnx' in d.__all__ and 'PRUNERS' in n.__all__ and 'save_pruned' in p.__all__
 assert 'load_pruned' in dir(nni_2ndmatch)
 print('ok')
 """
@@ -73,12 +75,6 @@ def _imports():
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
                 targets |= {n for n in names if n and n.startswith("nni_2ndmatch.")}
-            elif isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets):
-                for value in ast.walk(node.value):  # lazy exports: {name: ".module"}, imported on first use
-                    if isinstance(value, ast.Constant) and str(value.value).startswith("."):
-                        relative = str(value.value)
-                        level = len(relative) - len(relative.lstrip("."))
-                        targets.add(".".join(here[:len(here) - level + 1] + [relative.lstrip(".")]))
         found[module] = {t for t in targets if t != module}
     return found
 

@@ -10,14 +10,14 @@
 Command lines: export/to_onnx.py, export/to_aoti.py, export/to_trt.py, export/bench.py.
 """
 
+from typing import TYPE_CHECKING
+
 from ..lazy import lazy_exports
 
-_EXPORTS = {
-    "export_aoti": ".aoti",
-    **dict.fromkeys(["DeployError", "EngineMismatchError", "ExportError", "MissingBackendError", "ParityError"],
-                    ".errors"),
-    **dict.fromkeys(["InputSpec", "input_specs", "load_model", "random_inputs", "wrap"], ".model_io"),
-    "export_onnx": ".onnx_export",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+if TYPE_CHECKING:  # the public names; at run time each is imported on first use (nni_2ndmatch.lazy)
+    from .aoti import export_aoti
+    from .errors import DeployError, EngineMismatchError, ExportError, MissingBackendError, ParityError
+    from .model_io import InputSpec, input_specs, load_model, random_inputs, wrap
+    from .onnx_export import export_onnx
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__)
