@@ -332,6 +332,36 @@ def test_the_student_gets_a_model_card_with_the_runs_figures(tmp_path):
     assert 'load_pruned("student")' in body and not (out / "pipeline").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["NNI config_list", "a given unpruned student"])
+def test_the_cards_loading_code_loads_the_student_with_diffusers_alone(case, tmp_path, monkeypatch):
+    """The card's diffusers-only snippet, run as written in output_dir, loads the student; a
+    config_list pruning (no single sparse ratio) is described, not a crash at the run's end."""
+    from diffusers import UNet2DModel
+
+    from nni_2ndmatch.job.run import run_job
+
+    raw = {"model": {"teacher": {"builtin": "tiny-unet", "seed": 0}}, "data": {"builtin": "digits", "resolution": 16},
+           "finetune": {"finetuner": "kd", "steps": 2, "batch_size": 4}, "output_dir": str(tmp_path / "run")}
+    if case == "NNI config_list":
+        raw["pruning"] = {"pruner": "L1NormPruner", "config_list": [
+            {"op_types": ["Conv2d"], "sparse_ratio": 0.5, "exclude_op_names": ["conv_out"]}]}
+    else:
+        raw["model"]["student"] = {"builtin": "tiny-unet", "width": 0.5}
+    run_job(validate_config(raw), "run", progress=False)
+    text = (tmp_path / "run" / "student" / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert ("by `L1NormPruner` with the config_list of 1 entry(ies)" in text) == (case == "NNI config_list")
+    pruned = case == "NNI config_list"  # else an ordinary diffusers model: no remote code, no nni_2ndmatch.py
+    assert len(blocks) == (2 if pruned else 1) and ("trust_remote_code=True" in text) == pruned
+    monkeypatch.chdir(tmp_path / "run")
+    scope = {}
+    exec(blocks[-1], scope)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert isinstance(scope["student"], UNet2DModel)
+    assert sum(p.numel() for p in scope["student"].parameters()) == summary["student_params"]
+
+
 def test_a_hub_teachers_card_names_it_as_the_base_model(tmp_path):
     from nni_2ndmatch.config import validate_config
     from nni_2ndmatch.job.card import model_card

@@ -13,6 +13,7 @@ from ..config import Config
 from ..files import atomic_write_text
 from ..layout import PIPELINE_DIR, PRUNING_REPORT, REPORT_DIR, RESULTS_FILE, STUDENT_DIR
 from ..models.pipelines import null_components
+from ..pruning import is_pruned_folder
 from .results import RunSummary
 
 CARD_FILE = "README.md"
@@ -31,10 +32,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _ratio(pruning: dict[str, Any]) -> str:
+    if pruning.get("sparse_ratio") is not None:
+        return f"at sparse ratio {pruning['sparse_ratio']:g}"
+    return f"with the config_list of {len(pruning.get('config_list') or [])} entry(ies) in the run's config.yaml"
+
+
 def model_card(config: Config, summary: RunSummary, pruning: dict[str, Any] | None,
-               results: dict[str, Any] | None, *, pipeline: bool, nulls: tuple[str, ...] = ()) -> str:
+               results: dict[str, Any] | None, *, pipeline: bool, nulls: tuple[str, ...] = (),
+               pruned: bool = True) -> str:
     """The card's text for the student folder (``pipeline=False``) or the pipeline folder, whose
-    components saved as null (``nulls``: SD3 without T5) diffusers must be given as None."""
+    components saved as null (``nulls``: SD3 without T5) diffusers must be given as None.
+    ``pruned``: the student is of a pruned class (a given student may be an ordinary diffusers model)."""
     teacher = config.model.teacher
     front: dict[str, Any] = {"library_name": "diffusers"}
     if getattr(teacher, "hub", None):
@@ -45,8 +54,7 @@ def model_card(config: Config, summary: RunSummary, pruning: dict[str, Any] | No
              f"# A pruned {'pipeline' if pipeline else 'denoiser'} finetuned with {summary.finetuner}", "",
              (f"The teacher pipeline, {_source(teacher)}, with its denoiser made physically smaller " if pipeline
               else f"The teacher, {_source(teacher)}, made physically smaller ")
-             + (f"by `{pruning['pruner']}` at sparse ratio {pruning['sparse_ratio']:g}" if pruning else
-                "(a given student)")
+             + (f"by `{pruning['pruner']}` {_ratio(pruning)}" if pruning else "(a given student)")
              + f", then finetuned with `{summary.finetuner}` by nni-2ndmatch.", ""]
     if pruning:
         lines += ["## Size", "", "| | teacher | student | ratio |", "|---|---:|---:|---:|",
@@ -75,13 +83,17 @@ def model_card(config: Config, summary: RunSummary, pruning: dict[str, Any] | No
         lines += [f"| {row['variant']} | {row['batch']} | {row['speedup']:.2f}x |" for row in latency["rows"]]
         lines.append("")
     folder = PIPELINE_DIR if pipeline else STUDENT_DIR
-    with_package, without = (
-        (f'from nni_2ndmatch import load_pipeline\n\npipe = load_pipeline("{folder}")',
-         f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{folder}", '
-         f'trust_remote_code=True{"".join(f", {name}=None" for name in nulls)})') if pipeline else
-        (f'from nni_2ndmatch import load_pruned\n\nstudent = load_pruned("{folder}")',
-         f'from diffusers import AutoModel\n\nstudent = AutoModel.from_pretrained("{folder}", trust_remote_code=True)'))
-    lines += ["## How to load", "", "With nni-2ndmatch installed (it rebuilds the pruned model from its config and "
+    remote = ", trust_remote_code=True" if pruned else ""
+    without = (f'from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained("{folder}"'
+               f'{remote}{"".join(f", {name}=None" for name in nulls)})' if pipeline else
+               f'from diffusers import AutoModel\n\nstudent = AutoModel.from_pretrained("{folder}"{remote})')
+    lines += ["## How to load", ""]
+    if not pruned:
+        return "\n".join(lines + ["The student is an ordinary diffusers model (a given student, not pruned by the "
+                                   "run): diffusers loads it as it is.", "", "```python", without, "```", ""])
+    with_package = (f'from nni_2ndmatch import load_pipeline\n\npipe = load_pipeline("{folder}")' if pipeline else
+                    f'from nni_2ndmatch import load_pruned\n\nstudent = load_pruned("{folder}")')
+    lines += ["With nni-2ndmatch installed (it rebuilds the pruned model from its config and "
               "runs no code from the folder):", "", "```python", with_package, "```", "",
               "With diffusers alone: the pruned model's class travels in its folder as `nni_2ndmatch.py` (it "
               "imports only torch and diffusers), which diffusers runs when asked to:", "", "```python", without,
@@ -95,8 +107,10 @@ def write_model_cards(config: Config, out: Path, summary: RunSummary, *, reporte
     ``prune`` reported) and, when this run ``reported``, its report's results."""
     pruning = _read_json(out / PRUNING_REPORT) if config.pruning is not None else None
     results = _read_json(out / REPORT_DIR / RESULTS_FILE) if reported else None
-    atomic_write_text(out / STUDENT_DIR / CARD_FILE, model_card(config, summary, pruning, results, pipeline=False))
+    pruned = is_pruned_folder(out / STUDENT_DIR)
+    atomic_write_text(out / STUDENT_DIR / CARD_FILE,
+                      model_card(config, summary, pruning, results, pipeline=False, pruned=pruned))
     if summary.pipeline_dir is not None:
         nulls = tuple(null_components(out / summary.pipeline_dir))
         atomic_write_text(out / summary.pipeline_dir / CARD_FILE,
-                          model_card(config, summary, pruning, results, pipeline=True, nulls=nulls))
+                          model_card(config, summary, pruning, results, pipeline=True, nulls=nulls, pruned=pruned))
