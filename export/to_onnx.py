@@ -45,8 +45,16 @@ def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy.artefact import sidecar_path
 
     if args.pipeline:
+        from nni_2ndmatch.deploy import DeployError
         from nni_2ndmatch.deploy.onnx_pipeline import export_onnx_pipeline
 
+        given = [flag for flag, value, default in (
+            ("--exporter", args.exporter, "dynamo"), ("--tolerance", args.tolerance, None),
+            ("--no-simplify", args.no_simplify, False), ("--no-batch-dynamic", args.batch_dynamic, True),
+            ("--seq-len", args.seq_len, None)) if value != default]
+        if given:
+            raise DeployError(f"{', '.join(given)}: an option of --model only; --pipeline exports every part with "
+                              "the dynamo exporter, a dynamic batch, the pipeline's text length and its own tolerances")
         report = export_onnx_pipeline(args.pipeline, args.out, opset=args.opset, fp16=args.fp16)
         for name, part in report["parts"].items():
             print(f"{part['file']}: onnxruntime vs PyTorch max rel {part['parity']['max_rel_error']:.3g}")

@@ -285,7 +285,8 @@ class EvaluateSection(_Section):
 class ExportSection(_Section):
     """ONNX export of teacher and student (parity-checked), and their latency on these backends."""
 
-    opset: int = Field(20, ge=17, le=23)
+    opset: int = Field(20, ge=18, le=23, description="ONNX opset; 18 or newer: the exporter writes opset-18 "
+                       "operators in any attention")
     backends: list[str] = Field(["onnxruntime"], min_length=1, description="the benchmark's backends that run on "
                                 "the CPU")
     batch: list[int] = Field([1, 16], min_length=1)

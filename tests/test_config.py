@@ -91,6 +91,7 @@ def _tiny(**sections):
                                       r"cpu, cuda, cuda:N \(N an index\), mps"),
     ({"evaluate": {"equal_wallclock": True}}, r"evaluate: equal_wallclock is true but compare lists no baseline"),
     ({"export": {"backends": []}}, r"export.backends: value \[\] is not allowed"),
+    ({"export": {"opset": 17}}, r"export.opset: value 17 is not allowed: Input should be greater than or equal to 18"),
     ({"output_dir": ""}, r"output_dir: value '' is not allowed"),
     ({"evaluate": None}, r"evaluate: the section is empty \(null\), which would leave it out; write 'evaluate: \{\}'"),
     ({"export": None}, r"export: the section is empty \(null\)"),

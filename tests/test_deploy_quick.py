@@ -127,3 +127,25 @@ def test_the_reports_export_section_takes_the_backends_that_run_on_the_cpu():
     with pytest.raises(ValueError, match=r"'tensorrt' is not a backend that runs on the CPU \(allowed: torch, "
                                          r"torch-compile, aoti, onnxruntime\)"):
         ExportSection(backends=["tensorrt"])
+
+
+def test_a_graph_onnxruntime_cannot_run_is_one_export_error():
+    """Split with num_outputs (an opset-18 attribute) in an opset-17 graph, which the dynamo exporter
+    writes below 18: onnxruntime refuses it, and that is an ExportError (exit 1), not its own type."""
+    from onnx import TensorProto, helper
+
+    from nni_2ndmatch.deploy import ExportError
+    from nni_2ndmatch.deploy.onnx_export import ort_session
+
+    def tensor(name, size):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [size])
+
+    split = helper.make_node("Split", ["x"], ["a", "b"], axis=0, num_outputs=2)
+    graph = helper.make_graph([split], "g", [tensor("x", 4)], [tensor("a", 2), tensor("b", 2)])
+    for opset, runs in ((18, True), (17, False)):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]).SerializeToString()
+        if runs:
+            assert [o.name for o in ort_session(model).get_outputs()] == ["a", "b"]
+        else:
+            with pytest.raises(ExportError, match="onnxruntime cannot run the graph: .*num_outputs"):
+                ort_session(model)

@@ -209,6 +209,21 @@ def test_bad_export_options_name_the_field(families, tmp_path):
         export_onnx(student, tmp_path / "a.onnx", opset=9)
     with pytest.raises(DeployError, match="exporter='jit'.*dynamo, torchscript"):
         export_onnx(student, tmp_path / "a.onnx", exporter="jit")
+    with pytest.raises(DeployError, match="opset=17 is not allowed with the dynamo exporter.*14 to 17 with the "
+                                          "torchscript exporter"):
+        export_onnx(student, tmp_path / "a.onnx", opset=17)
+
+
+def test_the_pipeline_export_refuses_what_it_would_not_apply(tmp_path, capsys):
+    """Options of --model only, and an opset the exporter cannot write, are refused with exit 2
+    before the pipeline is loaded; nothing is written."""
+    (tmp_path / "pipe").mkdir()
+    for args, expected in ((("--exporter", "torchscript", "--no-simplify"), "--exporter, --no-simplify: an option of "
+                            "--model only"), (("--seq-len", "8"), "--seq-len: an option of --model only"),
+                           (("--opset", "17"), "opset=17 is not allowed with the dynamo exporter")):
+        assert _script_here("to_onnx.py", "--pipeline", tmp_path / "pipe", "--out", tmp_path / "onnx", *args) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()
 
 
 # the keys nni_2ndmatch.deploy.bench documents (its TypedDicts; the environment's in environment())

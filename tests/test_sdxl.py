@@ -4,6 +4,7 @@ package, and the SDXL layouts the run cannot train are refused by name."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -116,12 +117,15 @@ def test_an_sdxl_layout_the_run_cannot_train_is_one_clear_error(edit, expected, 
     assert_refused(raw, tmp_path, expected)
 
 
-def test_a_whole_sdxl_pipeline_to_onnx_is_refused_naming_what_to_export_instead(tmp_path):
+@pytest.mark.parametrize("kind, denoiser", [("StableDiffusionXLPipeline", "unet"),
+                                            ("StableDiffusion3Pipeline", "transformer")])
+def test_a_whole_sdxl_or_sd3_pipeline_to_onnx_is_refused_naming_what_to_export_instead(kind, denoiser, tmp_path):
     from nni_2ndmatch.deploy import DeployError
     from nni_2ndmatch.deploy.onnx_pipeline import export_onnx_pipeline
-    from nni_2ndmatch.models import write_tiny_sdxl
+    from nni_2ndmatch.models import write_tiny_sd3, write_tiny_sdxl
 
-    with pytest.raises(DeployError, match=r"is an SDXL pipeline \(StableDiffusionXLPipeline\).*Export its U-Net "
-                                          r"alone: python export/to_onnx.py --model PIPELINE/unet"):
-        export_onnx_pipeline(write_tiny_sdxl(tmp_path / "sdxl"), tmp_path / "onnx")
+    folder = (write_tiny_sdxl if denoiser == "unet" else write_tiny_sd3)(tmp_path / "pipe")
+    with pytest.raises(DeployError, match=rf"is a {kind}, whose whole-pipeline ONNX .*Export its denoiser alone: "
+                                          rf"python export/to_onnx.py --model {re.escape(str(folder / denoiser))} "):
+        export_onnx_pipeline(folder, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()

@@ -39,13 +39,17 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 20  # TensorRT-safe: TensorRT parses the native Attention op (opset 23) only from 10.14
 EXPORTERS = ("dynamo", "torchscript")
+#: The dynamo exporter writes opset-18 operators (Split with num_outputs, in any attention) even
+#: below opset 18, which onnxruntime and TensorRT then reject: it needs 18 or newer.
+DYNAMO_MIN_OPSET = 18
 #: Max |onnx - torch| / max |torch| allowed, per precision.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 CHECK_BATCHES = (1, 3)
 #: Protobuf caps a serialized model at 2 GiB; keep room for the graph itself.
 EXTERNAL_DATA_BYTES = 2**31 - 2**27
 
-def _check_options(opset: int, exporter: str, tolerance: float | None) -> None:
+def check_options(opset: int, exporter: str, tolerance: float | None) -> None:
+    """An export's options, checked before any work (a DeployError naming the option)."""
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
@@ -54,6 +58,11 @@ def _check_options(opset: int, exporter: str, tolerance: float | None) -> None:
                           f"(default {DEFAULT_OPSET})")
     if exporter not in EXPORTERS:
         raise DeployError(f"exporter={exporter!r} is unknown; allowed: {', '.join(EXPORTERS)}")
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise DeployError(f"opset={opset} is not allowed with the dynamo exporter, which writes opset-"
+                          f"{DYNAMO_MIN_OPSET} operators (Split's num_outputs in attention) that an older opset "
+                          f"rejects; allowed: {DYNAMO_MIN_OPSET} to {newest}, or 14 to 17 with the torchscript "
+                          "exporter")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise DeployError(f"tolerance={tolerance!r} is not allowed; it must be a number > 0")
 
@@ -139,7 +148,10 @@ def ort_session(model: bytes | str | os.PathLike, threads: int | None = None, pr
     if threads:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own types (InvalidGraph, Fail, ...): the graph is not runnable
+        raise ExportError(f"onnxruntime cannot run the graph: {str(e).strip().splitlines()[0]}") from e
 
 
 def _run(session, specs: list[InputSpec], inputs: list[torch.Tensor]) -> np.ndarray:
@@ -240,7 +252,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, opset: int = DEFAUL
     ``tolerance``: max relative error allowed (default :data:`TOLERANCE` of the precision); above it
     nothing is written and :class:`ParityError` is raised.
     """
-    _check_options(opset, exporter, tolerance)
+    check_options(opset, exporter, tolerance)
     precision = "fp16" if fp16 else "fp32"
     tolerance = float(tolerance if tolerance is not None else TOLERANCE[precision])
     model = model.eval()

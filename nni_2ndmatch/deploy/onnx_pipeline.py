@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..files import atomic_dir, atomic_write_json
 from .errors import DeployError, ExportError, ParityError
-from .onnx_export import TOLERANCE, errors_against, export_onnx, ort_session, quiet_exporter, versions
+from .onnx_export import TOLERANCE, check_options, errors_against, export_onnx, ort_session, quiet_exporter, versions
 
 #: the latent scale OnnxStableDiffusionPipeline applies, whatever the VAE says
 ONNX_PIPELINE_SCALE = 0.18215
@@ -96,20 +96,23 @@ def export_onnx_pipeline(pipeline: str | os.PathLike, out: str | os.PathLike, *,
     pipeline, its denoiser pruned or dense) as ONNX for ``OnnxStableDiffusionPipeline``. ``fp16``:
     the U-Net in float16 (float32 inputs and output); the text encoder and VAE stay float32.
     Written atomically; returns the report also written to ``out/export.json``."""
+    from ..models import pipeline_denoiser
     from ..pruning import load_pipeline
 
     pipeline, out = Path(pipeline), Path(out)
+    check_options(opset, "dynamo", None)
     if not (pipeline / "model_index.json").is_file():
         raise DeployError(f"--pipeline {str(pipeline)!r} is not a pipeline folder (no model_index.json)")
     try:
         pipe = load_pipeline(pipeline)
     except (OSError, ValueError) as e:
         raise DeployError(f"cannot load the pipeline {str(pipeline)!r}: {e}") from None
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise DeployError(f"{str(pipeline)!r} is an SDXL pipeline ({type(pipe).__name__}), whose whole-pipeline ONNX "
-                          "layout (diffusers' OnnxStableDiffusionPipeline) does not exist; allowed: a Stable Diffusion "
-                          "1.x/2.x pipeline. Export its U-Net alone: "
-                          "python export/to_onnx.py --model PIPELINE/unet --out unet.onnx")
+    denoiser = pipeline_denoiser(pipeline)
+    if denoiser != "unet" or getattr(pipe, "text_encoder_2", None) is not None:
+        raise DeployError(f"{str(pipeline)!r} is a {type(pipe).__name__}, whose whole-pipeline ONNX layout (diffusers' "
+                          "OnnxStableDiffusionPipeline) does not exist; allowed: a Stable Diffusion 1.x/2.x pipeline. "
+                          f"Export its denoiser alone: python export/to_onnx.py --model {pipeline / denoiser} "
+                          f"--out {denoiser}.onnx")
     needed = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
     missing = [k for k in needed if getattr(pipe, k, None) is None]
     if missing:
