@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -47,7 +48,23 @@ CONFIG_VERSION = 1
 
 class _YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading exponents without a dot (1e-3, 5E+2) as numbers, as YAML 1.2
-    and JSON do: YAML 1.1 wants 1.0e-3 and would give strict options the text '1e-3'."""
+    and JSON do: YAML 1.1 wants 1.0e-3 and would give strict options the text '1e-3'. A key given
+    twice in one mapping is an error (PyYAML would keep the last and drop the other silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: an anchor's keys, which the mapping's may override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable):
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice, on lines {lines[key]} and {line}; keep one",
+                        key_node.start_mark)
+                lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
@@ -462,7 +479,8 @@ def _finetune_problems(section: FinetuneSection) -> list[str]:
 def load_config(path: str | os.PathLike) -> Config:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"config file {str(path)!r} does not exist"], str(path))
+        raise ConfigError([f"config file {str(path)!r} " + ("is a folder, not a YAML file" if path.is_dir() else
+                                                           "does not exist")], str(path))
     try:
         raw = yaml.load(path.read_text(), Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:

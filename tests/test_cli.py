@@ -189,6 +189,18 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     assert r.returncode == 2 and "malformed YAML" in r.stderr and "Traceback" not in r.stderr
     r = cli_here("finetune", tmp_path / "missing.yaml")
     assert r.returncode == 2 and "does not exist" in r.stderr
+    r = cli_here("finetune", tmp_path)
+    assert r.returncode == 2 and "is a folder, not a YAML file" in r.stderr
+    twice = tmp_path / "twice.yaml"  # PyYAML keeps the last; the user meant one of them
+    twice.write_text("model: {teacher: {builtin: tiny-unet}}\nfinetune:\n  steps: 500\n  lr: 1.0e-3\n  steps: 2\n"
+                     "output_dir: out\n")
+    r = cli_here("run", twice)
+    assert r.returncode == 2 and "key 'steps' is given twice, on lines 3 and 5; keep one" in r.stderr, r.stderr
+    merged = tmp_path / "merged.yaml"  # a YAML merge key overridden by its mapping is not a key given twice
+    merged.write_text("base: &b {steps: 2, lr: 1.0e-3}\nfinetune: {<<: *b, steps: 3}\n")
+    from nni_2ndmatch.config import _YamlLoader
+
+    assert yaml.load(merged.read_text(), Loader=_YamlLoader)["finetune"] == {"steps": 3, "lr": 1e-3}
 
 
 @pytest.mark.slow
@@ -206,10 +218,19 @@ def test_prune_then_finetune_as_separate_commands(tmp_path, caplog):
     cfg = write_config(tmp_path)
     early = cli_here("finetune", cfg, "--no-progress")
     assert early.returncode == 2 and "run 'nni-2ndmatch prune'" in early.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything is written (or a data cache encoded)
     pruned = cli_here("prune", cfg, "--no-progress")
     assert pruned.returncode == 0, pruned.stderr
     assert "pruning_plan" in json.loads((tmp_path / "run" / "pruned" / "config.json").read_text())
     assert not (tmp_path / "run" / "checkpoints").exists()
+    again = cli_here("prune", cfg, "--resume", "--no-progress")  # as docs/cli.md says: pruned, nothing to do
+    assert again.returncode == 0 and json.loads(again.stdout)["pruning"]["pruner"] == "L1NormPruner", again.stderr
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    other = write_config(tmp_path, lambda raw: raw["pruning"].update(sparse_ratio=0.6), name="other.yaml")
+    refused = cli_here("finetune", other, "--no-progress")  # pruned/ was made at another ratio
+    assert refused.returncode == 2 and re.search(r"differs from the one that pruned .* in pruning.sparse_ratio "
+                                                 r"\(0.3 -> 0.6\)", refused.stderr), refused.stderr
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
     with_export = write_config(tmp_path, lambda raw: raw.update(export={}), name="export.yaml")
     with caplog.at_level("WARNING", logger="nni_2ndmatch"):
         assert cli_here("finetune", with_export, "--no-progress").returncode == 0

@@ -206,3 +206,15 @@ def test_a_strategy_with_undeclared_init_options_is_refused_at_registration():
 
     with pytest.raises(TypeError, match="alpha are keyword arguments of __init__ but not fields of its Options"):
         register_finetuner("old-style")(OldStyle)
+
+
+def test_overwrite_removes_the_old_runs_report_and_export_too(tmp_path):
+    """A report or an ONNX export left from the replaced run would describe another model."""
+    from nni_2ndmatch.job.output import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    for path in (folder.report / "results.json", folder.onnx / "student.onnx", folder.summary, folder.cache / "a"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("old")
+    folder.prepare("run", resume=False, overwrite=True, keep_pruned=False)
+    assert sorted(p.name for p in folder.root.iterdir()) == ["cache"]  # the data cache is reused by its settings

@@ -761,3 +761,35 @@ def test_masks_the_student_cannot_apply_are_named_not_dropped_silently(caplog):
     _, report = masks_to_student(teacher, {"transformer_blocks.0.ff.net.0.proj": applied[
         "transformer_blocks.0.ff.net.0.proj"]}, default_example_inputs(teacher, 2), round_to=None)
     assert report["masks_not_applied"] == [] and report["groups"]
+
+
+def test_the_pipeline_out_carries_what_loading_reads_not_the_teachers_other_weights(tmp_path):
+    """A downloaded SD folder holds single-file checkpoints, pickled and fp16 copies of each
+    component and a hub cache: none of it goes into the pruned pipeline (gigabytes of dense teacher),
+    the license does, and the pipeline loads with diffusers and with the package."""
+    from diffusers import DiffusionPipeline
+
+    from nni_2ndmatch import load_pipeline
+    from nni_2ndmatch.models import write_tiny_sd
+    from nni_2ndmatch.pruning import save_pipeline
+
+    teacher = write_tiny_sd(tmp_path / "teacher")
+    junk = ["v1-5-pruned-emaonly.ckpt", "v1-5-pruned.safetensors", ".cache/huggingface/x.lock", "notes/a.txt",
+            "unet/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.safetensors",
+            "text_encoder/pytorch_model.bin", "text_encoder/model.safetensors.index.fp16.json",
+            "text_encoder/flax_model.msgpack", "vae/.cache/y"]
+    for name in [*junk, "LICENSE.md"]:
+        (teacher / name).parent.mkdir(parents=True, exist_ok=True)
+        (teacher / name).write_text("x")
+    unet = DiffusionPipeline.from_pretrained(teacher, use_safetensors=True).unet
+    student, _ = prune_diffusers(unet, "magnitude", 0.3, round_to=None)
+    save_pipeline(student, teacher, tmp_path / "pipeline")
+
+    def files(root, skip=""):
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not str(p.relative_to(root))
+                .startswith(skip)}
+
+    assert files(tmp_path / "pipeline", "unet/") == files(teacher, "unet/") - set(junk)  # LICENSE.md included
+    loaded = load_pipeline(tmp_path / "pipeline")
+    assert sum(p.numel() for p in loaded.unet.parameters()) == sum(p.numel() for p in student.parameters())
+    DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True)  # diffusers alone reads it too

@@ -25,7 +25,7 @@ def _source(spec: Any) -> str:
         return f"the built-in `{spec.builtin}`"
     if getattr(spec, "hub", None):
         return f"[{spec.hub}](https://huggingface.co/{spec.hub})"
-    return f"a local folder (`{Path(spec.path).name}`)"
+    return f"a local {'folder' if Path(spec.path).is_dir() else 'file'} (`{Path(spec.path).name}`)"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

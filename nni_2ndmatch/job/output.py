@@ -69,11 +69,11 @@ class RunFolder:
         if self.holds_run() and not resume and not overwrite:
             raise UserError(f"output_dir {str(out)!r} already holds a run; pass --resume to continue it "
                             "or --overwrite to replace it")
-        if resume and not (self.checkpoints / "latest").is_file():
+        if resume and command != "prune" and not (self.checkpoints / "latest").is_file():  # prune: see run_job
             raise UserError(f"--resume: output_dir {str(out)!r} holds no checkpoint to resume from")
         if overwrite and not resume:
-            for path in (self.checkpoints, self.student, self.pipeline, self.logs, self.samples,
-                         *(() if keep_pruned else (self.pruned,))):
+            for path in (self.checkpoints, self.student, self.pipeline, self.logs, self.samples, self.report,
+                         self.onnx, *(() if keep_pruned else (self.pruned,))):
                 shutil.rmtree(path, ignore_errors=True)
             for path in (self.summary, self.metrics, self.config, *(() if keep_pruned else (self.pruning_report,))):
                 path.unlink(missing_ok=True)
@@ -95,9 +95,10 @@ RESUME_FREE = {"output_dir", "threads", "evaluate", "export", "finetune.log_ever
                "finetune.validation_images", "finetune.validation_prompts"}
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"section.key": value}."""
     if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+        return {k: v for key, sub in value.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): value}
 
 
@@ -110,8 +111,8 @@ def write_config(config: Config, resume: bool, finetuner_options: dict[str, Any]
     resolved = {k: v for k, v in config.model_dump(mode="json").items() if v is not None}  # no empty sections
     resolved["finetune"].update(finetuner_options or config.finetune.finetuner_kwargs())  # the strategy's defaults
     if resume and path.is_file():
-        before = _flatten(yaml.safe_load(path.read_text()))
-        now = _flatten(resolved)
+        before = flatten(yaml.safe_load(path.read_text()))
+        now = flatten(resolved)
         free = RESUME_FREE | ({"finetune.steps"} if config.finetune.lr_schedule == "constant" else set())
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)
                          and not any(k == f or k.startswith(f + ".") for f in free))

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from ..config import Config
@@ -17,7 +18,7 @@ from ..models import default_example_inputs
 from ..nni import prune_diffusers
 from ..pruning import is_pruned_folder, load_pruned, save_pruned
 from ..training import Runtime
-from .output import RunFolder
+from .output import RunFolder, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,24 @@ def run_prune(config: Config, folder: RunFolder, teacher: nn.Module, dataset: to
                 folder.pruned)
     runtime.barrier()
     return student, report
+
+
+def check_pruned_start(folder: RunFolder, config: Config) -> None:
+    """Before ``finetune`` (without ``model.student``) touches the folder: the student an earlier
+    ``prune`` saved is there, and was made from this config's model and pruning sections (as the
+    folder's config.yaml records them), so that what the run reports is what it finetuned."""
+    if not is_pruned_folder(folder.pruned):
+        raise UserError(f"no pruned student in {str(folder.pruned)!r}: run 'nni-2ndmatch prune' (or 'run') first")
+    if not folder.config.is_file():
+        return
+    recorded, given = yaml.safe_load(folder.config.read_text()) or {}, config.model_dump(mode="json")
+    before, now = (flatten({k: sections.get(k) for k in ("model", "pruning")}) for sections in (recorded, given))
+    changed = [f"{k} ({before[k]!r} -> {now[k]!r})" for k in sorted(before.keys() & now.keys())
+               if before[k] != now[k]]  # (a field that a newer version added is in one of them only)
+    if changed:
+        raise UserError(f"the config differs from the one that pruned {str(folder.pruned)!r} ({folder.config}) in "
+                        f"{', '.join(changed)}; finetune with the sections that made it, or prune again "
+                        "('nni-2ndmatch prune --overwrite', or 'run')")
 
 
 def saved_pruned_student(folder: RunFolder) -> nn.Module:

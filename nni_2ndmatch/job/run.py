@@ -22,7 +22,7 @@ from .export import export_and_benchmark
 from .finetune import run_finetune
 from .inputs import JobInputs, check_inputs, make_runtime, preflight
 from .output import RunFolder, write_config
-from .prune import run_prune, saved_pruned_student
+from .prune import check_pruned_start, run_prune, saved_pruned_student
 from .report import save_sample_grids, write_run_report
 from .results import RunSummary
 
@@ -44,6 +44,8 @@ def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, pro
     runtime = make_runtime(config.finetune.device, config.finetune.process_timeout_s)
     inputs = check_inputs(config, resume, runtime)
     out, student = RunFolder.of(config), inputs.student
+    if command == "finetune" and config.model.student is None:
+        check_pruned_start(out, config)
     if runtime.is_main:  # `finetune` keeps the pruned student it starts from
         out.prepare(command, resume, overwrite, keep_pruned=command == "finetune" and config.model.student is None)
         write_config(config, resume, inputs.finetuner.options())

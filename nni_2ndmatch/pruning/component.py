@@ -165,17 +165,39 @@ def save_as_component(student: nn.Module, folder: str | os.PathLike) -> type:
         restore_registered_config(student, config)
 
 
+#: Weight formats other than safetensors (pickles, other frameworks'), which a pipeline loaded as
+#: load_pipeline loads it never reads.
+OTHER_WEIGHTS = {"bin", "ckpt", "pt", "pth", "pkl", "pickle", "msgpack", "h5", "onnx", "pb", "ot", "gguf"}
+
+
+def _read_when_loaded(path: Path) -> bool:
+    """A file of a component folder that loading it reads: not hidden, not another format's
+    weights (or their shard index), and safetensors weights only without a variant such as fp16
+    (``model.safetensors``, ``model-00001-of-00002.safetensors`` and its index; not
+    ``model.fp16.safetensors``)."""
+    parts = path.name.split(".")
+    if path.name.startswith(".") or OTHER_WEIGHTS & set(parts[1:]):
+        return False
+    return "safetensors" not in parts or parts[1:] in (["safetensors"], ["safetensors", "index", "json"])
+
+
 def save_pipeline(student: nn.Module, source: str | os.PathLike, folder: str | os.PathLike) -> None:
-    """Write ``folder``: the pipeline folder ``source`` with ``student`` as its denoiser. The other
-    components are copied as they are; a pruned student is saved as its pruned class (the plan in
-    its config) and model_index.json names that class. Written atomically; ``student`` is unchanged."""
+    """Write ``folder``: the pipeline folder ``source`` with ``student`` as its denoiser. Of the
+    other components, the files that loading them reads are copied (no pickled or variant weights,
+    nothing that model_index.json does not name but the license); a pruned student is saved as its
+    pruned class (the plan in its config) and model_index.json names that class. Written
+    atomically; ``student`` is unchanged."""
     source = Path(source)
     name = pipeline_denoiser(source)
     index = read_json_object(source / PIPELINE_INDEX)
+    components = {k for k, v in index.items() if not k.startswith("_") and k != name and (source / k).is_dir()}
     with atomic_dir(folder) as tmp:
         for item in source.iterdir():
-            if item.name not in (name, PIPELINE_INDEX):
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            if item.name in components:
+                shutil.copytree(item, tmp / item.name,
+                                ignore=lambda here, names: [n for n in names if not _read_when_loaded(Path(here, n))])
+            elif item.is_file() and item.name.upper().startswith(("LICENSE", "LICENCE")):  # it travels with the weights
+                shutil.copy2(item, tmp / item.name)
         saved = save_as_component(student, tmp / name)
         index[name] = [saved.__module__.split(".")[0], saved.__name__]
         atomic_write_json(tmp / PIPELINE_INDEX, index)
