@@ -37,7 +37,7 @@ from pydantic import (
 
 from .data import BUILTIN_DATA
 from .errors import ConfigError
-from .finetuners import FinetunerOptions, available_finetuners, finetuner_class, option_problems
+from .finetuners import FinetunerOptions, available_finetuners, finetuner_class, jac_every_refusal, option_problems
 from .models import BUILTIN_MODELS, BUILTIN_PIPELINES
 from .nni import PRUNER_REGISTRY, check_config_list, check_config_list_pruner
 from .training.options import TrainConfig, checkpointing_refusal
@@ -450,29 +450,16 @@ def validate_config(raw: Any, source: str = "config") -> Config:
 
 
 def _finetune_problems(section: FinetuneSection) -> list[str]:
-    """Options of the finetune section that would do nothing, or nothing useful, with the others."""
+    """Options of the finetune section that would do nothing with the loop's (the strategy's own
+    rules are its Options model's, the loop's TrainConfig's)."""
     opts, problems = section.options, []
-    weights = {k: getattr(opts, k) for k in ("lambda_dsm", "lambda_kd", "lambda_jac") if hasattr(opts, k)}
     mode = getattr(opts, "mode", None)
-    if weights and not any(weights.values()):
-        problems.append(f"finetune: every loss weight is 0 ({', '.join(weights)}): the loss would be zero and the "
-                        "student would not change; allowed: at least one weight > 0")
-    elif weights.get("lambda_jac") == 0:
-        problems.append(f"finetune.lambda_jac: value 0 is not allowed with finetuner {section.finetuner!r}: the "
-                        "Jacobian term would still be computed every step, at full cost, and weigh nothing; "
-                        "allowed: lambda_jac > 0, or finetuner: kd (the same loss without the term)")
-    if mode in ("vjp", "jvp") and differs_from_default(opts, "fd_step"):
-        problems.append(f"finetune.fd_step: value {opts.fd_step!r} is not allowed with mode {mode!r}: it is the "
-                        "step of mode fd (and of auto where auto takes fd); leave it out or use mode fd or auto")
-    if getattr(opts, "jac_every", 1) > section.steps:
-        problems.append(f"finetune.jac_every: value {opts.jac_every!r} is not allowed with steps {section.steps}: "
-                        f"the Jacobian term would never be computed; allowed: 1 to {section.steps}")
+    refusal = jac_every_refusal(getattr(opts, "jac_every", 1), section.steps)
+    if refusal:
+        problems.append(f"finetune.jac_every: value {opts.jac_every!r} is not allowed {refusal}")
     refusal = checkpointing_refusal(section.gradient_checkpointing, mode)
     if refusal:
         problems.append(f"finetune.gradient_checkpointing: value True is not allowed {refusal}, or leave it out")
-    if section.warmup_steps > section.steps:
-        problems.append(f"finetune.warmup_steps: value {section.warmup_steps} is not allowed with steps "
-                        f"{section.steps}: the learning rate would never reach lr; allowed: 0 to {section.steps}")
     return problems
 
 

@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 
 from .method import (
@@ -115,6 +115,14 @@ class FinetunerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     lambda_dsm: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of ||eps_S - eps||^2")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "FinetunerOptions":
+        weights = [k for k in type(self).model_fields if k.startswith("lambda_")]
+        if weights and not any(getattr(self, k) for k in weights):
+            raise ValueError(f"every loss weight is 0 ({', '.join(weights)}): the loss would be zero and the student "
+                             "would not change; allowed: at least one weight > 0")
+        return self
 
 
 def option_problems(name: str, options_model: type[FinetunerOptions], options: dict[str, Any],
@@ -277,12 +285,45 @@ class SecondMatchOptions(TeacherOptions):
     jac_every: int = Field(1, ge=1, description="the Jacobian term on every k-th step only, weighted k (the same "
                            "expected contribution per step); the steps between cost what a kd step costs")
 
+    @field_validator("lambda_jac")
+    @classmethod
+    def _jac_weighs_something(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("the Jacobian term would still be computed every step, at full cost, and weigh nothing; "
+                             "allowed: lambda_jac > 0, or finetuner kd (the same loss without the term)")
+        return value
+
+    @field_validator("fd_step")
+    @classmethod
+    def _fd_step_needs_fd(cls, value: float, info: ValidationInfo) -> float:
+        mode = info.data.get("mode")
+        if mode in ("vjp", "jvp") and value != DEFAULT_FD_STEP:
+            raise ValueError(f"it is the step of mode fd (and of auto where auto takes fd), not of mode {mode!r}; "
+                             "leave it out or use mode fd or auto")
+        return value
+
     @model_validator(mode="after")
     def _weighting_changes_the_term(self) -> "SecondMatchOptions":
         if self.jac_match == "log" and self.jac_weighting != "none":
             raise ValueError(f"jac_weighting={self.jac_weighting!r} is not allowed with jac_match='log' (a "
                              "per-sample scale cancels in a log ratio); allowed: none")
         return self
+
+
+def jac_every_refusal(jac_every: int, steps: int) -> str | None:
+    """Why ``jac_every`` is refused in a run of ``steps`` steps, or None."""
+    if jac_every > steps:
+        return f"with steps {steps}: the Jacobian term would never be computed; allowed: 1 to {steps}"
+    return None
+
+
+def schedule_refusal(finetuner: "Finetuner") -> str | None:
+    """Why the strategy's ``jac_min_timestep`` is refused on its scheduler, or None."""
+    floor, steps = getattr(finetuner.opts, "jac_min_timestep", 0), int(finetuner.scheduler.config.num_train_timesteps)
+    if floor >= steps:
+        return (f"the teacher's schedule has timesteps below {steps}, so no sample would get the Jacobian term; "
+                f"allowed: 0 to {steps - 1}")
+    return None
 
 
 def kd_terms(student, teacher, x_t: Tensor, target: Tensor, timesteps: Tensor,

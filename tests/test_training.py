@@ -281,8 +281,51 @@ def test_2ndmatch_with_no_jacobian_weight_trains_exactly_like_kd(tmp_path, mode)
                        watch=Watch(progress=False))
         return res.student.state_dict()
 
-    kd, second = weights(get_finetuner("kd")), weights(get_finetuner("2ndmatch", lambda_jac=0.0, mode=mode))
+    from nni_2ndmatch.finetuners import SecondMatchOptions, finetuner_class
+
+    # built past the options' checks: a user's lambda_jac 0 is refused (the term's full cost for nothing)
+    off = SecondMatchOptions.model_construct(**{**SecondMatchOptions().model_dump(), "lambda_jac": 0.0, "mode": mode})
+    kd, second = weights(get_finetuner("kd")), weights(finetuner_class("2ndmatch")(options=off))
     assert max((kd[k] - second[k]).abs().max().item() for k in kd) < 2e-5
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: get_finetuner("kd", lambda_dsm=0.0, lambda_kd=0.0), r"every loss weight is 0 \(lambda_dsm, lambda_kd\)"),
+    (lambda: get_finetuner("2ndmatch", lambda_jac=0.0), r"lambda_jac=0.0 is not allowed: the Jacobian term would"),
+    (lambda: get_finetuner("2ndmatch", mode="vjp", fd_step=0.5), r"fd_step=0.5 is not allowed: .*not of mode 'vjp'"),
+    (lambda: TrainConfig(steps=10, warmup_steps=500), r"warmup_steps\n.*never reach lr in steps=10"),
+    (lambda: finetune(tiny_unet2d(seed=1), tiny_unet2d(seed=2), get_finetuner("2ndmatch", jac_every=10, mode="vjp"),
+                      Images(), TrainConfig(steps=3, batch_size=4)), r"jac_every=10 is not allowed: with steps 3"),
+    (lambda: finetune(tiny_unet2d(seed=1), tiny_unet2d(seed=2), get_finetuner("2ndmatch", jac_min_timestep=5000),
+                      Images(), TrainConfig(steps=3, batch_size=4)),
+     r"jac_min_timestep=5000 is not allowed: the teacher's schedule has timesteps below 1000"),
+])
+def test_the_python_api_refuses_what_the_config_file_refuses(make, expected):
+    """An option that would do nothing (or train on a zero loss) is refused by the strategy's and
+    the loop's own checks, so the API and NNI's distiller refuse it as a config file does."""
+    with pytest.raises(ValueError, match=expected):
+        make()
+
+
+def test_a_resume_that_would_not_continue_the_checkpointed_run_is_refused(tmp_path):
+    """finetune(resume=True) compares the checkpoint's strategy, options and loop options with the
+    run's: what changes the weights, fewer steps than done, or no folder, is refused before training."""
+    run_tiny(tmp_path / "run", 4, finetuner="kd")
+    for finetuner, options, cfg, expected in (
+            ("2ndmatch", {"mode": "vjp"}, {}, r"finetuner \('kd' -> '2ndmatch'\)"),
+            ("kd", {"lambda_kd": 0.5}, {}, r"lambda_kd \(1.0 -> 0.5\)"),
+            ("kd", {}, {"ema_decay": None, "dropout": 0.1}, r"dropout \(None -> 0.1\), ema_decay \(0.9999 -> None\)"),
+            ("kd", {}, {"lr_schedule": "cosine"}, r"lr_schedule \('constant' -> 'cosine'\)"),
+            ("kd", {}, {"steps": 2}, r"steps=2 is below the checkpoint's step 4")):
+        steps = cfg.pop("steps", 6)
+        with pytest.raises(ValueError, match=expected):
+            run_tiny(tmp_path / "run", steps, resume=True, finetuner=finetuner, options=options, **cfg)
+    run_tiny(tmp_path / "run", 6, resume=True, finetuner="kd", keep_checkpoints=3)  # what keeps the weights may
+    with pytest.raises(ValueError, match="needs the output_dir"):
+        finetune(tiny_unet2d(seed=1), tiny_unet2d(seed=2), get_finetuner("kd"), Images(), TrainConfig(), resume=True)
+    with pytest.raises(ValueError, match="resume=True and overwrite=True"):
+        finetune(tiny_unet2d(seed=1), tiny_unet2d(seed=2), get_finetuner("kd"), Images(), TrainConfig(batch_size=4),
+                 tmp_path / "run", resume=True, overwrite=True)
 
 
 def test_dropout_applies_to_the_residual_blocks_during_the_run_only(tmp_path):

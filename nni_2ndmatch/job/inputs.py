@@ -16,7 +16,7 @@ from ..data import collate
 from ..errors import UserError, user_errors
 from ..evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from ..files import read_json_object
-from ..finetuners import Finetuner
+from ..finetuners import Finetuner, schedule_refusal
 from ..method import default_scheduler, model_output, prediction_of
 from ..models import (
     BUILTIN_PIPELINES,
@@ -192,9 +192,8 @@ def check_inputs(config: Config, resume: bool, runtime: Runtime) -> JobInputs:
         check_batch(config.finetune.train_config(), plan.items, runtime.world_size)
         check_student_options(student if student is not None else teacher, config.finetune.train_config())
     finetuner = make_finetuner(config, parts)
-    floor, steps = getattr(finetuner.opts, "jac_min_timestep", 0), int(finetuner.scheduler.config.num_train_timesteps)
-    if floor >= steps:
-        raise UserError(f"finetune.jac_min_timestep: value {floor} is not allowed: the teacher's schedule has "
-                        f"timesteps below {steps}, so no sample would get the Jacobian term; allowed: 0 to {steps - 1}")
+    refusal = schedule_refusal(finetuner)
+    if refusal:
+        raise UserError(f"finetune.jac_min_timestep: value {finetuner.opts.jac_min_timestep} is not allowed: {refusal}")
     finetuner.resolve(teacher, tuple(collate([plan.example])[0].shape[1:]))  # e.g. mode: auto
     return JobInputs(teacher, parts, plan, student, finetuner)

@@ -30,6 +30,7 @@ from ..layout import (
     STUDENT_DIR,
     SUMMARY_FILE,
 )
+from ..training.options import RESUME_FREE as TRAIN_RESUME_FREE
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,9 @@ class RunFolder:
 
 # fields that may change between a run and its --resume: they do not change the trained weights
 # (finetune.steps too, when the learning rate does not depend on it)
-RESUME_FREE = {"output_dir", "threads", "evaluate", "export", "finetune.log_every", "finetune.checkpoint_every",
-               "finetune.keep_checkpoints", "finetune.process_timeout_s", "finetune.device",
-               "finetune.gradient_accumulation_steps", "finetune.max_nonfinite_steps",
-               "finetune.gradient_checkpointing", "finetune.report_to", "finetune.validation_every",
-               "finetune.validation_images", "finetune.validation_prompts"}
+RESUME_FREE = {"output_dir", "threads", "evaluate", "export", "finetune.process_timeout_s", "finetune.device",
+               "finetune.report_to", "finetune.validation_every", "finetune.validation_images",
+               "finetune.validation_prompts", *(f"finetune.{name}" for name in TRAIN_RESUME_FREE)}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

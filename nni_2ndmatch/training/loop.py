@@ -29,7 +29,7 @@ from ..compat import supports_gradient_checkpointing
 from ..data import StepBatches, batch_loader, collate
 from ..errors import NonFiniteLossError
 from ..files import atomic_write_text, load_tensors
-from ..finetuners import Finetuner
+from ..finetuners import Finetuner, jac_every_refusal, schedule_refusal
 from ..layout import CHECKPOINT_DIR, CHECKPOINT_META, CHECKPOINT_TENSORS, METRICS_FILE, RUN_MARKERS
 from ..method import checkpoint_as_forward, sample_timesteps
 from ..utils import requires_grad
@@ -115,6 +115,10 @@ def check_run(student: nn.Module, teacher: Any, finetuner: Finetuner, dataset: D
     refusal = checkpointing_refusal(config.gradient_checkpointing, mode)
     if refusal:
         raise ValueError(f"gradient_checkpointing=True is not allowed {refusal}")
+    for option, refusal in (("jac_every", jac_every_refusal(getattr(finetuner.opts, "jac_every", 1), config.steps)),
+                            ("jac_min_timestep", schedule_refusal(finetuner))):
+        if refusal:
+            raise ValueError(f"{option}={getattr(finetuner.opts, option)!r} is not allowed: {refusal}")
 
 
 @contextlib.contextmanager
@@ -209,6 +213,8 @@ def _output_dir(output_dir: str | os.PathLike | None, config: TrainConfig, resum
     """The run's folder, its checkpoints, and what an ``overwrite`` deletes (after every check)."""
     if output_dir is None:
         return None, None, []
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True: continue the run in output_dir or replace it, not both")
     out = Path(output_dir)
     old = [out / name for name in RUN_MARKERS if (out / name).exists()] if not resume else []
     if old and not overwrite:
@@ -255,7 +261,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     if state.ema is not None:  # cloned where the student was; prepare may have moved it (to a GPU)
         state.ema.follow(params)
     if resume:
-        _resume(state, ckpts, out)
+        _resume(state, ckpts, out, finetuner, config)
     positions = runtime.local_positions(config.batch_size).split(
         config.batch_size // runtime.world_size // config.gradient_accumulation_steps)
     loader = batch_loader(dataset, StepBatches(len(dataset), config.batch_size, config.seed, state.step, config.steps,
@@ -305,12 +311,28 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
                           seconds=time.perf_counter() - began, overhead_seconds=state.overhead)
 
 
-def _resume(state: TrainState, ckpts: Checkpoints | None, out: Path | None) -> None:
-    """Load the last complete checkpoint into ``state``."""
+def _resume(state: TrainState, ckpts: Checkpoints | None, out: Path | None, finetuner: Finetuner,
+            config: TrainConfig) -> None:
+    """Load the last complete checkpoint into ``state``, after checking that this run continues it:
+    the same strategy and options, no loop option that changes the weights, not fewer steps."""
+    if out is None:
+        raise ValueError("resume=True needs the output_dir of the run to continue")
     latest = ckpts.latest() if ckpts is not None else None
     if latest is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {out / CHECKPOINT_DIR if out else None}")
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {out / CHECKPOINT_DIR}")
     meta = json.loads((latest / CHECKPOINT_META).read_text())
+    options = json.loads(json.dumps(finetuner.options()))
+    changed = [f"finetuner ({meta.get('finetuner')!r} -> {finetuner.name!r})"] if meta.get("finetuner") != \
+        finetuner.name else [f"{k} ({meta['finetuner_options'].get(k)!r} -> {options.get(k)!r})"
+                             for k in sorted(meta.get("finetuner_options", options).keys() | options.keys())
+                             if meta.get("finetuner_options", options).get(k) != options.get(k)]
+    changed += config.resume_changes(meta.get("train_config", {}))
+    if changed:
+        raise ValueError(f"resume: the run differs from the checkpoint's ({latest}) in {', '.join(changed)}; resume "
+                         "with its settings, or start a new run (overwrite=True)")
+    if config.steps < meta["step"]:
+        raise ValueError(f"resume: steps={config.steps} is below the checkpoint's step {meta['step']} ({latest}); "
+                         f"allowed: steps >= {meta['step']}")
     state.load_state_dict(load_tensors(latest / CHECKPOINT_TENSORS), meta)
     logger.info("resumed from %s at step %d", latest, state.step)
 

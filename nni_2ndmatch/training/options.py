@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 def checkpointing_refusal(gradient_checkpointing: bool, mode: str | None) -> str | None:
@@ -15,6 +16,12 @@ def checkpointing_refusal(gradient_checkpointing: bool, mode: str | None) -> str
     if gradient_checkpointing and mode == "jvp":
         return "with mode 'jvp' (forward mode cannot go through a recomputation); use mode vjp or fd"
     return None
+
+
+#: TrainConfig fields a resumed run may change: they do not change the trained weights (the data
+#: order does not depend on the workers; accumulation splits the same batch).
+RESUME_FREE = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite_steps", "num_workers",
+                         "gradient_accumulation_steps", "gradient_checkpointing"})
 
 
 class TrainConfig(BaseModel):
@@ -59,6 +66,14 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     max_nonfinite_steps: int = Field(10, ge=1, description="consecutive skipped steps before the run stops")
 
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_the_run(cls, value: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if steps is not None and value > steps:
+            raise ValueError(f"the learning rate would never reach lr in steps={steps}; allowed: 0 to {steps}")
+        return value
+
     @model_validator(mode="after")
     def _logit_options_need_their_density(self) -> "TrainConfig":
         defaults = {name: type(self).model_fields[name].default for name in ("logit_mean", "logit_std")}
@@ -67,6 +82,15 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{' and '.join(given)} given with timestep_density={self.timestep_density!r}; they "
                              "shape the logit_normal density only: set timestep_density: logit_normal or remove them")
         return self
+
+    def resume_changes(self, saved: dict[str, Any]) -> list[str]:
+        """What this config changes against ``saved`` (a checkpoint's ``train_config``) that
+        changes the trained weights, as "field (saved -> now)"; ``steps`` only where the learning
+        rate depends on it."""
+        free = RESUME_FREE | ({"steps"} if self.lr_schedule == "constant" else set())
+        now = json.loads(json.dumps(self.model_dump()))
+        return [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in sorted(saved.keys() | now.keys())
+                if k not in free and saved.get(k) != now.get(k) and k in now]  # (a field a newer version added)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
