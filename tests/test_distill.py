@@ -198,9 +198,21 @@ def test_the_distillers_batches_refuse_a_schedule_that_does_not_predict_the_nois
     from diffusers import DDPMScheduler
 
     NoisyBatches(DDPMScheduler(prediction_type="epsilon"))
-    with pytest.raises(ValueError, match="the distiller's batches need a noise-predicting network .*; the scheduler's "
+    with pytest.raises(ValueError, match="noised batches .* need a noise-predicting network .*; the scheduler's "
                                          "prediction_type is 'v_prediction'; allowed: 'epsilon'"):
         NoisyBatches(DDPMScheduler(prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="scheduler='ddpm' is not a diffusers noise scheduler"):
+        NoisyBatches("ddpm")
+
+
+@pytest.mark.parametrize("item, expected", [
+    ((torch.zeros(1, 8, 8), 3), r"a data item is a tuple \(such as a torchvision dataset's \(image, label\)\)"),
+    ({"image": torch.zeros(1, 8, 8)}, r"a data item is a dict without 'sample'"),
+    (torch.zeros(1, 8, 8, dtype=torch.uint8), r"a data item is a uint8 tensor; allowed: a float image tensor"),
+])
+def test_noisy_batches_name_a_data_item_they_cannot_stack(item, expected):
+    with pytest.raises(ValueError, match=expected):
+        NoisyBatches()([item, item])
 
 
 def test_the_evaluators_loop_stops_at_whichever_limit_comes_first():

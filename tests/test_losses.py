@@ -144,6 +144,22 @@ def test_bad_mode_and_shapes_are_clear_errors():
         jacobian_sensitivity(net, x, t, sample_directions(x), mode="hvp")
     with pytest.raises(ValueError, match="v has shape"):
         jacobian_sensitivity(net, x, t, torch.randn(2, 6))
+    with pytest.raises(ValueError, match=r"fd_step=0.0 is not allowed; it must be in \(0, 1\)"):  # else NaN
+        jacobian_sensitivity(net, x, t, sample_directions(x), mode="fd", fd_step=0.0)
+
+
+@pytest.mark.parametrize("form, expected", [
+    (dict(match="l2"), r"match='l2' is not allowed; allowed: norm, vector, log"),
+    (dict(weighting="sigma"), r"weighting='sigma' is not allowed; allowed: none, noise, x0"),
+    (dict(match="log", weighting="noise"), r"weighting='noise' is not allowed with match='log'"),
+    (dict(reference_dims=0), r"reference_dims=0 is not allowed; it must be an integer >= 1, or None"),  # else / 0
+    (dict(min_timestep=-1), r"min_timestep=-1 is not allowed"),
+])
+def test_a_term_form_the_term_cannot_take_is_refused_where_it_is_made(form, expected):
+    from nni_2ndmatch import TermForm
+
+    with pytest.raises(ValueError, match=expected):
+        TermForm(**form)
 
 
 def test_every_evaluation_of_one_estimate_uses_the_same_dropout_mask():

@@ -657,6 +657,12 @@ def test_the_accepted_keys_are_nni_3_pruning_keys():
      r"Linear layers only; allowed: Conv2d, Linear"),
     ({"op_names": ["down_blocks.0.resnets.0.norm1"], "sparse_ratio": 0.3},
      r"config_list\[0\].op_names: 'down_blocks.0.resnets.0.norm1' is a GroupNorm, which is not allowed"),
+    ({"op_names_re": ["down_blocks.0.resnets.0.norm"], "sparse_ratio": 0.3},
+     r"config_list\[0\]: selects 'down_blocks.0.resnets.0.norm1', a GroupNorm \(and 1 more\), which is not allowed.*"
+     r"add op_types: \[Conv2d, Linear\]"),
+    ({"op_types": ["Linear"], "op_names": ["conv_in"], "sparse_ratio": 0.3},
+     r"config_list\[0\]: selects no layer of this UNet2DModel .* so it would prune nothing"),
+    ({"op_types": ["Conv2d"], "exclude_op_names_re": [".*"], "sparse_ratio": 0.3}, r"selects no layer"),
 ])
 def test_prune_diffusers_checks_the_config_list_against_the_model(entry, expected):
     teacher = BUILDERS["unet2d"]().eval()

@@ -28,9 +28,33 @@ def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tens
     return epoch_permutation(epoch, num_items, seed)[j * batch_size:(j + 1) * batch_size]
 
 
+ITEMS = ("a float image tensor [C, H, W] in [-1, 1], or a dict with it under 'sample' and the conditioning under "
+         "the model's keyword names (e.g. {'sample': image, 'class_labels': label})")
+
+
+def _check_item(item: Any) -> None:
+    """A ValueError naming what a data item is, unless it is one ``collate`` stacks."""
+    image = item.get("sample") if isinstance(item, dict) else item
+    if isinstance(image, Tensor) and image.is_floating_point():
+        return
+    if isinstance(item, dict):
+        what = "a dict without 'sample'" if "sample" not in item else f"a dict whose 'sample' is {_kind(image)}"
+    else:
+        what = _kind(item) + (" (such as a torchvision dataset's (image, label))" if isinstance(item, tuple) else "")
+    raise ValueError(f"a data item is {what}; allowed: {ITEMS}")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor"
+    return f"a {type(value).__name__}"
+
+
 def collate(items: list[Any], device: torch.device | str = "cpu") -> tuple[Tensor, dict[str, Tensor]]:
     """Stack data items: image tensors, or dicts with the image under "sample" and the model's
-    conditioning (class_labels, encoder_hidden_states, ...) under its keyword names."""
+    conditioning (class_labels, encoder_hidden_states, ...) under its keyword names. An item of
+    another kind (checked on the first) is a ValueError saying what it is and what is allowed."""
+    _check_item(items[0])
     if isinstance(items[0], dict):
         x0 = torch.stack([item["sample"] for item in items]).to(device)
         kwargs = {k: torch.stack([torch.as_tensor(item[k]) for item in items]).to(device)

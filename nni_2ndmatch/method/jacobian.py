@@ -133,6 +133,8 @@ def output_and_product(model: Callable[..., Any], x_t: Tensor, timesteps: Tensor
         raise ValueError(f"mode={mode!r} is not a Jacobian estimator; allowed: {', '.join(MODES)}")
     if v.shape != x_t.shape:
         raise ValueError(f"v has shape {tuple(v.shape)}, x_t has {tuple(x_t.shape)}; they must match")
+    if mode == "fd" and not 0 < fd_step < 1:
+        raise ValueError(f"fd_step={fd_step!r} is not allowed; it must be in (0, 1) (default {DEFAULT_FD_STEP})")
 
     def f(x: Tensor) -> Tensor:
         return model_output(model, x, timesteps, **model_kwargs)

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..utils import is_integer
+
 #: Conditioning that diffusers' SDXL U-Net takes inside ``added_cond_kwargs`` (the pooled text
 #: embedding and the six micro-conditioning numbers). The package carries it as flat keyword
 #: arguments, one tensor per sample like the others (sliced, repeated, collated and cached alike),
@@ -122,6 +124,20 @@ class TermForm:
     weighting: str = "none"
     min_timestep: int = 0
     reference_dims: int | None = None
+
+    def __post_init__(self) -> None:  # the one place of these rules (the strategy's options build a TermForm)
+        if self.match not in JAC_MATCHES:
+            raise ValueError(f"match={self.match!r} is not allowed; allowed: {', '.join(JAC_MATCHES)}")
+        if self.weighting not in JAC_WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r} is not allowed; allowed: {', '.join(JAC_WEIGHTINGS)}")
+        if self.match == "log" and self.weighting != "none":
+            raise ValueError(f"weighting={self.weighting!r} is not allowed with match='log' (a per-sample scale "
+                             "cancels in a log ratio); allowed: none")
+        if not (is_integer(self.min_timestep) and self.min_timestep >= 0):
+            raise ValueError(f"min_timestep={self.min_timestep!r} is not allowed; it must be an integer >= 0")
+        if self.reference_dims is not None and not (is_integer(self.reference_dims) and self.reference_dims >= 1):
+            raise ValueError(f"reference_dims={self.reference_dims!r} is not allowed; it must be an integer >= 1, "
+                             "or None")
 
 
 def jacobian_weight(timesteps: Tensor, weighting: str, scheduler: Any = None,

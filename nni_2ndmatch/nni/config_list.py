@@ -187,7 +187,34 @@ def _selector_problems(entry: dict[str, Any], where: str, names: dict[str, str],
     for pattern in entry.get("op_names_re", []):
         if not any(re.match(pattern, name) for name in names):
             problems.append(f"{where}.op_names_re: {pattern!r} matches no module name of this {model_name}")
+    if problems:
+        return problems
+    selected = _selected(entry, names)
+    other = [name for name in selected if names[name] not in PRUNABLE_TYPES]
+    if other:  # (through op_names_re: NNI would stop on an AssertionError at the first)
+        more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+        problems.append(f"{where}: selects {other[0]!r}, a {names[other[0]]}{more}, which is not allowed: the student "
+                        f"loses output channels of {' and '.join(PRUNABLE_TYPES)} layers only; add op_types: "
+                        f"[{', '.join(PRUNABLE_TYPES)}] or select fewer")
+    elif not selected:
+        problems.append(f"{where}: selects no layer of this {model_name} (what it names, of its op_types, less its "
+                        "exclusions), so it would prune nothing; allowed: an entry that selects a Conv2d or Linear")
     return problems
+
+
+def _selected(entry: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """The modules an NNI config_list entry selects (name -> type in ``names``), by NNI's rule: in
+    op_names or matched by op_names_re (when either is given), of op_types (when given), and not
+    excluded by name, pattern or type."""
+    def matched(name: str, key: str) -> bool:
+        return any(re.match(pattern, name) for pattern in entry.get(key, []))
+
+    chosen = entry.get("op_names") or entry.get("op_names_re")
+    return [name for name, kind in names.items()
+            if (not chosen or name in entry.get("op_names", []) or matched(name, "op_names_re"))
+            and (not entry.get("op_types") or kind in entry["op_types"])
+            and name not in entry.get("exclude_op_names", []) and not matched(name, "exclude_op_names_re")
+            and kind not in entry.get("exclude_op_types", [])]
 
 
 def check_config_list_model(config_list: list[dict[str, Any]], model: nn.Module) -> None:

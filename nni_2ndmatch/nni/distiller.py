@@ -40,8 +40,12 @@ class NoisyBatches:
 
     def __init__(self, scheduler: Any = None, seed: int = 0, antithetic: bool = False) -> None:
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
-        require_epsilon(self.scheduler, "the distiller's batches need a noise-predicting network (its DSM step "
-                        "regresses the noise)")
+        if not (callable(getattr(self.scheduler, "add_noise", None))
+                and hasattr(getattr(self.scheduler, "config", None), "num_train_timesteps")):
+            raise ValueError(f"scheduler={scheduler!r} is not a diffusers noise scheduler (it needs add_noise and "
+                             "config.num_train_timesteps); allowed: e.g. DDPMScheduler, or None for the reference one")
+        require_epsilon(self.scheduler, "noised batches (NoisyBatches: the distiller's, and the gradient pruners' "
+                        "calibration) need a noise-predicting network (the DSM step regresses the noise)")
         self.antithetic = antithetic
         self.generator = seeded_generator(seed)
 
