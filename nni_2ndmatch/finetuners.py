@@ -38,6 +38,7 @@ from .method import (
     noise_scale,
     output_and_sensitivity,
     prediction_of,
+    require_scheduler,
     sample_directions,
     student_and_teacher_products,
 )
@@ -198,6 +199,7 @@ class Finetuner:
         for key, value in self.opts:
             setattr(self, key, value)
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
+        require_scheduler(self.scheduler)
         self.prediction_type = prediction_of(self.scheduler)
         if self.prediction_type not in (*PREDICTION_TYPES, FLOW):
             raise ValueError(f"scheduler prediction_type={self.prediction_type!r} is not supported; allowed: "

@@ -15,6 +15,7 @@ from nni_2ndmatch import (
     NoisyBatches,
     SecondMatchDistiller,
     diffusion_evaluator,
+    get_finetuner,
     masks_to_student,
 )
 from nni_2ndmatch.method import (
@@ -203,6 +204,18 @@ def test_the_distillers_batches_refuse_a_schedule_that_does_not_predict_the_nois
         NoisyBatches(DDPMScheduler(prediction_type="v_prediction"))
     with pytest.raises(ValueError, match="scheduler='ddpm' is not a diffusers noise scheduler"):
         NoisyBatches("ddpm")
+    with pytest.raises(ValueError, match="scheduler='ddpm' is not a diffusers noise scheduler"):
+        get_finetuner("kd", scheduler="ddpm")
+
+
+def test_the_distiller_refuses_a_missing_teacher_and_a_bad_dsm_weight():
+    student, teacher = tiny_unet2d(1), tiny_unet2d(0)
+    evaluator = diffusion_evaluator(student, _loader(n=8, batch=4), progress=False)
+    with pytest.raises(ValueError, match="teacher_model=NoneType: the distiller needs the dense teacher"):
+        SecondMatchDistiller(student, [], evaluator, teacher_model=None)
+    for bad in ("a", -1.0, True):
+        with pytest.raises(ValueError, match=f"origin_loss_lambda={bad!r} is not allowed"):
+            SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, origin_loss_lambda=bad)
 
 
 @pytest.mark.parametrize("item, expected", [

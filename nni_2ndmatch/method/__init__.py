@@ -26,6 +26,7 @@ from .schedule import (
     noise_scale,
     prediction_of,
     require_epsilon,
+    require_scheduler,
     sample_timesteps,
 )
 from .terms import (
@@ -52,6 +53,7 @@ __all__ = [
     "jacobian_match_term",
     "jacobian_safe", "jacobian_sensitivity", "jacobian_term", "jacobian_weight", "kd_term", "model_output",
     "noise_scale", "output_and_product", "output_and_sensitivity", "precision_state", "require_epsilon",
+    "require_scheduler",
     "sample_directions",
     "sample_timesteps", "second_match_loss", "squared_norm", "student_and_teacher_products",
     "student_and_teacher_sensitivity",

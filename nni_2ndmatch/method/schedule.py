@@ -33,6 +33,16 @@ def prediction_of(scheduler: Any) -> str:
     return getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
 
 
+def require_scheduler(scheduler: Any) -> None:
+    """A ValueError unless ``scheduler`` is a diffusers noise scheduler (what the terms read of it)."""
+    if not ((callable(getattr(scheduler, "add_noise", None)) or is_flow_matching(scheduler))
+            and hasattr(getattr(scheduler, "config", None), "num_train_timesteps")):
+        given = repr(scheduler) if isinstance(scheduler, (str, int, float)) else type(scheduler).__name__
+        raise ValueError(f"scheduler={given} is not a diffusers noise scheduler (it needs add_noise, or flow "
+                         "matching, and config.num_train_timesteps); allowed: e.g. DDPMScheduler(), or None for the "
+                         "reference one")
+
+
 def require_epsilon(scheduler: Any, what: str) -> None:
     """Raise a ValueError unless the network predicts the noise under ``scheduler``; ``what`` names
     what needs it, and why."""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..data import collate
 from ..finetuners import finetuner_class, get_finetuner
-from ..method import default_scheduler, dsm_term, model_output, require_epsilon, sample_timesteps
+from ..method import default_scheduler, dsm_term, model_output, require_epsilon, require_scheduler, sample_timesteps
 from ..scoped import seeded_generator
 from ..utils import did_you_mean
 
@@ -40,10 +40,7 @@ class NoisyBatches:
 
     def __init__(self, scheduler: Any = None, seed: int = 0, antithetic: bool = False) -> None:
         self.scheduler = scheduler if scheduler is not None else default_scheduler()
-        if not (callable(getattr(self.scheduler, "add_noise", None))
-                and hasattr(getattr(self.scheduler, "config", None), "num_train_timesteps")):
-            raise ValueError(f"scheduler={scheduler!r} is not a diffusers noise scheduler (it needs add_noise and "
-                             "config.num_train_timesteps); allowed: e.g. DDPMScheduler, or None for the reference one")
+        require_scheduler(self.scheduler)
         require_epsilon(self.scheduler, "noised batches (NoisyBatches: the distiller's, and the gradient pruners' "
                         "calibration) need a noise-predicting network (the DSM step regresses the noise)")
         self.antithetic = antithetic
@@ -153,6 +150,13 @@ def _make_distiller_class() -> type:
                      teacher_predict: Callable[[Any, nn.Module], Any] = teacher_forward,
                      origin_loss_lambda: float = 1.0, existed_wrappers: dict | None = None, *,
                      finetuner: str = "2ndmatch", scheduler: Any = None, **options: Any) -> None:
+            if not isinstance(teacher_model, nn.Module):
+                raise ValueError(f"teacher_model={type(teacher_model).__name__}: the distiller needs the dense "
+                                 "teacher, an nn.Module")
+            if isinstance(origin_loss_lambda, bool) or not (isinstance(origin_loss_lambda, (int, float))
+                                                            and 0 <= origin_loss_lambda < float("inf")):
+                raise ValueError(f"origin_loss_lambda={origin_loss_lambda!r} is not allowed; it must be a number >= 0 "
+                                 "(the weight of the evaluator's loss, DSM)")
             self.strategy = _strategy(finetuner, options, scheduler)
             self.last_terms: dict[str, float] = {}
             self.steps = 0  # loss patches so far: the strategy's step (jac_every)
