@@ -321,11 +321,12 @@ def _resume(state: TrainState, ckpts: Checkpoints | None, out: Path | None, fine
     if latest is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {out / CHECKPOINT_DIR}")
     meta = json.loads((latest / CHECKPOINT_META).read_text())
-    options = json.loads(json.dumps(finetuner.options()))
-    changed = [f"finetuner ({meta.get('finetuner')!r} -> {finetuner.name!r})"] if meta.get("finetuner") != \
-        finetuner.name else [f"{k} ({meta['finetuner_options'].get(k)!r} -> {options.get(k)!r})"
-                             for k in sorted(meta.get("finetuner_options", options).keys() | options.keys())
-                             if meta.get("finetuner_options", options).get(k) != options.get(k)]
+    options, saved = json.loads(json.dumps(finetuner.options())), meta.get("finetuner_options", {})
+    if meta.get("finetuner") != finetuner.name:
+        changed = [f"finetuner ({meta.get('finetuner')!r} -> {finetuner.name!r})"]
+    else:
+        changed = [f"{k} ({saved[k]!r} -> {options[k]!r})" for k in sorted(saved.keys() & options.keys())
+                   if saved[k] != options[k]]
     changed += config.resume_changes(meta.get("train_config", {}))
     if changed:
         raise ValueError(f"resume: the run differs from the checkpoint's ({latest}) in {', '.join(changed)}; resume "

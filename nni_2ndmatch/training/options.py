@@ -89,8 +89,8 @@ class TrainConfig(BaseModel):
         rate depends on it."""
         free = RESUME_FREE | ({"steps"} if self.lr_schedule == "constant" else set())
         now = json.loads(json.dumps(self.model_dump()))
-        return [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in sorted(saved.keys() | now.keys())
-                if k not in free and saved.get(k) != now.get(k) and k in now]  # (a field a newer version added)
+        return [f"{k} ({saved[k]!r} -> {now[k]!r})" for k in sorted(saved.keys() & now.keys())  # (a field that
+                if k not in free and saved[k] != now[k]]  # another version added or removed is in one of them only)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
