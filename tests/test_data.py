@@ -310,3 +310,73 @@ def test_the_cache_fingerprint_knows_which_column_and_which_named_files_a_tables
     before = key("named")
     files[0].write_bytes(files[1].read_bytes())  # a picture the table names by path changes
     assert key("named") != before
+
+
+def test_images_are_read_as_shown_and_a_range_pil_would_clip_is_scaled_or_refused(tmp_path, caplog):
+    """EXIF orientation (a phone photo) is applied, 16-bit greyscale is scaled (PIL's own conversion
+    clips it at 255), float images are refused by name, a GIF reads, and the left-out files are named."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    photo = np.zeros((16, 8, 3), np.uint8)  # stored 8 wide, 16 high: top red, bottom blue
+    photo[:8, :, 0], photo[8:, :, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: 16 wide, 8 high, the blue half on the left
+    Image.fromarray(photo).save(folder / "a_photo.png", exif=exif)
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(folder / "b_16bit.png")
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(folder / "c.gif")
+    (folder / "notes.txt").write_text("x")
+    with caplog.at_level("INFO", logger="nni_2ndmatch"):
+        data = ImageFolderDataset(folder, resolution=8, channels=3)
+    assert "left out: notes.txt" in caplog.text
+    assert [p.name for p in data.files] == ["a_photo.png", "b_16bit.png", "c.gif"]
+    shown = data[0]
+    assert (shown[2, :, :4] > 0.9).all() and (shown[0, :, :4] < -0.9).all()  # upright: the left half is blue
+    assert data.original_size(0) == (8, 16)  # (height, width) as shown
+    grey = ImageFolderDataset(folder, resolution=8, channels=1)[1][0]
+    want = torch.from_numpy(ramp.astype(np.float64) / 257).round() / 127.5 - 1  # 16 bits scaled, not clipped
+    assert (grey - want.float()).abs().max() < 0.02 and grey.min() < -0.9
+    assert torch.allclose(data[2], torch.full((3, 8, 8), 200 / 127.5 - 1), atol=1e-6)
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(folder / "d_float.tif")
+    with pytest.raises(ValueError, match=r"d_float.tif: its mode F \(32-bit float values\) has no known range"):
+        ImageFolderDataset(folder, resolution=8)
+
+
+def test_a_hub_parquet_folder_trains_on_its_train_split_only(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = captioned_images(tmp_path / "src", 6)
+    rows = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for split, part in (("train", rows[:3]), ("test", rows[3:5]), ("validation", rows[5:])):
+        table = pa.table({"image": [{"bytes": (images / r["file_name"]).read_bytes(), "path": None} for r in part],
+                          "text": [r["text"] for r in part]})
+        pq.write_table(table, tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+    with caplog.at_level("INFO", logger="nni_2ndmatch"):
+        data = TableDataset(tmp_path / "hub", 8)
+    assert data.captions() == [r["text"] for r in rows[:3]]
+    assert "left out: data/test-00000-of-00001.parquet, data/validation-00000-of-00001.parquet" in caplog.text
+    (tmp_path / "hub" / "data" / "train-00000-of-00001.parquet").unlink()
+    with pytest.raises(ValueError, match="parquet files of several splits but none named train-"):
+        TableDataset(tmp_path / "hub", 8)
+
+
+def test_a_tables_image_cell_may_be_a_path_and_a_damaged_state_file_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = captioned_images(tmp_path / "images", 3)
+    names = sorted(p.name for p in images.glob("*.png"))
+    pq.write_table(pa.table({"image": names}), images / "paths.parquet")  # relative to the data folder
+    assert torch.equal(TableDataset(images / "paths.parquet", 8)[1], ImageFolderDataset(images, 8)[1])
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "state.json").write_text('{"_data_files": [{"name": "x.arrow"}]}')
+    with pytest.raises(ValueError, match=r"state.json: _data_files must be a list of \{\"filename\": ...\} objects"):
+        TableDataset(tmp_path / "saved", 8)
+    (tmp_path / "saved" / "dataset_dict.json").write_text('{"splits": ["train"]')
+    with pytest.raises(ValueError, match=r"dataset_dict.json: not a readable JSON file"):
+        TableDataset(tmp_path / "saved", 8)

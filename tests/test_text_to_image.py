@@ -197,7 +197,9 @@ def _edit(path, **changes):
 @pytest.mark.parametrize("edit, expected", [
     (lambda d: (d / "images" / "metadata.jsonl").unlink(), r"data: data path '.*images' has no metadata.jsonl"),
     (lambda d: (d / "images" / "7.png").rename(d / "images" / "x.png"),
-     r"data: .*metadata.jsonl line 8: file_name '7.png' names no file"),
+     r"data: .*metadata.jsonl line 8: file_name '7.png' names no image in"),
+    (lambda d: ((d / "images" / "notes.txt").write_text("x"), (d / "images" / "metadata.jsonl").open("a").write(
+        '{"file_name": "notes.txt", "text": "a"}\n')), r"line 9: file_name 'notes.txt' names no image in .*suffix"),
     (lambda d: (d / "images" / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a"}\n'),
      r"data: .*metadata.jsonl: 7 image\(s\) have no entry: 1.png"),
     (lambda d: (d / "images" / "metadata.jsonl").write_text('{"file_name": "0.png"}\n'),
@@ -217,6 +219,29 @@ def test_a_pipeline_or_data_the_run_cannot_use_is_one_clear_error(edit, expected
     r = cli_here("run", tmp_path / "cfg.yaml")
     assert r.returncode == 2 and re.search(expected, r.stderr), r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_resolution_the_vae_cannot_halve_is_refused_and_the_default_one_is_warned_of(tmp_path, caplog):
+    """The tiny SD VAE downsamples 2x: 9 pixels make no whole latent. Left at its default (16), the
+    resolution differs from what the pipeline was made for: a warning says so."""
+    from nni_2ndmatch.job.data import plan_data
+    from nni_2ndmatch.job.inputs import load_teacher
+
+    raw = _config(tmp_path)
+    raw["data"]["resolution"] = 9
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    r = cli_here("run", tmp_path / "cfg.yaml")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+    assert re.search(r"data.resolution: value 9 is not allowed: the pipeline's VAE downsamples 2x.*allowed: e.g. 8 "
+                     r"or 10", r.stderr), r.stderr
+    del raw["data"]["resolution"]
+    _edit(tmp_path / "teacher" / "pipeline" / "unet" / "config.json", sample_size=16)  # made for 32x32 images
+    config = validate_config(raw)
+    teacher, parts = load_teacher(config.model.teacher, config.data.resolution)
+    with caplog.at_level("WARNING", logger="nni_2ndmatch"):
+        plan_data(config, teacher, parts)
+    assert "data.resolution is 16, its default, but the teacher was made for 32x32 images" in caplog.text
+
 
 
 @pytest.mark.parametrize("class_name, family", [

@@ -24,23 +24,41 @@ from ..files import atomic_file
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
+
+#: Image modes without a known range (32-bit integers, floats): PIL would clip them at 255.
+RANGELESS_MODES = ("I", "F")
+
 
 def image_problem(path: Path | io.BytesIO) -> str | None:
-    """Why ``path`` (a file, or encoded bytes) cannot be a training image (it does not decode, or its
-    mode has no greyscale/RGB conversion), or None. The whole file is decoded: a truncated image
-    fails here, not mid-run."""
+    """Why ``path`` (a file, or encoded bytes) cannot be a training image (it does not decode, its
+    mode has no greyscale/RGB conversion, or its values have no known range), or None. The whole
+    file is decoded: a truncated image fails here, not mid-run."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode in RANGELESS_MODES:
+                return (f"its mode {img.mode} (32-bit {'integer' if img.mode == 'I' else 'float'} values) has no "
+                        "known range; save it as 8- or 16-bit")
             img.convert("RGB")
             if min(img.size) < 1:
                 return f"it is {img.width}x{img.height} pixels"
     except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, ...)
         return f"it does not decode as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return None
+
+
+def _upright(img: Any) -> Any:
+    """The image as it is shown: turned by its EXIF orientation (a phone photo's), and a 16-bit
+    greyscale image scaled to 8 bits (PIL's own conversion would clip it at 255)."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16"):
+        img = Image.eval(img.convert("I"), lambda v: v / 257).convert("L")
+    return img
 
 
 def image_tensor(file: Path | io.BytesIO, resolution: int, channels: int) -> Tensor:
@@ -52,13 +70,19 @@ def image_tensor(file: Path | io.BytesIO, resolution: int, channels: int) -> Ten
     mode = "L" if channels == 1 else "RGB"
     with Image.open(file) as img:
         img.draft(mode, (resolution, resolution))
-        img = img.convert(mode)
+        img = _upright(img).convert(mode)
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side)).resize((resolution,) * 2, Image.BICUBIC)
         data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     x = data.view(resolution, resolution, channels).permute(2, 0, 1).float()
     return x / 127.5 - 1.0
+
+
+def _upright_size(img: Any) -> tuple[int, int]:
+    """(width, height) as the image is shown: swapped where its EXIF orientation turns it a quarter."""
+    orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation; 5 to 8 turn by 90 degrees
+    return (img.height, img.width) if orientation in (5, 6, 7, 8) else (img.width, img.height)
 
 
 def check_images(name: str, images: Iterator[tuple[Any, Path | io.BytesIO]], skip_bad_images: bool,
@@ -93,11 +117,12 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"data path {str(self.root)!r} is not a folder")
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} is not allowed; allowed: 1, 3")
-        files = sorted(p for p in self.root.rglob("*") if p.is_file())
+        files = sorted(p for p in self.root.rglob("*") if p.is_file() and p != self.root / METADATA_FILE)
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-        if len(images) < len(files):
-            logger.info("data path %s: %d file(s) without an image suffix (%s) left out", self.root,
-                        len(files) - len(images), ", ".join(IMAGE_SUFFIXES))
+        others = [str(p.relative_to(self.root)) for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if others:
+            logger.info("data path %s: %d file(s) without an image suffix (%s) left out: %s%s", self.root, len(others),
+                        ", ".join(IMAGE_SUFFIXES), ", ".join(others[:5]), " ..." if len(others) > 5 else "")
         bad = check_images(f"data path {str(self.root)!r}", ((p, p) for p in images), skip_bad_images)
         self.files = [p for p in images if p not in bad]
         if not self.files:
@@ -121,7 +146,8 @@ class ImageFolderDataset(Dataset):
         from PIL import Image
 
         with Image.open(self.files[index]) as img:
-            return img.height, img.width
+            width, height = _upright_size(img)
+            return height, width
 
     def captions(self) -> list[str]:
         """Each image's caption: "text" in metadata.jsonl."""
@@ -148,6 +174,7 @@ def read_metadata(root: Path, files: list[Path], key: str = "text") -> list[Any]
         raise ValueError(f"data path {str(root)!r} has no {METADATA_FILE}; the teacher needs {what} per image: one "
                          f'line per image, {{"file_name": "relative/path.png", "{key}": ...}}')
     values: dict[Path, Any] = {}
+    inside = root.resolve()
     for n, line in enumerate(meta.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -164,8 +191,9 @@ def read_metadata(root: Path, files: list[Path], key: str = "text") -> list[Any]
         if not valid:
             raise ValueError(f"{where}: \"{key}\" is {value!r}; each image needs {what}")
         file = (root / entry["file_name"]).resolve()
-        if not file.is_file():
-            raise ValueError(f"{where}: file_name {entry['file_name']!r} names no file in {str(root)!r}")
+        if not (file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES and inside in file.parents):
+            raise ValueError(f"{where}: file_name {entry['file_name']!r} names no image in {str(root)!r} (a path "
+                             f"relative to it, with an image suffix: {', '.join(IMAGE_SUFFIXES)})")
         if file in values:
             raise ValueError(f"{where}: a second entry for {entry['file_name']!r}; give each image one entry")
         values[file] = value
@@ -200,16 +228,51 @@ def table_files(path: str | os.PathLike) -> tuple[str, list[Path]] | None:
     if not path.is_dir():
         return None
     if (path / DATASET_DICT).is_file():
-        splits = json.loads((path / DATASET_DICT).read_text()).get("splits", [])
+        splits = _json_file(path / DATASET_DICT).get("splits", [])
         if "train" not in splits:
             raise ValueError(f"data path {str(path)!r} is a DatasetDict without a 'train' split (splits: "
                              f"{', '.join(map(str, splits))}); give the folder of the split to train on")
         path = path / "train"
     if (path / DATASET_STATE).is_file():
-        state = json.loads((path / DATASET_STATE).read_text())
-        return "arrow", [path / entry["filename"] for entry in state.get("_data_files", [])]
+        entries = _json_file(path / DATASET_STATE).get("_data_files", [])
+        if not (isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("filename"), str)
+                                                  for e in entries)):
+            raise ValueError(f"{path / DATASET_STATE}: _data_files must be a list of {{\"filename\": ...}} objects, "
+                             "as datasets' save_to_disk writes it")
+        return "arrow", [path / entry["filename"] for entry in entries]
     parquet = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-    return ("parquet", parquet) if parquet else None
+    return ("parquet", _train_split(path, parquet)) if parquet else None
+
+
+#: The file-name prefixes of the Hub's parquet splits (data/train-00000-of-00002.parquet, ...).
+SPLITS = ("train", "test", "validation", "valid", "eval", "dev")
+
+
+def _train_split(path: Path, files: list[Path]) -> list[Path]:
+    """Of a folder's parquet files named by split, as the Hub lays them out, the train split's
+    (the others are held out: training on them would leak into any evaluation); else all."""
+    def split(file: Path) -> str | None:
+        return next((s for s in SPLITS if file.name.lower().startswith((s + "-", s + "_", s + "."))), None)
+
+    named = {split(f) for f in files}
+    if len(named) == 1:
+        return files
+    if "train" not in named:
+        raise ValueError(f"data path {str(path)!r} holds parquet files of several splits but none named train-*: "
+                         "give the file (or folder) of the split to train on")
+    left = [str(f.relative_to(path)) for f in files if split(f) != "train"]
+    logger.info("data path %s: the train split's parquet files only; left out: %s", path, ", ".join(left))
+    return [f for f in files if split(f) == "train"]
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
 
 
 class TableDataset(Dataset):
@@ -322,6 +385,8 @@ class TableDataset(Dataset):
                 return self.root / cell["path"]
         if isinstance(cell, (bytes, bytearray)):
             return io.BytesIO(cell)
+        if isinstance(cell, str) and cell:  # a path, absolute or relative to the data folder
+            return self.root / cell
         return io.BytesIO(b"")  # not an image: image_problem names the row
 
     def column(self, name: str, field: str) -> list[Any]:

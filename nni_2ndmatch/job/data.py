@@ -153,6 +153,13 @@ def plan_data(config: Config, teacher: nn.Module, parts: PipelineParts | None) -
             raise UserError(f"data.{key}: value {getattr(data, key)!r} is not allowed: it sets the encoded latent "
                             "cache, and this teacher trains on pixels (no VAE); leave it out")
     channels = data_channels(config, teacher, parts)
+    native = getattr(getattr(teacher, "config", None), "sample_size", None)
+    if isinstance(native, int) and "resolution" not in data.model_fields_set:
+        native *= 2 ** (len(parts.vae.config.block_out_channels) - 1) if latent else 1
+        if native != data.resolution:
+            logger.warning("data.resolution is %d, its default, but the teacher was made for %dx%d images: the run "
+                           "trains at %d; set data.resolution to choose", data.resolution, native, native,
+                           data.resolution)
     with user_errors("data", OSError):
         if latent:
             return _plan_latent(config, teacher, parts, channels)
@@ -187,6 +194,12 @@ def _plan_latent(config: Config, teacher: nn.Module, parts: PipelineParts, chann
                         f"pipeline gives {gives or 'no conditioning'}; allowed: a text encoder feeding a "
                         "cross-attention denoiser of its width, class labels for a class-conditional DiT, or no "
                         "conditioning")
+    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+    if data.resolution % factor:
+        raise UserError(f"data.resolution: value {data.resolution} is not allowed: the pipeline's VAE downsamples "
+                        f"{factor}x, so images become latents of a whole number of pixels only at multiples of "
+                        f"{factor}; allowed: e.g. {data.resolution // factor * factor or factor} or "
+                        f"{(data.resolution // factor + 1) * factor}")
     if config.finetune.hflip:
         raise UserError("finetune.hflip: value True is not allowed with a latent pipeline: the latents are encoded "
                         "once, and a flipped latent is not the latent of the flipped image; allowed: false")
