@@ -360,9 +360,28 @@ def test_a_hub_parquet_folder_trains_on_its_train_split_only(tmp_path, caplog):
         data = TableDataset(tmp_path / "hub", 8)
     assert data.captions() == [r["text"] for r in rows[:3]]
     assert "left out: data/test-00000-of-00001.parquet, data/validation-00000-of-00001.parquet" in caplog.text
-    (tmp_path / "hub" / "data" / "train-00000-of-00001.parquet").unlink()
+    for split in ("train", "test", "validation"):  # the Hub's converted layout: the split is the folder's name
+        (tmp_path / "converted" / "default" / split).mkdir(parents=True)
+        (tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet").rename(
+            tmp_path / "converted" / "default" / split / "0000.parquet")
+    assert TableDataset(tmp_path / "converted", 8).captions() == [r["text"] for r in rows[:3]]
+    (tmp_path / "converted" / "default" / "train" / "0000.parquet").unlink()
     with pytest.raises(ValueError, match="parquet files of several splits but none named train-"):
-        TableDataset(tmp_path / "hub", 8)
+        TableDataset(tmp_path / "converted", 8)
+
+
+def test_captions_of_an_image_folder_of_links_are_read(tmp_path):
+    """A Hugging Face cache snapshot links each file to a blob without a suffix: the entry's name is
+    what counts (its suffix, inside the folder), not the link's target."""
+    images = captioned_images(tmp_path / "images", 3)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snapshot").mkdir()
+    for file in images.iterdir():
+        blob = tmp_path / "blobs" / f"b{abs(hash(file.name))}"
+        file.rename(blob)
+        (tmp_path / "snapshot" / file.name).symlink_to(blob)
+    data = ImageFolderDataset(tmp_path / "snapshot", 8)
+    assert data.captions() == [f"picture {i}" for i in range(3)]
 
 
 def test_a_tables_image_cell_may_be_a_path_and_a_damaged_state_file_is_named(tmp_path):

@@ -154,3 +154,23 @@ def test_each_private_internal_in_compat_exists_and_behaves_as_it_relies_on():
                 assert "forward" in vars(layer)  # its copy of the forward is in place
                 got = layer(x, size)
             assert "forward" not in vars(layer) and torch.equal(got, want)
+
+
+def test_the_lazy_names_come_from_the_type_checking_block_and_load_from_a_zip(tmp_path):
+    """What the block imports, aliases and submodules included, is what the package exports; read
+    through the package's loader, so a zipped package works (a file path would not)."""
+    import zipfile
+
+    from nni_2ndmatch.lazy import type_checking_imports
+
+    source = "import typing\nif typing.TYPE_CHECKING:\n    from .a import x as y, z\n    from . import sub\n"
+    assert type_checking_imports(source) == {"y": (".a", "x"), "z": (".a", "z"), "sub": (".sub", None)}
+    archive = tmp_path / "pkg.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in (ROOT / "nni_2ndmatch").rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                z.write(path, path.relative_to(ROOT))
+    code = (f"import sys; sys.path.insert(0, {str(archive)!r}); import nni_2ndmatch, nni_2ndmatch.pruning as p; "
+            "assert '.zip' in nni_2ndmatch.__file__; print(nni_2ndmatch.TrainConfig.__name__, len(p.__all__))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.split()[0] == "TrainConfig" and int(r.stdout.split()[1]) > 10, r.stderr

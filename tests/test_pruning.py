@@ -781,7 +781,7 @@ def test_the_pipeline_out_carries_what_loading_reads_not_the_teachers_other_weig
 
     teacher = write_tiny_sd(tmp_path / "teacher")
     junk = ["v1-5-pruned-emaonly.ckpt", "v1-5-pruned.safetensors", ".cache/huggingface/x.lock", "notes/a.txt",
-            "unet/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.safetensors",
+            "scheduler/scheduler.bin", "vae/diffusion_pytorch_model.fp16.safetensors",
             "text_encoder/pytorch_model.bin", "text_encoder/model.safetensors.index.fp16.json",
             "text_encoder/flax_model.msgpack", "vae/.cache/y"]
     for name in [*junk, "LICENSE.md"]:

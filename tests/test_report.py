@@ -169,3 +169,20 @@ def test_fid_with_a_local_feature_network_is_reported_for_pixel_space_models_too
     run_job(validate_config(raw), "run", progress=False)
     quality = json.loads((tmp_path / "run" / "report" / "results.json").read_text())["quality"]
     assert quality["fid_teacher"] > 0 and quality["fid_student"] > 0 and quality["digits_fid_student"] > 0
+
+
+def test_a_baseline_that_cannot_train_with_the_runs_weights_is_refused_before_the_run(tmp_path):
+    """The kd baseline takes the run's lambda_dsm and lambda_kd: both 0 (a pure Jacobian-matching
+    run) would give it a zero loss; refused before anything is written, not after training."""
+    from nni_2ndmatch.errors import UserError
+    from nni_2ndmatch.job.run import run_job
+
+    raw = {"model": {"teacher": {"builtin": "tiny-unet"}}, "data": {"builtin": "digits", "resolution": 8},
+           "pruning": {"pruner": "magnitude", "sparse_ratio": 0.5},
+           "finetune": {"finetuner": "2ndmatch", "steps": 2, "batch_size": 4, "lambda_dsm": 0.0, "lambda_kd": 0.0,
+                        "lambda_jac": 0.1},
+           "evaluate": {"samples": 8, "ddim_steps": 2, "compare": ["kd"]}, "output_dir": str(tmp_path / "run")}
+    with pytest.raises(UserError, match=r"evaluate.compare: the baseline 'kd' takes the run's \{'lambda_dsm': 0.0, "
+                                        r"'lambda_kd': 0.0\}, which it cannot train with: every loss weight is 0"):
+        run_job(validate_config(raw), "run", progress=False)
+    assert not (tmp_path / "run").exists()

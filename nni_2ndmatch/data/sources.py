@@ -39,7 +39,7 @@ def image_problem(path: Path | io.BytesIO) -> str | None:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in RANGELESS_MODES:
+            if img.mode in RANGELESS_MODES and not _sixteen_bit(img):
                 return (f"its mode {img.mode} (32-bit {'integer' if img.mode == 'I' else 'float'} values) has no "
                         "known range; save it as 8- or 16-bit")
             img.convert("RGB")
@@ -55,10 +55,16 @@ def _upright(img: Any) -> Any:
     greyscale image scaled to 8 bits (PIL's own conversion would clip it at 255)."""
     from PIL import Image, ImageOps
 
+    sixteen = _sixteen_bit(img)
     img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I;16"):
+    if sixteen:
         img = Image.eval(img.convert("I"), lambda v: v / 257).convert("L")
     return img
+
+
+def _sixteen_bit(img: Any) -> bool:
+    """16-bit greyscale: mode I;16*, or a PNG's, which Pillow before 10.3 opens as mode I."""
+    return img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")
 
 
 def image_tensor(file: Path | io.BytesIO, resolution: int, channels: int) -> Tensor:
@@ -174,7 +180,7 @@ def read_metadata(root: Path, files: list[Path], key: str = "text") -> list[Any]
         raise ValueError(f"data path {str(root)!r} has no {METADATA_FILE}; the teacher needs {what} per image: one "
                          f'line per image, {{"file_name": "relative/path.png", "{key}": ...}}')
     values: dict[Path, Any] = {}
-    inside = root.resolve()
+    inside = Path(os.path.normpath(root))
     for n, line in enumerate(meta.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -190,8 +196,9 @@ def read_metadata(root: Path, files: list[Path], key: str = "text") -> list[Any]
             isinstance(value, int) and not isinstance(value, bool) and value >= 0
         if not valid:
             raise ValueError(f"{where}: \"{key}\" is {value!r}; each image needs {what}")
-        file = (root / entry["file_name"]).resolve()
-        if not (file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES and inside in file.parents):
+        named = Path(os.path.normpath(root / entry["file_name"]))  # as named: a link (a Hub cache's) keeps its name
+        file = named.resolve()
+        if not (file.is_file() and named.suffix.lower() in IMAGE_SUFFIXES and inside in named.parents):
             raise ValueError(f"{where}: file_name {entry['file_name']!r} names no image in {str(root)!r} (a path "
                              f"relative to it, with an image suffix: {', '.join(IMAGE_SUFFIXES)})")
         if file in values:
@@ -251,8 +258,10 @@ SPLITS = ("train", "test", "validation", "valid", "eval", "dev")
 def _train_split(path: Path, files: list[Path]) -> list[Path]:
     """Of a folder's parquet files named by split, as the Hub lays them out, the train split's
     (the others are held out: training on them would leak into any evaluation); else all."""
-    def split(file: Path) -> str | None:
-        return next((s for s in SPLITS if file.name.lower().startswith((s + "-", s + "_", s + "."))), None)
+    def split(file: Path) -> str | None:  # by file name (data/train-0.parquet) or folder (default/train/0.parquet)
+        parts = [part.lower() for part in file.relative_to(path).parts]
+        return next((s for part in reversed(parts) for s in SPLITS
+                     if part == s or part.startswith((s + "-", s + "_", s + "."))), None)
 
     named = {split(f) for f in files}
     if len(named) == 1:

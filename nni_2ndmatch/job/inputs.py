@@ -16,7 +16,7 @@ from ..data import collate
 from ..errors import UserError, user_errors
 from ..evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from ..files import read_json_object
-from ..finetuners import Finetuner, schedule_refusal
+from ..finetuners import Finetuner, get_finetuner, schedule_refusal
 from ..method import default_scheduler, model_output, prediction_of
 from ..models import (
     BUILTIN_PIPELINES,
@@ -33,6 +33,7 @@ from ..pruning import load_model_folder
 from ..training import Runtime, check_batch, check_student_options
 from ..training.accelerate import AccelerateRuntime, launched_distributed
 from .data import DataPlan, check_resume, plan_data
+from .evaluate import baseline_options
 from .finetune import make_finetuner
 
 
@@ -123,6 +124,13 @@ def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | No
             raise UserError(f"evaluate: the pipeline ({parts.path}) has its own schedule, which the pixel-space "
                             "evaluation does not sample with yet; remove the evaluate section and sample "
                             "output_dir/pipeline with diffusers")
+    for name in e.compare:  # each baseline takes the run's lambda_dsm / lambda_kd: checked now, not after training
+        options = baseline_options(name, config.finetune.options.model_dump())
+        try:
+            get_finetuner(name, **options)
+        except ValueError as err:
+            raise UserError(f"evaluate.compare: the baseline {name!r} takes the run's {options}, which it cannot "
+                            f"train with: {err}") from None
     if e.fid_features is not None:
         try:
             needs_torchmetrics()

@@ -190,7 +190,7 @@ def save_pipeline(student: nn.Module, source: str | os.PathLike, folder: str | o
     source = Path(source)
     name = pipeline_denoiser(source)
     index = read_json_object(source / PIPELINE_INDEX)
-    components = {k for k, v in index.items() if not k.startswith("_") and k != name and (source / k).is_dir()}
+    components = {k for k in index if not k.startswith("_") and k != name and (source / k).is_dir()}
     with atomic_dir(folder) as tmp:
         for item in source.iterdir():
             if item.name in components:
