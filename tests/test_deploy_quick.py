@@ -149,3 +149,57 @@ def test_a_graph_onnxruntime_cannot_run_is_one_export_error():
         else:
             with pytest.raises(ExportError, match="onnxruntime cannot run the graph: .*num_outputs"):
                 ort_session(model)
+
+
+def test_the_benchmark_refuses_a_tensorrt_precision_or_exporter_it_does_not_know():
+    from nni_2ndmatch.deploy import DeployError, bench
+
+    with pytest.raises(DeployError, match=r"trt_precision='int8' is not allowed; allowed: fp16, fp32"):
+        bench.Setup(backends=["torch"], trt_precision="int8")
+    with pytest.raises(DeployError, match=r"exporter='foo' is unknown; allowed: dynamo, torchscript"):
+        bench.Setup(backends=["torch", "onnxruntime"], exporter="foo")
+
+
+@pytest.mark.slow
+def test_torch_compile_rows_are_compiled_at_every_batch_and_a_compiler_failure_skips_the_variant(monkeypatch):
+    """Teacher and student at 5 batch sizes make 10 graphs of one function, over dynamo's limit of 8:
+    the later rows would run eager under the compiled label; each batch starts afresh instead. A
+    compiler that fails is a skipped variant with its reason, and the other rows stay."""
+    from nni_2ndmatch.deploy import bench
+
+    compile_, graphs = torch.compile, []
+
+    def counting(gm, example_inputs):  # a backend that runs the traced graph as it is, and counts the graphs
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(bench.variants.torch, "compile", lambda fn, **kw: compile_(fn, backend=counting, dynamic=False))
+    from nni_2ndmatch import prune_diffusers
+
+    teacher = tiny_dit(seed=1).eval()
+    student, _ = prune_diffusers(teacher, "magnitude", 0.3)  # other shapes: graphs of its own
+    results = bench.run_benchmark(teacher, student, backends=["torch-compile"], batches=[1, 2, 3, 4, 5],
+                                  device="cpu", repeats=3, warmup=1, seq_len=5)
+    assert [r["batch"] for r in results["results"]] == [1, 2, 3, 4, 5]
+    assert len(graphs) >= 10  # each model at each batch compiled (past dynamo's limit, 8, it would run eager)
+
+    def broken(fn, **kw):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(bench.variants.torch, "compile", broken)
+    results = bench.run_benchmark(teacher, student, backends=["torch", "torch-compile"], batches=[1], device="cpu",
+                                  repeats=3, warmup=1, seq_len=5)
+    assert [r["variant"] for r in results["results"]] == ["torch-cpu-fp32"]
+    assert results["skipped"] == [{"variant": "torch-compile-cpu-fp32", "reason": "torch.compile failed: "
+                                   "RuntimeError: InvalidCxxCompiler: no working C++ compiler found"}]
+
+
+def test_an_out_path_that_cannot_become_a_file_is_refused_before_the_export(tmp_path):
+    from nni_2ndmatch.deploy import DeployError, export_aoti, export_onnx
+
+    model = tiny_dit(seed=1).eval()
+    for export in (export_onnx, export_aoti):
+        with pytest.raises(DeployError, match=r"out='.*' is a folder; give the path of the file to write"):
+            export(model, tmp_path)

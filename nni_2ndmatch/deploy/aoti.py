@@ -35,7 +35,7 @@ from ..compat import batch_independent
 from ..errors import MissingBackendError
 from ..files import load_tensors, save_tensors
 from ..utils import is_integer
-from .artefact import publish
+from .artefact import check_out, publish
 from .errors import DeployError, ExportError
 from .model_io import OUTPUT_NAME, InputSpec, input_specs, random_inputs, wrap
 from .onnx_export import errors_against, quiet_exporter, versions
@@ -147,6 +147,7 @@ def export_aoti(model: nn.Module, out: str | os.PathLike, *, device: str = "cpu"
     """
     batches = tuple(sorted(set(batches))) if isinstance(batches, (list, tuple)) else batches
     _check_options(device, batches, fp16, tolerance)
+    check_out(out)
     precision = "fp16" if fp16 else "fp32"
     tolerance = float(tolerance if tolerance is not None else TOLERANCE[(device, precision)])
     model = model.eval()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_json
-from .errors import ParityError
+from .errors import DeployError, ParityError
 
 SIDECAR_SUFFIX = ".json"
 
@@ -18,6 +18,12 @@ def sidecar_path(artefact: str | os.PathLike) -> Path:
     """Where an artefact's report goes: its name with ``.json`` added (``student.onnx.json``)."""
     path = Path(artefact)
     return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """Before an export's work: ``out`` must be able to become a file (a DeployError if not)."""
+    if Path(out).is_dir():
+        raise DeployError(f"out={str(out)!r} is a folder; give the path of the file to write")
 
 
 def publish(tmp: Path, out: Path, report: dict[str, Any], what: str, companions: tuple[str, ...] = ()) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..utils import is_integer
-from .artefact import publish
+from .artefact import check_out, publish
 from .errors import DeployError, ExportError
 from .model_io import (
     OUTPUT_NAME,
@@ -253,6 +253,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, opset: int = DEFAUL
     nothing is written and :class:`ParityError` is raised.
     """
     check_options(opset, exporter, tolerance)
+    check_out(out)
     precision = "fp16" if fp16 else "fp32"
     tolerance = float(tolerance if tolerance is not None else TOLERANCE[precision])
     model = model.eval()

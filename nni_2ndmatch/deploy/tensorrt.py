@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_bytes, atomic_write_json
-from .artefact import sidecar_path
+from .artefact import check_out, sidecar_path
 from .errors import DeployError, EngineMismatchError, ExportError, MissingBackendError
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precis
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise DeployError(f"ONNX file {str(onnx_path)!r} does not exist")
+    check_out(out)
     trt = require_tensorrt()
     strongly_typed = _strongly_typed(trt, precision)
     fp16_onnx = onnx_is_fp16(onnx_path)

@@ -18,9 +18,9 @@ from ...utils import add_unique, is_integer
 from ..aoti import export_aoti
 from ..errors import DeployError, MissingBackendError
 from ..model_io import OUTPUT_NAME, InputSpec, random_inputs, wrap
-from ..onnx_export import export_onnx, ort_session
+from ..onnx_export import EXPORTERS, export_onnx, ort_session
 from ..tensorrt import build_engine, load_engine, needs_fp16_onnx, require_tensorrt
-from .results import DEVICES, BenchSetup, Skipped
+from .results import DEVICES, ROLES, BenchSetup, Skipped
 
 
 class Unavailable(Exception):
@@ -83,6 +83,11 @@ class Setup:
             value = getattr(self, name)
             if not is_integer(value) or value < 1:
                 raise DeployError(f"{name}={value!r} is not allowed; it must be an integer >= 1")
+        precisions = sorted({v.precision for v in VARIANTS.values() if v.backend == "tensorrt"})
+        if self.trt_precision not in precisions:
+            raise DeployError(f"trt_precision={self.trt_precision!r} is not allowed; allowed: {', '.join(precisions)}")
+        if self.exporter not in EXPORTERS:
+            raise DeployError(f"exporter={self.exporter!r} is unknown; allowed: {', '.join(EXPORTERS)}")
         object.__setattr__(self, "backends", backends)
         object.__setattr__(self, "batches", tuple(sorted(set(batches))))
 
@@ -161,11 +166,18 @@ def _torch_compile(device: str, precision: str) -> Callable:
     """torch.compile in this process, one graph per batch size; on a GPU fp16 with CUDA graphs
     (mode reduce-overhead), the compiled counterpart of torch-cuda-fp16-cudagraph."""
     def prepare(subject: Subject, batch: int):
+        if subject.role == ROLES[0]:  # a new batch: forget the last one's graphs, so that the two models' fresh
+            torch._dynamo.reset()  # ones stay under dynamo's limit of graphs per function (else: eager, unsaid)
         model = copy.deepcopy(subject.model).to(device)
         half = precision == "fp16"
         wrapper = wrap(model.half() if half else model, subject.specs, half=half)
         compiled = torch.compile(wrapper, mode="reduce-overhead" if device == "cuda" else None, dynamic=False)
-        return _inference(compiled, random_inputs(subject.specs, batch, subject.seed, device)), None
+        run = _inference(compiled, random_inputs(subject.specs, batch, subject.seed, device))
+        try:
+            run()  # compiles now: a compiler that cannot run here skips the variant, with its reason
+        except Exception as e:  # inductor raises its own types (InductorError, BackendCompilerFailed, ...)
+            raise Unavailable(f"torch.compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+        return run, None
     return prepare
 
 
