@@ -37,8 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy import export_aoti, load_model
     from nni_2ndmatch.deploy.artefact import sidecar_path
+    from nni_2ndmatch.deploy.model_io import check_seq_len
 
     model, info = load_model(args.model)
+    check_seq_len(model, args.seq_len)
     report = export_aoti(model, args.out, device=args.device, batches=args.batch, fp16=args.fp16,
                          tolerance=args.tolerance, seq_len=args.seq_len, source=info)
     parity = report["parity"]

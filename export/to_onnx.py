@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy import export_onnx, load_model
     from nni_2ndmatch.deploy.artefact import sidecar_path
+    from nni_2ndmatch.deploy.model_io import check_seq_len
 
     if args.pipeline:
         from nni_2ndmatch.deploy import DeployError
@@ -62,6 +63,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
 
     model, info = load_model(args.model)
+    check_seq_len(model, args.seq_len)
     report = export_onnx(model, args.out, opset=args.opset, fp16=args.fp16, batch_dynamic=args.batch_dynamic,
                          exporter=args.exporter, simplify=not args.no_simplify, tolerance=args.tolerance,
                          seq_len=args.seq_len, source=info)

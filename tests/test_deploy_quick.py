@@ -203,3 +203,13 @@ def test_an_out_path_that_cannot_become_a_file_is_refused_before_the_export(tmp_
     for export in (export_onnx, export_aoti):
         with pytest.raises(DeployError, match=r"out='.*' is a folder; give the path of the file to write"):
             export(model, tmp_path)
+
+
+def test_a_text_length_for_a_model_without_text_is_refused():
+    from nni_2ndmatch.deploy import DeployError
+    from nni_2ndmatch.deploy.model_io import check_seq_len
+
+    check_seq_len(tiny_dit(seed=1), None)
+    with pytest.raises(DeployError, match=r"seq_len=5 is not allowed: DiTTransformer2DModel takes no "
+                                          r"encoder_hidden_states"):
+        check_seq_len(tiny_dit(seed=1), 5)

@@ -68,6 +68,14 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), {"source": str(path), "kind": kind, "class": type(model).__name__}
 
 
+def check_seq_len(model: nn.Module, seq_len: int | None) -> None:
+    """A DeployError when a text length is given for a model that takes no text (an export
+    script's --seq-len would otherwise do nothing)."""
+    if seq_len is not None and "encoder_hidden_states" not in [s.name for s in input_specs(model)]:
+        raise DeployError(f"seq_len={seq_len!r} is not allowed: {type(model).__name__} takes no "
+                          "encoder_hidden_states (text); leave it out")
+
+
 def input_specs(model: nn.Module, seq_len: int | None = None) -> list[InputSpec]:
     """The inputs ``model`` is deployed with, in order (see the module docstring). ``seq_len``: the
     text tokens of ``encoder_hidden_states``; None: what the model's pipeline feeds (SD3's 333,
