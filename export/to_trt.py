@@ -44,6 +44,8 @@ def main(args: argparse.Namespace) -> int:
     batches = parse_batches(args.batch)
     if args.precision not in PRECISIONS:
         raise DeployError(f"--precision={args.precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
+    if Path(args.out).suffix == ".onnx":  # with --model its ONNX goes to OUT.onnx: the engine would overwrite it
+        raise DeployError(f"--out {args.out!r} ends in .onnx; give the engine file, e.g. student.plan")
     source = Path(args.model or args.onnx)
     if not source.exists():
         raise DeployError(f"{'--model' if args.model else '--onnx'} {str(source)!r} does not exist")

@@ -307,6 +307,8 @@ def test_to_trt_refuses_a_corrupted_onnx_file_before_looking_for_tensorrt(tmp_pa
     r = script("to_trt.py", "--onnx", bad, "--out", tmp_path / "s.plan")
     assert r.returncode == 2 and "is not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "s.plan").exists()
+    r = script("to_trt.py", "--onnx", bad, "--out", tmp_path / "s.onnx")  # the engine over an ONNX file: refused
+    assert r.returncode == 2 and "ends in .onnx; give the engine file" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize(("version", "message"), [("8.6.1", "too old"), ("10.9.0", "no CUDA GPU")])
