@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             ("finetune", "finetune the student against its teacher")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML compression config")
-        p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+        p.add_argument("--resume", action="store_true", help="keep the pruned student already there" if name == "prune"
+                       else "continue from the last complete checkpoint")
         p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--threads", type=int, help="CPU threads for torch (overrides the config's threads; its "
@@ -38,13 +39,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resume_hint(command: str, config_path: str, output_dir: str) -> str:
-    """What to do after an interrupted run: resume from its last complete checkpoint, if it has one."""
+def resume_hint(command: str, config_path: str, output_dir: str, flags: str = "") -> str:
+    """What to do after an interrupted run: resume from its last complete checkpoint, if it has one.
+    ``flags``: the command line's own (``--threads N``), repeated in the command it suggests."""
     latest = Path(output_dir) / CHECKPOINT_DIR / "latest"
     if latest.is_file():
         return (f"The last complete checkpoint ({latest.read_text().strip()}) is intact; continue with: "
-                f"nni-2ndmatch {command} {config_path} --resume")
-    return f"No checkpoint was written yet; start again with: nni-2ndmatch {command} {config_path} --overwrite"
+                f"nni-2ndmatch {command} {config_path} --resume{flags}")
+    return f"No checkpoint was written yet; start again with: nni-2ndmatch {command} {config_path} --overwrite{flags}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except ERRORS as e:
         return report(e)
     except KeyboardInterrupt:
-        hint = resume_hint(args.command, args.config, config.output_dir) if config is not None else ""
+        flags = (f" --threads {args.threads}" if args.threads is not None else "") + \
+            (" --no-progress" if args.no_progress else "")
+        hint = resume_hint(args.command, args.config, config.output_dir, flags) if config is not None else ""
         print(f"\ninterrupted. {hint}".rstrip(), file=sys.stderr)
         return 130
     if main_process:  # one summary from a multi-process run

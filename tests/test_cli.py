@@ -226,6 +226,9 @@ def test_prune_then_finetune_as_separate_commands(tmp_path, caplog):
     again = cli_here("prune", cfg, "--resume", "--no-progress")  # as docs/cli.md says: pruned, nothing to do
     assert again.returncode == 0 and json.loads(again.stdout)["pruning"]["pruner"] == "L1NormPruner", again.stderr
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    twice = cli_here("prune", cfg, "--no-progress")  # a second pruning, without a flag, would replace the first
+    assert twice.returncode == 2 and "already holds a pruned student (pruned/); pass --resume to keep it or " \
+        "--overwrite to prune again" in twice.stderr, twice.stderr
     other = write_config(tmp_path, lambda raw: raw["pruning"].update(sparse_ratio=0.6), name="other.yaml")
     refused = cli_here("finetune", other, "--no-progress")  # pruned/ was made at another ratio
     assert refused.returncode == 2 and re.search(r"differs from the one that pruned .* in pruning.sparse_ratio "

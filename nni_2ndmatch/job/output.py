@@ -70,6 +70,9 @@ class RunFolder:
         if self.holds_run() and not resume and not overwrite:
             raise UserError(f"output_dir {str(out)!r} already holds a run; pass --resume to continue it "
                             "or --overwrite to replace it")
+        if command != "finetune" and self.pruned.exists() and not resume and not overwrite:  # finetune starts there
+            raise UserError(f"output_dir {str(out)!r} already holds a pruned student ({PRUNED_DIR}/); pass --resume to "
+                            "keep it or --overwrite to prune again")
         if resume and command != "prune" and not (self.checkpoints / "latest").is_file():  # prune: see run_job
             raise UserError(f"--resume: output_dir {str(out)!r} holds no checkpoint to resume from")
         if overwrite and not resume:
