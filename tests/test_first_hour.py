@@ -72,7 +72,8 @@ def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
     cfg = write_config(tmp_path, lambda raw: raw["finetune"].update(steps=100000, checkpoint_every=2))
     latest = tmp_path / "run" / "checkpoints" / "latest"
     # SIGINT as a terminal delivers it (a shell without job control starts background jobs ignoring it)
-    proc = subprocess.Popen([sys.executable, "-m", "nni_2ndmatch.cli", "run", str(cfg), "--no-progress"],
+    proc = subprocess.Popen([sys.executable, "-m", "nni_2ndmatch.cli", "run", str(cfg), "--no-progress", "--threads",
+                             "1"],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
@@ -82,7 +83,7 @@ def test_ctrl_c_exits_130_without_a_traceback_and_the_run_resumes(tmp_path):
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-    assert f"nni-2ndmatch run {cfg} --resume" in stderr
+    assert f"nni-2ndmatch run {cfg} --resume --threads 1 --no-progress" in stderr  # the user's own flags kept
     done = int(latest.read_text().strip().split("-")[1])
     longer = write_config(tmp_path, lambda raw: raw["finetune"].update(steps=done + 2, checkpoint_every=2))
     r = cli_here("run", longer, "--resume", "--no-progress")
