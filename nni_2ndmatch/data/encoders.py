@@ -94,6 +94,11 @@ def micro_conditioning(data: Dataset, index: int, resolution: int) -> list[float
     return [float(height), float(width), float(round(top)), float(round(left)), float(resolution), float(resolution)]
 
 
+def vae_downsampling(vae: Any) -> int:
+    """How many image pixels a latent pixel of ``vae`` spans on a side (SD's VAE: 8)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def latent_resolution(parts: Any, latent: Tensor) -> int:
     """The image resolution a latent decodes to (its side times the VAE's downsampling)."""
-    return latent.shape[-1] * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    return latent.shape[-1] * vae_downsampling(parts.vae)

@@ -263,15 +263,15 @@ def _train_split(path: Path, files: list[Path]) -> list[Path]:
         return next((s for part in reversed(parts) for s in SPLITS
                      if part == s or part.startswith((s + "-", s + "_", s + "."))), None)
 
-    named = {split(f) for f in files}
-    if len(named) == 1:
+    splits = {f: split(f) for f in files}
+    if len(set(splits.values())) == 1:
         return files
-    if "train" not in named:
+    if "train" not in splits.values():
         raise ValueError(f"data path {str(path)!r} holds parquet files of several splits but none named train-*: "
                          "give the file (or folder) of the split to train on")
-    left = [str(f.relative_to(path)) for f in files if split(f) != "train"]
+    left = [str(f.relative_to(path)) for f, name in splits.items() if name != "train"]
     logger.info("data path %s: the train split's parquet files only; left out: %s", path, ", ".join(left))
-    return [f for f in files if split(f) == "train"]
+    return [f for f, name in splits.items() if name == "train"]
 
 
 def _json_file(path: Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from ..data.encoded import (
     plan_cache,
     start_cache,
 )
+from ..data.encoders import vae_downsampling
 from ..errors import RunError, UserError, user_errors
 from ..models import PipelineParts, conditioning_of
 from ..training import Runtime
@@ -155,7 +156,7 @@ def plan_data(config: Config, teacher: nn.Module, parts: PipelineParts | None) -
     channels = data_channels(config, teacher, parts)
     native = getattr(getattr(teacher, "config", None), "sample_size", None)
     if isinstance(native, int) and "resolution" not in data.model_fields_set:
-        native *= 2 ** (len(parts.vae.config.block_out_channels) - 1) if latent else 1
+        native *= vae_downsampling(parts.vae) if latent else 1
         if native != data.resolution:
             logger.warning("data.resolution is %d, its default, but the teacher was made for %dx%d images: the run "
                            "trains at %d; set data.resolution to choose", data.resolution, native, native,
@@ -194,7 +195,7 @@ def _plan_latent(config: Config, teacher: nn.Module, parts: PipelineParts, chann
                         f"pipeline gives {gives or 'no conditioning'}; allowed: a text encoder feeding a "
                         "cross-attention denoiser of its width, class labels for a class-conditional DiT, or no "
                         "conditioning")
-    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+    factor = vae_downsampling(parts.vae)
     if data.resolution % factor:
         raise UserError(f"data.resolution: value {data.resolution} is not allowed: the pipeline's VAE downsamples "
                         f"{factor}x, so images become latents of a whole number of pixels only at multiples of "

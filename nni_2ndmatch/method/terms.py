@@ -125,7 +125,7 @@ class TermForm:
     min_timestep: int = 0
     reference_dims: int | None = None
 
-    def __post_init__(self) -> None:  # the one place of these rules (the strategy's options build a TermForm)
+    def __post_init__(self) -> None:  # (SecondMatchOptions checks the log pair too, in its own option names)
         if self.match not in JAC_MATCHES:
             raise ValueError(f"match={self.match!r} is not allowed; allowed: {', '.join(JAC_MATCHES)}")
         if self.weighting not in JAC_WEIGHTINGS:
