@@ -336,6 +336,53 @@ def test_batch_profile_and_engine_compatibility_rules():
         check_compatible(built, "10.9.0", "NVIDIA L4", "8.9")
 
 
+def test_a_fixed_batch_onnx_is_refused_a_batch_range_by_name(families, monkeypatch, tmp_path):
+    from helpers import fake_tensorrt
+
+    from nni_2ndmatch.deploy.tensorrt import build_engine
+
+    _, student = families["unet2d"]
+    fixed = tmp_path / "fixed.onnx"
+    export_onnx(student, fixed, batch_dynamic=False, exporter="torchscript")
+    fake_tensorrt.install(monkeypatch)
+    with pytest.raises(DeployError, match=r"input sample of fixed.onnx has a fixed batch of 1 .*batch=1,16,64 cannot "
+                                          r"be built: give --batch 1, or export the ONNX with a dynamic batch"):
+        build_engine(fixed, tmp_path / "s.plan", precision="fp32", batches=(1, 16, 64))
+    assert not (tmp_path / "s.plan").exists() and fake_tensorrt._Builder.built == []
+    meta = build_engine(fixed, tmp_path / "s.plan", precision="fp32", batches=(1, 1, 1))
+    assert meta["inputs"]["sample"] == {"dtype": "float", "min": [1, 1, 8, 8], "opt": [1, 1, 8, 8],
+                                        "max": [1, 1, 8, 8]}
+
+
+def test_the_benchmark_builds_one_engine_per_batch_and_skips_a_graph_tensorrt_cannot_parse(
+        families, monkeypatch, tmp_path):
+    from helpers import fake_tensorrt
+
+    from nni_2ndmatch.deploy.bench import variants
+
+    teacher, student = families["unet2d"]
+    onnx_files = {}
+    for role, model in (("teacher", teacher), ("student", student)):
+        onnx_files[role] = tmp_path / f"{role}.onnx"
+        export_onnx(model, onnx_files[role], exporter="torchscript")
+    trt = fake_tensorrt.install(monkeypatch)
+    trt.OnnxParser.fail_with = "Unsupported operator Foo"
+    results = run_benchmark(teacher, student, backends=["torch", "tensorrt"], batches=[1], device="cpu", repeats=1,
+                            warmup=1, trt_precision="fp32", onnx_files=onnx_files)
+    assert [r["variant"] for r in results["results"]] == ["torch-cpu-fp32"]  # it used to abort the whole run
+    assert results["skipped"] == [{"variant": "tensorrt-fp32",
+                                   "reason": "TensorRT 10.9.0 cannot parse teacher.onnx: Unsupported operator Foo"}]
+
+    trt.OnnxParser.fail_with = None  # each batch its own engine: TensorRT tunes its kernels for the opt shape
+    monkeypatch.setattr(variants, "load_engine", lambda plan: plan)
+    monkeypatch.setattr(variants, "random_inputs", lambda specs, batch, seed, device: [])
+    prepare = variants._tensorrt("fp32", tmp_path, None)
+    subject = variants.Subject("student", student, input_specs(student), files={"onnx": onnx_files["student"]})
+    for batch in (1, 4):
+        prepare(subject, batch)
+    assert [built[0]["sample"] for built in trt.Builder.built] == [([b, 1, 8, 8],) * 3 for b in (1, 4)]
+
+
 @pytest.fixture
 def trt_gpu():
     trt = pytest.importorskip("tensorrt")
@@ -367,6 +414,9 @@ def test_tensorrt_engine_matches_pytorch_and_refuses_another_gpu(precision, trt_
     meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "gpu": "Some Other GPU"}))
     with pytest.raises(DeployError, match="Some Other GPU.*rebuild"):
         load_engine(plan)
+    export_onnx(student, onnx_path, fp16=needs_fp16_onnx(precision), batch_dynamic=False)
+    with pytest.raises(DeployError, match="has a fixed batch of 1"):  # before TensorRT's own, less clear, error
+        build_engine(onnx_path, plan, precision=precision, batches=(1, 2, 4))
 
 
 # --- AOTInductor packages ----------------------------------------------------------------------

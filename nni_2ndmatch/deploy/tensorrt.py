@@ -140,7 +140,7 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precis
     parser = trt.OnnxParser(network, logger_trt)
     if not parser.parse_from_file(str(onnx_path)):  # a path: external data is found beside it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise DeployError(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {errors}")
+        raise ExportError(f"TensorRT {trt.__version__} cannot parse {onnx_path.name}: {errors}")
 
     config = builder.create_builder_config()
     if workspace_gib:
@@ -154,9 +154,13 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precis
     shapes = {}
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        rest = list(tensor.shape)[1:]
+        first, *rest = list(tensor.shape)
         if any(d < 0 for d in rest):
             raise DeployError(f"input {tensor.name} has a dynamic axis besides the batch: {list(tensor.shape)}")
+        if first >= 0 and set(batches) != {first}:  # TensorRT's own message names neither cause nor cure
+            raise DeployError(f"input {tensor.name} of {onnx_path.name} has a fixed batch of {first} (as "
+                              f"to_onnx.py --no-batch-dynamic writes), so batch={','.join(map(str, batches))} cannot "
+                              f"be built: give --batch {first}, or export the ONNX with a dynamic batch")
         lo, opt, hi = ([b, *rest] for b in batches)
         profile.set_shape(tensor.name, lo, opt, hi)
         shapes[tensor.name] = {"dtype": str(tensor.dtype).split(".")[-1].lower(), "min": lo, "opt": opt, "max": hi}

@@ -244,16 +244,16 @@ def _onnxruntime(provider: str, workdir: Path, seq_len: int, threads: int, fp16:
     return prepare
 
 
-def _tensorrt(precision: str, workdir: Path, seq_len: int, batches: list[int]) -> Callable:
+def _tensorrt(precision: str, workdir: Path, seq_len: int) -> Callable:
+    """An engine per model and batch size, built for that batch alone (min = opt = max): TensorRT
+    picks its kernels for the profile's opt shape, so one engine for every batch would time the
+    smaller batches on kernels chosen for another."""
     def prepare(subject: Subject, batch: int):
-        key = f"plan-{precision}"
-        if key not in subject.files:
-            onnx_path = _onnx_file(subject, workdir, seq_len, fp16=needs_fp16_onnx(precision))
-            plan = workdir / f"{subject.role}-{precision}.plan"
-            build_engine(onnx_path, plan, precision=precision, batches=(min(batches), max(batches), max(batches)),
-                         timing_cache=workdir / "timing.cache")
-            subject.files[key] = plan
-        runner = load_engine(subject.files[key])
+        onnx_path = _onnx_file(subject, workdir, seq_len, fp16=needs_fp16_onnx(precision))
+        plan = workdir / f"{subject.role}-{precision}-batch{batch}.plan"
+        build_engine(onnx_path, plan, precision=precision, batches=(batch, batch, batch),
+                     timing_cache=workdir / "timing.cache")
+        runner = load_engine(plan)
         inputs = random_inputs(subject.specs, batch, subject.seed, "cuda")
         return (lambda: runner(inputs)), None
     return prepare
@@ -315,9 +315,9 @@ for _variant in (
                 lambda s: _onnxruntime("TensorrtExecutionProvider", s.workdir, s.seq_len, s.threads),
                 _ort_missing("TensorrtExecutionProvider")),
     Variant("tensorrt-fp16", "tensorrt", "cuda", "fp16", "cuda-events",
-                lambda s: _tensorrt("fp16", s.workdir, s.seq_len, s.batches), _trt_missing),
+                lambda s: _tensorrt("fp16", s.workdir, s.seq_len), _trt_missing),
     Variant("tensorrt-fp32", "tensorrt", "cuda", "fp32", "cuda-events",
-                lambda s: _tensorrt("fp32", s.workdir, s.seq_len, s.batches), _trt_missing),
+                lambda s: _tensorrt("fp32", s.workdir, s.seq_len), _trt_missing),
 ):
     register_variant(_variant)
 
