@@ -87,6 +87,13 @@ class ModelSpec(_Section):
     width: float = Field(1.0, gt=0, le=4, description="channel multiplier of a builtin architecture")
     seed: int = Field(0, ge=0, description="initialisation seed of a builtin architecture")
 
+    @field_validator("path")
+    @classmethod
+    def _a_folder(cls, value: str | None) -> str | None:  # checked with the rest: every missing path at once
+        if value is not None and not Path(value).is_dir():
+            raise ValueError("no such folder" if not Path(value).exists() else "a file; give the model's folder")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
         if sum(x is not None for x in (self.builtin, self.path, self.hub)) != 1:
@@ -134,10 +141,15 @@ class PruningSection(_Section):
             check_config_list(value)
         return value
 
+    @field_validator("pruner")
+    @classmethod
+    def _known_pruner(cls, value: str) -> str:  # a field's own check: reported beside the section's other errors
+        if value not in PRUNER_REGISTRY:
+            raise ValueError(f"pruner={value!r} is unknown; allowed: {', '.join(PRUNER_REGISTRY)}")
+        return value
+
     @model_validator(mode="after")
-    def _known_pruner(self) -> "PruningSection":
-        if self.pruner not in PRUNER_REGISTRY:
-            raise ValueError(f"pruner={self.pruner!r} is unknown; allowed: {', '.join(PRUNER_REGISTRY)}")
+    def _config_list_pruner(self) -> "PruningSection":
         check_config_list_pruner(self.pruner, self.config_list)
         if self.config_list is not None and "sparse_ratio" in self.model_fields_set:
             raise ValueError("give sparse_ratio or config_list, not both: the config_list entries carry their own "
@@ -167,6 +179,13 @@ class DataSection(_Section):
     cache_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="latent pipelines: the dtype of the encoded cache (null: the encoders')")
     encode_batch_size: int = Field(16, ge=1, description="latent pipelines: images (captions) per encoder pass")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).exists():
+            raise ValueError("no such file or folder")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSection":

@@ -35,6 +35,23 @@ def test_every_problem_is_reported_at_once():
     assert "output_dir: required field is missing" in text
 
 
+def test_missing_paths_and_an_unknown_pruner_come_with_the_other_problems(tmp_path):
+    raw = {"model": {"teacher": {"path": str(tmp_path / "teacher")}, "student": {"path": str(tmp_path / "a.txt")}},
+           "data": {"path": str(tmp_path / "images")}, "pruning": {"pruner": "L3NormPruner", "sparse_ratio": 1.5},
+           "output_dir": "unused"}
+    (tmp_path / "a.txt").write_text("")
+    with pytest.raises(ConfigError) as e:
+        validate_config(raw)
+    assert e.value.problems == [
+        f"model.teacher.path: value {str(tmp_path / 'teacher')!r} is not allowed: no such folder",
+        f"model.student.path: value {str(tmp_path / 'a.txt')!r} is not allowed: a file; give the model's folder",
+        f"data.path: value {str(tmp_path / 'images')!r} is not allowed: no such file or folder",
+        "pruning.pruner='L3NormPruner' is unknown; allowed: magnitude, taylor, diff-pruning, L1NormPruner, "
+        "L2NormPruner, FPGMPruner, TaylorPruner",
+        "pruning.sparse_ratio: value 1.5 is not allowed: Input should be less than 1",
+    ]  # before: the first teacher folder alone, then the pruner, in three runs
+
+
 def test_compare_defaults_to_empty_and_accepts_other_finetuners():
     raw = small_config([])
     del raw["evaluate"]["compare"]
@@ -83,7 +100,7 @@ def _tiny(**sections):
 
 
 @pytest.mark.parametrize("sections, expected", [
-    ({"model": {"teacher": {"path": "some/model", "width": 0.5}}},
+    ({"model": {"teacher": {"path": ".", "width": 0.5}}},
      r"model.teacher: 'width' goes with 'builtin' only"),
     ({"model": {"teacher": {"hub": "org/model", "seed": 3}}}, r"model.teacher: 'seed' goes with 'builtin' only"),
     ({"finetune": {"validation_images": 8}}, r"finetune: validation_images is given but validation_every is 0"),

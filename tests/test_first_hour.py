@@ -60,7 +60,8 @@ def test_a_corrupt_image_is_one_clear_error_before_anything_is_written(tmp_path)
 
 def test_a_missing_data_folder_or_a_file_as_output_dir(tmp_path):
     r = cli_here("run", _folder_config(tmp_path, tmp_path / "nowhere"), "--no-progress")
-    assert r.returncode == 2 and "is not a folder" in r.stderr and not (tmp_path / "run").exists()
+    assert r.returncode == 2 and "data.path: value" in r.stderr and "no such file or folder" in r.stderr
+    assert not (tmp_path / "run").exists()
     (tmp_path / "file").write_text("x")
     cfg = write_config(tmp_path, lambda raw: raw.update(output_dir=str(tmp_path / "file")), name="f.yaml")
     r = cli_here("run", cfg, "--no-progress")

@@ -17,11 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "examples" / "paper").glob("*.yaml"))
 
 
-def test_there_is_a_recipe_per_setting_of_the_paper_and_each_is_valid():
+def test_there_is_a_recipe_per_setting_of_the_paper_and_each_is_valid(tmp_path, monkeypatch):
     assert [p.stem for p in RECIPES] == ["cifar10_ddpm", "lsun_church_ddpm", "sd_bk_sdm_coco", "sdxl_ssd1b_style"]
+    monkeypatch.chdir(tmp_path)  # where the user has put the recipe's downloads: its folders exist
     for path in RECIPES:
         raw = yaml.safe_load(path.read_text())
         assert raw["finetune"]["finetuner"] == "2ndmatch" and raw["finetune"]["lambda_jac"] == 0.1
+        for spec in (raw["model"]["teacher"], raw["model"].get("student") or {}, raw["data"]):
+            if "path" in spec:
+                Path(spec["path"]).mkdir(parents=True, exist_ok=True)
         validate_config(raw)
 
 
