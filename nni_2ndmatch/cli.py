@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 from . import __version__
 from .errors import ERRORS, ConfigError, report
@@ -35,8 +36,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--threads", type=int, help="CPU threads for torch (overrides the config's threads; its "
                        "default, auto, leaves half the cores free)")
-    sub.add_parser("finetuners", help="list the available finetuning strategies")
+    p = sub.add_parser("finetuners", help="list the finetuning strategies and their options")
+    p.add_argument("names", nargs="*", help="only these strategies (default: all)")
     return parser.parse_args(argv)
+
+
+def finetuners_text(names: list[str]) -> str:
+    """Each strategy (``names``, or all): its name, its summary, then one line per option of the
+    finetune section it adds (type, default, meaning). The loop's options are the same for all."""
+    from .finetuners import available_finetuners, finetuner_class
+
+    unknown = [n for n in names if n not in available_finetuners()]
+    if unknown:
+        raise ConfigError([f"{n!r} is not a registered finetuner; allowed: {', '.join(available_finetuners())}"
+                           for n in unknown], "command line")
+    def kind(annotation: Any) -> str:
+        if get_origin(annotation) is Literal:
+            return " | ".join(map(str, get_args(annotation)))
+        return getattr(annotation, "__name__", str(annotation).replace("None", "null"))
+
+    blocks = []
+    for name in names or available_finetuners():
+        cls = finetuner_class(name)
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        lines = [f"{name}: {summary}"]
+        for key, field in cls.Options.model_fields.items():
+            default = "null" if field.default is None else field.default  # as the config file writes it
+            lines.append(f"  {key}: {default}  [{kind(field.annotation)}]  {field.description or ''}".rstrip())
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n\n(the loop's options, such as steps and lr, are every strategy's: docs/cli.md)"
 
 
 def resume_hint(command: str, config_path: str, output_dir: str, flags: str = "") -> str:
@@ -55,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "finetuners":
-        from .finetuners import available_finetuners
-
-        print("\n".join(available_finetuners()))
+        try:
+            print(finetuners_text(args.names))
+        except ERRORS as e:
+            return report(e)
         return 0
     from .config import load_config
 

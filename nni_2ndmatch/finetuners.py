@@ -279,7 +279,9 @@ class SecondMatchOptions(TeacherOptions):
     num_projections: int = Field(1, ge=1, description="directions v per sample")
     jac_fraction: float = Field(1.0, gt=0, le=1, description="share of the batch that gets the Jacobian term")
     fd_step: float = Field(DEFAULT_FD_STEP, gt=0, lt=1, description="step of the central difference (mode fd)")
-    jac_weighting: Literal[JAC_WEIGHTINGS] = "none"  # type: ignore[valid-type]
+    jac_weighting: Literal[JAC_WEIGHTINGS] = Field(  # type: ignore[valid-type]
+        "none", description="a timestep scale c(t) on both Jacobians: none, noise (sqrt(1 - abar_t)) or x0 "
+        "(the predicted clean image's)")
     jac_reference_dims: int | None = Field(None, ge=1, description="image size C*H*W at which lambda_jac is "
                                            "balanced (3072: the paper's 32x32x3); null: the raw term")
     jac_match: Literal[JAC_MATCHES] = Field("norm", description="norm (the paper), vector or log")

@@ -261,7 +261,25 @@ def test_a_given_students_card_does_not_describe_an_earlier_pruning_in_the_same_
 @pytest.mark.slow
 def test_list_finetuners():
     r = cli("finetuners")
-    assert r.returncode == 0 and r.stdout.split() == ["2ndmatch", "dsm", "kd"]
+    assert r.returncode == 0, r.stderr
+    assert [line.split(":")[0] for line in r.stdout.splitlines() if line[:1].isalnum()] == ["2ndmatch", "dsm", "kd"]
+
+
+def test_the_finetuner_listing_gives_every_option_with_its_default_and_allowed_values(capsys):
+    from nni_2ndmatch.cli import main
+    from nni_2ndmatch.finetuners import KDOptions
+
+    assert main(["finetuners", "kd"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("kd: DSM plus output distillation") and "2ndmatch" not in out
+    options = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ")]
+    assert options == list(KDOptions.model_fields)
+    assert "  kd_perturb: none  [none | noise]  none: the kd term at x_t" in out
+    assert main(["finetuners", "2ndmatch"]) == 0
+    out = capsys.readouterr().out
+    assert "  jac_reference_dims: null  [int | null]" in out and "  mode: auto  [auto | vjp | jvp | fd]" in out
+    assert main(["finetuners", "kdd"]) == 2
+    assert "'kdd' is not a registered finetuner; allowed: 2ndmatch, dsm, kd" in capsys.readouterr().err
 
 
 def test_no_code_path_loads_a_pickle():
