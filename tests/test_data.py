@@ -35,14 +35,21 @@ def _tables(images, folder):
 
 
 def test_a_saved_dataset_and_parquet_give_an_image_folders_images_and_captions(tmp_path):
+    from PIL import Image
+
+    from nni_2ndmatch.data.encoders import micro_conditioning
+
     images = captioned_images(tmp_path / "images", n=8, size=12)
+    Image.new("RGB", (12, 20)).save(images / "0.png")  # taller than wide: SDXL's time_ids carry its size and crop
     saved, parquet, rows = _tables(images, tmp_path)
     folder = ImageFolderDataset(images, resolution=8, channels=3)
     order = [folder.files.index(images / r["file_name"]) for r in rows]  # the folder's order is sorted by name
+    assert micro_conditioning(folder, folder.files.index(images / "0.png"), 8) == [20, 12, 3, 0, 8, 8]  # 4 of 12 px
     for table in (TableDataset(saved, 8, 3), TableDataset(parquet, 8, 3), TableDataset(parquet, 8, 3).mapped(tmp_path)):
         assert len(table) == 8
         for row, i in enumerate(order):
             assert torch.equal(table[row], folder[i])
+            assert micro_conditioning(table, row, 8) == micro_conditioning(folder, i, 8)  # was (8, 8, 0, 0, 8, 8)
         assert table.captions("caption") == [r["text"] for r in rows]
         assert table.labels("label") == [r["label"] for r in rows]
     mapped = TableDataset(parquet, 8, 3).mapped(tmp_path)

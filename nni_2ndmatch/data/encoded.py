@@ -39,7 +39,7 @@ from .encoders import encode_images, encode_texts, latent_resolution, micro_cond
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = "2"  # bump when what is stored changes
+FORMAT = "3"  # bump when what is stored changes (3: SDXL time_ids of tables from their images' own sizes)
 SHARD_BYTES = 8 * 2**20  # about this much per shard: what encoding a shard holds in memory
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

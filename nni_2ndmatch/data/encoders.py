@@ -85,7 +85,7 @@ def _sd3_conditioning(parts: Any, texts: list[str], clip: Tensor, pooled: Tensor
 
 def micro_conditioning(data: Dataset, index: int, resolution: int) -> list[float]:
     """SDXL's six numbers for item ``index``: its original (height, width) where the data know it
-    (an image folder's file; otherwise the resolution), the top-left corner of the central square
+    (an image's file or table cell; otherwise the resolution), the top-left corner of the central square
     crop in the image resized to ``resolution`` on its short side, and the target size."""
     size = getattr(data, "original_size", None)
     height, width = size(index) if size is not None else (resolution, resolution)

@@ -91,6 +91,15 @@ def _upright_size(img: Any) -> tuple[int, int]:
     return (img.height, img.width) if orientation in (5, 6, 7, 8) else (img.width, img.height)
 
 
+def _shown_size(file: Path | io.BytesIO) -> tuple[int, int]:
+    """(height, width) of the image in ``file`` as it is shown, read from its header."""
+    from PIL import Image
+
+    with Image.open(file) as img:
+        width, height = _upright_size(img)
+        return height, width
+
+
 def check_images(name: str, images: Iterator[tuple[Any, Path | io.BytesIO]], skip_bad_images: bool,
                  field: str = "data") -> set[Any]:
     """Decode every image of a source before any work: the keys of those that do not decode, when
@@ -149,11 +158,7 @@ class ImageFolderDataset(Dataset):
 
     def original_size(self, index: int) -> tuple[int, int]:
         """Image ``index``'s (height, width) in its file (read from the header; SDXL's micro-conditioning)."""
-        from PIL import Image
-
-        with Image.open(self.files[index]) as img:
-            width, height = _upright_size(img)
-            return height, width
+        return _shown_size(self.files[index])
 
     def captions(self) -> list[str]:
         """Each image's caption: "text" in metadata.jsonl."""
@@ -453,3 +458,8 @@ class TableDataset(Dataset):
     def __getitem__(self, index: int) -> Tensor:
         row = index if self.rows is None else self.rows[index]
         return image_tensor(self._image_file(self._cell(row)), self.resolution, self.channels)
+
+    def original_size(self, index: int) -> tuple[int, int]:
+        """Image ``index``'s (height, width) in its cell (read from the header; SDXL's micro-conditioning)."""
+        row = index if self.rows is None else self.rows[index]
+        return _shown_size(self._image_file(self._cell(row)))
