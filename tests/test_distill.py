@@ -208,6 +208,19 @@ def test_the_distillers_batches_refuse_a_schedule_that_does_not_predict_the_nois
         get_finetuner("kd", scheduler="ddpm")
 
 
+@pytest.mark.parametrize("scheduler", ["v_prediction", "flow"])
+def test_the_distiller_refuses_a_schedule_its_batches_cannot_have(scheduler):
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    scheduler = DDPMScheduler(prediction_type="v_prediction") if scheduler == "v_prediction" else \
+        FlowMatchEulerDiscreteScheduler(shift=3.0)
+    student, teacher = tiny_unet2d(1), tiny_unet2d(0)
+    evaluator = diffusion_evaluator(student, _loader(n=8, batch=4), progress=False)
+    with pytest.raises(ValueError, match=r"the distiller trains on NoisyBatches' batches, which need a "
+                                         r"noise-predicting network .*; the scheduler's prediction_type is"):
+        SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, scheduler=scheduler)
+
+
 def test_the_distiller_refuses_a_missing_teacher_and_a_bad_dsm_weight():
     student, teacher = tiny_unet2d(1), tiny_unet2d(0)
     evaluator = diffusion_evaluator(student, _loader(n=8, batch=4), progress=False)

@@ -205,6 +205,11 @@ def second_match_loss(student: Callable[..., Any], teacher: Callable[..., Any], 
     :func:`jacobian_term`, a timestep weighting on the ``scheduler``'s schedule and prediction type
     (the measured variant: ``form=TermForm(match="vector", weighting="noise", reference_dims=1)``).
 
+    ``timesteps`` are what both networks are called with: the training ranks t that ``add_noise``
+    takes, except under a flow-matching ``scheduler``, whose networks take sigma_t * T:
+    ``model_timesteps(t, scheduler)``, as the strategies pass them (the weighting and
+    ``form.min_timestep`` read them so too).
+
     The same v serves student and teacher; when not given it is drawn as one random unit direction
     per sample. The teacher is evaluated without a graph: it contributes a target only and its
     parameters never receive ``.grad``. The student gets the exact gradient of the estimate.

@@ -224,6 +224,10 @@ def _strategy(name: str, options: dict[str, Any], scheduler: Any = None) -> Any:
     if unknown:
         raise ValueError(f"finetuner {name!r} has no option {unknown[0]!r}{did_you_mean(unknown[0], allowed)} "
                          f"(allowed: {', '.join(allowed)})")
+    if scheduler is not None:  # its terms take the batches' noise as the target and t as the network's timestep
+        require_scheduler(scheduler)
+        require_epsilon(scheduler, "the distiller trains on NoisyBatches' batches, which need a noise-predicting "
+                        "network (the target of its terms is the noise they add)")
     return get_finetuner(name, scheduler=scheduler, **options)
 
 
@@ -238,7 +242,8 @@ _DOC = """2ndMatch (or any teacher-based strategy, e.g. ``finetuner="kd"``) as a
     ``kd_perturb``); each loss patch is one step (``jac_every`` counts them); ``config_list`` may be
     empty. Batches must carry ``x_t``, ``timesteps``, ``noise`` (see ``NoisyBatches``);
     ``scheduler``: the schedule they were noised by, the one given to ``NoisyBatches`` (default:
-    the reference DDPM one), which the strategy's weightings and ``kd_perturb`` read. The teacher
+    the reference DDPM one; one whose network predicts the noise, not v_prediction or flow
+    matching), which the strategy's weightings and ``kd_perturb`` read. The teacher
     is put in eval mode.
     """
 
