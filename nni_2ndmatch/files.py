@@ -17,6 +17,8 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load as _st_load
 
+from .errors import UserError
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -102,10 +104,26 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a complete safetensors file (truncated or corrupted?): {e}") from None
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``path`` whole, on error it is removed."""
+def check_replaceable(path: str | os.PathLike, marker: str) -> None:
+    """A UserError unless the folder ``path`` may be replaced whole: it does not exist, is empty,
+    or holds ``marker`` (an earlier folder of the kind that replaces it)."""
     path = Path(path)
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() and not (path / marker).is_file() else []
+    if held:
+        raise UserError(f"{str(path)!r} holds other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}) "
+                        f"and no {marker}, and writing would replace it whole; give a new or empty folder")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, marker: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``path`` whole, on error it is removed.
+    ``marker``: a file that an earlier folder of this kind holds (config.json); an existing folder
+    that holds other files but not it is refused before any work (a ValueError naming them), so
+    that a folder the user named is never replaced with everything else in it. None: the
+    package's own folders (checkpoints), replaced as they are."""
+    path = Path(path)
+    if marker is not None:
+        check_replaceable(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -222,8 +222,15 @@ def test_the_pipeline_export_refuses_what_it_would_not_apply(tmp_path, capsys):
                             "--model only"), (("--seq-len", "8"), "--seq-len: an option of --model only"),
                            (("--opset", "17"), "opset=17 is not allowed with the dynamo exporter")):
         assert _script_here("to_onnx.py", "--pipeline", tmp_path / "pipe", "--out", tmp_path / "onnx", *args) == 2
-        assert expected in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert expected in err and "torchscript exporter" not in err  # it offers no option --pipeline refuses
     assert not (tmp_path / "onnx").exists()
+    run = tmp_path / "run"  # e.g. the run folder given as --out by a slip: it used to be replaced whole
+    (run / "student").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    assert _script_here("to_onnx.py", "--pipeline", tmp_path / "pipe", "--out", run) == 2
+    assert f"{str(run)!r} holds other files (student, summary.json) and no export.json" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["student", "summary.json"]
 
 
 # the keys nni_2ndmatch.deploy.bench documents (its TypedDicts; the environment's in environment())

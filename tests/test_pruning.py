@@ -262,6 +262,13 @@ def test_bad_arguments_and_mismatched_plans_are_clear_errors(tmp_path):
         prune_diffusers(teacher, "random", 0.3, example_inputs=default_example_inputs(teacher))
     student, _ = _prune(teacher, round_to=None)
     save_pruned(student, tmp_path / "s")
+    save_pruned(student, tmp_path / "s")  # over its own earlier save: replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"'.*mine' holds other files \(notes.txt\) and no config.json, and writing "
+                                         r"would replace it whole; give a new or empty folder"):
+        save_pruned(student, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "x"
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     config["pruning_plan"]["groups"][0]["root"] = "down_blocks.7.conv"
     (tmp_path / "s" / "config.json").write_text(json.dumps(config))

@@ -48,8 +48,9 @@ CHECK_BATCHES = (1, 3)
 #: Protobuf caps a serialized model at 2 GiB; keep room for the graph itself.
 EXTERNAL_DATA_BYTES = 2**31 - 2**27
 
-def check_options(opset: int, exporter: str, tolerance: float | None) -> None:
-    """An export's options, checked before any work (a DeployError naming the option)."""
+def check_options(opset: int, exporter: str, tolerance: float | None, *, exporter_fixed: bool = False) -> None:
+    """An export's options, checked before any work (a DeployError naming the option).
+    ``exporter_fixed``: the caller allows no other exporter (the message offers none)."""
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
@@ -61,8 +62,8 @@ def check_options(opset: int, exporter: str, tolerance: float | None) -> None:
     if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
         raise DeployError(f"opset={opset} is not allowed with the dynamo exporter, which writes opset-"
                           f"{DYNAMO_MIN_OPSET} operators (Split's num_outputs in attention) that an older opset "
-                          f"rejects; allowed: {DYNAMO_MIN_OPSET} to {newest}, or 14 to 17 with the torchscript "
-                          "exporter")
+                          f"rejects; allowed: {DYNAMO_MIN_OPSET} to {newest}"
+                          + ("" if exporter_fixed else ", or 14 to 17 with the torchscript exporter"))
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise DeployError(f"tolerance={tolerance!r} is not allowed; it must be a number > 0")
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..files import atomic_dir, atomic_write_json
+from ..files import atomic_dir, atomic_write_json, check_replaceable
 from .errors import DeployError, ExportError, ParityError
 from .onnx_export import TOLERANCE, check_options, errors_against, export_onnx, ort_session, quiet_exporter, versions
 
@@ -100,7 +100,8 @@ def export_onnx_pipeline(pipeline: str | os.PathLike, out: str | os.PathLike, *,
     from ..pruning import load_pipeline
 
     pipeline, out = Path(pipeline), Path(out)
-    check_options(opset, "dynamo", None)
+    check_options(opset, "dynamo", None, exporter_fixed=True)
+    check_replaceable(out, "export.json")  # before any work: an earlier export of it, or nothing of the user's
     if not (pipeline / "model_index.json").is_file():
         raise DeployError(f"--pipeline {str(pipeline)!r} is not a pipeline folder (no model_index.json)")
     try:
@@ -137,7 +138,7 @@ def export_onnx_pipeline(pipeline: str | os.PathLike, out: str | os.PathLike, *,
                               "precision": {"unet": "fp16" if fp16 else "fp32", "others": "fp32"},
                               "latent_scale": {"vae": pipe.vae.config.scaling_factor, "onnx_pipeline":
                                                ONNX_PIPELINE_SCALE}, "parts": {}, "versions": versions()}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker="export.json") as tmp:
         parts = {"text_encoder": (_TextEncoder(pipe.text_encoder.eval()), ids),
                  "vae_encoder": (_VaeEncoder(pipe.vae.eval()), images),
                  "vae_decoder": (_VaeDecoder(pipe.vae.eval()), latents)}

@@ -62,7 +62,7 @@ def load_hub_model(repo_id: str, subfolder: str | None = None) -> nn.Module:
 
 def save_diffusers_model(model: Any, path: str | os.PathLike) -> None:
     """``save_pretrained`` in safetensors, into a temporary folder renamed into place."""
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, marker="config.json") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
 
 

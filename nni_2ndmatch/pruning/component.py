@@ -191,7 +191,7 @@ def save_pipeline(student: nn.Module, source: str | os.PathLike, folder: str | o
     name = pipeline_denoiser(source)
     index = read_json_object(source / PIPELINE_INDEX)
     components = {k for k in index if not k.startswith("_") and k != name and (source / k).is_dir()}
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, marker=PIPELINE_INDEX) as tmp:
         for item in source.iterdir():
             if item.name in components:
                 shutil.copytree(item, tmp / item.name,

@@ -37,7 +37,7 @@ def save_pruned(student: nn.Module, folder: str | os.PathLike) -> None:
     its class and config."""
     if getattr(student, "pruning_plan", None) is None:
         raise ValueError("the model has no pruning_plan; save it with save_pretrained instead")
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, marker=CONFIG_FILE) as tmp:
         save_as_component(student, tmp)
 
 
