@@ -56,6 +56,28 @@ def _ddpm_pipeline(folder):
             "finetune": {"finetuner": "kd", "steps": 2, "batch_size": 4}, "output_dir": str(folder.parent / "run")}
 
 
+@pytest.mark.parametrize("section, expected", [
+    ({"finetune": {"validation_every": 2}}, "finetune.validation_every: value 2 is not allowed: the pipeline"),
+    ({"evaluate": {"samples": 4}}, "evaluate: the pipeline"),
+])
+def test_grids_and_evaluation_refuse_a_pixel_pipeline_of_its_own_schedule(section, expected, tmp_path):
+    """Their sampler is DDIM on the reference schedule: a cosine v_prediction pipeline's samples
+    would be drawn on the wrong one (the grids were, silently)."""
+    from diffusers import DDPMScheduler
+
+    from nni_2ndmatch.errors import UserError
+    from nni_2ndmatch.job.run import run_job
+
+    raw = _ddpm_pipeline(tmp_path / "teacher")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").save_pretrained(
+        tmp_path / "teacher" / "scheduler")
+    for key, value in section.items():
+        raw.setdefault(key, {}).update(value)
+    with pytest.raises(UserError, match=expected + r" \(.*teacher\) has its own schedule"):
+        run_job(validate_config(raw), "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_a_pipeline_teacher_gives_its_pipeline_with_the_student_in_it(tmp_path):
     from diffusers import DiffusionPipeline

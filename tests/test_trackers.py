@@ -96,7 +96,7 @@ def test_validation_grids_of_the_ema_student_leave_training_as_it_was(tmp_path):
     assert with_grids.returncode == 0, with_grids.stderr
     out = tmp_path / "a" / "run"
     assert sorted(p.name for p in (out / "samples").iterdir()) == [
-        "step-000002.png", "step-000004.png", "step-000005.png", "teacher.png"]
+        "step-000002.png", "step-000004.png", "step-000005.png", "teacher.png", "validation.json"]
     # the last grid is the finetuned (EMA) student's samples from the evaluator's fixed noise
     student = load_pruned(out / "student")
     from nni_2ndmatch.models import build_builtin
@@ -134,8 +134,16 @@ def test_a_resumed_run_continues_the_grid_series_without_duplicates(tmp_path):
         steps=6, report_to="none"))), "--resume", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     after = {p.name: os.stat(p).st_mtime_ns for p in samples.iterdir()}
-    assert sorted(after) == ["step-000002.png", "step-000004.png", "step-000006.png", "teacher.png"]
+    assert sorted(after) == ["step-000002.png", "step-000004.png", "step-000006.png", "teacher.png",
+                             "validation.json"]
     assert all(after[name] == stamp for name, stamp in before.items())  # nothing drawn twice
+    from PIL import Image
+
+    more = cli_here("run", write_config(tmp_path, lambda raw: (_validation(raw), raw["finetune"].update(
+        steps=8, report_to="none", validation_images=5))), "--resume", "--no-progress")
+    assert more.returncode == 0, more.stderr
+    sizes = {name: Image.open(samples / name).size for name in ("teacher.png", "step-000006.png", "step-000008.png")}
+    assert sizes["teacher.png"] == sizes["step-000008.png"] != sizes["step-000006.png"]  # 5 images now, not 3
 
 
 def test_validation_options_nobody_would_use_are_refused(tmp_path):

@@ -188,6 +188,11 @@ def check_inputs(config: Config, resume: bool, runtime: Runtime) -> JobInputs:
         raise UserError(f"pruning.pruner: value {config.pruning.pruner!r} is not allowed: it scores channels by the "
                         "gradients of the noise-prediction loss, and the pipeline predicts "
                         f"{prediction_of(parts.scheduler)}; allowed: {', '.join(allowed)}")
+    if config.finetune.validation_every and parts is not None and not parts.latent and \
+            own_schedule(parts.scheduler.config):  # the grids' sampler is evaluate's (the same refusal there)
+        raise UserError(f"finetune.validation_every: value {config.finetune.validation_every} is not allowed: the "
+                        f"pipeline ({parts.path}) has its own schedule, which the pixel-space grids do not sample "
+                        "with yet; allowed: 0 (sample output_dir/pipeline with diffusers)")
     if config.finetune.validation_prompts is not None and (parts is None or parts.text_encoder is None):
         raise UserError(f"finetune.validation_prompts: value {config.finetune.validation_prompts!r} is not allowed: "
                         "the teacher takes no text prompts (only a text-to-image pipeline does); leave it out")

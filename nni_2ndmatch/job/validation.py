@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..config import Config, EvaluateSection
+from ..files import atomic_write_json, read_json_object
 from ..models import PipelineParts
 from ..training import Validation
 from .data import TrainingData
@@ -35,14 +36,21 @@ def make_validation(config: Config, folder: Path, teacher: nn.Module, data: Trai
     else:
         sampler = Evaluator(teacher, data.dataset, samples=n, ddim_steps=e.ddim_steps, seed=e.seed, digits=None)
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "teacher.png").is_file():
+    # what draws the grids; a resume may change it (RESUME_FREE): then the teacher's grid, and any step
+    # the interrupted run drew past the checkpoint, are drawn again from the new noise and prompts
+    drawn_by = {"validation_images": n, "validation_prompts": section.validation_prompts, "seed": e.seed,
+                "ddim_steps": e.ddim_steps}
+    record = folder / "validation.json"
+    same = record.is_file() and read_json_object(record) == drawn_by
+    if not same or not (folder / "teacher.png").is_file():
         save_grid(sampler.teacher_samples, folder / "teacher.png", columns=min(n, 8))
+        atomic_write_json(record, drawn_by)
         if trackers is not None:
             trackers.log_images({"samples/teacher": sampler.teacher_samples}, step=0)
 
     def validate(step: int, student: nn.Module) -> None:
         path = folder / f"step-{step:06d}.png"
-        if path.is_file():  # a resumed run that already drew this step (the same weights, the same images)
+        if same and path.is_file():  # a resumed run that already drew this step (the same weights, the same images)
             return
         samples = sampler.sample(student)
         save_grid(samples, path, columns=min(n, 8))
