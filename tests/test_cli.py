@@ -399,6 +399,24 @@ def test_the_student_gets_a_model_card_with_the_runs_figures(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_whose_report_fails_leaves_its_student_with_a_card(tmp_path, monkeypatch):
+    from nni_2ndmatch.errors import RunError
+    from nni_2ndmatch.job import run
+
+    def fail(*args, **kwargs):
+        raise RunError("the export's parity check failed")
+
+    monkeypatch.setattr(run, "report_stages", fail)
+    raw = {"model": {"teacher": {"builtin": "tiny-unet", "seed": 0}}, "data": {"builtin": "digits", "resolution": 16},
+           "pruning": {"pruner": "magnitude"}, "finetune": {"finetuner": "kd", "steps": 2, "batch_size": 4},
+           "evaluate": {"samples": 4}, "output_dir": str(tmp_path / "run")}
+    with pytest.raises(RunError, match="parity"):
+        run.run_job(validate_config(raw), "run", progress=False)
+    card = (tmp_path / "run" / "student" / "README.md").read_text()  # there was none
+    assert 'load_pruned("student")' in card and "digits-FID" not in card
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["NNI config_list", "a given unpruned student"])
 def test_the_cards_loading_code_loads_the_student_with_diffusers_alone(case, tmp_path, monkeypatch):
     """The card's diffusers-only snippet, run as written in output_dir, loads the student; a

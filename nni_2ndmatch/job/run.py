@@ -68,6 +68,8 @@ def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, pro
                                     progress=progress, runtime=runtime, parts=inputs.parts,
                                     finetuner=inputs.finetuner)
     result = summary.to_json()
+    if runtime.is_main:  # the finished student carries its card, whatever happens to the report
+        write_model_cards(config, out.root, summary, reported=False)
     skipped = [k for k in ("evaluate", "export") if getattr(config, k) is not None]
     if runtime.is_main and command != "run" and skipped:
         logger.warning("the config's %s section%s run%s after 'nni-2ndmatch run' only; this '%s' leaves %s out",
@@ -75,8 +77,7 @@ def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, pro
                        command, "them" if len(skipped) > 1 else "it")
     elif runtime.is_main and skipped:
         result["report"] = str(report_stages(config, out, inputs, student, data, summary, start, progress))
-    if runtime.is_main:
-        write_model_cards(config, out.root, summary, reported="report" in result)
+        write_model_cards(config, out.root, summary, reported=True)  # now with the quality and latency
     return result
 
 
