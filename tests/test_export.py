@@ -586,6 +586,9 @@ def test_a_pruned_text_to_image_pipeline_runs_in_diffusers_onnx_pipeline_as_in_t
     assert {p.name for p in (tmp_path / "onnx").iterdir()} >= {"text_encoder", "unet", "vae_encoder", "vae_decoder",
                                                                  "tokenizer", "scheduler", "model_index.json"}
     assert sorted(p.name for p in (tmp_path / "onnx" / "unet").iterdir()) == ["model.onnx", "model.onnx.data"]
+    tokenizer = sorted(p.name for p in (tmp_path / "pipeline" / "tokenizer").iterdir())
+    assert "vocab.json" in tokenizer and "merges.txt" in tokenizer  # what transformers 4's CLIPTokenizer reads
+    assert sorted(p.name for p in (tmp_path / "onnx" / "tokenizer").iterdir()) == tokenizer
     report = json.loads((tmp_path / "onnx" / "export.json").read_text())
     assert all(part["parity"]["passed"] and part["parity"]["max_rel_error"] < 1e-4 for part in report["parts"].values())
     (tmp_path / "onnx").rename(tmp_path / "moved")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..files import atomic_dir, atomic_write_json, check_replaceable
+from ..files import atomic_dir, atomic_write_json, check_replaceable, read_json_object
 from .errors import DeployError, ExportError, ParityError
 from .onnx_export import TOLERANCE, check_options, errors_against, export_onnx, ort_session, quiet_exporter, versions
 
@@ -154,7 +154,9 @@ def export_onnx_pipeline(pipeline: str | os.PathLike, out: str | os.PathLike, *,
                     shutil.copy2(Path(work) / name, tmp / "unet" / name)
         report["parts"]["unet"] = {"file": "unet/model.onnx", "inputs": [i["name"] for i in unet["inputs"]],
                                    "nodes": unet["nodes"], "parity": unet["parity"]}
-        pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+        # the source's own tokenizer files: re-saved, transformers 5 would keep tokenizer.json alone, which
+        # transformers 4's CLIPTokenizer cannot read (it needs vocab.json and merges.txt)
+        shutil.copytree(pipeline / "tokenizer", tmp / "tokenizer", ignore=shutil.ignore_patterns(".*"))
         pipe.scheduler.save_pretrained(tmp / "scheduler")
         import diffusers
 
@@ -163,7 +165,7 @@ def export_onnx_pipeline(pipeline: str | os.PathLike, out: str | os.PathLike, *,
             "_class_name": "OnnxStableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
             "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
             "scheduler": ["diffusers", type(pipe.scheduler).__name__],
-            "text_encoder": onnx_model, "tokenizer": ["transformers", type(pipe.tokenizer).__name__],
+            "text_encoder": onnx_model, "tokenizer": read_json_object(pipeline / "model_index.json")["tokenizer"],
             "unet": onnx_model, "vae_decoder": onnx_model, "vae_encoder": onnx_model})
         atomic_write_json(tmp / "export.json", report)
     return report
