@@ -259,6 +259,18 @@ def test_a_pipeline_family_not_supported_yet_is_refused_by_name_listing_those_th
         pipeline_denoiser(tmp_path)
 
 
+@pytest.mark.parametrize("class_name", ["MyPipeline", "['pipeline', 'MyPipeline']"])
+def test_a_custom_pipeline_class_is_refused_by_name(class_name, tmp_path):
+    """Its pipeline.py would be neither run nor copied into the run's pipeline/, which then would
+    not load."""
+    from nni_2ndmatch.models import pipeline_denoiser
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name,
+                                                           "unet": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(ValueError, match=rf"_class_name {re.escape(class_name)} is not a diffusers pipeline class"):
+        pipeline_denoiser(tmp_path)
+
+
 @pytest.mark.parametrize("section, key, value, expected", [
     ("finetune", "hflip", True, r"finetune.hflip: value True is not allowed with a latent pipeline"),
 ])

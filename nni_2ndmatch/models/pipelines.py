@@ -84,6 +84,11 @@ def pipeline_denoiser(path: str | os.PathLike) -> str:
     if family is not None:
         raise ValueError(f"{index_file}: _class_name {class_name} is {family}, which is not supported yet; "
                          f"supported: {'; '.join(SUPPORTED_FAMILIES)}")
+    import diffusers
+
+    if not isinstance(getattr(diffusers, class_name, None), type):  # a custom pipeline.py: neither run nor saved
+        raise ValueError(f"{index_file}: _class_name {class_name} is not a diffusers pipeline class (a custom "
+                         f"pipeline's code is not loaded or carried); supported: {'; '.join(SUPPORTED_FAMILIES)}")
     components = pipeline_components(path)
     denoisers = [k for k in DENOISERS if k in components]
     if not denoisers:
