@@ -44,16 +44,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def finetuners_text(names: list[str]) -> str:
     """Each strategy (``names``, or all): its name, its summary, then one line per option of the
     finetune section it adds (type, default, meaning). The loop's options are the same for all."""
+    import yaml
+
     from .finetuners import available_finetuners, finetuner_class
 
     unknown = [n for n in names if n not in available_finetuners()]
     if unknown:
         raise ConfigError([f"{n!r} is not a registered finetuner; allowed: {', '.join(available_finetuners())}"
                            for n in unknown], "command line")
-    def kind(annotation: Any) -> str:
-        if get_origin(annotation) is Literal:
-            return " | ".join(map(str, get_args(annotation)))
-        return getattr(annotation, "__name__", str(annotation).replace("None", "null"))
+    def as_yaml(value: Any) -> str:  # as the config file writes it
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+
+    def allowed(field: Any) -> str:
+        if get_origin(field.annotation) is Literal:
+            return " | ".join(as_yaml(v) for v in get_args(field.annotation))
+        kind = field.annotation.__name__ if isinstance(field.annotation, type) else \
+            str(field.annotation).replace("typing.", "").replace("NoneType", "null").replace("None", "null")
+        limits = [f"{sign} {getattr(m, attr)}" for m in field.metadata
+                  for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if hasattr(m, attr)]
+        return ", ".join([kind, *limits])
 
     blocks = []
     for name in names or available_finetuners():
@@ -61,8 +70,8 @@ def finetuners_text(names: list[str]) -> str:
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         lines = [f"{name}: {summary}"]
         for key, field in cls.Options.model_fields.items():
-            default = "null" if field.default is None else field.default  # as the config file writes it
-            lines.append(f"  {key}: {default}  [{kind(field.annotation)}]  {field.description or ''}".rstrip())
+            default = as_yaml(field.get_default(call_default_factory=True))
+            lines.append(f"  {key}: {default}  [{allowed(field)}]  {field.description or ''}".rstrip())
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n\n(the loop's options, such as steps and lr, are every strategy's: docs/cli.md)"
 

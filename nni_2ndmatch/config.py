@@ -87,13 +87,6 @@ class ModelSpec(_Section):
     width: float = Field(1.0, gt=0, le=4, description="channel multiplier of a builtin architecture")
     seed: int = Field(0, ge=0, description="initialisation seed of a builtin architecture")
 
-    @field_validator("path")
-    @classmethod
-    def _a_folder(cls, value: str | None) -> str | None:  # checked with the rest: every missing path at once
-        if value is not None and not Path(value).is_dir():
-            raise ValueError("no such folder" if not Path(value).exists() else "a file; give the model's folder")
-        return value
-
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
         if sum(x is not None for x in (self.builtin, self.path, self.hub)) != 1:
@@ -179,13 +172,6 @@ class DataSection(_Section):
     cache_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="latent pipelines: the dtype of the encoded cache (null: the encoders')")
     encode_batch_size: int = Field(16, ge=1, description="latent pipelines: images (captions) per encoder pass")
-
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).exists():
-            raise ValueError("no such file or folder")
-        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSection":
@@ -433,7 +419,7 @@ def validate_config(raw: Any, source: str = "config") -> Config:
     """Check every field of a parsed config; raise ConfigError listing all problems at once."""
     if not isinstance(raw, dict):
         raise ConfigError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], source)
-    problems: list[str] = []
+    problems: list[str] = _missing_paths(raw)  # whatever else fails: a failed field would hide its section's rules
     config = None
     try:
         config = Config.model_validate(raw)
@@ -466,6 +452,29 @@ def validate_config(raw: Any, source: str = "config") -> Config:
         raise ConfigError(problems, source)
     assert config is not None
     return config
+
+
+def _missing_paths(raw: dict[str, Any]) -> list[str]:
+    """The config's local paths that do not exist (or a file where a folder is needed), each named."""
+    def section(*keys: str) -> dict[str, Any]:
+        value: Any = raw
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value if isinstance(value, dict) else {}
+
+    model = "a model folder (diffusers, pruned student, or a pipeline)"
+    places = [("model.teacher.path", section("model", "teacher"), model, True),
+              ("model.student.path", section("model", "student"), model, True),
+              ("data.path", section("data"), "an image folder, a save_to_disk folder, or parquet files", False)]
+    problems = []
+    for name, spec, allowed, folder in places:
+        value = spec.get("path")
+        if not isinstance(value, str) or not value or (Path(value).is_dir() if folder else Path(value).exists()):
+            continue
+        what = "a file" if Path(value).exists() else "no such file or folder"
+        where = "" if Path(value).is_absolute() else f", relative to the working directory {os.getcwd()}"
+        problems.append(f"{name}: value {value!r} is not allowed: {what}{where}; allowed: {allowed}")
+    return problems
 
 
 def _finetune_problems(section: FinetuneSection) -> list[str]:

@@ -108,7 +108,10 @@ def check_replaceable(path: str | os.PathLike, marker: str) -> None:
     """A UserError unless the folder ``path`` may be replaced whole: it does not exist, is empty,
     or holds ``marker`` (an earlier folder of the kind that replaces it)."""
     path = Path(path)
-    held = sorted(p.name for p in path.iterdir()) if path.is_dir() and not (path / marker).is_file() else []
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{str(path)!r} is a file, and writing the folder would replace it; give a new or empty folder")
+    held = [] if not path.is_dir() or (path / marker).is_file() else \
+        sorted(p.name for p in path.iterdir() if not p.name.startswith("."))  # .DS_Store and the like: not the user's
     if held:
         raise UserError(f"{str(path)!r} holds other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}) "
                         f"and no {marker}, and writing would replace it whole; give a new or empty folder")

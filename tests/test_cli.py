@@ -170,9 +170,9 @@ def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     (lambda r: r["pruning"].update(sparse_ratio=1.0), "pruning.sparse_ratio: value 1.0 is not allowed"),
     (lambda r: r["model"]["teacher"].update(builtin="huge"), "builtin='huge' is unknown"),
     (lambda r: r["model"].update(teacher={"path": "/nonexistent/model"}),
-     "model.teacher.path: value '/nonexistent/model' is not allowed: no such folder"),
+     "model.teacher.path: value '/nonexistent/model' is not allowed: no such file or folder; allowed: a model"),
     (lambda r: r["data"].update(builtin=None, path="/nonexistent/images"),
-     "data.path: value '/nonexistent/images' is not allowed: no such file or folder"),
+     "data.path: value '/nonexistent/images' is not allowed: no such file or folder; allowed: an image folder"),
     (lambda r: r["data"].update(channels=3), "data: channels=3: the digits are greyscale"),
     (lambda r: (r.pop("pruning"), r["model"].update(student={"builtin": "ddpm-cifar10", "width": 0.25})),
      r"model.student does not accept the data's images of shape \(1, 1, 16, 16\)"),
@@ -299,9 +299,30 @@ def test_the_finetuner_listing_gives_every_option_with_its_default_and_allowed_v
     assert "  kd_perturb: none  [none | noise]  none: the kd term at x_t" in out
     assert main(["finetuners", "2ndmatch"]) == 0
     out = capsys.readouterr().out
-    assert "  jac_reference_dims: null  [int | null]" in out and "  mode: auto  [auto | vjp | jvp | fd]" in out
+    assert "  jac_reference_dims: null  [int | null, >= 1]" in out and "  mode: auto  [auto | vjp | jvp | fd]" in out
+    assert "  jac_fraction: 1.0  [float, > 0, <= 1]  share of the batch" in out  # the limits are the model's
     assert main(["finetuners", "kdd"]) == 2
     assert "'kdd' is not a registered finetuner; allowed: 2ndmatch, dsm, kd" in capsys.readouterr().err
+
+
+def test_a_plugin_strategys_options_are_listed_as_its_config_would_write_them(capsys, monkeypatch):
+    from pydantic import Field
+
+    from nni_2ndmatch import finetuners as F
+    from nni_2ndmatch.cli import main
+
+    class PluginOptions(F.TeacherOptions):
+        steps_at: list[int] = Field(default_factory=lambda: [10, 20], description="when")
+        on: bool = False
+
+    class Plugin(F.KD):
+        """A plugin's strategy."""
+        Options = PluginOptions
+
+    monkeypatch.setitem(F._REGISTRY, "plugin", Plugin)
+    assert main(["finetuners", "plugin"]) == 0
+    out = capsys.readouterr().out
+    assert "  steps_at: [10, 20]  [list[int]]  when\n  on: false  [bool]\n" in out  # not PydanticUndefined, False
 
 
 def test_no_code_path_loads_a_pickle():

@@ -36,20 +36,30 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_missing_paths_and_an_unknown_pruner_come_with_the_other_problems(tmp_path):
-    raw = {"model": {"teacher": {"path": str(tmp_path / "teacher")}, "student": {"path": str(tmp_path / "a.txt")}},
+    raw = {"model": {"teacher": {"path": str(tmp_path / "teacher")},
+                     "student": {"path": str(tmp_path / "a.txt"), "builtin": "tiny-unet"}},
            "data": {"path": str(tmp_path / "images")}, "pruning": {"pruner": "L3NormPruner", "sparse_ratio": 1.5},
            "output_dir": "unused"}
     (tmp_path / "a.txt").write_text("")
     with pytest.raises(ConfigError) as e:
         validate_config(raw)
+    model = "allowed: a model folder (diffusers, pruned student, or a pipeline)"
     assert e.value.problems == [
-        f"model.teacher.path: value {str(tmp_path / 'teacher')!r} is not allowed: no such folder",
-        f"model.student.path: value {str(tmp_path / 'a.txt')!r} is not allowed: a file; give the model's folder",
-        f"data.path: value {str(tmp_path / 'images')!r} is not allowed: no such file or folder",
+        f"model.teacher.path: value {str(tmp_path / 'teacher')!r} is not allowed: no such file or folder; {model}",
+        f"model.student.path: value {str(tmp_path / 'a.txt')!r} is not allowed: a file; {model}",
+        f"data.path: value {str(tmp_path / 'images')!r} is not allowed: no such file or folder; allowed: an image "
+        "folder, a save_to_disk folder, or parquet files",
+        "model.student: give exactly one of 'builtin', 'path' or 'hub'",
         "pruning.pruner='L3NormPruner' is unknown; allowed: magnitude, taylor, diff-pruning, L1NormPruner, "
         "L2NormPruner, FPGMPruner, TaylorPruner",
         "pruning.sparse_ratio: value 1.5 is not allowed: Input should be less than 1",
     ]  # before: the first teacher folder alone, then the pruner, in three runs
+    raw = {"model": {"teacher": {"path": "missing", "width": 0.5}}, "output_dir": "o"}
+    with pytest.raises(ConfigError) as e:
+        validate_config(raw)
+    assert e.value.problems[0].startswith("model.teacher.path: value 'missing' is not allowed: no such file or "
+                                          "folder, relative to the working directory ")
+    assert "model.teacher: 'width' goes with 'builtin' only" in e.value.problems[1]  # not hidden by the path
 
 
 def test_compare_defaults_to_empty_and_accepts_other_finetuners():
@@ -100,7 +110,7 @@ def _tiny(**sections):
 
 
 @pytest.mark.parametrize("sections, expected", [
-    ({"model": {"teacher": {"path": ".", "width": 0.5}}},
+    ({"model": {"teacher": {"path": "some/model", "width": 0.5}}},
      r"model.teacher: 'width' goes with 'builtin' only"),
     ({"model": {"teacher": {"hub": "org/model", "seed": 3}}}, r"model.teacher: 'seed' goes with 'builtin' only"),
     ({"finetune": {"validation_images": 8}}, r"finetune: validation_images is given but validation_every is 0"),

@@ -269,6 +269,11 @@ def test_bad_arguments_and_mismatched_plans_are_clear_errors(tmp_path):
                                          r"would replace it whole; give a new or empty folder"):
         save_pruned(student, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "x"
+    with pytest.raises(ValueError, match=r"notes.txt' is a file, and writing the folder would replace it"):
+        save_pruned(student, tmp_path / "mine" / "notes.txt")
+    (tmp_path / "mine" / "notes.txt").unlink()
+    (tmp_path / "mine" / ".DS_Store").write_text("")
+    save_pruned(student, tmp_path / "mine")  # a hidden file of the system's is not the user's work
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     config["pruning_plan"]["groups"][0]["root"] = "down_blocks.7.conv"
     (tmp_path / "s" / "config.json").write_text(json.dumps(config))

@@ -39,7 +39,7 @@ from .encoders import encode_images, encode_texts, latent_resolution, micro_cond
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = "3"  # bump when what is stored changes (3: SDXL time_ids of tables from their images' own sizes)
+FORMAT = "2"  # bump when what is stored changes
 SHARD_BYTES = 8 * 2**20  # about this much per shard: what encoding a shard holds in memory
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -217,6 +217,8 @@ def fingerprint(parts: Any, data: Dataset, captions: list[str] | None, labels: l
         read = [data.resolution, data.channels, len(data)]
         column = getattr(data, "image_column", None)  # a table: which of its columns the images are
         digest.update(json.dumps(read if column is None else [*read, column]).encode())
+        if column is not None and parts.pooled_key == "text_embeds":  # SDXL's time_ids of a table now come from
+            digest.update(b"time_ids: each image's own size\0")  # its images' sizes: such caches are encoded again
     else:
         digest.update(data.images.numpy().tobytes())
     digest.update(json.dumps([captions, labels, dtype, parts.zero_empty_prompt]).encode())

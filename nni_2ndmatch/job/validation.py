@@ -39,7 +39,7 @@ def make_validation(config: Config, folder: Path, teacher: nn.Module, data: Trai
     # what draws the grids; a resume may change it (RESUME_FREE): then the teacher's grid, and any step
     # the interrupted run drew past the checkpoint, are drawn again from the new noise and prompts
     drawn_by = {"validation_images": n, "validation_prompts": section.validation_prompts, "seed": e.seed,
-                "ddim_steps": e.ddim_steps}
+                "ddim_steps": e.ddim_steps, "guidance_scale": e.guidance_scale}
     record = folder / "validation.json"
     same = record.is_file() and read_json_object(record) == drawn_by
     if not same or not (folder / "teacher.png").is_file():

@@ -254,6 +254,7 @@ def _tensorrt(precision: str, workdir: Path, seq_len: int) -> Callable:
         build_engine(onnx_path, plan, precision=precision, batches=(batch, batch, batch),
                      timing_cache=workdir / "timing.cache")
         runner = load_engine(plan)
+        plan.unlink()  # read: a large model's engines per batch would fill the disk
         inputs = random_inputs(subject.specs, batch, subject.seed, "cuda")
         return (lambda: runner(inputs)), None
     return prepare
