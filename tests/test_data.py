@@ -307,7 +307,7 @@ def test_the_cache_fingerprint_knows_which_column_and_which_named_files_a_tables
         "named": [{"bytes": None, "path": f"images/{f.name}"} for f in files],  # relative to the table
     }).cast_column("image", datasets.Image(decode=False))
     table.to_parquet(str(tmp_path / "t.parquet"))
-    parts = SimpleNamespace(frozen=(), path=tmp_path, zero_empty_prompt=True)
+    parts = SimpleNamespace(frozen=(), path=tmp_path, zero_empty_prompt=True, pooled_key="")
 
     def key(column):
         data = TableDataset(tmp_path / "t.parquet", 8, 3, image_column=column)
@@ -317,6 +317,9 @@ def test_the_cache_fingerprint_knows_which_column_and_which_named_files_a_tables
     before = key("named")
     files[0].write_bytes(files[1].read_bytes())  # a picture the table names by path changes
     assert key("named") != before
+    sd_key = key("image")
+    parts.pooled_key = "text_embeds"  # SDXL: a table's caches from before its time_ids came from the images' sizes
+    assert key("image") != sd_key  # are encoded again
 
 
 def test_images_are_read_as_shown_and_a_range_pil_would_clip_is_scaled_or_refused(tmp_path, caplog):
