@@ -23,6 +23,7 @@ from .method import (
     jacobian_sensitivity,
     model_output,
     model_timesteps,
+    own_schedule,
     sample_directions,
 )
 from .models.digits import MNIST_RESOLUTION, RESOLUTION, load_digits_classifier, load_mnist_classifier
@@ -30,22 +31,27 @@ from .models.pipelines import needs_transformers
 from .scoped import seeded_generator
 
 
-def ddim_scheduler(num_steps: int) -> Any:
-    """Deterministic DDIM (eta=0) on the training schedule (linear betas 1e-4..0.02, 1000 steps)."""
+def ddim_scheduler(num_steps: int, scheduler: Any = None) -> Any:
+    """Deterministic DDIM (eta=0) on the training schedule (linear betas 1e-4..0.02, 1000 steps), or
+    on ``scheduler``'s where it has a schedule of its own (its betas, prediction type, clipping)."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                              clip_sample=True, set_alpha_to_one=True)
-    scheduler.set_timesteps(num_steps)
-    return scheduler
+    if scheduler is not None and own_schedule(scheduler.config):
+        sampling = DDIMScheduler.from_config(scheduler.config)
+    else:
+        sampling = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                 clip_sample=True, set_alpha_to_one=True)
+    sampling.set_timesteps(num_steps)
+    return sampling
 
 
 @torch.no_grad()
 def ddim_sample(model: Callable[..., Any], noise: Tensor, num_steps: int = 50, batch_size: int = 256,
-                **conditioning: Tensor) -> Tensor:
-    """Samples from ``noise`` [N, C, H, W] with ``num_steps`` DDIM steps; the same noise and model
-    give the same samples. Conditioning tensors have N rows."""
-    scheduler = ddim_scheduler(num_steps)
+                scheduler: Any = None, **conditioning: Tensor) -> Tensor:
+    """Samples from ``noise`` [N, C, H, W] with ``num_steps`` DDIM steps (on ``scheduler``'s schedule
+    where it has its own, see :func:`ddim_scheduler`); the same noise and model give the same
+    samples. Conditioning tensors have N rows."""
+    scheduler = ddim_scheduler(num_steps, scheduler)
     outputs = []
     for start in range(0, noise.shape[0], batch_size):
         rows = slice(start, start + batch_size)
@@ -82,10 +88,11 @@ def flow_sample(model: Callable[..., Any], noise: Tensor, scheduler: Any, num_st
 def sample(model: Callable[..., Any], noise: Tensor, num_steps: int, scheduler: Any = None,
            batch_size: int = 256, **conditioning: Tensor) -> Tensor:
     """Deterministic samples from ``noise``, ``batch_size`` at a time: :func:`flow_sample` under a
-    flow-matching ``scheduler``, otherwise :func:`ddim_sample` (the reference DDPM schedule)."""
+    flow-matching ``scheduler``, otherwise :func:`ddim_sample` (on the scheduler's own schedule, or
+    the reference DDPM one)."""
     if scheduler is not None and is_flow_matching(scheduler):
         return flow_sample(model, noise, scheduler, num_steps, batch_size, **conditioning)
-    return ddim_sample(model, noise, num_steps, batch_size, **conditioning)
+    return ddim_sample(model, noise, num_steps, batch_size, scheduler, **conditioning)
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:

@@ -61,6 +61,27 @@ def test_ddim_with_the_exact_noise_predictor_of_one_image_returns_that_image():
     torch.testing.assert_close(ddim_sample(exact, noise, num_steps=10), out)  # deterministic, batch-independent
 
 
+def test_ddim_on_a_pipelines_own_schedule_with_its_exact_v_predictor_returns_that_image():
+    """A cosine v_prediction schedule (a pixel-space pipeline's own): with the exact velocity
+    v*(x_t, t) = sqrt(abar) e* - sqrt(1 - abar) x0 of one image, DDIM on that schedule lands on x0;
+    on the reference one (what evaluation and the grids used) it does not."""
+    from diffusers import DDPMScheduler
+
+    own = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    abar = own.alphas_cumprod
+    x0 = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+
+    def exact(x_t, t):
+        a = abar[t.long()].view(-1, 1, 1, 1)
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ddim_sample(exact, noise, num_steps=10, scheduler=own), x0.expand(3, -1, -1, -1),
+                               atol=1e-4, rtol=0)
+    assert (ddim_sample(exact, noise, num_steps=10) - x0).abs().max() > 0.1
+
+
 def test_flow_sampling_with_the_exact_velocity_of_one_image_returns_that_image():
     """For data = one image x0, x_t = (1 - s) x0 + s e gives the exact velocity
     v*(x_t, s) = e - x0 = (x_t - x0) / s; its paths are straight, so Euler lands on x0 exactly."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..config import Config, EvaluateSection
 from ..data import collate
-from ..evaluation import FID, FID_DATA, OnnxFeatures, clip_score, ddim_sample, digits_fid, fidelity, load_clip
+from ..evaluation import FID, FID_DATA, OnnxFeatures, clip_score, digits_fid, fidelity, load_clip, sample
 from ..finetuners import finetuner_options, get_finetuner
 from ..layout import BASELINES_DIR, REPORT_DIR
 from ..method import is_flow_matching
@@ -78,17 +78,18 @@ class Scores:
 
 
 class Evaluator(Scores):
-    """Every model samples from one fixed noise with deterministic DDIM and is scored against the
-    teacher's samples: fidelity, and digits-FID when the data are built-in (``digits``: "digits" or
-    "mnist"; samples are resized to the classifier's 8x8 or 28x28 when trained at another
-    resolution); FID with ``fid_features``."""
+    """Every model samples from one fixed noise with deterministic DDIM (on ``scheduler``'s schedule,
+    a pixel-space pipeline's, where it has its own; its Euler sampler under flow matching) and is
+    scored against the teacher's samples: fidelity, and digits-FID when the data are built-in
+    (``digits``: "digits" or "mnist"; samples are resized to the classifier's 8x8 or 28x28 when
+    trained at another resolution); FID with ``fid_features``."""
 
     def __init__(self, teacher: nn.Module, dataset: Any, *, samples: int, ddim_steps: int, seed: int,
-                 digits: str | None, fid_features: str | None = None) -> None:
+                 digits: str | None, fid_features: str | None = None, scheduler: Any = None) -> None:
         x0, _ = collate([dataset[0]], torch.device("cpu"))
         self.noise = torch.randn(samples, *x0.shape[1:], generator=seeded_generator(seed))
         self.conditioning = conditioning_rows(dataset, samples)
-        self.ddim_steps = ddim_steps
+        self.ddim_steps, self.scheduler = ddim_steps, scheduler
         if digits is not None:
             self.fid_data, self.classifier = digits, FID_DATA[digits][2]()
         self.setup_metrics(fid_features, None, dataset, x0.shape[-1], None)
@@ -98,7 +99,7 @@ class Evaluator(Scores):
         """The model's samples (on the CPU), computed on the model's device."""
         device = next(model.parameters(), torch.empty(0)).device
         cond = {k: v.to(device) for k, v in self.conditioning.items()}
-        return ddim_sample(model.eval(), self.noise.to(device), self.ddim_steps, **cond).cpu()
+        return sample(model.eval(), self.noise.to(device), self.ddim_steps, self.scheduler, **cond).cpu()
 
 
 REAL_IMAGES = 10000  # at most this many data images are FID's reference set
@@ -198,7 +199,8 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
         evaluator: Scores = PipelineEvaluator(parts, teacher, data, e, config.data.resolution)
     else:
         evaluator = Evaluator(teacher, data.dataset, samples=e.samples, ddim_steps=e.ddim_steps, seed=e.seed,
-                              digits=config.data.builtin, fid_features=e.fid_features)
+                              digits=config.data.builtin, fid_features=e.fid_features,
+                              scheduler=parts.scheduler if parts is not None else None)
     rows: list[dict[str, Any]] = []
     grids: dict[str, Tensor] = {}
 

@@ -17,7 +17,7 @@ from ..errors import UserError, user_errors
 from ..evaluation import OnnxFeatures, load_clip, needs_torchmetrics
 from ..files import read_json_object
 from ..finetuners import Finetuner, get_finetuner, schedule_refusal
-from ..method import default_scheduler, model_output, prediction_of
+from ..method import model_output, own_schedule, prediction_of
 from ..models import (
     BUILTIN_PIPELINES,
     TINY_PIPELINES,
@@ -69,14 +69,6 @@ def load_configured_model(spec: ModelSpec, role: str) -> nn.Module:
         return load_model_folder(spec.path)
 
 
-def own_schedule(config: Any) -> bool:
-    """Whether a scheduler config's training schedule (steps, betas, prediction type) differs from
-    the reference DDPM schedule in an entry it gives."""
-    default = default_scheduler().config
-    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "trained_betas")
-    return any(k in config and config[k] != default[k] for k in keys)
-
-
 def check_folder_schedule(folder: str, role: str) -> None:
     """A model folder is trained on the reference DDPM schedule; one that carries a
     scheduler_config.json of another schedule (flow matching, other betas or prediction) is an
@@ -119,11 +111,6 @@ def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | No
     if parts is not None and parts.latent and not (text or labels):
         raise UserError(f"evaluate: the pipeline ({parts.path}) is latent and unconditional, which the "
                         "evaluation does not sample yet; remove the evaluate section")
-    if parts is not None and not parts.latent:
-        if own_schedule(parts.scheduler.config):
-            raise UserError(f"evaluate: the pipeline ({parts.path}) has its own schedule, which the pixel-space "
-                            "evaluation does not sample with yet; remove the evaluate section and sample "
-                            "output_dir/pipeline with diffusers")
     for name in e.compare:  # each baseline takes the run's lambda_dsm / lambda_kd: checked now, not after training
         options = baseline_options(name, config.finetune.options.model_dump())
         try:
@@ -188,11 +175,6 @@ def check_inputs(config: Config, resume: bool, runtime: Runtime) -> JobInputs:
         raise UserError(f"pruning.pruner: value {config.pruning.pruner!r} is not allowed: it scores channels by the "
                         "gradients of the noise-prediction loss, and the pipeline predicts "
                         f"{prediction_of(parts.scheduler)}; allowed: {', '.join(allowed)}")
-    if config.finetune.validation_every and parts is not None and not parts.latent and \
-            own_schedule(parts.scheduler.config):  # the grids' sampler is evaluate's (the same refusal there)
-        raise UserError(f"finetune.validation_every: value {config.finetune.validation_every} is not allowed: the "
-                        f"pipeline ({parts.path}) has its own schedule, which the pixel-space grids do not sample "
-                        "with yet; allowed: 0 (sample output_dir/pipeline with diffusers)")
     if config.finetune.validation_prompts is not None and (parts is None or parts.text_encoder is None):
         raise UserError(f"finetune.validation_prompts: value {config.finetune.validation_prompts!r} is not allowed: "
                         "the teacher takes no text prompts (only a text-to-image pipeline does); leave it out")

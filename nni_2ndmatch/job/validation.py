@@ -34,7 +34,8 @@ def make_validation(config: Config, folder: Path, teacher: nn.Module, data: Trai
         sampler: Scores = PipelineEvaluator(parts, teacher, data, grid, config.data.resolution,
                                             prompts=section.validation_prompts)
     else:
-        sampler = Evaluator(teacher, data.dataset, samples=n, ddim_steps=e.ddim_steps, seed=e.seed, digits=None)
+        sampler = Evaluator(teacher, data.dataset, samples=n, ddim_steps=e.ddim_steps, seed=e.seed, digits=None,
+                            scheduler=parts.scheduler if parts is not None else None)
     folder.mkdir(parents=True, exist_ok=True)
     # what draws the grids; a resume may change it (RESUME_FREE): then the teacher's grid, and any step
     # the interrupted run drew past the checkpoint, are drawn again from the new noise and prompts

@@ -72,6 +72,14 @@ def model_timesteps(timesteps: Tensor, scheduler: Any = None) -> Tensor:
     return (sigma * scheduler.config.num_train_timesteps).float().to(timesteps.device)
 
 
+def own_schedule(config: Any) -> bool:
+    """Whether a scheduler config's training schedule (steps, betas, prediction type) differs from
+    the reference DDPM schedule in an entry it gives."""
+    default = default_scheduler().config
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "trained_betas")
+    return any(k in config and config[k] != default[k] for k in keys)
+
+
 def default_scheduler() -> Any:
     """The DDPM noise schedule of the reference setting: 1000 steps, linear betas 1e-4..0.02."""
     from diffusers import DDPMScheduler
