@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         flags = (f" --threads {args.threads}" if args.threads is not None else "") + \
             (" --no-progress" if args.no_progress else "")
         hint = resume_hint(args.command, args.config, config.output_dir, flags) if config is not None else ""
-        print(f"\ninterrupted. {hint}".rstrip(), file=sys.stderr)
+        if hint and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            hint += " (under the same launcher, e.g. accelerate launch --num_processes N -m nni_2ndmatch.cli ...)"
+        if main_process:  # one hint from a multi-process run
+            print(f"\ninterrupted. {hint}".rstrip(), file=sys.stderr)
         return 130
     if main_process:  # one summary from a multi-process run
         print(summary_text(summary))

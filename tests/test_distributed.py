@@ -176,14 +176,56 @@ def test_batch_size_must_split_evenly():
      "gradient_accumulation_steps='4' is not used; set finetune.gradient_accumulation_steps"),
     ("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR", "dynamo_backend='INDUCTOR' is not used; launch without it"),
 ])
-def test_accelerate_settings_that_bypass_the_config_are_refused(monkeypatch, var, value, expected):
+@pytest.mark.parametrize("world", ["2", "1"])  # accelerate launch --num_processes 1 sets them too: not ignored
+def test_accelerate_settings_that_bypass_the_config_are_refused(monkeypatch, var, value, expected, world):
     from nni_2ndmatch.errors import UserError
     from nni_2ndmatch.job.inputs import make_runtime
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setenv(var, value)
     with pytest.raises(UserError, match=expected):
         make_runtime("cpu", 60)
+
+
+def test_under_a_launcher_an_indexed_device_is_refused_and_workers_share_the_cpus(monkeypatch):
+    import torch
+
+    from nni_2ndmatch.data import auto_workers
+    from nni_2ndmatch.errors import UserError
+    from nni_2ndmatch.job import inputs
+
+    monkeypatch.setattr(inputs, "check_device", lambda device: None)  # as on a machine with two GPUs
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"finetune.device: value 'cuda:1' is not allowed with several processes "
+                                        r"\(each takes the GPU of its local rank\); allowed: cuda"):
+        inputs.make_runtime("cuda:1", 60)
+    decoding = type("Folder", (torch.utils.data.Dataset,), {"decodes": True})()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert auto_workers(decoding) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes on this machine: 1 worker each, not 8
+    assert auto_workers(decoding) == 1
+
+
+def test_an_interrupted_multi_process_run_prints_one_hint_naming_the_launcher(monkeypatch, tmp_path, capsys):
+    from helpers.cli import write_config
+
+    from nni_2ndmatch import cli
+    from nni_2ndmatch.job import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_job", interrupted)
+    config = write_config(tmp_path, lambda raw: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["run", str(config)]) == 130
+    assert capsys.readouterr().err == ""  # the other processes stay quiet
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["run", str(config)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("interrupted.") == 1 and "under the same launcher" in err
 
 
 def test_each_process_encodes_its_share_of_the_cache_and_no_process_all_of_it(tmp_path):

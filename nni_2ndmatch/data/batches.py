@@ -117,12 +117,14 @@ class StepBatches(Sampler):
 
 def auto_workers(dataset: Dataset) -> int:
     """``num_workers: auto``: none for data held in memory or mapped from disk (reading an item
-    costs less than starting a process); for data that decodes images (``decodes``), the CPUs
-    this process may use beyond torch's threads, between 1 and 8."""
+    costs less than starting a process); for data that decodes images (``decodes``), this
+    process's share of the CPUs (the launcher's processes on this machine share them) beyond
+    torch's threads, between 1 and 8."""
     if not getattr(dataset, "decodes", False):
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus - torch.get_num_threads()))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cpus // local - torch.get_num_threads()))
 
 
 #: How data loader workers start: as fresh interpreters. A forked worker shares the training

@@ -31,7 +31,7 @@ from ..models import (
 from ..nni import PRUNER_REGISTRY, pruner_spec
 from ..pruning import load_model_folder
 from ..training import Runtime, check_batch, check_student_options
-from ..training.accelerate import AccelerateRuntime, launched_distributed
+from ..training.accelerate import AccelerateRuntime, check_launcher_settings, launched_distributed
 from .data import DataPlan, check_resume, plan_data
 from .evaluate import baseline_options
 from .finetune import make_finetuner
@@ -41,8 +41,13 @@ def make_runtime(device: str, timeout_s: float) -> Runtime:
     """The multi-process runtime (Accelerate, DDP) when a launcher started several processes;
     else the single-process one on ``device``. ``timeout_s``: how long a process waits for the others."""
     check_device(device)
+    with user_errors("finetune"):
+        check_launcher_settings()
     if not launched_distributed():
         return Runtime(device)
+    if ":" in device:  # each process takes its local GPU: an index would be ignored
+        raise UserError(f"finetune.device: value {device!r} is not allowed with several processes (each takes the "
+                        f"GPU of its local rank); allowed: {device.split(':')[0]}")
     with user_errors("finetune"):
         return AccelerateRuntime(device, timeout_s)
 

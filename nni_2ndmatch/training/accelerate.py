@@ -30,6 +30,22 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def check_launcher_settings() -> None:
+    """A ValueError for accelerate's own settings that would change the loop behind its back (on
+    one process as on several: they are not ignored either way)."""
+    for var, allowed, advice in (
+            ("ACCELERATE_MIXED_PRECISION", "no", "set finetune.mixed_precision in the config instead (accelerate's "
+             "autocast would wrap every pass, and the Jacobian term must stay fp32)"),
+            ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1",
+             "set finetune.gradient_accumulation_steps in the config instead"),
+            ("ACCELERATE_DYNAMO_BACKEND", "no",
+             "launch without it: torch.compile does not support the Jacobian term's double backward")):
+        value = os.environ.get(var, allowed)
+        if value.lower() != allowed:
+            raise ValueError(f"accelerate's {var.removeprefix('ACCELERATE_').lower()}={value!r} is not used; "
+                             f"{advice}")
+
+
 class AccelerateRuntime(Runtime):
     """One process of a multi-process finetune: DDP through ``accelerate.Accelerator``.
 
@@ -43,18 +59,7 @@ class AccelerateRuntime(Runtime):
             from accelerate import Accelerator, InitProcessGroupKwargs
         except ImportError as e:  # pragma: no cover - accelerate is a dependency
             raise ImportError("multi-process finetuning needs accelerate: pip install accelerate") from e
-        # accelerate's own settings that would change the loop behind its back are refused
-        for var, allowed, advice in (
-                ("ACCELERATE_MIXED_PRECISION", "no", "set finetune.mixed_precision in the config instead (accelerate's "
-                 "autocast would wrap every pass, and the Jacobian term must stay fp32)"),
-                ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1",
-                 "set finetune.gradient_accumulation_steps in the config instead"),
-                ("ACCELERATE_DYNAMO_BACKEND", "no",
-                 "launch without it: torch.compile does not support the Jacobian term's double backward")):
-            value = os.environ.get(var, allowed)
-            if value.lower() != allowed:
-                raise ValueError(f"accelerate's {var.removeprefix('ACCELERATE_').lower()}={value!r} is not used; "
-                                 f"{advice}")
+        check_launcher_settings()
         self.accelerator = Accelerator(
             cpu=torch.device(device).type == "cpu", mixed_precision="no",
             kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))])
