@@ -310,10 +310,8 @@ def test_mnist_classifier_recognises_mnist_and_its_fid_separates_real_from_noise
     train = MnistDataset(28, "train").images[:1000]
     noise = torch.rand(1000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     real = digits_fid(train, classifier, data="mnist")
-    assert real * 20 < digits_fid(noise, classifier, data="mnist")
-    # samples at another resolution are resized to the classifier's 28x28
-    small = torch.nn.functional.interpolate(train, size=(16, 16), mode="area")
-    assert digits_fid(small, classifier, data="mnist") < digits_fid(noise, classifier, data="mnist") / 5
+    assert real * 20 < digits_fid(noise, classifier, data="mnist")  # (resizing: the digits' test above; here it
+    # would cost another pass of the 10,000 held-out images, at 16x16)
     with pytest.raises(ValueError, match="data='cifar' has no digits-FID; allowed: digits, mnist"):
         digits_fid(train, classifier, data="cifar")
 
