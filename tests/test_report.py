@@ -65,7 +65,8 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(pro
     config = validate_config(raw)
     evaluate_models = job_run.evaluate_models
     monkeypatch.setattr(job_run, "evaluate_models", lambda *args, **kwargs: evaluate_models(
-        *args[:5], dataclasses.replace(args[5], processes=processes), **kwargs))
+        *args[:5], dataclasses.replace(args[5], processes=processes,
+                                       process_seconds=args[5].process_seconds * processes), **kwargs))
     run_job(config, "run", progress=False)
     out = tmp_path / "run"
     report = out / "report"

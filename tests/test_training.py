@@ -39,6 +39,28 @@ def test_resume_continues_bit_exactly(tmp_path):
 
 
 @pytest.mark.slow  # runs of several steps: the full suite's
+def test_a_resumed_run_counts_each_parts_process_seconds_on_its_own_processes(tmp_path):
+    """A run whose first part ran on 4 processes and whose resume runs on 1: the equal-wallclock
+    baselines get the first part's seconds x 4 plus the second's x 1, not the whole run's x 1."""
+    from nni_2ndmatch.job.results import RunSummary
+
+    first, _ = run_tiny(tmp_path, 2)
+    assert first.process_seconds == pytest.approx(first.seconds - first.overhead_seconds)  # one process
+    meta_file = tmp_path / "checkpoints" / "step-0000002" / "state.json"
+    meta = json.loads(meta_file.read_text())
+    part = meta["seconds"] - meta["overhead_seconds"]
+    meta["process_seconds"] = 4 * part  # as if this part had run on 4 processes
+    meta_file.write_text(json.dumps(meta))
+    resumed, _ = run_tiny(tmp_path, 4, resume=True)
+    second = (resumed.seconds - resumed.overhead_seconds) - part
+    assert second > 0 and resumed.process_seconds == pytest.approx(4 * part + second)
+    summary = RunSummary(finetuner="kd", finetuner_options={}, train_config={}, steps=4, seconds=resumed.seconds,
+                         final={}, teacher_params=2, student_params=1, processes=1,
+                         overhead_seconds=resumed.overhead_seconds, process_seconds=resumed.process_seconds)
+    assert summary.equal_time_steps(part / 100) == round((4 * part + second) / (part / 100))
+
+
+@pytest.mark.slow  # runs of several steps: the full suite's
 def test_jac_every_resumed_between_two_term_steps_equals_an_uninterrupted_run(tmp_path):
     options = {"jac_every": 3}  # the term on steps 3 and 6 (counted from 1)
     full, _ = run_tiny(tmp_path / "full", 7, options=options)

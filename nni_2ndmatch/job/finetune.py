@@ -91,7 +91,8 @@ def run_finetune(config: Config, out: RunFolder, teacher: nn.Module, data: Train
         teacher_params=count_params(teacher), student_params=count_params(result.student),
         processes=runtime.world_size, loss_weights=finetuner.weights(),
         pipeline_dir=out.pipeline.name if parts is not None else None,
-        schedule=schedule_summary(finetuner.scheduler) if parts else None, overhead_seconds=result.overhead_seconds)
+        schedule=schedule_summary(finetuner.scheduler) if parts else None, overhead_seconds=result.overhead_seconds,
+        process_seconds=result.process_seconds)
     if runtime.is_main:
         save_model(result.student, out.student)
         if parts is not None:

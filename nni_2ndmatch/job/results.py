@@ -31,6 +31,7 @@ class RunSummary:
     pipeline_dir: str | None = None  # a pipeline teacher: its pipeline, with the student in it
     schedule: dict[str, Any] | None = None  # a pipeline teacher: the schedule trained on
     overhead_seconds: float = 0.0  # of ``seconds``: validation grids and checkpoints
+    process_seconds: float | None = None  # training seconds times processes, each part of a resume by its own
 
     @property
     def training_seconds(self) -> float:
@@ -40,9 +41,11 @@ class RunSummary:
 
     def equal_time_steps(self, seconds_per_step: float) -> int:
         """The steps a one-process run at ``seconds_per_step`` makes in this run's training time on
-        all its processes (process-seconds: the same hardware time, if training scaled linearly
-        over processes; on one process, the run's wall clock)."""
-        return max(1, round(self.training_seconds * self.processes / seconds_per_step))
+        all its processes (process-seconds, each part of a resumed run on its own number of
+        processes: the same hardware time, if training scaled linearly over processes; on one
+        process, the run's wall clock)."""
+        spent = self.process_seconds if self.process_seconds is not None else self.training_seconds * self.processes
+        return max(1, round(spent / seconds_per_step))
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -66,6 +66,7 @@ class FinetuneResult:
     history: list[dict[str, float]]
     seconds: float
     overhead_seconds: float = 0.0  # of ``seconds``: validation grids and checkpoints (what training alone does not do)
+    process_seconds: float | None = None  # training seconds times processes, each part of a resumed run by its own
 
 
 def check_batch(config: TrainConfig, num_items: int, world_size: int) -> None:
@@ -268,6 +269,12 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
                                                list(positions)),
                           config.seed, config.num_workers, pin_memory=runtime.device.type == "cuda")
     began = time.perf_counter() - state.seconds  # the wall time of the parts before a resume counts
+    if state.process_seconds is None:  # a checkpoint from before they were recorded: its parts as this one
+        state.process_seconds = (state.seconds - state.overhead) * runtime.world_size
+    before = (state.process_seconds, state.seconds - state.overhead)
+
+    def process_seconds(seconds: float) -> float:  # this part's training seconds on each of its processes
+        return before[0] + (seconds - state.overhead - before[1]) * runtime.world_size
     bar = _progress_bar(finetuner, config, state.step) if watch.progress and runtime.is_main else None
     on_log, validation = watch.on_log, watch.validation
     nonfinite = 0
@@ -303,12 +310,15 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             state.overhead += time.perf_counter() - aside
             if ckpts is not None and runtime.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
                 aside = time.perf_counter()
-                _checkpoint(ckpts, out, state, done, time.perf_counter() - began, finetuner, config)
+                seconds = time.perf_counter() - began
+                state.process_seconds = process_seconds(seconds)
+                _checkpoint(ckpts, out, state, done, seconds, finetuner, config)
                 state.overhead += time.perf_counter() - aside
     if state.ema is not None:
         state.ema.copy_to(params)
-    return FinetuneResult(student=state.model, step=config.steps, history=state.history,
-                          seconds=time.perf_counter() - began, overhead_seconds=state.overhead)
+    seconds = time.perf_counter() - began
+    return FinetuneResult(student=state.model, step=config.steps, history=state.history, seconds=seconds,
+                          overhead_seconds=state.overhead, process_seconds=process_seconds(seconds))
 
 
 def _resume(state: TrainState, ckpts: Checkpoints | None, out: Path | None, finetuner: Finetuner,

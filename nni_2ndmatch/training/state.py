@@ -69,7 +69,9 @@ class TrainState:
     AdamW over them, their EMA (when ``config.ema_decay``), the generator every random draw of the
     loop comes from (seeded with ``config.seed``), the number of steps done, the logged history
     and the seconds spent before this process started (a resumed run counts every part), of which
-    ``overhead`` went to validation grids and checkpoints."""
+    ``overhead`` went to validation grids and checkpoints; ``process_seconds``: the training seconds
+    of those parts times each part's number of processes (None: a checkpoint from before it was
+    recorded)."""
 
     def __init__(self, model: nn.Module, params: list[Tensor], config: TrainConfig) -> None:
         self.model, self.params = model, params
@@ -77,6 +79,7 @@ class TrainState:
         self.ema = EMA(params, config.ema_decay) if config.ema_decay else None
         self.generator = seeded_generator(config.seed)
         self.step, self.history, self.seconds, self.overhead = 0, [], 0.0, 0.0
+        self.process_seconds: float | None = 0.0
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """(tensors, JSON-able values) of a checkpoint."""
@@ -86,7 +89,7 @@ class TrainState:
         tensors.update(opt_tensors)
         tensors["rng.loop"] = self.generator.get_state()
         return tensors, {"step": self.step, "seconds": self.seconds, "overhead_seconds": self.overhead,
-                         "optimizer": opt_meta, "history": self.history}
+                         "process_seconds": self.process_seconds, "optimizer": opt_meta, "history": self.history}
 
     def load_state_dict(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         self.model.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
@@ -98,3 +101,4 @@ class TrainState:
         self.history = [h for h in meta["history"] if h["step"] <= self.step]
         self.seconds = meta.get("seconds", self.history[-1]["seconds"] if self.history else 0.0)
         self.overhead = meta.get("overhead_seconds", 0.0)
+        self.process_seconds = meta.get("process_seconds")
