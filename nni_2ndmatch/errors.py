@@ -4,6 +4,7 @@
       ConfigError               a config with problems, one line each
     RunError (exit 1)           a run that failed: non-finite losses, an export off in parity
     MissingBackendError (3)     an optional runtime (TensorRT, a CUDA GPU) is not available here
+    MainProcessFailed           in the other processes of a multi-process run: the main one failed
 """
 
 from __future__ import annotations
@@ -43,7 +44,17 @@ class MissingBackendError(RuntimeError):
     exit_code = 3
 
 
-ERRORS = (UserError, RunError, MissingBackendError)
+class MainProcessFailed(Exception):
+    """Raised in the other processes of a multi-process run when the main process failed at work
+    that only it does (``Runtime.on_main``): the main process reports the error; the others exit
+    with its code and print nothing."""
+
+    def __init__(self, exit_code: int) -> None:
+        self.exit_code = exit_code
+        super().__init__(f"the main process failed (exit code {exit_code})")
+
+
+ERRORS = (UserError, RunError, MissingBackendError, MainProcessFailed)
 
 
 @contextlib.contextmanager
@@ -59,6 +70,8 @@ def user_errors(field: str, *kinds: type[Exception]) -> Iterator[None]:
 
 
 def report(error: BaseException) -> int:
-    """One ``error:`` line (or block) on stderr; returns the error's exit code."""
-    print(f"error: {error}", file=sys.stderr)
+    """One ``error:`` line (or block) on stderr; returns the error's exit code. (Nothing for
+    ``MainProcessFailed``: the main process reported it.)"""
+    if not isinstance(error, MainProcessFailed):
+        print(f"error: {error}", file=sys.stderr)
     return getattr(error, "exit_code", 1)

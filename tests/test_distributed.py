@@ -144,6 +144,38 @@ def test_a_killed_process_makes_the_run_fail_loudly_not_hang(tmp_path):
     assert "SIGKILL" in stderr or "Signal 9" in stderr, stderr[-3000:]
 
 
+def test_a_check_only_the_main_process_makes_stops_every_process_with_one_error_line(tmp_path):
+    """The main process alone checks the output folder; the other process must stop with it, quietly
+    (it used to die in the barrier with a traceback, or wait there until the launcher killed it)."""
+    config = _config(tmp_path, "taken", 2)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "summary.json").write_text("{}")  # an earlier run's
+    r = subprocess.run(torchrun(2, "-m", "nni_2ndmatch.cli", "run", config, "--no-progress"), capture_output=True,
+                       text=True, timeout=600, env=ENV)
+    assert r.returncode != 0  # (torchrun itself exits 1 when a process fails)
+    assert r.stderr.count("error: output_dir") == 1 and "already holds a run" in r.stderr, r.stderr[-3000:]
+    assert "[rank" not in r.stderr, r.stderr[-3000:]  # no process's traceback
+    # the first to exit had the error's code (torchrun stops the other, which may be exiting by then)
+    assert "exitcode  : 2" in r.stderr.split("Root Cause")[1], r.stderr[-3000:]
+
+
+def test_the_other_processes_exit_with_the_main_processs_code_and_print_nothing(monkeypatch, tmp_path, capsys):
+    from helpers.cli import write_config
+
+    from nni_2ndmatch import cli
+    from nni_2ndmatch.errors import MainProcessFailed
+    from nni_2ndmatch.job import run
+
+    def failed(*args, **kwargs):
+        raise MainProcessFailed(2)
+
+    monkeypatch.setattr(run, "run_job", failed)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["run", str(write_config(tmp_path, lambda raw: None))]) == 2
+    assert capsys.readouterr().err == ""
+
+
 def test_jvp_mode_is_refused_with_several_processes():
     from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner
     from nni_2ndmatch.data import DigitsDataset

@@ -266,14 +266,10 @@ def open_data(config: Config, plan: DataPlan, parts: PipelineParts | None, runti
     source = plan.source
     if plan.cache is None:
         if isinstance(source, TableDataset):  # random access needs mapped Arrow: the main process writes it
-            if runtime.is_main:
-                source = source.mapped(root)
-            runtime.barrier()
+            runtime.on_main(lambda: source.mapped(root))
             source = source.mapped(root)
         return TrainingData(source, source, None, None)
-    if runtime.is_main:
-        start_cache(root, plan.cache)
-    runtime.barrier()
+    runtime.on_main(lambda: start_cache(root, plan.cache))
     encoding = Encoding(config.data.encode_batch_size, auto_workers(source), config.data.builtin is not None,
                         runtime.device)
     written = encode_shards(root, plan.cache, parts, source, plan.captions, plan.labels, encoding=encoding,

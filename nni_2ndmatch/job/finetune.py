@@ -16,7 +16,7 @@ from ..finetuners import Finetuner, finetuner_class
 from ..method import FLOW, is_flow_matching
 from ..models import PipelineParts, count_params
 from ..pruning import save_model, save_pipeline
-from ..training import Runtime, Watch, finetune
+from ..training import Runtime, Validation, Watch, finetune
 from ..training.trackers import Trackers, tracker_names
 from .data import TrainingData
 from .output import RunFolder
@@ -67,15 +67,22 @@ def run_finetune(config: Config, out: RunFolder, teacher: nn.Module, data: Train
     for a pipeline teacher, ``parts``, the pipeline with the student in it). Returns the summary
     and the finetuned student."""
     runtime = runtime or Runtime(config.finetune.device)
-    if runtime.is_main:
-        _check_free_space(out, student, config)
     section = config.finetune
     finetuner = finetuner or make_finetuner(config, parts)
-    names = tracker_names(section.report_to) if runtime.is_main else []
-    trackers = Trackers(names, out.logs, out.root.name, {**config.model_dump(mode="json"), "finetune": {
-        **section.model_dump(mode="json"), **finetuner.options()}}, finetuner.weights(), section.batch_size) \
-        if names else None
-    validation = make_validation(config, out.samples, teacher, data, parts, trackers) if runtime.is_main else None
+
+    def watchers() -> tuple[Trackers | None, Validation | None]:  # the main process's
+        _check_free_space(out, student, config)
+        names = tracker_names(section.report_to)
+        trackers = Trackers(names, out.logs, out.root.name, {**config.model_dump(mode="json"), "finetune": {
+            **section.model_dump(mode="json"), **finetuner.options()}}, finetuner.weights(), section.batch_size) \
+            if names else None
+        try:
+            return trackers, make_validation(config, out.samples, teacher, data, parts, trackers)
+        except BaseException:
+            if trackers is not None:
+                trackers.finish()
+            raise
+    trackers, validation = runtime.on_main(watchers) or (None, None)
     try:
         with user_errors("finetune"):  # e.g. a batch size the processes cannot share
             result = finetune(student, teacher, finetuner, data.dataset, section.train_config(), out.root,
@@ -93,12 +100,13 @@ def run_finetune(config: Config, out: RunFolder, teacher: nn.Module, data: Train
         pipeline_dir=out.pipeline.name if parts is not None else None,
         schedule=schedule_summary(finetuner.scheduler) if parts else None, overhead_seconds=result.overhead_seconds,
         process_seconds=result.process_seconds)
-    if runtime.is_main:
+
+    def save() -> None:
         save_model(result.student, out.student)
         if parts is not None:
             save_pipeline(result.student, parts.path, out.pipeline)
             logger.info("saved the pipeline with the student to %s", out.pipeline)
         atomic_write_json(out.summary, summary.to_json())
         logger.info("saved the student to %s", out.student)
-    runtime.barrier()
+    runtime.on_main(save)
     return summary, result.student

@@ -39,22 +39,22 @@ def run_prune(config: Config, folder: RunFolder, teacher: nn.Module, dataset: to
     the data; None: the reference DDPM one.
     With several processes the main one prunes and the others load what it saved."""
     runtime = runtime or Runtime()
-    if not runtime.is_main:
-        runtime.barrier()
-        return load_pruned(folder.pruned), json.loads(folder.pruning_report.read_text())
-    p = config.pruning
-    with user_errors("pruning"):  # e.g. a config_list NNI refuses
-        student, report = prune_diffusers(teacher, p.pruner, p.sparse_ratio, round_to=p.round_to,
-                                          example_inputs=_example_inputs(teacher, dataset[0]),
-                                          config_list=p.config_list, data=dataset, seed=config.finetune.seed,
-                                          scheduler=scheduler)
-    save_pruned(student, folder.pruned)
-    atomic_write_json(folder.pruning_report, report)
-    logger.info("pruned: MACs %.3g -> %.3g (%.2fx), params %d -> %d; saved to %s", report["macs_before"],
-                report["macs_after"], report["macs_ratio"], report["params_before"], report["params_after"],
-                folder.pruned)
-    runtime.barrier()
-    return student, report
+
+    def prune() -> tuple[nn.Module, dict[str, Any]]:
+        p = config.pruning
+        with user_errors("pruning"):  # e.g. a config_list NNI refuses
+            student, report = prune_diffusers(teacher, p.pruner, p.sparse_ratio, round_to=p.round_to,
+                                              example_inputs=_example_inputs(teacher, dataset[0]),
+                                              config_list=p.config_list, data=dataset, seed=config.finetune.seed,
+                                              scheduler=scheduler)
+        save_pruned(student, folder.pruned)
+        atomic_write_json(folder.pruning_report, report)
+        logger.info("pruned: MACs %.3g -> %.3g (%.2fx), params %d -> %d; saved to %s", report["macs_before"],
+                    report["macs_after"], report["macs_ratio"], report["params_before"], report["params_after"],
+                    folder.pruned)
+        return student, report
+    pruned = runtime.on_main(prune)
+    return pruned or (load_pruned(folder.pruned), json.loads(folder.pruning_report.read_text()))
 
 
 def check_pruned_start(folder: RunFolder, config: Config) -> None:

@@ -46,10 +46,11 @@ def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, pro
     out, student = RunFolder.of(config), inputs.student
     if command == "finetune" and config.model.student is None:
         check_pruned_start(out, config)
-    if runtime.is_main:  # `finetune` keeps the pruned student it starts from
+
+    def prepare_folder() -> None:  # `finetune` keeps the pruned student it starts from
         out.prepare(command, resume, overwrite, keep_pruned=command == "finetune" and config.model.student is None)
         write_config(config, resume, inputs.finetuner.options())
-    runtime.barrier()
+    runtime.on_main(prepare_folder)
     data = open_data(config, inputs.data, inputs.parts, runtime, progress)
     if command in ("prune", "run") and config.pruning is not None:
         if resume and is_pruned_folder(out.pruned):  # pruned already: a resumed `prune` has nothing to do

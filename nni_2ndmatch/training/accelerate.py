@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .runtime import Runtime
+from ..errors import MainProcessFailed
+from .runtime import Runtime, T
 
 SUPPORTED = ("NO", "MULTI_CPU", "MULTI_GPU")
 
@@ -83,6 +85,21 @@ class AccelerateRuntime(Runtime):
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        outcome = torch.zeros((), dtype=torch.int64, device=self.device)  # 0, or the main process's exit code
+        result = None
+        if self.is_main:
+            try:
+                result = work()
+            except Exception as e:  # (Ctrl-C is not passed on: it reaches every process of the launcher)
+                outcome.fill_(getattr(e, "exit_code", 1) or 1)
+                torch.distributed.broadcast(outcome, src=0)
+                raise
+        torch.distributed.broadcast(outcome, src=0)
+        if outcome.item():
+            raise MainProcessFailed(int(outcome.item()))
+        return result
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)

@@ -224,6 +224,11 @@ def _output_dir(output_dir: str | os.PathLike | None, config: TrainConfig, resum
     return out, Checkpoints(out / CHECKPOINT_DIR, config.keep_checkpoints), old
 
 
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: Finetuner, dataset: Dataset,
              config: TrainConfig, output_dir: str | os.PathLike | None = None, *, resume: bool = False,
              overwrite: bool = False, runtime: Runtime | None = None, watch: Watch = Watch()) -> FinetuneResult:
@@ -251,10 +256,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     check_run(student, teacher, finetuner, dataset, config, runtime)
     out, ckpts, old = _output_dir(output_dir, config, resume, overwrite)
     finetuner.resolve(teacher, tuple(collate([dataset[0]])[0].shape[1:]))
-    if old and runtime.is_main:  # every check passed: the run being replaced goes now
-        for p in old:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    runtime.barrier()
+    runtime.on_main(lambda: _remove(old))  # every check passed: the run being replaced goes now
     params = [p for p in student.parameters() if p.requires_grad]
     state = TrainState(student, params, config)  # the optimizer holds the parameters DDP is given next
     net = runtime.prepare(student, teacher)  # what the loop calls: the student, or its DDP wrapper
@@ -308,11 +310,11 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
                     finally:
                         state.model.train()
             state.overhead += time.perf_counter() - aside
-            if ckpts is not None and runtime.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
+            if ckpts is not None and (done % config.checkpoint_every == 0 or done == config.steps):
                 aside = time.perf_counter()
-                seconds = time.perf_counter() - began
+                seconds = aside - began
                 state.process_seconds = process_seconds(seconds)
-                _checkpoint(ckpts, out, state, done, seconds, finetuner, config)
+                runtime.on_main(lambda: _checkpoint(ckpts, out, state, done, seconds, finetuner, config))
                 state.overhead += time.perf_counter() - aside
     if state.ema is not None:
         state.ema.copy_to(params)

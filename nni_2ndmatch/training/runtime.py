@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ..scoped import seeded
+
+T = TypeVar("T")
 
 
 class Runtime:
@@ -53,6 +56,13 @@ class Runtime:
 
     def barrier(self) -> None:
         """Wait until every process gets here."""
+
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        """``work()`` on the main process (what only it does: checks of the output folder, writing
+        files), the others waiting for it; its result there, None elsewhere. When it raises, the
+        main process raises that error and every other process ``MainProcessFailed`` with its
+        exit code, so that all of them stop at once and the error is reported once."""
+        return work() if self.is_main else None
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
