@@ -176,6 +176,27 @@ def test_the_other_processes_exit_with_the_main_processs_code_and_print_nothing(
     assert capsys.readouterr().err == ""
 
 
+def test_only_the_main_process_loads_the_evaluation_models_to_check_them(monkeypatch, tmp_path):
+    """It alone evaluates; each process loading CLIP (or the FID network) would cost N times the memory."""
+    from helpers.cli import write_config
+
+    from nni_2ndmatch import Runtime
+    from nni_2ndmatch.config import load_config
+    from nni_2ndmatch.job import inputs
+
+    checked = []
+    monkeypatch.setattr(inputs, "check_evaluate", lambda config, teacher, parts: checked.append(config))
+    config = load_config(write_config(tmp_path, lambda raw: raw.update(evaluate={"samples": 8})))
+
+    class Second(Runtime):
+        rank, world_size = 1, 2
+
+    inputs.check_inputs(config, False, Second())
+    assert checked == []
+    inputs.check_inputs(config, False, Runtime())
+    assert len(checked) == 1
+
+
 def test_jvp_mode_is_refused_with_several_processes():
     from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner
     from nni_2ndmatch.data import DigitsDataset

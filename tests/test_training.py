@@ -100,15 +100,16 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         run_tiny(tmp_path, 3, resume=True)
 
 
-def test_non_finite_loss_skips_steps_then_stops(tmp_path):
-    class Exploding(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = tiny_unet2d(seed=1)
+class Exploding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_unet2d(seed=1)
 
-        def forward(self, x, t):
-            return self.inner(x, t).sample * float("nan")
+    def forward(self, x, t):
+        return self.inner(x, t).sample * float("nan")
 
+
+def test_non_finite_loss_skips_steps_then_stops(tmp_path, caplog):
     student = Exploding()
     before = [p.clone() for p in student.parameters()]
     config = TrainConfig(steps=10, batch_size=4, max_nonfinite_steps=3)
@@ -116,6 +117,20 @@ def test_non_finite_loss_skips_steps_then_stops(tmp_path):
         finetune(student, None, get_finetuner("dsm"), Images(), config, tmp_path, watch=Watch(progress=False))
     assert all(torch.equal(p, q) for p, q in zip(before, student.parameters()))
     assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert caplog.text.count("step skipped") == 3
+
+
+def test_only_the_main_process_warns_of_a_skipped_step(caplog):
+    """The terms are the mean over processes: the same warning in each would repeat it N times."""
+    from nni_2ndmatch import Runtime
+
+    class SecondOfTwo(Runtime):
+        rank, world_size = 1, 2
+
+    with pytest.raises(NonFiniteLossError):  # the error is raised in every process: each stops
+        finetune(Exploding(), None, get_finetuner("dsm"), Images(), TrainConfig(steps=10, batch_size=4,
+                 max_nonfinite_steps=2), runtime=SecondOfTwo(), watch=Watch(progress=False))
+    assert "step skipped" not in caplog.text
 
 
 def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_too(tmp_path):

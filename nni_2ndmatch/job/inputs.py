@@ -172,8 +172,8 @@ class JobInputs:
 def check_inputs(config: Config, resume: bool, runtime: Runtime) -> JobInputs:
     """Load and check every input of a job; a problem is a UserError naming the field."""
     teacher, parts = load_teacher(config.model.teacher, config.data.resolution)
-    if config.evaluate is not None:
-        check_evaluate(config, teacher, parts)
+    if config.evaluate is not None:  # the main process evaluates: it alone loads the CLIP and FID models
+        runtime.on_main(lambda: check_evaluate(config, teacher, parts))
     if parts is not None and config.pruning is not None and pruner_spec(config.pruning.pruner).needs_gradients \
             and prediction_of(parts.scheduler) != "epsilon":
         allowed = [name for name, spec in PRUNER_REGISTRY.items() if not spec.needs_gradients]

@@ -290,7 +290,7 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
             nonfinite = 0 if math.isfinite(terms["loss"]) and math.isfinite(terms["grad_norm"]) else nonfinite + 1
             done = step + 1
             if nonfinite:
-                _skipped(step, terms, draws, nonfinite, config.max_nonfinite_steps)
+                _skipped(step, terms, draws, nonfinite, config.max_nonfinite_steps, runtime.is_main)
                 if done < config.steps:
                     continue  # the last step, skipped or not, gets the run's final validation and checkpoint
             elif done % config.log_every == 0 or done == config.steps:
@@ -350,11 +350,13 @@ def _resume(state: TrainState, ckpts: Checkpoints | None, out: Path | None, fine
     logger.info("resumed from %s at step %d", latest, state.step)
 
 
-def _skipped(step: int, terms: dict[str, float], draws: StepDraws, count: int, limit: int) -> None:
-    """A step skipped for a non-finite loss or gradient: a warning, or after ``limit`` in a row, the error."""
+def _skipped(step: int, terms: dict[str, float], draws: StepDraws, count: int, limit: int, warn: bool) -> None:
+    """A step skipped for a non-finite loss or gradient: a warning (``warn``: from the main process; the
+    terms are the mean over processes, the same in each), or after ``limit`` in a row, the error."""
     bad = [k for k, v in terms.items() if k != "loss" and not math.isfinite(v)]
-    logger.warning("step %d: non-finite %s at timesteps %s; step skipped", step, ", ".join(bad),
-                   draws.timesteps.tolist())
+    if warn:
+        logger.warning("step %d: non-finite %s at timesteps %s; step skipped", step, ", ".join(bad),
+                       draws.timesteps.tolist())
     if count >= limit:
         raise NonFiniteLossError(f"{count} consecutive steps with a non-finite loss or gradient; last at step {step}, "
                                  f"term(s) {', '.join(bad)}, timesteps {draws.timesteps.tolist()}; the last good "
