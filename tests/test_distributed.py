@@ -159,6 +159,18 @@ def test_a_check_only_the_main_process_makes_stops_every_process_with_one_error_
     assert "exitcode  : 2" in r.stderr.split("Root Cause")[1], r.stderr[-3000:]
 
 
+def test_a_validation_that_fails_in_the_main_process_stops_the_others_in_step(tmp_path):
+    """The main process alone draws the validation grid; when that fails (here: the grid's file is a
+    folder), the other process must stop with it, not run into the next step's collective."""
+    config = _config(tmp_path, "grid", 4, validation_every=1, validation_images=2)
+    (tmp_path / "grid" / "samples" / "step-000001.png").mkdir(parents=True)
+    r = subprocess.run(torchrun(2, "-m", "nni_2ndmatch.cli", "run", config, "--no-progress"), capture_output=True,
+                       text=True, timeout=600, env=ENV)
+    assert r.returncode != 0 and "IsADirectoryError" in r.stderr, r.stderr[-3000:]
+    assert "[rank1]" not in r.stderr, r.stderr[-3000:]  # quiet: no traceback of its own
+    assert not (tmp_path / "grid" / "checkpoints" / "latest").exists()
+
+
 def test_the_other_processes_exit_with_the_main_processs_code_and_print_nothing(monkeypatch, tmp_path, capsys):
     from helpers.cli import write_config
 

@@ -83,6 +83,8 @@ def run_finetune(config: Config, out: RunFolder, teacher: nn.Module, data: Train
                 trackers.finish()
             raise
     trackers, validation = runtime.on_main(watchers) or (None, None)
+    if not runtime.is_main and section.validation_every:  # the others wait for the main one's validation
+        validation = Validation(section.validation_every, lambda step, student: None)
     try:
         with user_errors("finetune"):  # e.g. a batch size the processes cannot share
             result = finetune(student, teacher, finetuner, data.dataset, section.train_config(), out.root,

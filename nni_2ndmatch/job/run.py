@@ -47,13 +47,15 @@ def _run_stages(config: Config, command: str, resume: bool, overwrite: bool, pro
     if command == "finetune" and config.model.student is None:
         check_pruned_start(out, config)
 
+    pruned = resume and is_pruned_folder(out.pruned)  # (read before the main process may prune)
+
     def prepare_folder() -> None:  # `finetune` keeps the pruned student it starts from
         out.prepare(command, resume, overwrite, keep_pruned=command == "finetune" and config.model.student is None)
         write_config(config, resume, inputs.finetuner.options())
     runtime.on_main(prepare_folder)
     data = open_data(config, inputs.data, inputs.parts, runtime, progress)
     if command in ("prune", "run") and config.pruning is not None:
-        if resume and is_pruned_folder(out.pruned):  # pruned already: a resumed `prune` has nothing to do
+        if pruned:  # pruned already: a resumed `prune` has nothing to do
             report = json.loads(out.pruning_report.read_text()) if command == "prune" else None
         else:
             student, report = run_prune(config, out, inputs.teacher, data.dataset, runtime,

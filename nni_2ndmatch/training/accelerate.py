@@ -92,9 +92,10 @@ class AccelerateRuntime(Runtime):
         if self.is_main:
             try:
                 result = work()
-            except Exception as e:  # (Ctrl-C is not passed on: it reaches every process of the launcher)
-                outcome.fill_(getattr(e, "exit_code", 1) or 1)
+            except BaseException as e:  # Ctrl-C too: the others may be waiting in the broadcast, deaf to it
+                outcome.fill_(130 if isinstance(e, KeyboardInterrupt) else getattr(e, "exit_code", 1) or 1)
                 torch.distributed.broadcast(outcome, src=0)
+                outcome.item()  # NCCL only queues the broadcast: it must be sent before this process exits
                 raise
         torch.distributed.broadcast(outcome, src=0)
         if outcome.item():

@@ -52,7 +52,9 @@ class Validation:
 @dataclasses.dataclass(frozen=True)
 class Watch:
     """What follows a run as it goes: a progress bar and ``validation`` in the main process, and
-    ``on_log`` called in every process with each logged record (the line metrics.jsonl gets)."""
+    ``on_log`` called in every process with each logged record (the line metrics.jsonl gets).
+    With several processes each one passes a ``validation`` of the same ``every`` (or none): the
+    others wait while the main one calls it."""
 
     progress: bool = True
     on_log: Callable[[dict[str, float]], None] | None = None
@@ -224,6 +226,16 @@ def _output_dir(output_dir: str | os.PathLike | None, config: TrainConfig, resum
     return out, Checkpoints(out / CHECKPOINT_DIR, config.keep_checkpoints), old
 
 
+def _validate(validation: Validation, step: int, state: TrainState, params: list[nn.Parameter]) -> None:
+    """``validation.call`` with the EMA weights in the student, in eval mode (both restored after)."""
+    with state.ema.applied(params) if state.ema is not None else contextlib.nullcontext():
+        state.model.eval()
+        try:
+            validation.call(step, state.model)
+        finally:
+            state.model.train()
+
+
 def _remove(paths: list[Path]) -> None:
     for p in paths:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -302,13 +314,8 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()}, refresh=False)
             aside = time.perf_counter()
-            if validation is not None and runtime.is_main and (done % validation.every == 0 or done == config.steps):
-                with state.ema.applied(params) if state.ema is not None else contextlib.nullcontext():
-                    state.model.eval()
-                    try:
-                        validation.call(done, state.model)
-                    finally:
-                        state.model.train()
+            if validation is not None and (done % validation.every == 0 or done == config.steps):
+                runtime.on_main(lambda: _validate(validation, done, state, params))
             state.overhead += time.perf_counter() - aside
             if ckpts is not None and (done % config.checkpoint_every == 0 or done == config.steps):
                 aside = time.perf_counter()
