@@ -320,3 +320,61 @@ def test_the_benchmark_cache_serves_only_the_settings_that_wrote_it(tmp_path):
     assert Cache(tmp_path / "q.json", {"steps": 3}).load("x") is None
     (tmp_path / "q.cache" / "x.safetensors").write_bytes(b"cut short")
     assert Cache(tmp_path / "q.json", {"steps": 2}).load("x") is None
+
+
+def _slot(seeds, runs_of, settings_seeds):
+    """A digits_quality.py JSON of two arms per budget over ``seeds`` (runs as ``runs_of`` gives them)."""
+    results = {"settings": {"seeds": settings_seeds, "steps": 30, "lr": 2e-4}, "teacher_sha256": "abc",
+               "command": f"digits_quality.py --seeds {settings_seeds}", "commit": "c0ffee", "cpu": "cpu",
+               "dense": {"fid_mean": 20.0}, "pruned": {"fid": 60.0, "fidelity": 0.3, "macs_ratio": 0.5}}
+    for budget, arms in (("equal_steps", ("kd", "2ndmatch")), ("equal_compute", ("kd", "kd-perturb"))):
+        results[budget] = {"runs": [runs_of(budget, name, seed) for seed in seeds for name in arms]}
+    return results
+
+
+def _run(budget, name, seed):
+    fid = 30.0 + (seed % 7) * 0.9 + {"kd": 0.0, "2ndmatch": -0.8, "kd-perturb": 0.3}[name] + (seed % 3) * 0.2
+    return {"strategy": name, "seed": seed, "steps": 30 if budget == "equal_steps" else {"kd": 60}.get(name, 50),
+            "seconds": 1.0, "fid": fid, "fidelity": 0.1 + 0.01 * (seed % 5), "commit": "c0ffee"}
+
+
+def test_two_slots_merged_equal_one_slot_over_every_seed(tmp_path):
+    """The merge of a slot that ran the first seeds and one that ran the last ones, down, gives the
+    summaries and paired statistics of one run over all of them; a run both made is kept once and its
+    two scores recorded; a slot of other settings or other seeds is refused by name."""
+    from benchmarks.digits_quality import summarize_budget
+    from benchmarks.merge_seed_runs import main, merge
+
+    seeds = [100, 101, 102, 103, 104]
+    whole = _slot(seeds, _run, "100,101,102,103,104")
+    for budget in ("equal_steps", "equal_compute"):
+        summarize_budget(whole, budget)
+    first = _slot([100, 101, 102], _run, whole["settings"]["seeds"])
+    second = _slot([104, 103, 102], _run, "104,103,102")
+    second["equal_steps"]["runs"][-1]["fid"] += 0.5  # the run both made (102, 2ndmatch), scored a little apart
+    for path, results in (("a.json", first), ("b.json", second)):
+        (tmp_path / path).write_text(json.dumps(results))
+    merged = main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(merged))
+    assert (tmp_path / "m.md").is_file()
+    for budget in ("equal_steps", "equal_compute"):
+        assert len(merged[budget]["runs"]) == 2 * len(seeds)
+        for key in ("strategies", "paired", "paired_fidelity"):
+            assert merged[budget][key] == whole[budget][key], (budget, key)  # the same runs in the same order
+    assert merged["settings"]["seeds"] == "100,101,102,103,104"
+    assert [(d["strategy"], d["seed"]) for d in merged["duplicates"]] == [("kd", 102), ("2ndmatch", 102),
+                                                                           ("kd", 102), ("kd-perturb", 102)]
+    assert merged["duplicates"][1]["fid"][1] - merged["duplicates"][1]["fid"][0] == pytest.approx(0.5)
+    assert merged["merged_from"] == [{"file": "b.json", "command": second["command"], "commit": "c0ffee",
+                                      "cpu": "cpu", "runs_added": 8}]
+
+    other = _slot([104], _run, "104")
+    other["settings"]["lr"] = 1e-3
+    with pytest.raises(ValueError, match="settings differ from the first JSON's in lr"):
+        merge(first, [("b", other)])
+    with pytest.raises(ValueError, match=r"seeds \[105\] are not among"):
+        merge(first, [("b", _slot([105], _run, "105"))])
+    moved = _slot([104], _run, "104")
+    moved["pruned"]["fid"] = 61.0
+    with pytest.raises(ValueError, match="pruned fid is 61.0.*not the same start"):
+        merge(first, [("b", moved)])
