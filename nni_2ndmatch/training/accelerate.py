@@ -87,6 +87,7 @@ class AccelerateRuntime(Runtime):
         self.accelerator.wait_for_everyone()
 
     def on_main(self, work: Callable[[], T]) -> T | None:
+        self.barrier()  # every process has read what the work may change (config.yaml under --overwrite)
         outcome = torch.zeros((), dtype=torch.int64, device=self.device)  # 0, or the main process's exit code
         result = None
         if self.is_main:
