@@ -60,9 +60,9 @@ class Runtime:
     def on_main(self, work: Callable[[], T]) -> T | None:
         """``work()`` on the main process (what only it does: checks of the output folder, writing
         files) once every process has got here, the others waiting for it; its result there, None
-        elsewhere. When it raises, the
-        main process raises that error and every other process ``MainProcessFailed`` with its
-        exit code, so that all of them stop at once and the error is reported once."""
+        elsewhere. When it raises, the main process raises that error and every other process
+        ``MainProcessFailed`` with its exit code, so that all of them stop at once and the error is
+        reported once."""
         return work() if self.is_main else None
 
     def unwrap(self, model: nn.Module) -> nn.Module:
