@@ -69,15 +69,23 @@ def families():
     return out
 
 
+class _Exports(dict):
+    """kind -> (student, ONNX path, report): a pruned student exported (default exporter) the first
+    time a test of this process asks for it; the pytest workers share the tests of a kind out."""
+
+    def __init__(self, families, folder):
+        super().__init__()
+        self.families, self.folder = families, folder
+
+    def __missing__(self, kind):
+        student, path = self.families[kind][1], self.folder / f"{kind}.onnx"
+        self[kind] = (student, path, export_onnx(student, path, seq_len=5, simplify=False))  # onnxslim: own test
+        return self[kind]
+
+
 @pytest.fixture(scope="module")
 def exported(families, tmp_path_factory):
-    """kind -> (student, ONNX path, report): each pruned student exported once (default exporter)."""
-    folder = tmp_path_factory.mktemp("onnx")
-    out = {}
-    for kind, (_, student) in families.items():
-        path = folder / f"{kind}.onnx"
-        out[kind] = (student, path, export_onnx(student, path, seq_len=5, simplify=False))  # onnxslim: its own test
-    return out
+    return _Exports(families, tmp_path_factory.mktemp("onnx"))
 
 
 def _fresh_inputs(model, batch, seed):
