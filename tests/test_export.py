@@ -1,5 +1,6 @@
 """Deployment: ONNX export and parity, the input contract, the benchmark, TensorRT (GPU only), and
-the export/ scripts run as a user would, in a subprocess."""
+the export/ scripts run as a user would, in a subprocess. onnx is imported in the tests that use it:
+every pytest worker collects this module, and the quick loop runs none of it."""
 
 import json
 import os
@@ -10,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from helpers.tiny_models import BUILDERS
@@ -112,6 +112,7 @@ def _torch_out(model, x, t, kw):
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_pruned_student_round_trips_through_onnx_and_matches_pytorch(kind, exported):
+    import onnx
     student, path, report = exported[kind]
     onnx.checker.check_model(str(path))
     session = ort_session(path)
@@ -139,6 +140,7 @@ def test_a_dits_checks_feed_its_null_class():
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_timestep_is_a_float32_batch_input_that_changes_the_output(kind, exported):
+    import onnx
     student, path, _ = exported[kind]
     graph = onnx.load(str(path)).graph
     inputs = {i.name: i for i in graph.input}
@@ -155,6 +157,7 @@ def test_timestep_is_a_float32_batch_input_that_changes_the_output(kind, exporte
 
 
 def test_fp16_export_keeps_float32_io_and_runs_in_onnxruntime(families, tmp_path):
+    import onnx
     _, student = families["dit"]
     path = tmp_path / "fp16.onnx"
     report = export_onnx(student, path, fp16=True)
@@ -173,6 +176,7 @@ def test_fp16_export_keeps_float32_io_and_runs_in_onnxruntime(families, tmp_path
 
 def _scaled_output(model):
     """The graph with its output multiplied by 1.001: a "simplification" that changes the outputs."""
+    import onnx
     model = onnx.ModelProto.FromString(model.SerializeToString())
     for node in model.graph.node:
         node.output[:] = ["out_before" if o == "out" else o for o in node.output]
@@ -182,6 +186,7 @@ def _scaled_output(model):
 
 
 def test_graph_is_kept_as_exported_unless_simplifying_leaves_outputs_identical(families, tmp_path, monkeypatch):
+    import onnx
     fake = type(sys)("onnxslim")
     fake.slim = _scaled_output
     monkeypatch.setitem(sys.modules, "onnxslim", fake)

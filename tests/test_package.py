@@ -156,6 +156,7 @@ def test_each_private_internal_in_compat_exists_and_behaves_as_it_relies_on():
             assert "forward" not in vars(layer) and torch.equal(got, want)
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_the_lazy_names_come_from_the_type_checking_block_and_load_from_a_zip(tmp_path):
     """What the block imports, aliases and submodules included, is what the package exports; read
     through the package's loader, so a zipped package works (a file path would not)."""

@@ -17,6 +17,8 @@ from nni_2ndmatch.nni import config_list_problems, default_config_list, nni_mask
 from nni_2ndmatch.nni.config_list import CONFIG_LIST_KEYS, SETTING_KEYS
 from nni_2ndmatch.pruning import denoising_gradients, masks_to_student
 
+SLOW = pytest.mark.slow  # the quick loop (-m "not slow") runs one case of the costlier parametrisations
+
 
 def _prune(model, ratio=0.3, **kw):
     with warnings.catch_warnings():
@@ -168,9 +170,11 @@ def test_the_package_never_runs_the_code_file_of_a_model_folder(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("kwargs", [{"dtype": torch.bfloat16}, {"torch_dtype": torch.bfloat16},
-                                    {"dtype": {"unet": torch.bfloat16, "text_encoder": torch.bfloat16,
-                                               "vae": torch.bfloat16, "default": torch.float32}}])
+@pytest.mark.parametrize("kwargs", [{"dtype": torch.bfloat16},
+                                    pytest.param({"torch_dtype": torch.bfloat16}, marks=SLOW),
+                                    pytest.param({"dtype": {"unet": torch.bfloat16, "text_encoder": torch.bfloat16,
+                                                            "vae": torch.bfloat16, "default": torch.float32}},
+                                                 marks=SLOW)])
 def test_load_pipeline_gives_the_pruned_denoiser_the_dtype_asked_for(tmp_path, kwargs):
     """diffusers casts the components it loads, not one it is given: load_pipeline casts the pruned
     denoiser it rebuilds the same way, so the pipeline samples."""
@@ -286,7 +290,8 @@ def test_bad_arguments_and_mismatched_plans_are_clear_errors(tmp_path):
         save_pruned(teacher, tmp_path / "dense")
 
 
-@pytest.mark.parametrize("pruner", ["L1NormPruner", "L2NormPruner", "FPGMPruner"])
+@pytest.mark.parametrize("pruner", ["L1NormPruner", pytest.param("L2NormPruner", marks=SLOW),
+                                    pytest.param("FPGMPruner", marks=SLOW)])
 def test_nni_pruners_by_name_decide_which_channels_go(pruner):
     teacher = tiny_unet().eval()
     inputs = default_example_inputs(teacher, 2)
@@ -450,7 +455,8 @@ def test_diff_pruning_sums_gradients_over_timesteps_until_the_loss_falls_below_t
     assert used == expected and len(used) < 5
 
 
-@pytest.mark.parametrize("pruner", ["taylor", "diff-pruning", "TaylorPruner"])
+@pytest.mark.parametrize("pruner", ["taylor", pytest.param("diff-pruning", marks=SLOW),
+                                    pytest.param("TaylorPruner", marks=SLOW)])
 def test_gradient_pruners_are_deterministic_leave_the_teacher_alone_and_ignore_frozen_flags(pruner):
     teacher, x0 = BUILDERS["unet2d"]().eval(), _calibration()
     inputs = default_example_inputs(teacher)
