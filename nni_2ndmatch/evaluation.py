@@ -242,7 +242,10 @@ class FID:
 
         if isinstance(features, OnnxFeatures):
             features.resolve_width(*size)
-        self.metric = FrechetInceptionDistance(feature=features, reset_real_features=False, input_img_size=(3, *size))
+        # sync_on_compute=False: under a launcher the main process alone evaluates, after the others have
+        # exited, and torchmetrics would otherwise gather the metric's state from every process
+        self.metric = FrechetInceptionDistance(feature=features, reset_real_features=False, input_img_size=(3, *size),
+                                               sync_on_compute=False)
         for batch in real:
             self.metric.update(to_uint8(batch), real=True)
 
@@ -292,7 +295,7 @@ def clip_score(images: Tensor, prompts: list[str], clip: tuple[Any, Any], batch_
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     model, processor = clip
-    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor))
+    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor), sync_on_compute=False)  # (FID)
     for start in range(0, len(prompts), batch_size):
         metric.update(to_uint8(images[start:start + batch_size]), prompts[start:start + batch_size])
     return float(metric.compute())

@@ -229,7 +229,6 @@ def test_dequantised_digits_tile_each_grey_level_afresh_on_every_read():
         DigitsDataset(16, dequantize=True)
 
 
-@pytest.mark.slow
 def _scipy_fid(a, b):
     """FID of two feature sets [N, D] by numpy and scipy's sqrtm (float64)."""
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -294,6 +293,38 @@ def test_clip_score_through_torchmetrics_equals_the_cosine_of_the_models_own_emb
         text = model.text_model(**tokens).pooler_output @ model.text_projection.weight.T
     expected = (100 * torch.nn.functional.cosine_similarity(image, text).mean()).clamp_min(0)  # torchmetrics 1.9's
     assert clip_score(images, prompts, clip) == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_fid_and_clip_score_make_no_collective_call_in_a_process_group(tmp_path, monkeypatch):
+    """Under a launcher the main process alone evaluates, after the others have exited
+    (job/run.py): torchmetrics gathers a metric's state from every process unless told not to,
+    and would wait for them for ever."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torchmetrics")
+    import torch.distributed as dist
+    from helpers.tiny_models import tiny_clip
+
+    from nni_2ndmatch.evaluation import clip_score, fid_score, load_clip
+
+    class Rows(torch.nn.Module):  # one feature per image row
+        def forward(self, x):
+            return x.float().mean((1, 3)) / 255
+
+    clip = load_clip(tiny_clip(tmp_path))
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    prompts = ["a", "b c", "d", "e", "f g", "h"]
+    alone = fid_score(images, images.flip(0) * 0.5, Rows()), clip_score(images, prompts, clip)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = []
+        for name in ("all_gather", "all_gather_object", "all_reduce", "barrier", "broadcast"):
+            monkeypatch.setattr(dist, name, lambda *a, _name=name, **k: calls.append(_name))
+        grouped = fid_score(images, images.flip(0) * 0.5, Rows()), clip_score(images, prompts, clip)
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+    assert calls == [] and grouped == alone
 
 
 @pytest.mark.slow
