@@ -6,8 +6,9 @@ SPECS: a list of runs made one after the other in this process (one start-up for
 each with finetuner, options, steps, batch_size, gradient_accumulation_steps, output_dir, result
 (where the main process saves the final weights), fixed_directions (replace the random Jacobian
 directions by a function of each sample, so runs that split the batch differently see the same
-ones). Every process records which files it wrote through nni_2ndmatch.files, per run, in
-RESULT.writes-RANK.json.
+ones), main_only_output_dir (the other processes are given no output_dir: the run must be refused
+on every process, each writing its error to RESULT.error-RANK.txt). Every process records which
+files it wrote through nni_2ndmatch.files, per run, in RESULT.writes-RANK.json.
 """
 
 import json
@@ -53,10 +54,16 @@ def main(specs_path: str) -> None:
         teacher, student = tiny_unet2d(seed=0), tiny_unet2d(seed=1)
         config = TrainConfig(steps=spec["steps"], batch_size=spec["batch_size"], ema_decay=None, checkpoint_every=2,
                              gradient_accumulation_steps=spec.get("gradient_accumulation_steps", 1), seed=5)
-        result = finetune(student, teacher, get_finetuner(spec["finetuner"], **spec.get("options", {})),
-                          DigitsDataset(8), config, spec.get("output_dir"), runtime=runtime,
-                          watch=Watch(progress=False))
+        output_dir = spec.get("output_dir") if runtime.is_main or not spec.get("main_only_output_dir") else None
         out = Path(spec["result"])
+        try:
+            result = finetune(student, teacher, get_finetuner(spec["finetuner"], **spec.get("options", {})),
+                              DigitsDataset(8), config, output_dir, runtime=runtime, watch=Watch(progress=False))
+        except ValueError as e:
+            if not spec.get("main_only_output_dir"):
+                raise
+            Path(f"{out}.error-{runtime.rank}.txt").write_text(str(e))
+            continue
         Path(f"{out}.writes-{runtime.rank}.json").write_text(json.dumps(writes))
         if runtime.is_main:
             io_module.save_tensors(out, dict(result.student.state_dict()))

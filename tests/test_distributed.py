@@ -50,7 +50,7 @@ def run_worker(tmp_path, name, processes, runs):
     command = torchrun(processes, *worker) if processes > 1 else [sys.executable, *worker]
     r = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    return {run: load_tensors(spec["result"]) for run, spec in zip(runs, specs)}
+    return {run: load_tensors(spec["result"]) for run, spec in zip(runs, specs) if Path(spec["result"]).exists()}
 
 
 def assert_same_weights(a, b, atol):
@@ -76,8 +76,9 @@ def split_runs(tmp_path_factory):
                 for key, (finetuner, options) in FINETUNERS.items()}
 
     single = run_worker(tmp, "single", 1, {**specs("single"), **specs("accum", gradient_accumulation_steps=2)})
-    ddp = run_worker(tmp, "ddp", 2, {key: {**spec, "output_dir": str(tmp / f"{key}-run")}
-                                     for key, spec in specs("ddp").items()})
+    refused = {"refused": {"finetuner": "kd", "output_dir": str(tmp / "refused-run"), "main_only_output_dir": True}}
+    ddp = run_worker(tmp, "ddp", 2, {**{key: {**spec, "output_dir": str(tmp / f"{key}-run")}
+                                        for key, spec in specs("ddp").items()}, **refused})
     return tmp, {**single, **ddp}
 
 
@@ -93,6 +94,16 @@ def test_two_processes_of_batch_b_give_the_weights_of_one_process_of_batch_2b(sp
     # only the main process wrote: checkpoints and metrics
     assert json.loads((tmp / f"ddp-{key}.safetensors.writes-1.json").read_text()) == []
     assert any("checkpoints" in w for w in json.loads((tmp / f"ddp-{key}.safetensors.writes-0.json").read_text()))
+
+
+def test_a_finetune_whose_processes_are_given_different_runs_is_refused_by_every_one(split_runs):
+    """Only the main process is given output_dir: it would checkpoint (a collective) where the
+    other process does not; refused by both, before anything is written, not a hang."""
+    tmp, weights = split_runs
+    assert "refused" not in weights and not (tmp / "refused-run").exists()
+    for rank in (0, 1):
+        error = (tmp / f"refused.safetensors.error-{rank}.txt").read_text()
+        assert "every process must be given the same config" in error and f"rank {rank}: output_dir=" in error
 
 
 def _config(tmp_path, name, steps, **finetune):

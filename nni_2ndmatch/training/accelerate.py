@@ -86,6 +86,13 @@ class AccelerateRuntime(Runtime):
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def same_on_every_process(self, values: tuple[int, ...]) -> bool:
+        low = torch.tensor(values, dtype=torch.int64, device=self.device)
+        high = low.clone()
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        return torch.equal(low, high)
+
     def on_main(self, work: Callable[[], T]) -> T | None:
         self.barrier()  # every process has read what the work may change (config.yaml under --overwrite)
         outcome = torch.zeros((), dtype=torch.int64, device=self.device)  # 0, or the main process's exit code

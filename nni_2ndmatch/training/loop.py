@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -122,6 +123,21 @@ def check_run(student: nn.Module, teacher: Any, finetuner: Finetuner, dataset: D
                             ("jac_min_timestep", schedule_refusal(finetuner))):
         if refusal:
             raise ValueError(f"{option}={getattr(finetuner.opts, option)!r} is not allowed: {refusal}")
+
+
+def check_same_run(runtime: Runtime, finetuner: Finetuner, config: TrainConfig, output_dir: Any, resume: bool,
+                   overwrite: bool, watch: Watch) -> None:
+    """Every process of a multi-process run must be given the same run: the main process alone writes
+    checkpoints and validates, but every process takes part in each (``Runtime.on_main``), so a
+    process told otherwise would wait in the wrong collective."""
+    every = watch.validation.every if watch.validation is not None else 0
+    run = json.dumps([config.model_dump(exclude={"num_workers"}), finetuner.name])  # (how data are read may differ)
+    digest = int.from_bytes(hashlib.blake2b(run.encode(), digest_size=8).digest(), "little") >> 1
+    if not runtime.same_on_every_process((digest, every, output_dir is not None, resume, overwrite)):
+        raise ValueError(f"every process must be given the same config, finetuner, output_dir (or none), resume, "
+                         f"overwrite and watch.validation schedule; they differ between the {runtime.world_size} "
+                         f"processes (this one, rank {runtime.rank}: output_dir={output_dir!r}, resume={resume}, "
+                         f"overwrite={overwrite}, validation every {every} steps)")
 
 
 @contextlib.contextmanager
@@ -263,8 +279,13 @@ def finetune(student: nn.Module, teacher: Callable[..., Any] | None, finetuner: 
     ``watch.validation``: every ``validation.every`` steps and after the last, the main process calls
     ``validation.call(step, student)`` with the EMA weights in the student (eval mode; the trained
     weights and train mode are back afterwards). It draws no random number of the loop's.
+
+    With several processes (``runtime``), every process is given the same arguments but
+    ``watch.validation.call`` (only the main process's runs); the run is refused on every process
+    otherwise.
     """
     runtime = runtime or Runtime()
+    check_same_run(runtime, finetuner, config, output_dir, resume, overwrite, watch)
     check_run(student, teacher, finetuner, dataset, config, runtime)
     out, ckpts, old = _output_dir(output_dir, config, resume, overwrite)
     finetuner.resolve(teacher, tuple(collate([dataset[0]])[0].shape[1:]))

@@ -20,7 +20,7 @@ T = TypeVar("T")
 class Runtime:
     """Single-process runtime: where tensors live, how gradients are made, who may write files.
 
-    ``AccelerateRuntime`` (nni_2ndmatch.distributed) is the multi-process one. The loop draws every
+    ``AccelerateRuntime`` (nni_2ndmatch.training.accelerate) is the multi-process one. The loop draws every
     random number for the whole global batch on every process (the same draws, from the same seed)
     and each process takes its share with ``local_positions``; so the data, noise and timesteps of
     a step do not depend on the number of processes.
@@ -56,6 +56,10 @@ class Runtime:
 
     def barrier(self) -> None:
         """Wait until every process gets here."""
+
+    def same_on_every_process(self, values: tuple[int, ...]) -> bool:
+        """Whether every process holds these ``values``; the same answer on every process."""
+        return True
 
     def on_main(self, work: Callable[[], T]) -> T | None:
         """``work()`` on the main process (what only it does: checks of the output folder, writing
