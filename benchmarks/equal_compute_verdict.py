@@ -62,6 +62,10 @@ def load(path: str, commit: str, min_seeds: int, equal_steps: list[str]) -> tupl
         if wrong:
             sys.exit(f"{path}: {budget} has runs of commit(s) {', '.join(map(str, wrong))}, not {commit}")
         have = [(r["strategy"], r["seed"]) for r in runs]
+        foreign = sorted({seed for _, seed in have} - set(seeds))
+        if foreign:
+            sys.exit(f"{path}: {budget} has runs of seed(s) {', '.join(map(str, foreign))}, not among its settings' "
+                     f"seeds")
         if len(set(have)) < len(have):
             sys.exit(f"{path}: {budget} holds a run twice, e.g. {next(k for k in have if have.count(k) > 1)}")
         steps = results["settings"]["budget"]["steps"] if budget == "equal_compute" else {}
@@ -81,6 +85,8 @@ def pinned_commits(given: list[str], paths: list[str]) -> dict[str, str]:
     default = [c for c in given if "=" not in c]
     named = dict(c.split("=", 1) for c in given if "=" in c)
     stems = [Path(p).stem for p in paths]
+    if len(set(stems)) < len(stems):
+        sys.exit(f"inputs {', '.join(paths)}: two have the same file name; each is one teacher, named by it")
     if len(default) > 1 or set(named) - set(stems):
         sys.exit(f"--commit {' '.join(given)}: give one SHA for every input and TEACHER=SHA for any other, "
                  f"TEACHER among {', '.join(stems)}")

@@ -176,6 +176,8 @@ def test_the_verdict_applies_the_committed_rule(tmp_path):
                              r"equal_compute holds a run twice, e.g. \('kd', 100\)"),
                             (lambda r: r["equal_steps"]["runs"][0].update(steps=7),
                              "equal_steps run kd seed 100 has 7 steps, not its budget's"),
+                            (lambda r: r["equal_compute"]["runs"].append(dict(r["equal_compute"]["runs"][0], seed=999)),
+                             r"equal_compute has runs of seed\(s\) 999, not among its settings' seeds"),
                             (lambda r: r["settings"]["budget"]["steps"].pop("kd-perturb") and r["equal_compute"].update(
                                 runs=[x for x in r["equal_compute"]["runs"] if x["strategy"] != "kd-perturb"]),
                              "the teachers ran different arms at equal compute")):
@@ -185,6 +187,8 @@ def test_the_verdict_applies_the_committed_rule(tmp_path):
         with pytest.raises(SystemExit, match=message):
             verdict.main(verdict.parse_args([files[0], str(bad / "dequantized.json"), files[2], "--commit", "c0",
                                              "--out", str(tmp_path / "v.json")]))
+    with pytest.raises(SystemExit, match="two have the same file name"):  # one teacher twice, from two folders
+        verdict.main(verdict.parse_args([files[0], str(bad / "dequantized.json"), files[1], "--commit", "c0"]))
     # one teacher pinned at its own commit
     files[2] = _teacher_json(tmp_path / "mnist.json", range(100, 108), gains, commit="c2")
     with pytest.raises(SystemExit, match="mnist.json: equal_steps has runs of commit.s. c2, not c0"):
