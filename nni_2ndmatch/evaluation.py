@@ -295,7 +295,7 @@ def clip_score(images: Tensor, prompts: list[str], clip: tuple[Any, Any], batch_
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     model, processor = clip
-    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor), sync_on_compute=False)  # (FID)
+    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor), sync_on_compute=False)  # see FID
     for start in range(0, len(prompts), batch_size):
         metric.update(to_uint8(images[start:start + batch_size]), prompts[start:start + batch_size])
     return float(metric.compute())

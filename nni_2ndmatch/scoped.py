@@ -8,6 +8,7 @@ functions; random draws of the package's own take an explicit ``torch.Generator`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Callable, Iterator
 
 import torch
@@ -53,6 +54,11 @@ def rng_replay(device: torch.device | None = None) -> Callable[[], None]:
         for d, state in zip(devices, cuda):
             torch.cuda.set_rng_state(state, d)
     return replay
+
+
+def text_seed(text: str) -> int:
+    """A seed in [0, 2**63) from ``text`` (blake2b): the same in every process and on every run."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def seeded_generator(seed: int) -> torch.Generator:

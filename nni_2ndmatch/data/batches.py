@@ -5,7 +5,6 @@ worker processes decode ahead of the step.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Iterator, NamedTuple
 
@@ -13,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..scoped import seeded_generator
+from ..scoped import seeded_generator, text_seed
 
 
 def epoch_permutation(epoch: int, num_items: int, seed: int) -> Tensor:
@@ -86,8 +85,7 @@ class Reads(Dataset):
     def __getitem__(self, key: ItemKey) -> Any:
         if not self.random:
             return self.dataset[key.index]
-        digest = hashlib.blake2b(f"{self.seed}/{key.step}/{key.position}".encode(), digest_size=8).digest()
-        return self.dataset.read(key.index, seeded_generator(int.from_bytes(digest, "little") >> 1))
+        return self.dataset.read(key.index, seeded_generator(text_seed(f"{self.seed}/{key.step}/{key.position}")))
 
 
 class StepBatches(Sampler):

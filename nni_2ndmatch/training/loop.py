@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from ..files import atomic_write_text, load_tensors
 from ..finetuners import Finetuner, jac_every_refusal, schedule_refusal
 from ..layout import CHECKPOINT_DIR, CHECKPOINT_META, CHECKPOINT_TENSORS, METRICS_FILE, RUN_MARKERS
 from ..method import checkpoint_as_forward, sample_timesteps
+from ..scoped import text_seed
 from ..utils import requires_grad
 from .checkpoints import Checkpoints
 from .options import TrainConfig, checkpointing_refusal
@@ -132,7 +132,7 @@ def check_same_run(runtime: Runtime, finetuner: Finetuner, config: TrainConfig, 
     process told otherwise would wait in the wrong collective."""
     every = watch.validation.every if watch.validation is not None else 0
     run = json.dumps([config.model_dump(exclude={"num_workers"}), finetuner.name])  # (how data are read may differ)
-    digest = int.from_bytes(hashlib.blake2b(run.encode(), digest_size=8).digest(), "little") >> 1
+    digest = text_seed(run)
     if not runtime.same_on_every_process((digest, every, output_dir is not None, resume, overwrite)):
         raise ValueError(f"every process must be given the same config, finetuner, output_dir (or none), resume, "
                          f"overwrite and watch.validation schedule; they differ between the {runtime.world_size} "

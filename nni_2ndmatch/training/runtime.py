@@ -5,14 +5,13 @@ finetuner's own random stream.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from ..scoped import seeded
+from ..scoped import seeded, text_seed
 
 T = TypeVar("T")
 
@@ -83,5 +82,4 @@ def finetuner_rng(seed: int, step: int, rank: int, micro_batch: int,
     generators seeded by (seed, step, process, micro-batch) for the block: the loop's stream (its
     own generator) is untouched, the data order, noise and timesteps of every step do not depend on
     how the batch is split, and processes draw independently of each other."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{rank}/{micro_batch}".encode(), digest_size=8).digest()
-    return seeded(int.from_bytes(digest, "little") >> 1, device)
+    return seeded(text_seed(f"{seed}/{step}/{rank}/{micro_batch}"), device)
