@@ -35,6 +35,10 @@ from nni_2ndmatch.files import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "equal_compute"
 ALPHA = 0.05
+# the settings the rule fixes for every teacher (the data, teacher, seeds, costs and sampling batch are each
+# teacher's own)
+REGIME = ("batch_size", "compute_arms", "ddim_steps", "dropout", "ema_decay", "grad_clip", "jac_match",
+          "jac_reference_dims", "jac_weighting", "lambda_jac", "lr", "ratio", "samples", "steps", "threads")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load(path: str, commit: str, min_seeds: int, equal_steps: list[str]) -> tuple[str, dict]:
     results = json.loads(Path(path).read_text())
+    kind = (results["settings"].get("budget") or {}).get("kind")
+    if kind != "equal-compute":
+        sys.exit(f"{path}: settings.budget is {kind or 'missing'}, not equal-compute: give the JSONs of "
+                 "digits_quality.py --budget equal-compute")
     seeds = [int(s) for s in results["settings"]["seeds"].split(",")]
     if len(seeds) < min_seeds:
         sys.exit(f"{path}: {len(seeds)} seeds; the rule asks for at least {min_seeds}")
@@ -97,10 +105,17 @@ def pinned_commits(given: list[str], paths: list[str]) -> dict[str, str]:
 
 def main(args: argparse.Namespace) -> dict:
     minimum = [int(x) for x in args.min_seeds.split(",")]
+    if min(minimum) < 2:
+        sys.exit(f"--min-seeds {args.min_seeds}: each value must be at least 2 (a teacher's variance needs two pairs)")
     equal_steps = [a.strip() for a in args.equal_steps_arms.split(",") if a.strip()]
     commits = pinned_commits(args.commit, args.results)
     teachers = dict(load(path, commits[Path(path).stem], minimum[min(i, len(minimum) - 1)], equal_steps)
                     for i, path in enumerate(args.results))
+    for key in REGIME:
+        values = {name: r["settings"].get(key) for name, r in teachers.items()}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            sys.exit(f"the teachers ran different settings.{key}: " + ", ".join(f"{n} {v!r}" for n, v in values.items())
+                     + "; the rule fixes it for all")
     arms = {name: set(r["settings"]["budget"]["steps"]) for name, r in teachers.items()}
     if len({frozenset(a) for a in arms.values()}) > 1:
         sys.exit("the teachers ran different arms at equal compute: " + "; ".join(

@@ -43,6 +43,9 @@ def stratified(strata: dict[str, list[float]]) -> dict[str, object]:
     ``strata`` holds each stratum's own ``paired`` statistics."""
     from scipy import stats
 
+    few = {k: len(d) for k, d in strata.items() if len(d) < 2}
+    if few:
+        raise ValueError(f"strata {few} have fewer than 2 pairs: a stratum's variance needs at least 2")
     total = sum(len(d) for d in strata.values())
     weights = {k: len(d) / total for k, d in strata.items()}
     mean = sum(weights[k] * statistics.fmean(d) for k, d in strata.items())

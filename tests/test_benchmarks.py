@@ -4,6 +4,7 @@ budget, and a tiny end-to-end run of digits_quality.py with it."""
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,8 @@ def test_stratified_pools_strata_by_their_pairs_and_their_own_variances():
     # a stratum shifted as a whole changes the pooled mean but not its standard error
     shifted = stratified({"a": a, "b": [x + 5 for x in b]})
     assert shifted["se"] == pytest.approx(got["se"]) and shifted["mean"] == pytest.approx(got["mean"] + 5 / 3)
+    with pytest.raises(ValueError, match=r"strata \{'b': 1\} have fewer than 2 pairs"):
+        stratified({"a": a, "b": [0.3]})
 
 
 def test_holm_steps_down():
@@ -120,13 +123,17 @@ def test_digits_quality_at_equal_compute_writes_budget_ratios_and_paired_statist
         *noise["fid"]["2ndmatch"])) / math.sqrt(2))
 
 
-def _teacher_json(path, seeds, gains, commit="c0", paper=False):
+def _teacher_json(path, seeds, gains, commit="c0", paper=False, spread=None):
     """A digits_quality.py equal-compute JSON whose arms beat kd by ``gains`` (+ seeded noise);
-    ``paper``: 2ndmatch-paper beside them at equal steps, worse than kd there by 0.5."""
+    ``paper``: 2ndmatch-paper beside them at equal steps, worse than kd there by 0.5; ``spread``:
+    the arms' differences from kd are exactly ``gains`` + ``spread[arm]`` x a fixed vector of mean 0
+    and sample standard deviation 1 (no seeded noise)."""
     rng = np.random.default_rng(len(seeds))
+    unit = np.arange(len(seeds)) - (len(seeds) - 1) / 2
+    unit = unit / unit.std(ddof=1)
     steps = {"kd": 600, "kd-perturb": 580, "2ndmatch": 300, "2ndmatch-every8": 500}
     runs = {"equal_steps": [], "equal_compute": []}
-    for s in seeds:
+    for i, s in enumerate(seeds):
         kd = 20 + rng.normal()
         runs["equal_steps"] += [{"strategy": "kd", "seed": s, "fid": kd + 1, "fidelity": 0.2, "commit": commit},
                                 {"strategy": "2ndmatch", "seed": s, "fid": kd + 0.2 * rng.normal(), "fidelity": 0.1,
@@ -134,13 +141,16 @@ def _teacher_json(path, seeds, gains, commit="c0", paper=False):
         if paper:
             runs["equal_steps"].append({"strategy": "2ndmatch-paper", "seed": s, "fid": kd + 1.5 + 0.3 * rng.normal(),
                                         "fidelity": 0.2, "commit": commit})
-        runs["equal_compute"] += [{"strategy": name, "seed": s, "fid": kd - gains.get(name, 0.0) + 0.3 * rng.normal(),
+        noise = {name: 0.3 * rng.normal() if spread is None else spread.get(name, 0.0) * unit[i]
+                 for name in steps}
+        runs["equal_compute"] += [{"strategy": name, "seed": s, "fid": kd - gains.get(name, 0.0) + noise[name],
                                    "fidelity": 0.2 - 0.01 * gains.get(name, 0.0), "commit": commit, "steps": n}
                                   for name, n in steps.items()]
     for row in runs["equal_steps"]:
         row["steps"] = 300
     path.write_text(json.dumps({"settings": {"seeds": ",".join(map(str, seeds)), "steps": 300,
-                                             "budget": {"steps": steps}, "cost_ratio": {"kd": 1.0}},
+                                             "budget": {"kind": "equal-compute", "steps": steps},
+                                             "cost_ratio": {"kd": 1.0}, "samples": 8000, "lr": 2e-4},
                                 "teacher_sha256": "x",
                                 **{budget: {"runs": rows} for budget, rows in runs.items()}}))
     return str(path)
@@ -217,6 +227,42 @@ def test_the_verdict_applies_the_committed_rule(tmp_path):
     assert steps["paired"]["kd_minus_2ndmatch-paper"]["mean"] < 0 < steps["paired"]["kd_minus_2ndmatch"]["mean"]
     assert steps["p_one_sided_holm"] == pytest.approx(holm({k.removeprefix("kd_minus_"): v["p_one_sided"]
                                                             for k, v in steps["paired"].items()}))
+
+
+@pytest.mark.slow
+def test_the_verdict_holds_every_condition_of_the_rule(tmp_path):
+    from benchmarks import equal_compute_verdict as verdict
+
+    def run(gains, spread, edit=None, *extra):
+        files = []
+        for name, n in (("digits", 12), ("dequantized", 12), ("mnist", 8)):
+            files.append(_teacher_json(tmp_path / f"{name}.json", range(100, 100 + n), gains, spread=spread))
+            if edit and name == "mnist":
+                rows = json.loads(Path(files[-1]).read_text())
+                edit(rows)
+                Path(files[-1]).write_text(json.dumps(rows))
+        return verdict.main(verdict.parse_args([*files, "--commit", "c0", "--out", str(tmp_path / "v.json"), *extra]))
+
+    # kd-perturb gains 1.2 on every teacher at a raw one-sided p under 0.05 that Holm's x3 lifts above it;
+    # the variant's interval reaches below the margin although its mean (-0.5) and upper end lie above it
+    got = run({"kd-perturb": 1.2, "2ndmatch": -0.5}, {"kd-perturb": 3.5, "2ndmatch": 3.0, "2ndmatch-every8": 1.0})
+    perturb, variant = got["decisions"]["kd-perturb"], got["decisions"]["2ndmatch"]
+    raw = got["equal_compute"]["paired"]["kd_minus_kd-perturb"]["p_one_sided"]
+    assert 0.05 / 3 < raw < 0.05 < perturb["p_one_sided_holm"]
+    assert perturb["gain"] == pytest.approx(1.2) and perturb["positive_on_every_teacher"]
+    assert not perturb["recommended_over_kd"] and got["recommended"] == "kd"
+    assert variant["ci95"][0] < -1.0 < variant["gain"] and not variant["not_worse_than_kd"]
+    assert got["decisions"]["2ndmatch-every8"]["not_worse_than_kd"]
+    # two settings pass: the larger gain is recommended (not the first by name)
+    got = run({"kd-perturb": 3.0, "2ndmatch": 2.0}, {"kd-perturb": 0.5, "2ndmatch": 0.5})
+    assert got["decisions"]["2ndmatch"]["recommended_over_kd"] and got["recommended"] == "kd-perturb"
+    # teachers of another regime, a JSON of another budget, a rule without a variance: clear errors
+    with pytest.raises(SystemExit, match=r"different settings.lr: digits 0.0002, dequantized 0.0002, mnist 0.001"):
+        run({}, None, lambda r: r["settings"].update(lr=1e-3))
+    with pytest.raises(SystemExit, match="mnist.json: settings.budget is equal-wallclock, not equal-compute"):
+        run({}, None, lambda r: r["settings"]["budget"].update(kind="equal-wallclock"))
+    with pytest.raises(SystemExit, match="--min-seeds 12,12,1: each value must be at least 2"):
+        run({}, None, None, "--min-seeds", "12,12,1")
 
 
 def _flow_teacher(folder, class_name="FlowMatchEulerDiscreteScheduler"):
