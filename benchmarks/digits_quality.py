@@ -144,6 +144,16 @@ def equal_compute_budget(args: argparse.Namespace) -> tuple[dict, dict]:
     if missing:
         sys.exit(f"--cost {args.cost}: no {args.data} cost for {', '.join(missing)}; run benchmarks/run_cost.py "
                  "with those arms")
+    # a cost measured for other Jacobian options or another thread count is not this run's
+    differ = [f"threads {cost['threads']} (this run: {args.threads})"] if cost.get("threads", args.threads) != \
+        args.threads else []
+    if any(name == "2ndmatch" or name.startswith("2ndmatch-every") for name in args.compute):
+        measured = {"jac_min_timestep": 0, **cost.get("variant", {})} if "variant" in cost else {}
+        differ += [f"{key} {measured[key]!r} (this run: {value!r})" for key, value in jac_options(args).items()
+                   if key in measured and measured[key] != value]
+    if differ:
+        sys.exit(f"--cost {args.cost}: measured with {', '.join(differ)}; give a cost file measured with this "
+                 "run's options (benchmarks/run_cost.py)")
     ratio = {name: table[name]["vs_kd"] for name in args.compute}
     reference = max(ratio, key=ratio.get)
     steps = {name: max(1, round(args.steps * ratio[reference] / ratio[name])) for name in args.compute}

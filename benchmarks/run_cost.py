@@ -31,6 +31,7 @@ from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
 from nni_2ndmatch.training import Watch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DATA = ("digits", "mnist")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,9 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.teacher and "," in args.data:
         p.error("--teacher goes with one --data set")
-    args.arms = parse_arms(args.arms)
+    unknown = [d for d in args.data.split(",") if d not in DATA]
+    if unknown:
+        p.error(f"--data {args.data!r}: {', '.join(map(repr, unknown))} is not a teacher; allowed: {', '.join(DATA)}")
+    try:
+        args.arms = parse_arms(args.arms)
+    except ValueError as e:
+        p.error(f"--arms: {e}")
     if "kd" not in args.arms:
         p.error("--arms: kd is the reference of every ratio; list it")
+    for name in args.arms:
+        every = arm(name, VARIANT)[1].get("jac_every", 1)
+        if every > args.steps:
+            p.error(f"--arms: {name} applies its term every {every} steps, more than --steps {args.steps}")
     return args
 
 

@@ -69,9 +69,9 @@ def test_arms_by_name():
         parse_arms("kd,kd")
 
 
-def _cost(tmp_path, ratios):
+def _cost(tmp_path, ratios, **measured):
     path = tmp_path / "cost.json"
-    path.write_text(json.dumps({"commit": "abc", "data": {"digits": {"arms": {
+    path.write_text(json.dumps({"commit": "abc", **measured, "data": {"digits": {"arms": {
         name: {"vs_kd": r} for name, r in ratios.items()}}}}))
     return path
 
@@ -88,6 +88,21 @@ def test_equal_compute_gives_each_arm_the_steps_of_the_most_expensive_ones_budge
     args.compute = ["kd", "2ndmatch-every4"]
     with pytest.raises(SystemExit, match="no digits cost for 2ndmatch-every4"):
         equal_compute_budget(args)
+    # the cost of another thread count, or of the 2ndmatch arms with other Jacobian options, is refused
+    variant = {"jac_match": "vector", "jac_weighting": "noise", "lambda_jac": 1.0, "jac_reference_dims": 1}
+    cost = _cost(tmp_path, {"kd": 1.0, "kd-perturb": 1.1, "2ndmatch": 2.0}, threads=1, variant=variant)
+    argv = ["--steps", "300", "--budget", "equal-compute", "--threads", "1", "--compute-arms", "kd,2ndmatch",
+            "--jac-match", "vector", "--jac-weighting", "noise", "--lambda-jac", "1.0", "--jac-reference-dims", "1",
+            "--cost", str(cost)]
+    assert equal_compute_budget(parse_args(argv))[0]["steps"] == {"kd": 600, "2ndmatch": 300}
+    for change, message in ((["--threads", "2"], r"measured with threads 1 \(this run: 2\)"),
+                            (["--jac-match", "norm"], r"measured with jac_match 'vector' \(this run: 'norm'\)"),
+                            (["--jac-min-timestep", "200"], r"jac_min_timestep 0 \(this run: 200\)")):
+        with pytest.raises(SystemExit, match=message):
+            equal_compute_budget(parse_args([*argv, *change]))
+    # without a 2ndmatch arm the Jacobian options are not the cost's business
+    args = parse_args([*argv, "--jac-match", "norm", "--compute-arms", "kd,kd-perturb"])
+    assert equal_compute_budget(args)[0]["steps"] == {"kd": 330, "kd-perturb": 300}
 
 
 @pytest.mark.slow
@@ -428,3 +443,32 @@ def test_two_slots_merged_equal_one_slot_over_every_seed(tmp_path):
     moved["pruned"]["fid"] = 61.0
     with pytest.raises(ValueError, match="pruned fid is 61.0.*not the same start"):
         merge(first, [("b", moved)])
+
+
+@pytest.mark.slow
+def test_run_cost_takes_the_median_of_interleaved_rounds_as_a_ratio_to_kd(tmp_path, monkeypatch, capsys):
+    from benchmarks import run_cost
+
+    seconds = {"kd": [10.0, 30.0, 12.0], "kd-perturb": [11.0, 13.0, 90.0], "2ndmatch-every2": [20.0, 25.0, 21.0]}
+    order = []
+
+    def fake(student, teacher, name, steps):  # the timed finetune, by arm and round
+        order.append(name)
+        return seconds[name][order.count(name) - 1]
+
+    monkeypatch.setattr(run_cost, "run_seconds", fake)
+    args = run_cost.parse_args(["--data", "digits", "--arms", "kd,kd-perturb,2ndmatch-every2", "--steps", "4",
+                                "--out", str(tmp_path / "cost.json")])
+    run_cost.main(args)
+    assert order == ["kd", "kd-perturb", "2ndmatch-every2"] * 3  # interleaved within each round
+    arms = json.loads((tmp_path / "cost.json").read_text())["data"]["digits"]["arms"]
+    median = {n: a["median_seconds"] for n, a in arms.items()}
+    assert median == {"kd": 12.0, "kd-perturb": 13.0, "2ndmatch-every2": 21.0}
+    assert arms["kd-perturb"]["vs_kd"] == pytest.approx(13 / 12) and arms["kd"]["seconds"] == [10.0, 30.0, 12.0]
+    for argv, message in ((["--arms", "kd,foo"], "--arms: arm 'foo' is unknown"),
+                          (["--arms", "kd,2ndmatch-every8", "--steps", "4"], "2ndmatch-every8 applies its term every 8 "
+                                                                                "steps, more than --steps 4"),
+                          (["--data", "digits,cifar"], "'cifar' is not a teacher; allowed: digits, mnist")):
+        with pytest.raises(SystemExit) as refused:
+            run_cost.parse_args(argv)
+        assert refused.value.code == 2 and message in capsys.readouterr().err
