@@ -1,6 +1,7 @@
 """2ndMatch and KD as NNI distillers: the loss NNI trains on, fusion with NNI pruners, physical students."""
 
 import copy
+import logging
 
 import nni
 import pytest
@@ -83,7 +84,7 @@ def test_the_loss_nni_trains_on_is_dsm_plus_kd_plus_the_jacobian_term():
     assert distiller.last_terms["jac"] > 0
 
 
-def test_jac_every_counts_the_distillers_steps():
+def test_jac_every_counts_the_distillers_steps(caplog):
     teacher, student = tiny_unet2d(0), tiny_unet2d(1)
     evaluator, records = _recording_evaluator(student, _loader(n=16))
     distiller = SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, lambda_kd=0.5, lambda_jac=3.0,
@@ -93,6 +94,23 @@ def test_jac_every_counts_the_distillers_steps():
     for step, (batch, state, loss) in enumerate(records):  # steps 2 and 4 weigh the term twice, 1 and 3 not at all
         ref = _reference_loss(student, teacher, batch, state, 0.5, 6.0 if step % 2 else 0.0)
         assert loss == pytest.approx(ref, rel=1e-5)
+    # a call of fewer steps than jac_every would never compute the term: refused before training;
+    # a run that epochs limit, ended without it, says so
+    distiller.unwrap_model()
+    evaluator, records = _recording_evaluator(student, _loader(n=8))
+    distiller = SecondMatchDistiller(student, [], evaluator, teacher_model=teacher, jac_every=3)
+    with pytest.raises(ValueError, match=r"jac_every=3 is not allowed with compress\(max_steps=2\): no step would "
+                                         "compute the Jacobian term; allowed: 1 to 2"):
+        distiller.compress(max_steps=2, max_epochs=None)
+    assert records == []
+    with caplog.at_level(logging.WARNING, logger="nni_2ndmatch.nni.distiller"):
+        distiller.compress(max_steps=None, max_epochs=1)  # one epoch: 8 images in batches of 4
+    assert len(records) == 2 and "jac" not in distiller.last_terms
+    assert "jac_every=3: none of this compress()'s 2 steps computed the Jacobian term" in caplog.text
+    distiller.compress(max_steps=1, max_epochs=None)  # the third step computes it
+    assert "jac" in distiller.last_terms
+    with pytest.raises(ValueError, match=r"compress\(max_steps=2\): no step .* after the 3 steps before"):
+        distiller.compress(max_steps=2, max_epochs=None)
 
 
 def test_layerwise_targets_of_the_config_list_add_to_the_strategy_terms():

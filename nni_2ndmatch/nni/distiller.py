@@ -16,6 +16,7 @@ strategy's teacher terms (``kd``, and ``jac`` for 2ndmatch) and the layer-wise t
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable
 
 import torch
@@ -26,6 +27,8 @@ from ..finetuners import finetuner_class, get_finetuner
 from ..method import default_scheduler, dsm_term, model_output, require_epsilon, require_scheduler, sample_timesteps
 from ..scoped import seeded_generator
 from ..utils import did_you_mean
+
+logger = logging.getLogger(__name__)
 
 BATCH_KEYS = ("x_t", "timesteps", "noise")
 
@@ -177,6 +180,21 @@ def _make_distiller_class() -> type:
                 cls, compressor, new_config_list, evaluator=evaluator, teacher_model=teacher_model,
                 teacher_predict=teacher_predict, origin_loss_lambda=origin_loss_lambda, finetuner=finetuner,
                 scheduler=scheduler, **options)
+
+        def compress(self, max_steps: int | None, max_epochs: int | None) -> Any:
+            """NNI's compress; refuses a ``max_steps`` in which none of ``jac_every``'s term steps
+            falls, and logs a warning when a run that epochs limited ended without one."""
+            every, before = getattr(self.strategy.opts, "jac_every", 1), self.steps
+            if max_steps is not None and (before + max_steps) // every == before // every:
+                allowed = f"allowed: 1 to {max_steps}" if before == 0 else f"after the {before} steps before"
+                raise ValueError(f"jac_every={every} is not allowed with compress(max_steps={max_steps}): no step "
+                                 f"would compute the Jacobian term; {allowed}")
+            model = super().compress(max_steps, max_epochs)
+            if self.steps > before and self.steps // every == before // every:
+                logger.warning(f"jac_every={every}: none of this compress()'s {self.steps - before} steps computed the "
+                               f"Jacobian term (it runs on every {every}th step); give more steps or a smaller "
+                               "jac_every")
+            return model
 
         def _register_loss_patch(self, evaluator: Any) -> None:
             def loss_patch(original_loss: Tensor, batch: dict[str, Tensor]) -> Tensor:
