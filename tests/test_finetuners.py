@@ -529,3 +529,18 @@ def test_kd_at_perturbed_inputs_uses_sigma_under_flow_matching():
     t = torch.tensor([0, 500, 999])
     got = noise_scale((_shifted_sigma(t) * 1000).float(), _flow_scheduler())
     assert torch.allclose(got, _shifted_sigma(t), rtol=1e-6)
+    # the whole term: kd at x_t +/- sigma g, the network at sigma * T, dsm the velocity at x_t
+    student, teacher = TinyNet(seed=1).double(), TinyNet(seed=2).double()
+    x0, noise, _ = (a.double() if a.is_floating_point() else a for a in _inputs())
+    t = torch.tensor([0, 10, 500, 999])
+    torch.manual_seed(3)
+    _, terms = get_finetuner("kd", kd_perturb="noise", scheduler=_flow_scheduler()).loss(student, teacher, x0, noise, t)
+    sigma = _shifted_sigma(t).view(-1, 1, 1, 1)
+    x_t, model_t = (1 - sigma) * x0 + sigma * noise, (sigma.flatten() * 1000).float().double()
+    torch.manual_seed(3)
+    step = sigma * torch.randn_like(x_t)
+    with torch.no_grad():
+        kd = [(student(x, model_t) - teacher(x, model_t)).pow(2).sum(dim=(1, 2, 3)) for x in (x_t + step, x_t - step)]
+        dsm = (student(x_t, model_t) - (noise - x0)).pow(2).sum(dim=(1, 2, 3)).mean()
+    assert terms["kd"] == pytest.approx(((kd[0] + kd[1]) / 2).mean().item(), rel=1e-6)
+    assert terms["dsm"] == pytest.approx(dsm.item(), rel=1e-6)
