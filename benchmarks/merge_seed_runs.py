@@ -8,9 +8,10 @@ mnist-b``) took the same seeds from the last down, so that both slots work until
 input must have the same settings but ``seeds``, the same teacher and the same dense and pruned
 scores (the same deterministic start, to 0.1%); each other input's seeds must be among the first one's. A run
 (arm, seed, steps) that both made is taken from the first JSON, and the two scores are recorded side
-by side (training is deterministic on one thread: they should agree). The summaries and the paired
-statistics are computed again from the merged runs, as digits_quality.py computes them, and
-``merged_from`` records what each input added. The verdict then reads the merged JSON as one run's.
+by side (training is deterministic on one thread: they should agree; a warning names any that do
+not). The summaries and the paired statistics are computed again from the merged runs, as
+digits_quality.py computes them, and ``merged_from`` records what each input added (a merged JSON
+merged again keeps its earlier records). The verdict then reads the merged JSON as one run's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def merge(first: dict, others: list[tuple[str, dict]]) -> dict:
     what does not match."""
     merged = copy.deepcopy(first)
     seeds = {int(s) for s in first["settings"]["seeds"].split(",")}
-    merged["merged_from"], merged["duplicates"] = [], []
+    merged.setdefault("merged_from", [])  # a merged JSON merged again keeps what it recorded
+    merged.setdefault("duplicates", [])
     for name, other in others:
         differing = sorted(k for k in {*first["settings"], *other["settings"]} if k != "seeds"
                            and first["settings"].get(k) != other["settings"].get(k))
@@ -44,7 +46,7 @@ def merge(first: dict, others: list[tuple[str, dict]]) -> dict:
                              f"{first.get('teacher_sha256')}: another teacher")
         for what, mine, theirs in (("dense fid_mean", first["dense"]["fid_mean"], other["dense"]["fid_mean"]),
                                    ("pruned fid", first["pruned"]["fid"], other["pruned"]["fid"])):
-            if abs(mine - theirs) > 1e-3 * max(1.0, abs(mine)):  # (evaluated again at each start: CPUs differ a little)
+            if not _close(mine, theirs):  # (evaluated again at each start: CPUs differ a little)
                 raise ValueError(f"{name}: {what} is {theirs!r}, the first JSON's {mine!r}: not the same start")
         extra = sorted({int(s) for s in other["settings"]["seeds"].split(",")} - seeds)
         if extra:
@@ -80,13 +82,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("others", nargs="+", help="JSONs of the same settings over some of its seeds")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    first = json.loads(Path(args.first).read_text())
     try:
-        merged = merge(json.loads(Path(args.first).read_text()),
-                       [(Path(o).name, json.loads(Path(o).read_text())) for o in args.others])
+        merged = merge(first, [(Path(o).name, json.loads(Path(o).read_text())) for o in args.others])
     except ValueError as e:
         sys.exit(f"error: {e}")
+    for d in merged["duplicates"][len(first.get("duplicates", [])):]:  # this merge's
+        if not all(_close(*d[key]) for key in ("fid", "fidelity")):
+            print(f"warning: {d['budget']} {d['strategy']} seed {d['seed']} was run by two slots with other scores "
+                  f"(fid {d['fid']}, fidelity {d['fidelity']}); the first JSON's is kept", file=sys.stderr)
     write(merged, Path(args.out))
     return merged
+
+
+def _close(a: float, b: float) -> bool:
+    """The same score up to the evaluation's last bits on another CPU (the tolerance of the starts)."""
+    return abs(a - b) <= 1e-3 * max(1.0, abs(a))
 
 
 if __name__ == "__main__":

@@ -403,7 +403,7 @@ def _run(budget, name, seed):
             "seconds": 1.0, "fid": fid, "fidelity": 0.1 + 0.01 * (seed % 5), "commit": "c0ffee"}
 
 
-def test_two_slots_merged_equal_one_slot_over_every_seed(tmp_path):
+def test_two_slots_merged_equal_one_slot_over_every_seed(tmp_path, capsys):
     """The merge of a slot that ran the first seeds and one that ran the last ones, down, gives the
     summaries and paired statistics of one run over all of them; a run both made is kept once and its
     two scores recorded; a slot of other settings or other seeds is refused by name."""
@@ -432,6 +432,13 @@ def test_two_slots_merged_equal_one_slot_over_every_seed(tmp_path):
     assert merged["duplicates"][1]["fid"][1] - merged["duplicates"][1]["fid"][0] == pytest.approx(0.5)
     assert merged["merged_from"] == [{"file": "b.json", "command": second["command"], "commit": "c0ffee",
                                       "cpu": "cpu", "runs_added": 8}]
+    assert "warning: equal_steps 2ndmatch seed 102 was run by two slots with other scores" in capsys.readouterr().err
+    # merged again (a third slot): the earlier records stay
+    third = _slot([104], _run, "104")
+    (tmp_path / "c.json").write_text(json.dumps(third))
+    again = main([str(tmp_path / "m.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "m2.json")])
+    assert [(m["file"], m["runs_added"]) for m in again["merged_from"]] == [("b.json", 8), ("c.json", 0)]
+    assert len(again["duplicates"]) == 4 + 4 and capsys.readouterr().err == ""  # the same scores, no warning
 
     other = _slot([104], _run, "104")
     other["settings"]["lr"] = 1e-3
