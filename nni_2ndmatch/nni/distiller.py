@@ -185,10 +185,11 @@ def _make_distiller_class() -> type:
             """NNI's compress; refuses a ``max_steps`` in which none of ``jac_every``'s term steps
             falls, and logs a warning when a run that epochs limited ended without one."""
             every, before = getattr(self.strategy.opts, "jac_every", 1), self.steps
-            if max_steps is not None and (before + max_steps) // every == before // every:
-                allowed = f"allowed: 1 to {max_steps}" if before == 0 else f"after the {before} steps before"
+            if every > 1 and max_steps is not None and (before + max_steps) // every == before // every:
+                why = f"allowed: 1 to {max_steps}" if before == 0 else \
+                    f"its term steps are multiples of {every}, this call's are {before + 1} to {before + max_steps}"
                 raise ValueError(f"jac_every={every} is not allowed with compress(max_steps={max_steps}): no step "
-                                 f"would compute the Jacobian term; {allowed}")
+                                 f"would compute the Jacobian term; {why}")
             model = super().compress(max_steps, max_epochs)
             if self.steps > before and self.steps // every == before // every:
                 logger.warning(f"jac_every={every}: none of this compress()'s {self.steps - before} steps computed the "
