@@ -87,6 +87,22 @@ def resume_hint(command: str, config_path: str, output_dir: str, flags: str = ""
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Take down a launcher's process group before the interpreter does: left to exit, gloo's threads
+    could abort the process (SIGABRT, "terminate called without an active exception") after its
+    error line, in place of its exit code."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     main_process = os.environ.get("RANK", "0") == "0"  # under a launcher, the others log warnings only
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
