@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,19 +115,3 @@ def teacher_scheduler(folder: Path) -> Any:
         raise ValueError(f"{file}: _class_name {config.get('_class_name')!r}; allowed: a flow-matching scheduler "
                          "(FlowMatchEulerDiscreteScheduler), or no file for the reference DDPM schedule")
     return FlowMatchEulerDiscreteScheduler.from_config(config)
-
-
-def provenance() -> dict[str, str]:
-    """The git commit of this checkout (with ``+dirty`` when tracked files differ) and the CPU."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"commit": commit, "cpu": cpu}

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.data import ImageFolderDataset, auto_workers  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
@@ -98,7 +99,7 @@ def main(args: argparse.Namespace) -> dict:
                 print(f"{name}: {times[name][-1]:.4f} s/step", flush=True)
     medians = {name: statistics.median(v) for name, v in times.items()}
     base = medians["pre-resized 32px PNG"]
-    results = {"command": "python benchmarks/data_loading.py" + "".join(f" {a}" for a in sys.argv[1:]),
+    results = {**record(__file__),
                "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
                "auto_workers": workers, "width": args.width, "batch": 16, "resolution": RESOLUTION, "images": COUNT,
                "seconds_per_step": times, "median_seconds_per_step": medians,

@@ -38,6 +38,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 
 MIB = 2**20
@@ -213,7 +214,7 @@ def main(args: argparse.Namespace) -> dict:
     growth = [{"from": a, "to": b, "kib_per_pair": (runs[str(b)]["peak_anon_mib"] -
                                                     runs[str(a)]["peak_anon_mib"]) * 1024 / (b - a)}
               for a, b in zip(sizes, sizes[1:])]
-    results = {"command": "python benchmarks/data_scale.py" + "".join(f" {a}" for a in sys.argv[1:]),
+    results = {**record(__file__),
                "platform": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
                "caption": [TOKENS, WIDTH], "runs": runs, "growth": growth,
                "kib_per_pair": (last["peak_anon_mib"] - first["peak_anon_mib"]) * 1024 / (sizes[-1] - sizes[0])}

@@ -50,8 +50,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.arms import ARM_HELP, arm, load_teacher, parse_arms, provenance  # noqa: E402
+from benchmarks.arms import ARM_HELP, arm, load_teacher, parse_arms  # noqa: E402
 from benchmarks.paired_stats import paired, seed_differences  # noqa: E402
+from benchmarks.record import provenance, record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.evaluation import fidelity, frechet_distance, sample, sensitivity_profile  # noqa: E402
 from nni_2ndmatch.files import save_tensors, write_results  # noqa: E402
@@ -404,8 +405,7 @@ def main(args: argparse.Namespace) -> dict:
     settings = settings_of(args, teacher.weights_sha256)
     reusable, base_profile = reusable_runs(args, settings)
     results = stored_results(out, settings, args.overwrite)
-    results.update(settings=settings, command="python benchmarks/digits_quality.py " + " ".join(sys.argv[1:]),
-                   **provenance(), teacher_sha256=teacher.weights_sha256)
+    results.update(settings=settings, **record(__file__), teacher_sha256=teacher.weights_sha256)
     bench = Benchmark(args, teacher, results, reusable)
     stored = results.get("sensitivity_profile", {})
     profile = {name: sensitivity_profile(model, bench.x0, PROFILE_TIMESTEPS, scheduler=teacher.scheduler)

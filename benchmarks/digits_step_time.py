@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
@@ -57,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/ablation/digits_step_time.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps <= SKIP:
+        p.error(f"--steps={args.steps} must exceed the {SKIP} untimed warm-up steps")
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -71,7 +75,7 @@ def main(args: argparse.Namespace) -> dict:
             runs[name].append(seconds_per_step(student, teacher, data, kind, options, args.steps))
             print(f"{name}: {runs[name][-1] * 1e3:.1f} ms/step", flush=True)
     median = {name: statistics.median(v) for name, v in runs.items()}
-    results = {"command": "python benchmarks/digits_step_time.py" + "".join(f" {a}" for a in sys.argv[1:]),
+    results = {**record(__file__),
                "platform": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
                "variants": {name: {"finetuner": VARIANTS[name][0], "options": VARIANTS[name][1],
                                    "seconds_per_step": median[name], "runs": runs[name],

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.paired_stats import holm, seed_differences, stratified  # noqa: E402
+from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "equal_compute"
@@ -122,7 +123,7 @@ def main(args: argparse.Namespace) -> dict:
             f"{name}: {', '.join(sorted(a))}" for name, a in arms.items()))
     settings = sorted(next(iter(arms.values())) - {"kd"})
     common = {"equal_steps": equal_steps, "equal_compute": settings}
-    verdict: dict = {"command": "python benchmarks/equal_compute_verdict.py " + " ".join(sys.argv[1:]),
+    verdict: dict = {**record(__file__),
                      "commits": commits, "rule": {"alpha": ALPHA, "min_gain": args.min_gain, "margin": args.margin,
                                                      "correction": f"Holm over {len(settings)} settings"},
                      "teachers": {name: {"teacher_sha256": r["teacher_sha256"],

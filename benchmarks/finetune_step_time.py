@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.record import record  # noqa: E402
 from benchmarks.step_cost import LAYOUTS  # noqa: E402
 from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
@@ -144,7 +145,7 @@ def main(args: argparse.Namespace) -> dict:
     results = {"device": device_name(device), "torch": torch.__version__, "layout": args.layout, "batch": args.batch,
                "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "width": args.width,
                "macs_ratio": report["macs_ratio"],
-               "command": "python benchmarks/finetune_step_time.py " + " ".joinsys.argv[1:],
+               **record(__file__),
                "rows": rows}
     suffix = "" if args.layout == "ddpm-cifar10" else f"_{args.layout}"
     out = Path(args.out or f"benchmarks/results/finetune_step_time_{device.type}{suffix}.json")

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import prune_diffusers  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
@@ -64,7 +65,7 @@ def profile(samples: int = 256, ratio: float = 0.5, teacher_dir: str | None = No
     for r in rows:
         r["share_of_jac_term"] = r["jac_term_mean"] / total
     return {"samples_per_timestep": samples, "ratio": ratio, "resolution": RESOLUTION, "rows": rows,
-            "command": "python benchmarks/jac_term_profile.py " + " ".join(sys.argv[1:])}
+            **record(__file__)}
 
 
 def render(results: dict) -> str:

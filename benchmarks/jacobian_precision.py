@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.finetune_step_time import device_name  # noqa: E402
+from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 from nni_2ndmatch.method import (  # noqa: E402
     DEFAULT_FD_STEP,
@@ -77,7 +78,7 @@ def main(args: argparse.Namespace) -> dict:
             print(rows[-1], flush=True)
     results = {"device": device_name(device), "torch": torch.__version__, "batch": args.batch,
                "fd_step": DEFAULT_FD_STEP, "timesteps": t.tolist(),
-               "command": "python benchmarks/jacobian_precision.py " + " ".joinsys.argv[1:],
+               **record(__file__),
                "rows": rows}
     lines = ["# fp32 Jacobian estimators against float64, DDPM-CIFAR10 layout", "",
              f"Device: {results['device']}; torch {results['torch']}; batch {args.batch}; fd step {DEFAULT_FD_STEP}. "

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import warnings
+from pathlib import Path
 
-from nni_2ndmatch import prune_diffusers
-from nni_2ndmatch.deploy.bench import Setup, render_markdown, run_benchmark, write_reports
-from nni_2ndmatch.models import build_builtin, default_example_inputs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.record import record  # noqa: E402
+from nni_2ndmatch import prune_diffusers  # noqa: E402
+from nni_2ndmatch.deploy.bench import Setup, render_markdown, run_benchmark, write_reports  # noqa: E402
+from nni_2ndmatch.models import build_builtin, default_example_inputs  # noqa: E402
 
 TARGET = 0.9
 
@@ -41,6 +46,7 @@ def main(args: argparse.Namespace) -> dict:
         student_info={"source": f"prune_diffusers(teacher, 'magnitude', 0.3), round_to={args.round_to}",
                       "kind": "pruned",
                       "class": "UNet2DModel"})
+    results.update(record(__file__))
     print(render_markdown(results))
     if args.device == "cpu":
         rows = [r for r in results["results"] if r["variant"] == "onnxruntime-cpu" and r["batch"] >= 16]

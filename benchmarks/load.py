@@ -29,12 +29,15 @@ import numpy as np
 import torch
 import yaml
 
-from nni_2ndmatch import finetune, get_finetuner, prune_diffusers, save_pruned
-from nni_2ndmatch.data import DigitsDataset
-from nni_2ndmatch.files import write_results
-from nni_2ndmatch.models import build_builtin
-from nni_2ndmatch.pruning import default_example_inputs
-from nni_2ndmatch.training import TrainConfig, Watch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.record import record  # noqa: E402
+from nni_2ndmatch import finetune, get_finetuner, prune_diffusers, save_pruned  # noqa: E402
+from nni_2ndmatch.data import DigitsDataset  # noqa: E402
+from nni_2ndmatch.files import write_results  # noqa: E402
+from nni_2ndmatch.models import build_builtin  # noqa: E402
+from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
+from nni_2ndmatch.training import TrainConfig, Watch  # noqa: E402
 
 MIB = 2**20
 
@@ -137,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"command": "python benchmarks/load.py" + "".join(f" {a}" for a in sys.argv[1:]),
+        results = {**record(__file__),
                    "platform": f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
                    "long_finetune": long_finetune(args.steps, Path(tmp)),
                    "big_folder": big_folder([100, args.images], Path(tmp))}

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.arms import REFERENCE_LOOP, REFERENCE_RATIO, VARIANT, arm, load_teacher, parse_arms, provenance  # noqa: E402
+from benchmarks.arms import REFERENCE_LOOP, REFERENCE_RATIO, VARIANT, arm, load_teacher, parse_arms  # noqa: E402
+from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 from nni_2ndmatch.finetuners import jac_every_refusal  # noqa: E402
@@ -75,7 +76,7 @@ def run_seconds(student, teacher, name: str, steps: int) -> float:
 
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    results = {"command": "python benchmarks/run_cost.py " + " ".join(sys.argv[1:]), **provenance(),
+    results = {**record(__file__),
                "torch": torch.__version__, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
                "variant": VARIANT, "data": {}, **({"teacher": args.teacher} if args.teacher else {})}
     lines = ["# Whole-run cost per arm (idle, interleaved, median of rounds)", "",

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.record import provenance  # noqa: E402
 from benchmarks.step_cost import peak_growth_mib  # noqa: E402
 from nni_2ndmatch import get_finetuner  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
@@ -84,6 +85,7 @@ def main(args: argparse.Namespace) -> dict:
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
     kept = previous.get("rows", [])
     rows = [r for r in kept if r["variant"] not in names and r.get("threads", args.threads) == args.threads]
+    made = provenance()  # each row records the commit and CPU that made it (rows of earlier commands are kept)
     for name in names:
         for checkpointing in (False, True):
             code = (f"import torch, json, benchmarks.sd_step_memory as b; torch.set_num_threads({args.threads}); "
@@ -91,7 +93,7 @@ def main(args: argparse.Namespace) -> dict:
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed memory leaves the resident set
             out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                                  capture_output=True, text=True, check=True, env=env)
-            row = {"variant": name, "gradient_checkpointing": checkpointing, "threads": args.threads,
+            row = {"variant": name, "gradient_checkpointing": checkpointing, "threads": args.threads, **made,
                    **json.loads(out.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(f"{name:24s} checkpointing={checkpointing!s:5s} {row['seconds']:7.1f} s {row['peak_mib']:8.0f} MiB",

@@ -31,12 +31,15 @@ from typing import Any, Callable
 
 import torch
 
-from nni_2ndmatch import get_finetuner, jacobian_safe
-from nni_2ndmatch.files import atomic_write_json
-from nni_2ndmatch.method import output_and_sensitivity, sample_directions
-from nni_2ndmatch.models import default_example_inputs, example_conditioning
-from nni_2ndmatch.models.builtin import ddpm_cifar10
-from nni_2ndmatch.pruning import macs_params
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.record import record  # noqa: E402
+from nni_2ndmatch import get_finetuner, jacobian_safe  # noqa: E402
+from nni_2ndmatch.files import atomic_write_json  # noqa: E402
+from nni_2ndmatch.method import output_and_sensitivity, sample_directions  # noqa: E402
+from nni_2ndmatch.models import default_example_inputs, example_conditioning  # noqa: E402
+from nni_2ndmatch.models.builtin import ddpm_cifar10  # noqa: E402
+from nni_2ndmatch.pruning import macs_params  # noqa: E402
 
 VARIANTS = {
     "dsm": ("dsm", {}),
@@ -172,6 +175,7 @@ def main(args: argparse.Namespace) -> dict:
     median = {n: statistics.median(t) for n, t in times.items()}
     memory = {n: peak_memory(args.layout, n) for n in fts} if not args.no_memory else {}
     results = {
+        **record(__file__),
         "setup": {"layout": args.layout, "teacher": f"{args.layout} layout, width 1.0",
                   "student": f"{args.layout} layout, width 0.75", "batch": BATCH,
                   "input": list(x0.shape[1:]), "dtype": "float32", "threads": 1,

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset, MnistDataset  # noqa: E402
 from nni_2ndmatch.files import atomic_dir, atomic_write_json, save_tensors  # noqa: E402
@@ -85,14 +86,14 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     ASSETS.mkdir(parents=True, exist_ok=True)
     assets = ASSET_SETS[args.data]
-    command = "python benchmarks/train_digits_assets.py " + " ".join(sys.argv[1:])
+    made = record(__file__)  # command, commit, cpu
     if args.what == "classifier":
         model, accuracy = train_classifier(seed=0, epochs=assets["epochs"], data=args.data)
         save_tensors(assets["classifier"], model.state_dict())
         atomic_write_json(assets["classifier"].with_suffix(".json"),
                           {"architecture": "DigitsClassifier", "seed": 0, "epochs": assets["epochs"],
                            "test_accuracy": round(accuracy, 4), "test_images": len(assets["data"]("test")),
-                           "command": command})
+                           **made})
         print(f"held-out accuracy {accuracy:.4f}; wrote {assets['classifier']}")
         return
     recipe = {**TEACHER_RECIPE, "steps": args.steps or assets["steps"]}
@@ -113,7 +114,7 @@ def main(args: argparse.Namespace) -> None:
     final = result.history[-1] if result.history else {}
     atomic_write_json(out.parent / f"{out.name}.json",
                       {"recipe": recipe, "steps": result.step, "final": final, "resolution": assets["resolution"],
-                       "data": args.data, "dequantize": args.dequantize, "command": command,
+                       "data": args.data, "dequantize": args.dequantize, **made,
                        **({"objective": "flow", "shift": args.shift} if scheduler is not None else {})})
     print(json.dumps(final))
 

@@ -479,3 +479,42 @@ def test_run_cost_takes_the_median_of_interleaved_rounds_as_a_ratio_to_kd(tmp_pa
         with pytest.raises(SystemExit) as refused:
             run_cost.parse_args(argv)
         assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_benchmarks_record_names_its_command_quoted_this_checkouts_commit_and_the_cpu(monkeypatch):
+    import subprocess
+
+    from benchmarks import record
+
+    monkeypatch.setattr(sys, "argv", ["anything.py", "--out", "a b.json", "--seeds", "1,2"])
+    made = record.record("/somewhere/benchmarks/step_cost.py")
+    assert made["command"] == "python benchmarks/step_cost.py --out 'a b.json' --seeds 1,2"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=record.ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=record.ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    assert made["commit"] == head + ("+dirty" if dirty else "") and len(head) == 40
+    assert made["cpu"]
+
+
+@pytest.mark.slow
+def test_a_step_time_benchmark_runs_to_its_json_with_its_command_commit_and_cpu(tmp_path, monkeypatch):
+    """finetune_step_time.py (and jacobian_precision.py, its sibling) once failed at their very end,
+    writing the command, after all their work."""
+    from benchmarks import finetune_step_time
+
+    argv = ["--device", "cpu", "--batch", "1", "--steps", "2", "--warmup", "0", "--rounds", "1", "--width", "0.25",
+            "--variants", "kd", "--out", str(tmp_path / "t.json")]
+    monkeypatch.setattr(sys, "argv", ["finetune_step_time.py", *argv])
+    finetune_step_time.main(finetune_step_time.parse_args(argv))
+    written = json.loads((tmp_path / "t.json").read_text())
+    assert written["command"] == "python benchmarks/finetune_step_time.py " + " ".join(argv)
+    assert {"commit", "cpu"} <= set(written) and [r["variant"] for r in written["rows"]] == ["kd"]
+
+
+def test_digits_step_time_refuses_fewer_steps_than_its_untimed_warm_up(capsys):
+    from benchmarks import digits_step_time
+
+    with pytest.raises(SystemExit) as refused:
+        digits_step_time.parse_args(["--steps", str(digits_step_time.SKIP)])
+    assert refused.value.code == 2 and "--steps=20 must exceed the 20 untimed warm-up steps" in capsys.readouterr().err
+    assert digits_step_time.parse_args(["--steps", "21"]).steps == 21
