@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import platform
 import statistics
@@ -80,7 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--width", type=float, default=0.125, help="channel multiplier of the DDPM-CIFAR10 layout")
     p.add_argument("--out", default="benchmarks/results/data_loading.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup:
+        p.error(f"--steps={args.steps} must exceed --warmup={args.warmup} (the untimed steps)")
+    if importlib.util.find_spec("skimage") is None:
+        p.error("the images are scikit-image's sample photos, and scikit-image is not installed: "
+                "pip install scikit-image")
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:

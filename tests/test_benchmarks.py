@@ -518,3 +518,19 @@ def test_digits_step_time_refuses_fewer_steps_than_its_untimed_warm_up(capsys):
         digits_step_time.parse_args(["--steps", str(digits_step_time.SKIP)])
     assert refused.value.code == 2 and "--steps=20 must exceed the 20 untimed warm-up steps" in capsys.readouterr().err
     assert digits_step_time.parse_args(["--steps", "21"]).steps == 21
+
+
+def test_data_loading_refuses_what_it_cannot_run_before_any_work(monkeypatch, capsys):
+    import importlib.util
+
+    from benchmarks import data_loading
+
+    with pytest.raises(SystemExit) as refused:
+        data_loading.parse_args(["--steps", "10", "--warmup", "10"])
+    assert refused.value.code == 2 and "--steps=10 must exceed --warmup=10" in capsys.readouterr().err
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "skimage" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as refused:
+        data_loading.parse_args([])
+    assert refused.value.code == 2 and "pip install scikit-image" in capsys.readouterr().err
