@@ -138,7 +138,8 @@ def test_the_cli_under_accelerate_launch_resumes_with_another_number_of_processe
 def test_a_killed_process_makes_the_run_fail_loudly_not_hang(tmp_path):
     # 2ndmatch on half the batch: two student passes per step through DistributedDataParallel
     config = _config(tmp_path, "killed", 10_000, finetuner="2ndmatch", jac_fraction=0.5)
-    proc = subprocess.Popen(torchrun(2, "-m", "nni_2ndmatch.cli", "run", config, "--no-progress"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+    proc = subprocess.Popen(torchrun(2, "-m", "nni_2ndmatch.cli", "run", config, "--no-progress"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
                             text=True)
     deadline = time.time() + 300
     checkpoints = tmp_path / "killed" / "checkpoints"

@@ -20,7 +20,8 @@ def test_per_sample_values_match_explicit_jacobian(kind):
         model, (x, t, kw) = TinyNet().double(), (torch.randn(3, 1, 2, 3, dtype=torch.float64),
                                                 torch.tensor([1.0, 50.0, 900.0], dtype=torch.float64), {})
     else:
-        model, (x, t, kw) = BUILDERS[kind]().double().eval(), example_inputs(kind)  # eval: DiT drops labels at random in train mode
+        # eval: DiT drops labels at random in train mode
+        model, (x, t, kw) = BUILDERS[kind]().double().eval(), example_inputs(kind)
     v = sample_directions(x)
     ref_jv, ref_jtv, _ = reference_products(model, x, t, v, **kw)
     assert rel_error(jacobian_sensitivity(model, x, t, v, mode="jvp", **kw), ref_jv) < 1e-6

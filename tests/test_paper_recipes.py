@@ -56,7 +56,8 @@ def test_each_recipe_runs_two_steps_on_tiny_models_of_its_families(recipe, tmp_p
         datasets = pytest.importorskip("datasets")
         rows = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
         table = datasets.Dataset.from_dict({
-            raw["data"]["image_column"]: [{"bytes": (images / r["file_name"]).read_bytes(), "path": None} for r in rows],
+            raw["data"]["image_column"]: [{"bytes": (images / r["file_name"]).read_bytes(), "path": None}
+                                          for r in rows],
             raw["data"]["caption_column"]: [r["text"] for r in rows]})
         table.cast_column(raw["data"]["image_column"], datasets.Image()).to_parquet(str(tmp_path / "pairs.parquet"))
         images = tmp_path / "pairs.parquet"

@@ -536,7 +536,8 @@ LINEAR = "time_embedding.linear_2"  # a Linear of width 32 in the tiny UNet2DMod
     (lambda p: _set_index(p, LINEAR, 0, -1), "{entry}.keep: index -1 is out of range for width 32"),
     (lambda p: _set(p, LINEAR, "root", 7), r"{entry}.root: value 7 is not allowed: it must be a layer name"),
     (lambda p: _set(p, LINEAR, "root", "time_embedding.linear_9"),
-     "{entry}.root: 'time_embedding.linear_9' does not match the UNet2DModel architecture.*did you mean 'time_embedding"),
+     "{entry}.root: 'time_embedding.linear_9' does not match the UNet2DModel architecture"
+     ".*did you mean 'time_embedding"),
     (lambda p: {**p, "groups": p["groups"] + [p["groups"][0]]}, r"groups\[\d+\].root: layer .* has two groups"),
     (lambda p: {**p, "version": 2}, "version=2 is not supported; allowed: 1"),
 ])
