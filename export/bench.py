@@ -38,15 +38,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    from nni_2ndmatch.deploy import load_model
-
-    teacher, teacher_info = load_model(args.teacher)
-    student, student_info = load_model(args.student)
+    from nni_2ndmatch.deploy import DeployError, load_model
     from nni_2ndmatch.deploy.bench import Setup, render_markdown, run_benchmark, write_reports
+    from nni_2ndmatch.deploy.model_io import check_seq_len
+
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     setup = Setup(backends=backends, batches=args.batch, device=args.device, threads=args.threads,
                   repeats=args.repeats, warmup=args.warmup, trt_precision=args.trt_precision, seq_len=args.seq_len,
-                  exporter=args.exporter)
+                  exporter=args.exporter)  # its checks come before any model loads
+    for flag, value, default, users in (("--trt-precision", args.trt_precision, "fp16", ["tensorrt"]),
+                                        ("--exporter", args.exporter, "dynamo", ["onnxruntime", "tensorrt"])):
+        if value != default and not set(users) & set(backends):
+            raise DeployError(f"{flag} {value} applies to the {' and '.join(users)} backend(s) only, which "
+                              f"--backends {args.backends} leaves out")
+    teacher, teacher_info = load_model(args.teacher)
+    student, student_info = load_model(args.student)
+    check_seq_len(teacher, args.seq_len)
     results = run_benchmark(teacher, student, setup, teacher_info=teacher_info, student_info=student_info)
     print(render_markdown(results))
     print("wrote " + ", ".join(map(str, write_reports(results, args.out))))

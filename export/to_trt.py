@@ -27,7 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit (GiB)")
     p.add_argument("--seq-len", type=int, default=None, help="with --model: text length of encoder_hidden_states "
                    "(default: what the model's pipeline feeds: 333 for SD3, else 77)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.workspace_gib is not None and not args.workspace_gib > 0:
+        p.error(f"--workspace-gib={args.workspace_gib} is not allowed: it must be > 0 (leave it out for TensorRT's "
+                "default)")
+    if args.seq_len is not None and args.onnx:
+        p.error("--seq-len applies with --model only: an ONNX file's text length was set when it was exported")
+    return args
 
 
 def main(args: argparse.Namespace) -> int:
@@ -55,8 +61,10 @@ def main(args: argparse.Namespace) -> int:
     onnx_path = source
     if args.model:
         from nni_2ndmatch.deploy import export_onnx, load_model
+        from nni_2ndmatch.deploy.model_io import check_seq_len
 
         model, info = load_model(source)
+        check_seq_len(model, args.seq_len)
         onnx_path = Path(args.out).with_suffix(".onnx")
         fp16 = needs_fp16_onnx(args.precision)
         export_onnx(model, onnx_path, fp16=fp16, seq_len=args.seq_len, source=info)

@@ -328,6 +328,10 @@ def test_to_trt_refuses_a_corrupted_onnx_file_before_looking_for_tensorrt(tmp_pa
     assert not (tmp_path / "s.plan").exists()
     r = script("to_trt.py", "--onnx", bad, "--out", tmp_path / "s.onnx")  # the engine over an ONNX file: refused
     assert r.returncode == 2 and "ends in .onnx; give the engine file" in r.stderr, r.stderr
+    for flags, message in ((["--workspace-gib", "0"], "--workspace-gib=0.0 is not allowed: it must be > 0"),
+                           (["--seq-len", "77"], "--seq-len applies with --model only")):
+        r = script("to_trt.py", "--onnx", bad, "--out", tmp_path / "s.plan", *flags)  # (it used to ignore them)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize(("version", "message"), [("8.6.1", "too old"), ("10.9.0", "no CUDA GPU")])
@@ -565,6 +569,25 @@ def test_bench_script_refuses_a_folder_that_is_not_a_model(tmp_path):
     empty = tmp_path / "empty"
     r = script("bench.py", "--teacher", empty, "--student", empty, "--out", tmp_path / "r.json")
     assert r.returncode == 2 and "has no config.json" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bench_script_refuses_options_it_would_not_apply_and_bad_settings_before_loading(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    empty = tmp_path / "empty"  # not a model: a refusal that names it came after the settings' checks
+    for flags, message in ((["--repeats", "0"], "repeats=0 is not allowed"),
+                           (["--trt-precision", "fp32"], "--trt-precision fp32 applies to the tensorrt backend(s) "
+                                                         "only, which --backends torch,onnxruntime leaves out"),
+                           (["--backends", "torch", "--exporter", "torchscript"], "--exporter torchscript applies to "
+                                                                                  "the onnxruntime and tensorrt")):
+        assert _script_here("bench.py", "--teacher", empty, "--student", empty, "--out", tmp_path / "r.json",
+                            *flags) == 2
+        err = capsys.readouterr().err
+        assert message in err and "config.json" not in err, err
+    save_diffusers_model(BUILDERS["unet2d"]().eval(), tmp_path / "unet")
+    assert _script_here("bench.py", "--teacher", tmp_path / "unet", "--student", tmp_path / "unet", "--seq-len", "77",
+                        "--out", tmp_path / "r.json") == 2
+    assert "takes no encoder_hidden_states (text)" in capsys.readouterr().err  # (it used to ignore it)
     assert not (tmp_path / "r.json").exists()
 
 
