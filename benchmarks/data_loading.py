@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.data import ImageFolderDataset, auto_workers  # noqa: E402
@@ -76,9 +77,9 @@ def seconds_per_step(student, teacher, folder: Path, steps: int, warmup: int, wo
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=options.count(2), default=60)
+    p.add_argument("--warmup", type=options.count(1), default=10, help="untimed steps (the workers' start-up)")
+    p.add_argument("--repeats", type=options.count(1), default=3)
     p.add_argument("--width", type=float, default=0.125, help="channel multiplier of the DDPM-CIFAR10 layout")
     p.add_argument("--out", default="benchmarks/results/data_loading.json")
     args = p.parse_args(argv)

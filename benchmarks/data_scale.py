@@ -38,6 +38,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
 
@@ -173,14 +174,22 @@ def plot(runs: dict, path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="300,3000,30000")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each size but the largest, interleaved (the "
-                                                          "peak of a run varies by tens of MiB)")
+    p.add_argument("--repeats", type=options.count(1), default=3,
+                   help="runs of each size but the largest, interleaved (the peak of a run varies by tens of MiB)")
     p.add_argument("--out", default="benchmarks/results/data_scale.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.sizes = [options.count(1)(s) for s in args.sizes.split(",")]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--sizes {args.sizes}: {e}")
+    if len(args.sizes) < 2 or args.sizes != sorted(set(args.sizes)):
+        p.error(f"--sizes {','.join(map(str, args.sizes))}: give two or more sizes, each larger than the one before "
+                "(the growth from the first to the last is the result)")
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
     order = [n for _ in range(args.repeats) for n in sizes[:-1]] + sizes[-1:]
     measured: dict[int, list[dict]] = {n: [] for n in sizes}
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,15 +47,18 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.arms import ARM_HELP, arm, load_teacher, parse_arms  # noqa: E402
 from benchmarks.paired_stats import paired, seed_differences  # noqa: E402
 from benchmarks.record import provenance, record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.evaluation import fidelity, frechet_distance, sample, sensitivity_profile  # noqa: E402
 from nni_2ndmatch.files import save_tensors, write_results  # noqa: E402
+from nni_2ndmatch.finetuners import jac_every_refusal  # noqa: E402
 from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
 from nni_2ndmatch.training import Watch  # noqa: E402
 
@@ -72,16 +75,17 @@ BUDGET_KEYS = {"equal-wallclock": "equal_wallclock", "equal-compute": "equal_com
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="digits", choices=["digits", "mnist"], help="the teacher's data set")
-    p.add_argument("--ratio", type=float, default=0.5, help="channel share pruned per layer group")
-    p.add_argument("--steps", type=int, default=300, help="finetuning steps (equal-steps comparison)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--ratio", type=options.fraction, default=0.5, help="channel share pruned per layer group")
+    p.add_argument("--steps", type=options.count(1), default=300, help="finetuning steps (equal-steps comparison)")
+    p.add_argument("--batch-size", type=options.count(1), default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--samples", type=int, default=1000, help="samples per model for digits-FID")
-    p.add_argument("--ddim-steps", type=int, default=25, help="sampling steps: DDIM's, or Euler's for a "
+    p.add_argument("--samples", type=options.count(2), default=1000, help="samples per model for digits-FID")
+    p.add_argument("--ddim-steps", type=options.count(1), default=25, help="sampling steps: DDIM's, or Euler's for a "
                                                               "flow-matching teacher (the same noise for every model)")
-    p.add_argument("--sample-batch", type=int, default=256, help="samples drawn at a time (28x28 on one thread: "
-                   "64 is about 1.4x faster than 256, with the same floats)")
+    p.add_argument("--sample-batch", type=options.count(1), default=256,
+                   help="samples drawn at a time (28x28 on one thread: 64 is about 1.4x faster than 256, with the "
+                        "same floats)")
     p.add_argument("--lambda-jac", type=float, default=0.1)
     p.add_argument("--jac-weighting", default="none", choices=["none", "noise", "x0"])
     p.add_argument("--jac-reference-dims", type=int, help="scale the Jacobian term by d / this (3072: lambda_jac "
@@ -99,18 +103,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compute-arms", help=f"equal-compute: the arms given the same compute ({ARM_HELP}; default: "
                                           "--finetuners)")
     p.add_argument("--cost", default=str(RESULTS / "run_cost.json"), help="equal-compute: run_cost.py's JSON")
-    p.add_argument("--eval-noise-draws", type=int, default=0, help="also measure digits-FID's own noise: the "
-                   "first seed's equal-steps models scored on this many other sample-noise draws")
+    p.add_argument("--eval-noise-draws", type=options.count(0), default=0,
+                   help="also measure digits-FID's own noise: the first seed's equal-steps models scored on this many "
+                        "other sample-noise draws (0: none; else at least 2)")
     p.add_argument("--baseline", action="append", default=[],
                    help="a results JSON whose runs of the same seed and steps are reused: dsm and kd, and 2ndmatch "
                         "too where its Jacobian options match (the other settings must match, except --seeds and "
                         "--no-wallclock); may be given several times")
-    p.add_argument("--teacher", help="a diffusers folder to use as the dense teacher instead of the shipped one "
-                                     "(e.g. one trained with train_digits_assets.py --dequantize)")
+    p.add_argument("--teacher", type=options.model_folder,
+                   help="a diffusers folder to use as the dense teacher instead of the shipped one (e.g. one trained "
+                        "with train_digits_assets.py --dequantize)")
     p.add_argument("--dequantize", action="store_true", help="finetune on dequantised digits (uniform noise "
                                                              "within each grey level)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (part of the settings: results differ "
-                                                          "in the last bits between thread counts)")
+    p.add_argument("--threads", type=options.count(1), default=2,
+                   help="torch threads (part of the settings: results differ in the last bits between thread counts)")
     p.add_argument("--out", default=str(RESULTS / "digits_quality.json"))
     p.add_argument("--overwrite", action="store_true", help="start --out again when it holds runs of other settings")
     p.add_argument("--finetuners", default="dsm,kd,2ndmatch", help=f"the arms at equal steps ({ARM_HELP}); kd "
@@ -127,6 +133,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--budget equal-wallclock takes the 2ndmatch run's seconds: list 2ndmatch or give --no-wallclock")
     if args.compute_arms and args.budget != "equal-compute":
         p.error("--compute-arms goes with --budget equal-compute")
+    if args.cost != p.get_default("cost") and args.budget != "equal-compute":
+        p.error("--cost goes with --budget equal-compute")
+    if args.no_wallclock and args.budget != "equal-wallclock":
+        p.error("--no-wallclock goes with --budget equal-wallclock")
+    if args.budget == "equal-compute" and not Path(args.cost).is_file():
+        p.error(f"--cost {args.cost}: no such file; measure the costs first (benchmarks/run_cost.py)")
+    missing = [b for b in args.baseline if not Path(b).is_file()]
+    if missing:
+        p.error(f"--baseline {missing[0]}: no such file")
+    if args.eval_noise_draws == 1:
+        p.error("--eval-noise-draws 1: a spread needs at least 2 draws (0: none)")
+    seeds = args.seeds.split(",")
+    if not all(seed.isdigit() for seed in seeds) or len(set(map(int, seeds))) < len(seeds):
+        p.error(f"--seeds {args.seeds!r}: give distinct non-negative integers, comma-separated")
+    # every arm's finetuner and loop settings, checked before any teacher is sampled or arm trained
+    for name in dict.fromkeys([*args.arms, *args.compute]):
+        finetuner, arm_options = arm(name, jac_options(args))
+        try:
+            get_finetuner(finetuner, **arm_options)
+            TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=0, ema_decay=args.ema_decay,
+                        grad_clip=args.grad_clip, dropout=args.dropout)
+        except ValidationError as e:  # a flag's value the loop or the strategy refuses
+            p.error("; ".join(f"--{str(err['loc'][-1]).replace('_', '-')} {err.get('input')!r} is not allowed: "
+                              f"{err['msg']} (arm {name})" for err in e.errors()))
+        except ValueError as e:
+            p.error(f"{name}: {e}")
+        refusal = jac_every_refusal(arm_options.get("jac_every", 1), args.steps)
+        if refusal:
+            p.error(f"{name}: {refusal}")
     return args
 
 
@@ -319,13 +354,13 @@ class Benchmark:
 
     def train(self, name: str, seed: int, steps: int) -> tuple[torch.nn.Module, float]:
         """The pruned student finetuned by arm ``name``, and the seconds it took."""
-        finetuner, options = arm(name, jac_options(self.args))
+        finetuner, arm_options = arm(name, jac_options(self.args))
         config = TrainConfig(steps=steps, batch_size=self.args.batch_size, lr=self.args.lr, seed=seed,
                              ema_decay=self.args.ema_decay, grad_clip=self.args.grad_clip, dropout=self.args.dropout,
                              checkpoint_every=10**9, log_every=max(1, steps // 10))
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            strategy = get_finetuner(finetuner, scheduler=self.teacher.scheduler, **options)
+            strategy = get_finetuner(finetuner, scheduler=self.teacher.scheduler, **arm_options)
             trained = finetune(copy.deepcopy(self.student0), self.teacher.model, strategy, self.teacher.train, config,
                                tmp, watch=Watch(progress=True)).student
         return trained, time.perf_counter() - start

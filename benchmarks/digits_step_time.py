@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
@@ -56,7 +57,7 @@ def seconds_per_step(student, teacher, data, kind: str, options: dict, steps: in
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=options.count(1), default=3)
     p.add_argument("--out", default="benchmarks/results/ablation/digits_step_time.json")
     args = p.parse_args(argv)
     if args.steps <= SKIP:
@@ -71,8 +72,8 @@ def main(args: argparse.Namespace) -> dict:
     data = DigitsDataset(RESOLUTION, "train")
     runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
-        for name, (kind, options) in VARIANTS.items():
-            runs[name].append(seconds_per_step(student, teacher, data, kind, options, args.steps))
+        for name, (kind, opts) in VARIANTS.items():
+            runs[name].append(seconds_per_step(student, teacher, data, kind, opts, args.steps))
             print(f"{name}: {runs[name][-1] * 1e3:.1f} ms/step", flush=True)
     median = {name: statistics.median(v) for name, v in runs.items()}
     results = {**record(__file__),

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.record import record  # noqa: E402
 from benchmarks.step_cost import LAYOUTS  # noqa: E402
 from nni_2ndmatch import Runtime, TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
@@ -103,12 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--layout", choices=list(LAYOUTS), default="ddpm-cifar10")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=options.count(1), default=256)
+    p.add_argument("--steps", type=options.count(1), default=15)
+    p.add_argument("--warmup", type=options.count(0), default=3)
+    p.add_argument("--rounds", type=options.count(1), default=3)
     p.add_argument("--width", type=float, default=1.0, help="teacher width (smaller: a quick check of the script)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", type=options.names(VARIANTS, required=["kd"]), default=list(VARIANTS),
+                   help="comma-separated, from: " + ", ".join(VARIANTS) + " (with kd: times are ratios to it)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if args.steps <= args.warmup + 1:
@@ -123,7 +125,7 @@ def main(args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore")
         pruned, report = prune_diffusers(teacher, "magnitude", 0.3, example_inputs=default_example_inputs(teacher))
     data = RandomImages(teacher, max(4 * args.batch, 256))
-    names = args.variants.split(",")
+    names = args.variants
     steps: dict[str, list[float]] = {n: [] for n in names}
     rounds: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, list[float]] = {n: [] for n in names}

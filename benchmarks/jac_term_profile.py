@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import prune_diffusers  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
@@ -84,11 +85,16 @@ def render(results: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ratio", type=float, default=0.5, help="channel share pruned (the paper's: 0.3)")
-    p.add_argument("--teacher", help="a diffusers folder to profile instead of the shipped teacher")
+    p.add_argument("--ratio", type=options.fraction, default=0.5, help="channel share pruned (the paper's: 0.3)")
+    p.add_argument("--teacher", type=options.model_folder,
+                   help="a diffusers folder to profile instead of the shipped teacher")
     p.add_argument("--dequantize", action="store_true", help="dequantised digits (for a teacher trained on them)")
     p.add_argument("--out", default="benchmarks/results/ablation/jac_term_profile.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.teacher and (Path(args.teacher) / "scheduler_config.json").is_file():
+        p.error(f"--teacher {args.teacher}: a teacher with its own schedule (scheduler_config.json, e.g. flow "
+                "matching); this profile noises by the reference DDPM schedule")
+    return args
 
 
 def main(args: argparse.Namespace) -> None:

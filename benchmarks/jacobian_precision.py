@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.finetune_step_time import device_name  # noqa: E402
 from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
@@ -46,7 +47,7 @@ def unguarded_fd(model, x, t, v, h=DEFAULT_FD_STEP):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=options.count(1), default=8)
     p.add_argument("--out")
     return p.parse_args(argv)
 

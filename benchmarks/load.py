@@ -31,6 +31,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import finetune, get_finetuner, prune_diffusers, save_pruned  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset  # noqa: E402
@@ -40,6 +41,7 @@ from nni_2ndmatch.pruning import default_example_inputs  # noqa: E402
 from nni_2ndmatch.training import TrainConfig, Watch  # noqa: E402
 
 MIB = 2**20
+SMALL_FOLDER = 100  # images in the folder the large one is compared with
 
 
 def rss_bytes() -> int:
@@ -131,8 +133,9 @@ def render(results: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--images", type=int, default=10000)
+    p.add_argument("--steps", type=options.count(1), default=1000)
+    p.add_argument("--images", type=options.count(SMALL_FOLDER + 1), default=10000,
+                   help=f"the large folder's images (compared with a folder of {SMALL_FOLDER})")
     p.add_argument("--out", default="benchmarks/results/load.json")
     return p.parse_args(argv)
 
@@ -143,7 +146,7 @@ def main(args: argparse.Namespace) -> dict:
         results = {**record(__file__),
                    "platform": f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
                    "long_finetune": long_finetune(args.steps, Path(tmp)),
-                   "big_folder": big_folder([100, args.images], Path(tmp))}
+                   "big_folder": big_folder([SMALL_FOLDER, args.images], Path(tmp))}
     results["peak_rss_self_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(args.out)
     markdown = render(results)

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.arms import REFERENCE_LOOP, REFERENCE_RATIO, VARIANT, arm, load_teacher, parse_arms  # noqa: E402
 from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
@@ -40,11 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="digits,mnist", help="the teachers: digits, mnist (comma-separated)")
     p.add_argument("--arms", default="kd,kd-perturb,2ndmatch,2ndmatch-every2,2ndmatch-every4,2ndmatch-every8")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--teacher", help="a diffusers folder trained on --data (one data set) instead of the shipped "
-                                     "teacher, e.g. a flow-matching one (its objective is then trained)")
+    p.add_argument("--steps", type=options.count(1), default=600)
+    p.add_argument("--rounds", type=options.count(1), default=3)
+    p.add_argument("--threads", type=options.count(1), default=1)
+    p.add_argument("--teacher", type=options.model_folder,
+                   help="a diffusers folder trained on --data (one data set) instead of the shipped teacher, e.g. a "
+                        "flow-matching one (its objective is then trained)")
     p.add_argument("--out", default=str(RESULTS / "run_cost.json"))
     args = p.parse_args(argv)
     if args.teacher and "," in args.data:
@@ -66,10 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_seconds(student, teacher, name: str, steps: int) -> float:
-    finetuner, options = arm(name, VARIANT)
+    finetuner, opts = arm(name, VARIANT)
     config = TrainConfig(steps=steps, seed=0, checkpoint_every=10**9, log_every=steps, **REFERENCE_LOOP)
     start = time.perf_counter()
-    finetune(copy.deepcopy(student), teacher.model, get_finetuner(finetuner, scheduler=teacher.scheduler, **options),
+    finetune(copy.deepcopy(student), teacher.model, get_finetuner(finetuner, scheduler=teacher.scheduler, **opts),
              teacher.train, config, watch=Watch(progress=False))
     return time.perf_counter() - start
 

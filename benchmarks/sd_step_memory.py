@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import provenance  # noqa: E402
+from benchmarks import options  # noqa: E402
+from benchmarks.record import provenance, record  # noqa: E402
 from benchmarks.step_cost import peak_growth_mib  # noqa: E402
 from nni_2ndmatch import get_finetuner  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
@@ -76,14 +77,16 @@ def one_step(name: str, checkpointing: bool) -> dict:
             "student_params": sum(p.numel() for p in student.parameters())}
 
 
+def kept_rows(out: Path) -> list[dict]:
+    """The rows an earlier run wrote to ``out`` (none if there is no such file)."""
+    return json.loads(out.read_text()).get("rows", []) if out.exists() else []
+
+
 def main(args: argparse.Namespace) -> dict:
     out_path = Path(args.out)
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        sys.exit(f"--variants: {unknown[0]!r} is unknown; allowed: {', '.join(VARIANTS)}")
+    names = args.variants
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
-    kept = previous.get("rows", [])
+    kept = kept_rows(out_path)
     rows = [r for r in kept if r["variant"] not in names and r.get("threads", args.threads) == args.threads]
     made = provenance()  # each row records the commit and CPU that made it (rows of earlier commands are kept)
     for name in names:
@@ -109,7 +112,7 @@ def main(args: argparse.Namespace) -> dict:
                "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                "cpu": platform.processor() or platform.machine()},
                "commands": [*previous.get("commands", []),
-                            "python benchmarks/sd_step_memory.py " + " ".join(sys.argv[1:])],
+                            record(__file__)["command"]],
                "rows": rows}  # rows of other variants come from the earlier commands (same setup)
     lines = ["# One finetuning step at SD-1.5 scale (CPU)", "",
              "Commands: " + "; ".join(f"`{c}`" for c in results["commands"]) +
@@ -124,10 +127,16 @@ def main(args: argparse.Namespace) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    p.add_argument("--threads", type=options.count(1), default=2)
+    p.add_argument("--variants", type=options.names(VARIANTS), default=list(VARIANTS),
+                   help="comma-separated, from: " + ", ".join(VARIANTS))
     p.add_argument("--out", default="benchmarks/results/sd_step_memory.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if "kd" not in args.variants and not any(r["variant"] == "kd" and r.get("threads", args.threads) == args.threads
+                                             for r in kept_rows(Path(args.out))):
+        p.error(f"--variants: kd is needed (the rows are ratios to it), and {args.out} holds no kd row at "
+                f"--threads {args.threads}")
+    return args
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import get_finetuner, jacobian_safe  # noqa: E402
 from nni_2ndmatch.files import atomic_write_json  # noqa: E402
@@ -160,8 +161,7 @@ def _measure_memory(layout: str, name: str) -> float:
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     teacher, student, x0, noise, timesteps, cond = setup(args.layout)
-    fts = {name: get_finetuner(kind, **opts) for name, (kind, opts) in VARIANTS.items()
-           if name in args.variants.split(",")}
+    fts = {name: get_finetuner(kind, **opts) for name, (kind, opts) in VARIANTS.items() if name in args.variants}
     for ft in fts.values():  # warm-up
         step(ft, student, teacher, x0, noise, timesteps, cond)
     times = {name: [] for name in fts}
@@ -205,8 +205,9 @@ def main(args: argparse.Namespace) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layout", choices=list(LAYOUTS), default="ddpm-cifar10")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", type=options.names(VARIANTS, required=["kd"]), default=list(VARIANTS),
+                   help="comma-separated, from: " + ", ".join(VARIANTS) + " (with kd: times are ratios to it)")
+    p.add_argument("--repeats", type=options.count(1), default=5)
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", default="benchmarks/results/step_cost.json")
     return p.parse_args(argv)

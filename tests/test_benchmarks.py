@@ -308,16 +308,17 @@ def test_digits_quality_trains_and_samples_a_flow_matching_teacher_by_its_object
     the models are sampled by the Euler flow sampler."""
     from benchmarks import digits_quality
 
+    argv = ["--teacher", str(_flow_teacher(tmp_path / "flow")), "--steps", "2", "--batch-size", "2", "--seeds", "5",
+            "--samples", "16", "--ddim-steps", "2", "--finetuners", "kd,2ndmatch-paper,2ndmatch", "--no-wallclock",
+            "--lambda-jac", "1.0", "--jac-match", "vector", "--threads", "1", "--out", str(tmp_path / "q.json")]
+    args = digits_quality.parse_args(argv)  # (its checks build each arm's finetuner too, with no teacher yet)
     built, sampled = [], []
     real_get, real_sample = digits_quality.get_finetuner, digits_quality.sample
     monkeypatch.setattr(digits_quality, "get_finetuner", lambda name, **kw: built.append((name, kw)) or real_get(
         name, **kw))
     monkeypatch.setattr(digits_quality, "sample", lambda *a: sampled.append(a[3]) or real_sample(*a))
-    argv = ["--teacher", str(_flow_teacher(tmp_path / "flow")), "--steps", "2", "--batch-size", "2", "--seeds", "5",
-            "--samples", "16", "--ddim-steps", "2", "--finetuners", "kd,2ndmatch-paper,2ndmatch", "--no-wallclock",
-            "--lambda-jac", "1.0", "--jac-match", "vector", "--threads", "1", "--out", str(tmp_path / "q.json")]
     monkeypatch.setattr(sys, "argv", ["digits_quality.py", *argv])
-    digits_quality.main(digits_quality.parse_args(argv))
+    digits_quality.main(args)
     stored = json.loads((tmp_path / "q.json").read_text())
     assert {r["strategy"] for r in stored["equal_steps"]["runs"]} == {"kd", "2ndmatch-paper", "2ndmatch"}
     assert [name for name, _ in built] == ["kd", "2ndmatch", "2ndmatch"]
@@ -534,3 +535,38 @@ def test_data_loading_refuses_what_it_cannot_run_before_any_work(monkeypatch, ca
     with pytest.raises(SystemExit) as refused:
         data_loading.parse_args([])
     assert refused.value.code == 2 and "pip install scikit-image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("digits_quality", ["--finetuners", "kd,2ndmatch-every8", "--steps", "4", "--no-wallclock"],
+     "2ndmatch-every8: with steps 4: the Jacobian term would never be computed"),
+    ("digits_quality", ["--ema-decay", "1.5"], "--ema-decay 1.5 is not allowed: Input should be less than 1"),
+    ("digits_quality", ["--lambda-jac", "-1"], "2ndmatch: lambda_jac=-1.0 is not allowed"),
+    ("digits_quality", ["--ratio", "1.5"], "argument --ratio: 1.5 is not allowed: it must be between 0 and 1"),
+    ("digits_quality", ["--seeds", "0,,1"], "--seeds '0,,1': give distinct non-negative integers"),
+    ("digits_quality", ["--eval-noise-draws", "1"], "a spread needs at least 2 draws"),
+    ("digits_quality", ["--cost", "other.json"], "--cost goes with --budget equal-compute"),
+    ("digits_quality", ["--budget", "equal-compute", "--cost", "missing.json"], "--cost missing.json: no such file"),
+    ("step_cost", ["--variants", "dsm"], "'dsm' lacks kd"),
+    ("step_cost", ["--variants", "kd,foo"], "foo is not allowed; choose from"),
+    ("finetune_step_time", ["--rounds", "0"], "argument --rounds: 0 is not allowed: it must be >= 1"),
+    ("data_scale", ["--sizes", "300"], "--sizes 300: give two or more sizes"),
+    ("load", ["--images", "100"], "argument --images: 100 is not allowed: it must be >= 101"),
+    ("run_cost", ["--teacher", "no/such/folder", "--data", "digits"], "is not a diffusers model folder"),
+    ("jac_term_profile", ["--ratio", "0"], "must be between 0 and 1"),
+    ("data_loading", ["--warmup", "0"], "argument --warmup: 0 is not allowed: it must be >= 1"),
+    ("jacobian_precision", ["--batch", "0"], "argument --batch: 0 is not allowed"),
+    ("digits_step_time", ["--rounds", "0"], "argument --rounds: 0 is not allowed"),
+    ("sd_step_memory", ["--variants", "2ndmatch-vjp", "--out", "no/such.json"], "kd is needed"),
+    ("latency", ["--round-to", "0"], "argument --round-to: 0 is not allowed"),
+    ("train_digits_assets", ["--what", "classifier", "--steps", "100"], "--steps: options of --what teacher"),
+    ("train_digits_assets", ["--what", "teacher", "--shift", "3"], "--shift goes with --objective flow"),
+])
+def test_each_benchmark_refuses_a_bad_value_at_parsing_naming_it(script, argv, message, capsys):
+    """Refused before any work, exit 2 (they used to fail after it, or ignore the value)."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    with pytest.raises(SystemExit) as refused:
+        module.parse_args(argv)
+    assert refused.value.code == 2 and message in capsys.readouterr().err
