@@ -49,11 +49,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the pinned commit every run must come from; TEACHER=SHA: that teacher's (repeatable)")
     p.add_argument("--min-gain", type=float, default=1.0, help="digits-FID a recommended setting gains at least")
     p.add_argument("--margin", type=float, default=1.0, help="digits-FID of the 'not worse' margin")
-    p.add_argument("--min-seeds", default="12,12,8", help="at least this many seeds per input, in order")
+    p.add_argument("--min-seeds", default="12,12,8", help="at least this many seeds per input: one count for all, "
+                   "or one per input in order")
     p.add_argument("--equal-steps-arms", default="2ndmatch", help="the arms run beside kd at equal steps, each "
                    "required in every input (the flow-matching runs: 2ndmatch,2ndmatch-paper)")
     p.add_argument("--out", default=str(RESULTS / "verdict.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.min_seeds = [int(x) for x in args.min_seeds.split(",")]
+    except ValueError:
+        p.error(f"--min-seeds {args.min_seeds!r}: give integers, comma-separated")
+    if min(args.min_seeds) < 2:
+        p.error(f"--min-seeds {','.join(map(str, args.min_seeds))}: each value must be at least 2 (a teacher's "
+                "variance needs two pairs)")
+    if len(args.min_seeds) not in (1, len(args.results)):
+        p.error(f"--min-seeds {','.join(map(str, args.min_seeds))}: give one count, or one per input "
+                f"({len(args.results)})")
+    missing = [path for path in args.results if not Path(path).is_file()]
+    if missing:
+        p.error(f"{missing[0]}: no such file")
+    return args
 
 
 def load(path: str, commit: str, min_seeds: int, equal_steps: list[str]) -> tuple[str, dict]:
@@ -105,9 +120,7 @@ def pinned_commits(given: list[str], paths: list[str]) -> dict[str, str]:
 
 
 def main(args: argparse.Namespace) -> dict:
-    minimum = [int(x) for x in args.min_seeds.split(",")]
-    if min(minimum) < 2:
-        sys.exit(f"--min-seeds {args.min_seeds}: each value must be at least 2 (a teacher's variance needs two pairs)")
+    minimum = args.min_seeds
     equal_steps = [a.strip() for a in args.equal_steps_arms.split(",") if a.strip()]
     commits = pinned_commits(args.commit, args.results)
     teachers = dict(load(path, commits[Path(path).stem], minimum[min(i, len(minimum) - 1)], equal_steps)

@@ -245,7 +245,7 @@ def test_the_verdict_applies_the_committed_rule(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_verdict_holds_every_condition_of_the_rule(tmp_path):
+def test_the_verdict_holds_every_condition_of_the_rule(tmp_path, capsys):
     from benchmarks import equal_compute_verdict as verdict
 
     def run(gains, spread, edit=None, *extra):
@@ -276,8 +276,10 @@ def test_the_verdict_holds_every_condition_of_the_rule(tmp_path):
         run({}, None, lambda r: r["settings"].update(lr=1e-3))
     with pytest.raises(SystemExit, match="mnist.json: settings.budget is equal-wallclock, not equal-compute"):
         run({}, None, lambda r: r["settings"]["budget"].update(kind="equal-wallclock"))
-    with pytest.raises(SystemExit, match="--min-seeds 12,12,1: each value must be at least 2"):
-        run({}, None, None, "--min-seeds", "12,12,1")
+    for counts, message in (("12,12,1", "each value must be at least 2"), ("12,8", "give one count, or one per input")):
+        with pytest.raises(SystemExit) as refused:
+            run({}, None, None, "--min-seeds", counts)
+        assert refused.value.code == 2 and f"--min-seeds {counts}: {message}" in capsys.readouterr().err
 
 
 def _flow_teacher(folder, class_name="FlowMatchEulerDiscreteScheduler"):
