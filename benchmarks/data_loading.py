@@ -77,7 +77,7 @@ def seconds_per_step(student, teacher, folder: Path, steps: int, warmup: int, wo
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=options.count(2), default=60)
+    p.add_argument("--steps", type=int, default=60, help="steps per run (more than --warmup)")
     p.add_argument("--warmup", type=options.count(1), default=10, help="untimed steps (the workers' start-up)")
     p.add_argument("--repeats", type=options.count(1), default=3)
     p.add_argument("--width", type=float, default=0.125, help="channel multiplier of the DDPM-CIFAR10 layout")

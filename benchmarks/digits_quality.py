@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-wallclock", action="store_true", help="skip the equal wall-clock comparison")
     p.add_argument("--compute-arms", help=f"equal-compute: the arms given the same compute ({ARM_HELP}; default: "
                                           "--finetuners)")
-    p.add_argument("--cost", default=str(RESULTS / "run_cost.json"), help="equal-compute: run_cost.py's JSON")
+    p.add_argument("--cost", help="equal-compute: run_cost.py's JSON (default: benchmarks/results/run_cost.json)")
     p.add_argument("--eval-noise-draws", type=options.count(0), default=0,
                    help="also measure digits-FID's own noise: the first seed's equal-steps models scored on this many "
                         "other sample-noise draws (0: none; else at least 2)")
@@ -133,8 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--budget equal-wallclock takes the 2ndmatch run's seconds: list 2ndmatch or give --no-wallclock")
     if args.compute_arms and args.budget != "equal-compute":
         p.error("--compute-arms goes with --budget equal-compute")
-    if args.cost != p.get_default("cost") and args.budget != "equal-compute":
+    if args.cost is not None and args.budget != "equal-compute":
         p.error("--cost goes with --budget equal-compute")
+    args.cost = args.cost or str(RESULTS / "run_cost.json")
     if args.no_wallclock and args.budget != "equal-wallclock":
         p.error("--no-wallclock goes with --budget equal-wallclock")
     if args.budget == "equal-compute" and not Path(args.cost).is_file():
@@ -147,17 +148,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seeds = args.seeds.split(",")
     if not all(seed.isdigit() for seed in seeds) or len(set(map(int, seeds))) < len(seeds):
         p.error(f"--seeds {args.seeds!r}: give distinct non-negative integers, comma-separated")
-    # every arm's finetuner and loop settings, checked before any teacher is sampled or arm trained
+    # the loop's settings and every arm's finetuner, checked before any teacher is sampled or arm trained
+    try:
+        TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=0, ema_decay=args.ema_decay,
+                    grad_clip=args.grad_clip, dropout=args.dropout)
+    except ValidationError as e:
+        p.error("; ".join(f"--{str(err['loc'][-1]).replace('_', '-')} {err.get('input')!r} is not allowed: "
+                          f"{err['msg']}" for err in e.errors()))
     for name in dict.fromkeys([*args.arms, *args.compute]):
         finetuner, arm_options = arm(name, jac_options(args))
         try:
             get_finetuner(finetuner, **arm_options)
-            TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=0, ema_decay=args.ema_decay,
-                        grad_clip=args.grad_clip, dropout=args.dropout)
-        except ValidationError as e:  # a flag's value the loop or the strategy refuses
-            p.error("; ".join(f"--{str(err['loc'][-1]).replace('_', '-')} {err.get('input')!r} is not allowed: "
-                              f"{err['msg']} (arm {name})" for err in e.errors()))
-        except ValueError as e:
+        except ValueError as e:  # (the strategies name the option and the value)
             p.error(f"{name}: {e}")
         refusal = jac_every_refusal(arm_options.get("jac_every", 1), args.steps)
         if refusal:

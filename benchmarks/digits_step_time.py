@@ -45,11 +45,11 @@ VARIANTS = {
 SKIP = 20
 
 
-def seconds_per_step(student, teacher, data, kind: str, options: dict, steps: int) -> float:
+def seconds_per_step(student, teacher, data, kind: str, opts: dict, steps: int) -> float:
     times: list[float] = []
     config = TrainConfig(steps=steps, batch_size=2, lr=2e-4, ema_decay=0.9983, grad_clip=1.0, dropout=0.1,
                          log_every=1, checkpoint_every=10**9, seed=0)
-    finetune(copy.deepcopy(student), teacher, get_finetuner(kind, **options), data, config, watch=Watch(progress=False,
+    finetune(copy.deepcopy(student), teacher, get_finetuner(kind, **opts), data, config, watch=Watch(progress=False,
              on_log=lambda record: times.append(time.perf_counter())))
     return (times[-1] - times[SKIP - 1]) / (steps - SKIP)
 

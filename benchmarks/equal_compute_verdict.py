@@ -49,14 +49,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the pinned commit every run must come from; TEACHER=SHA: that teacher's (repeatable)")
     p.add_argument("--min-gain", type=float, default=1.0, help="digits-FID a recommended setting gains at least")
     p.add_argument("--margin", type=float, default=1.0, help="digits-FID of the 'not worse' margin")
-    p.add_argument("--min-seeds", default="12,12,8", help="at least this many seeds per input: one count for all, "
-                   "or one per input in order")
+    p.add_argument("--min-seeds", help="at least this many seeds per input: one count for all, or one per input "
+                   "in order (default: the rule's 12,12,8 for its three teachers; give it for another number)")
     p.add_argument("--equal-steps-arms", default="2ndmatch", help="the arms run beside kd at equal steps, each "
                    "required in every input (the flow-matching runs: 2ndmatch,2ndmatch-paper)")
     p.add_argument("--out", default=str(RESULTS / "verdict.json"))
     args = p.parse_args(argv)
+    if args.min_seeds is None and len(args.results) != 3:
+        p.error(f"--min-seeds: give it for {len(args.results)} input(s) (the default 12,12,8 is the rule's for the "
+                "digits, dequantised and MNIST teachers)")
     try:
-        args.min_seeds = [int(x) for x in args.min_seeds.split(",")]
+        args.min_seeds = [int(x) for x in (args.min_seeds or "12,12,8").split(",")]
     except ValueError:
         p.error(f"--min-seeds {args.min_seeds!r}: give integers, comma-separated")
     if min(args.min_seeds) < 2:

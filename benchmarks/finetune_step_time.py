@@ -74,7 +74,7 @@ def device_name(device: torch.device) -> str:
 
 def time_variant(name: str, teacher, student, data, args) -> tuple[list[float], float | None]:
     """Seconds of each step after the warm-up, and the peak GPU memory in MiB (None on the CPU)."""
-    kind, options, precision = VARIANTS[name]
+    kind, opts, precision = VARIANTS[name]
     config = TrainConfig(steps=args.steps, batch_size=args.batch, checkpoint_every=10**9, log_every=1,
                          mixed_precision=precision, seed=0)
     device = torch.device(args.device)
@@ -82,7 +82,7 @@ def time_variant(name: str, teacher, student, data, args) -> tuple[list[float], 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     seconds: list[float] = []
-    finetune(student, teacher, get_finetuner(kind, **options), data, config, runtime=Runtime(device),
+    finetune(student, teacher, get_finetuner(kind, **opts), data, config, runtime=Runtime(device),
              watch=Watch(progress=False, on_log=lambda record: seconds.append(record["seconds"])))
     per_step = [b - a for a, b in zip(seconds, seconds[1:])][args.warmup:]
     return per_step, torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -138,8 +138,8 @@ def main(args: argparse.Namespace) -> dict:
             print(f"round {r} {name}: {rounds[name][-1]:.4f} s/step", flush=True)
     rows = []
     for name in names:
-        kind, options, precision = VARIANTS[name]
-        rows.append({"variant": name, "finetuner": kind, "options": options, "mixed_precision": precision,
+        kind, opts, precision = VARIANTS[name]
+        rows.append({"variant": name, "finetuner": kind, "options": opts, "mixed_precision": precision,
                      "seconds_per_step": statistics.median(steps[name]), "round_medians": rounds[name],
                      "steps_timed": len(steps[name]),
                      **({"peak_memory_mib": max(peaks[name])} if peaks[name] else {})})

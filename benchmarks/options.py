@@ -49,8 +49,9 @@ def names(allowed: Iterable[str], required: Iterable[str] = ()) -> Callable[[str
         if unknown or not given:
             raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(unknown) or 'no name'} is not allowed; "
                                              f"choose from {', '.join(allowed)}")
-        if len(set(given)) < len(given):
-            raise argparse.ArgumentTypeError(f"{text!r} names one twice")
+        twice = sorted({n for n in given if given.count(n) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"{text!r} names {', '.join(twice)} twice")
         missing = [n for n in required if n not in given]
         if missing:
             raise argparse.ArgumentTypeError(f"{text!r} lacks {', '.join(missing)}, which the others are "

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import options  # noqa: E402
-from benchmarks.record import provenance, record  # noqa: E402
+from benchmarks.record import record  # noqa: E402
 from benchmarks.step_cost import peak_growth_mib  # noqa: E402
 from nni_2ndmatch import get_finetuner  # noqa: E402
 from nni_2ndmatch.files import write_results  # noqa: E402
@@ -61,8 +61,8 @@ def one_step(name: str, checkpointing: bool) -> dict:
         student.enable_gradient_checkpointing(checkpoint_as_forward)
     x0, noise = torch.randn(1, 4, 64, 64).clamp(-1, 1), torch.randn(1, 4, 64, 64)
     text, t = torch.randn(1, 77, 768), torch.tensor([500])
-    kind, options = VARIANTS[name]
-    finetuner = get_finetuner(kind, **options)
+    kind, opts = VARIANTS[name]
+    finetuner = get_finetuner(kind, **opts)
     seconds = []
 
     def step() -> None:
@@ -86,9 +86,9 @@ def main(args: argparse.Namespace) -> dict:
     out_path = Path(args.out)
     names = args.variants
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
-    kept = kept_rows(out_path)
-    rows = [r for r in kept if r["variant"] not in names and r.get("threads", args.threads) == args.threads]
-    made = provenance()  # each row records the commit and CPU that made it (rows of earlier commands are kept)
+    rows = [r for r in previous.get("rows", []) if r["variant"] not in names and r.get("threads", args.threads)
+            == args.threads]
+    made = record(__file__)  # each row records the commit and CPU that made it (rows of earlier commands are kept)
     for name in names:
         for checkpointing in (False, True):
             code = (f"import torch, json, benchmarks.sd_step_memory as b; torch.set_num_threads({args.threads}); "
@@ -96,7 +96,8 @@ def main(args: argparse.Namespace) -> dict:
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed memory leaves the resident set
             out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                                  capture_output=True, text=True, check=True, env=env)
-            row = {"variant": name, "gradient_checkpointing": checkpointing, "threads": args.threads, **made,
+            row = {"variant": name, "gradient_checkpointing": checkpointing, "threads": args.threads,
+                   "commit": made["commit"], "cpu": made["cpu"],
                    **json.loads(out.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(f"{name:24s} checkpointing={checkpointing!s:5s} {row['seconds']:7.1f} s {row['peak_mib']:8.0f} MiB",
@@ -109,10 +110,8 @@ def main(args: argparse.Namespace) -> dict:
                          "teacher_params": kd["teacher_params"], "student_params": kd["student_params"],
                          "batch": 1, "latents": [4, 64, 64], "text": [77, 768], "dtype": "float32",
                          "threads": args.threads, "steps_per_variant": 1},
-               "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                               "cpu": platform.processor() or platform.machine()},
-               "commands": [*previous.get("commands", []),
-                            record(__file__)["command"]],
+               "environment": {"torch": torch.__version__, "python": platform.python_version()},
+               "commands": [*previous.get("commands", []), made["command"]],
                "rows": rows}  # rows of other variants come from the earlier commands (same setup)
     lines = ["# One finetuning step at SD-1.5 scale (CPU)", "",
              "Commands: " + "; ".join(f"`{c}`" for c in results["commands"]) +

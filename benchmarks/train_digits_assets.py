@@ -75,10 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "sigma uniform; SD3's 3.0 is for 1024px latents)")
     args = parser.parse_args(argv)
     if args.what == "classifier":  # the teacher's options would do nothing
-        given = [flag for flag, value, default in (
-            ("--work", args.work, parser.get_default("work")), ("--steps", args.steps, None),
-            ("--dequantize", args.dequantize, False), ("--out", args.out, None),
-            ("--objective", args.objective, "ddpm"), ("--shift", args.shift, None)) if value != default]
+        given = [f"--{key}" for key in ("work", "steps", "dequantize", "out", "objective", "shift")
+                 if getattr(args, key) != parser.get_default(key)]
         if given:
             parser.error(f"{', '.join(given)}: options of --what teacher; the classifier is trained on the real "
                          f"{args.data} and written to the shipped asset")

@@ -30,10 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
-    p.add_argument("--trt-precision", default="fp16", help="TensorRT engine precision: fp16 (default) or fp32")
+    p.add_argument("--trt-precision", help="TensorRT engine precision: fp16 (default) or fp32")
     p.add_argument("--seq-len", type=int, default=None, help="text length of encoder_hidden_states (default: what "
                    "the model's pipeline feeds: 333 for SD3, else 77)")
-    p.add_argument("--exporter", default="dynamo", help="ONNX exporter: dynamo (default) or torchscript")
+    p.add_argument("--exporter", help="ONNX exporter: dynamo (default) or torchscript")
     return p.parse_args(argv)
 
 
@@ -43,12 +43,13 @@ def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy.model_io import check_seq_len
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    given = {"trt_precision": args.trt_precision, "exporter": args.exporter}
     setup = Setup(backends=backends, batches=args.batch, device=args.device, threads=args.threads,
-                  repeats=args.repeats, warmup=args.warmup, trt_precision=args.trt_precision, seq_len=args.seq_len,
-                  exporter=args.exporter)  # its checks come before any model loads
-    for flag, value, default, users in (("--trt-precision", args.trt_precision, "fp16", ["tensorrt"]),
-                                        ("--exporter", args.exporter, "dynamo", ["onnxruntime", "tensorrt"])):
-        if value != default and not set(users) & set(backends):
+                  repeats=args.repeats, warmup=args.warmup, seq_len=args.seq_len,
+                  **{k: v for k, v in given.items() if v is not None})  # its checks come before any model loads
+    for flag, value, users in (("--trt-precision", args.trt_precision, ["tensorrt"]),
+                               ("--exporter", args.exporter, ["onnxruntime", "tensorrt"])):
+        if value is not None and not set(users) & set(backends):
             raise DeployError(f"{flag} {value} applies to the {' and '.join(users)} backend(s) only, which "
                               f"--backends {args.backends} leaves out")
     teacher, teacher_info = load_model(args.teacher)

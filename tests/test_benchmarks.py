@@ -563,6 +563,15 @@ def test_data_loading_refuses_what_it_cannot_run_before_any_work(monkeypatch, ca
     ("latency", ["--round-to", "0"], "argument --round-to: 0 is not allowed"),
     ("train_digits_assets", ["--what", "classifier", "--steps", "100"], "--steps: options of --what teacher"),
     ("train_digits_assets", ["--what", "teacher", "--shift", "3"], "--shift goes with --objective flow"),
+    ("train_digits_assets", ["--what", "teacher", "--objective", "flow", "--out", "x", "--shift", "0"],
+     "--shift 0.0 is not allowed: it must be > 0"),
+    ("digits_quality", ["--budget", "equal-compute", "--no-wallclock"], "--no-wallclock goes with --budget "
+                                                                        "equal-wallclock"),
+    ("digits_quality", ["--baseline", "no/such.json"], "--baseline no/such.json: no such file"),
+    ("data_scale", ["--sizes", "3000,300"], "--sizes 3000,300: give two or more sizes, each larger"),
+    ("step_cost", ["--variants", "kd,kd"], "'kd,kd' names kd twice"),
+    ("equal_compute_verdict", ["benchmarks/results/flow_matching/digits_flow.json", "--commit", "c"],
+     "--min-seeds: give it for 1 input(s)"),
 ])
 def test_each_benchmark_refuses_a_bad_value_at_parsing_naming_it(script, argv, message, capsys):
     """Refused before any work, exit 2 (they used to fail after it, or ignore the value)."""
@@ -572,3 +581,44 @@ def test_each_benchmark_refuses_a_bad_value_at_parsing_naming_it(script, argv, m
     with pytest.raises(SystemExit) as refused:
         module.parse_args(argv)
     assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_committed_benchmark_command_still_parses(monkeypatch, capsys):
+    """The commands the result JSONs record (and the docs quote) stay runnable as written; those
+    that read a teacher another command writes under runs/, or scikit-image's photos where it is
+    not installed, are refused for that reason only."""
+    import importlib
+    import importlib.util
+    import shlex
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    commands = set()
+
+    def collect(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in ("command", "commands") and isinstance(item, (str, list)):
+                    commands.update(c for c in ([item] if isinstance(item, str) else item) if isinstance(c, str))
+                else:
+                    collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+
+    for folder, pattern in (("benchmarks/results", "**/*.json"), ("benchmarks/teachers", "*.json"),
+                            ("nni_2ndmatch/assets", "*.json")):
+        for path in (root / folder).glob(pattern):
+            collect(json.loads(path.read_text()))
+    scripts = [c for c in commands if c.startswith("python benchmarks/")]
+    assert len(scripts) > 40
+    for command in scripts:
+        words = shlex.split(command.split(" (", 1)[0])  # (a note after a command)
+        module = importlib.import_module("benchmarks." + Path(words[1]).stem)
+        try:
+            module.parse_args(words[2:])
+        except SystemExit:
+            err = capsys.readouterr().err
+            written_elsewhere = "'runs/" in err and "is not a diffusers model folder" in err
+            no_photos = "scikit-image is not installed" in err and importlib.util.find_spec("skimage") is None
+            assert written_elsewhere or no_photos, f"{command}\n{err}"
