@@ -82,11 +82,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("others", nargs="+", help="JSONs of the same settings over some of its seeds")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    missing = [f for f in (args.first, *args.others) if not Path(f).is_file()]
+    if missing:
+        p.error(f"{missing[0]}: no such file")
     first = json.loads(Path(args.first).read_text())
     try:
         merged = merge(first, [(Path(o).name, json.loads(Path(o).read_text())) for o in args.others])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # inputs that are not one teacher's runs: nothing is written
+        p.error(str(e))
     for d in merged["duplicates"][len(first.get("duplicates", [])):]:  # this merge's
         if not all(_close(*d[key]) for key in ("fid", "fidelity")):
             print(f"warning: {d['budget']} {d['strategy']} seed {d['seed']} was run by two slots with other scores "

@@ -453,6 +453,13 @@ def test_two_slots_merged_equal_one_slot_over_every_seed(tmp_path, capsys):
     moved["pruned"]["fid"] = 61.0
     with pytest.raises(ValueError, match="pruned fid is 61.0.*not the same start"):
         merge(first, [("b", moved)])
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    for inputs, message in (([tmp_path / "a.json", tmp_path / "moved.json"], "not the same start"),
+                            ([tmp_path / "a.json", tmp_path / "none.json"], "none.json: no such file")):
+        with pytest.raises(SystemExit) as refused:  # from the command line: exit 2, nothing written
+            main([*map(str, inputs), "--out", str(tmp_path / "refused.json")])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "refused.json").exists()
 
 
 @pytest.mark.slow
