@@ -521,15 +521,6 @@ def test_a_step_time_benchmark_runs_to_its_json_with_its_command_commit_and_cpu(
     assert {"commit", "cpu"} <= set(written) and [r["variant"] for r in written["rows"]] == ["kd"]
 
 
-def test_digits_step_time_refuses_fewer_steps_than_its_untimed_warm_up(capsys):
-    from benchmarks import digits_step_time
-
-    with pytest.raises(SystemExit) as refused:
-        digits_step_time.parse_args(["--steps", str(digits_step_time.SKIP)])
-    assert refused.value.code == 2 and "--steps=20 must exceed the 20 untimed warm-up steps" in capsys.readouterr().err
-    assert digits_step_time.parse_args(["--steps", "21"]).steps == 21
-
-
 def test_data_loading_refuses_what_it_cannot_run_before_any_work(monkeypatch, capsys):
     import importlib.util
 
@@ -566,6 +557,7 @@ def test_data_loading_refuses_what_it_cannot_run_before_any_work(monkeypatch, ca
     ("data_loading", ["--warmup", "0"], "argument --warmup: 0 is not allowed: it must be >= 1"),
     ("jacobian_precision", ["--batch", "0"], "argument --batch: 0 is not allowed"),
     ("digits_step_time", ["--rounds", "0"], "argument --rounds: 0 is not allowed"),
+    ("digits_step_time", ["--steps", "20"], "--steps=20 must exceed the 20 untimed warm-up steps"),
     ("sd_step_memory", ["--variants", "2ndmatch-vjp", "--out", "no/such.json"], "kd is needed"),
     ("latency", ["--round-to", "0"], "argument --round-to: 0 is not allowed"),
     ("train_digits_assets", ["--what", "classifier", "--steps", "100"], "--steps: options of --what teacher"),
