@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import options  # noqa: E402
 from benchmarks.arms import ARM_HELP, arm, load_teacher, parse_arms  # noqa: E402
 from benchmarks.paired_stats import paired, seed_differences  # noqa: E402
-from benchmarks.record import provenance, record  # noqa: E402
+from benchmarks.record import record  # noqa: E402
 from nni_2ndmatch import TrainConfig, finetune, get_finetuner, prune_diffusers  # noqa: E402
 from nni_2ndmatch.evaluation import fidelity, frechet_distance, sample, sensitivity_profile  # noqa: E402
 from nni_2ndmatch.files import save_tensors, write_results  # noqa: E402
@@ -278,7 +278,7 @@ class Benchmark:
         self.args, self.teacher, self.results, self.reusable = args, teacher, results, reusable
         self.out = Path(args.out)
         self.cache = Cache(self.out, results["settings"])
-        self.commit = provenance()["commit"]
+        self.commit = results["commit"]  # (record(): the checkout this run comes from)
         size = teacher.resolution
         self.noise = torch.randn(args.samples, 1, size, size,
                                  generator=torch.Generator().manual_seed(SAMPLE_NOISE_SEED))
