@@ -247,12 +247,15 @@ class FinetuneSection(TrainConfig):
 class EvaluateSection(_Section):
     """Teacher vs student after finetuning: same noise, deterministic DDIM; digits-FID on the digits.
     ``compare``: baseline finetuners (e.g. [kd]) trained from the same starting student with the
-    same loop options and seed, and evaluated the same way, beside the run's finetuner."""
+    same loop options and seed, and evaluated the same way, beside the run's finetuner. An entry is
+    a name (the strategy's defaults, with the run's lambda_dsm / lambda_kd where it takes them) or
+    a mapping ``{finetuner: NAME, OPTION: VALUE, ...}`` with the baseline's own options."""
 
     samples: int = Field(200, ge=2, le=100000, description="samples per model")
     ddim_steps: int = Field(25, ge=1, le=1000)
     seed: int = Field(0, ge=0)
-    compare: list[str] = Field([], description="baseline finetuners to train and evaluate beside the run's")
+    compare: list[str | dict[str, Any]] = Field([], description="baseline finetuners to train and evaluate beside "
+                                                "the run's: names, or {finetuner: NAME, OPTION: VALUE, ...}")
     equal_wallclock: bool = Field(False, description="also train each baseline for the run's wall-clock time "
                                   "(its steps from its own seconds per step; on one process, for the run's "
                                   "training time times its processes), beside the equal-steps one")
@@ -278,16 +281,34 @@ class EvaluateSection(_Section):
 
     @field_validator("compare")
     @classmethod
-    def _known_and_distinct(cls, names: list[str]) -> list[str]:
-        allowed = available_finetuners()
-        for name in names:
+    def _known_and_distinct(cls, entries: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        allowed, problems, names = available_finetuners(), [], []
+        for i, entry in enumerate(entries):
+            where = f"compare[{i}]"
+            name = entry.get("finetuner") if isinstance(entry, dict) else entry
+            if isinstance(entry, dict) and "finetuner" not in entry:
+                problems.append(f"{where}: the mapping has no 'finetuner' key; give {{finetuner: NAME, OPTION: VALUE, "
+                                f"...}} (NAME one of {', '.join(allowed)})")
+                continue
             if name not in allowed:
-                raise ValueError(f"{name!r} is not a registered finetuner{did_you_mean(name, allowed)} "
-                                 f"(allowed: {', '.join(allowed)})")
-        repeated = [name for i, name in enumerate(names) if name in names[:i]]
-        if repeated:
-            raise ValueError(f"{repeated[0]!r} is listed more than once; list each finetuner once")
-        return names
+                field = f"{where}.finetuner" if isinstance(entry, dict) else where
+                problems.append(f"{field}: value {name!r} is not allowed: not a registered finetuner"
+                                f"{did_you_mean(str(name), allowed)} (allowed: {', '.join(allowed)})")
+                continue
+            if name in names:
+                problems.append(f"{where}: {name!r} is listed more than once; list each finetuner once")
+            names.append(name)
+            if isinstance(entry, dict):
+                options = {k: v for k, v in entry.items() if k != "finetuner"}
+                problems += option_problems(name, finetuner_class(name).Options, options, where)[1]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return entries
+
+    def baselines(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each baseline of ``compare`` as (finetuner, the options given for it)."""
+        return [(e, {}) if isinstance(e, str) else (e["finetuner"], {k: v for k, v in e.items() if k != "finetuner"})
+                for e in self.compare]
 
     @model_validator(mode="after")
     def _wallclock_needs_baselines(self) -> "EvaluateSection":
@@ -296,12 +317,18 @@ class EvaluateSection(_Section):
                              "time; list one in compare (e.g. [kd]) or leave equal_wallclock out")
         return self
 
-    def check_baselines(self, run_finetuner: str) -> None:
-        """The run's own finetuner is always in the report: listing it as a baseline is an error."""
-        if run_finetuner in self.compare:
-            others = [name for name in available_finetuners() if name != run_finetuner]
-            raise ValueError(f"evaluate.compare: value {run_finetuner!r} is not allowed: it is the run's own "
-                             f"finetuner (finetune.finetuner), shown in every report; allowed: {', '.join(others)}")
+    def check_baselines(self, run_finetuner: str, steps: int) -> None:
+        """The run's own finetuner is always in the report: listing it as a baseline is an error; so
+        is a baseline's jac_every that the run's steps would never reach."""
+        for i, (name, options) in enumerate(self.baselines()):
+            if name == run_finetuner:
+                others = [other for other in available_finetuners() if other != run_finetuner]
+                raise ValueError(f"evaluate.compare[{i}]: value {run_finetuner!r} is not allowed: it is the run's own "
+                                 f"finetuner (finetune.finetuner), shown in every report; allowed: {', '.join(others)}")
+            refusal = jac_every_refusal(options.get("jac_every", 1), steps)
+            if refusal:
+                raise ValueError(f"evaluate.compare[{i}].jac_every: value {options['jac_every']!r} is not allowed "
+                                 f"{refusal}")
 
 
 class ExportSection(_Section):
@@ -374,7 +401,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _baselines_differ_from_the_run(self) -> "Config":
         if self.evaluate is not None:
-            self.evaluate.check_baselines(self.finetune.finetuner)
+            self.evaluate.check_baselines(self.finetune.finetuner, self.finetune.steps)
         return self
 
 

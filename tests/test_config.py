@@ -15,7 +15,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 def small_config(compare, finetuner="2ndmatch"):
     return {"model": {"teacher": {"builtin": "tiny-unet"}}, "pruning": {"pruner": "magnitude"},
-            "finetune": {"finetuner": finetuner}, "evaluate": {"compare": compare}, "output_dir": "unused"}
+            "finetune": {"finetuner": finetuner, "steps": 10}, "evaluate": {"compare": compare}, "output_dir": "unused"}
 
 
 def test_examples_are_valid_configs():
@@ -70,14 +70,32 @@ def test_compare_defaults_to_empty_and_accepts_other_finetuners():
     assert validate_config(small_config(["2ndmatch"], finetuner="kd")).evaluate.compare == ["2ndmatch"]
 
 
+def test_compare_takes_a_baseline_with_its_own_options():
+    entries = ["dsm", {"finetuner": "2ndmatch", "jac_match": "vector", "jac_every": 4}]
+    evaluate = validate_config(small_config(entries, finetuner="kd")).evaluate
+    assert evaluate.baselines() == [("dsm", {}), ("2ndmatch", {"jac_match": "vector", "jac_every": 4})]
+
+
 @pytest.mark.parametrize("compare, finetuner, expected", [
-    (["kdd"], "2ndmatch", r"evaluate\.compare: value \['kdd'\].*'kdd' is not a registered finetuner; did you mean "
-                          r"'kd'\?.*allowed: 2ndmatch, dsm, kd"),
-    (["2ndmatch"], "2ndmatch", r"evaluate\.compare: value '2ndmatch' is not allowed: it is the run's own finetuner"
-                               r".*allowed: dsm, kd"),
-    (["dsm", "kd"], "kd", r"evaluate\.compare: value 'kd' is not allowed: it is the run's own finetuner.*"
+    (["kdd"], "2ndmatch", r"^evaluate\.compare\[0\]: value 'kdd' is not allowed: not a registered finetuner; did you "
+                          r"mean 'kd'\?.*allowed: 2ndmatch, dsm, kd"),
+    (["2ndmatch"], "2ndmatch", r"evaluate\.compare\[0\]: value '2ndmatch' is not allowed: it is the run's own "
+                               r"finetuner.*allowed: dsm, kd"),
+    (["dsm", "kd"], "kd", r"evaluate\.compare\[1\]: value 'kd' is not allowed: it is the run's own finetuner.*"
                           r"allowed: 2ndmatch, dsm"),
-    (["kd", "dsm", "kd"], "2ndmatch", r"evaluate\.compare: value \['kd', 'dsm', 'kd'\].*'kd' is listed more than once"),
+    (["kd", "dsm", "kd"], "2ndmatch", r"^evaluate\.compare\[2\]: 'kd' is listed more than once"),
+    (["dsm", {"finetuner": "dsm"}], "kd", r"^evaluate\.compare\[1\]: 'dsm' is listed more than once"),
+    ([{"jac_match": "vector"}], "kd", r"^evaluate\.compare\[0\]: the mapping has no 'finetuner' key"),
+    ([{"finetuner": "2ndmach"}], "kd", r"^evaluate\.compare\[0\]\.finetuner: value '2ndmach' is not allowed: not a "
+                                       r"registered finetuner; did you mean '2ndmatch'\?"),
+    ([{"finetuner": "2ndmatch", "jac_matc": "vector"}], "kd", r"^evaluate\.compare\[0\]\.jac_matc: unknown key for "
+                                                              r"finetuner '2ndmatch'; did you mean 'jac_match'\?"),
+    ([{"finetuner": "2ndmatch", "jac_match": "vektor"}], "kd", r"^evaluate\.compare\[0\]\.jac_match: value 'vektor' "
+                                                               r"is not allowed: .*'vector'"),
+    ([{"finetuner": "kd", "lambda_jac": 1.0}], "2ndmatch", r"^evaluate\.compare\[0\]\.lambda_jac: unknown key for "
+                                                           r"finetuner 'kd'"),
+    ([{"finetuner": "2ndmatch", "jac_every": 20}], "kd", r"^evaluate\.compare\[0\]\.jac_every: value 20 is not "
+                                                         r"allowed with steps 10: .*allowed: 1 to 10"),
 ])
 def test_bad_compare_is_a_config_error_naming_the_value(compare, finetuner, expected):
     with pytest.raises(ConfigError) as caught:

@@ -1,6 +1,7 @@
 """The run report: evaluate.compare (config rules, baselines finetuned from the same pruned
 student), the weighted loss curves and the report's structure."""
 
+import copy
 import json
 import math
 
@@ -176,6 +177,7 @@ def test_a_baseline_that_cannot_train_with_the_runs_weights_is_refused_before_th
     """The kd baseline takes the run's lambda_dsm and lambda_kd: both 0 (a pure Jacobian-matching
     run) would give it a zero loss; refused before anything is written, not after training."""
     from nni_2ndmatch.errors import UserError
+    from nni_2ndmatch.job.inputs import check_evaluate, load_configured_model
     from nni_2ndmatch.job.run import run_job
 
     raw = {"model": {"teacher": {"builtin": "tiny-unet"}}, "data": {"builtin": "digits", "resolution": 8},
@@ -183,7 +185,41 @@ def test_a_baseline_that_cannot_train_with_the_runs_weights_is_refused_before_th
            "finetune": {"finetuner": "2ndmatch", "steps": 2, "batch_size": 4, "lambda_dsm": 0.0, "lambda_kd": 0.0,
                         "lambda_jac": 0.1},
            "evaluate": {"samples": 8, "ddim_steps": 2, "compare": ["kd"]}, "output_dir": str(tmp_path / "run")}
-    with pytest.raises(UserError, match=r"evaluate.compare: the baseline 'kd' takes the run's \{'lambda_dsm': 0.0, "
-                                        r"'lambda_kd': 0.0\}, which it cannot train with: every loss weight is 0"):
+    with pytest.raises(UserError, match=r"evaluate.compare\[0\]: the baseline 'kd' takes the options \{'lambda_dsm': "
+                                        r"0.0, 'lambda_kd': 0.0\} \(the run's lambda_dsm / lambda_kd and its own\), "
+                                        r"which it cannot train with: every loss weight is 0"):
         run_job(validate_config(raw), "run", progress=False)
     assert not (tmp_path / "run").exists()
+    raw["evaluate"]["compare"] = [{"finetuner": "kd", "lambda_kd": 1.0}]  # its own weight: it can train
+    check_evaluate(validate_config(raw), load_configured_model(validate_config(raw).model.teacher, "teacher"), None)
+
+
+def test_a_baseline_trains_with_the_options_compare_gives_it_over_the_runs_weights():
+    """``{finetuner: 2ndmatch, OPTION: VALUE}`` in evaluate.compare: the baseline is that strategy
+    with those options, the run's lambda_dsm / lambda_kd where it gives none, and nothing else of
+    the run's; it trains exactly as the same finetuner built by hand."""
+    from nni_2ndmatch import finetune, get_finetuner
+    from nni_2ndmatch.data import DigitsDataset
+    from nni_2ndmatch.job.evaluate import baseline_label, finetune_baseline
+    from nni_2ndmatch.models import tiny_unet
+
+    raw = {"model": {"teacher": {"builtin": "tiny-unet"}}, "data": {"builtin": "digits", "resolution": 8},
+           "pruning": {"pruner": "magnitude"}, "finetune": {"finetuner": "kd", "steps": 2, "batch_size": 4,
+                                                            "lambda_kd": 0.5, "kd_perturb": "noise"},
+           "evaluate": {"compare": [{"finetuner": "2ndmatch", "jac_match": "vector", "lambda_jac": 0.01,
+                                     "lambda_dsm": 0.25}]}, "output_dir": "unused"}
+    config = validate_config(raw)
+    (name, given), = config.evaluate.baselines()
+    torch.manual_seed(0)
+    teacher, start = tiny_unet(), tiny_unet()
+    student, info = finetune_baseline(name, start, teacher, DigitsDataset(8), config,
+                                      config.finetune.options.model_dump(), progress=False, given=given)
+    options = info["finetuner_options"]
+    assert (options["jac_match"], options["lambda_jac"], options["lambda_dsm"], options["lambda_kd"]) == (
+        "vector", 0.01, 0.25, 0.5)  # its own, its own over the run's, the run's
+    by_hand = finetune(copy.deepcopy(start), teacher, get_finetuner("2ndmatch", jac_match="vector", lambda_jac=0.01,
+                                                                    lambda_dsm=0.25, lambda_kd=0.5),
+                       DigitsDataset(8), config.finetune.train_config(), None, watch=Watch(progress=False)).student
+    assert not _differs(_params(by_hand), _params(student)) and _differs(_params(start), _params(student))
+    assert baseline_label(name, given) == "2ndmatch (jac_match vector, lambda_jac 0.01, lambda_dsm 0.25)"
+    assert baseline_label("kd", {}) == "kd"

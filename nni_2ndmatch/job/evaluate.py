@@ -157,19 +157,27 @@ class PipelineEvaluator(Scores):
 
 # --- baselines ---------------------------------------------------------------------------------
 
-def baseline_options(name: str, run_options: dict[str, Any]) -> dict[str, Any]:
-    """The baseline's options: its defaults, with the run's lambda_dsm / lambda_kd where it takes them."""
+def baseline_options(name: str, run_options: dict[str, Any], given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The baseline's options: its defaults, with the run's lambda_dsm / lambda_kd where it takes them,
+    and the options ``evaluate.compare`` gives it (``given``) over both."""
     accepted = finetuner_options(name)
-    return {k: run_options[k] for k in ("lambda_dsm", "lambda_kd") if k in run_options and k in accepted}
+    return {**{k: run_options[k] for k in ("lambda_dsm", "lambda_kd") if k in run_options and k in accepted},
+            **(given or {})}
+
+
+def baseline_label(name: str, given: dict[str, Any]) -> str:
+    """The baseline's name in the report: the finetuner, and the options ``evaluate.compare`` gave it."""
+    return f"{name} ({', '.join(f'{k} {v}' for k, v in given.items())})" if given else name
 
 
 def finetune_baseline(name: str, start: nn.Module, teacher: nn.Module, dataset: Any, config: Config,
                       run_options: dict[str, Any], *, progress: bool, scheduler: Any = None,
-                      steps: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of ``start`` finetuned with the finetuner ``name`` and the run's loop options (the same
-    seed: the same data order, noise and timesteps; the run's ``scheduler``), for the run's number
-    of steps or ``steps``. Writes no checkpoints."""
-    finetuner = get_finetuner(name, scheduler=scheduler, **baseline_options(name, run_options))
+                      steps: int | None = None,
+                      given: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of ``start`` finetuned with the finetuner ``name`` (its options: :func:`baseline_options`)
+    and the run's loop options (the same seed: the same data order, noise and timesteps; the run's
+    ``scheduler``), for the run's number of steps or ``steps``. Writes no checkpoints."""
+    finetuner = get_finetuner(name, scheduler=scheduler, **baseline_options(name, run_options, given))
     train = config.finetune.train_config()
     if steps is not None:
         train = train.model_copy(update={"steps": steps})
@@ -214,7 +222,8 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
         return rows[-1]
 
     add("teacher", "teacher", None, None, None, "samples_teacher.png")
-    names, notes, baselines = list(e.compare), [], {}
+    notes, baselines = [], {}
+    names = [name for name, _ in e.baselines()]
     shutil.rmtree(out / REPORT_DIR / BASELINES_DIR, ignore_errors=True)  # the report describes this run only
     if start is None:
         if names:
@@ -225,17 +234,18 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
         label = "pruned, before finetuning" if config.model.student is None else "starting student, before finetuning"
         add(label, "start", None, start, None, "samples_pruned.png")
         scheduler = parts.scheduler if parts is not None else None
-        for name in names:
+        for name, given in e.baselines():
             run = functools.partial(finetune_baseline, name, start, teacher, data.dataset, config,
-                                    summary.finetuner_options, progress=progress, scheduler=scheduler)
+                                    summary.finetuner_options, progress=progress, scheduler=scheduler, given=given)
             baseline, info = run()
-            add(f"{name} (baseline)", "baseline", name, baseline, info["seconds"],
+            label = baseline_label(name, given)
+            add(f"{label} (baseline)", "baseline", name, baseline, info["seconds"],
                 f"samples_baseline_{_safe_name(name)}.png")
             baselines[name] = {**info, "student_dir": _save_baseline(baseline, out, name)}
             if e.equal_wallclock:  # as many steps as fit in the run's training seconds (on all its processes)
                 steps = summary.equal_time_steps(info["seconds"] / info["steps"])
                 baseline, info = run(steps=steps)
-                add(f"{name} (baseline, {steps} steps: {_wallclock(summary.processes)})", "baseline-wallclock", name,
+                add(f"{label} (baseline, {steps} steps: {_wallclock(summary.processes)})", "baseline-wallclock", name,
                     baseline, info["seconds"], f"samples_baseline_{_safe_name(name)}_wallclock.png")
                 baselines[f"{name}-wallclock"] = {**info,
                                                   "student_dir": _save_baseline(baseline, out, f"{name}-wallclock")}

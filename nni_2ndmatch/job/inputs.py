@@ -116,13 +116,14 @@ def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | No
     if parts is not None and parts.latent and not (text or labels):
         raise UserError(f"evaluate: the pipeline ({parts.path}) is latent and unconditional, which the "
                         "evaluation does not sample yet; remove the evaluate section")
-    for name in e.compare:  # each baseline takes the run's lambda_dsm / lambda_kd: checked now, not after training
-        options = baseline_options(name, config.finetune.options.model_dump())
+    run_options = config.finetune.options.model_dump()
+    for i, (name, given) in enumerate(e.baselines()):  # the run's lambda_dsm / lambda_kd too: checked before training
+        options = baseline_options(name, run_options, given)
         try:
             get_finetuner(name, **options)
         except ValueError as err:
-            raise UserError(f"evaluate.compare: the baseline {name!r} takes the run's {options}, which it cannot "
-                            f"train with: {err}") from None
+            raise UserError(f"evaluate.compare[{i}]: the baseline {name!r} takes the options {options} (the run's "
+                            f"lambda_dsm / lambda_kd and its own), which it cannot train with: {err}") from None
     if e.fid_features is not None:
         try:
             needs_torchmetrics()
