@@ -36,9 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy import export_aoti, load_model
+    from nni_2ndmatch.deploy.aoti import check_options
     from nni_2ndmatch.deploy.artefact import sidecar_path
     from nni_2ndmatch.deploy.model_io import check_seq_len
 
+    check_options(args.device, tuple(args.batch), args.fp16, args.tolerance)  # before the model loads
     model, info = load_model(args.model)
     check_seq_len(model, args.seq_len)
     report = export_aoti(model, args.out, device=args.device, batches=args.batch, fp16=args.fp16,

@@ -44,6 +44,7 @@ def main(args: argparse.Namespace) -> int:
     from nni_2ndmatch.deploy import export_onnx, load_model
     from nni_2ndmatch.deploy.artefact import sidecar_path
     from nni_2ndmatch.deploy.model_io import check_seq_len
+    from nni_2ndmatch.deploy.onnx_export import check_options
 
     if args.pipeline:
         from nni_2ndmatch.deploy import DeployError
@@ -62,6 +63,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} (load it with diffusers' OnnxStableDiffusionPipeline.from_pretrained)")
         return 0
 
+    check_options(args.opset, args.exporter, args.tolerance)  # before the model loads
     model, info = load_model(args.model)
     check_seq_len(model, args.seq_len)
     report = export_onnx(model, args.out, opset=args.opset, fp16=args.fp16, batch_dynamic=args.batch_dynamic,

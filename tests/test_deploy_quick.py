@@ -213,3 +213,25 @@ def test_a_text_length_for_a_model_without_text_is_refused():
     with pytest.raises(DeployError, match=r"seq_len=5 is not allowed: DiTTransformer2DModel takes no "
                                           r"encoder_hidden_states"):
         check_seq_len(tiny_dit(seed=1), 5)
+
+
+@pytest.mark.parametrize("script, argv, expected", [
+    ("to_onnx", ["--opset", "7"], r"opset=7 is not allowed; it must be an integer in \[14, "),
+    ("to_onnx", ["--exporter", "tensorrt"], r"exporter='tensorrt' is unknown; allowed: dynamo, torchscript"),
+    ("to_onnx", ["--tolerance", "0"], r"tolerance=0.0 is not allowed; it must be a number > 0"),
+    ("to_aoti", ["--device", "tpu"], r"device='tpu' is unknown; allowed: cpu, cuda"),
+    ("to_aoti", ["--fp16"], r"fp16=True is not allowed with device='cpu'"),
+])
+def test_the_export_scripts_check_their_options_before_loading_the_model(tmp_path, monkeypatch, script, argv,
+                                                                         expected):
+    """A bad option is named before the model loads (here a folder that holds none: loading first
+    would report the folder instead)."""
+    import importlib
+
+    from nni_2ndmatch.deploy import DeployError
+
+    monkeypatch.syspath_prepend(str(ROOT / "export"))
+    module = importlib.import_module(script)
+    args = module.parse_args(["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "m.out"), *argv])
+    with pytest.raises(DeployError, match=expected):
+        module.main(args)

@@ -46,7 +46,9 @@ DEFAULT_BATCHES = (1, 16, 64)
 TOLERANCE = {("cpu", "fp32"): 1e-4, ("cuda", "fp32"): 1e-2, ("cuda", "fp16"): 1e-2}
 
 
-def _check_options(device: str, batches: tuple[int, ...], fp16: bool, tolerance: float | None) -> None:
+def check_options(device: str, batches: tuple[int, ...], fp16: bool, tolerance: float | None) -> None:
+    """A package's options, checked before any work (a DeployError naming the option; no GPU or no
+    compiler: MissingBackendError)."""
     if device not in DEVICES:
         raise DeployError(f"device={device!r} is unknown; allowed: {', '.join(DEVICES)}")
     if not batches or any(not is_integer(b) or b < 1 for b in batches):
@@ -146,7 +148,7 @@ def export_aoti(model: nn.Module, out: str | os.PathLike, *, device: str = "cpu"
     :class:`ParityError` is raised.
     """
     batches = tuple(sorted(set(batches))) if isinstance(batches, (list, tuple)) else batches
-    _check_options(device, batches, fp16, tolerance)
+    check_options(device, batches, fp16, tolerance)
     check_out(out)
     precision = "fp16" if fp16 else "fp32"
     tolerance = float(tolerance if tolerance is not None else TOLERANCE[(device, precision)])
