@@ -244,12 +244,19 @@ class FinetuneSection(TrainConfig):
         return self.options.model_dump()
 
 
+def _baseline(entry: str | dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """An entry of ``evaluate.compare`` as (finetuner, the options given for it)."""
+    if isinstance(entry, str):
+        return entry, {}
+    return entry.get("finetuner"), {k: v for k, v in entry.items() if k != "finetuner"}
+
+
 class EvaluateSection(_Section):
     """Teacher vs student after finetuning: same noise, deterministic DDIM; digits-FID on the digits.
     ``compare``: baseline finetuners (e.g. [kd]) trained from the same starting student with the
     same loop options and seed, and evaluated the same way, beside the run's finetuner. An entry is
-    a name (the strategy's defaults, with the run's lambda_dsm / lambda_kd where it takes them) or
-    a mapping ``{finetuner: NAME, OPTION: VALUE, ...}`` with the baseline's own options."""
+    a name or a mapping ``{finetuner: NAME, OPTION: VALUE, ...}``: the strategy's defaults, the
+    run's lambda_dsm / lambda_kd where it takes them, and the options the mapping gives over both."""
 
     samples: int = Field(200, ge=2, le=100000, description="samples per model")
     ddim_steps: int = Field(25, ge=1, le=1000)
@@ -285,7 +292,7 @@ class EvaluateSection(_Section):
         allowed, problems, names = available_finetuners(), [], []
         for i, entry in enumerate(entries):
             where = f"compare[{i}]"
-            name = entry.get("finetuner") if isinstance(entry, dict) else entry
+            name, options = _baseline(entry)
             if isinstance(entry, dict) and "finetuner" not in entry:
                 problems.append(f"{where}: the mapping has no 'finetuner' key; give {{finetuner: NAME, OPTION: VALUE, "
                                 f"...}} (NAME one of {', '.join(allowed)})")
@@ -296,19 +303,17 @@ class EvaluateSection(_Section):
                                 f"{did_you_mean(str(name), allowed)} (allowed: {', '.join(allowed)})")
                 continue
             if name in names:
-                problems.append(f"{where}: {name!r} is listed more than once; list each finetuner once")
+                problems.append(f"{where}: {name!r} is listed more than once; list each finetuner once, whatever "
+                                "its options")
             names.append(name)
-            if isinstance(entry, dict):
-                options = {k: v for k, v in entry.items() if k != "finetuner"}
-                problems += option_problems(name, finetuner_class(name).Options, options, where)[1]
+            problems += option_problems(name, finetuner_class(name).Options, options, where)[1]
         if problems:
             raise ValueError("\n".join(problems))
         return entries
 
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:
         """Each baseline of ``compare`` as (finetuner, the options given for it)."""
-        return [(e, {}) if isinstance(e, str) else (e["finetuner"], {k: v for k, v in e.items() if k != "finetuner"})
-                for e in self.compare]
+        return [_baseline(entry) for entry in self.compare]
 
     @model_validator(mode="after")
     def _wallclock_needs_baselines(self) -> "EvaluateSection":
@@ -317,18 +322,15 @@ class EvaluateSection(_Section):
                              "time; list one in compare (e.g. [kd]) or leave equal_wallclock out")
         return self
 
-    def check_baselines(self, run_finetuner: str, steps: int) -> None:
-        """The run's own finetuner is always in the report: listing it as a baseline is an error; so
-        is a baseline's jac_every that the run's steps would never reach."""
-        for i, (name, options) in enumerate(self.baselines()):
+    def check_baselines(self, run_finetuner: str) -> None:
+        """The run's own finetuner is always in the report: listing it as a baseline, with or
+        without options, is an error (the report names each baseline by its finetuner)."""
+        for i, (name, _) in enumerate(self.baselines()):
             if name == run_finetuner:
                 others = [other for other in available_finetuners() if other != run_finetuner]
                 raise ValueError(f"evaluate.compare[{i}]: value {run_finetuner!r} is not allowed: it is the run's own "
-                                 f"finetuner (finetune.finetuner), shown in every report; allowed: {', '.join(others)}")
-            refusal = jac_every_refusal(options.get("jac_every", 1), steps)
-            if refusal:
-                raise ValueError(f"evaluate.compare[{i}].jac_every: value {options['jac_every']!r} is not allowed "
-                                 f"{refusal}")
+                                 f"finetuner (finetune.finetuner), shown in every report, and each finetuner is listed "
+                                 f"once, whatever its options; allowed: {', '.join(others)}")
 
 
 class ExportSection(_Section):
@@ -401,7 +403,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _baselines_differ_from_the_run(self) -> "Config":
         if self.evaluate is not None:
-            self.evaluate.check_baselines(self.finetune.finetuner, self.finetune.steps)
+            self.evaluate.check_baselines(self.finetune.finetuner)
         return self
 
 

@@ -61,7 +61,8 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(pro
            "pruning": {"pruner": "magnitude", "sparse_ratio": 0.5},
            "finetune": {"finetuner": "2ndmatch", "steps": 2, "batch_size": 8, "lr": 5e-4, "lambda_kd": 0.5,
                         "lambda_jac": 0.001, "log_every": 1, "checkpoint_every": 2},
-           "evaluate": {"samples": 8, "ddim_steps": 2, "compare": ["kd"], "equal_wallclock": True},
+           "evaluate": {"samples": 8, "ddim_steps": 2, "compare": [{"finetuner": "kd", "kd_perturb": "noise"}],
+                        "equal_wallclock": True},
            "output_dir": str(tmp_path / "run")}
     config = validate_config(raw)
     evaluate_models = job_run.evaluate_models
@@ -79,8 +80,8 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(pro
     kd_steps = round(training * processes / (comparison["baselines"]["kd"]["seconds"] / 2))
     wallclock = "the run's wall clock" + (f" x {processes} processes" if processes > 1 else "")
     assert [row["model"] for row in comparison["rows"]] == [
-        "teacher", "pruned, before finetuning", "kd (baseline)",
-        f"kd (baseline, {kd_steps} steps: {wallclock})", "2ndmatch (this run)"]
+        "teacher", "pruned, before finetuning", "kd with kd_perturb noise (baseline)",
+        f"kd with kd_perturb noise (baseline, {kd_steps} steps: {wallclock})", "2ndmatch (this run)"]
     assert any(f"times its {processes} processes" in note for note in comparison["notes"]) == (processes > 1)
     assert comparison["baselines"]["kd-wallclock"]["steps"] == kd_steps > 2  # kd's step is the cheaper
     rows = {row["role"]: row for row in comparison["rows"]}
@@ -88,7 +89,8 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(pro
     assert rows["run"]["finetune_seconds"] == pytest.approx(training)
     assert math.isfinite(rows["baseline"]["digits_fid"]) and rows["baseline"]["fidelity"] > 0
     assert rows["teacher"]["fidelity"] == 0 and rows["run"]["fidelity"] == results["quality"]["fidelity"]
-    assert comparison["baselines"]["kd"]["finetuner_options"]["lambda_kd"] == 0.5  # the run's lambda_kd
+    options = comparison["baselines"]["kd"]["finetuner_options"]
+    assert (options["lambda_kd"], options["kd_perturb"]) == (0.5, "noise")  # the run's lambda_kd, its own kd_perturb
 
     start, student = _params(load_pruned(out / "pruned")), _params(load_pruned(out / "student"))
     kd = _params(load_pruned(out / comparison["baselines"]["kd"]["student_dir"]))
@@ -97,15 +99,17 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(pro
     # the same start, loop options and threads: kd finetuned here from out/pruned reproduces the baseline exactly
     teacher = load_configured_model(config.model.teacher, "teacher")
     with torch_threads(config.resolved_threads()):  # float sums depend on the thread count
-        again = finetune(load_pruned(out / "pruned"), teacher, get_finetuner("kd", lambda_dsm=1.0, lambda_kd=0.5),
+        again = finetune(load_pruned(out / "pruned"), teacher, get_finetuner("kd", lambda_dsm=1.0, lambda_kd=0.5,
+                                                                                 kd_perturb="noise"),
                          DigitsDataset(8), config.finetune.train_config(), None, watch=Watch(progress=False)).student
     assert not _differs(_params(again), kd)
     assert not (report / "baselines" / "kd" / "checkpoints").exists()
 
     text = (report / "report.md").read_text()
     assert [line for line in text.splitlines() if line.startswith("# ")] == ["# nni-2ndmatch run report"]
-    assert "| kd (baseline) |" in text and "`2ndmatch` vs kd (baseline):" in text
-    assert f"`2ndmatch` vs kd (baseline, {kd_steps} steps: {wallclock}):" in text
+    assert "| kd with kd_perturb noise (baseline) |" in text
+    assert "`2ndmatch` vs kd with kd_perturb noise (baseline):" in text
+    assert f"`2ndmatch` vs kd with kd_perturb noise (baseline, {kd_steps} steps: {wallclock}):" in text
     assert "benchmarks/digits_quality.py" in text
     for png in ("loss_curves.png", "samples_pruned.png", "samples_baseline_kd.png", "samples_student.png"):
         assert (report / png).stat().st_size > 1000, png
@@ -175,7 +179,8 @@ def test_fid_with_a_local_feature_network_is_reported_for_pixel_space_models_too
 
 def test_a_baseline_that_cannot_train_with_the_runs_weights_is_refused_before_the_run(tmp_path):
     """The kd baseline takes the run's lambda_dsm and lambda_kd: both 0 (a pure Jacobian-matching
-    run) would give it a zero loss; refused before anything is written, not after training."""
+    run) would give it a zero loss; refused before anything is written, not after training. So is
+    a baseline's option that would do nothing in the run (as the run's own would be)."""
     from nni_2ndmatch.errors import UserError
     from nni_2ndmatch.job.inputs import check_evaluate, load_configured_model
     from nni_2ndmatch.job.run import run_job
@@ -190,8 +195,41 @@ def test_a_baseline_that_cannot_train_with_the_runs_weights_is_refused_before_th
                                         r"which it cannot train with: every loss weight is 0"):
         run_job(validate_config(raw), "run", progress=False)
     assert not (tmp_path / "run").exists()
+    teacher = load_configured_model(validate_config(raw).model.teacher, "teacher")
     raw["evaluate"]["compare"] = [{"finetuner": "kd", "lambda_kd": 1.0}]  # its own weight: it can train
-    check_evaluate(validate_config(raw), load_configured_model(validate_config(raw).model.teacher, "teacher"), None)
+    check_evaluate(validate_config(raw), teacher, None)
+    # what the baseline's options would do in this run is checked too, as the run's own are
+    raw["finetune"] = {"finetuner": "kd", "steps": 2, "batch_size": 4, "gradient_checkpointing": True}
+    for given, refusal in (({"jac_every": 3}, r"jac_every=3 is not allowed: with steps 2: the Jacobian term would "
+                                              r"never be computed; allowed: 1 to 2"),
+                           ({"jac_min_timestep": 1000}, r"jac_min_timestep=1000 is not allowed: the teacher's "
+                                                        r"schedule has timesteps below 1000"),
+                           ({"mode": "jvp"}, r"gradient_checkpointing=True is not allowed with mode 'jvp'")):
+        raw["evaluate"]["compare"] = [{"finetuner": "2ndmatch", **given}]
+        with pytest.raises(UserError, match=r"evaluate\.compare\[0\]: the baseline '2ndmatch' takes the options .*"
+                                            r"which it cannot train with: " + refusal):
+            check_evaluate(validate_config(raw), teacher, None)
+
+
+@pytest.mark.slow
+def test_a_wallclock_baseline_whose_steps_would_never_reach_its_jac_every_is_left_out_with_a_note(tmp_path,
+                                                                                                  monkeypatch):
+    from nni_2ndmatch.job.results import RunSummary
+    from nni_2ndmatch.job.run import run_job
+
+    monkeypatch.setattr(RunSummary, "equal_time_steps", lambda self, seconds_per_step: 1)
+    raw = {"model": {"teacher": {"builtin": "tiny-unet"}}, "data": {"builtin": "digits", "resolution": 8},
+           "pruning": {"pruner": "magnitude", "sparse_ratio": 0.5},
+           "finetune": {"finetuner": "kd", "steps": 2, "batch_size": 4},
+           "evaluate": {"samples": 4, "ddim_steps": 2, "equal_wallclock": True,
+                        "compare": ["dsm", {"finetuner": "2ndmatch", "jac_every": 2}]},
+           "output_dir": str(tmp_path / "run")}
+    run_job(validate_config(raw), "run", progress=False)
+    comparison = json.loads((tmp_path / "run" / "report" / "results.json").read_text())["comparison"]
+    assert sorted(comparison["baselines"]) == ["2ndmatch", "dsm", "dsm-wallclock"]
+    assert comparison["baselines"]["dsm-wallclock"]["steps"] == 1
+    assert "2ndmatch with jac_every 2 was not trained for the run's wall clock, which buys it fewer steps (1) than " \
+           "its jac_every (2): its term would never be computed." in comparison["notes"]
 
 
 def test_a_baseline_trains_with_the_options_compare_gives_it_over_the_runs_weights():
@@ -221,5 +259,5 @@ def test_a_baseline_trains_with_the_options_compare_gives_it_over_the_runs_weigh
                                                                     lambda_dsm=0.25, lambda_kd=0.5),
                        DigitsDataset(8), config.finetune.train_config(), None, watch=Watch(progress=False)).student
     assert not _differs(_params(by_hand), _params(student)) and _differs(_params(start), _params(student))
-    assert baseline_label(name, given) == "2ndmatch (jac_match vector, lambda_jac 0.01, lambda_dsm 0.25)"
+    assert baseline_label(name, given) == "2ndmatch with jac_match vector, lambda_jac 0.01, lambda_dsm 0.25"
     assert baseline_label("kd", {}) == "kd"

@@ -167,7 +167,7 @@ def baseline_options(name: str, run_options: dict[str, Any], given: dict[str, An
 
 def baseline_label(name: str, given: dict[str, Any]) -> str:
     """The baseline's name in the report: the finetuner, and the options ``evaluate.compare`` gave it."""
-    return f"{name} ({', '.join(f'{k} {v}' for k, v in given.items())})" if given else name
+    return f"{name} with {', '.join(f'{k} {v}' for k, v in given.items())}" if given else name
 
 
 def finetune_baseline(name: str, start: nn.Module, teacher: nn.Module, dataset: Any, config: Config,
@@ -242,8 +242,12 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
             add(f"{label} (baseline)", "baseline", name, baseline, info["seconds"],
                 f"samples_baseline_{_safe_name(name)}.png")
             baselines[name] = {**info, "student_dir": _save_baseline(baseline, out, name)}
-            if e.equal_wallclock:  # as many steps as fit in the run's training seconds (on all its processes)
-                steps = summary.equal_time_steps(info["seconds"] / info["steps"])
+            steps = summary.equal_time_steps(info["seconds"] / info["steps"]) if e.equal_wallclock else 0
+            every = info["finetuner_options"].get("jac_every", 1)
+            if 0 < steps < every:
+                notes.append(f"{label} was not trained for the run's wall clock, which buys it fewer steps ({steps}) "
+                             f"than its jac_every ({every}): its term would never be computed.")
+            elif steps:  # as many steps as fit in the run's training seconds (on all its processes)
                 baseline, info = run(steps=steps)
                 add(f"{label} (baseline, {steps} steps: {_wallclock(summary.processes)})", "baseline-wallclock", name,
                     baseline, info["seconds"], f"samples_baseline_{_safe_name(name)}_wallclock.png")

@@ -30,7 +30,7 @@ from ..models import (
 )
 from ..nni import PRUNER_REGISTRY, pruner_spec
 from ..pruning import load_model_folder
-from ..training import Runtime, check_batch, check_student_options
+from ..training import Runtime, check_batch, check_finetuner, check_student_options
 from ..training.accelerate import AccelerateRuntime, check_launcher_settings, launched_distributed
 from .data import DataPlan, check_resume, plan_data
 from .evaluate import baseline_options
@@ -116,11 +116,12 @@ def check_evaluate(config: Config, teacher: nn.Module, parts: PipelineParts | No
     if parts is not None and parts.latent and not (text or labels):
         raise UserError(f"evaluate: the pipeline ({parts.path}) is latent and unconditional, which the "
                         "evaluation does not sample yet; remove the evaluate section")
-    run_options = config.finetune.options.model_dump()
-    for i, (name, given) in enumerate(e.baselines()):  # the run's lambda_dsm / lambda_kd too: checked before training
+    run_options, train = config.finetune.options.model_dump(), config.finetune.train_config()
+    for i, (name, given) in enumerate(e.baselines()):  # as it will train, checked before the run trains
         options = baseline_options(name, run_options, given)
         try:
-            get_finetuner(name, **options)
+            check_finetuner(get_finetuner(name, scheduler=parts.scheduler if parts is not None else None, **options),
+                            train)
         except ValueError as err:
             raise UserError(f"evaluate.compare[{i}]: the baseline {name!r} takes the options {options} (the run's "
                             f"lambda_dsm / lambda_kd and its own), which it cannot train with: {err}") from None

@@ -9,6 +9,7 @@ from .loop import (
     Validation,
     Watch,
     check_batch,
+    check_finetuner,
     check_student_options,
     finetune,
 )
@@ -17,5 +18,5 @@ from .runtime import Runtime
 from .state import EMA, TrainState
 
 __all__ = ["CHECKPOINT_DIR", "EMA", "METRICS_FILE", "FinetuneResult", "NonFiniteLossError", "Runtime", "TrainConfig",
-           "TrainState", "Validation", "Watch", "check_batch", "check_student_options",
+           "TrainState", "Validation", "Watch", "check_batch", "check_finetuner", "check_student_options",
            "finetune"]

@@ -116,7 +116,13 @@ def check_run(student: nn.Module, teacher: Any, finetuner: Finetuner, dataset: D
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError("the student has no trainable parameters (requires_grad=False everywhere)")
     check_student_options(student, config)
-    refusal = checkpointing_refusal(config.gradient_checkpointing, mode)
+    check_finetuner(finetuner, config)
+
+
+def check_finetuner(finetuner: Finetuner, config: TrainConfig) -> None:
+    """The strategy's options against the loop's (and its scheduler): a ValueError names the option
+    that would do nothing in this run."""
+    refusal = checkpointing_refusal(config.gradient_checkpointing, getattr(finetuner.opts, "mode", None))
     if refusal:
         raise ValueError(f"gradient_checkpointing=True is not allowed {refusal}")
     for option, refusal in (("jac_every", jac_every_refusal(getattr(finetuner.opts, "jac_every", 1), config.steps)),
