@@ -619,3 +619,38 @@ def test_every_committed_benchmark_command_still_parses(monkeypatch, capsys):
             written_elsewhere = "'runs/" in err and "is not a diffusers model folder" in err
             no_photos = "scikit-image is not installed" in err and importlib.util.find_spec("skimage") is None
             assert written_elsewhere or no_photos, f"{command}\n{err}"
+
+
+def test_the_demo_the_examples_and_the_report_follow_the_committed_verdict():
+    """The equal-compute rule (docs/results.md): the demo and examples/ use the finetuner its verdict
+    recommends (the demo keeps 2ndmatch beside kd as its comparison), and the run report quotes the
+    verdict's figures; all agree with the committed verdict.json."""
+    import yaml
+
+    from benchmarks.arms import VARIANT
+    from nni_2ndmatch.job.report import EQUAL_COMPUTE
+
+    root = Path(__file__).resolve().parent.parent
+    verdict = json.loads((root / "benchmarks" / "results" / "equal_compute" / "verdict.json").read_text())
+    finetuner, options = arm(verdict["recommended"], VARIANT)
+    for path in sorted((root / "examples").glob("*.yaml")):
+        section = yaml.safe_load(path.read_text())["finetune"]
+        assert section["finetuner"] == finetuner and options.items() <= section.items(), path.name
+    if finetuner == "kd":
+        compare = yaml.safe_load((root / "examples" / "digits_demo.yaml").read_text())["evaluate"]["compare"]
+        assert {"finetuner": "2ndmatch", **VARIANT} in compare
+
+    def gain(d, p):
+        return [round(d["mean"], 2), round(d["ci95"][0], 2), round(d["ci95"][1], 2), float(f"{p:.2g}")]
+
+    costs = [t["cost_ratio"]["2ndmatch"] for t in verdict["teachers"].values()]
+    steps, compute = verdict["equal_steps"], verdict["equal_compute"]
+    assert EQUAL_COMPUTE == {
+        "recommended": verdict["recommended"], "teachers": len(verdict["teachers"]),
+        "pairs": compute["paired"]["kd_minus_2ndmatch"]["n"],
+        "equal_compute": {name: gain(compute["paired"][f"kd_minus_{name}"], d["p_one_sided_holm"])
+                          for name, d in verdict["decisions"].items()},
+        "equal_steps": gain(steps["paired"]["kd_minus_2ndmatch"], steps["p_one_sided_holm"]["2ndmatch"]),
+        "fidelity": {budget: round(verdict[budget]["paired_fidelity"]["kd_minus_2ndmatch"]["mean"], 4)
+                     for budget in ("equal_steps", "equal_compute")},
+        "cost": [round(min(costs), 2), round(max(costs), 2)]}

@@ -144,7 +144,7 @@ def test_run_end_to_end_then_refuse_then_resume(tmp_path):
     assert summary["steps"] == 3 and summary["finetuner"] == "2ndmatch"
     assert summary["student_params"] < summary["teacher_params"]
     assert {"dsm", "kd", "jac", "loss"} <= set(summary["final"])
-    assert summary["loss_weights"] == {"dsm": 1.0, "kd": 1.0, "jac": 1.0}  # the finetuner's own (tiny_finetune.yaml)
+    assert summary["loss_weights"] == {"dsm": 1.0, "kd": 1.0, "jac": 1.0}  # the finetuner's own (write_config's)
     from nni_2ndmatch import load_pruned
 
     student = load_pruned(out / "student")

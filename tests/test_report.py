@@ -110,7 +110,7 @@ def test_run_report_compares_a_baseline_trained_from_the_same_pruned_student(pro
     assert "| kd with kd_perturb noise (baseline) |" in text
     assert "`2ndmatch` vs kd with kd_perturb noise (baseline):" in text
     assert f"`2ndmatch` vs kd with kd_perturb noise (baseline, {kd_steps} steps: {wallclock}):" in text
-    assert "benchmarks/digits_quality.py" in text
+    assert "benchmarks/digits_quality.py" in text and "the equal-compute experiment" in text
     for png in ("loss_curves.png", "samples_pruned.png", "samples_baseline_kd.png", "samples_student.png"):
         assert (report / png).stat().st_size > 1000, png
 

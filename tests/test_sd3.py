@@ -124,7 +124,8 @@ def test_the_tiny_sd3_example_gives_a_pipeline_diffusers_samples_with_and_withou
     from nni_2ndmatch.models import pipeline_denoiser
 
     raw = yaml.safe_load((ROOT / "examples" / "tiny_sd3.yaml").read_text())
-    raw["finetune"].update(steps=2, batch_size=4)
+    raw["finetune"].update(finetuner="2ndmatch", jac_match="vector", jac_weighting="noise", lambda_jac=1.0,
+                           jac_reference_dims=1, steps=2, batch_size=4)  # the term through the pipeline (kd there)
     raw["evaluate"].update(samples=4, ddim_steps=3)
     raw["export"].update(repeats=3)
     raw["output_dir"] = str(tmp_path / "run")

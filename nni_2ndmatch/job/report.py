@@ -139,6 +139,42 @@ def single_seed_caveat() -> str:
             "paired comparison (same pruned student and noise per seed) over several seeds on the built-in digits.")
 
 
+#: What the equal-compute experiment (docs/results.md, its rule written before the runs) found, as its
+#: verdict records it (benchmarks/results/equal_compute/verdict.json; a test holds the two together).
+#: Gains are kd's digits-FID minus the setting's (positive: the setting is better), pooled over the
+#: teachers: [mean, 95% interval low, high, Holm-adjusted one-sided p]; fidelity: kd's RMS distance
+#: from the teacher's samples minus the variant's (positive: the variant's are closer); cost: the
+#: variant's whole-run cost per step against kd's, lowest and highest over the teachers.
+EQUAL_COMPUTE: dict[str, Any] = {
+    "recommended": "kd", "teachers": 3, "pairs": 32,
+    "equal_compute": {"2ndmatch": [-2.3, -3.72, -0.88, 1.0], "2ndmatch-every8": [-0.14, -1.39, 1.12, 1.0],
+                      "kd-perturb": [0.4, -1.25, 2.05, 0.94]},
+    "equal_steps": [2.59, 1.47, 3.71, 5.1e-05],
+    "fidelity": {"equal_steps": 0.0255, "equal_compute": 0.0096},
+    "cost": [2.05, 2.14]}
+#: the experiment's settings, in a config file's words
+SETTINGS = {"2ndmatch": "the variant (`2ndmatch` with jac_match vector, jac_weighting noise, lambda_jac 1.0, "
+                        "jac_reference_dims 1)",
+            "2ndmatch-every8": "the variant with `jac_every: 8`",
+            "kd-perturb": "kd at perturbed inputs (`kd_perturb: noise`)"}
+
+
+def equal_compute_sentence(verdict: dict[str, Any] = EQUAL_COMPUTE) -> str:
+    """Which finetuner the equal-compute rule recommends, and what the Jacobian term buys at what price."""
+    def gain(g: list[float]) -> str:
+        return f"{g[0]:+.2f} (95% CI {g[1]:+.2f} to {g[2]:+.2f}, Holm p {g[3]:.2g})"
+
+    v, (low, high) = verdict, verdict["cost"]
+    compute = "; ".join(f"{SETTINGS[name]} {gain(g)}" for name, g in v["equal_compute"].items())
+    closer = {budget: f"{'closer to' if f > 0 else 'farther from'} the teacher's by {abs(f):.4f} RMS"
+              for budget, f in v["fidelity"].items()}
+    return (f"For a fixed budget, the equal-compute experiment ({v['teachers']} teachers, {v['pairs']} paired seeds, "
+            f"its rule written before the runs; docs/results.md) recommends `{v['recommended']}`. Digits-FID gain "
+            f"over kd given the same compute (positive: better than kd): {compute}. What the Jacobian term buys: at "
+            f"equal steps the variant gains {gain(v['equal_steps'])} and its samples are {closer['equal_steps']} "
+            f"({closer['equal_compute']} at equal compute), at {low:.2f}x to {high:.2f}x the cost of a kd step.")
+
+
 # --- markdown ------------------------------------------------------------------------------------
 
 _HEADING = re.compile(r"^(#{1,6})(?=\s)")
@@ -254,7 +290,7 @@ def write_run_report(out: Path, summary: RunSummary, *, pruning: dict[str, Any] 
                      if row["role"].startswith("baseline")]
         results["quality"] = evaluation.quality()
         if sentences:
-            sentences.append(single_seed_caveat())
+            sentences += [single_seed_caveat(), equal_compute_sentence()]
         fields = dataclasses.asdict(comparison)
         notes = fields.pop("notes")
         results["comparison"] = {**fields, "sentences": sentences, "notes": notes}  # the order of before
