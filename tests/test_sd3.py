@@ -18,6 +18,7 @@ from helpers.portable import samples_without_the_package, text_to_image_samples
 from helpers.tiny_models import captioned_images
 from torch import nn
 
+from benchmarks.arms import VARIANT
 from nni_2ndmatch.config import validate_config
 
 pytest.importorskip("transformers")
@@ -124,8 +125,7 @@ def test_the_tiny_sd3_example_gives_a_pipeline_diffusers_samples_with_and_withou
     from nni_2ndmatch.models import pipeline_denoiser
 
     raw = yaml.safe_load((ROOT / "examples" / "tiny_sd3.yaml").read_text())
-    raw["finetune"].update(finetuner="2ndmatch", jac_match="vector", jac_weighting="noise", lambda_jac=1.0,
-                           jac_reference_dims=1, steps=2, batch_size=4)  # the term through the pipeline (kd there)
+    raw["finetune"].update(VARIANT, finetuner="2ndmatch", steps=2, batch_size=4)  # the term through it (kd there)
     raw["evaluate"].update(samples=4, ddim_steps=3)
     raw["export"].update(repeats=3)
     raw["output_dir"] = str(tmp_path / "run")

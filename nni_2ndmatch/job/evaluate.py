@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..config import Config, EvaluateSection
 from ..data import collate
 from ..evaluation import FID, FID_DATA, OnnxFeatures, clip_score, digits_fid, fidelity, load_clip, sample
-from ..finetuners import finetuner_options, get_finetuner
+from ..finetuners import finetuner_options, get_finetuner, jac_every_refusal
 from ..layout import BASELINES_DIR, REPORT_DIR
 from ..method import is_flow_matching
 from ..models import PipelineParts
@@ -222,8 +222,8 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
         return rows[-1]
 
     add("teacher", "teacher", None, None, None, "samples_teacher.png")
-    notes, baselines = [], {}
-    names = [name for name, _ in e.baselines()]
+    notes, baselines, entries = [], {}, e.baselines()
+    names = [name for name, _ in entries]
     shutil.rmtree(out / REPORT_DIR / BASELINES_DIR, ignore_errors=True)  # the report describes this run only
     if start is None:
         if names:
@@ -234,7 +234,7 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
         label = "pruned, before finetuning" if config.model.student is None else "starting student, before finetuning"
         add(label, "start", None, start, None, "samples_pruned.png")
         scheduler = parts.scheduler if parts is not None else None
-        for name, given in e.baselines():
+        for name, given in entries:
             run = functools.partial(finetune_baseline, name, start, teacher, data.dataset, config,
                                     summary.finetuner_options, progress=progress, scheduler=scheduler, given=given)
             baseline, info = run()
@@ -244,7 +244,7 @@ def evaluate_models(config: Config, out: Path, teacher: nn.Module, student: nn.M
             baselines[name] = {**info, "student_dir": _save_baseline(baseline, out, name)}
             steps = summary.equal_time_steps(info["seconds"] / info["steps"]) if e.equal_wallclock else 0
             every = info["finetuner_options"].get("jac_every", 1)
-            if 0 < steps < every:
+            if steps and jac_every_refusal(every, steps):
                 notes.append(f"{label} was not trained for the run's wall clock, which buys it fewer steps ({steps}) "
                              f"than its jac_every ({every}): its term would never be computed.")
             elif steps:  # as many steps as fit in the run's training seconds (on all its processes)

@@ -159,12 +159,12 @@ SETTINGS = {"2ndmatch": "the variant (`2ndmatch` with jac_match vector, jac_weig
             "kd-perturb": "kd at perturbed inputs (`kd_perturb: noise`)"}
 
 
-def equal_compute_sentence(verdict: dict[str, Any] = EQUAL_COMPUTE) -> str:
+def equal_compute_sentence() -> str:
     """Which finetuner the equal-compute rule recommends, and what the Jacobian term buys at what price."""
     def gain(g: list[float]) -> str:
         return f"{g[0]:+.2f} (95% CI {g[1]:+.2f} to {g[2]:+.2f}, Holm p {g[3]:.2g})"
 
-    v, (low, high) = verdict, verdict["cost"]
+    v, (low, high) = EQUAL_COMPUTE, EQUAL_COMPUTE["cost"]
     compute = "; ".join(f"{SETTINGS[name]} {gain(g)}" for name, g in v["equal_compute"].items())
     closer = {budget: f"{'closer to' if f > 0 else 'farther from'} the teacher's by {abs(f):.4f} RMS"
               for budget, f in v["fidelity"].items()}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.arms import VARIANT
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,8 +31,7 @@ def cli_here(*args):
 
 
 #: 2ndmatch as the examples name it (they use kd, the equal-compute verdict): the measured variant
-SECOND_MATCH = {"finetuner": "2ndmatch", "mode": "vjp", "jac_match": "vector", "jac_weighting": "noise",
-                "lambda_jac": 1.0, "jac_reference_dims": 1}
+SECOND_MATCH = {"finetuner": "2ndmatch", "mode": "vjp", **VARIANT}
 
 
 def write_config(tmp_path, edit=None, name="cfg.yaml"):
